@@ -1,0 +1,114 @@
+"""The backend switch: which tier runs the ops, and on which arrays.
+
+| name    | arrays | what runs                                                        |
+| ------- | ------ | ---------------------------------------------------------------- |
+| numpy   | numpy  | the reference tier, as written                                   |
+| numba   | numpy  | Numba kernels from ``minilm.cpu`` where one exists, else reference |
+| cupy    | cupy   | CuPy kernels from ``minilm.gpu`` where one exists, else reference  |
+
+Choose with ``minilm.use(name)``, the environment variable ``MINILM_BACKEND``, or
+``--backend`` on every command. The default is ``numba`` when Numba imports, else ``numpy``.
+Asking for a backend that cannot run here is an error naming what is missing.
+"""
+import importlib
+import os
+
+import numpy as np
+
+BACKENDS = ("numpy", "numba", "cupy")
+
+_current = None     # the chosen backend's name
+_tiers = ()         # modules searched in order for an op, most specialised first
+
+
+def _load(name):
+    """Import what backend ``name`` needs and return its tiers, or raise naming what is missing."""
+    reference = importlib.import_module("minilm.reference")
+    if name == "numpy":
+        return (reference,)
+    if name == "numba":
+        try:
+            import numba  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"backend 'numba' needs the numba package, which did not import ({e}); "
+                               "install it with `pip install numba` or choose --backend numpy") from None
+        return (importlib.import_module("minilm.cpu"), reference)
+    if name == "cupy":
+        try:
+            import cupy
+        except ImportError as e:
+            raise RuntimeError(f"backend 'cupy' needs the cupy package, which did not import ({e}); "
+                               "install it with `pip install minilm[gpu]` on a machine with an NVIDIA GPU") from None
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # the CUDA driver is missing or broken
+            raise RuntimeError(f"backend 'cupy' needs an NVIDIA GPU, but CUDA reported: {e}") from None
+        if n == 0:
+            raise RuntimeError("backend 'cupy' needs an NVIDIA GPU, but none was found")
+        return (importlib.import_module("minilm.gpu"), reference)
+    raise ValueError(f"minilm.use: argument 'name' must be one of {', '.join(BACKENDS)}, got {name!r}")
+
+
+def use(name):
+    """Select the backend ``name`` ('numpy', 'numba' or 'cupy') for every later op call."""
+    global _current, _tiers
+    if not isinstance(name, str):
+        raise TypeError(f"minilm.use: argument 'name' must be a string, got {type(name).__name__}")
+    _tiers = _load(name)
+    _current = name
+    return name
+
+
+def default_backend():
+    env = os.environ.get("MINILM_BACKEND")
+    if env:
+        return env
+    try:
+        import numba  # noqa: F401
+        return "numba"
+    except ImportError:
+        return "numpy"
+
+
+def current():
+    """The name of the active backend (choosing the default on first use)."""
+    if _current is None:
+        use(default_backend())
+    return _current
+
+
+def op(name):
+    """The function called ``name`` (e.g. 'layernorm_forward') from the active backend's tiers."""
+    current()
+    for tier in _tiers:
+        fn = getattr(tier, name, None)
+        if fn is not None:
+            return fn
+    raise AttributeError(f"minilm: no op called {name!r}")
+
+
+def xp():
+    """The array module of the active backend: numpy, or cupy."""
+    if current() == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, from the type of the arrays (as chainer's and cupy's helpers do)."""
+    for a in arrays:
+        if a is not None and type(a).__module__.startswith("cupy"):
+            import cupy
+            return cupy
+    return np
+
+
+def to_numpy(a):
+    """A numpy copy (or view) of a numpy or cupy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def to_backend(a):
+    """``a`` as an array of the active backend."""
+    return xp().asarray(a)

@@ -1,0 +1,203 @@
+r"""Check a backward against numerical gradients of its forward.
+
+``gradcheck`` works on any pair that follows minilm's op contract,
+
+    out, cache = forward(*args, **kwargs)
+    grads = backward(dout, cache)          # one entry per argument, None for integer ones
+
+including a layer of your own. It contracts the output with a fixed random array
+:math:`R`, so the scalar being differentiated is
+
+.. math::  L(\text{args}) = \sum_i \text{out}_i \, R_i , \qquad \text{dout} = R,
+
+and compares the analytic gradient :math:`a = \partial L / \partial \text{arg}` from
+``backward(R, cache)`` with the numerical one from the centred five-point stencil
+
+.. math::  n = \frac{-L(x + 2h d) + 8 L(x + h d) - 8 L(x - h d) + L(x - 2h d)}{12 h},
+
+whose truncation error is :math:`O(h^4)`, so that with :math:`h = 10^{-5}` in float64 what
+remains is round-off, far below the 1e-7 tolerance.
+
+Small arguments (at most ``max_elements`` entries) are checked element by element
+(:math:`d` runs over the unit vectors) and their relative error is taken in the max norm,
+
+.. math::  \text{rel} = \frac{\lVert a - n\rVert_\infty}{\max(10^{-8}, \lVert a\rVert_\infty + \lVert n\rVert_\infty)} ;
+
+large ones along random unit directions plus the direction of the analytic gradient itself,
+with :math:`\text{rel} = |a\cdot d - n| / \max(10^{-8}, |a\cdot d| + |n|)`, the worst direction kept.
+Everything runs in float64: float arguments are converted before the check.
+"""
+import inspect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minilm.backend import get_array_module
+
+DEFAULT_TOL = 1e-7   # DESIGN's bound for float64; the stencil's own error is ~1e-10 or less
+DEFAULT_EPS = 1e-5   # step h: O(h^4) truncation ~1e-20, round-off ~1e-16 |L| / h ~ 1e-11 |L|
+
+
+class GradcheckError(AssertionError):
+    """A backward disagrees with the numerical gradient of its forward."""
+
+
+@dataclass(frozen=True)
+class ArgumentCheck:
+    """The check of one argument's gradient."""
+    index: int
+    name: str
+    mode: str                 # "elements", "directions", or "error"
+    checked: int              # how many elements or directions were compared
+    max_rel_error: float
+    tol: float
+    note: str = ""
+
+    @property
+    def passed(self):
+        return self.mode != "error" and self.max_rel_error <= self.tol
+
+
+@dataclass
+class GradcheckReport:
+    """Per-argument results; ``passed`` is True when every argument passed."""
+    op: str
+    arguments: list = field(default_factory=list)
+
+    @property
+    def passed(self):
+        return all(a.passed for a in self.arguments)
+
+    @property
+    def failures(self):
+        return [a for a in self.arguments if not a.passed]
+
+    def rows(self):
+        """(op, argument, mode, max relative error, 'pass'/'FAIL') for each argument."""
+        return [(self.op, a.name, a.mode if not a.note else f"{a.mode}: {a.note}",
+                 a.max_rel_error, "pass" if a.passed else "FAIL") for a in self.arguments]
+
+    def __str__(self):
+        lines = [f"{'op':<16} {'argument':<10} {'max rel error':>13}  result  how"]
+        for op, name, how, err, result in self.rows():
+            lines.append(f"{op:<16} {name:<10} {err:>13.3e}  {result:<6}  {how}")
+        return "\n".join(lines)
+
+    def raise_if_failed(self):
+        if not self.passed:
+            names = ", ".join(f"'{a.name}' (rel error {a.max_rel_error:.3e}{'; ' + a.note if a.note else ''})"
+                              for a in self.failures)
+            raise GradcheckError(f"{self.op}: gradient check failed for argument {names}\n{self}")
+        return self
+
+
+def _is_float(x):
+    return hasattr(x, "dtype") and getattr(x.dtype, "kind", "") == "f"
+
+
+def _argument_names(forward, n):
+    try:
+        params = [p.name for p in inspect.signature(forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    except (TypeError, ValueError):
+        params = []
+    if params and inspect.signature(forward).parameters[params[-1]].kind == inspect.Parameter.VAR_POSITIONAL:
+        params = params[:-1]
+    return [params[i] if i < len(params) else f"arg{i}" for i in range(n)]
+
+
+def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps=DEFAULT_EPS,
+              tol=DEFAULT_TOL, max_elements=512, n_directions=6, seed=0, name=None, raise_on_fail=False):
+    """Compare ``backward`` with the numerical gradient of ``forward`` for every float argument.
+
+    Parameters
+    ----------
+    forward, backward : callables following the op contract.
+    args : tuple of the forward's positional arguments (arrays, or None).
+    kwargs : dict of keyword options for the forward. The forward must be deterministic
+        for these (give dropout an integer seed, not a Generator).
+    backward_kwargs : dict of keyword arguments for the backward (e.g. ``dh_T`` of a recurrent op).
+    eps : float, step of the finite differences.
+    tol : float, largest relative error that passes.
+    max_elements : int, arguments up to this size are checked element by element.
+    n_directions : int, random directions for larger arguments.
+    seed : int, seeds the contraction array and the directions.
+    name : str, what the report calls the op (default: the forward's name less ``_forward``).
+    raise_on_fail : bool, raise ``GradcheckError`` naming the failing arguments.
+
+    Returns
+    -------
+    GradcheckReport with one ``ArgumentCheck`` per float argument.
+    """
+    if not callable(forward) or not callable(backward):
+        raise TypeError("gradcheck: arguments 'forward' and 'backward' must be callables")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"gradcheck: argument 'args' must be a tuple of the forward's arguments, got {type(args).__name__}")
+    kwargs = dict(kwargs or {})
+    backward_kwargs = dict(backward_kwargs or {})
+    op = name or getattr(forward, "__name__", "op").removesuffix("_forward")
+    xp = get_array_module(*[a for a in args if hasattr(a, "dtype")])
+    rng = np.random.default_rng(seed)
+
+    args = [a.astype(xp.float64) if _is_float(a) else a for a in args]   # float64 copies
+    originals = [a.copy() if hasattr(a, "copy") else a for a in args]
+    names = _argument_names(forward, len(args))
+
+    out, cache = forward(*args, **kwargs)
+    R = xp.asarray(rng.standard_normal(np.shape(out)))
+    grads = backward(R, cache, **backward_kwargs)
+
+    report = GradcheckReport(op)
+    if not isinstance(grads, tuple) or len(grads) != len(args):
+        got = f"{len(grads)} entries" if isinstance(grads, (tuple, list)) else type(grads).__name__
+        for i, a in enumerate(args):
+            if _is_float(a):
+                report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
+                                                      f"backward must return a tuple of {len(args)} gradients, got {got}"))
+        return report.raise_if_failed() if raise_on_fail else report
+
+    def loss(i, x):
+        trial = list(args)
+        trial[i] = x
+        out, _ = forward(*trial, **kwargs)
+        return float(xp.sum(out * R))
+
+    def numerical(i, d):
+        x = args[i]
+        return (-loss(i, x + 2 * eps * d) + 8 * loss(i, x + eps * d)
+                - 8 * loss(i, x - eps * d) + loss(i, x - 2 * eps * d)) / (12 * eps)
+
+    for i, (x, g) in enumerate(zip(args, grads)):
+        if not _is_float(x):
+            continue
+        if g is None or tuple(g.shape) != tuple(x.shape):
+            got = "None" if g is None else f"shape {tuple(g.shape)}"
+            report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
+                                                  f"gradient must have shape {tuple(x.shape)}, got {got}"))
+            continue
+        g = xp.asarray(g, dtype=xp.float64)
+        if x.size <= max_elements:
+            n = xp.zeros_like(x)
+            for j in range(x.size):
+                d = xp.zeros_like(x)
+                d.reshape(-1)[j] = 1.0
+                n.reshape(-1)[j] = numerical(i, d)
+            err = float(xp.max(xp.abs(g - n))) / max(1e-8, float(xp.max(xp.abs(g)) + xp.max(xp.abs(n))))
+            report.arguments.append(ArgumentCheck(i, names[i], "elements", int(x.size), err, tol))
+        else:
+            directions = [xp.asarray(rng.standard_normal(x.shape)) for _ in range(n_directions)]
+            gnorm = float(xp.linalg.norm(g))
+            if gnorm > 0:
+                directions.append(g / gnorm)
+            err = 0.0
+            for d in directions:
+                d = d / float(xp.linalg.norm(d))
+                a, n = float(xp.sum(g * d)), numerical(i, d)
+                err = max(err, abs(a - n) / max(1e-8, abs(a) + abs(n)))
+            report.arguments.append(ArgumentCheck(i, names[i], "directions", len(directions), err, tol))
+
+    for i, (before, after) in enumerate(zip(originals, args)):
+        if hasattr(before, "shape") and not bool(xp.array_equal(before, after)):
+            report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
+                                                  "forward or backward modified this input in place"))
+    return report.raise_if_failed() if raise_on_fail else report

@@ -1,0 +1,120 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises an error whose message names the op (or command), the argument,
+what was expected and what was received, e.g.
+
+    layernorm: argument 'gamma' must have shape (C,) = (16,), got (8,)
+
+Shape errors are ``ValueError``; a wrong kind of object or dtype is ``TypeError``.
+"""
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+def _is_array(x):
+    # numpy.ndarray, cupy.ndarray, or anything else that quacks like an array
+    return hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")
+
+
+def require_array(op, name, x):
+    if not _is_array(x):
+        raise TypeError(f"{op}: argument '{name}' must be an array, got {type(x).__name__}")
+
+
+def require_float(op, name, x):
+    """x is an array of a floating dtype (float16/32/64, bfloat16)."""
+    require_array(op, name, x)
+    if str(x.dtype) not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: argument '{name}' must be a floating-point array "
+            f"(float32 or float64), got dtype {x.dtype}"
+        )
+
+
+def require_ndim(op, name, x, ndim, dims):
+    """x has exactly ``ndim`` dimensions, described by ``dims`` such as "(B, T, C)"."""
+    require_array(op, name, x)
+    if x.ndim != ndim:
+        raise ValueError(
+            f"{op}: argument '{name}' must have {ndim} dimension{'s' * (ndim != 1)} "
+            f"{dims}, got shape {tuple(x.shape)}"
+        )
+
+
+def require_min_ndim(op, name, x, ndim, dims):
+    require_array(op, name, x)
+    if x.ndim < ndim:
+        raise ValueError(
+            f"{op}: argument '{name}' must have at least {ndim} dimension{'s' * (ndim != 1)} "
+            f"{dims}, got shape {tuple(x.shape)}"
+        )
+
+
+def require_shape(op, name, x, shape, dims):
+    """x.shape equals ``shape``; ``dims`` names the letters, e.g. "(C,)"."""
+    require_array(op, name, x)
+    shape = tuple(int(s) for s in shape)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{op}: argument '{name}' must have shape {dims} = {shape}, got {tuple(x.shape)}")
+
+
+def require_same_dtype(op, **arrays):
+    """All the named float arrays share one dtype (a silent float32/float64 mix is an error)."""
+    named = [(k, v) for k, v in arrays.items() if v is not None]
+    first_name, first = named[0]
+    for name, x in named[1:]:
+        if x.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: argument '{name}' must have the same dtype as '{first_name}' "
+                f"({first.dtype}), got {x.dtype}"
+            )
+
+
+def require_ids(op, name, ids, V):
+    """Integer token ids with 0 <= id < V."""
+    require_array(op, name, ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{op}: argument '{name}' must be an integer array of token ids, got dtype {ids.dtype}")
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{op}: argument '{name}' must hold ids in [0, {V}) (V = {V}), got {bad}")
+
+
+def require_choice(op, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{op}: option '{name}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def require_probability(op, name, p, *, upper_open=True):
+    """0 <= p < 1 (or <= 1 when ``upper_open`` is False)."""
+    ok = isinstance(p, numbers.Real) and not isinstance(p, bool) and 0.0 <= p and (p < 1.0 if upper_open else p <= 1.0)
+    if not ok:
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{op}: option '{name}' must be a number in {interval}, got {p!r}")
+
+
+def require_positive(op, name, value, kind=float):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+    if kind is int:
+        ok = ok and isinstance(value, numbers.Integral)
+    if not ok:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ValueError(f"{op}: option '{name}' must be {what}, got {value!r}")
+
+
+def require_divisible(op, name, value, by_name, by):
+    if value % by != 0:
+        raise ValueError(f"{op}: {name} = {value} must be divisible by {by_name} = {by}")
+
+
+def as_numpy_dtype(op, name, dtype):
+    """Parse a dtype name given by a user ('float32', 'float64', ...)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"{op}: option '{name}' must be a dtype name such as 'float32', got {dtype!r}") from None

@@ -1,0 +1,166 @@
+r"""Elementwise activations and the softmax.
+
+Forward and backward
+--------------------
+An elementwise :math:`y = \phi(x)` has :math:`\bar x = \phi'(x)\,\bar y`, where
+:math:`\bar y = \partial L / \partial y` (``dy`` in code). Each derivative is written in terms of
+whatever the forward already computed:
+
+* ReLU: :math:`y = \max(0, x)`, :math:`\phi'(x) = [x > 0]` (0 at the kink, as PyTorch).
+* tanh: :math:`y = \tanh x`, :math:`\phi'(x) = 1 - y^2`.
+* sigmoid: :math:`y = \sigma(x) = 1/(1 + e^{-x})`, :math:`\phi'(x) = y(1 - y)`.
+* GELU, exact: :math:`y = x\,\Phi(x)` with :math:`\Phi(x) = \tfrac12(1 + \operatorname{erf}(x/\sqrt2))`,
+  so :math:`\phi'(x) = \Phi(x) + x\,\varphi(x)` with the normal density
+  :math:`\varphi(x) = e^{-x^2/2}/\sqrt{2\pi}`.
+* GELU, tanh approximation (GPT-2): :math:`y = \tfrac12 x (1 + \tanh u)` with
+  :math:`u = \sqrt{2/\pi}\,(x + 0.044715\,x^3)`. By the product rule,
+
+  .. math::  \phi'(x) = \tfrac12 (1 + \tanh u) + \tfrac12 x\,(1 - \tanh^2 u)\,
+                       \sqrt{2/\pi}\,(1 + 3 \cdot 0.044715\,x^2).
+
+Softmax over the last axis
+--------------------------
+:math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}` with :math:`m = \max_k x_k`; subtracting m changes
+nothing mathematically and keeps every exponent :math:`\le 0`, so nothing overflows. Its Jacobian
+is :math:`\partial y_j / \partial x_i = y_j(\delta_{ij} - y_i)`, hence
+
+.. math::  \bar x_i = \sum_j \bar y_j\, y_j (\delta_{ij} - y_i) = y_i \Big(\bar y_i - \sum_j \bar y_j y_j\Big).
+
+Shapes
+------
+Every function here keeps the shape: x, y, dx, dy all have the same shape (the softmax
+normalises over the last axis, of any size ≥ 1).
+"""
+import math
+from typing import NamedTuple
+
+from minilm.backend import get_array_module
+from minilm.validate import require_choice, require_float, require_min_ndim, require_shape
+
+GELU_APPROXIMATIONS = ("tanh", "none")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def _erf(xp, x):
+    """erf for numpy (through math.erf, exact to the last ulp) and cupy (cupyx.scipy.special)."""
+    if xp.__name__ == "numpy":
+        return xp.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+    from cupyx.scipy.special import erf
+    return erf(x)
+
+
+class ActivationCache(NamedTuple):
+    x: object       # the input
+    y: object       # the output
+
+
+# --- ReLU -------------------------------------------------------------------------------------
+
+def relu_forward(x):
+    """y = max(0, x), elementwise."""
+    require_float("relu", "x", x)
+    xp = get_array_module(x)
+    y = xp.maximum(x, 0)
+    return y, ActivationCache(x, y)
+
+
+def relu_backward(dy, cache):
+    """dx = dy where x > 0, else 0. Returns (dx,)."""
+    require_shape("relu_backward", "dy", dy, cache.x.shape, "(same as x)")
+    return (dy * (cache.x > 0),)
+
+
+# --- tanh -------------------------------------------------------------------------------------
+
+def tanh_forward(x):
+    """y = tanh(x), elementwise."""
+    require_float("tanh", "x", x)
+    xp = get_array_module(x)
+    y = xp.tanh(x)
+    return y, ActivationCache(x, y)
+
+
+def tanh_backward(dy, cache):
+    """dx = (1 - y²) dy. Returns (dx,)."""
+    require_shape("tanh_backward", "dy", dy, cache.y.shape, "(same as x)")
+    y = cache.y
+    return ((1 - y * y) * dy,)
+
+
+# --- sigmoid ----------------------------------------------------------------------------------
+
+def sigmoid_forward(x):
+    """y = 1 / (1 + exp(-x)), elementwise, without overflow for large |x|."""
+    require_float("sigmoid", "x", x)
+    xp = get_array_module(x)
+    # σ(x) = ½(1 + tanh(x/2)) is exact and never overflows, unlike 1/(1+e^{-x}) for x << 0.
+    y = 0.5 * (1 + xp.tanh(0.5 * x))
+    return y, ActivationCache(x, y)
+
+
+def sigmoid_backward(dy, cache):
+    """dx = y (1 - y) dy. Returns (dx,)."""
+    require_shape("sigmoid_backward", "dy", dy, cache.y.shape, "(same as x)")
+    y = cache.y
+    return (y * (1 - y) * dy,)
+
+
+# --- GELU -------------------------------------------------------------------------------------
+
+class GeluCache(NamedTuple):
+    x: object
+    approximate: str
+
+
+def gelu_forward(x, *, approximate="tanh"):
+    """GELU, y = x Φ(x); ``approximate="tanh"`` is GPT-2's form, ``"none"`` the exact erf form."""
+    require_float("gelu", "x", x)
+    require_choice("gelu", "approximate", approximate, GELU_APPROXIMATIONS)
+    xp = get_array_module(x)
+    if approximate == "tanh":
+        u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        y = 0.5 * x * (1 + xp.tanh(u))
+    else:
+        y = 0.5 * x * (1 + _erf(xp, x / math.sqrt(2.0)))
+    return y, GeluCache(x, approximate)
+
+
+def gelu_backward(dy, cache):
+    """dx = φ'(x) dy with the derivative of the chosen form (see the module docstring). Returns (dx,)."""
+    x, approximate = cache
+    require_shape("gelu_backward", "dy", dy, x.shape, "(same as x)")
+    xp = get_array_module(x)
+    if approximate == "tanh":
+        tanh_u = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3))
+        du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
+        dphi = 0.5 * (1 + tanh_u) + 0.5 * x * (1 - tanh_u * tanh_u) * du_dx
+    else:
+        Phi = 0.5 * (1 + _erf(xp, x / math.sqrt(2.0)))
+        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        dphi = Phi + x * pdf
+    return (dphi * dy,)
+
+
+# --- softmax ----------------------------------------------------------------------------------
+
+class SoftmaxCache(NamedTuple):
+    y: object       # (..., N) the probabilities
+
+
+def softmax_forward(x):
+    """y = exp(x - max) / sum(exp(x - max)) over the last axis."""
+    require_float("softmax", "x", x)
+    require_min_ndim("softmax", "x", x, 1, "(..., N)")
+    xp = get_array_module(x)
+    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))         # (..., N) every exponent <= 0
+    y = e / xp.sum(e, axis=-1, keepdims=True)                  # (..., N)
+    return y, SoftmaxCache(y)
+
+
+def softmax_backward(dy, cache):
+    """dx_i = y_i (dy_i - sum_j dy_j y_j). Returns (dx,)."""
+    y = cache.y
+    require_shape("softmax_backward", "dy", dy, y.shape, "(same as x)")
+    xp = get_array_module(y)
+    return (y * (dy - xp.sum(dy * y, axis=-1, keepdims=True)),)
