@@ -1,0 +1,140 @@
+"""minilm.gradcheck on layers of one's own, and `minilm gradcheck` catching a planted bug."""
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+import minilm
+from minilm import cli
+from minilm.gradcheck import DEFAULT_TOL, GradcheckError, gradcheck
+
+
+class ScaleCache(NamedTuple):
+    x: np.ndarray
+    w: np.ndarray
+
+
+def scale_forward(x, w):
+    """A user's own layer: y = x * w (w broadcast over rows) followed by a square."""
+    return (x * w) ** 2, ScaleCache(x, w)
+
+
+def scale_backward(dy, cache):
+    x, w = cache
+    dxw = 2 * (x * w) * dy                 # from y = (x w)^2
+    return dxw * w, np.sum(dxw * x, axis=0)
+
+
+def scale_backward_wrong(dy, cache):
+    dx, dw = scale_backward(dy, cache)
+    return dx, 1.01 * dw                   # a 1% error in one argument
+
+
+def test_own_layer_passes_elementwise():
+    rng = np.random.default_rng(0)
+    report = gradcheck(scale_forward, scale_backward, (rng.standard_normal((3, 4)), rng.standard_normal(4)))
+    assert report.passed
+    assert [a.name for a in report.arguments] == ["x", "w"]
+    assert all(a.mode == "elements" for a in report.arguments)
+    assert max(a.max_rel_error for a in report.arguments) < DEFAULT_TOL
+
+
+def test_own_layer_passes_along_directions_when_large():
+    rng = np.random.default_rng(1)
+    report = gradcheck(scale_forward, scale_backward, (rng.standard_normal((40, 30)), rng.standard_normal(30)),
+                       max_elements=100)
+    assert [a.mode for a in report.arguments] == ["directions", "elements"]
+    assert report.passed
+
+
+@pytest.mark.parametrize("max_elements", [512, 1])
+def test_wrong_backward_fails_and_names_the_argument(max_elements):
+    rng = np.random.default_rng(2)
+    args = (rng.standard_normal((3, 4)), rng.standard_normal(4))
+    report = gradcheck(scale_forward, scale_backward_wrong, args, max_elements=max_elements)
+    assert not report.passed
+    assert [a.name for a in report.failures] == ["w"]
+    # a 1% error shows as a relative error of about 0.01/2.01 in both modes
+    assert report.failures[0].max_rel_error > 1e-3
+    with pytest.raises(GradcheckError, match="'w'"):
+        report.raise_if_failed()
+
+
+def test_float32_inputs_are_checked_in_float64():
+    rng = np.random.default_rng(3)
+    args = (rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32))
+    assert gradcheck(scale_forward, scale_backward, args).passed
+
+
+def test_integer_arguments_are_skipped():
+    def gather_forward(ids, E):
+        return E[ids], ids
+
+    def gather_backward(dy, ids):
+        dE = np.zeros((5, dy.shape[-1]))
+        np.add.at(dE, ids, dy)
+        return None, dE
+
+    report = gradcheck(gather_forward, gather_backward, (np.array([0, 2, 2]), np.ones((5, 3))))
+    assert [a.name for a in report.arguments] == ["E"] and report.passed
+
+
+def test_wrong_number_of_gradients_is_reported():
+    report = gradcheck(scale_forward, lambda dy, c: scale_backward(dy, c)[:1], (np.ones((2, 2)), np.ones(2)))
+    assert not report.passed
+    assert "must return a tuple of 2 gradients" in report.failures[0].note
+
+
+def test_wrong_gradient_shape_is_reported():
+    report = gradcheck(scale_forward, lambda dy, c: (scale_backward(dy, c)[0], np.ones(3)),
+                       (np.ones((2, 2)), np.ones(2)))
+    assert [a.name for a in report.failures] == ["w"]
+    assert "must have shape (2,)" in report.failures[0].note
+
+
+def test_a_backward_that_mutates_its_input_is_caught():
+    def bad_backward(dy, cache):
+        grads = scale_backward(dy, cache)
+        cache.x[...] = 0                   # overwrites the caller's array
+        return grads
+
+    report = gradcheck(scale_forward, bad_backward, (np.ones((2, 2)), np.ones(2)))
+    assert any("modified this input" in a.note for a in report.failures)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="gradcheck: argument 'args'"):
+        gradcheck(scale_forward, scale_backward, np.ones(3))
+    with pytest.raises(TypeError, match="'forward' and 'backward' must be callables"):
+        gradcheck(None, scale_backward, (np.ones(3),))
+
+
+def test_cli_passes_every_op(capsys):
+    assert cli.main(["gradcheck", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "checks passed" in out
+    from minilm.reference import OPS
+    for op in OPS:
+        assert f"\n{op}" in out
+
+
+def test_cli_fails_on_a_planted_wrong_backward(monkeypatch, capsys):
+    from minilm.reference import layernorm as module
+    right = module.layernorm_backward
+
+    def planted(dy, cache):
+        dx, dgamma, dbeta = right(dy, cache)
+        return dx, dgamma, 2 * dbeta       # wrong: dbeta doubled
+
+    monkeypatch.setattr(module, "layernorm_backward", planted)
+    assert cli.main(["gradcheck", "--op", "layernorm", "--backend", "numpy"]) == 1
+    out = capsys.readouterr().out
+    assert "layernorm argument 'beta'" in out
+    assert out.count("FAIL") == 1          # x and gamma still pass
+
+
+def test_cli_rejects_an_unknown_op(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["gradcheck", "--op", "convolution"])
+    assert e.value.code == 2
+    assert "invalid choice: 'convolution'" in capsys.readouterr().err
