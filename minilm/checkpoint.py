@@ -1,0 +1,295 @@
+"""Checkpoints: one ``.npz`` file per training run, written atomically.
+
+A checkpoint holds three things:
+
+| entry            | what                                                                   |
+| ---------------- | ---------------------------------------------------------------------- |
+| ``params``       | the flat parameter buffer (``Params.data``) as a numpy array           |
+| ``optim/<name>`` | each array of the optimizer's ``state_dict()`` (moments, buffers)      |
+| ``optim_json``   | the optimizer's scalars (step count, options) as a JSON string         |
+| ``meta``         | a JSON string: model kind and config, tokenizer, training state, ...   |
+| ``header``       | a JSON string: the format marker, format version and minilm version    |
+
+The file is numpy's own format (a zip of ``.npy`` arrays), read with ``allow_pickle=False``, so
+loading a checkpoint never runs code. It is written to a temporary file in the same directory,
+flushed to disk, and renamed over the old one, so a crash or Ctrl-C midway leaves the previous
+checkpoint intact.
+
+    save("out/ckpt.npz", params=params, optimizer_state=opt.state_dict(), meta={"model": cfg})
+    ckpt = load("out/ckpt.npz")
+    check_compatible(ckpt.meta["model"], {"n_layer": 6}, path="out/ckpt.npz")
+"""
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minilm.backend import to_numpy
+
+FORMAT = "minilm checkpoint"
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (1,)
+
+
+@dataclass
+class Checkpoint:
+    """What ``load`` returns.
+
+    Attributes
+    ----------
+    params : numpy.ndarray
+        The flat parameter buffer, in the dtype it was saved in.
+    optimizer_state : dict
+        The optimizer's ``state_dict()``: scalars and numpy arrays.
+    meta : dict
+        The ``meta`` dictionary given to ``save``.
+    format_version : int
+        The file format version.
+    minilm_version : str
+        The minilm version that wrote the file.
+    """
+
+    params: np.ndarray
+    optimizer_state: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    minilm_version: str = ""
+
+
+def atomic_write(path, write):
+    """Write a file so that readers see either the old file or the complete new one.
+
+    ``write(f)`` is called with a binary file object on a temporary file in the same
+    directory; the file is then flushed, fsynced and renamed over ``path``. If ``write``
+    raises (or the user presses Ctrl-C), the temporary file is removed and ``path`` is
+    left as it was. The parent directory is created when missing.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The destination file.
+    write : callable
+        ``write(f)`` writes the content to the binary file object ``f``.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_directory(parent)
+
+
+def _fsync_directory(directory):
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _to_json(op, name, value):
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{op}: argument '{name}' must hold only JSON-serialisable values ({e})") from None
+
+
+def _split_optimizer_state(state):
+    """Arrays (stored as npz entries) and scalars (stored as JSON) of an optimizer state_dict."""
+    arrays, scalars = {}, {}
+    for key, value in (state or {}).items():
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            arrays[f"optim/{key}"] = to_numpy(value)
+        else:
+            scalars[key] = value
+    return arrays, scalars
+
+
+def save(path, *, params, optimizer_state, meta):
+    """Save a checkpoint to ``path`` atomically (see ``atomic_write``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint file; its parent directory is created when missing.
+    params : Params or array
+        The model's parameters (a ``Params``, or its flat ``data`` array; numpy or cupy).
+    optimizer_state : dict or None
+        ``optimizer.state_dict()``: JSON-able scalars and arrays.
+    meta : dict
+        JSON-able description of the run: model kind and config, tokenizer, training state.
+    """
+    flat = getattr(params, "data", params)
+    if not (hasattr(flat, "shape") and getattr(flat, "ndim", None) == 1):
+        raise TypeError(f"checkpoint.save: argument 'params' must be a Params or a flat 1-D array, "
+                        f"got {type(params).__name__}")
+    if not isinstance(meta, dict):
+        raise TypeError(f"checkpoint.save: argument 'meta' must be a dict, got {type(meta).__name__}")
+    import minilm
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "minilm_version": minilm.__version__}
+    optim_arrays, optim_scalars = _split_optimizer_state(optimizer_state)
+    entries = {
+        "header": np.array(json.dumps(header)),
+        "meta": np.array(_to_json("checkpoint.save", "meta", meta)),
+        "optim_json": np.array(_to_json("checkpoint.save", "optimizer_state", optim_scalars)),
+        "params": to_numpy(flat),
+        **optim_arrays,
+    }
+    atomic_write(path, lambda f: np.savez(f, **entries))
+
+
+def _not_a_checkpoint(path, reason):
+    return ValueError(f"checkpoint.load: '{path}' is truncated or is not a minilm checkpoint ({reason})")
+
+
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")    # a zip file's first four bytes (an empty zip: the second)
+
+
+def _read_archive(f):
+    """Every array of the npz archive in the binary file ``f``."""
+    with np.load(f, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def _read_entries(path):
+    """Every array in the checkpoint file; file-format errors become one clear error."""
+    with open(path, "rb") as f:             # ours to close, even when np.load fails midway
+        if f.read(4) not in ZIP_MAGIC:
+            raise _not_a_checkpoint(path, "it is not an .npz (zip) archive")
+        f.seek(0)
+        try:
+            return _read_archive(f)
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError) as e:
+            raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from None
+
+
+def _read_header(path, entries):
+    missing = [name for name in ("header", "meta", "optim_json", "params") if name not in entries]
+    if missing:
+        raise _not_a_checkpoint(path, f"missing entries: {', '.join(missing)}")
+    try:
+        header = json.loads(str(entries["header"]))
+    except ValueError as e:
+        raise _not_a_checkpoint(path, f"unreadable header: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _not_a_checkpoint(path, "no minilm checkpoint header")
+    version = header.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(
+            f"checkpoint.load: '{path}' has checkpoint format version {version!r} "
+            f"(written by minilm {header.get('minilm_version', '?')}), but this minilm reads format "
+            f"version{'s' * (len(READABLE_VERSIONS) > 1)} {', '.join(map(str, READABLE_VERSIONS))}; "
+            "use the minilm version that wrote it"
+        )
+    return header
+
+
+def load(path):
+    """Load a checkpoint written by ``save``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint file.
+
+    Returns
+    -------
+    Checkpoint
+        The flat parameters (numpy), the optimizer state and the meta dictionary.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        When the file is truncated, corrupt, not a minilm checkpoint, or of an unknown format version.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint.load: checkpoint file '{path}' does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint.load: '{path}' is a directory, not a checkpoint file")
+    entries = _read_entries(path)
+    header = _read_header(path, entries)
+    try:
+        meta = json.loads(str(entries["meta"]))
+        optimizer_state = json.loads(str(entries["optim_json"]))
+    except ValueError as e:
+        raise _not_a_checkpoint(path, f"unreadable JSON: {e}") from None
+    for name, value in entries.items():
+        if name.startswith("optim/"):
+            optimizer_state[name[len("optim/"):]] = value
+    return Checkpoint(params=entries["params"], optimizer_state=optimizer_state, meta=meta,
+                      format_version=header["format_version"], minilm_version=header.get("minilm_version", ""))
+
+
+_MISSING = object()
+
+
+def _as_json_value(value):
+    """The value as it reads back from JSON (tuples become lists), for comparison."""
+    return json.loads(json.dumps(value))
+
+
+def _differences(saved, expected, prefix=""):
+    """(name, saved value, expected value) for each setting in ``expected`` that ``saved`` differs on."""
+    out = []
+    for key, want in expected.items():
+        name = f"{prefix}{key}"
+        have = saved.get(key, _MISSING) if isinstance(saved, dict) else _MISSING
+        if isinstance(want, dict) and isinstance(have, dict):
+            out += _differences(have, want, prefix=f"{name}.")
+        elif have is _MISSING or _as_json_value(have) != _as_json_value(want):
+            out.append((name, have, want))
+    return out
+
+
+def check_compatible(meta, expected, *, path=None):
+    """Raise when a checkpoint's settings differ from the ones this run asks for.
+
+    Parameters
+    ----------
+    meta : dict
+        Settings recorded in the checkpoint (e.g. ``ckpt.meta["model"]``); nested dicts are
+        compared key by key, and named with dots (``model.n_layer``).
+    expected : dict
+        The settings this run asks for.
+    path : str, optional
+        The checkpoint's path, named in the message.
+
+    Raises
+    ------
+    ValueError
+        Naming every setting that differs, e.g. "checkpoint was saved from a model with
+        n_layer=4, but this run asks for n_layer=6".
+    """
+    if not isinstance(meta, dict):
+        raise TypeError(f"check_compatible: argument 'meta' must be a dict, got {type(meta).__name__}")
+    if not isinstance(expected, dict):
+        raise TypeError(f"check_compatible: argument 'expected' must be a dict, got {type(expected).__name__}")
+    diffs = _differences(meta, expected)
+    if not diffs:
+        return
+    where = f"checkpoint '{path}'" if path is not None else "checkpoint"
+    saved = ", ".join(f"{k}={v!r}" if v is not _MISSING else f"no recorded {k}" for k, v, _ in diffs)
+    asked = ", ".join(f"{k}={w!r}" for k, _, w in diffs)
+    raise ValueError(f"{where} was saved from a model with {saved}, but this run asks for {asked}")

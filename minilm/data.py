@@ -1,0 +1,396 @@
+"""Text corpora, a character tokenizer, and batches for training.
+
+    text, source = load_text("shakespeare")         # or a path to a UTF-8 text file
+    tok = CharTokenizer.from_text(text)
+    train, val = split(tok.encode(text), 0.9)
+    batches = RandomBatches(train, block_size=64, batch_size=12, seed=1337)
+    x, y = batches.next_batch()                     # (B, T) int64 each; y is x shifted by one
+
+Two ways to cut a corpus into batches:
+
+| class               | for                          | each call returns                                      |
+| ------------------- | ---------------------------- | ------------------------------------------------------ |
+| ``RandomBatches``   | transformers (nanoGPT)       | B windows at random offsets                            |
+| ``ContiguousBatches``| recurrent nets (char-rnn)   | the next chunk of B parallel streams, and a reset flag |
+
+Both have ``state_dict()`` / ``load_state_dict()``, so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+import hashlib
+import os
+import urllib.error
+import urllib.request
+import warnings
+
+import numpy as np
+
+from minilm.checkpoint import atomic_write
+from minilm.validate import require_ids, require_positive
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_FILE = "tinyshakespeare.txt"
+DOWNLOAD_TIMEOUT_S = 30
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is a string of distinct characters.
+
+    Parameters
+    ----------
+    chars : str
+        The vocabulary: token id ``i`` is the character ``chars[i]``.
+    """
+
+    def __init__(self, chars):
+        _require_text("CharTokenizer", "chars", chars)
+        if len(set(chars)) != len(chars):
+            raise ValueError("CharTokenizer: argument 'chars' must not repeat a character")
+        self.chars = chars
+        codes = _code_points(chars)
+        self._order = np.argsort(codes, kind="stable")      # (V,) ids sorted by code point
+        self._sorted_codes = codes[self._order]             # (V,)
+
+    @classmethod
+    def from_text(cls, text):
+        """The tokenizer whose vocabulary is the sorted distinct characters of ``text``."""
+        _require_text("CharTokenizer.from_text", "text", text)
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        """Token ids of ``text``, an int64 array of shape (len(text),).
+
+        Raises
+        ------
+        ValueError
+            When ``text`` holds characters outside the vocabulary; the message shows the first few.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"CharTokenizer.encode: argument 'text' must be a string, got {type(text).__name__}")
+        codes = _code_points(text)                                              # (N,)
+        pos = np.searchsorted(self._sorted_codes, codes).clip(0, self.vocab_size - 1)
+        known = self._sorted_codes[pos] == codes
+        if not known.all():
+            raise ValueError(f"CharTokenizer.encode: argument 'text' has {_describe_unknown(text, known)}")
+        return self._order[pos].astype(np.int64)
+
+    def decode(self, ids):
+        """The string whose characters are the tokens ``ids`` (any integer array-like)."""
+        ids = np.asarray(ids.get() if hasattr(ids, "get") and not isinstance(ids, np.ndarray) else ids)
+        if ids.size == 0:
+            return ""
+        require_ids("CharTokenizer.decode", "ids", ids, self.vocab_size)
+        chars = self.chars      # a str, not a numpy string array: numpy would drop '\x00'
+        return "".join([chars[i] for i in ids.ravel().tolist()])
+
+    def to_dict(self):
+        """A JSON-able description, saved inside checkpoints."""
+        return {"kind": "char", "chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, d):
+        """The tokenizer described by ``to_dict()``'s output."""
+        if not isinstance(d, dict) or d.get("kind") != "char" or not isinstance(d.get("chars"), str):
+            raise ValueError(f"CharTokenizer.from_dict: argument 'd' must be a dict "
+                             f"{{'kind': 'char', 'chars': str}}, got {d!r:.80}")
+        return cls(d["chars"])
+
+    def __eq__(self, other):
+        return isinstance(other, CharTokenizer) and other.chars == self.chars
+
+    def __repr__(self):
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+def _require_text(op, name, text):
+    if not isinstance(text, str):
+        raise TypeError(f"{op}: argument '{name}' must be a string, got {type(text).__name__}")
+    if not text:
+        raise ValueError(f"{op}: argument '{name}' must be a non-empty string, got ''")
+
+
+def _code_points(text):
+    """The Unicode code points of ``text``, shape (len(text),)."""
+    return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+
+
+def _describe_unknown(text, known, show=5):
+    unknown = list(dict.fromkeys(c for c, ok in zip(text, known.tolist()) if not ok))  # distinct, in order
+    listed = ", ".join(repr(str(c)) for c in unknown[:show])
+    more = f" and {len(unknown) - show} more" if len(unknown) > show else ""
+    return (f"{len(unknown)} character{'s' * (len(unknown) != 1)} that {'are' if len(unknown) != 1 else 'is'} "
+            f"not in the model's vocabulary: {listed}{more}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading a corpus
+
+
+def load_text(data, *, cache_dir=None):
+    """Read a training corpus.
+
+    Parameters
+    ----------
+    data : str or os.PathLike
+        ``"shakespeare"`` for tiny Shakespeare, or the path of a UTF-8 text file.
+        Tiny Shakespeare is read from ``$MINILM_DATA_DIR/tinyshakespeare.txt`` when that
+        variable is set; otherwise from the cache folder, downloading it there once.
+    cache_dir : str or os.PathLike, optional
+        The cache folder; default ``$XDG_CACHE_HOME/minilm`` or ``~/.cache/minilm``.
+
+    Returns
+    -------
+    text : str
+        The corpus.
+    source : str
+        Where it came from, for logs.
+    """
+    if not isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"load_text: argument 'data' (--data) must be 'shakespeare' or a file path, "
+                        f"got {type(data).__name__}")
+    if data != "shakespeare":
+        path = os.fspath(data)
+        return _read_text_file(path), f"text file {path}"
+    data_dir = os.environ.get("MINILM_DATA_DIR")
+    if data_dir:
+        path = os.path.join(data_dir, SHAKESPEARE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_text: MINILM_DATA_DIR is set to '{data_dir}', but it holds no "
+                                    f"{SHAKESPEARE_FILE}; put the file there or unset MINILM_DATA_DIR")
+        return _read_text_file(path), f"tiny Shakespeare, {path}"
+    path = os.path.join(os.fspath(cache_dir or default_cache_dir()), SHAKESPEARE_FILE)
+    if os.path.isfile(path):
+        return _read_text_file(path), f"tiny Shakespeare, {path}"
+    raw = download_shakespeare()
+    _save_to_cache(path, raw)
+    return _decode(raw, path), f"tiny Shakespeare, downloaded from {SHAKESPEARE_URL} to {path}"
+
+
+def default_cache_dir():
+    """``$XDG_CACHE_HOME/minilm``, or ``~/.cache/minilm``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "minilm")
+
+
+def _fetch(url, timeout):
+    """The bytes at ``url`` (the only function that touches the network)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def download_shakespeare(url=SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S):
+    """Download tiny Shakespeare and check its SHA-256; return the bytes.
+
+    Raises
+    ------
+    RuntimeError
+        When the download fails or the checksum does not match; the message says how to use
+        a local copy instead.
+    """
+    instead = (f"use a local copy instead: pass --data PATH (a UTF-8 text file), or set MINILM_DATA_DIR "
+               f"to a folder holding {SHAKESPEARE_FILE}")
+    try:
+        raw = _fetch(url, timeout)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise RuntimeError(f"load_text: could not download tiny Shakespeare from {url} ({e}), "
+                           f"and there is no cached copy; {instead}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise RuntimeError(f"load_text: the file downloaded from {url} has SHA-256 {digest}, expected "
+                           f"{SHAKESPEARE_SHA256}; nothing was saved; {instead}")
+    return raw
+
+
+def _save_to_cache(path, raw):
+    try:
+        atomic_write(path, lambda f: f.write(raw))
+    except OSError as e:
+        warnings.warn(f"load_text: could not cache tiny Shakespeare at {path} ({e}); "
+                      "it will be downloaded again next time", stacklevel=3)
+
+
+def _read_text_file(path):
+    where = f"load_text: argument 'data' (--data) is '{path}'"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}, which does not exist; give a UTF-8 text file or 'shakespeare'")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where}, which is a directory; give a UTF-8 text file or 'shakespeare'")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise OSError(f"{where}, which could not be read: {e.strerror or e}") from None
+    return _decode(raw, path)
+
+
+def _decode(raw, path):
+    where = f"load_text: argument 'data' (--data) is '{path}'"
+    if not raw:
+        raise ValueError(f"{where}, which is empty; a corpus needs some text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{where}, which is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                         f"(line {line}) cannot be decoded ({e.reason})") from None
+
+
+def split(ids, train_fraction=0.9):
+    """The first ``train_fraction`` of ``ids`` for training, the rest for validation.
+
+    Returns
+    -------
+    train, val : numpy.ndarray
+        Views of ``ids``, of lengths ``int(train_fraction * len(ids))`` and the remainder.
+    """
+    if not (isinstance(train_fraction, (int, float)) and 0.0 < train_fraction < 1.0):
+        raise ValueError(f"split: argument 'train_fraction' must be a number in (0, 1), got {train_fraction!r}")
+    ids = _as_corpus("split", "ids", ids)
+    n = int(train_fraction * len(ids))
+    if n == 0 or n == len(ids):
+        raise ValueError(f"split: the corpus has {len(ids)} tokens, too few to split with train_fraction = "
+                         f"{train_fraction} into two non-empty parts")
+    return ids[:n], ids[n:]
+
+
+def _as_corpus(op, name, data):
+    """``data`` as a 1-D int64 numpy array."""
+    data = np.asarray(data)
+    if data.ndim != 1:
+        raise ValueError(f"{op}: argument '{name}' must be a 1-D array of token ids, got shape {data.shape}")
+    if data.size and data.dtype.kind not in "iu":
+        raise TypeError(f"{op}: argument '{name}' must be an integer array of token ids, got dtype {data.dtype}")
+    return data.astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+class RandomBatches:
+    """nanoGPT's batches: ``batch_size`` windows of ``block_size`` tokens at random offsets.
+
+    Parameters
+    ----------
+    data : array of int, shape (N,)
+        The token ids of the corpus (split).
+    block_size : int
+        T, the length of each window.
+    batch_size : int
+        B, the number of windows per batch.
+    seed : int
+        Seed of the batch generator (a numpy ``Generator``, PCG64).
+    """
+
+    def __init__(self, data, block_size, batch_size, seed):
+        require_positive("RandomBatches", "block_size", block_size, int)
+        require_positive("RandomBatches", "batch_size", batch_size, int)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"RandomBatches: option 'seed' must be a non-negative integer, got {seed!r}")
+        self.data = _as_corpus("RandomBatches", "data", data)
+        if len(self.data) < block_size + 1:
+            raise ValueError(f"RandomBatches: the corpus has {len(self.data)} tokens, but block_size = {block_size} "
+                             f"needs at least block_size + 1 = {block_size + 1}; use a smaller "
+                             "block_size or a longer corpus")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def next_batch(self):
+        """The next batch ``(x, y)``, both int64 of shape (B, T); ``y[b, t]`` is the token after ``x[b, t]``."""
+        ix = self.rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)   # (B,)
+        idx = ix[:, None] + np.arange(self.block_size)                                       # (B, T)
+        return self.data[idx], self.data[idx + 1]
+
+    def state_dict(self):
+        """The generator's state (JSON-able)."""
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        """Restore the generator's state from ``state_dict()``'s output."""
+        try:
+            self.rng.bit_generator.state = state["bit_generator"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"RandomBatches.load_state_dict: argument 'state' is not a state_dict of "
+                             f"RandomBatches ({type(e).__name__}: {e})") from None
+
+
+class ContiguousBatches:
+    """char-rnn's batches for truncated backpropagation through time.
+
+    The corpus is cut into ``batch_size`` parallel streams of equal length; row b of every batch
+    continues row b of the previous one, so a recurrent model carries its hidden state across
+    batches. After the last full chunk the streams wrap around to their start.
+
+    Parameters
+    ----------
+    data : array of int, shape (N,)
+        The token ids of the corpus (split).
+    block_size : int
+        T, the number of time steps per chunk.
+    batch_size : int
+        B, the number of parallel streams.
+    """
+
+    def __init__(self, data, block_size, batch_size):
+        require_positive("ContiguousBatches", "block_size", block_size, int)
+        require_positive("ContiguousBatches", "batch_size", batch_size, int)
+        data = _as_corpus("ContiguousBatches", "data", data)
+        L = (len(data) - 1) // batch_size                  # inputs per stream; each stream has L + 1 tokens
+        if L < block_size:
+            raise ValueError(
+                f"ContiguousBatches: the corpus has {len(data)} tokens; cut into batch_size = {batch_size} streams "
+                f"that is {max(L + 1, 0)} tokens per stream, fewer than block_size + 1 = {block_size + 1}; needs at "
+                f"least batch_size * block_size + 1 = {batch_size * block_size + 1} tokens"
+            )
+        self.x = data[:batch_size * L].reshape(batch_size, L)          # (B, L)
+        self.y = data[1:batch_size * L + 1].reshape(batch_size, L)     # (B, L)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.n_chunks = L // block_size
+        self.chunk = 0
+
+    def next_batch(self):
+        """The next chunk ``(x, y, reset)``.
+
+        Returns
+        -------
+        x, y : numpy.ndarray of int64, shape (B, T)
+            Inputs and targets (``y`` is ``x`` shifted by one along each stream).
+        reset : bool
+            True when the streams start over (the first chunk, and after wrapping around):
+            the recurrent state must be reset to zeros.
+        """
+        t0 = self.chunk * self.block_size
+        x = self.x[:, t0:t0 + self.block_size]
+        y = self.y[:, t0:t0 + self.block_size]
+        reset = self.chunk == 0
+        self.chunk = (self.chunk + 1) % self.n_chunks
+        return x, y, reset
+
+    def state_dict(self):
+        return {"chunk": self.chunk}
+
+    def load_state_dict(self, state):
+        chunk = state.get("chunk") if isinstance(state, dict) else None
+        if not isinstance(chunk, int) or not 0 <= chunk < self.n_chunks:
+            raise ValueError(f"ContiguousBatches.load_state_dict: argument 'state' must be {{'chunk': int in "
+                             f"[0, {self.n_chunks})}}, got {state!r:.80}")
+        self.chunk = chunk
+
+
+def evaluation_batches(data, block_size, batch_size, n_batches, *, seed=0):
+    """A fixed list of ``n_batches`` random batches ``(x, y)`` for estimating the loss.
+
+    Drawn with a generator of its own, so the same call gives the same batches and the
+    training batches' generator is not disturbed.
+    """
+    require_positive("evaluation_batches", "n_batches", n_batches, int)
+    batches = RandomBatches(data, block_size, batch_size, seed)
+    return [batches.next_batch() for _ in range(n_batches)]

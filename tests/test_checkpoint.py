@@ -1,0 +1,225 @@
+"""Checkpoints: bit-exact round trip, atomic writes, and clear errors for bad files."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from minilm import checkpoint
+from minilm.checkpoint import Checkpoint, check_compatible, load, save
+from minilm.data import CharTokenizer, RandomBatches
+from minilm.optim import AdamW
+from minilm.params import Params
+
+NOT_A_CHECKPOINT = "is truncated or is not a minilm checkpoint"
+
+
+def trained_state(dtype=np.float32):
+    """Params after one AdamW step, the optimizer's state, and a realistic meta dict."""
+    params = Params([("wte", (5, 4)), ("ln_b", (4,))], dtype=dtype)
+    rng = np.random.default_rng(0)
+    params.data[...] = rng.standard_normal(params.size)
+    params.grad[...] = rng.standard_normal(params.size)
+    opt = AdamW(params, lr=1e-3, weight_decay=0.1)
+    opt.step()
+    batches = RandomBatches(np.arange(100), 8, 2, seed=1)
+    batches.next_batch()
+    meta = {
+        "model": {"kind": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
+        "tokenizer": CharTokenizer.from_text("hello world").to_dict(),
+        "train": {"iter": 250, "best_val_loss": 1.4703, "schedule": {"name": "cosine", "lr": 1e-3},
+                  "batch_rng": batches.state_dict()},                     # 128-bit ints inside
+        "backend": "numpy", "dtype": str(np.dtype(dtype)),
+    }
+    return params, opt.state_dict(), meta
+
+
+def assert_same_state(got, want):
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert got[key].dtype == value.dtype
+            np.testing.assert_array_equal(got[key], value)
+        else:
+            assert got[key] == value
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+    params, opt_state, meta = trained_state(dtype)
+    path = tmp_path / "ckpt.npz"
+    save(path, params=params, optimizer_state=opt_state, meta=meta)
+    ckpt = load(path)
+    assert isinstance(ckpt, Checkpoint)
+    assert ckpt.params.dtype == dtype
+    assert ckpt.params.tobytes() == params.data.tobytes()                  # bit-exact
+    assert ckpt.meta == meta
+    assert_same_state(ckpt.optimizer_state, opt_state)
+    assert ckpt.format_version == checkpoint.FORMAT_VERSION
+
+
+def test_loaded_state_restores_the_optimizer(tmp_path):
+    params, opt_state, meta = trained_state()
+    save(tmp_path / "c.npz", params=params, optimizer_state=opt_state, meta=meta)
+    ckpt = load(tmp_path / "c.npz")
+    resumed = Params([("wte", (5, 4)), ("ln_b", (4,))])
+    resumed.load(ckpt.params)
+    opt = AdamW(resumed, lr=1e-3, weight_decay=0.1)
+    opt.load_state_dict(ckpt.optimizer_state)
+    assert opt.steps == 1
+    np.testing.assert_array_equal(opt.m, opt_state["m"])
+
+
+def test_save_accepts_a_flat_array_and_no_optimizer(tmp_path):
+    flat = np.arange(6, dtype=np.float32)
+    save(tmp_path / "c.npz", params=flat, optimizer_state=None, meta={})
+    ckpt = load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(ckpt.params, flat)
+    assert ckpt.optimizer_state == {} and ckpt.meta == {}
+
+
+def test_save_creates_the_parent_directory_and_keeps_the_name(tmp_path):
+    path = tmp_path / "runs" / "shakespeare" / "ckpt.bin"                  # no .npz suffix added
+    save(path, params=np.zeros(3), optimizer_state=None, meta={"a": 1})
+    assert os.listdir(path.parent) == ["ckpt.bin"]
+    assert load(path).meta == {"a": 1}
+
+
+def test_save_replaces_an_existing_checkpoint(tmp_path):
+    path = tmp_path / "c.npz"
+    save(path, params=np.zeros(3), optimizer_state=None, meta={"iter": 1})
+    save(path, params=np.ones(3), optimizer_state=None, meta={"iter": 2})
+    ckpt = load(path)
+    assert ckpt.meta == {"iter": 2}
+    np.testing.assert_array_equal(ckpt.params, np.ones(3))
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, interruption):
+    path = tmp_path / "c.npz"
+    save(path, params=np.zeros(3), optimizer_state=None, meta={"iter": 1})
+    before = path.read_bytes()
+
+    def savez_then_fail(f, **arrays):
+        f.write(b"PK\x03\x04 half of a zip file")                          # partially written
+        raise interruption
+    monkeypatch.setattr(checkpoint.np, "savez", savez_then_fail)
+    with pytest.raises(type(interruption)):
+        save(path, params=np.ones(3), optimizer_state=None, meta={"iter": 2})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["c.npz"]                               # the temporary file is gone
+    monkeypatch.undo()
+    assert load(path).meta == {"iter": 1}
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.npz"
+    with pytest.raises(FileNotFoundError, match=r"checkpoint.load: checkpoint file '.*nope.npz' does not exist"):
+        load(path)
+
+
+def test_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file"):
+        load(tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    params, opt_state, meta = trained_state()
+    path = tmp_path / "c.npz"
+    save(path, params=params, optimizer_state=opt_state, meta=meta)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT) as info:
+        load(path)
+    assert str(path) in str(info.value)
+
+
+def test_corrupted_bytes_inside_the_params(tmp_path):
+    path = tmp_path / "c.npz"
+    flat = np.full(64, 1234.5, dtype=np.float64)
+    save(path, params=flat, optimizer_state=None, meta={})
+    raw = bytearray(path.read_bytes())
+    at = raw.find(flat[:8].tobytes()) + 20
+    raw[at] ^= 0xFF                                                        # one flipped byte: a CRC mismatch
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
+        load(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is just text\n", bytes(range(256)) * 4])
+def test_garbage_file(tmp_path, content):
+    path = tmp_path / "c.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
+        load(path)
+
+
+def test_other_numpy_files_are_not_checkpoints(tmp_path):
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT + r" \(missing entries: header, meta, optim_json, params\)"):
+        load(tmp_path / "other.npz")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT + r" \(it is not an .npz \(zip\) archive\)"):
+        load(tmp_path / "single.npy")
+
+
+def test_unknown_format_version(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 99)
+    save(tmp_path / "future.npz", params=np.zeros(3), optimizer_state=None, meta={})
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"future.npz' has checkpoint format version 99 .* but this minilm reads "
+                                         r"format version 1"):
+        load(tmp_path / "future.npz")
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"params": np.zeros(3), "optimizer_state": None, "meta": {"x": object()}}, TypeError,
+     r"checkpoint.save: argument 'meta' must hold only JSON-serialisable values"),
+    ({"params": np.zeros(3), "optimizer_state": None, "meta": [1]}, TypeError,
+     r"checkpoint.save: argument 'meta' must be a dict, got list"),
+    ({"params": np.zeros((3, 2)), "optimizer_state": None, "meta": {}}, TypeError,
+     r"checkpoint.save: argument 'params' must be a Params or a flat 1-D array"),
+    ({"params": np.zeros(3), "optimizer_state": {"opts": {1, 2}}, "meta": {}}, TypeError,
+     r"checkpoint.save: argument 'optimizer_state' must hold only JSON-serialisable values"),
+])
+def test_save_bad_input(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        save(tmp_path / "c.npz", **kwargs)
+    assert not os.listdir(tmp_path)                                        # nothing written, nothing left over
+
+
+# ---------------------------------------------------------------------------------------------
+# check_compatible
+
+
+def test_matching_settings_pass():
+    meta = {"kind": "gpt", "n_layer": 4, "betas": [0.9, 0.95]}
+    assert check_compatible(meta, {"kind": "gpt", "n_layer": 4, "betas": (0.9, 0.95)}) is None
+
+
+def test_mismatched_setting_is_named():
+    with pytest.raises(ValueError, match=r"^checkpoint 'out/c.npz' was saved from a model with n_layer=4, "
+                                         r"but this run asks for n_layer=6$"):
+        check_compatible({"n_layer": 4, "n_head": 4}, {"n_layer": 6, "n_head": 4}, path="out/c.npz")
+
+
+def test_every_mismatch_is_named_with_nested_keys_dotted():
+    meta = {"model": {"kind": "gpt", "n_embd": 128}, "dtype": "float32"}
+    with pytest.raises(ValueError, match=r"with model.kind='gpt', no recorded vocab_size, but this run asks for "
+                                         r"model.kind='lstm', vocab_size=65"):
+        check_compatible(meta, {"model": {"kind": "lstm", "n_embd": 128}, "vocab_size": 65})
+
+
+def test_check_compatible_bad_input():
+    with pytest.raises(TypeError, match=r"check_compatible: argument 'expected' must be a dict, got list"):
+        check_compatible({}, [("n_layer", 4)])
+
+
+def test_file_is_plain_numpy_and_json(tmp_path):
+    """A checkpoint reads with nothing but numpy (no pickles) and json."""
+    params, opt_state, meta = trained_state()
+    save(tmp_path / "c.npz", params=params, optimizer_state=opt_state, meta=meta)
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as archive:
+        assert json.loads(str(archive["meta"])) == meta
+        assert json.loads(str(archive["header"]))["format"] == checkpoint.FORMAT
+        np.testing.assert_array_equal(archive["optim/v"], opt_state["v"])
