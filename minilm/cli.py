@@ -24,7 +24,62 @@ def build_parser():
                    help=f"check only this op (repeatable); one of: {', '.join(CASES)}")
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     _add_backend(p)
+
+    from minilm import config
+    p = sub.add_parser("train", help="train a model; every model and optimiser setting is an option")
+    p.add_argument("--preset", default="shakespeare-char-cpu", choices=list(config.PRESETS))
+    p.add_argument("--data", default="shakespeare",
+                   help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once) or a UTF-8 text file")
+    p.add_argument("--out", default="out", help="folder for checkpoints, metrics.jsonl and loss.png")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last.npz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config.add_options(p)
+    _add_backend(p)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per character of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
+    p.add_argument("--data", default=None, help="the text to evaluate on (default: the checkpoint's training data)")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--batch-size", type=int, default=None)
+    _add_backend(p)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint, streaming it as it is produced")
+    p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
+    p.add_argument("--prompt", default="\n", help="text to continue (characters must be in the model's vocabulary)")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (slow; for checks)")
+    _add_backend(p)
+
+    from minilm.bench import run as bench_run
+    p = sub.add_parser("bench", help="training and sampling speed per backend, side by side with PyTorch")
+    bench_run.add_options(p)
     return parser
+
+
+def _train(args):
+    from minilm import config, train
+    cfg = config.from_args(args, config.preset(args.preset))
+    result = train.train(cfg, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    return 130 if result["interrupted"] else 0
+
+
+def _sample(args, out=None):
+    out = out or sys.stdout
+    from minilm.evaluate import load_model
+    from minilm.sample import generate
+    model, tokenizer, _ = load_model(args.checkpoint)
+    prompt = tokenizer.encode(args.prompt)
+    out.write(args.prompt)
+    for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache):
+        out.write(tokenizer.decode([token]))
+        out.flush()
+    out.write("\n")
+    return 0
 
 
 def main(argv=None):
@@ -34,9 +89,24 @@ def main(argv=None):
         backend.use(args.backend or backend.default_backend())
     except (RuntimeError, ValueError) as e:
         parser.error(str(e))
-    if args.command == "gradcheck":
-        from minilm import gradcheck_cli
-        return gradcheck_cli.run(args)
+    try:
+        if args.command == "gradcheck":
+            from minilm import gradcheck_cli
+            return gradcheck_cli.run(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            from minilm import evaluate
+            return evaluate.run(args)
+        if args.command == "sample":
+            return _sample(args)
+        if args.command == "bench":
+            from minilm.bench import run as bench_run
+            bench_run.benchmark(args)
+            return 0
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        print(f"minilm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.command!r}")
 
 

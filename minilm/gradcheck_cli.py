@@ -23,8 +23,9 @@ def check_ops(ops, *, seed=0, tol=DEFAULT_TOL):
     return reports
 
 
-def run(args, out=sys.stdout):
+def run(args, out=None):
     """Entry point of the subcommand; returns the exit status."""
+    out = out or sys.stdout
     ops = args.op or list(CASES)
     reports = check_ops(ops, seed=args.seed)
     print(f"backend {backend.current()}, float64, tolerance {DEFAULT_TOL:.0e} relative", file=out)

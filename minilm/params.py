@@ -26,6 +26,9 @@ class _Views:
         size = int(np.prod(shape, dtype=np.int64))
         return self._flat[start:start + size].reshape(shape)
 
+    def __setitem__(self, name, value):
+        self[name][...] = value
+
     def __iter__(self):
         return iter(self._layout)
 

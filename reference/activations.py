@@ -45,7 +45,7 @@ _GELU_CUBIC = 0.044715
 def _erf(xp, x):
     """erf for numpy (through math.erf, exact to the last ulp) and cupy (cupyx.scipy.special)."""
     if xp.__name__ == "numpy":
-        return xp.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+        return xp.asarray(xp.frompyfunc(math.erf, 1, 1)(x), dtype=x.dtype)   # 0-d gives a float, not an array
     from cupyx.scipy.special import erf
     return erf(x)
 
@@ -119,7 +119,7 @@ def gelu_forward(x, *, approximate="tanh"):
     require_choice("gelu", "approximate", approximate, GELU_APPROXIMATIONS)
     xp = get_array_module(x)
     if approximate == "tanh":
-        u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
         y = 0.5 * x * (1 + xp.tanh(u))
     else:
         y = 0.5 * x * (1 + _erf(xp, x / math.sqrt(2.0)))
@@ -132,7 +132,7 @@ def gelu_backward(dy, cache):
     require_shape("gelu_backward", "dy", dy, x.shape, "(same as x)")
     xp = get_array_module(x)
     if approximate == "tanh":
-        tanh_u = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3))
+        tanh_u = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
         du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
         dphi = 0.5 * (1 + tanh_u) + 0.5 * x * (1 - tanh_u * tanh_u) * du_dx
     else:

@@ -65,7 +65,8 @@ def linear_forward(x, W, b):
         require_float("linear", "b", b)
         require_shape("linear", "b", b, (W.shape[1],), "(C,)")
     require_same_dtype("linear", x=x, W=W, b=b)
-    y = x @ W                                                  # (..., C)
+    # NumPy multiplies a 2-D (N, D) matrix in one BLAS call, a (..., T, D) stack in many
+    y = (x.reshape(-1, x.shape[-1]) @ W).reshape(x.shape[:-1] + (W.shape[1],))   # (..., C)
     if b is not None:
         y = y + b
     return y, LinearCache(x, W, b is not None)
@@ -81,9 +82,9 @@ def linear_backward(dy, cache):
     x, W, has_bias = cache
     require_shape("linear_backward", "dy", dy, x.shape[:-1] + (W.shape[1],), "(..., C)")
     xp = get_array_module(dy)
-    dx = dy @ W.T                                              # (..., D)  from y = x W
     x2 = x.reshape(-1, x.shape[-1])                            # (N, D), N = all leading positions
     dy2 = dy.reshape(-1, dy.shape[-1])                         # (N, C)
+    dx = (dy2 @ W.T).reshape(x.shape)                          # (..., D)  from y = x W
     dW = x2.T @ dy2                                            # (D, C)    W is shared by every n
     db = xp.sum(dy2, axis=0) if has_bias else None             # (C,)
     return dx, dW, db

@@ -1,0 +1,1 @@
+"""minilm's benchmarks (imported as ``minilm.bench``): run them with ``minilm bench``."""

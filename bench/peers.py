@@ -1,0 +1,127 @@
+"""The PyTorch peers: the same models, shapes and recipe as minilm's, for side-by-side timing.
+
+Imported only when PyTorch is installed. ``TorchGPT`` is nanoGPT's model (learned positions,
+pre-LayerNorm blocks, fused scaled-dot-product attention, tanh GELU, tied head, nanoGPT's
+initialisation); ``TorchRNNLM`` is embedding -> nn.LSTM / nn.GRU / nn.RNN -> linear head.
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _Block(nn.Module):
+    def __init__(self, C, NH, bias):
+        super().__init__()
+        self.NH = NH
+        self.ln_1 = nn.LayerNorm(C, bias=bias)
+        self.c_attn = nn.Linear(C, 3 * C, bias=bias)
+        self.c_proj = nn.Linear(C, C, bias=bias)
+        self.ln_2 = nn.LayerNorm(C, bias=bias)
+        self.c_fc = nn.Linear(C, 4 * C, bias=bias)
+        self.mlp_proj = nn.Linear(4 * C, C, bias=bias)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.NH, C // self.NH).transpose(1, 2) for t in (q, k, v))   # (B, NH, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class TorchGPT(nn.Module):
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias=True):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList(_Block(n_embd, n_head, bias) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("mlp_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.h:
+            x = block(x)
+        logits = self.ln_f(x) @ self.wte.weight.T                  # tied head
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0):
+        """nanoGPT's generate: no key/value cache, the cropped context re-run every step."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.block_size:])
+            probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+        return idx
+
+
+class TorchRNNLM(nn.Module):
+    def __init__(self, vocab_size, cell, n_layer, hidden_size, n_embd):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, n_embd)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](n_embd, hidden_size, n_layer, batch_first=True)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, idx, targets=None):
+        h, _ = self.rnn(self.embed(idx))
+        logits = self.head(h)
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+def make_model(cfg, vocab_size):
+    """The peer of the model a minilm TrainConfig describes."""
+    if cfg.model == "gpt":
+        return TorchGPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias)
+    return TorchRNNLM(vocab_size, cfg.model, cfg.n_layer, cfg.hidden_size, cfg.n_embd)
+
+
+def make_optimizer(model, cfg):
+    """AdamW with weight decay on 2-D weights only (nanoGPT's configure_optimizers)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def train_step(model, optimizer, x, y, lr, grad_clip):
+    """One full step: forward, backward, clip, AdamW. Returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def estimate_loss(model, batches):
+    model.eval()
+    losses = [model(x, y)[1].item() for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0

@@ -1,0 +1,119 @@
+"""`minilm bench`: training-step and sampling speed per backend, side by side with PyTorch.
+
+Every measurement runs in a fresh process (``minilm.bench.worker``) with the same thread
+count for minilm's Numba pool, the BLAS pool and PyTorch; the table gives ms/step, tokens/s,
+peak resident memory, and each backend's speed relative to PyTorch's in the same run.
+"""
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+
+TRAIN_PRESETS = ("shakespeare-char-cpu", "shakespeare-lstm", "shakespeare-gru")
+
+
+def add_options(p):
+    p.add_argument("--what", choices=("train", "sample", "ops", "all"), default="all")
+    p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), metavar="PRESET")
+    p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
+                   help="default: numpy and numba (and cupy when a GPU is present)")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per configuration")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT compilation, caches)")
+    p.add_argument("--tokens", type=int, default=500, help="tokens to sample")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for Numba, BLAS and PyTorch")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+
+
+def _env(threads):
+    env = dict(os.environ)
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+def run_job(job):
+    """Run one measurement in a fresh process; returns its JSON result."""
+    proc = subprocess.run([sys.executable, "-m", "minilm.bench.worker", json.dumps(job)], capture_output=True,
+                          text=True, env=_env(job["threads"]))
+    if proc.returncode != 0:
+        raise RuntimeError(f"minilm bench: the measurement {job} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _available_backends():
+    names = ["numpy", "numba"]
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                names.append("cupy")
+        except Exception:
+            pass
+    return names
+
+
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def benchmark(args, out=print):
+    backends = args.backends or _available_backends()
+    torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    results = {"date": datetime.date.today().isoformat(), "machine": _machine(), "threads": args.threads,
+               "command": "minilm bench " + " ".join(sys.argv[2:]), "train": [], "sample": [], "ops": []}
+    if args.what in ("train", "all"):
+        for name in args.presets:
+            rows = []
+            for b in backends:
+                rows.append(run_job({"impl": "minilm", "what": "train", "backend": b, "preset": name,
+                                     "steps": args.steps, "warmup": args.warmup, "threads": args.threads}))
+            if torch:
+                rows.append(run_job({"impl": "torch", "what": "train", "preset": name, "steps": args.steps,
+                                     "warmup": args.warmup, "threads": args.threads}))
+            results["train"] += rows
+            _print_rows(out, f"training step, {name} (float32)", rows, "ms_per_step")
+    if args.what in ("sample", "all"):
+        rows = []
+        for b in backends:
+            for cache in (True, False):
+                rows.append(run_job({"impl": "minilm", "what": "sample", "backend": b, "cache": cache,
+                                     "preset": "shakespeare-char-cpu", "tokens": args.tokens, "threads": args.threads}))
+        if torch:
+            rows.append(run_job({"impl": "torch", "what": "sample", "preset": "shakespeare-char-cpu",
+                                 "tokens": args.tokens, "threads": args.threads}))
+        results["sample"] = rows
+        _print_rows(out, f"sampling {args.tokens} tokens, shakespeare-char-cpu GPT", rows, None)
+    if args.what in ("ops", "all"):
+        from minilm.bench import ops as op_bench
+        results["ops"] = op_bench.run(backends, threads=args.threads, out=out)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def _label(row):
+    job = row["job"]
+    if job["impl"] == "torch":
+        return "pytorch" + (" (generate, no cache)" if job["what"] == "sample" else "")
+    return job["backend"] + ("" if job["what"] == "train" else (" kv-cache" if job["cache"] else " no cache"))
+
+
+def _print_rows(out, title, rows, ms_key):
+    torch_rate = next((r["tokens_per_s"] for r in rows if r["job"]["impl"] == "torch"), None)
+    out(f"\n{title}")
+    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9} {'vs pytorch':>11}")
+    for r in rows:
+        ms = f"{r[ms_key]:9.2f}" if ms_key else f"{'':>9}"
+        ratio = f"{r['tokens_per_s'] / torch_rate:10.2f}x" if torch_rate else f"{'':>11}"
+        out(f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f} {ratio}")

@@ -1,0 +1,137 @@
+"""Training configuration: one frozen dataclass, named presets, and the command-line options.
+
+Every field of ``TrainConfig`` is an option of ``minilm train`` (``n_layer`` -> ``--n-layer``);
+a preset fills in the fields, and options given on the command line override it.
+"""
+import dataclasses
+from dataclasses import dataclass, fields
+
+MODELS = ("gpt", "rnn", "lstm", "gru")
+OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "rmsprop")
+SCHEDULE_NAMES = ("cosine", "constant", "step")
+BATCHING = ("random", "contiguous")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model: str = "gpt"               # gpt | rnn | lstm | gru
+    n_layer: int = 4
+    n_head: int = 4                  # gpt only
+    n_embd: int = 128                # model width (gpt) / embedding size (recurrent)
+    hidden_size: int = 256           # recurrent only
+    block_size: int = 64             # context length T
+    dropout: float = 0.0
+    bias: bool = True                # gpt: biases in linear layers and layernorms
+    # optimiser and schedule
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4             # floor of the cosine schedule
+    schedule: str = "cosine"         # cosine (with linear warm-up) | constant | step
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0          # length of the schedule; 0 = max_iters of the preset
+    lr_step_size: int = 1000         # step schedule: multiply lr by lr_gamma every this many iterations
+    lr_gamma: float = 0.5
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1        # adamw: 2-D weights only
+    momentum: float = 0.0            # sgd, rmsprop
+    nesterov: bool = False           # sgd
+    rmsprop_alpha: float = 0.99
+    grad_clip: float = 1.0           # clip the global gradient norm to this; 0 = off
+    # the run
+    batch_size: int = 12
+    batching: str = "random"         # random windows | contiguous streams carrying state (recurrent)
+    max_iters: int = 2000
+    eval_interval: int = 250
+    eval_iters: int = 100            # batches per loss estimate
+    patience: int = 0                # early stopping: evaluations without improvement; 0 = off
+    seed: int = 1337
+    dtype: str = "float32"
+
+    def schedule_length(self):
+        return self.lr_decay_iters or self.max_iters
+
+
+PRESETS = {
+    # nanoGPT's CPU run of config/train_shakespeare_char.py
+    "shakespeare-char-cpu": dict(model="gpt", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                                 dropout=0.0, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                                 weight_decay=0.1, grad_clip=1.0, max_iters=2000, lr_decay_iters=2000,
+                                 eval_interval=250, eval_iters=100),
+    # nanoGPT's "baby GPT" for a GPU
+    "shakespeare-char": dict(model="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
+                             dropout=0.2, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                             weight_decay=0.1, grad_clip=1.0, max_iters=5000, lr_decay_iters=5000,
+                             eval_interval=250, eval_iters=200),
+    "shakespeare-lstm": dict(model="lstm", n_layer=2, hidden_size=256, n_embd=128, block_size=64, batch_size=32,
+                             dropout=0.0, lr=2e-3, min_lr=2e-4, warmup_iters=100, beta2=0.99,
+                             weight_decay=0.1, grad_clip=1.0, max_iters=2000, lr_decay_iters=2000,
+                             eval_interval=250, eval_iters=100),
+    "shakespeare-gru": dict(model="gru", n_layer=2, hidden_size=256, n_embd=128, block_size=64, batch_size=32,
+                            dropout=0.0, lr=2e-3, min_lr=2e-4, warmup_iters=100, beta2=0.99,
+                            weight_decay=0.1, grad_clip=1.0, max_iters=2000, lr_decay_iters=2000,
+                            eval_interval=250, eval_iters=100),
+}
+
+_CHOICES = {"model": MODELS, "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
+            "batching": BATCHING, "dtype": DTYPES}
+_NON_NEGATIVE = {"dropout", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "momentum",
+                 "grad_clip", "patience", "seed", "beta1", "beta2"}
+
+
+def preset(name):
+    """The TrainConfig of preset ``name``."""
+    if name not in PRESETS:
+        raise ValueError(f"minilm train: option '--preset' must be one of {', '.join(PRESETS)}, got {name!r}")
+    return TrainConfig(**PRESETS[name])
+
+
+def validate(cfg):
+    """Raise a ValueError naming the option for any value out of range."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        option = "--" + f.name.replace("_", "-")
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            raise ValueError(f"minilm train: option '{option}' must be one of {', '.join(_CHOICES[f.name])}, got {value!r}")
+        if f.type in (int, float, "int", "float"):
+            low_ok = value >= 0 if f.name in _NON_NEGATIVE else value > 0
+            if not low_ok:
+                bound = ">= 0" if f.name in _NON_NEGATIVE else "> 0"
+                raise ValueError(f"minilm train: option '{option}' must be {bound}, got {value!r}")
+    if not cfg.dropout < 1:
+        raise ValueError(f"minilm train: option '--dropout' must be in [0, 1), got {cfg.dropout!r}")
+    for name in ("beta1", "beta2", "rmsprop_alpha"):
+        if not getattr(cfg, name) < 1:
+            raise ValueError(f"minilm train: option '--{name.replace('_', '-')}' must be in [0, 1), got {getattr(cfg, name)!r}")
+    if cfg.model == "gpt" and cfg.n_embd % cfg.n_head:
+        raise ValueError(f"minilm train: option '--n-embd' ({cfg.n_embd}) must be divisible by '--n-head' ({cfg.n_head})")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"minilm train: option '--min-lr' ({cfg.min_lr}) must not exceed '--lr' ({cfg.lr})")
+    return cfg
+
+
+def _parse_bool(text):
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def add_options(parser):
+    """One option per field, defaulting to None so that only what the user gave overrides the preset."""
+    parsers = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+    for f in fields(TrainConfig):
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parsers[type_name], default=None,
+                            choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else type_name.upper(),
+                            help=f"default: the preset's, else {f.default!r}")
+
+
+def from_args(args, base):
+    """``base`` with every option the user gave on the command line replaced."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return validate(dataclasses.replace(base, **given))

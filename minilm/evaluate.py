@@ -1,0 +1,55 @@
+"""`minilm eval`: validation loss, perplexity and bits per character of a checkpoint."""
+import math
+
+import numpy as np
+
+from minilm import backend, checkpoint
+from minilm.data import CharTokenizer, load_text, split
+from minilm.models import model_from_meta
+
+
+def load_model(path):
+    """The model saved in the checkpoint at ``path``, on the active backend, and its tokenizer."""
+    saved = checkpoint.load(path)
+    model = model_from_meta(saved.meta["model"])
+    model.params.load(saved.params)
+    return model, CharTokenizer.from_dict(saved.meta["tokenizer"]), saved.meta
+
+
+def evaluate(model, ids, *, block_size, batch_size):
+    """Mean cross-entropy (nats per character) over ``ids`` cut into non-overlapping windows.
+
+    Every character after the first is predicted exactly once (windows start at 0, T, 2T, ...;
+    a shorter last window is scored too), each window from an empty context.
+    """
+    starts = list(range(0, len(ids) - 1, block_size))
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        group = starts[i:i + batch_size]
+        T = min(block_size, len(ids) - 1 - group[-1])           # the last window may be short
+        full = [s for s in group if s + block_size < len(ids)] if T < block_size else group
+        for windows, length in ((full, block_size), ([s for s in group if s not in full], T)):
+            if not windows or length == 0:
+                continue
+            x = np.stack([ids[s:s + length] for s in windows])
+            y = np.stack([ids[s + 1:s + 1 + length] for s in windows])
+            loss = float(model.forward(backend.to_backend(x), backend.to_backend(y))[1])
+            total += loss * y.size
+            count += y.size
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": mean / math.log(2), "characters": count}
+
+
+def run(args, out=print):
+    model, tokenizer, meta = load_model(args.checkpoint)
+    data = args.data or meta["data"]
+    text, source = load_text(data)
+    train_ids, val_ids = split(tokenizer.encode(text), 0.9)
+    ids = val_ids if args.split == "val" else train_ids
+    cfg = meta["train_config"]
+    result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=args.batch_size or cfg["batch_size"])
+    out(f"{args.checkpoint} (iteration {meta['iter']}) on the {args.split} split of {source}, "
+        f"{result['characters']:,} characters:")
+    out(f"  loss {result['loss']:.4f} nats/char, perplexity {result['perplexity']:.3f}, "
+        f"{result['bits_per_char']:.4f} bits/char")
+    return 0

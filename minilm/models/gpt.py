@@ -1,0 +1,417 @@
+r"""GPT: nanoGPT's decoder-only transformer, with its backward written out by hand.
+
+Forward (one call per line in ``GPT.forward``; ``GPT.backward`` is the same list reversed)
+---------------------------------------------------------------------------------------------
+.. math::
+
+    x &= \operatorname{dropout}(W_{te}[\text{idx}] + W_{pe}[0 \ldots T-1]) \\
+    x &= x + \operatorname{dropout}(\operatorname{attn}(\operatorname{ln}_1(x)))
+        \qquad\text{for each of the } L \text{ blocks} \\
+    x &= x + \operatorname{dropout}(\operatorname{mlp}(\operatorname{ln}_2(x))) \\
+    \text{logits} &= \operatorname{ln}_f(x)\, W_{te}^\top ,\qquad
+    \text{loss} = \operatorname{cross\_entropy}(\text{logits}, \text{targets})
+
+attn is causal multi-head self-attention (``ops.self_attention``), mlp is
+linear → GELU (tanh form) → linear (``ops.ffn``), every LayerNorm is pre-norm as in GPT-2.
+
+Weight tying: the output head is the token embedding, so ``wte`` receives two gradients,
+one from ``logits = x_f wte^T`` and one from the lookup ``wte[idx]``; the backward adds them
+explicitly (the first and the last line that touch ``grads["wte"]``).
+
+Differences from nanoGPT
+------------------------
+* No dropout on the attention probabilities (nanoGPT's ``attn_dropout``): ``ops.attention`` has
+  no such option. Dropout is applied to the embeddings and to the output of each residual branch
+  (nanoGPT's ``resid_dropout``, after the attention projection and after the MLP).
+* ``forward`` returns the logits of every position, also without targets.
+* ``bias=False`` removes the biases of the linears and the LayerNorms' beta from the parameters;
+  the ops then receive zero vectors and their bias gradients are dropped.
+
+Generation with a key/value cache
+---------------------------------
+``forward_step(idx_new, kv_cache)`` runs only the new tokens: per block it computes their
+q, k, v from ``ln_1`` (the same projection and head split as ``ops.self_attention``), writes
+k and v into the cache, and attends from the new queries over every cached key with
+``ops.attention(..., causal=True)``, whose causal mask aligns the queries to the end of the keys.
+Its logits equal those of ``forward`` on the whole context to rounding.
+
+When the context would grow past ``block_size``, nanoGPT crops it to the last ``block_size``
+tokens. Every position then shifts, so every cached key and value changes (positions enter at
+the bottom of the network); reusing them would give different logits. ``forward_step`` therefore
+does exactly what the uncached path does: it keeps the cropped window ``(cached tokens +
+idx_new)[-block_size:]``, empties the cache and recomputes it from that window. Past
+``block_size`` every step thus costs one full forward of the window, as without the cache.
+
+Parameters (names of the views in ``GPT.params``)
+-------------------------------------------------
+==========================  ===========  ==========================================
+name                        shape        init (nanoGPT)
+==========================  ===========  ==========================================
+wte                         (V, C)       N(0, 0.02²); also the output head
+wpe                         (block, C)   N(0, 0.02²)
+h.{l}.ln_1.gamma / .beta    (C,)         1 / 0
+h.{l}.attn.W_qkv / .b_qkv   (C, 3C)      N(0, 0.02²) / 0
+h.{l}.attn.W_o / .b_o       (C, C)       N(0, (0.02/√(2L))²) / 0
+h.{l}.ln_2.gamma / .beta    (C,)         1 / 0
+h.{l}.mlp.W_1 / .b_1        (C, 4C)      N(0, 0.02²) / 0
+h.{l}.mlp.W_2 / .b_2        (4C, C)      N(0, (0.02/√(2L))²) / 0
+ln_f.gamma / .beta          (C,)         1 / 0
+==========================  ===========  ==========================================
+"""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from minilm import backend, ops
+from minilm.backend import get_array_module
+from minilm.params import Params
+from minilm.validate import (as_numpy_dtype, require_divisible, require_ids, require_ndim, require_positive,
+                             require_probability)
+
+IGNORE_INDEX = -100     # targets equal to this are not counted by the loss (cross_entropy's default)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT (nanoGPT's GPTConfig)."""
+    vocab_size: int         # V
+    block_size: int         # the longest context, T <= block_size
+    n_layer: int            # L transformer blocks
+    n_head: int             # NH
+    n_embd: int             # C, divisible by n_head
+    dropout: float = 0.0    # probability of dropping, while training
+    bias: bool = True       # biases in the linears and LayerNorms
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            require_positive("GPTConfig", name, getattr(self, name), int)
+        require_divisible("GPTConfig", "n_embd", self.n_embd, "n_head", self.n_head)
+        require_probability("GPTConfig", "dropout", self.dropout)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig: option 'bias' must be True or False, got {self.bias!r}")
+
+
+class BlockCache(NamedTuple):
+    ln_1: object
+    attn: object
+    drop_attn: object
+    ln_2: object
+    mlp: object
+    drop_mlp: object
+
+
+class GPTCache(NamedTuple):
+    wte: object
+    wpe: object
+    drop_emb: object
+    blocks: list        # one BlockCache per layer
+    ln_f: object
+    lm_head: object
+    loss: object        # None when forward had no targets
+
+
+class KVCache:
+    """Keys and values of every block for the tokens seen so far (see the module docstring).
+
+    ``k[l]``, ``v[l]`` : (B, NH, block_size, hs), filled up to ``length``;
+    ``tokens`` : (B, block_size), the ids they came from (needed to recompute after a crop).
+    """
+
+    def __init__(self, k, v, tokens):
+        self.k, self.v, self.tokens = k, v, tokens
+        self.length = 0
+
+    @property
+    def batch(self):
+        return self.tokens.shape[0]
+
+
+def check_idx(op, name, idx, V, max_T=None):
+    """idx as a (B, T) integer array with T >= 1 (and T <= max_T) and ids in [0, V)."""
+    require_ndim(op, name, idx, 2, "(B, T)")
+    require_ids(op, name, idx, V)
+    if idx.shape[0] < 1 or idx.shape[1] < 1:
+        raise ValueError(f"{op}: argument '{name}' must hold at least one sequence of at least one token, "
+                         f"got shape {tuple(idx.shape)}")
+    if max_T is not None and idx.shape[1] > max_T:
+        raise ValueError(f"{op}: argument '{name}' has T = {idx.shape[1]} positions, more than "
+                         f"block_size = {max_T}; crop it to the last {max_T} tokens")
+    return idx
+
+
+def check_targets(op, targets, idx, V):
+    """(B, T) integer targets in [0, V), or IGNORE_INDEX for a position that is not counted."""
+    xp = get_array_module(idx)
+    targets = xp.asarray(targets)
+    if tuple(targets.shape) != tuple(idx.shape):
+        raise ValueError(f"{op}: argument 'targets' must have the shape of idx (B, T) = {tuple(idx.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"{op}: argument 'targets' must be an integer array of token ids, got dtype {targets.dtype}")
+    counted = targets[targets != IGNORE_INDEX]
+    if counted.size and (int(counted.min()) < 0 or int(counted.max()) >= V):
+        bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
+        raise ValueError(f"{op}: argument 'targets' must hold ids in [0, {V}) (V = {V}) or {IGNORE_INDEX}, got {bad}")
+    return targets
+
+
+def dropout_rng(op, rng, fallback):
+    """A numpy Generator for the dropout masks: ``rng`` itself, one seeded from an int, or ``fallback``."""
+    if rng is None:
+        return fallback
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"{op}: argument 'rng' must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def _is_bias(name):
+    """The biases and LayerNorm betas: the parameters that ``bias=False`` removes."""
+    return name.rsplit(".", 1)[-1] in ("beta", "b_qkv", "b_o", "b_1", "b_2")
+
+
+class GPT:
+    """nanoGPT's GPT: parameters in one ``Params`` plus explicit forward and backward call lists."""
+
+    kind = "gpt"
+
+    def __init__(self, config, *, dtype=np.float32, seed=0):
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: argument 'config' must be a GPTConfig, got {type(config).__name__}")
+        dtype = as_numpy_dtype("GPT", "dtype", dtype)
+        if dtype.kind != "f":
+            raise ValueError(f"GPT: option 'dtype' must be a floating-point dtype such as float32, got {dtype}")
+        self.config = cfg = config
+        V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
+        specs = [("wte", (V, C)), ("wpe", (T, C))]
+        for l in range(cfg.n_layer):
+            h = f"h.{l}."
+            specs += [(h + "ln_1.gamma", (C,)), (h + "ln_1.beta", (C,)),
+                      (h + "attn.W_qkv", (C, 3 * C)), (h + "attn.b_qkv", (3 * C,)),
+                      (h + "attn.W_o", (C, C)), (h + "attn.b_o", (C,)),
+                      (h + "ln_2.gamma", (C,)), (h + "ln_2.beta", (C,)),
+                      (h + "mlp.W_1", (C, 4 * C)), (h + "mlp.b_1", (4 * C,)),
+                      (h + "mlp.W_2", (4 * C, C)), (h + "mlp.b_2", (C,))]
+        specs += [("ln_f.gamma", (C,)), ("ln_f.beta", (C,))]
+        self._bias_shapes = {name: shape for name, shape in specs if _is_bias(name)}
+        if not cfg.bias:
+            specs = [(name, shape) for name, shape in specs if not _is_bias(name)]
+        self.params = Params(specs, dtype=dtype)
+
+        rng = np.random.default_rng(seed)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)   # nanoGPT's scaled init of c_proj
+        for name, view in self.params.values.items():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "gamma":
+                view[...] = 1
+            elif _is_bias(name):
+                view[...] = 0
+            else:
+                std = residual_std if leaf in ("W_o", "W_2") else 0.02
+                view[...] = rng.normal(0.0, std, view.shape)
+        self.rng = rng                  # dropout masks when forward gets no rng
+        self.params.to(backend.xp())
+        self._cache = None
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def config_dict(self):
+        return dataclasses.asdict(self.config)
+
+    def n_params(self, non_embedding=False):
+        """Number of parameters; ``non_embedding`` leaves out wpe as nanoGPT's count does (wte is the head)."""
+        return self.params.size - (self.params["wpe"].size if non_embedding else 0)
+
+    def _xp(self):
+        return get_array_module(self.params.data)
+
+    def _bias(self, name):
+        """The bias or beta called ``name``; zeros when the config has no biases."""
+        if self.config.bias:
+            return self.params[name]
+        return self._xp().zeros(self._bias_shapes[name], dtype=self.params.data.dtype)
+
+    def _accumulate(self, name, grad):
+        """grads[name] += grad; a bias gradient is dropped when the config has no biases."""
+        if self.config.bias or name not in self._bias_shapes:
+            view = self.params.grads[name]
+            view += grad                # in place, into the flat params.grad
+
+    def _ids(self, op, name, idx, max_T):
+        return check_idx(op, name, self._xp().asarray(idx), self.config.vocab_size, max_T)
+
+    # --- training: forward and backward -------------------------------------------------------
+
+    def forward(self, idx, targets=None, *, train=False, rng=None):
+        """Logits for every position, and the mean cross-entropy loss when ``targets`` are given.
+
+        Parameters
+        ----------
+        idx : (B, T) integer array of token ids in [0, V), T <= block_size.
+        targets : (B, T) integer array of the next ids (-100 = not counted), or None.
+        train : bool, apply dropout with probability ``config.dropout``.
+        rng : numpy Generator or int seed for the dropout masks; default the model's own ``rng``.
+
+        Returns
+        -------
+        (logits (B, T, V), loss): loss is a 0-d array, or None without targets. The caches for
+        ``backward`` are kept on the model (``backward`` differentiates the latest forward).
+        """
+        op = "GPT.forward"
+        cfg, P, xp = self.config, self.params, self._xp()
+        idx = self._ids(op, "idx", idx, cfg.block_size)
+        if targets is not None:
+            targets = check_targets(op, targets, idx, cfg.vocab_size)
+        p = cfg.dropout if train else 0.0
+        rng = dropout_rng(op, rng, self.rng)
+        B, T = idx.shape
+        pos = xp.arange(T)                                                             # (T,)
+
+        tok_emb, c_wte = ops.embedding_forward(idx, P["wte"])                          # (B, T, C)
+        pos_emb, c_wpe = ops.embedding_forward(pos, P["wpe"])                          # (T, C)
+        x, c_drop_emb = ops.dropout_forward(tok_emb + pos_emb, p=p, rng=rng)           # (B, T, C)
+        blocks = []
+        for l in range(cfg.n_layer):
+            h = f"h.{l}."
+            ln1, c_ln1 = ops.layernorm_forward(x, P[h + "ln_1.gamma"], self._bias(h + "ln_1.beta"))
+            a, c_attn = ops.self_attention_forward(ln1, P[h + "attn.W_qkv"], self._bias(h + "attn.b_qkv"),
+                                                   P[h + "attn.W_o"], self._bias(h + "attn.b_o"),
+                                                   n_head=cfg.n_head, causal=True)
+            a, c_drop_attn = ops.dropout_forward(a, p=p, rng=rng)
+            x = x + a
+            ln2, c_ln2 = ops.layernorm_forward(x, P[h + "ln_2.gamma"], self._bias(h + "ln_2.beta"))
+            m, c_mlp = ops.ffn_forward(ln2, P[h + "mlp.W_1"], self._bias(h + "mlp.b_1"),
+                                       P[h + "mlp.W_2"], self._bias(h + "mlp.b_2"), activation="gelu")
+            m, c_drop_mlp = ops.dropout_forward(m, p=p, rng=rng)
+            x = x + m
+            blocks.append(BlockCache(c_ln1, c_attn, c_drop_attn, c_ln2, c_mlp, c_drop_mlp))
+        xf, c_ln_f = ops.layernorm_forward(x, P["ln_f.gamma"], self._bias("ln_f.beta"))  # (B, T, C)
+        logits, c_lm_head = ops.linear_forward(xf, P["wte"].T, None)                   # (B, T, V) tied head
+        loss, c_loss = None, None
+        if targets is not None:
+            loss, c_loss = ops.cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX)  # ()
+
+        self._cache = GPTCache(c_wte, c_wpe, c_drop_emb, blocks, c_ln_f, c_lm_head, c_loss)
+        return logits, loss
+
+    def backward(self):
+        """Gradient of the latest forward's loss into ``params.grad`` (zeroed first).
+
+        The forward's call list reversed, line by line; dY is the gradient of the loss wrt Y.
+        """
+        c = self._cache
+        if c is None or c.loss is None:
+            raise RuntimeError("GPT.backward: call forward(idx, targets) with targets first")
+        cfg, xp = self.config, self._xp()
+        acc = self._accumulate
+        self.params.zero_grad()
+
+        dloss = xp.ones((), dtype=self.params.data.dtype)                              # dL/dL = 1
+        dlogits, _ = ops.cross_entropy_backward(dloss, c.loss)                         # (B, T, V)
+        dxf, dwte_T, _ = ops.linear_backward(dlogits, c.lm_head)                       # logits = xf @ wte.T
+        acc("wte", dwte_T.T)                                                           # tied: the head's share
+        dx, dgamma, dbeta = ops.layernorm_backward(dxf, c.ln_f)                        # xf = ln_f(x)
+        acc("ln_f.gamma", dgamma)
+        acc("ln_f.beta", dbeta)
+        for l in reversed(range(cfg.n_layer)):
+            h, bc = f"h.{l}.", c.blocks[l]
+            # x = x + m: dx flows on unchanged and into the MLP branch
+            dm, = ops.dropout_backward(dx, bc.drop_mlp)                                # m = dropout(m)
+            dln2, dW_1, db_1, dW_2, db_2 = ops.ffn_backward(dm, bc.mlp)                # m = mlp(ln2)
+            acc(h + "mlp.W_1", dW_1)
+            acc(h + "mlp.b_1", db_1)
+            acc(h + "mlp.W_2", dW_2)
+            acc(h + "mlp.b_2", db_2)
+            dx_ln2, dgamma, dbeta = ops.layernorm_backward(dln2, bc.ln_2)              # ln2 = ln_2(x)
+            acc(h + "ln_2.gamma", dgamma)
+            acc(h + "ln_2.beta", dbeta)
+            dx = dx + dx_ln2
+            # x = x + a: the same for the attention branch
+            da, = ops.dropout_backward(dx, bc.drop_attn)                               # a = dropout(a)
+            dln1, dW_qkv, db_qkv, dW_o, db_o = ops.self_attention_backward(da, bc.attn)  # a = attn(ln1)
+            acc(h + "attn.W_qkv", dW_qkv)
+            acc(h + "attn.b_qkv", db_qkv)
+            acc(h + "attn.W_o", dW_o)
+            acc(h + "attn.b_o", db_o)
+            dx_ln1, dgamma, dbeta = ops.layernorm_backward(dln1, bc.ln_1)              # ln1 = ln_1(x)
+            acc(h + "ln_1.gamma", dgamma)
+            acc(h + "ln_1.beta", dbeta)
+            dx = dx + dx_ln1
+        demb, = ops.dropout_backward(dx, c.drop_emb)                                   # x = dropout(tok + pos)
+        _, dwpe = ops.embedding_backward(xp.sum(demb, axis=0), c.wpe)                  # pos broadcast over B
+        acc("wpe", dwpe)
+        _, dwte = ops.embedding_backward(demb, c.wte)                                  # tok_emb = wte[idx]
+        acc("wte", dwte)                                                               # tied: the lookup's share
+        return self.params.grad
+
+    # --- generation: the key/value cache ------------------------------------------------------
+
+    def init_kv_cache(self, batch):
+        """An empty ``KVCache`` for ``batch`` sequences."""
+        require_positive("GPT.init_kv_cache", "batch", batch, int)
+        cfg, xp, dtype = self.config, self._xp(), self.params.data.dtype
+        shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)     # (B, NH, block, hs)
+        return KVCache([xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)],
+                       [xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)],
+                       xp.zeros((batch, cfg.block_size), dtype=np.int64))
+
+    def forward_step(self, idx_new, kv_cache=None):
+        """Logits of the last position after appending ``idx_new`` to the cached context.
+
+        Parameters
+        ----------
+        idx_new : (B, Tn) integer array, the tokens that follow the cached ones (a prompt, or
+            one sampled token per step).
+        kv_cache : KVCache from ``init_kv_cache`` or an earlier call, or None for a new one. It is
+            updated in place; past block_size it is recomputed from the cropped window.
+
+        Returns
+        -------
+        (logits (B, V), kv_cache). Inference only: no dropout, nothing kept for backward.
+        """
+        op = "GPT.forward_step"
+        cfg, P, xp = self.config, self.params, self._xp()
+        idx_new = self._ids(op, "idx_new", idx_new, None)
+        B, Tn = idx_new.shape
+        if kv_cache is None:
+            kv_cache = self.init_kv_cache(B)
+        if not isinstance(kv_cache, KVCache) or len(kv_cache.k) != cfg.n_layer \
+                or kv_cache.k[0].shape[1:] != (cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head):
+            raise TypeError(f"{op}: argument 'kv_cache' must be a KVCache from this model's init_kv_cache, "
+                            f"got {type(kv_cache).__name__}")
+        if kv_cache.batch != B:
+            raise ValueError(f"{op}: argument 'idx_new' has B = {B} sequences but 'kv_cache' holds {kv_cache.batch}")
+        t0 = kv_cache.length
+        if t0 + Tn > cfg.block_size:                       # crop as nanoGPT does, then recompute everything
+            idx_new = xp.concatenate([kv_cache.tokens[:, :t0], idx_new], axis=1)[:, -cfg.block_size:]
+            t0, Tn = 0, idx_new.shape[1]
+        t1 = t0 + Tn
+        C, NH = cfg.n_embd, cfg.n_head
+        kv_cache.tokens[:, t0:t1] = idx_new
+
+        tok_emb, _ = ops.embedding_forward(idx_new, P["wte"])                          # (B, Tn, C)
+        pos_emb, _ = ops.embedding_forward(xp.arange(t0, t1), P["wpe"])                # (Tn, C)
+        x = tok_emb + pos_emb                                                          # (B, Tn, C)
+        for l in range(cfg.n_layer):
+            h, K, Vc = f"h.{l}.", kv_cache.k[l], kv_cache.v[l]
+            ln1, _ = ops.layernorm_forward(x, P[h + "ln_1.gamma"], self._bias(h + "ln_1.beta"))
+            qkv, _ = ops.linear_forward(ln1, P[h + "attn.W_qkv"], self._bias(h + "attn.b_qkv"))  # (B, Tn, 3C)
+            q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, Tn, NH, C // NH).transpose(0, 2, 1, 3)
+                       for i in range(3))                                              # (B, NH, Tn, hs) each
+            K[:, :, t0:t1] = k
+            Vc[:, :, t0:t1] = v
+            y, _ = ops.attention_forward(q, K[:, :, :t1], Vc[:, :, :t1], causal=True)  # (B, NH, Tn, hs)
+            y = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)                              # (B, Tn, C)
+            a, _ = ops.linear_forward(y, P[h + "attn.W_o"], self._bias(h + "attn.b_o"))
+            x = x + a
+            ln2, _ = ops.layernorm_forward(x, P[h + "ln_2.gamma"], self._bias(h + "ln_2.beta"))
+            m, _ = ops.ffn_forward(ln2, P[h + "mlp.W_1"], self._bias(h + "mlp.b_1"),
+                                   P[h + "mlp.W_2"], self._bias(h + "mlp.b_2"), activation="gelu")
+            x = x + m
+        xf, _ = ops.layernorm_forward(x[:, -1], P["ln_f.gamma"], self._bias("ln_f.beta"))  # (B, C)
+        logits, _ = ops.linear_forward(xf, P["wte"].T, None)                           # (B, V)
+        kv_cache.length = t1
+        return logits, kv_cache

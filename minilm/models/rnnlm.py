@@ -1,0 +1,263 @@
+r"""RNNLM: a character-level recurrent language model (tanh RNN, LSTM or GRU), backward by hand.
+
+Forward (one call per line in ``RNNLM.forward``; ``RNNLM.backward`` is the same list reversed)
+---------------------------------------------------------------------------------------------
+.. math::
+
+    x_0 &= W_{te}[\text{idx}] \\
+    h_l &= \operatorname{cell}_l(x_{l-1}, \text{state}_l), \qquad
+    x_l = \operatorname{dropout}(h_l) \qquad l = 1 \ldots L \\
+    \text{logits} &= x_L W_{head} + b_{head}, \qquad
+    \text{loss} = \operatorname{cross\_entropy}(\text{logits}, \text{targets})
+
+Dropout follows Karpathy's char-rnn: on the output of every recurrent layer, so between layers
+(what PyTorch's ``nn.LSTM(dropout=p)`` does) and also on the last layer's output before the head;
+none on the embeddings.
+
+State and truncated backpropagation through time
+------------------------------------------------
+``forward`` starts from ``state`` (zeros when None) and returns the final state of every layer,
+a tuple with one entry per layer: ``(h,)`` for "rnn" and "gru", ``(h, c)`` for "lstm", each (B, H).
+Passing it to the next batch carries the hidden state across batches; it is detached: the backward
+stops at the start of the batch (the gradient for the initial state is dropped).
+
+Parameters (names of the views in ``RNNLM.params``) and their init, as PyTorch's
+``nn.Embedding``, ``nn.RNN``/``nn.LSTM``/``nn.GRU`` and ``nn.Linear`` (k = 1/√H)
+---------------------------------------------------------------------------------------------
+=======================  =================  ==================
+name                     shape              init
+=======================  =================  ==================
+wte                      (V, n_embd)        N(0, 1)
+rnn.{l}.W_x              (D, G·H)           U(-k, k)
+rnn.{l}.W_h              (H, G·H)           U(-k, k)
+rnn.{l}.b   (rnn, lstm)  (G·H,)             U(-k, k)
+rnn.{l}.b_x, .b_h (gru)  (3H,)              U(-k, k)
+lm_head.W                (H, V)             U(-k, k)
+lm_head.b                (V,)               U(-k, k)
+=======================  =================  ==================
+
+G is the number of gates (1 rnn, 4 lstm [i|f|g|o], 3 gru [r|z|n]), D = n_embd for the first
+layer and H after. PyTorch's RNN and LSTM keep two biases, b_ih and b_hh; their sum is ``b``.
+"""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from minilm import backend, ops
+from minilm.backend import get_array_module
+from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_rng
+from minilm.params import Params
+from minilm.validate import as_numpy_dtype, require_choice, require_positive, require_probability
+
+CELLS = ("rnn", "lstm", "gru")
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+    """The shape of an RNNLM."""
+    vocab_size: int         # V
+    cell: str               # "rnn", "lstm" or "gru"
+    n_layer: int            # L stacked recurrent layers
+    hidden_size: int        # H
+    n_embd: int             # width of the token embedding, the first layer's D
+    dropout: float = 0.0    # probability of dropping, while training
+
+    def __post_init__(self):
+        require_choice("RNNConfig", "cell", self.cell, CELLS)
+        for name in ("vocab_size", "n_layer", "hidden_size", "n_embd"):
+            require_positive("RNNConfig", name, getattr(self, name), int)
+        require_probability("RNNConfig", "dropout", self.dropout)
+
+
+class LayerCache(NamedTuple):
+    rec: object         # the recurrent op's cache
+    drop: object        # the dropout's cache
+
+
+class RNNCache(NamedTuple):
+    wte: object
+    layers: list        # one LayerCache per layer
+    lm_head: object
+    loss: object        # None when forward had no targets
+
+
+class RNNLM:
+    """Embedding, L recurrent layers and a linear head, in one ``Params``."""
+
+    kind = "rnn"
+
+    def __init__(self, config, *, dtype=np.float32, seed=0):
+        if not isinstance(config, RNNConfig):
+            raise TypeError(f"RNNLM: argument 'config' must be an RNNConfig, got {type(config).__name__}")
+        dtype = as_numpy_dtype("RNNLM", "dtype", dtype)
+        if dtype.kind != "f":
+            raise ValueError(f"RNNLM: option 'dtype' must be a floating-point dtype such as float32, got {dtype}")
+        self.config = cfg = config
+        V, H, G = cfg.vocab_size, cfg.hidden_size, GATES[cfg.cell]
+        specs = [("wte", (V, cfg.n_embd))]
+        for l in range(cfg.n_layer):
+            n, D = f"rnn.{l}.", cfg.n_embd if l == 0 else H
+            specs += [(n + "W_x", (D, G * H)), (n + "W_h", (H, G * H))]
+            specs += [(n + "b_x", (G * H,)), (n + "b_h", (G * H,))] if cfg.cell == "gru" else [(n + "b", (G * H,))]
+        specs += [("lm_head.W", (H, V)), ("lm_head.b", (V,))]
+        self.params = Params(specs, dtype=dtype)
+
+        rng = np.random.default_rng(seed)
+        k = 1.0 / math.sqrt(H)
+        for name, view in self.params.values.items():
+            view[...] = rng.standard_normal(view.shape) if name == "wte" else rng.uniform(-k, k, view.shape)
+        self.rng = rng                  # dropout masks when forward gets no rng
+        self.params.to(backend.xp())
+        self._cache = None
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def config_dict(self):
+        return dataclasses.asdict(self.config)
+
+    def n_params(self):
+        return self.params.size
+
+    def _xp(self):
+        return get_array_module(self.params.data)
+
+    def _accumulate(self, name, grad):
+        """grads[name] += grad, in place, into the flat params.grad."""
+        view = self.params.grads[name]
+        view += grad
+
+    def init_state(self, batch):
+        """Zero state for ``batch`` sequences: per layer ``(h,)``, or ``(h, c)`` for an LSTM, each (B, H)."""
+        require_positive("RNNLM.init_state", "batch", batch, int)
+        xp, dtype, H = self._xp(), self.params.data.dtype, self.config.hidden_size
+        n = 2 if self.config.cell == "lstm" else 1
+        return tuple(tuple(xp.zeros((batch, H), dtype=dtype) for _ in range(n)) for _ in range(self.config.n_layer))
+
+    def _check_state(self, op, state, B):
+        if state is None:
+            return self.init_state(B)
+        cfg, n = self.config, 2 if self.config.cell == "lstm" else 1
+        what = "(h, c)" if n == 2 else "(h,)"
+        if not isinstance(state, (tuple, list)) or len(state) != cfg.n_layer \
+                or any(not isinstance(s, (tuple, list)) or len(s) != n for s in state):
+            raise ValueError(f"{op}: argument 'state' must be a tuple of {cfg.n_layer} per-layer tuples {what}, "
+                             "as returned by forward or init_state")
+        for l, s in enumerate(state):
+            for a in s:
+                if not hasattr(a, "shape") or tuple(a.shape) != (B, cfg.hidden_size) \
+                        or a.dtype != self.params.data.dtype:
+                    got = f"shape {tuple(a.shape)} dtype {a.dtype}" if hasattr(a, "shape") else type(a).__name__
+                    raise ValueError(f"{op}: argument 'state' of layer {l} must hold (B, H) = "
+                                     f"({B}, {cfg.hidden_size}) arrays of dtype {self.params.data.dtype}, got {got}")
+        return state
+
+    def _recurrent_forward(self, l, x, state_l):
+        """h, cache, final state of layer l's cell over the sequence x."""
+        P, n = self.params, f"rnn.{l}."
+        if self.config.cell == "lstm":
+            h0, c0 = state_l
+            h, cache = ops.lstm_forward(x, h0, c0, P[n + "W_x"], P[n + "W_h"], P[n + "b"])          # (B, T, H)
+            return h, cache, (cache.h_T, cache.c_T)
+        if self.config.cell == "gru":
+            h, cache = ops.gru_forward(x, state_l[0], P[n + "W_x"], P[n + "W_h"], P[n + "b_x"], P[n + "b_h"])
+            return h, cache, (cache.h_T,)
+        h, cache = ops.rnn_forward(x, state_l[0], P[n + "W_x"], P[n + "W_h"], P[n + "b"])
+        return h, cache, (cache.h_T,)
+
+    def _recurrent_backward(self, l, dh, cache):
+        """dx of layer l's cell; its weight gradients go into params.grads. dh0 (dc0) are dropped:
+        the initial state is detached."""
+        acc, n = self._accumulate, f"rnn.{l}."
+        if self.config.cell == "lstm":
+            dx, _dh0, _dc0, dW_x, dW_h, db = ops.lstm_backward(dh, cache)
+            acc(n + "b", db)
+        elif self.config.cell == "gru":
+            dx, _dh0, dW_x, dW_h, db_x, db_h = ops.gru_backward(dh, cache)
+            acc(n + "b_x", db_x)
+            acc(n + "b_h", db_h)
+        else:
+            dx, _dh0, dW_x, dW_h, db = ops.rnn_backward(dh, cache)
+            acc(n + "b", db)
+        acc(n + "W_x", dW_x)
+        acc(n + "W_h", dW_h)
+        return dx
+
+    # --- training: forward and backward -------------------------------------------------------
+
+    def forward(self, idx, targets=None, *, state=None, train=False, rng=None):
+        """Logits for every position, the loss when ``targets`` are given, and the final state.
+
+        Parameters
+        ----------
+        idx : (B, T) integer array of token ids in [0, V).
+        targets : (B, T) integer array of the next ids (-100 = not counted), or None.
+        state : the state to start from (see ``init_state``), or None for zeros.
+        train : bool, apply dropout with probability ``config.dropout``.
+        rng : numpy Generator or int seed for the dropout masks; default the model's own ``rng``.
+
+        Returns
+        -------
+        (logits (B, T, V), loss (0-d array, or None), new_state). The caches for ``backward`` are
+        kept on the model (``backward`` differentiates the latest forward).
+        """
+        op = "RNNLM.forward"
+        cfg, P = self.config, self.params
+        idx = check_idx(op, "idx", self._xp().asarray(idx), cfg.vocab_size)
+        if targets is not None:
+            targets = check_targets(op, targets, idx, cfg.vocab_size)
+        state = self._check_state(op, state, idx.shape[0])
+        p = cfg.dropout if train else 0.0
+        rng = dropout_rng(op, rng, self.rng)
+
+        x, c_wte = ops.embedding_forward(idx, P["wte"])                                # (B, T, n_embd)
+        layers, new_state = [], []
+        for l in range(cfg.n_layer):
+            h, c_rec, state_l = self._recurrent_forward(l, x, state[l])               # (B, T, H)
+            x, c_drop = ops.dropout_forward(h, p=p, rng=rng)                           # (B, T, H)
+            layers.append(LayerCache(c_rec, c_drop))
+            new_state.append(state_l)
+        logits, c_lm_head = ops.linear_forward(x, P["lm_head.W"], P["lm_head.b"])      # (B, T, V)
+        loss, c_loss = None, None
+        if targets is not None:
+            loss, c_loss = ops.cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX)  # ()
+
+        self._cache = RNNCache(c_wte, layers, c_lm_head, c_loss)
+        return logits, loss, tuple(new_state)
+
+    def backward(self):
+        """Gradient of the latest forward's loss into ``params.grad`` (zeroed first).
+
+        The forward's call list reversed, line by line; dY is the gradient of the loss wrt Y.
+        """
+        c = self._cache
+        if c is None or c.loss is None:
+            raise RuntimeError("RNNLM.backward: call forward(idx, targets) with targets first")
+        acc = self._accumulate
+        self.params.zero_grad()
+
+        dloss = self._xp().ones((), dtype=self.params.data.dtype)                      # dL/dL = 1
+        dlogits, _ = ops.cross_entropy_backward(dloss, c.loss)                         # (B, T, V)
+        dx, dW, db = ops.linear_backward(dlogits, c.lm_head)                           # logits = x @ W + b
+        acc("lm_head.W", dW)
+        acc("lm_head.b", db)
+        for l in reversed(range(self.config.n_layer)):
+            dh, = ops.dropout_backward(dx, c.layers[l].drop)                           # x = dropout(h)
+            dx = self._recurrent_backward(l, dh, c.layers[l].rec)                      # h = cell(x, state)
+        _, dwte = ops.embedding_backward(dx, c.wte)                                    # x = wte[idx]
+        acc("wte", dwte)
+        return self.params.grad
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def forward_step(self, idx_new, state=None):
+        """Logits of the last position after feeding ``idx_new`` (B, Tn) from ``state``.
+
+        Returns (logits (B, V), new_state). Inference only: no dropout. It runs ``forward``, so it
+        replaces the caches kept for ``backward``.
+        """
+        idx_new = check_idx("RNNLM.forward_step", "idx_new", self._xp().asarray(idx_new), self.config.vocab_size)
+        logits, _, state = self.forward(idx_new, state=state)
+        return logits[:, -1], state

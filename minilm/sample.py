@@ -1,0 +1,133 @@
+r"""Sampling text from a model, one token at a time.
+
+Each step turns the logits z of the last position into a distribution and draws one token:
+
+1. ``top_k``: keep the k largest logits (ties with the k-th are kept, as nanoGPT does), the rest
+   get probability 0.
+2. temperature τ: :math:`p = \operatorname{softmax}(z / τ)`; τ = 0 is greedy, p is one-hot at argmax.
+3. ``top_p`` (nucleus): keep the smallest set of most probable tokens whose probabilities sum to
+   at least ``top_p`` (always at least one), renormalise.
+4. Draw :math:`u \sim U[0, 1)` and take the first token whose cumulative probability exceeds
+   :math:`u` (inverse-CDF sampling).
+
+Exactly one random number is drawn per token, whatever the options, with a numpy Generator seeded
+from ``seed``; the cached and the uncached paths therefore produce the same tokens for the same
+seed whenever their logits agree (they agree to rounding; see ``minilm.models``).
+"""
+import numbers
+
+import numpy as np
+
+from minilm.backend import to_numpy
+
+
+def _check_options(V, max_new_tokens, temperature, top_k, top_p, seed):
+    op = "generate"
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"{op}: argument 'max_new_tokens' must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) \
+            or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{op}: option 'temperature' must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
+                              or not 1 <= top_k <= V):
+        raise ValueError(f"{op}: option 'top_k' must be None or an integer in [1, V = {V}], got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"{op}: option 'top_p' must be None or a number in (0, 1], got {top_p!r}")
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"{op}: option 'seed' must be None or an integer >= 0, got {seed!r}")
+
+
+def _check_prompt(prompt_ids, V):
+    try:
+        prompt = np.asarray(prompt_ids)
+    except (TypeError, ValueError):
+        raise TypeError(f"generate: argument 'prompt_ids' must be a sequence of token ids, "
+                        f"got {type(prompt_ids).__name__}") from None
+    if prompt.ndim != 1:
+        raise ValueError(f"generate: argument 'prompt_ids' must be a 1-D sequence of token ids, "
+                         f"got shape {prompt.shape}")
+    if prompt.size == 0:
+        raise ValueError("generate: argument 'prompt_ids' must hold at least one token id, got an empty sequence")
+    if prompt.dtype.kind not in "iu":
+        raise TypeError(f"generate: argument 'prompt_ids' must hold integer token ids, got dtype {prompt.dtype}")
+    if int(prompt.min()) < 0 or int(prompt.max()) >= V:
+        bad = int(prompt.min()) if int(prompt.min()) < 0 else int(prompt.max())
+        raise ValueError(f"generate: argument 'prompt_ids' must hold ids in [0, {V}) (V = {V}), got {bad}")
+    return [int(t) for t in prompt]
+
+
+def next_token_probs(logits, *, temperature=1.0, top_k=None, top_p=None):
+    """The distribution (float64, sums to 1) that the next token is drawn from, given (V,) logits."""
+    z = np.asarray(to_numpy(logits), dtype=np.float64)                  # (V,)
+    if not np.all(np.isfinite(z)):
+        raise ValueError("generate: the model produced non-finite logits (nan or inf)")
+    if top_k is not None:
+        kth = np.partition(z, -top_k)[-top_k]                            # the k-th largest logit
+        z = np.where(z < kth, -np.inf, z)
+    if temperature == 0:
+        probs = np.zeros_like(z)
+        probs[np.argmax(z)] = 1.0                                        # greedy: the first maximum
+        return probs
+    e = np.exp((z - np.max(z)) / temperature)                            # every exponent <= 0
+    probs = e / np.sum(e)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-probs, kind="stable")                        # most probable first
+        sorted_probs = probs[order]
+        mass_before = np.cumsum(sorted_probs) - sorted_probs             # probability of the tokens ahead
+        keep = np.zeros(probs.shape, dtype=bool)
+        keep[order[mass_before < top_p]] = True                          # the first token is always kept
+        probs = np.where(keep, probs, 0.0)
+        probs = probs / np.sum(probs)
+    return probs
+
+
+def sample_token(probs, rng):
+    """Draw one token from ``probs`` with exactly one uniform number from ``rng`` (inverse CDF)."""
+    cdf = np.cumsum(probs)                                               # (V,) non-decreasing
+    u = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
+
+
+def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, seed=None,
+             use_cache=True):
+    """Yield ``max_new_tokens`` sampled token ids (ints) that continue ``prompt_ids``, one at a time.
+
+    Parameters
+    ----------
+    model : a GPT or RNNLM (anything with ``forward``, ``forward_step`` and ``config.vocab_size``).
+    prompt_ids : 1-D sequence of at least one token id in [0, V).
+    max_new_tokens : int >= 0.
+    temperature : float >= 0; 0 is greedy (argmax).
+    top_k : None, or int in [1, V]: sample among the k most likely tokens.
+    top_p : None, or float in (0, 1]: nucleus sampling.
+    seed : None or int >= 0, seeds the numpy Generator (one draw per token).
+    use_cache : bool. True feeds only the new token each step through ``model.forward_step``
+        (a GPT's key/value cache, an RNN's state); False runs the whole context, cropped to the
+        last ``block_size`` tokens for a GPT, through ``model.forward`` every step.
+
+    The options are checked when ``generate`` is called, before the first token is asked for.
+    """
+    V = model.config.vocab_size
+    _check_options(V, max_new_tokens, temperature, top_k, top_p, seed)
+    prompt = _check_prompt(prompt_ids, V)
+    if not isinstance(use_cache, bool):
+        raise ValueError(f"generate: option 'use_cache' must be True or False, got {use_cache!r}")
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return _tokens(model, prompt, max_new_tokens, options, np.random.default_rng(seed), use_cache)
+
+
+def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
+    window = getattr(model.config, "block_size", None)                   # None: a recurrent model
+    tokens = list(tokens)
+    state, new = None, tokens                                            # the first step feeds the prompt
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits, state = model.forward_step(np.asarray([new]), state)  # (1, V)
+        else:
+            context = tokens if window is None else tokens[-window:]
+            logits = model.forward(np.asarray([context]))[0][:, -1]      # (1, V)
+        token = sample_token(next_token_probs(logits[0], **options), rng)
+        tokens.append(token)
+        new = [token]
+        yield token

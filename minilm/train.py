@@ -1,0 +1,246 @@
+"""`minilm train`: the training loop, one flat function you can read top to bottom.
+
+    minilm train --preset shakespeare-char-cpu --data shakespeare --out out/shakespeare
+
+writes into ``--out``: ``last.npz`` and ``best.npz`` (checkpoints, written atomically),
+``metrics.jsonl`` (one JSON object per evaluation) and ``loss.png`` (when matplotlib is
+installed). ``--resume`` continues from ``last.npz`` so that it computes exactly the losses
+the uninterrupted run would have; Ctrl-C saves ``last.npz`` before exiting.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+
+from minilm import backend, checkpoint, config, optim
+from minilm.data import CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_text, split
+from minilm.models import build_model, model_meta
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(params, cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return optim.Adam(params, cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "sgd":
+        return optim.SGD(params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return optim.RMSprop(params, cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum)
+
+
+def make_schedule(cfg):
+    if cfg.schedule == "constant":
+        return optim.Constant(cfg.lr)
+    if cfg.schedule == "step":
+        return optim.Step(cfg.lr, cfg.lr_step_size, cfg.lr_gamma)
+    return optim.WarmupCosine(cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule_length())
+
+
+def model_settings(cfg, vocab_size):
+    """The model kind and the config dict ``build_model`` takes, from a TrainConfig."""
+    if cfg.model == "gpt":
+        return "gpt", dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    return "rnn", dict(vocab_size=vocab_size, cell=cfg.model, n_layer=cfg.n_layer,
+                       hidden_size=cfg.hidden_size, n_embd=cfg.n_embd, dropout=cfg.dropout)
+
+
+def estimate_loss(model, batches):
+    """Mean loss over a fixed list of batches (the same batches at every evaluation)."""
+    return float(np.mean([float(model.forward(backend.to_backend(x), backend.to_backend(y))[1]) for x, y in batches]))
+
+
+def _save(path, model, optimizer, meta):
+    checkpoint.save(path, params=backend.to_numpy(model.params.data), optimizer_state=optimizer.state_dict(),
+                    meta=meta)
+
+
+def _plot(metrics_path, png_path):
+    """A loss-curve PNG from metrics.jsonl, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train")
+    ax.plot([r["iter"] for r in rows], [r["val_loss"] for r in rows], label="validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats per character)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop at the end of the current iteration."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:                       # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
+    """Train a model as ``cfg`` says on the text ``data``; write checkpoints and metrics to ``out_dir``.
+
+    Returns a dict with the final iteration, the last evaluation and whether it stopped early
+    or was interrupted.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    text, source = load_text(data)
+
+    saved = None
+    if resume:
+        saved = checkpoint.load(last_path)
+        saved_cfg = config.TrainConfig(**saved.meta["train_config"])
+        # only the length of the run may change on resume; everything else is the saved run's
+        cfg = dataclasses.replace(saved_cfg, max_iters=cfg.max_iters, eval_interval=cfg.eval_interval,
+                                  patience=cfg.patience)
+        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
+    else:
+        tokenizer = CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text)
+    train_ids, val_ids = split(ids, 0.9)
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if len(part) < cfg.block_size + 1:
+            raise ValueError(f"minilm train: the {name} split of --data {data!r} has {len(part)} characters, "
+                             f"fewer than one block (--block-size {cfg.block_size} + 1)")
+
+    if cfg.dtype not in ("float32", "float64") and backend.current() != "cupy":
+        raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
+                         f"on a CPU use float32 or float64")
+    dtype = np.dtype(cfg.dtype)
+    kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
+    model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
+    optimizer = make_optimizer(cfg, model.params)
+    schedule = make_schedule(cfg)
+    recurrent = kind == "rnn"
+    if recurrent and cfg.batching == "contiguous":
+        batches = ContiguousBatches(train_ids, cfg.block_size, cfg.batch_size)
+    else:
+        batches = RandomBatches(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed)
+    dropout_rng = np.random.default_rng(cfg.seed + 1)
+    eval_batches = {"train": evaluation_batches(train_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 2),
+                    "val": evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 3)}
+    stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
+    it, best_val, state, last_eval_iter = 0, math.inf, None, None
+
+    if saved is not None:
+        checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
+        model.params.load(saved.params)
+        optimizer.load_state_dict(saved.optimizer_state)
+        batches.load_state_dict(saved.meta["batches"])
+        dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
+        it, best_val = saved.meta["iter"], saved.meta["best_val_loss"]
+        last_eval_iter = saved.meta["last_eval_iter"]
+        if stopper is not None and saved.meta.get("early_stopping"):
+            stopper.load_state_dict(saved.meta["early_stopping"])
+        if saved.meta.get("rnn_state") is not None:
+            state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
+                     for layer in saved.meta["rnn_state"]]
+        log(f"resuming {last_path} at iteration {it}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)              # a fresh run starts a fresh metrics file
+
+    def meta():
+        return {
+            "model": model_meta(model),
+            "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.to_dict(), "iter": it,
+            "best_val_loss": best_val, "batches": batches.state_dict(), "dropout_rng": dropout_rng.bit_generator.state,
+            "early_stopping": stopper.state_dict() if stopper else None, "backend": backend.current(),
+            "dtype": cfg.dtype, "data": data, "last_eval_iter": last_eval_iter,
+            "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
+        }
+
+    log(f"{kind} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "
+        f"{len(train_ids):,} training / {len(val_ids):,} validation characters from {source}, "
+        f"backend {backend.current()}, {cfg.dtype}")
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
+    train_time, train_tokens, start = 0.0, 0, time.perf_counter()
+    result = {"stopped_early": False, "interrupted": False, "last_eval": None}
+    tokens_per_step = cfg.batch_size * cfg.block_size
+
+    with _StopRequest() as stop:
+        while True:
+            # evaluate at every eval_interval and at the end (not again right after resuming there)
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter:
+                train_loss = estimate_loss(model, eval_batches["train"])
+                val_loss = estimate_loss(model, eval_batches["val"])
+                row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
+                       "tokens_per_s": train_tokens / train_time if train_time else None,
+                       "elapsed_s": time.perf_counter() - start}
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                train_time, train_tokens = 0.0, 0
+                bar.write(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                result["last_eval"] = row
+                improved = val_loss < best_val
+                best_val = min(best_val, val_loss)
+                last_eval_iter = it
+                if improved:
+                    _save(best_path, model, optimizer, meta())
+                _save(last_path, model, optimizer, meta())
+                _plot(metrics_path, os.path.join(out_dir, "loss.png"))
+                if stopper is not None and stopper.update(val_loss):
+                    bar.write(f"stopping early: no improvement in {cfg.patience} evaluations")
+                    result["stopped_early"] = True
+                    break
+            if it >= cfg.max_iters:
+                break
+            if stop.requested:
+                _save(last_path, model, optimizer, meta())
+                bar.write(f"interrupted: saved iteration {it} to {last_path}; continue with --resume")
+                result["interrupted"] = True
+                break
+
+            # one training step: batch, forward, backward, clip, update
+            t0 = time.perf_counter()
+            if isinstance(batches, ContiguousBatches):
+                x, y, reset = batches.next_batch()
+                state = None if reset else state
+            else:
+                x, y = batches.next_batch()
+            x, y = backend.to_backend(x), backend.to_backend(y)
+            lr = schedule(it)
+            if recurrent:
+                _, loss, state = model.forward(x, y, state=state if cfg.batching == "contiguous" else None,
+                                               train=True, rng=dropout_rng)
+            else:
+                _, loss = model.forward(x, y, train=True, rng=dropout_rng)
+            model.backward()
+            if cfg.grad_clip:
+                optim.clip_grad_norm(model.params, cfg.grad_clip)
+            optimizer.step(lr)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"minilm train: the training loss became {loss} at iteration {it}; "
+                                         f"try a smaller --lr (now {cfg.lr})")
+            it += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            train_tokens += tokens_per_step
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update(1)
+    bar.close()
+    result["iter"] = it
+    return result

@@ -1,0 +1,167 @@
+"""Sampling: the distribution each option gives, one draw per token, cached == uncached tokens
+(past block_size too), greedy determinism, and bad options."""
+import types
+
+import numpy as np
+import pytest
+
+import minilm
+from minilm import backend
+from minilm.models import GPT, RNNLM, GPTConfig, RNNConfig
+from minilm.sample import generate, next_token_probs, sample_token
+
+# probabilities computed in float64 from logits written as log(p): exp(log(p)) returns p to a few ulps
+PROB_TOL = 1e-12
+
+V = 7
+GPT_TINY = dict(vocab_size=V, block_size=6, n_layer=2, n_head=2, n_embd=8)
+RNN_TINY = dict(vocab_size=V, n_layer=2, hidden_size=6, n_embd=5)
+OPTIONS = [dict(), dict(temperature=0.7), dict(top_k=3), dict(top_p=0.8), dict(temperature=1.5, top_k=5, top_p=0.9)]
+
+
+@pytest.fixture(autouse=True)
+def numpy_backend():
+    previous = backend.current()
+    minilm.use("numpy")
+    yield
+    minilm.use(previous)
+
+
+def gpt(dtype=np.float64):
+    model = GPT(GPTConfig(**GPT_TINY), dtype=dtype, seed=1)
+    model.params.data[...] += np.random.default_rng(0).normal(0, 0.3, model.params.size)  # sharper logits
+    return model
+
+
+def rnn(cell="lstm"):
+    return RNNLM(RNNConfig(**RNN_TINY, cell=cell), dtype=np.float64, seed=2)
+
+
+# --- the distribution ------------------------------------------------------------------------------
+
+P = np.array([0.05, 0.5, 0.15, 0.3])
+LOGITS = np.log(P)
+
+
+def test_plain_sampling_is_the_softmax():
+    assert np.allclose(next_token_probs(LOGITS), P, rtol=0, atol=PROB_TOL)
+    assert np.allclose(next_token_probs(LOGITS + 100.0), P, rtol=0, atol=PROB_TOL)      # shift-invariant
+
+
+def test_temperature_sharpens_and_zero_is_argmax():
+    assert np.allclose(next_token_probs(LOGITS, temperature=0.5), P ** 2 / np.sum(P ** 2), rtol=0, atol=PROB_TOL)
+    assert np.array_equal(next_token_probs(LOGITS, temperature=0), [0, 1, 0, 0])
+    assert np.array_equal(next_token_probs(LOGITS, temperature=1e-300), [0, 1, 0, 0])  # no overflow to nan
+
+
+def test_top_k_keeps_the_k_largest():
+    assert np.allclose(next_token_probs(LOGITS, top_k=2), [0, 0.5 / 0.8, 0, 0.3 / 0.8], rtol=0, atol=PROB_TOL)
+    assert np.array_equal(next_token_probs(LOGITS, top_k=1), [0, 1, 0, 0])
+    assert np.allclose(next_token_probs(LOGITS, top_k=4), P, rtol=0, atol=PROB_TOL)
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.1, [1]), (0.5, [1]), (0.75, [1, 3]), (0.9, [1, 3, 2]),
+                                         (0.97, [1, 3, 2, 0]), (1.0, [1, 3, 2, 0])])
+def test_top_p_keeps_the_smallest_set_reaching_top_p(top_p, kept):
+    expected = np.zeros_like(P)
+    expected[kept] = P[kept] / P[kept].sum()
+    assert np.allclose(next_token_probs(LOGITS, top_p=top_p), expected, rtol=0, atol=PROB_TOL)
+
+
+def test_sample_token_is_the_inverse_cdf_with_one_draw():
+    probs = np.array([0.0, 0.25, 0.0, 0.75])
+    draws = []
+
+    def fixed(u):
+        return types.SimpleNamespace(random=lambda: draws.append(u) or u)
+
+    assert [sample_token(probs, fixed(u)) for u in (0.0, 0.2, 0.25, 0.9, 0.999999)] == [1, 1, 3, 3, 3]
+    assert len(draws) == 5                                          # exactly one number per token
+    rng = np.random.default_rng(0)
+    counts = np.bincount([sample_token(probs, rng) for _ in range(4000)], minlength=4)
+    assert counts[0] == counts[2] == 0
+    assert abs(counts[1] / 4000 - 0.25) < 0.03                      # ~4.4 standard deviations
+
+
+def test_non_finite_logits_are_an_error():
+    with pytest.raises(ValueError, match="non-finite logits"):
+        next_token_probs(np.array([0.0, np.nan]))
+
+
+# --- generate ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_gpt_cached_and_uncached_sampling_give_the_same_tokens(options):
+    model = gpt()
+    # 3-token prompt + 15 tokens: well past block_size = 6, so both paths crop
+    cached = list(generate(model, [1, 2, 3], 15, seed=11, **options))
+    uncached = list(generate(model, [1, 2, 3], 15, seed=11, use_cache=False, **options))
+    assert cached == uncached
+    assert len(cached) == 15 and all(isinstance(t, int) and 0 <= t < V for t in cached)
+
+
+def test_gpt_prompt_longer_than_block_size():
+    model = gpt()
+    prompt = [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    assert list(generate(model, prompt, 8, seed=3)) == list(generate(model, prompt, 8, seed=3, use_cache=False))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("options", OPTIONS[::2])
+def test_rnn_cached_and_uncached_sampling_give_the_same_tokens(cell, options):
+    model = rnn(cell)
+    cached = list(generate(model, [4, 0], 12, seed=5, **options))
+    assert cached == list(generate(model, [4, 0], 12, seed=5, use_cache=False, **options))
+
+
+@pytest.mark.parametrize("make", [gpt, rnn])
+def test_greedy_is_deterministic_and_equals_top_k_1(make):
+    model = make()
+    greedy = list(generate(model, [2], 10, temperature=0, seed=1))
+    assert greedy == list(generate(model, [2], 10, temperature=0, seed=2))
+    assert greedy == list(generate(model, [2], 10, temperature=0, seed=None, use_cache=False))
+    assert greedy == list(generate(model, [2], 10, top_k=1, seed=3))
+    # greedy by hand: the argmax of the full forward's last position, appended one at a time
+    tokens = [2]
+    for _ in range(10):
+        logits = model.forward(np.asarray([tokens[-GPT_TINY["block_size"]:] if make is gpt else tokens]))[0]
+        tokens.append(int(np.argmax(logits[0, -1])))
+    assert greedy == tokens[1:]
+
+
+def test_same_seed_same_tokens_and_streaming():
+    model = gpt()
+    assert list(generate(model, [1], 10, seed=7)) == list(generate(model, [1], 10, seed=7))
+    stream = generate(model, [1], 3, seed=7)
+    assert next(stream) == list(generate(model, [1], 1, seed=7))[0]   # tokens come one at a time
+    assert list(generate(model, [1], 0)) == []
+
+
+def test_float32_model_samples():
+    tokens = list(generate(gpt(np.float32), np.array([1, 2], dtype=np.int32), 8, seed=0, top_p=0.9))
+    assert len(tokens) == 8 and all(0 <= t < V for t in tokens)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=-0.5), ValueError, "'temperature' must be a finite number >= 0"),
+    (dict(temperature=float("inf")), ValueError, "'temperature'"),
+    (dict(top_k=0), ValueError, r"'top_k' must be None or an integer in \[1, V = 7\]"),
+    (dict(top_k=8), ValueError, "'top_k'"),
+    (dict(top_k=2.0), ValueError, "'top_k'"),
+    (dict(top_p=0.0), ValueError, r"'top_p' must be None or a number in \(0, 1\]"),
+    (dict(top_p=1.5), ValueError, "'top_p'"),
+    (dict(max_new_tokens=-1), ValueError, "'max_new_tokens' must be an integer >= 0"),
+    (dict(max_new_tokens=2.5), ValueError, "'max_new_tokens'"),
+    (dict(prompt_ids=[]), ValueError, "'prompt_ids' must hold at least one token id"),
+    (dict(prompt_ids=[1, 7]), ValueError, r"'prompt_ids' must hold ids in \[0, 7\).*got 7"),
+    (dict(prompt_ids=[[1, 2]]), ValueError, "'prompt_ids' must be a 1-D sequence"),
+    (dict(prompt_ids=[1.5]), TypeError, "'prompt_ids' must hold integer token ids"),
+    (dict(seed=-1), ValueError, "'seed'"),
+    (dict(use_cache="yes"), ValueError, "'use_cache'"),
+])
+def test_generate_rejects_bad_options_when_called(kwargs, error, match):
+    model = gpt()
+    args = dict(prompt_ids=[1, 2], max_new_tokens=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        generate(model, args.pop("prompt_ids"), args.pop("max_new_tokens"), **args)   # before any next()
