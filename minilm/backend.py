@@ -87,6 +87,19 @@ def op(name):
     raise AttributeError(f"minilm: no op called {name!r}")
 
 
+def kernel(name, reference):
+    """A specialised tier's ``name`` (e.g. a Numba 'adamw_update') if the active backend has one, else ``reference``.
+
+    For functions outside the op table, such as the optimizer updates in ``minilm.optim``.
+    """
+    current()
+    for tier in _tiers[:-1]:
+        fn = getattr(tier, name, None)
+        if fn is not None:
+            return fn
+    return reference
+
+
 def xp():
     """The array module of the active backend: numpy, or cupy."""
     if current() == "cupy":

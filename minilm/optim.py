@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 
+from minilm import backend
 from minilm.backend import get_array_module, to_numpy
 from minilm.validate import require_positive, require_probability
 
@@ -232,7 +233,8 @@ class SGD(Optimizer):
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
     def _update(self, lr):
-        sgd_update(self.params.data, self.params.grad, self.momentum_buffer, lr=lr, momentum=self.momentum,
+        update = backend.kernel("sgd_update", sgd_update)       # a Numba/CuPy kernel where the backend has one
+        update(self.params.data, self.params.grad, self.momentum_buffer, lr=lr, momentum=self.momentum,
                    nesterov=self.nesterov, weight_decay=self.weight_decay)
 
 
@@ -259,7 +261,8 @@ class AdamW(Optimizer):
         return {"lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps, "weight_decay": self.weight_decay}
 
     def _update(self, lr):
-        adamw_update(self.params.data, self.params.grad, self.m, self.v, lr=lr, beta1=self.beta1, beta2=self.beta2,
+        update = backend.kernel("adamw_update", adamw_update)
+        update(self.params.data, self.params.grad, self.m, self.v, lr=lr, beta1=self.beta1, beta2=self.beta2,
                      eps=self.eps, weight_decay=self.weight_decay, decay_mask=self.decay_mask, step=self.steps)
 
 
@@ -294,7 +297,8 @@ class RMSprop(Optimizer):
         return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps, "momentum": self.momentum}
 
     def _update(self, lr):
-        rmsprop_update(self.params.data, self.params.grad, self.square_avg, self.momentum_buffer,
+        update = backend.kernel("rmsprop_update", rmsprop_update)
+        update(self.params.data, self.params.grad, self.square_avg, self.momentum_buffer,
                        lr=lr, alpha=self.alpha, eps=self.eps, momentum=self.momentum)
 
 

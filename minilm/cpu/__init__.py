@@ -1,5 +1,24 @@
-"""Numba-JIT CPU kernels, one file per layer family, each matching a function of ``minilm.reference``.
+"""Numba-JIT CPU kernels, one file per layer family, each matching a function of the reference tier.
 
 A name defined here replaces the reference function of the same name when the ``numba``
-backend is active; every other op runs the reference code.
+backend is active; every other op runs the reference code. Each family file lists what it
+replaces in its ``__all__``; this package gathers those names from every file beside it.
+Kernels are compiled on first use and cached on disk (``cache=True``; ``NUMBA_CACHE_DIR``
+chooses where), so only the first run pays the compile time.
 """
+import importlib
+import pkgutil
+
+
+def _gather():
+    names = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for name in getattr(module, "__all__", ()):
+            names[name] = getattr(module, name)
+    return names
+
+
+globals().update(_gather())
