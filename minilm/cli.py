@@ -86,7 +86,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        backend.use(args.backend or backend.default_backend())
+        backend.use(getattr(args, "backend", None) or backend.default_backend())
     except (RuntimeError, ValueError) as e:
         parser.error(str(e))
     try:
