@@ -27,7 +27,8 @@ def build_parser():
 
     from minilm import config
     p = sub.add_parser("train", help="train a model; every model and optimiser setting is an option")
-    p.add_argument("--preset", default="shakespeare-char-cpu", choices=list(config.PRESETS))
+    p.add_argument("--preset", default="shakespeare-char-cpu", choices=list(config.PRESETS),
+                   help="the settings to start from (with --resume: the saved run's)")
     p.add_argument("--data", default="shakespeare",
                    help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once) or a UTF-8 text file")
     p.add_argument("--out", default="out", help="folder for checkpoints, metrics.jsonl and loss.png")
@@ -62,7 +63,9 @@ def build_parser():
 
 def _train(args):
     from minilm import config, train
-    cfg = config.from_args(args, config.preset(args.preset))
+    # a resumed run starts from its own saved settings; options given now override them
+    base = train.saved_config(args.out) if args.resume else config.preset(args.preset)
+    cfg = config.from_args(args, base)
     result = train.train(cfg, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     return 130 if result["interrupted"] else 0
 

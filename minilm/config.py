@@ -3,6 +3,7 @@
 Every field of ``TrainConfig`` is an option of ``minilm train`` (``n_layer`` -> ``--n-layer``);
 a preset fills in the fields, and options given on the command line override it.
 """
+import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 
@@ -118,7 +119,7 @@ def _parse_bool(text):
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def add_options(parser):

@@ -97,8 +97,17 @@ class _StopRequest:
         signal.signal(signal.SIGINT, self._previous)
 
 
+def saved_config(out_dir):
+    """The TrainConfig of the run saved in ``out_dir/last.npz`` (what ``--resume`` starts from)."""
+    saved = checkpoint.load(os.path.join(out_dir, "last.npz"))
+    return config.TrainConfig(**saved.meta["train_config"])
+
+
 def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
     """Train a model as ``cfg`` says on the text ``data``; write checkpoints and metrics to ``out_dir``.
+
+    With ``resume``, the model, optimiser, data order and random states come from
+    ``out_dir/last.npz``; ``cfg`` must describe the same model (start from ``saved_config``).
 
     Returns a dict with the final iteration, the last evaluation and whether it stopped early
     or was interrupted.
@@ -108,13 +117,8 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     text, source = load_text(data)
 
-    saved = None
-    if resume:
-        saved = checkpoint.load(last_path)
-        saved_cfg = config.TrainConfig(**saved.meta["train_config"])
-        # only the length of the run may change on resume; everything else is the saved run's
-        cfg = dataclasses.replace(saved_cfg, max_iters=cfg.max_iters, eval_interval=cfg.eval_interval,
-                                  patience=cfg.patience)
+    saved = checkpoint.load(last_path) if resume else None
+    if saved is not None:
         tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
     else:
         tokenizer = CharTokenizer.from_text(text)

@@ -1,0 +1,237 @@
+"""End to end: `minilm train`, resume, Ctrl-C, `minilm eval`, `minilm sample`, and their bad input."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import minilm
+from minilm import checkpoint, cli, train
+
+# a tiny model and run, so each training takes a fraction of a second on the numpy backend
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--hidden-size", "16", "--block-size", "16",
+        "--batch-size", "4", "--eval-interval", "4", "--eval-iters", "2", "--warmup-iters", "2",
+        "--lr-decay-iters", "12", "--backend", "numpy", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def numpy_backend():
+    before = minilm.current()
+    minilm.use("numpy")
+    yield
+    minilm.use(before)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
+    text = " ".join(rng.choice(words, 1500)) + "\n"
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _train(corpus, out, *extra):
+    return cli.main(["train", "--data", corpus, "--out", str(out), *TINY, *extra])
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _losses(rows):
+    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in rows}
+
+
+def test_train_writes_checkpoints_and_metrics(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "12") == 0
+    rows = _metrics(out)
+    assert [r["iter"] for r in rows] == [0, 4, 8, 12]
+    for r in rows:
+        assert {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"} <= set(r)
+    assert rows[0]["tokens_per_s"] is None and all(r["tokens_per_s"] > 0 for r in rows[1:])
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]          # it learned something
+    best, last = checkpoint.load(out / "best.npz"), checkpoint.load(out / "last.npz")
+    assert last.meta["iter"] == 12
+    assert best.meta["best_val_loss"] == min(r["val_loss"] for r in rows)
+
+
+@pytest.mark.parametrize("model_options", [
+    ["--model", "gpt", "--dropout", "0.1"],                      # dropout exercises the saved RNG state
+    ["--model", "lstm", "--batching", "contiguous", "--n-layer", "2"],   # carried hidden state
+    ["--model", "gru", "--optimizer", "rmsprop", "--schedule", "step", "--lr-step-size", "5"],
+])
+def test_resumed_run_computes_the_same_losses(corpus, tmp_path, model_options):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(corpus, straight, "--max-iters", "12", *model_options) == 0
+    assert _train(corpus, split, "--max-iters", "6", *model_options) == 0
+    assert cli.main(["train", "--data", corpus, "--out", str(split), "--resume", "--max-iters", "12",
+                     "--backend", "numpy", "--no-progress"]) == 0
+    a, b = _losses(_metrics(straight)), _losses(_metrics(split))
+    assert set(b) == {0, 4, 6, 8, 12}                            # 6 is where the first part stopped
+    for it in (0, 4, 8, 12):
+        assert a[it] == b[it], f"iteration {it}: {a[it]} vs {b[it]}"   # bit for bit
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(corpus, tmp_path, monkeypatch):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert _train(corpus, straight, "--max-iters", "12") == 0
+
+    real_clip, calls = train.optim.clip_grad_norm, []
+
+    def clip_then_interrupt(params, max_norm):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGINT)                  # Ctrl-C in the middle of step 7
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_interrupt)
+    assert _train(corpus, interrupted, "--max-iters", "12") == 130
+    assert checkpoint.load(interrupted / "last.npz").meta["iter"] == 7   # step 7 finished, then saved
+    monkeypatch.setattr(train.optim, "clip_grad_norm", real_clip)
+    assert cli.main(["train", "--data", corpus, "--out", str(interrupted), "--resume",
+                     "--backend", "numpy", "--no-progress"]) == 0
+    assert _losses(_metrics(straight)) == _losses(_metrics(interrupted))
+
+
+def test_early_stopping(corpus, tmp_path):
+    # with lr 1e-6 nothing improves by more than noise, so patience 1 stops at the second evaluation
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "40", "--lr", "1e-9", "--min-lr", "1e-9", "--patience", "1") == 0
+    assert len(_metrics(out)) < 11
+
+
+def test_eval_and_sample(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "8") == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out / "best.npz"), "--backend", "numpy"]) == 0
+    text = capsys.readouterr().out
+    loss = float(text.split("loss ")[1].split()[0])
+    perplexity = float(text.split("perplexity ")[1].split(",")[0])
+    bits = float(text.split("nats/char, perplexity")[1].split(", ")[1].split()[0])
+    assert perplexity == pytest.approx(np.exp(loss), rel=1e-3)   # printed to 4 decimals
+    assert bits == pytest.approx(loss / np.log(2), rel=1e-3)
+    assert cli.main(["sample", "--checkpoint", str(out / "best.npz"), "--prompt", "to be", "--max-new-tokens", "30",
+                     "--seed", "1", "--backend", "numpy"]) == 0
+    sampled = capsys.readouterr().out
+    assert sampled.startswith("to be") and len(sampled) == len("to be") + 30 + 1
+
+
+def test_evaluate_scores_every_character_once(corpus):
+    from minilm.evaluate import evaluate
+
+    class Uniform:
+        def forward(self, x, y):
+            self.seen = getattr(self, "seen", 0) + y.size
+            return None, np.float64(np.log(5.0))
+
+    model = Uniform()
+    ids = np.arange(103) % 5
+    result = evaluate(model, ids, block_size=16, batch_size=3)
+    assert result["characters"] == 102 == model.seen
+    assert result["perplexity"] == pytest.approx(5.0)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _error(capsys, argv):
+    assert cli.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_empty_corpus(tmp_path, capsys):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    err = _error(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "o"), *TINY])
+    assert "empty" in err and str(path) in err
+
+
+def test_undecodable_corpus(tmp_path, capsys):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"hello \xff\xfe world" * 10)
+    err = _error(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "o"), *TINY])
+    assert "UTF-8" in err and str(path) in err
+
+
+def test_corpus_shorter_than_a_block(tmp_path, capsys):
+    path = tmp_path / "short.txt"
+    path.write_text("abcdefghij" * 10)                           # its validation split has 10 characters
+    err = _error(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "o"), *TINY])
+    assert "fewer than one block" in err and "--block-size 16" in err
+
+
+def test_missing_corpus(tmp_path, capsys):
+    err = _error(capsys, ["train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), *TINY])
+    assert "nope.txt" in err
+
+
+def test_unknown_preset_and_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--preset", "shakespeare-huge"])
+    assert e.value.code == 2 and "invalid choice: 'shakespeare-huge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--n-layers", "3"])
+    assert e.value.code == 2 and "unrecognized arguments: --n-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--optimizer", "lion"])
+    assert "invalid choice: 'lion'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "0", "'--lr' must be > 0"),
+    ("--dropout", "1.0", "'--dropout' must be in [0, 1)"),
+    ("--n-embd", "30", "'--n-embd' (30) must be divisible by '--n-head' (4)"),
+    ("--min-lr", "1", "'--min-lr' (1.0) must not exceed '--lr'"),
+    ("--beta2", "1.5", "'--beta2' must be in [0, 1)"),
+    ("--bias", "maybe", "expected true or false"),
+])
+def test_bad_option_values(option, value, message, tmp_path, capsys):
+    argv = ["train", "--n-head", "4", option, value, "--out", str(tmp_path / "o")]
+    try:
+        status = cli.main(argv)
+    except SystemExit as e:                                      # argparse rejects what it can parse
+        status = e.code
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()                         # nothing started
+
+
+def test_low_precision_needs_the_gpu(corpus, tmp_path, capsys):
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "o"), *TINY, "--dtype", "float16"])
+    assert "'--dtype' float16 needs the cupy backend" in err
+
+
+def test_missing_truncated_and_foreign_checkpoints(corpus, tmp_path, capsys):
+    err = _error(capsys, ["eval", "--checkpoint", str(tmp_path / "nope.npz"), "--backend", "numpy"])
+    assert "nope.npz" in err and "does not exist" in err
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    raw = (out / "last.npz").read_bytes()
+    (tmp_path / "half.npz").write_bytes(raw[: len(raw) // 2])
+    err = _error(capsys, ["sample", "--checkpoint", str(tmp_path / "half.npz"), "--backend", "numpy"])
+    assert "truncated" in err
+    (tmp_path / "notes.npz").write_text("not a checkpoint")
+    assert "not a minilm checkpoint" in _error(capsys, ["eval", "--checkpoint", str(tmp_path / "notes.npz")])
+    # resuming with a different model is refused, naming the setting
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), "--resume", "--n-layer", "2",
+                          "--backend", "numpy", "--no-progress"])
+    assert "n_layer" in err
+    assert checkpoint.load(out / "last.npz").meta["iter"] == 4     # the saved run is untouched
+
+
+def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "empty"), "--resume", *TINY])
+    assert "last.npz" in err and "does not exist" in err
+
+
+def test_prompt_outside_the_vocabulary(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    capsys.readouterr()
+    err = _error(capsys, ["sample", "--checkpoint", str(out / "last.npz"), "--prompt", "ZEBRA", "--backend", "numpy"])
+    assert "'Z'" in err and "vocabulary" in err
