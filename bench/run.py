@@ -16,7 +16,11 @@ TRAIN_PRESETS = ("shakespeare-char-cpu", "shakespeare-lstm", "shakespeare-gru")
 
 
 def add_options(p):
-    p.add_argument("--what", choices=("train", "sample", "ops", "all"), default="all")
+    p.add_argument("--what", choices=("train", "sample", "ops", "all", "converge"), default="all",
+                   help="'all' is train, sample and ops; 'converge' (long) times training to --target")
+    p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach")
+    p.add_argument("--converge-preset", default="shakespeare-char-cpu", help="converge: the preset to train")
+    p.add_argument("--data", default="shakespeare", help="converge: the corpus")
     p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), metavar="PRESET")
     p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
                    help="default: numpy and numba (and cupy when a GPU is present)")
@@ -96,6 +100,10 @@ def benchmark(args, out=print):
     if args.what in ("ops", "all"):
         from minilm.bench import ops as op_bench
         results["ops"] = op_bench.run(backends, threads=args.threads, out=out)
+    if args.what == "converge":
+        from minilm.bench import converge
+        results["converge"] = converge.run(args.converge_preset, args.data, backends=backends, threads=args.threads,
+                                           target=args.target, torch_peer=torch, out=out)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

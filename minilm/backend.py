@@ -10,8 +10,11 @@ Choose with ``minilm.use(name)``, the environment variable ``MINILM_BACKEND``, o
 ``--backend`` on every command. The default is ``numba`` when Numba imports, else ``numpy``.
 Asking for a backend that cannot run here is an error naming what is missing.
 """
+import contextlib
 import importlib
 import os
+import sys
+import threading
 
 import numpy as np
 
@@ -125,3 +128,24 @@ def to_numpy(a):
 def to_backend(a):
     """``a`` as an array of the active backend."""
     return xp().asarray(a)
+
+
+@contextlib.contextmanager
+def compile_notice(seconds=2.0, stream=None):
+    """Around a first call: if it takes longer than ``seconds`` on the numba backend, say it is compiling.
+
+    Numba compiles each kernel on first use and caches it on disk, so a cold first run spends
+    its first step compiling; this says so instead of looking hung. A warm cache prints nothing.
+    """
+    if current() != "numba":
+        yield
+        return
+    stream = stream or sys.stderr
+    timer = threading.Timer(seconds, lambda: print(
+        "numba: compiling kernels on first use (cached on disk; later runs start at once)...", file=stream, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

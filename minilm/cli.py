@@ -3,6 +3,7 @@
 Every subcommand takes ``--backend numpy|numba|cupy``.
 """
 import argparse
+import itertools
 import sys
 
 from minilm import backend
@@ -77,8 +78,11 @@ def _sample(args, out=None):
     model, tokenizer, _ = load_model(args.checkpoint)
     prompt = tokenizer.encode(args.prompt)
     out.write(args.prompt)
-    for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache):
+    tokens = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
+    with backend.compile_notice():                 # the first token compiles the kernels on a cold cache
+        first = list(itertools.islice(tokens, 1))
+    for token in itertools.chain(first, tokens):
         out.write(tokenizer.decode([token]))
         out.flush()
     out.write("\n")

@@ -7,6 +7,7 @@ writes into ``--out``: ``last.npz`` and ``best.npz`` (checkpoints, written atomi
 installed). ``--resume`` continues from ``last.npz`` so that it computes exactly the losses
 the uninterrupted run would have; Ctrl-C saves ``last.npz`` before exiting.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -183,6 +184,7 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
     train_time, train_tokens, start = 0.0, 0, time.perf_counter()
     result = {"stopped_early": False, "interrupted": False, "last_eval": None}
     tokens_per_step = cfg.batch_size * cfg.block_size
+    first_step = True
 
     with _StopRequest() as stop:
         while True:
@@ -226,15 +228,17 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
                 x, y = batches.next_batch()
             x, y = backend.to_backend(x), backend.to_backend(y)
             lr = schedule(it)
-            if recurrent:
-                _, loss, state = model.forward(x, y, state=state if cfg.batching == "contiguous" else None,
-                                               train=True, rng=dropout_rng)
-            else:
-                _, loss = model.forward(x, y, train=True, rng=dropout_rng)
-            model.backward()
-            if cfg.grad_clip:
-                optim.clip_grad_norm(model.params, cfg.grad_clip)
-            optimizer.step(lr)
+            with backend.compile_notice() if first_step else contextlib.nullcontext():
+                if recurrent:
+                    _, loss, state = model.forward(x, y, state=state if cfg.batching == "contiguous" else None,
+                                                   train=True, rng=dropout_rng)
+                else:
+                    _, loss = model.forward(x, y, train=True, rng=dropout_rng)
+                model.backward()
+                if cfg.grad_clip:
+                    optim.clip_grad_norm(model.params, cfg.grad_clip)
+                optimizer.step(lr)
+            first_step = False
             loss = float(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"minilm train: the training loss became {loss} at iteration {it}; "

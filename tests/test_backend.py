@@ -59,3 +59,20 @@ def test_unknown_op_is_an_error():
 
 def test_array_module():
     assert backend.get_array_module(np.ones(2), None) is np
+
+
+def test_a_slow_first_numba_call_says_it_is_compiling(capsys):
+    import io
+    import time
+    minilm.use("numba")
+    stream = io.StringIO()
+    with backend.compile_notice(seconds=0.05, stream=stream):
+        time.sleep(0.3)                                 # stands in for a cold-cache compile
+    assert "compiling kernels on first use" in stream.getvalue()
+    quiet = io.StringIO()
+    with backend.compile_notice(seconds=5, stream=quiet):
+        pass                                            # a warm cache: nothing to say
+    minilm.use("numpy")
+    with backend.compile_notice(seconds=0.0, stream=quiet):
+        time.sleep(0.05)                                # numpy never compiles
+    assert quiet.getvalue() == ""
