@@ -56,14 +56,14 @@ class TrainConfig:
 
 
 PRESETS = {
-    # nanoGPT's CPU run of config/train_shakespeare_char.py
+    # nanoGPT's CPU run of config/train_shakespeare_char.py (nanoGPT's train.py defaults to bias=False)
     "shakespeare-char-cpu": dict(model="gpt", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
-                                 dropout=0.0, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                                 dropout=0.0, bias=False, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
                                  weight_decay=0.1, grad_clip=1.0, max_iters=2000, lr_decay_iters=2000,
                                  eval_interval=250, eval_iters=100),
     # nanoGPT's "baby GPT" for a GPU
     "shakespeare-char": dict(model="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
-                             dropout=0.2, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                             dropout=0.2, bias=False, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
                              weight_decay=0.1, grad_clip=1.0, max_iters=5000, lr_decay_iters=5000,
                              eval_interval=250, eval_iters=200),
     "shakespeare-lstm": dict(model="lstm", n_layer=2, hidden_size=256, n_embd=128, block_size=64, batch_size=32,
