@@ -20,6 +20,12 @@ import numpy as np
 
 BACKENDS = ("numpy", "numba", "cupy")
 
+# Numba's OpenMP threads spin after each parallel loop and fight the BLAS threads that run the
+# matrix products in between, which made a training step several times slower on 2 cores.
+# Its "workqueue" layer sleeps instead. Set before Numba is imported; a user's own setting wins.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 _current = None     # the chosen backend's name
 _tiers = ()         # modules searched in order for an op, most specialised first
 
@@ -52,12 +58,32 @@ def _load(name):
     raise ValueError(f"minilm.use: argument 'name' must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 
+_blas_limit = None  # while the numba backend is active: BLAS held to one thread
+
+
+def _share_cores(name):
+    """On the numba backend, run BLAS on one thread and let Numba's pool use the cores.
+
+    The matrix products of these models are small, and BLAS threads that spin between calls
+    starve Numba's parallel loops (a GPT training step on 2 cores ran ~7x slower with both
+    pools at 2 threads). Other backends get the BLAS thread count back.
+    """
+    global _blas_limit
+    if name == "numba" and _blas_limit is None:
+        from threadpoolctl import threadpool_limits
+        _blas_limit = threadpool_limits(limits=1, user_api="blas")
+    elif name != "numba" and _blas_limit is not None:
+        _blas_limit.restore_original_limits()
+        _blas_limit = None
+
+
 def use(name):
     """Select the backend ``name`` ('numpy', 'numba' or 'cupy') for every later op call."""
     global _current, _tiers
     if not isinstance(name, str):
         raise TypeError(f"minilm.use: argument 'name' must be a string, got {type(name).__name__}")
     _tiers = _load(name)
+    _share_cores(name)
     _current = name
     return name
 

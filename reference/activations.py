@@ -113,10 +113,15 @@ class GeluCache(NamedTuple):
     approximate: str
 
 
-def gelu_forward(x, *, approximate="tanh"):
-    """GELU, y = x Φ(x); ``approximate="tanh"`` is GPT-2's form, ``"none"`` the exact erf form."""
+def check_gelu_args(x, approximate):
+    """The argument checks of ``gelu_forward``, shared with the kernels of the other tiers."""
     require_float("gelu", "x", x)
     require_choice("gelu", "approximate", approximate, GELU_APPROXIMATIONS)
+
+
+def gelu_forward(x, *, approximate="tanh"):
+    """GELU, y = x Φ(x); ``approximate="tanh"`` is GPT-2's form, ``"none"`` the exact erf form."""
+    check_gelu_args(x, approximate)
     xp = get_array_module(x)
     if approximate == "tanh":
         u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)

@@ -160,6 +160,27 @@ def _require_heads(op, C, n_head):
     require_divisible(op, "C", C, "n_head", n_head)
 
 
+def check_attention_args(q, k, v, causal, mask):
+    """The argument checks of ``attention_forward`` (also run by the kernels that replace it).
+
+    Returns the dimensions (B, NH, Tq, Tk, hs).
+    """
+    require_float("attention", "q", q)
+    require_ndim("attention", "q", q, 4, "(B, NH, Tq, hs)")
+    B, NH, Tq, hs = q.shape
+    require_float("attention", "k", k)
+    require_ndim("attention", "k", k, 4, "(B, NH, Tk, hs)")
+    Tk = k.shape[2]
+    require_shape("attention", "k", k, (B, NH, Tk, hs), "(B, NH, Tk, hs)")
+    require_float("attention", "v", v)
+    require_shape("attention", "v", v, (B, NH, Tk, hs), "(B, NH, Tk, hs)")
+    require_same_dtype("attention", q=q, k=k, v=v)
+    require_choice("attention", "causal", causal, (True, False))
+    if mask is not None:
+        _require_mask("attention", mask, (B, NH, Tq, Tk), "(B, NH, Tq, Tk)")
+    return B, NH, Tq, Tk, hs
+
+
 # --- attention --------------------------------------------------------------------------------
 
 class AttentionCache(NamedTuple):
@@ -185,19 +206,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None):
     -------
     y : (B, NH, Tq, hs) array, and the cache for ``attention_backward``.
     """
-    require_float("attention", "q", q)
-    require_ndim("attention", "q", q, 4, "(B, NH, Tq, hs)")
-    B, NH, Tq, hs = q.shape
-    require_float("attention", "k", k)
-    require_ndim("attention", "k", k, 4, "(B, NH, Tk, hs)")
-    Tk = k.shape[2]
-    require_shape("attention", "k", k, (B, NH, Tk, hs), "(B, NH, Tk, hs)")
-    require_float("attention", "v", v)
-    require_shape("attention", "v", v, (B, NH, Tk, hs), "(B, NH, Tk, hs)")
-    require_same_dtype("attention", q=q, k=k, v=v)
-    require_choice("attention", "causal", causal, (True, False))
-    if mask is not None:
-        _require_mask("attention", mask, (B, NH, Tq, Tk), "(B, NH, Tq, Tk)")
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask)
     xp = get_array_module(q, k, v)
 
     allowed = xp.asarray(mask) if mask is not None else None          # broadcasts to (B, NH, Tq, Tk)
@@ -262,7 +271,7 @@ class SelfAttentionCache(NamedTuple):
     o_cache: object         # LinearCache of y = atty @ W_o + b_o
 
 
-def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True):
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, attention_forward=attention_forward):
     """Multi-head self-attention: qkv projection, attention per head, output projection.
 
     Parameters
@@ -274,6 +283,8 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True):
     b_o : (C,) float array, or None.
     n_head : int, NH; C must be divisible by it.
     causal : bool, position t attends positions <= t.
+    attention_forward : the attention of the heads; this file's by default. The numba tier
+        passes its kernel here, so the composition is written once.
 
     Returns
     -------
@@ -301,8 +312,10 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True):
     return y, SelfAttentionCache(qkv_cache, att_cache, o_cache)
 
 
-def self_attention_backward(dy, cache):
+def self_attention_backward(dy, cache, *, attention_backward=attention_backward):
     """Gradients of multi-head self-attention: the forward, line by line in reverse.
+
+    ``attention_backward`` is the one matching the forward's ``attention_forward``.
 
     Returns
     -------
@@ -329,7 +342,8 @@ class CrossAttentionCache(NamedTuple):
     o_cache: object         # LinearCache of y = atty @ W_o + b_o
 
 
-def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head, mask=None):
+def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head, mask=None,
+                            attention_forward=attention_forward):
     """Multi-head cross-attention: queries from x, keys and values from memory.
 
     Parameters
@@ -342,6 +356,7 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
     n_head : int, NH; C must be divisible by it.
     mask : boolean array broadcastable to (B, Tq, Tk), True = may attend, shared by every head;
         or None. A query with no allowed key gets attention output 0 (so y = b_o there).
+    attention_forward : the attention of the heads; this file's by default (see ``self_attention_forward``).
 
     Returns
     -------
@@ -380,8 +395,10 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
     return y, CrossAttentionCache(q_cache, kv_cache, att_cache, o_cache)
 
 
-def cross_attention_backward(dy, cache):
+def cross_attention_backward(dy, cache, *, attention_backward=attention_backward):
     """Gradients of multi-head cross-attention: the forward, line by line in reverse.
+
+    ``attention_backward`` is the one matching the forward's ``attention_forward``.
 
     Returns
     -------

@@ -45,19 +45,19 @@ y      (..., C)     dy (..., C)
 4C stands for the hidden width, whatever it is. Either bias may be None (no bias); its gradient
 is then None.
 """
-from functools import partial
 from typing import NamedTuple
 
-from minilm.reference.activations import gelu_backward, gelu_forward, relu_backward, relu_forward
+from minilm import backend
 from minilm.reference.linear import linear_backward, linear_forward
 from minilm.validate import (require_choice, require_float, require_min_ndim, require_ndim, require_same_dtype,
                              require_shape)
 
-# activation option -> (forward, backward); the GELU cache remembers which form it used
+# activation option -> (op, its options). The op is looked up on the active backend when the
+# block runs, so a faster tier's GELU (minilm.cpu, minilm.gpu) serves this composition too.
 ACTIVATIONS = {
-    "gelu": (partial(gelu_forward, approximate="tanh"), gelu_backward),
-    "gelu_exact": (partial(gelu_forward, approximate="none"), gelu_backward),
-    "relu": (relu_forward, relu_backward),
+    "gelu": ("gelu", {"approximate": "tanh"}),
+    "gelu_exact": ("gelu", {"approximate": "none"}),
+    "relu": ("relu", {}),
 }
 
 
@@ -103,9 +103,9 @@ def ffn_forward(x, W_1, b_1, W_2, b_2, *, activation="gelu"):
     y : (..., C) array, and the cache for ``ffn_backward``.
     """
     _validate(x, W_1, b_1, W_2, b_2, activation)
-    phi_forward, _ = ACTIVATIONS[activation]
+    phi, options = ACTIVATIONS[activation]
     h, linear_1 = linear_forward(x, W_1, b_1)                  # (..., 4C)
-    a, act = phi_forward(h)                                    # (..., 4C)
+    a, act = backend.op(f"{phi}_forward")(h, **options)        # (..., 4C)
     y, linear_2 = linear_forward(a, W_2, b_2)                  # (..., C)
     return y, FfnCache(linear_1, act, linear_2, activation)
 
@@ -120,8 +120,8 @@ def ffn_backward(dy, cache):
     linear_1, act, linear_2, activation = cache
     C = linear_2.W.shape[1]
     require_shape("ffn_backward", "dy", dy, linear_1.x.shape[:-1] + (C,), "(..., C)")
-    _, phi_backward = ACTIVATIONS[activation]
+    phi, _ = ACTIVATIONS[activation]
     da, dW_2, db_2 = linear_backward(dy, linear_2)             # (..., 4C)  from y = a W_2 + b_2
-    (dh,) = phi_backward(da, act)                              # (..., 4C)  from a = phi(h)
+    (dh,) = backend.op(f"{phi}_backward")(da, act)             # (..., 4C)  from a = phi(h)
     dx, dW_1, db_1 = linear_backward(dh, linear_1)             # (..., C)   from h = x W_1 + b_1
     return dx, dW_1, db_1, dW_2, db_2

@@ -84,6 +84,19 @@ class LayernormCache(NamedTuple):
     gamma: object   # (C,)
 
 
+def check_layernorm_args(x, gamma, beta, eps):
+    """The argument checks of ``layernorm_forward``, shared with the kernels of the other tiers."""
+    require_float("layernorm", "x", x)
+    require_min_ndim("layernorm", "x", x, 1, "(..., C)")
+    C = x.shape[-1]
+    require_float("layernorm", "gamma", gamma)
+    require_shape("layernorm", "gamma", gamma, (C,), "(C,)")
+    require_float("layernorm", "beta", beta)
+    require_shape("layernorm", "beta", beta, (C,), "(C,)")
+    require_same_dtype("layernorm", x=x, gamma=gamma, beta=beta)
+    require_positive("layernorm", "eps", eps)
+
+
 def layernorm_forward(x, gamma, beta, *, eps=1e-5):
     """y = gamma * (x - mean) / sqrt(var + eps) + beta, over the last axis.
 
@@ -98,15 +111,7 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
     -------
     y : (..., C) array, and the cache for ``layernorm_backward``.
     """
-    require_float("layernorm", "x", x)
-    require_min_ndim("layernorm", "x", x, 1, "(..., C)")
-    C = x.shape[-1]
-    require_float("layernorm", "gamma", gamma)
-    require_shape("layernorm", "gamma", gamma, (C,), "(C,)")
-    require_float("layernorm", "beta", beta)
-    require_shape("layernorm", "beta", beta, (C,), "(C,)")
-    require_same_dtype("layernorm", x=x, gamma=gamma, beta=beta)
-    require_positive("layernorm", "eps", eps)
+    check_layernorm_args(x, gamma, beta, eps)
     xp = get_array_module(x)
     eps = float(eps)                                           # a numpy float64 would promote float32 x
     mu = xp.mean(x, axis=-1, keepdims=True)                    # (..., 1)

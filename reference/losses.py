@@ -70,13 +70,20 @@ class CrossEntropyCache(NamedTuple):
     label_smoothing: float   # epsilon
 
 
-def _validate(logits, targets, ignore_index, label_smoothing):
+def check_cross_entropy_args(logits, targets, ignore_index, label_smoothing):
+    """The argument checks of ``cross_entropy_forward``, shared with the kernels of the other tiers.
+
+    Returns ``counted``, (...) bool: True where the target is not ``ignore_index``.
+    """
     require_float("cross_entropy", "logits", logits)
     require_min_ndim("cross_entropy", "logits", logits, 1, "(..., V)")
     require_shape("cross_entropy", "targets", targets, logits.shape[:-1], "(...) = logits' leading dims")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"cross_entropy: option 'ignore_index' must be an integer, got {ignore_index!r}")
     require_probability("cross_entropy", "label_smoothing", label_smoothing, upper_open=False)
+    counted = targets != ignore_index                          # (...)
+    require_ids("cross_entropy", "targets", targets[counted], logits.shape[-1])   # integers, each in [0, V)
+    return counted
 
 
 def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing=0.0):
@@ -93,11 +100,9 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     -------
     loss : 0-d array of logits' dtype, and the cache for ``cross_entropy_backward``.
     """
-    _validate(logits, targets, ignore_index, label_smoothing)
+    counted = check_cross_entropy_args(logits, targets, ignore_index, label_smoothing)   # (...)
     xp = get_array_module(logits)
     V = logits.shape[-1]
-    counted = targets != ignore_index                          # (...)
-    require_ids("cross_entropy", "targets", targets[counted], V)   # integers, each in [0, V)
     eps = float(label_smoothing)                               # a Python float keeps logits' dtype
     M = int(xp.sum(counted))
 

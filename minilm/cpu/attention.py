@@ -1,0 +1,278 @@
+r"""Numba kernels for scaled dot-product attention, and the multi-head ops built on them.
+
+Each function here equals the function of the same name in ``minilm.reference.attention``,
+whose module docstring states the math and derives the backward; ``tests/test_cpu_attention.py``
+holds them to it. The kernels fuse one (batch, head) pair's work into one pass, with
+``prange`` over the flattened pairs (every pair is independent, and each writes only its own
+slices of the outputs):
+
+* forward, query row i: the scores :math:`S_{ij} = q_i \cdot k_j / \sqrt{hs}` of the keys
+  that pass the causal rule, the mask, the stable softmax :math:`A_{ij}` and :math:`y_i = \sum_j A_{ij} v_j`;
+* backward, query row i: :math:`\bar A_{ij} = \bar y_i \cdot v_j`, :math:`\bar v_j \mathrel{+}= A_{ij} \bar y_i`,
+  :math:`\bar S_{ij} = A_{ij}(\bar A_{ij} - \sum_l \bar A_{il} A_{il})`,
+  :math:`\bar q_i = \sum_j \bar S_{ij} k_j / \sqrt{hs}`, :math:`\bar k_j \mathrel{+}= \bar S_{ij} q_i / \sqrt{hs}`.
+
+The cache is the reference's ``AttentionCache`` (q, k, v, att), so the two tiers' caches
+interchange. The backward needs no mask and no causal flag: a key a query may not attend has
+:math:`A_{ij} = 0`, so it adds nothing to any gradient, and each row's loop stops after its
+last key with :math:`A_{ij} \ne 0` (for a causal row, the diagonal).
+
+The arithmetic is done in the inputs' dtype (float32 or float64), except the two row sums
+(:math:`Z_i` and :math:`\sum_l \bar A_{il} A_{il}`), which are accumulated in float64. Numba has
+no float16 arithmetic, so other float dtypes run the reference functions.
+
+Speed, without ``fastmath`` (no reordered sums): the queries are taken four rows at a time, so
+that each element of k and v loaded serves four rows and each short inner loop (over keys, or
+over hs) is entered a quarter as often; the dot products over hs run along a transposed copy of
+k (or v), so their inner loop runs over keys with no reduction and compiles to vector
+instructions. Every sum still adds its terms in the order of the row-by-row loops.
+
+Self- and cross-attention are the reference's composition (projections, heads, output
+projection) with these kernels passed in as the attention of the heads.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from minilm.reference import attention as reference
+from minilm.reference.attention import AttentionCache, check_attention_args
+from minilm.validate import require_shape
+
+__all__ = ["attention_forward", "attention_backward",
+           "self_attention_forward", "self_attention_backward",
+           "cross_attention_forward", "cross_attention_backward"]
+
+KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run the reference
+
+
+# --- kernels ----------------------------------------------------------------------------------
+# (Explicit loops rather than slice assignments inside prange: those compile as nested parallel
+# loops, which doubles the compile time.)
+
+@njit(cache=True)
+def _load_rows(dst, src, i0, rows):
+    """dst[r] = src[i0 + r] for r < rows, and 0 for the rows of dst past them."""
+    for r in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            dst[r, c] = src[i0 + r, c] if r < rows else 0
+
+
+@njit(cache=True)
+def _store_rows(dst, src, i0, rows, n):
+    """dst[i0 + r, :n] = src[r, :n] for r < rows."""
+    for r in range(rows):
+        for c in range(n):
+            dst[i0 + r, c] = src[r, c]
+
+
+@njit(cache=True)
+def _zero(a, n):
+    """a[:, :n] = 0."""
+    for r in range(a.shape[0]):
+        for c in range(n):
+            a[r, c] = 0
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _attention_forward_kernel(q, k, v, mask, masked, causal, scale):
+    """y, att of ``reference.attention_forward`` for contiguous q (B, NH, Tq, hs), k, v (B, NH, Tk, hs)
+    and, when ``masked``, a contiguous boolean mask (B, NH, Tq, Tk); ``scale`` = 1/sqrt(hs) in q's dtype."""
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    y = np.empty_like(q)                                        # (B, NH, Tq, hs)
+    att = np.zeros((B, NH, Tq, Tk), dtype=q.dtype)              # (B, NH, Tq, Tk) 0 where a key is not allowed
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        kT = np.ascontiguousarray(k[b, h].T)                    # (hs, Tk)
+        q4 = np.empty((4, hs), dtype=q.dtype)                   # four query rows, zeros past the last
+        S4 = np.empty((4, Tk), dtype=q.dtype)                   # their scores S, then their weights A
+        y4 = np.empty((4, hs), dtype=q.dtype)                   # their outputs
+        for i0 in range(0, Tq, 4):
+            rows = min(4, Tq - i0)
+            _load_rows(q4, q[b, h], i0, rows)
+            n4 = max(0, min(Tk, i0 + rows + Tk - Tq)) if causal else Tk    # keys any of the rows may attend
+            # S_ij = (sum_d q_id k_jd) / sqrt(hs)
+            _zero(S4, n4)
+            for d in range(hs):
+                q0, q1, q2, q3 = q4[0, d], q4[1, d], q4[2, d], q4[3, d]
+                for j in range(n4):
+                    k_jd = kT[d, j]
+                    S4[0, j] += q0 * k_jd
+                    S4[1, j] += q1 * k_jd
+                    S4[2, j] += q2 * k_jd
+                    S4[3, j] += q3 * k_jd
+            for r in range(rows):
+                i = i0 + r
+                n = max(0, min(Tk, i + Tk - Tq + 1)) if causal else Tk     # keys j < n pass the causal rule
+                A = S4[r]                                       # (Tk,)
+                for j in range(n, n4):
+                    A[j] = 0
+                if n == 0:                                      # no key passes the causal rule: att = 0 and y = 0
+                    continue
+                for j in range(n):
+                    A[j] *= scale
+                if masked:                                      # a masked score becomes -inf: e^{-inf - m_i} = 0
+                    for j in range(n):
+                        if not mask[b, h, i, j]:
+                            A[j] = -np.inf
+                # m_i = max_j S_ij over the allowed keys
+                m = A[0]
+                for j in range(1, n):
+                    if A[j] > m:
+                        m = A[j]
+                if m == -np.inf:                                # every key masked: att = 0 and y = 0
+                    for j in range(n):
+                        A[j] = 0
+                    continue
+                # A_ij = e^{S_ij - m_i} / Z_i
+                Z = 0.0
+                for j in range(n):
+                    A[j] = np.exp(A[j] - m)
+                    Z += A[j]
+                for j in range(n):
+                    A[j] = A[j] / Z
+            # y_i = sum_j A_ij v_j (the rows past the last have A = S = 0)
+            _zero(y4, hs)
+            for j in range(n4):
+                a0, a1, a2, a3 = S4[0, j], S4[1, j], S4[2, j], S4[3, j]
+                for d in range(hs):
+                    v_jd = v[b, h, j, d]
+                    y4[0, d] += a0 * v_jd
+                    y4[1, d] += a1 * v_jd
+                    y4[2, d] += a2 * v_jd
+                    y4[3, d] += a3 * v_jd
+            _store_rows(att[b, h], S4, i0, rows, n4)
+            _store_rows(y[b, h], y4, i0, rows, hs)
+    return y, att
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _attention_backward_kernel(dy, q, k, v, att, scale):
+    """dq, dk, dv of ``reference.attention_backward``, every array contiguous; ``scale`` = 1/sqrt(hs)."""
+    B, NH, Tq, hs = q.shape
+    Tk = k.shape[2]
+    dq = np.empty_like(q)                                       # (B, NH, Tq, hs)
+    dk = np.zeros_like(k)                                       # (B, NH, Tk, hs)
+    dv = np.zeros_like(v)                                       # (B, NH, Tk, hs)
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        vT = np.ascontiguousarray(v[b, h].T)                    # (hs, Tk)
+        q4 = np.empty((4, hs), dtype=q.dtype)                   # four query rows, zeros past the last
+        dy4 = np.empty((4, hs), dtype=q.dtype)                  # their dy
+        A4 = np.empty((4, Tk), dtype=q.dtype)                   # their weights A
+        dA4 = np.empty((4, Tk), dtype=q.dtype)                  # their datt, then dS
+        dq4 = np.empty((4, hs), dtype=q.dtype)                  # their dq
+        for i0 in range(0, Tq, 4):
+            rows = min(4, Tq - i0)
+            _load_rows(q4, q[b, h], i0, rows)
+            _load_rows(dy4, dy[b, h], i0, rows)
+            _load_rows(A4, att[b, h], i0, rows)
+            n4 = 0                                              # keys after the last one attended add nothing
+            for r in range(rows):
+                n = Tk
+                while n > n4 and A4[r, n - 1] == 0:
+                    n -= 1
+                n4 = max(n4, n)
+            # forward: y_i = sum_j A_ij v_j, so datt_ij = dy_i . v_j ...
+            _zero(dA4, n4)
+            for d in range(hs):
+                g0, g1, g2, g3 = dy4[0, d], dy4[1, d], dy4[2, d], dy4[3, d]
+                for j in range(n4):
+                    v_jd = vT[d, j]
+                    dA4[0, j] += g0 * v_jd
+                    dA4[1, j] += g1 * v_jd
+                    dA4[2, j] += g2 * v_jd
+                    dA4[3, j] += g3 * v_jd
+            # ... and dv_j += A_ij dy_i, row after row
+            for j in range(n4):
+                a0, a1, a2, a3 = A4[0, j], A4[1, j], A4[2, j], A4[3, j]
+                for d in range(hs):
+                    dv[b, h, j, d] += a0 * dy4[0, d]
+                    dv[b, h, j, d] += a1 * dy4[1, d]
+                    dv[b, h, j, d] += a2 * dy4[2, d]
+                    dv[b, h, j, d] += a3 * dy4[3, d]
+            # forward: A_i = softmax(S_i), so dS_ij = A_ij (datt_ij - sum_l datt_il A_il)
+            for r in range(4):
+                s = 0.0
+                for j in range(n4):
+                    s += dA4[r, j] * A4[r, j]
+                for j in range(n4):
+                    dA4[r, j] = A4[r, j] * (dA4[r, j] - s)
+            # forward: S_ij = q_i . k_j / sqrt(hs), so dq_i = sum_j dS_ij k_j / sqrt(hs) and dk_j += dS_ij q_i / sqrt(hs)
+            _zero(dq4, hs)
+            for j in range(n4):
+                g0, g1, g2, g3 = dA4[0, j], dA4[1, j], dA4[2, j], dA4[3, j]
+                for d in range(hs):
+                    k_jd = k[b, h, j, d]
+                    dq4[0, d] += g0 * k_jd
+                    dq4[1, d] += g1 * k_jd
+                    dq4[2, d] += g2 * k_jd
+                    dq4[3, d] += g3 * k_jd
+                for d in range(hs):
+                    dk[b, h, j, d] += g0 * q4[0, d]
+                    dk[b, h, j, d] += g1 * q4[1, d]
+                    dk[b, h, j, d] += g2 * q4[2, d]
+                    dk[b, h, j, d] += g3 * q4[3, d]
+            for r in range(rows):
+                for d in range(hs):
+                    dq[b, h, i0 + r, d] = dq4[r, d] * scale
+        for j in range(Tk):
+            for d in range(hs):
+                dk[b, h, j, d] *= scale
+    return dq, dk, dv
+
+
+# --- attention --------------------------------------------------------------------------------
+
+def attention_forward(q, k, v, *, causal=False, mask=None):
+    """Equals ``minilm.reference.attention.attention_forward``: y = softmax(q k^T / sqrt(hs)) v.
+
+    Parameters, returns and errors are the reference's; any strides are accepted (the kernel
+    works on contiguous copies, which the cache keeps).
+    """
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask)
+    if q.dtype not in KERNEL_DTYPES:
+        return reference.attention_forward(q, k, v, causal=causal, mask=mask)
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+    masked = mask is not None
+    mask = (np.ascontiguousarray(np.broadcast_to(mask, (B, NH, Tq, Tk))) if masked
+            else np.empty((0, 0, 0, 0), dtype=np.bool_))        # never read
+    scale = q.dtype.type(1.0 / math.sqrt(hs))                   # in q's dtype, as the reference's product
+    y, att = _attention_forward_kernel(q, k, v, mask, masked, causal, scale)
+    return y, AttentionCache(q, k, v, att)
+
+
+def attention_backward(dy, cache):
+    """Equals ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
+    q, k, v, att = cache
+    require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
+    dtype = np.result_type(dy.dtype, q.dtype)                  # as the reference's products promote
+    if dtype not in KERNEL_DTYPES:
+        return reference.attention_backward(dy, cache)
+    contiguous = [np.ascontiguousarray(a, dtype=dtype) for a in (dy, q, k, v, att)]
+    return _attention_backward_kernel(*contiguous, dtype.type(1.0 / math.sqrt(q.shape[-1])))
+
+
+# --- multi-head self- and cross-attention: the reference's composition around the kernels -----
+
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True):
+    """Equals ``minilm.reference.attention.self_attention_forward``, with the attention kernel above."""
+    return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
+                                            attention_forward=attention_forward)
+
+
+def self_attention_backward(dy, cache):
+    """Equals ``minilm.reference.attention.self_attention_backward``, with the attention kernel above."""
+    return reference.self_attention_backward(dy, cache, attention_backward=attention_backward)
+
+
+def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head, mask=None):
+    """Equals ``minilm.reference.attention.cross_attention_forward``, with the attention kernel above."""
+    return reference.cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, n_head=n_head, mask=mask,
+                                             attention_forward=attention_forward)
+
+
+def cross_attention_backward(dy, cache):
+    """Equals ``minilm.reference.attention.cross_attention_backward``, with the attention kernel above."""
+    return reference.cross_attention_backward(dy, cache, attention_backward=attention_backward)

@@ -1,0 +1,124 @@
+r"""Layer normalisation over the last axis, as Numba kernels.
+
+The math, its derivation and the shapes are those of ``minilm.reference.layernorm``; each
+kernel below names the reference function it must equal, and ``tests/test_cpu_kernels.py``
+holds it to that. The positions (every leading axis) are flattened to N rows of C channels.
+
+Forward: one row per iteration of ``prange(N)``; the row mean and variance are summed in
+float64 whatever the dtype, then ``x_hat``, ``y`` and ``rstd`` are stored in the input's dtype.
+
+Backward: ``dx`` is row-local, but ``dgamma`` and ``dbeta`` sum over every row. The rows are cut
+into blocks of ``ROWS_PER_BLOCK``; ``prange`` runs over the blocks, each block adds its rows into
+its own row of a (blocks, C) float64 array of partial sums, and the partials are added up after
+the parallel loop. No two threads ever write the same element, and since the blocks do not
+depend on the number of threads, the result is the same for any thread count.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from minilm.reference import layernorm as reference
+from minilm.reference.layernorm import LayernormCache, check_layernorm_args
+from minilm.validate import require_shape
+
+__all__ = ["layernorm_forward", "layernorm_backward"]
+
+KERNEL_DTYPES = (np.float32, np.float64)   # what the kernels compile for; other dtypes (float16) run the reference
+ROWS_PER_BLOCK = 32     # rows per block of partial sums in the backward: enough blocks to share among threads
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _row_sum(row, shift, square):
+    """sum_i (row_i - shift), or sum_i (row_i - shift)² when ``square``, in float64.
+
+    Four partial sums, combined at the end, let consecutive additions overlap instead of
+    waiting for each other; the result differs from numpy's pairwise sum by rounding only.
+    """
+    s0 = s1 = s2 = s3 = 0.0
+    C4 = row.shape[0] - row.shape[0] % 4
+    for i in range(0, C4, 4):
+        d0, d1, d2, d3 = row[i] - shift, row[i + 1] - shift, row[i + 2] - shift, row[i + 3] - shift
+        if square:
+            d0, d1, d2, d3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
+        s0 += d0
+        s1 += d1
+        s2 += d2
+        s3 += d3
+    for i in range(C4, row.shape[0]):
+        d = row[i] - shift
+        s0 += d * d if square else d
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _forward_rows(x, gamma, beta, eps, y, x_hat, rstd):
+    """Equals ``minilm.reference.layernorm.layernorm_forward`` on (N, C) rows; fills y, x_hat, rstd (N,)."""
+    N, C = x.shape
+    for n in prange(N):
+        mu = _row_sum(x[n], 0.0, False) / C                    # mean
+        var = _row_sum(x[n], mu, True) / C                     # biased variance
+        r = 1.0 / np.sqrt(var + eps)                           # rstd
+        rstd[n] = r
+        for i in range(C):
+            xh = (x[n, i] - mu) * r                            # x_hat = (x - mu) * rstd
+            x_hat[n, i] = xh
+            y[n, i] = gamma[i] * xh + beta[i]                  # y = gamma x_hat + beta
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma_parts, dbeta_parts):
+    """Equals ``minilm.reference.layernorm.layernorm_backward`` on (N, C) rows.
+
+    Fills dx (N, C) and the per-block partial sums dgamma_parts, dbeta_parts (blocks, C), zeroed by the caller.
+    """
+    N, C = dy.shape
+    n_blocks = dgamma_parts.shape[0]
+    for blk in prange(n_blocks):
+        for n in range(blk * ROWS_PER_BLOCK, min(N, (blk + 1) * ROWS_PER_BLOCK)):
+            sum_dx_hat = 0.0
+            sum_dx_hat_x_hat = 0.0
+            for i in range(C):
+                dbeta_parts[blk, i] += dy[n, i]                     # from y = gamma x_hat + beta
+                dgamma_parts[blk, i] += dy[n, i] * x_hat[n, i]      # from y = gamma x_hat + beta
+                dx_hat = dy[n, i] * gamma[i]
+                sum_dx_hat += dx_hat
+                sum_dx_hat_x_hat += dx_hat * x_hat[n, i]
+            mean_dx_hat = sum_dx_hat / C
+            mean_dx_hat_x_hat = sum_dx_hat_x_hat / C
+            # from x_hat = (x - mu) * rstd: remove the row mean and the projection on x_hat, then scale
+            for i in range(C):
+                dx[n, i] = rstd[n] * (dy[n, i] * gamma[i] - mean_dx_hat - x_hat[n, i] * mean_dx_hat_x_hat)
+
+
+def layernorm_forward(x, gamma, beta, *, eps=1e-5):
+    """Numba ``minilm.reference.layernorm.layernorm_forward``: same arguments, checks, outputs and cache."""
+    check_layernorm_args(x, gamma, beta, eps)
+    if x.dtype not in KERNEL_DTYPES:
+        return reference.layernorm_forward(x, gamma, beta, eps=eps)
+    lead, C = x.shape[:-1], x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(math.prod(lead), C)   # (N, C)
+    y = np.empty_like(x2)
+    x_hat = np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)                # (N,)
+    _forward_rows(x2, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), float(eps), y, x_hat, rstd)
+    return y.reshape(x.shape), LayernormCache(x_hat.reshape(x.shape), rstd.reshape(lead + (1,)), gamma)
+
+
+def layernorm_backward(dy, cache):
+    """Numba ``minilm.reference.layernorm.layernorm_backward``: returns (dx, dgamma, dbeta)."""
+    x_hat, rstd, gamma = cache
+    require_shape("layernorm_backward", "dy", dy, x_hat.shape, "(..., C)")
+    if dy.dtype not in KERNEL_DTYPES or x_hat.dtype not in KERNEL_DTYPES:
+        return reference.layernorm_backward(dy, cache)
+    N, C = math.prod(x_hat.shape[:-1]), x_hat.shape[-1]
+    dy2 = np.ascontiguousarray(dy).reshape(N, C)               # (N, C)
+    n_blocks = -(-N // ROWS_PER_BLOCK)
+    dx = np.empty_like(dy2)
+    dgamma_parts = np.zeros((n_blocks, C))                     # (blocks, C) float64 partial sums
+    dbeta_parts = np.zeros((n_blocks, C))
+    _backward_rows(dy2, np.ascontiguousarray(x_hat).reshape(N, C), np.ascontiguousarray(rstd).reshape(N),
+                   np.ascontiguousarray(gamma), dx, dgamma_parts, dbeta_parts)
+    dgamma = dgamma_parts.sum(axis=0).astype(dy.dtype)        # (C,)
+    dbeta = dbeta_parts.sum(axis=0).astype(dy.dtype)          # (C,)
+    return dx.reshape(x_hat.shape), dgamma, dbeta

@@ -1,0 +1,323 @@
+r"""Numba kernels for the tanh RNN, and the pieces the LSTM and GRU kernels share.
+
+Each public function here equals the function of the same name in ``minilm.reference.rnn``,
+whose module docstring states the math and derives the backward through time;
+``tests/test_cpu_recurrent.py`` holds them to it. ``lstm.py`` and ``gru.py`` beside this file do
+the same for ``minilm.reference.lstm`` and ``minilm.reference.gru``.
+
+How the work is split, in all three cells:
+
+* the matrix products stay in BLAS (numpy's ``@``): the input part :math:`x_t W_x + b` for every t
+  in one (B·T, D) product before the loop, the per-step :math:`h_{t-1} W_h` (forward) and
+  :math:`\bar a_t W_h^\top` (backward), and the big gradient products after the backward loop;
+* one ``@njit`` kernel per step does every elementwise line of that step: the forward kernel
+  turns the pre-activations into the gates, the new state(s) and the cache entries; the backward
+  kernel turns dh, the gradients carried from step t+1 and the cached gates into every
+  pre-activation gradient and the gradients carried to step t-1.
+
+The per-step products read and write small contiguous (B, H) / (B, G·H) buffers that the kernels
+fill (the state, the gate gradients), so BLAS always sees plain contiguous operands.
+
+A kernel walks the B rows and, within a row, runs one loop per line of the reference's step over
+the H units (or G·H gate entries), each loop touching few arrays, so that the compiler turns
+every loop into vector instructions (with more arrays it would have to prove that none overlap,
+and gives up). The rows are not split among threads: each kernel sits between two BLAS calls,
+and a second thread pool waking 64 times per sequence next to OpenBLAS's makes the two pools'
+spinning workers take each other's cores; measured on 2 cores, that made a step some ten times
+slower instead of faster. OpenBLAS parallelises the products, the kernels run on one core.
+
+The kernels add and multiply in the order the reference does, so only σ and tanh differ from
+it, and by rounding alone. A scalar ``tanh`` or ``exp`` in a Numba loop is a call into libm,
+which no loop around it can vectorise; so both are written with one ``exp`` of a non-positive
+argument, computed by ``exp_nonpositive`` in plain arithmetic, in the input's dtype (float32
+runs at float32 speed), never overflowing:
+
+.. math::
+    \sigma(a) = \begin{cases} 1 / (1 + e^{-a}) & a \ge 0 \\ e^{a} / (1 + e^{a}) & a < 0 \end{cases},
+    \qquad
+    \tanh(a) = \operatorname{sign}(a)\,\frac{1 - e^{-2|a|}}{1 + e^{-2|a|}}.
+
+``exp_nonpositive`` is within about an ulp; σ and tanh are within a few ulps of 1, absolute
+(for small :math:`|a|`, tanh's relative error is larger than NumPy's, its absolute error the same).
+Numba has no float16 arithmetic, so other float dtypes run the reference functions.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from minilm.reference import rnn as reference
+from minilm.reference.rnn import (RNNCache, check_sequence, check_state_gradient, check_vector, check_weights,
+                                  shifted_states)
+from minilm.validate import require_same_dtype, require_shape
+
+__all__ = ["rnn_forward", "rnn_backward"]
+
+KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run the reference
+SCALAR_TYPES = {types.float32: np.float32, types.float64: np.float64}
+
+
+# --- exp, σ and tanh for the kernels ----------------------------------------------------------
+# Each is a Python function (NumPy's, for use outside the kernels) with an ``@overload`` that
+# Numba compiles in its place, per dtype, where a kernel calls it.
+
+def exp_nonpositive(x):
+    r"""e^x for x <= 0, in x's dtype, within about an ulp; 0 where e^x is below the smallest normal
+    number. In a kernel: :math:`e^x = e^r\,2^n` with :math:`n = \operatorname{round}(x / \ln 2)`,
+    :math:`r = x - n \ln 2` (ln 2 in two parts, so that :math:`n \ln 2` is exact),
+    :math:`|r| \le \ln 2 / 2`, :math:`e^r` by its Taylor series and :math:`2^n` built from its bits."""
+    return np.exp(x)
+
+
+def sigmoid(a):
+    """σ(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
+    return reference.sigmoid(np, np.asarray(a))
+
+
+def tanh(a):
+    """tanh(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
+    return np.tanh(a)
+
+
+@intrinsic
+def _pow2(typingctx, k, like):
+    """2^k as a float of like's type, for an integer k in the normal exponent range: the bits
+    (k + bias) << mantissa reinterpreted as a float, plain instructions that vectorise."""
+    if not isinstance(k, types.Integer) or like not in SCALAR_TYPES:
+        return None
+
+    def codegen(context, builder, signature, args):
+        width, mantissa, bias = (32, 23, 127) if like == types.float32 else (64, 52, 1023)
+        int_t = ir.IntType(width)
+        k_int = builder.sext(args[0], int_t) if k.bitwidth < width else builder.trunc(args[0], int_t)
+        bits = builder.shl(builder.add(k_int, ir.Constant(int_t, bias)), ir.Constant(int_t, mantissa))
+        return builder.bitcast(bits, context.get_value_type(like))
+    return like(k, like), codegen
+
+
+def _exp_nonpositive_32(x):
+    lo = np.float32(-87.33654)                                     # ln of the smallest normal float32
+    xc = lo if x < lo else x                                       # a NaN stays NaN
+    n = np.floor(xc * np.float32(1.442695) + np.float32(0.5))      # n = round(x / ln 2), in [-126, 0]
+    r = (xc - n * np.float32(0.693145751953125)) - n * np.float32(1.4286068e-06)  # r = x - n ln 2
+    p = np.float32(1 / 5040)                                       # e^r by its Taylor series to r^7/7!,
+    p = p * r + np.float32(1 / 720)                                # the remainder below 1e-8 relative
+    p = p * r + np.float32(1 / 120)
+    p = p * r + np.float32(1 / 24)
+    p = p * r + np.float32(1 / 6)
+    p = p * r + np.float32(1 / 2)
+    p = p * r + np.float32(1)
+    p = p * r + np.float32(1)
+    k = np.int32(n) if n == n else np.int32(0)                     # (never a NaN into an integer)
+    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
+    return np.float32(0) if x < lo else y
+
+
+def _exp_nonpositive_64(x):
+    lo = -708.3964185322641                                        # ln of the smallest normal float64
+    xc = lo if x < lo else x                                       # a NaN stays NaN
+    n = np.floor(xc * 1.4426950408889634 + 0.5)                    # n = round(x / ln 2), in [-1022, 0]
+    r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10   # r = x - n ln 2 (fdlibm's split)
+    p = 1 / 6227020800                                             # e^r by its Taylor series to r^13/13!,
+    p = p * r + 1 / 479001600                                      # the remainder below 1e-17 relative
+    p = p * r + 1 / 39916800
+    p = p * r + 1 / 3628800
+    p = p * r + 1 / 362880
+    p = p * r + 1 / 40320
+    p = p * r + 1 / 5040
+    p = p * r + 1 / 720
+    p = p * r + 1 / 120
+    p = p * r + 1 / 24
+    p = p * r + 1 / 6
+    p = p * r + 1 / 2
+    p = p * r + 1.0
+    p = p * r + 1.0
+    k = np.int64(n) if n == n else np.int64(0)                     # (never a NaN into an integer)
+    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
+    return 0.0 if x < lo else y
+
+
+@overload(exp_nonpositive)
+def _exp_nonpositive(x):
+    return {types.float32: _exp_nonpositive_32, types.float64: _exp_nonpositive_64}.get(x)
+
+
+@overload(sigmoid)
+def _sigmoid(a):
+    if a not in SCALAR_TYPES:
+        return None
+    one = SCALAR_TYPES[a](1)
+
+    def sigmoid_scalar(a):
+        e = exp_nonpositive(-abs(a))                               # e^{-|a|}
+        s = one / (one + e)
+        return s if a >= 0 else e * s
+    return sigmoid_scalar
+
+
+@overload(tanh)
+def _tanh(a):
+    if a not in SCALAR_TYPES:
+        return None
+    one, two = SCALAR_TYPES[a](1), SCALAR_TYPES[a](2)
+
+    def tanh_scalar(a):
+        e = exp_nonpositive(-two * abs(a))                         # e^{-2|a|}
+        t = (one - e) / (one + e)
+        return t if a >= 0 else -t
+    return tanh_scalar
+
+
+# --- shared by rnn, lstm and gru --------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def sigmoid_into(a):
+    """a = σ(a) in place, for a 1-D array."""
+    for j in range(a.shape[0]):
+        a[j] = sigmoid(a[j])
+
+
+@njit(cache=True, error_model="numpy")
+def tanh_into(a):
+    """a = tanh(a) in place, for a 1-D array."""
+    for j in range(a.shape[0]):
+        a[j] = tanh(a[j])
+
+
+@njit(cache=True, error_model="numpy")
+def add(a, b, out):
+    """out = a + b, for 1-D arrays; ``out`` may be ``a`` or ``b``."""
+    for j in range(out.shape[0]):
+        out[j] = a[j] + b[j]
+
+
+@njit(cache=True, error_model="numpy")
+def add3(a, b, c, out):
+    """out = (a + b) + c, for 1-D arrays: a_t = (x_t W_x + b) + h_{t-1} W_h in the reference's order."""
+    for j in range(out.shape[0]):
+        out[j] = (a[j] + b[j]) + c[j]
+
+
+@njit(cache=True, error_model="numpy")
+def copy(src, dst):
+    """dst = src, for 1-D arrays (a loop of vector moves, faster in a kernel than a slice assignment)."""
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+def kernel_dtype(*arrays):
+    """The one dtype of ``arrays`` (None entries skipped) if the kernels compile for it, else None."""
+    dtypes = {a.dtype for a in arrays if a is not None}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    return dtype if dtype in KERNEL_DTYPES else None
+
+
+def input_products(x, W_x):
+    """x_t W_x for every t at once, the product of the reference's line before its loop: (B, T, G·H).
+
+    The kernels add the bias as that line does, (x_t W_x + b) + h_{t-1} W_h, in the same pass as
+    the rest of the step (one pass fewer over this large array).
+    """
+    B, T, D = x.shape
+    return (x.reshape(B * T, D) @ W_x).reshape(B, T, W_x.shape[1])  # (B, T, G·H)
+
+
+def state_buffer(s, B, H, dtype):
+    """A fresh contiguous (B, H) copy of ``s`` in ``dtype``, or zeros when ``s`` is None."""
+    return np.zeros((B, H), dtype=dtype) if s is None else np.array(s, dtype=dtype, order="C")
+
+
+def input_and_weight_gradients(x, h0, h, W_x, da_x, da_h):
+    """dx, dW_x, dW_h from the pre-activation gradients: the reference backwards' products after the loop.
+
+    da_x (B, T, G·H) is the gradient of x_t W_x + b, da_h that of h_{t-1} W_h (the same array for
+    rnn and lstm). Returns dx (B, T, D), dW_x (D, G·H), dW_h (H, G·H).
+    """
+    B, T, D = x.shape
+    H, GH = h.shape[2], da_x.shape[2]
+    da_x2 = da_x.reshape(B * T, GH)                                # (B·T, G·H)
+    da_h2 = da_h.reshape(B * T, GH)                                # (B·T, G·H)
+    dx = (da_x2 @ W_x.T).reshape(B, T, D)                          # (B, T, D)  a_x = x_t W_x + ...
+    dW_x = x.reshape(B * T, D).T @ da_x2                           # (D, G·H)   shared by every t
+    dW_h = shifted_states(h0, h).reshape(B * T, H).T @ da_h2       # (H, G·H)   shared by every t
+    return dx, dW_x, dW_h
+
+
+# --- the tanh RNN -----------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def _rnn_step_forward(xW_x, b, a_h, t, h_state, h):
+    """Step t of ``reference.rnn_forward``'s loop, after its product a_h = h_{t-1} W_h (B, H).
+
+    xW_x (B, T, H) holds every x_t W_x; writes h_t into h[:, t] and into the state buffer h_state (B, H).
+    """
+    for k in range(h_state.shape[0]):
+        h_t = h[k, t]                                              # (H,)
+        add3(xW_x[k, t], b, a_h[k], h_t)                           # a_t = x_t W_x + b + h_{t-1} W_h
+        tanh_into(h_t)                                             # h_t = tanh(a_t)
+        copy(h_t, h_state[k])
+
+
+@njit(cache=True, error_model="numpy")
+def _rnn_step_backward(dh, dh_next, h, t, da, da_t):
+    """Step t of ``reference.rnn_backward``'s loop, before its product da_t W_h^T.
+
+    dh_next (B, H) is what step t+1 sends back to h_t (overwritten with dh_t); writes da_t into
+    da[:, t] (B, T, H) and the buffer da_t (B, H).
+    """
+    one = h.dtype.type(1)
+    for k in range(dh_next.shape[0]):
+        dh_t, h_t, da_t_k = dh_next[k], h[k, t], da[k, t]          # (H,) each
+        add(dh[k, t], dh_t, dh_t)                                  # h_t feeds the output and step t+1
+        for j in range(h_t.shape[0]):
+            da_t_k[j] = (one - h_t[j] * h_t[j]) * dh_t[j]          # h_t = tanh(a_t)
+        copy(da_t_k, da_t[k])
+
+
+def rnn_forward(x, h0, W_x, W_h, b):
+    """Equals ``minilm.reference.rnn.rnn_forward``: h_t = tanh(x_t W_x + h_{t-1} W_h + b).
+
+    Parameters, returns and errors are the reference's; any strides are accepted.
+    """
+    B, T, D, H = check_sequence("rnn", x, h0)
+    check_weights("rnn", W_x, W_h, D, H, 1)
+    check_vector("rnn", "b", b, 1, H)
+    require_same_dtype("rnn", x=x, h0=h0, W_x=W_x, W_h=W_h, b=b)
+    if x.dtype not in KERNEL_DTYPES:
+        return reference.rnn_forward(x, h0, W_x, W_h, b)
+
+    xW_x = input_products(x, W_x)                                  # (B, T, H) x_t W_x, all t at once
+    W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, H), (H,) read by every step
+    h = np.empty((B, T, H), dtype=x.dtype)                         # (B, T, H)
+    h_state = state_buffer(h0, B, H, x.dtype)                      # (B, H) h_{t-1}, then h_t
+    a_h = np.empty((B, H), dtype=x.dtype)                          # (B, H) h_{t-1} W_h
+    for t in range(T):
+        np.matmul(h_state, W_h_c, out=a_h)
+        _rnn_step_forward(xW_x, b_c, a_h, t, h_state, h)
+    return h, RNNCache(x, h0, W_x, W_h, h)
+
+
+def rnn_backward(dh, cache, *, dh_T=None):
+    """Equals ``minilm.reference.rnn.rnn_backward``. Returns (dx, dh0, dW_x, dW_h, db)."""
+    x, h0, W_x, W_h, h = cache
+    B, T, H = h.shape
+    require_shape("rnn_backward", "dh", dh, (B, T, H), "(B, T, H)")
+    check_state_gradient("rnn_backward", "dh_T", dh_T, B, H)
+    dtype = kernel_dtype(dh, dh_T, h)
+    if dtype is None:
+        return reference.rnn_backward(dh, cache, dh_T=dh_T)
+
+    dh = np.ascontiguousarray(dh)                                  # (B, T, H)
+    h = np.ascontiguousarray(h)                                    # (B, T, H)
+    W_h_T = np.ascontiguousarray(W_h).T                            # (H, H)
+    da = np.empty((B, T, H), dtype=dtype)                          # (B, T, H) gradient of every a_t
+    da_t = np.empty((B, H), dtype=dtype)                           # (B, H) this step's, for the product
+    dh_next = state_buffer(dh_T, B, H, dtype)                      # (B, H) what step t+1 sends to h_t
+    for t in reversed(range(T)):
+        _rnn_step_backward(dh, dh_next, h, t, da, da_t)
+        np.matmul(da_t, W_h_T, out=dh_next)                        # a_t = ... + h_{t-1} W_h
+    dh0 = dh_next
+
+    dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
+    db = np.sum(da.reshape(B * T, H), axis=0)                      # (H,)
+    return dx, dh0, dW_x, dW_h, db

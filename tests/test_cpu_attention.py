@@ -1,0 +1,330 @@
+"""Parity of the Numba tier's attention and softmax (minilm/cpu) with the reference.
+
+Every kernel must equal the reference function of the same name, forward and backward, to
+``EXACT_TOL`` in float64 and ``FLOAT32_TOL`` in float32, where the error of an array is
+
+    relative_error(actual, expected) = max|actual - expected| / max(1, max|expected|),
+
+the measure of ``assert_close`` in ``test_attention.py``. The floor of 1, the size of the inputs
+here, is needed: through a peaked softmax a gradient is the difference of nearly equal O(1) terms
+(dS = A (dA - sum(dA A)) with A close to 1), so it is tiny and both tiers' round-off in it is
+relative to the terms, not to the result. Without the floor, float64 draws differ by ~1e-11 and
+float32 draws by 1e-4 or more; with it, by ~1e-14 and ~4e-6 at worst.
+
+Values come from a numpy Generator seeded by a hypothesis-drawn integer, as in ``test_attention.py``.
+"""
+import re
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+import minilm
+from minilm import backend, cpu, ops
+from minilm.cpu import activations as cpu_activations, attention as cpu_attention
+from minilm.gradcheck import DEFAULT_TOL, gradcheck
+from minilm.reference import activations as ref_activations, attention as ref_attention
+
+EXACT_TOL = 1e-12       # float64: the same math summed in another order differs by ~1e-15 relative
+FLOAT32_TOL = 1e-5      # float32: both tiers round at ~6e-8 per operation; the differences stay below ~4e-6
+GRAD_TOL = DEFAULT_TOL  # DESIGN's bound on analytic vs numerical gradients in float64
+TOL = {np.float64: EXACT_TOL, np.float32: FLOAT32_TOL}
+
+SOME = settings(max_examples=60, deadline=None)
+FEW = settings(max_examples=20, deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    before = backend.current()
+    yield
+    backend.use(before)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def relative_error(actual, expected):
+    """max|actual - expected| / max(1, max|expected|) (see the module docstring for the floor)."""
+    err = float(np.max(np.abs(actual - expected), initial=0.0))
+    return err / max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+
+
+def assert_same(actual, expected, tol, what=""):
+    """Same shape and dtype, and values within ``tol`` in ``relative_error``."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    assert np.all(np.isfinite(actual)), what
+    rel = relative_error(actual, expected)
+    assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.0e}"
+
+
+def assert_same_grads(actual, expected, tol):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if e is None:
+            assert a is None
+        else:
+            assert_same(a, e, tol, f"gradient {i}")
+
+
+def random_mask(rng, shape):
+    """A random boolean mask of ``shape``; rows with no allowed key happen, and are meant to."""
+    return rng.random(shape) < rng.uniform(0.3, 0.9)
+
+
+def allowed_count(q, k, causal, mask):
+    """How many keys each query may attend, (B, NH, Tq)."""
+    B, NH, Tq, _ = q.shape
+    Tk = k.shape[2]
+    i, j = np.arange(Tq)[:, None], np.arange(Tk)[None, :]
+    causal_ok = (j <= i + Tk - Tq) if causal else np.ones((Tq, Tk), dtype=bool)
+    return np.sum(np.broadcast_to(causal_ok & (True if mask is None else mask), (B, NH, Tq, Tk)), axis=-1)
+
+
+@st.composite
+def attention_inputs(draw, dtype=None, scales=(1.0, 3.0), small=False):
+    """((q, k, v), {"causal", "mask"}) with B, NH <= 3, Tq, Tk <= 9, hs <= 8, in float32 or float64
+    (``small``: B, NH <= 2, Tq, Tk <= 5, hs <= 4, for the element-by-element gradient check).
+
+    Tq and Tk are drawn apart: Tq < Tk is a decode step over a key/value cache, Tq > Tk makes
+    causal queries that come before every key. q and k are scaled by one of ``scales``: 3 gives
+    scores up to ~30, so peaked weights."""
+    n, T, hs = (2, 5, 4) if small else (3, 9, 8)
+    B, NH, hs = draw(st.integers(1, n)), draw(st.integers(1, n)), draw(st.integers(1, hs))
+    Tq, Tk = draw(st.integers(1, T)), draw(st.integers(1, T))
+    causal = draw(st.booleans())
+    dtype = draw(st.sampled_from([np.float64, np.float32])) if dtype is None else dtype
+    mask_shape = draw(st.sampled_from([None, (B, NH, Tq, Tk), (B, 1, Tq, Tk), (Tq, Tk), (1, NH, 1, Tk), (Tk,)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from(scales))
+    q = (scale * rng.standard_normal((B, NH, Tq, hs))).astype(dtype)
+    k = (scale * rng.standard_normal((B, NH, Tk, hs))).astype(dtype)
+    v = rng.standard_normal((B, NH, Tk, hs)).astype(dtype)
+    mask = None if mask_shape is None else random_mask(rng, mask_shape)
+    return (q, k, v), {"causal": causal, "mask": mask}
+
+
+def _params(rng, C, widths, biases, dtype):
+    Ws = [(rng.standard_normal((C, w)) / np.sqrt(C)).astype(dtype) for w in widths]
+    bs = [(0.1 * rng.standard_normal(w)).astype(dtype) if biases else None for w in widths]
+    return Ws, bs
+
+
+@st.composite
+def self_attention_inputs(draw):
+    """((x, W_qkv, b_qkv, W_o, b_o), {"n_head", "causal"}) with B, NH <= 3, T <= 9, hs <= 8."""
+    B, T, NH, hs = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 3)), draw(st.integers(1, 8))
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    biases, causal = draw(st.booleans()), draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    C = NH * hs
+    (W_qkv, W_o), (b_qkv, b_o) = _params(rng, C, (3 * C, C), biases, dtype)
+    x = rng.standard_normal((B, T, C)).astype(dtype)
+    return (x, W_qkv, b_qkv, W_o, b_o), {"n_head": NH, "causal": causal}
+
+
+@st.composite
+def cross_attention_inputs(draw):
+    """((x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o), {"n_head", "mask"})."""
+    B, NH, hs = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 8))
+    Tq, Tk = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    mask_shape = draw(st.sampled_from([None, (B, Tq, Tk), (Tq, Tk), (B, 1, Tk)]))
+    biases = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    C = NH * hs
+    (W_q, W_kv, W_o), (b_q, b_kv, b_o) = _params(rng, C, (C, 2 * C, C), biases, dtype)
+    x, memory = rng.standard_normal((B, Tq, C)).astype(dtype), rng.standard_normal((B, Tk, C)).astype(dtype)
+    mask = None if mask_shape is None else random_mask(rng, mask_shape)
+    return (x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o), {"n_head": NH, "mask": mask}
+
+
+def check_parity(name, reference, kernels, args, kwargs, dtype):
+    """``name`` forward and backward from ``kernels`` equal those from ``reference``."""
+    y_ref, cache_ref = getattr(reference, f"{name}_forward")(*args, **kwargs)
+    y, cache = getattr(kernels, f"{name}_forward")(*args, **kwargs)
+    assert_same(y, y_ref, TOL[dtype], f"{name} forward")
+    dy = np.random.default_rng(0).standard_normal(y_ref.shape).astype(dtype)
+    grads_ref = getattr(reference, f"{name}_backward")(dy, cache_ref)
+    grads = getattr(kernels, f"{name}_backward")(dy, cache)
+    assert_same_grads(grads, grads_ref, TOL[dtype])
+    return cache, cache_ref
+
+
+# --- attention --------------------------------------------------------------------------------
+
+@SOME
+@given(attention_inputs())
+def test_attention_equals_reference(inputs):
+    args, kwargs = inputs
+    dtype = args[0].dtype.type
+    cache, cache_ref = check_parity("attention", ref_attention, cpu_attention, args, kwargs, dtype)
+    assert type(cache) is type(cache_ref)                  # the caches interchange
+    assert_same(cache.att, cache_ref.att, TOL[dtype], "att")
+
+
+@FEW
+@given(attention_inputs(dtype=np.float64, scales=(1.0,), small=True))
+def test_attention_gradcheck(inputs):
+    args, kwargs = inputs
+    # where every query sees at most one key, dq = dk = 0 exactly, which a relative error cannot
+    # check (see test_attention.py); test_single_key_gives_exactly_zero_dq_and_dk covers that
+    assume(int(np.max(allowed_count(*args[:2], kwargs["causal"], kwargs["mask"]), initial=0)) >= 2)
+    report = gradcheck(cpu_attention.attention_forward, cpu_attention.attention_backward, args, kwargs,
+                       tol=GRAD_TOL, raise_on_fail=True)
+    assert report.passed and len(report.arguments) == 3
+
+
+def test_single_key_gives_exactly_zero_dq_and_dk():
+    rng = np.random.default_rng(13)
+    q, k, v = rng.standard_normal((2, 2, 3, 4)), rng.standard_normal((2, 2, 1, 4)), rng.standard_normal((2, 2, 1, 4))
+    y, cache = cpu_attention.attention_forward(q, k, v)
+    dq, dk, dv = cpu_attention.attention_backward(np.ones_like(y), cache)
+    assert np.array_equal(y, np.broadcast_to(v, y.shape))
+    assert np.all(dq == 0) and np.all(dk == 0) and np.array_equal(dv, np.full((2, 2, 1, 4), 3.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rows_with_no_allowed_key_give_zeros_without_nan(dtype):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 2, 6, 3)).astype(dtype) for _ in range(3))
+    mask = rng.random((2, 2, 6, 6)) < 0.6
+    mask[..., 0] = True
+    mask[1, 0, 2, :] = False                            # query 2 of (b=1, h=0) may attend nothing
+    mask[0, 1, :, :] = False                            # nor may any query of (b=0, h=1)
+    with np.errstate(all="raise"):
+        y, cache = cpu_attention.attention_forward(q, k, v, mask=mask)
+        dq, dk, dv = cpu_attention.attention_backward(np.ones_like(y), cache)
+    for a in (y, cache.att, dq, dk, dv):
+        assert np.all(np.isfinite(a))
+    for a in (y[1, 0, 2], cache.att[1, 0, 2], dq[1, 0, 2], y[0, 1], dq[0, 1], dk[0, 1], dv[0, 1]):
+        assert np.all(a == 0)
+    assert np.any(y[1, 0, 1] != 0)                      # its neighbours are untouched
+    # causal queries before every key (Tq > Tk, queries aligned to the end of the keys)
+    y, cache = cpu_attention.attention_forward(q, k[:, :, :2], v[:, :, :2], causal=True)
+    dq, _, _ = cpu_attention.attention_backward(np.ones_like(y), cache)
+    assert np.all(y[:, :, :4] == 0) and np.all(dq[:, :, :4] == 0) and np.all(y[:, :, 4:] != 0)
+
+
+def test_non_contiguous_inputs():
+    """Strided views, as the KV-cache path passes (K[:, :, :t]) and as split heads are."""
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal((2, 7, 3 * 12)).astype(np.float32)         # (B, T, 3C), NH = 3, hs = 4
+    q, k, v = (qkv[..., i * 12:(i + 1) * 12].reshape(2, 7, 3, 4).transpose(0, 2, 1, 3) for i in range(3))
+    K = np.zeros((2, 3, 16, 4), np.float32)
+    K[:, :, :7] = k
+    mask = np.broadcast_to(rng.random((1, 1, 7, 7)) < 0.8, (2, 3, 7, 7))[..., ::-1]   # read-only, strided
+    for args, kwargs in [((q, K[:, :, :7], v), {"causal": True}), ((q[:, :, 3:], k, v), {"causal": True}),
+                         ((q, k, v), {"mask": mask}), ((q[:, :, ::2], k[:, ::-1], v[..., ::-1, :]), {})]:
+        assert not all(a.flags.c_contiguous for a in args)
+        cache, _ = check_parity("attention", ref_attention, cpu_attention, args, kwargs, np.float32)
+        grads = cpu_attention.attention_backward(np.ones(args[0].shape, np.float32)[..., ::-1], cache)
+        assert all(g.dtype == np.float32 for g in grads)
+
+
+def test_caches_interchange():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
+    dy = rng.standard_normal(q.shape)
+    _, cache = cpu_attention.attention_forward(q, k, v, causal=True)
+    _, cache_ref = ref_attention.attention_forward(q, k, v, causal=True)
+    assert_same_grads(cpu_attention.attention_backward(dy, cache_ref), ref_attention.attention_backward(dy, cache),
+                      EXACT_TOL)
+
+
+def test_bad_arguments_raise_the_reference_errors():
+    q = np.zeros((1, 2, 3, 4))
+    bad = [((q, q[:, :1], q), {}), ((q, q, q.astype(np.float32)), {}), ((q[0], q, q), {}),
+           ((q, q, q), {"causal": "yes"}), ((q, q, q), {"mask": np.ones((3, 4), bool)}),
+           ((q, q, q), {"mask": np.ones((3, 3))}), ((q.astype(int), q, q), {})]
+    for args, kwargs in bad:
+        with pytest.raises((TypeError, ValueError)) as expected:
+            ref_attention.attention_forward(*args, **kwargs)
+        with pytest.raises(expected.type, match=f"^{re.escape(str(expected.value))}$"):
+            cpu_attention.attention_forward(*args, **kwargs)
+    _, cache = cpu_attention.attention_forward(q, q, q)
+    with pytest.raises(ValueError, match=r"attention_backward: argument 'dy' must have shape \(B, NH, Tq, hs\)"):
+        cpu_attention.attention_backward(q[:, :1], cache)
+
+
+def test_float16_runs_the_reference():
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 2, 3, 4)).astype(np.float16) for _ in range(3))
+    y, cache = cpu_attention.attention_forward(q, k, v, causal=True)
+    y_ref, cache_ref = ref_attention.attention_forward(q, k, v, causal=True)
+    assert y.dtype == np.float16 and np.array_equal(y, y_ref)
+    for g, g_ref in zip(cpu_attention.attention_backward(y, cache), ref_attention.attention_backward(y, cache_ref)):
+        assert np.array_equal(g, g_ref)
+    y, _ = cpu_activations.softmax_forward(q)
+    assert y.dtype == np.float16 and np.array_equal(y, ref_activations.softmax_forward(q)[0])
+
+
+# --- self- and cross-attention ----------------------------------------------------------------
+
+@FEW
+@given(self_attention_inputs())
+def test_self_attention_equals_reference(inputs):
+    args, kwargs = inputs
+    check_parity("self_attention", ref_attention, cpu_attention, args, kwargs, args[0].dtype.type)
+
+
+@FEW
+@given(cross_attention_inputs())
+def test_cross_attention_equals_reference(inputs):
+    args, kwargs = inputs
+    check_parity("cross_attention", ref_attention, cpu_attention, args, kwargs, args[0].dtype.type)
+
+
+def test_self_attention_runs_the_attention_kernel(monkeypatch):
+    """The numba tier's self- and cross-attention use the kernel, not the reference's attention."""
+    called = []
+    for way in ("forward", "backward"):
+        kernel = getattr(cpu_attention, f"attention_{way}")
+        monkeypatch.setattr(cpu_attention, f"attention_{way}", lambda *a, _k=kernel, _w=way, **kw: called.append(_w)
+                            or _k(*a, **kw))
+    monkeypatch.setattr(ref_attention, "attention_forward", None)      # the reference's own would fail
+    rng = np.random.default_rng(5)
+    x, W_qkv, W_o = rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 12)), rng.standard_normal((4, 4))
+    y, cache = cpu_attention.self_attention_forward(x, W_qkv, None, W_o, None, n_head=2)
+    cpu_attention.self_attention_backward(y, cache)
+    args = (x, x, W_o, None, rng.standard_normal((4, 8)), None, W_o, None)
+    y, cache = cpu_attention.cross_attention_forward(*args, n_head=2)
+    cpu_attention.cross_attention_backward(y, cache)
+    assert called == ["forward", "backward"] * 2
+
+
+def test_the_numba_backend_uses_the_kernels():
+    minilm.use("numba")
+    for name in ("attention", "self_attention", "cross_attention"):
+        for way in ("forward", "backward"):
+            assert getattr(ops, f"{name}_{way}") is getattr(cpu_attention, f"{name}_{way}")
+            assert getattr(cpu, f"{name}_{way}") is getattr(cpu_attention, f"{name}_{way}")
+    assert ops.softmax_forward is cpu_activations.softmax_forward
+    assert ops.softmax_backward is cpu_activations.softmax_backward
+    minilm.use("numpy")
+    assert ops.attention_forward is ref_attention.attention_forward
+
+
+# --- softmax ----------------------------------------------------------------------------------
+
+@SOME
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=4), st.sampled_from([np.float64, np.float32]),
+       st.sampled_from([1.0, 30.0]), st.integers(0, 2**32 - 1))
+def test_softmax_equals_reference(shape, dtype, scale, seed):
+    x = (scale * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+    check_parity("softmax", ref_activations, cpu_activations, (x,), {}, dtype)
+
+
+def test_softmax_non_contiguous_gradcheck_and_checks():
+    x = np.random.default_rng(6).standard_normal((4, 6, 5)).transpose(1, 2, 0)[:, ::2]     # (6, 3, 4) strided
+    check_parity("softmax", ref_activations, cpu_activations, (x,), {}, np.float64)
+    # gradcheck perturbs its arguments through reshape(-1), so it is given a contiguous copy
+    report = gradcheck(cpu_activations.softmax_forward, cpu_activations.softmax_backward, (np.ascontiguousarray(x),),
+                       tol=GRAD_TOL, raise_on_fail=True)
+    assert report.passed
+    with pytest.raises(TypeError, match="softmax: argument 'x' must be a floating-point array"):
+        cpu_activations.softmax_forward(np.arange(3))
+    with pytest.raises(ValueError, match=r"softmax: argument 'x' must have at least 1 dimension"):
+        cpu_activations.softmax_forward(np.ones(()))
+    _, cache = cpu_activations.softmax_forward(x)
+    with pytest.raises(ValueError, match=r"softmax_backward: argument 'dy' must have shape"):
+        cpu_activations.softmax_backward(x[:1], cache)

@@ -1,0 +1,437 @@
+"""Parity of the Numba tier's recurrent ops (minilm/cpu/rnn.py, lstm.py, gru.py) with the reference.
+
+Every kernel must equal the reference function of the same name, forward (output, every cache
+field, final states) and backward (with and without final-state gradients), where the error of
+an array is ``relative_error(actual, expected) = max|actual - expected| / max|expected|``. Then:
+gradient checks of the Numba pair itself, a sequence cut in two chunks, the caches of the two
+tiers interchanging, strided inputs, the exp/σ/tanh the kernels compute, dtypes, purity, bad
+input, and the backend switch routing ``minilm.ops`` to these functions.
+"""
+import copy
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+import minilm
+from minilm import backend, ops
+from minilm.cpu import gru as cpu_gru, lstm as cpu_lstm, rnn as cpu_rnn
+from minilm.gradcheck import DEFAULT_TOL, gradcheck
+from minilm.reference import gru as ref_gru, lstm as ref_lstm, rnn as ref_rnn
+
+# float64: the kernels add and multiply in the reference's order and differ from it only in exp,
+# σ and tanh, by an ulp or two; through up to 7 steps of gates that stays below ~1e-13 relative.
+EXACT_TOL = 1e-12
+# float32: both tiers compute in float32 (ulp 1.2e-7), the same few-ulp differences, so the
+# arrays agree to ~1e-6 of the O(1) gates and states they are computed from. An array that
+# cancels down below that scale (a gradient summed from terms of both signs, 1 - h^2 of a
+# saturated unit) keeps their absolute round-off, so its error is taken relative to
+# max(max|expected|, 1), the scale of those terms.
+FLOAT32_TOL = 1e-5
+TOL = {np.float64: EXACT_TOL, np.float32: FLOAT32_TOL}
+SCALE_FLOOR = {np.float64: 0.0, np.float32: 1.0}
+# exp_nonpositive: Cody-Waite reduction and a Taylor polynomial accurate to ~0.1 ulp, plus the
+# rounding of the handful of operations after it.
+EXP_ULPS = 2
+# σ and tanh from that exp: a few roundings of values of order 1, so a few ulps of 1, absolute.
+ACTIVATION_ULPS = 4
+
+OPS = ("rnn", "lstm", "gru")
+REFERENCE = {"rnn": ref_rnn, "lstm": ref_lstm, "gru": ref_gru}
+NUMBA = {"rnn": cpu_rnn, "lstm": cpu_lstm, "gru": cpu_gru}
+ARGUMENTS = {                                                   # forward's arguments, in order
+    "rnn": ("x", "h0", "W_x", "W_h", "b"),
+    "lstm": ("x", "h0", "c0", "W_x", "W_h", "b"),
+    "gru": ("x", "h0", "W_x", "W_h", "b_x", "b_h"),
+}
+N_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+STATES = {"rnn": ("h",), "lstm": ("h", "c"), "gru": ("h",)}     # final states: cache.h_T, cache.c_T
+
+SOME = settings(max_examples=40, deadline=None)
+FEW = settings(max_examples=12, deadline=None)
+# H up to 20: the kernels' loops run 8 (float32) or 4 (float64) units at a time plus a remainder,
+# so both parts are exercised.
+dims = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 5), st.integers(1, 20))  # B, T, D, H
+small_dims = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 9))
+seeds = st.integers(0, 2**32 - 1)
+# Weight scale, as in test_recurrent.py: from nearly linear gates to partly saturated ones. (Much
+# larger gains make the tanh RNN chaotic: any rounding difference then grows step by step, in
+# each tier alike. Deep saturation has its own test below.)
+gains = st.floats(0.5, 1.5)
+dtypes = st.sampled_from([np.float64, np.float32])
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    before = backend.current()
+    yield
+    backend.use(before)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def forward(tier, op):
+    return getattr(tier[op], f"{op}_forward")
+
+
+def backward(tier, op):
+    return getattr(tier[op], f"{op}_backward")
+
+
+def make_args(op, B, T, D, H, seed=0, gain=1.0, dtype=np.float64):
+    """Arguments for ``op``'s forward, as ``tests/test_recurrent.py`` draws them: every entry is
+    ±scale·u with u ~ U(0.3, 1.2), the scale 1 for inputs, 1/2 for states and biases,
+    gain/√fan-in for weights. Entries stay away from 0 (so no gradient is so small that the
+    round-off of finite differences is a sizeable part of it) and, for gain <= 1.5, from deep
+    saturation."""
+    rng = np.random.default_rng(seed)
+    G = N_GATES[op]
+    shapes = {"x": (B, T, D), "h0": (B, H), "c0": (B, H), "W_x": (D, G * H), "W_h": (H, G * H),
+              "b": (G * H,), "b_x": (G * H,), "b_h": (G * H,)}
+    scales = {"x": 1.0, "h0": 0.5, "c0": 0.5, "W_x": gain / np.sqrt(D), "W_h": gain / np.sqrt(H),
+              "b": 0.5, "b_x": 0.5, "b_h": 0.5}
+    return tuple((scales[a] * rng.uniform(0.3, 1.2, shapes[a]) * rng.choice([-1.0, 1.0], shapes[a])).astype(dtype)
+                 for a in ARGUMENTS[op])
+
+
+def final_state_kwargs(op, B, H, seed, dtype=np.float64):
+    """Random gradients for the final states: {"dh_T": (B, H)} and, for the LSTM, "dc_T"."""
+    rng = np.random.default_rng(seed + 1)
+    return {f"d{s}_T": rng.standard_normal((B, H)).astype(dtype) for s in STATES[op]}
+
+
+def relative_error(actual, expected, floor=0.0):
+    """max|actual - expected| / max(max|expected|, floor); 0 when both are all zeros, inf when only
+    expected is."""
+    err = float(np.max(np.abs(actual - expected), initial=0.0))
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), floor)
+    return err / scale if scale > 0 else (0.0 if err == 0 else np.inf)
+
+
+def assert_same(actual, expected, tol, what="", floor=None):
+    """Same shape and dtype, finite, and within ``tol`` in ``relative_error`` (floor: the dtype's)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    assert np.all(np.isfinite(actual)), what
+    rel = relative_error(actual, expected, SCALE_FLOOR[actual.dtype.type] if floor is None else floor)
+    assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.0e}"
+
+
+def assert_same_all(actual, expected, tol, names, floor=None):
+    assert len(actual) == len(expected) == len(names)
+    for a, e, name in zip(actual, expected, names):
+        assert_same(a, e, tol, name, floor)
+
+
+def with_final_states(op, fwd, bwd):
+    """``op`` whose output also carries its final states, appended along time: (B, T + k, H), so
+    that a gradient check's contraction reaches the backward's ``dh_T`` (and ``dc_T``)."""
+    @functools.wraps(fwd)                                       # the report names the real arguments
+    def forward_with_states(*args):
+        h, cache = fwd(*args)
+        finals = [getattr(cache, f"{s}_T")[:, None] for s in STATES[op]]
+        return np.concatenate([h] + finals, axis=1), cache      # (B, T + k, H)
+
+    def backward_with_states(dout, cache):
+        T = cache.h.shape[1]
+        kwargs = {f"d{s}_T": dout[:, T + k] for k, s in enumerate(STATES[op])}
+        return bwd(dout[:, :T], cache, **kwargs)
+
+    return forward_with_states, backward_with_states
+
+
+# --- parity with the reference ------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", OPS)
+@SOME
+@given(shape=dims, seed=seeds, gain=gains, dtype=dtypes, finals=st.booleans())
+def test_equals_reference(op, shape, seed, gain, dtype, finals):
+    B, T, D, H = shape
+    args = make_args(op, B, T, D, H, seed, gain, dtype)
+    tol = TOL[dtype]
+    h, cache = forward(NUMBA, op)(*args)
+    h_ref, cache_ref = forward(REFERENCE, op)(*args)
+
+    assert type(cache) is type(cache_ref)
+    assert_same(h, h_ref, tol, "h")
+    assert_same_all(cache, cache_ref, tol, cache._fields)
+    for s in STATES[op]:
+        assert_same(getattr(cache, f"{s}_T"), getattr(cache_ref, f"{s}_T"), tol, f"{s}_T")
+
+    dh = np.random.default_rng(seed).standard_normal(h.shape).astype(dtype)
+    kwargs = final_state_kwargs(op, B, H, seed, dtype) if finals else {}
+    grads = backward(NUMBA, op)(dh, cache, **kwargs)
+    grads_ref = backward(REFERENCE, op)(dh, cache_ref, **kwargs)
+    assert_same_all(grads, grads_ref, tol, ARGUMENTS[op])
+
+
+@pytest.mark.parametrize("op", OPS)
+@FEW
+@given(shape=dims, seed=seeds, gain=gains, dtype=dtypes)
+def test_caches_interchange(op, shape, seed, gain, dtype):
+    """Each tier's backward accepts the other's cache (the same NamedTuple) and gives its gradients."""
+    B, T, D, H = shape
+    args = make_args(op, B, T, D, H, seed, gain, dtype)
+    _, cache = forward(NUMBA, op)(*args)
+    _, cache_ref = forward(REFERENCE, op)(*args)
+    dh = np.random.default_rng(seed).standard_normal((B, T, H)).astype(dtype)
+    kwargs = final_state_kwargs(op, B, H, seed, dtype)
+    expected = backward(REFERENCE, op)(dh, cache_ref, **kwargs)
+    assert_same_all(backward(NUMBA, op)(dh, cache_ref, **kwargs), expected, TOL[dtype], ARGUMENTS[op])
+    assert_same_all(backward(REFERENCE, op)(dh, cache, **kwargs), expected, TOL[dtype], ARGUMENTS[op])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_strided_inputs(op):
+    """Views with any strides (every other time step, transposed weights, a batch slice of the
+    state, a reversed bias) give the results of their contiguous copies."""
+    B, T, D, H = 3, 5, 4, 10
+    args = make_args(op, B, 2 * T, D, H, seed=4)
+    named = dict(zip(ARGUMENTS[op], args))
+    views = {"x": named["x"][:, ::2]}                           # (B, T, D), time stride 2
+    for name in ARGUMENTS[op][1:]:
+        a = named[name]
+        if a.ndim == 2:
+            views[name] = np.asfortranarray(a) if name.startswith("W") else np.concatenate([a, a])[::2]
+        else:
+            views[name] = np.ascontiguousarray(a[::-1])[::-1]   # negative stride
+    strided = tuple(views[name] for name in ARGUMENTS[op])
+    contiguous = tuple(np.ascontiguousarray(a) for a in strided)
+    assert not all(a.flags.c_contiguous for a in strided)
+
+    h, cache = forward(NUMBA, op)(*strided)
+    h_ref, cache_ref = forward(REFERENCE, op)(*contiguous)
+    assert_same(h, h_ref, EXACT_TOL, "h")
+    dh = np.random.default_rng(5).standard_normal((B, 2 * T, H))[:, ::2]
+    kwargs = {k: np.asfortranarray(v) for k, v in final_state_kwargs(op, B, H, seed=5).items()}
+    assert_same_all(backward(NUMBA, op)(dh, cache, **kwargs),
+                    backward(REFERENCE, op)(np.ascontiguousarray(dh), cache_ref, **kwargs), EXACT_TOL, ARGUMENTS[op])
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_saturated_gates(op, dtype):
+    """Biases of ±(15..60) put every gate in deep saturation (σ and tanh at 0 or ±1 to within
+    e^-15, e^-|a| often below the smallest normal number); the results still equal the
+    reference's, with no NaN.
+
+    The gradients all pass through σ'(a) ~ e^-15, so they are tiny, and the tiers compute a tiny
+    σ(a) (a << 0) to different relative precision (the reference's ½(1 + tanh(a/2)) cancels), so
+    every array is compared on the scale of the O(1) gates and states: floor 1.
+    """
+    B, T, D, H = 2, 4, 3, 9
+    args = dict(zip(ARGUMENTS[op], make_args(op, B, T, D, H, seed=6, dtype=dtype)))
+    for name in ("b", "b_x", "b_h"):
+        if name in args:
+            args[name] = args[name] * dtype(50)
+    h, cache = forward(NUMBA, op)(*args.values())
+    h_ref, cache_ref = forward(REFERENCE, op)(*args.values())
+    assert_same_all(cache, cache_ref, TOL[dtype], cache._fields, floor=1.0)
+    dh = np.random.default_rng(6).standard_normal(h.shape).astype(dtype)
+    assert_same_all(backward(NUMBA, op)(dh, cache), backward(REFERENCE, op)(dh, cache_ref), TOL[dtype],
+                    ARGUMENTS[op], floor=1.0)
+
+
+# --- gradients of the Numba pair ----------------------------------------------------------------
+
+@pytest.mark.parametrize("op", OPS)
+@FEW
+@given(shape=small_dims, seed=seeds, gain=gains)
+def test_gradcheck(op, shape, seed, gain):
+    """The Numba backward equals the numerical gradient of the Numba forward, final-state
+    gradients included (the output carries h_T, c_T, so the contraction reaches dh_T, dc_T)."""
+    fwd, bwd = with_final_states(op, forward(NUMBA, op), backward(NUMBA, op))
+    report = gradcheck(fwd, bwd, make_args(op, *shape, seed, gain), seed=seed % 1000, name=f"numba {op}+states")
+    assert [a.name for a in report.arguments] == list(ARGUMENTS[op])
+    assert report.passed, str(report)
+    assert max(a.max_rel_error for a in report.arguments) <= DEFAULT_TOL
+
+
+@pytest.mark.parametrize("op", OPS)
+@FEW
+@given(shape=dims, seed=seeds, gain=gains, cut=st.floats(0.0, 1.0))
+def test_two_chunks_equal_the_whole_sequence(op, shape, seed, gain, cut):
+    """On the Numba tier, a sequence cut in two chunks (the second starting from the first's final
+    states, the first's backward given the second's dh0, dc0) gives the whole sequence's results."""
+    B, T, D, H = shape
+    T += 1                                                      # room for a cut
+    k = 1 + min(int(cut * (T - 1)), T - 2)                      # 1 <= k < T
+    args = make_args(op, B, T, D, H, seed, gain)
+    names = ARGUMENTS[op]
+    fwd, bwd = forward(NUMBA, op), backward(NUMBA, op)
+    dh = np.random.default_rng(seed).standard_normal((B, T, H))
+    finals = final_state_kwargs(op, B, H, seed)
+
+    h, cache = fwd(*args)
+    grads = dict(zip(names, bwd(dh, cache, **finals)))
+    first = dict(zip(names, args), x=args[0][:, :k])
+    h1, cache1 = fwd(*first.values())
+    second = dict(first, x=args[0][:, k:], **{f"{s}0": getattr(cache1, f"{s}_T") for s in STATES[op]})
+    h2, cache2 = fwd(*second.values())
+    grads2 = dict(zip(names, bwd(dh[:, k:], cache2, **finals)))
+    carried = {f"d{s}_T": grads2[f"{s}0"] for s in STATES[op]}
+    grads1 = dict(zip(names, bwd(dh[:, :k], cache1, **carried)))
+
+    assert_same(np.concatenate([h1, h2], axis=1), h, EXACT_TOL, "h")
+    for s in STATES[op]:
+        assert_same(getattr(cache2, f"{s}_T"), getattr(cache, f"{s}_T"), EXACT_TOL, f"{s}_T")
+        assert_same(grads1[f"{s}0"], grads[f"{s}0"], EXACT_TOL, f"d{s}0")
+    assert_same(np.concatenate([grads1["x"], grads2["x"]], axis=1), grads["x"], EXACT_TOL, "dx")
+    for name in names[1 + len(STATES[op]):]:                    # weights and biases: the chunks' sum
+        assert_same(grads1[name] + grads2[name], grads[name], EXACT_TOL, f"d{name}")
+
+
+# --- exp, σ and tanh of the kernels -------------------------------------------------------------
+
+@njit(cache=True)
+def _apply(fn_id, a):
+    out = np.empty_like(a)
+    for j in range(a.shape[0]):
+        if fn_id == 0:
+            out[j] = cpu_rnn.exp_nonpositive(a[j])
+        elif fn_id == 1:
+            out[j] = cpu_rnn.sigmoid(a[j])
+        else:
+            out[j] = cpu_rnn.tanh(a[j])
+    return out
+
+
+def _exact(fn_id, a):
+    """exp / σ / tanh in extended precision (np.longdouble, 64-bit mantissa on x86)."""
+    a = a.astype(np.longdouble)
+    return (np.exp(a), 1 / (1 + np.exp(-a)), np.tanh(a))[fn_id]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exp_sigmoid_tanh_are_accurate(dtype):
+    """exp_nonpositive within EXP_ULPS where e^x is a normal number and within the smallest normal
+    number below that (0 allowed); σ and tanh within ACTIVATION_ULPS of 1, exact at ±inf."""
+    eps, tiny = float(np.finfo(dtype).eps), np.finfo(dtype).tiny
+    x = np.concatenate([np.linspace(1.05 * np.log(tiny), 0, 200001), -np.logspace(-30, 4, 2001), [-np.inf]])
+    x = x.astype(dtype)
+    exp, exact = _apply(0, x), _exact(0, x)
+    normal = exact >= tiny
+    ulps = np.abs(exp[normal] - exact[normal]) / np.spacing(exact[normal].astype(dtype)).astype(np.longdouble)
+    assert exp.dtype == dtype and float(np.max(ulps)) <= EXP_ULPS
+    assert np.all(np.abs(exp[~normal] - exact[~normal]) <= tiny) and exp[-1] == 0
+
+    a = np.concatenate([np.linspace(-60, 60, 100001), np.logspace(-30, 1, 1001), -np.logspace(-30, 1, 1001),
+                        [0.0, 1e4, -1e4, np.inf, -np.inf]]).astype(dtype)
+    for fn_id in (1, 2):
+        y = _apply(fn_id, a)
+        assert y.dtype == dtype
+        assert float(np.max(np.abs(y - _exact(fn_id, a)))) <= ACTIVATION_ULPS * eps
+    assert _apply(1, a)[-2:].tolist() == [1.0, 0.0] and _apply(2, a)[-2:].tolist() == [1.0, -1.0]
+    assert np.all(_apply(2, -a) == -_apply(2, a))                # tanh is exactly odd
+
+
+@pytest.mark.parametrize("fn_id", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_nan_stays_nan(fn_id, dtype):
+    """A NaN (a diverged training run) is passed on, never turned into a number."""
+    assert np.isnan(_apply(fn_id, np.array([np.nan], dtype=dtype))[0])
+
+
+def test_python_versions_of_the_helpers():
+    """Outside a kernel the helpers are NumPy's functions (what the overloads stand in for)."""
+    a = np.linspace(-5, 5, 11)
+    np.testing.assert_allclose(cpu_rnn.exp_nonpositive(-np.abs(a)), np.exp(-np.abs(a)))
+    np.testing.assert_allclose(cpu_rnn.sigmoid(a), 1 / (1 + np.exp(-a)), rtol=1e-12)
+    np.testing.assert_allclose(cpu_rnn.tanh(a), np.tanh(a))
+
+
+# --- dtypes, purity, bad input ------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", OPS)
+def test_float16_runs_the_reference(op):
+    args = make_args(op, 2, 3, 4, 5, seed=7, dtype=np.float16)
+    h, cache = forward(NUMBA, op)(*args)
+    h_ref, cache_ref = forward(REFERENCE, op)(*args)
+    assert h.dtype == np.float16
+    np.testing.assert_array_equal(h, h_ref)
+    dh = np.ones_like(h)
+    for g, g_ref in zip(backward(NUMBA, op)(dh, cache), backward(REFERENCE, op)(dh, cache_ref)):
+        np.testing.assert_array_equal(g, g_ref)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradient_of_another_dtype_runs_the_reference(op):
+    """A float64 dh for a float32 cache gives exactly what the reference gives (its promotions)."""
+    args = make_args(op, 2, 3, 4, 5, seed=8, dtype=np.float32)
+    _, cache = forward(NUMBA, op)(*args)
+    dh = np.random.default_rng(8).standard_normal((2, 3, 5))
+    for g, g_ref in zip(backward(NUMBA, op)(dh, cache), backward(REFERENCE, op)(dh, cache)):
+        assert g.dtype == g_ref.dtype
+        np.testing.assert_array_equal(g, g_ref)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_backward_leaves_its_inputs_and_the_cache_alone(op):
+    B, T, D, H = 2, 4, 3, 9
+    args = make_args(op, B, T, D, H, seed=9)
+    h, cache = forward(NUMBA, op)(*args)
+    dh = np.random.default_rng(10).standard_normal((B, T, H))
+    finals = final_state_kwargs(op, B, H, seed=10)
+    arrays = [*args, h, *cache, dh, *finals.values()]
+    before = copy.deepcopy(arrays)
+
+    grads = backward(NUMBA, op)(dh, cache, **finals)
+    again = backward(NUMBA, op)(dh, cache, **finals)
+
+    for a, a_before in zip(arrays, before):
+        np.testing.assert_array_equal(a, a_before)
+    for g, g_again in zip(grads, again):
+        np.testing.assert_array_equal(g, g_again)
+    inputs = [dh, *finals.values(), *cache]
+    assert not any(np.shares_memory(g, a) for g in grads for a in inputs), "a gradient aliases an input"
+
+
+BAD = [   # (op, argument, how it is spoiled)
+    ("rnn", "x", lambda a: a.tolist()),
+    ("lstm", "x", lambda a: a[:, :0]),
+    ("gru", "h0", lambda a: a[:1]),
+    ("lstm", "c0", lambda a: a.astype(np.float32)),
+    ("rnn", "W_x", lambda a: a[:-1]),
+    ("gru", "W_h", lambda a: a[:, :-1]),
+    ("lstm", "b", lambda a: a[None]),
+    ("gru", "b_h", lambda a: a.astype(np.int64)),
+]
+
+
+@pytest.mark.parametrize("op, name, spoil", BAD, ids=[f"{op}-{name}" for op, name, _ in BAD])
+def test_bad_forward_input_raises_the_reference_error(op, name, spoil):
+    named = dict(zip(ARGUMENTS[op], make_args(op, 2, 3, 4, 5)))
+    named[name] = spoil(named[name])
+    with pytest.raises((TypeError, ValueError)) as expected:
+        forward(REFERENCE, op)(*named.values())
+    with pytest.raises(expected.type, match=rf"^{op}: argument '{name}'") as got:
+        forward(NUMBA, op)(*named.values())
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("op, name", [("rnn", "dh"), ("lstm", "dh_T"), ("lstm", "dc_T"), ("gru", "dh_T")])
+def test_bad_backward_input_raises_the_reference_error(op, name):
+    B, T, D, H = 2, 3, 4, 5
+    h, cache = forward(NUMBA, op)(*make_args(op, B, T, D, H))
+    dh, kwargs = (np.zeros((B, T + 1, H)), {}) if name == "dh" else (np.zeros_like(h), {name: np.zeros((B, H + 1))})
+    with pytest.raises(ValueError) as expected:
+        backward(REFERENCE, op)(dh, cache, **kwargs)
+    with pytest.raises(ValueError, match=rf"^{op}_backward: argument '{name}'") as got:
+        backward(NUMBA, op)(dh, cache, **kwargs)
+    assert str(got.value) == str(expected.value)
+
+
+# --- the backend switch ---------------------------------------------------------------------------
+
+def test_the_numba_backend_uses_the_kernels():
+    minilm.use("numba")
+    for op in OPS:
+        for direction in ("forward", "backward"):
+            name = f"{op}_{direction}"
+            assert getattr(ops, name) is getattr(NUMBA[op], name)
+    minilm.use("numpy")
+    for op in OPS:
+        assert getattr(ops, f"{op}_forward") is forward(REFERENCE, op)
+        assert getattr(ops, f"{op}_backward") is backward(REFERENCE, op)
