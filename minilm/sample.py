@@ -103,8 +103,9 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     top_p : None, or float in (0, 1]: nucleus sampling.
     seed : None or int >= 0, seeds the numpy Generator (one draw per token).
     use_cache : bool. True feeds only the new token each step through ``model.forward_step``
-        (a GPT's key/value cache, an RNN's state); False runs the whole context, cropped to the
-        last ``block_size`` tokens for a GPT, through ``model.forward`` every step.
+        (a GPT's key/value cache, an RNN's state); False runs the whole context through
+        ``model.forward`` every step. For a GPT both see the same context: at most ``block_size``
+        tokens, shifted to its newest half when full (``context_start``).
 
     The options are checked when ``generate`` is called, before the first token is asked for.
     """
@@ -117,16 +118,31 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     return _tokens(model, prompt, max_new_tokens, options, np.random.default_rng(seed), use_cache)
 
 
+def context_start(n_tokens, start, window):
+    """Where the model's context begins once there are ``n_tokens``: it slides only when full.
+
+    A GPT sees at most ``window`` (block_size) tokens. When one more would not fit, the context
+    restarts from the newest ``window // 2`` tokens (a "context shift"), so that with a key/value
+    cache the cache is rebuilt once every ``window // 2`` tokens rather than at every step, and
+    the cached and the cache-less paths see exactly the same context. ``window`` None: no limit.
+    """
+    if window is None or n_tokens - start <= window:
+        return start
+    return n_tokens - max(1, window // 2)
+
+
 def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
     window = getattr(model.config, "block_size", None)                   # None: a recurrent model
     tokens = list(tokens)
-    state, new = None, tokens                                            # the first step feeds the prompt
+    start, state, new = 0, None, tokens                                  # the first step feeds the prompt
     for _ in range(max_new_tokens):
+        shifted = context_start(len(tokens), start, window)
+        if shifted != start:                                             # the context is full: shift it
+            start, state, new = shifted, None, tokens[shifted:]
         if use_cache:
             logits, state = model.forward_step(np.asarray([new]), state)  # (1, V)
         else:
-            context = tokens if window is None else tokens[-window:]
-            logits = model.forward(np.asarray([context]))[0][:, -1]      # (1, V)
+            logits = model.forward(np.asarray([tokens[start:]]))[0][:, -1]  # (1, V)
         token = sample_token(next_token_probs(logits[0], **options), rng)
         tokens.append(token)
         new = [token]

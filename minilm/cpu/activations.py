@@ -111,6 +111,8 @@ from llvmlite import ir  # noqa: E402  (this section's own imports)
 from numba import types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
+from minilm.cpu._parallel import pick, rows_kernel
+
 # Cephes' expf: exp(a) = 2^k exp(r), k = round(a / ln 2), r = a - k ln 2 with ln 2 split in two
 # (C1 + C2) so that r is exact, and a degree-7 polynomial for exp(r) on |r| <= ln(2)/2.
 _LOG2E = 1.44269504088896341
@@ -146,7 +148,7 @@ def _expf(a):
     return f(0.0) if a < f(-87.0) else p * _exp2_int32(np.int32(k))
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _gelu_forward_kernel(x, exact, fast_exp, y):
     """y of ``reference.gelu_forward`` for flat x (n,): the erf form when ``exact``, else the tanh form.
 
@@ -196,7 +198,7 @@ def gelu_forward(x, *, approximate="tanh"):
     if x.dtype not in KERNEL_DTYPES:
         return reference.gelu_forward(x, approximate=approximate)
     y = np.empty(x.shape, dtype=x.dtype)
-    _gelu_forward_kernel(np.ascontiguousarray(x).reshape(-1), approximate == "none", x.dtype == np.float32,
+    pick(_gelu_forward_kernel, x.size)(np.ascontiguousarray(x).reshape(-1), approximate == "none", x.dtype == np.float32,
                          y.reshape(-1))
     return y, reference.GeluCache(x, approximate)
 

@@ -35,6 +35,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from minilm.cpu._parallel import pick, rows_kernel
+
 from minilm.reference import attention as reference
 from minilm.reference.attention import AttentionCache, check_attention_args
 from minilm.validate import require_shape
@@ -74,7 +76,7 @@ def _zero(a, n):
             a[r, c] = 0
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _attention_forward_kernel(q, k, v, mask, masked, causal, scale):
     """y, att of ``reference.attention_forward`` for contiguous q (B, NH, Tq, hs), k, v (B, NH, Tk, hs)
     and, when ``masked``, a contiguous boolean mask (B, NH, Tq, Tk); ``scale`` = 1/sqrt(hs) in q's dtype."""
@@ -239,7 +241,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None):
     mask = (np.ascontiguousarray(np.broadcast_to(mask, (B, NH, Tq, Tk))) if masked
             else np.empty((0, 0, 0, 0), dtype=np.bool_))        # never read
     scale = q.dtype.type(1.0 / math.sqrt(hs))                   # in q's dtype, as the reference's product
-    y, att = _attention_forward_kernel(q, k, v, mask, masked, causal, scale)
+    y, att = pick(_attention_forward_kernel, q.size * k.shape[2])(q, k, v, mask, masked, causal, scale)
     return y, AttentionCache(q, k, v, att)
 
 

@@ -18,6 +18,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from minilm.cpu._parallel import pick, rows_kernel
+
 from minilm.reference import layernorm as reference
 from minilm.reference.layernorm import LayernormCache, check_layernorm_args
 from minilm.validate import require_shape
@@ -51,7 +53,7 @@ def _row_sum(row, shift, square):
     return (s0 + s1) + (s2 + s3)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _forward_rows(x, gamma, beta, eps, y, x_hat, rstd):
     """Equals ``minilm.reference.layernorm.layernorm_forward`` on (N, C) rows; fills y, x_hat, rstd (N,)."""
     N, C = x.shape
@@ -101,7 +103,7 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
     y = np.empty_like(x2)
     x_hat = np.empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)                # (N,)
-    _forward_rows(x2, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), float(eps), y, x_hat, rstd)
+    pick(_forward_rows, x2.size)(x2, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), float(eps), y, x_hat, rstd)
     return y.reshape(x.shape), LayernormCache(x_hat.reshape(x.shape), rstd.reshape(lead + (1,)), gamma)
 
 

@@ -41,10 +41,12 @@ runs at float32 speed), never overflowing:
 (for small :math:`|a|`, tanh's relative error is larger than NumPy's, its absolute error the same).
 Numba has no float16 arithmetic, so other float dtypes run the reference functions.
 """
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
+from threadpoolctl import ThreadpoolController
 
 from minilm.reference import rnn as reference
 from minilm.reference.rnn import (RNNCache, check_sequence, check_state_gradient, check_vector, check_weights,
@@ -205,6 +207,23 @@ def copy(src, dst):
         dst[j] = src[j]
 
 
+_blas = None    # threadpoolctl's controller of the loaded BLAS libraries, made on first use
+
+
+def blas_on_all_cores():
+    """A context in which BLAS may run on as many threads as Numba's pool has.
+
+    The numba backend holds BLAS to one thread, so that its threads and Numba's do not take each
+    other's cores (``minilm.backend``). A recurrent op runs no parallel Numba loop (its kernels
+    are serial) and spends most of its time in matrix products, so for its duration the cores
+    go to BLAS; leaving the context restores the limit in force before.
+    """
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController().select(user_api="blas")
+    return _blas.limit(limits=numba.get_num_threads())
+
+
 def kernel_dtype(*arrays):
     """The one dtype of ``arrays`` (None entries skipped) if the kernels compile for it, else None."""
     dtypes = {a.dtype for a in arrays if a is not None}
@@ -286,15 +305,16 @@ def rnn_forward(x, h0, W_x, W_h, b):
     if x.dtype not in KERNEL_DTYPES:
         return reference.rnn_forward(x, h0, W_x, W_h, b)
 
-    xW_x = input_products(x, W_x)                                  # (B, T, H) x_t W_x, all t at once
-    W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, H), (H,) read by every step
-    h = np.empty((B, T, H), dtype=x.dtype)                         # (B, T, H)
-    h_state = state_buffer(h0, B, H, x.dtype)                      # (B, H) h_{t-1}, then h_t
-    a_h = np.empty((B, H), dtype=x.dtype)                          # (B, H) h_{t-1} W_h
-    for t in range(T):
-        np.matmul(h_state, W_h_c, out=a_h)
-        _rnn_step_forward(xW_x, b_c, a_h, t, h_state, h)
-    return h, RNNCache(x, h0, W_x, W_h, h)
+    with blas_on_all_cores():
+        xW_x = input_products(x, W_x)                                  # (B, T, H) x_t W_x, all t at once
+        W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, H), (H,) read by every step
+        h = np.empty((B, T, H), dtype=x.dtype)                         # (B, T, H)
+        h_state = state_buffer(h0, B, H, x.dtype)                      # (B, H) h_{t-1}, then h_t
+        a_h = np.empty((B, H), dtype=x.dtype)                          # (B, H) h_{t-1} W_h
+        for t in range(T):
+            np.matmul(h_state, W_h_c, out=a_h)
+            _rnn_step_forward(xW_x, b_c, a_h, t, h_state, h)
+        return h, RNNCache(x, h0, W_x, W_h, h)
 
 
 def rnn_backward(dh, cache, *, dh_T=None):
@@ -307,17 +327,18 @@ def rnn_backward(dh, cache, *, dh_T=None):
     if dtype is None:
         return reference.rnn_backward(dh, cache, dh_T=dh_T)
 
-    dh = np.ascontiguousarray(dh)                                  # (B, T, H)
-    h = np.ascontiguousarray(h)                                    # (B, T, H)
-    W_h_T = np.ascontiguousarray(W_h).T                            # (H, H)
-    da = np.empty((B, T, H), dtype=dtype)                          # (B, T, H) gradient of every a_t
-    da_t = np.empty((B, H), dtype=dtype)                           # (B, H) this step's, for the product
-    dh_next = state_buffer(dh_T, B, H, dtype)                      # (B, H) what step t+1 sends to h_t
-    for t in reversed(range(T)):
-        _rnn_step_backward(dh, dh_next, h, t, da, da_t)
-        np.matmul(da_t, W_h_T, out=dh_next)                        # a_t = ... + h_{t-1} W_h
-    dh0 = dh_next
+    with blas_on_all_cores():
+        dh = np.ascontiguousarray(dh)                                  # (B, T, H)
+        h = np.ascontiguousarray(h)                                    # (B, T, H)
+        W_h_T = np.ascontiguousarray(W_h).T                            # (H, H)
+        da = np.empty((B, T, H), dtype=dtype)                          # (B, T, H) gradient of every a_t
+        da_t = np.empty((B, H), dtype=dtype)                           # (B, H) this step's, for the product
+        dh_next = state_buffer(dh_T, B, H, dtype)                      # (B, H) what step t+1 sends to h_t
+        for t in reversed(range(T)):
+            _rnn_step_backward(dh, dh_next, h, t, da, da_t)
+            np.matmul(da_t, W_h_T, out=dh_next)                        # a_t = ... + h_{t-1} W_h
+        dh0 = dh_next
 
-    dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
-    db = np.sum(da.reshape(B * T, H), axis=0)                      # (H,)
-    return dx, dh0, dW_x, dW_h, db
+        dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
+        db = np.sum(da.reshape(B * T, H), axis=0)                      # (H,)
+        return dx, dh0, dW_x, dW_h, db
