@@ -2,14 +2,16 @@
 
 Every kernel must equal the reference function of the same name, forward (output, every cache
 field, final states) and backward (with and without final-state gradients), where the error of
-an array is ``relative_error(actual, expected) = max|actual - expected| / max|expected|``. Then:
-gradient checks of the Numba pair itself, a sequence cut in two chunks, the caches of the two
-tiers interchanging, strided inputs, the exp/σ/tanh the kernels compute, dtypes, purity, bad
-input, and the backend switch routing ``minilm.ops`` to these functions.
+an array is ``relative_error = max|actual - expected| / max|expected|`` (in float32 the
+denominator is at least 1, see ``FLOAT32_TOL``). Then: gradient checks of the Numba pair itself,
+a sequence cut in two chunks, the caches of the two tiers interchanging, strided inputs, deep
+saturation, the exp/σ/tanh the kernels compute, dtypes, purity, bad input, the BLAS thread limit
+around the ops, and the backend switch routing ``minilm.ops`` to these functions.
 """
 import copy
 import functools
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -435,3 +437,23 @@ def test_the_numba_backend_uses_the_kernels():
     for op in OPS:
         assert getattr(ops, f"{op}_forward") is forward(REFERENCE, op)
         assert getattr(ops, f"{op}_backward") is backward(REFERENCE, op)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+
+def test_the_ops_give_blas_the_cores_and_restore_its_limit():
+    """Inside an op BLAS may use as many threads as Numba's pool; after it, the limit in force
+    before (the numba backend's one thread) is back."""
+    from threadpoolctl import threadpool_limits
+    if not _blas_threads():
+        pytest.skip("threadpoolctl finds no BLAS library to limit")
+    with threadpool_limits(limits=1, user_api="blas"):
+        with cpu_rnn.blas_on_all_cores():
+            inside = _blas_threads()
+        cpu_lstm.lstm_forward(*make_args("lstm", 2, 3, 4, 5))
+        after = _blas_threads()
+    assert set(inside) == {numba.get_num_threads()}
+    assert set(after) == {1}

@@ -7,13 +7,14 @@ the same for ``minilm.reference.lstm`` and ``minilm.reference.gru``.
 
 How the work is split, in all three cells:
 
-* the matrix products stay in BLAS (numpy's ``@``): the input part :math:`x_t W_x + b` for every t
-  in one (B·T, D) product before the loop, the per-step :math:`h_{t-1} W_h` (forward) and
+* the matrix products stay in BLAS (numpy's ``@``): :math:`x_t W_x` for every t in one (B·T, D)
+  product before the loop, the per-step :math:`h_{t-1} W_h` (forward) and
   :math:`\bar a_t W_h^\top` (backward), and the big gradient products after the backward loop;
 * one ``@njit`` kernel per step does every elementwise line of that step: the forward kernel
-  turns the pre-activations into the gates, the new state(s) and the cache entries; the backward
-  kernel turns dh, the gradients carried from step t+1 and the cached gates into every
-  pre-activation gradient and the gradients carried to step t-1.
+  adds the bias and the two products (in the reference's order) and turns the sum into the
+  gates, the new state(s) and the cache entries; the backward kernel turns dh, the gradients
+  carried from step t+1 and the cached gates into every pre-activation gradient and the
+  gradients carried to step t-1.
 
 The per-step products read and write small contiguous (B, H) / (B, G·H) buffers that the kernels
 fill (the state, the gate gradients), so BLAS always sees plain contiguous operands.
@@ -21,10 +22,15 @@ fill (the state, the gate gradients), so BLAS always sees plain contiguous opera
 A kernel walks the B rows and, within a row, runs one loop per line of the reference's step over
 the H units (or G·H gate entries), each loop touching few arrays, so that the compiler turns
 every loop into vector instructions (with more arrays it would have to prove that none overlap,
-and gives up). The rows are not split among threads: each kernel sits between two BLAS calls,
-and a second thread pool waking 64 times per sequence next to OpenBLAS's makes the two pools'
-spinning workers take each other's cores; measured on 2 cores, that made a step some ten times
-slower instead of faster. OpenBLAS parallelises the products, the kernels run on one core.
+and gives up).
+
+Threads: a kernel sits between two BLAS calls, 64 times per sequence of the presets, and does
+~0.1 ms of work. Splitting its rows over Numba's pool would cost more than it saves: with the
+"workqueue" threading layer that ``minilm.backend`` chooses, each parallel loop takes ~75 µs to
+launch, and with OpenMP's spinning workers beside OpenBLAS's, the two pools took each other's
+cores (a step ten times slower, measured on 2 cores). So the kernels run on one core, and the
+whole op runs inside ``blas_on_all_cores``: the numba backend otherwise holds BLAS to one
+thread, but no Numba loop runs in parallel here, and the products are most of the time.
 
 The kernels add and multiply in the order the reference does, so only σ and tanh differ from
 it, and by rounding alone. A scalar ``tanh`` or ``exp`` in a Numba loop is a call into libm,
@@ -100,7 +106,7 @@ def _pow2(typingctx, k, like):
 def _exp_nonpositive_32(x):
     lo = np.float32(-87.33654)                                     # ln of the smallest normal float32
     xc = lo if x < lo else x                                       # a NaN stays NaN
-    n = np.floor(xc * np.float32(1.442695) + np.float32(0.5))      # n = round(x / ln 2), in [-126, 0]
+    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))  # n = round(x / ln 2), in [-126, 0]
     r = (xc - n * np.float32(0.693145751953125)) - n * np.float32(1.4286068e-06)  # r = x - n ln 2
     p = np.float32(1 / 5040)                                       # e^r by its Taylor series to r^7/7!,
     p = p * r + np.float32(1 / 720)                                # the remainder below 1e-8 relative
@@ -306,11 +312,11 @@ def rnn_forward(x, h0, W_x, W_h, b):
         return reference.rnn_forward(x, h0, W_x, W_h, b)
 
     with blas_on_all_cores():
-        xW_x = input_products(x, W_x)                                  # (B, T, H) x_t W_x, all t at once
+        xW_x = input_products(x, W_x)                              # (B, T, H) x_t W_x, all t at once
         W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, H), (H,) read by every step
-        h = np.empty((B, T, H), dtype=x.dtype)                         # (B, T, H)
-        h_state = state_buffer(h0, B, H, x.dtype)                      # (B, H) h_{t-1}, then h_t
-        a_h = np.empty((B, H), dtype=x.dtype)                          # (B, H) h_{t-1} W_h
+        h = np.empty((B, T, H), dtype=x.dtype)                     # (B, T, H)
+        h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
+        a_h = np.empty((B, H), dtype=x.dtype)                      # (B, H) h_{t-1} W_h
         for t in range(T):
             np.matmul(h_state, W_h_c, out=a_h)
             _rnn_step_forward(xW_x, b_c, a_h, t, h_state, h)
@@ -328,17 +334,17 @@ def rnn_backward(dh, cache, *, dh_T=None):
         return reference.rnn_backward(dh, cache, dh_T=dh_T)
 
     with blas_on_all_cores():
-        dh = np.ascontiguousarray(dh)                                  # (B, T, H)
-        h = np.ascontiguousarray(h)                                    # (B, T, H)
-        W_h_T = np.ascontiguousarray(W_h).T                            # (H, H)
-        da = np.empty((B, T, H), dtype=dtype)                          # (B, T, H) gradient of every a_t
-        da_t = np.empty((B, H), dtype=dtype)                           # (B, H) this step's, for the product
-        dh_next = state_buffer(dh_T, B, H, dtype)                      # (B, H) what step t+1 sends to h_t
+        dh = np.ascontiguousarray(dh)                              # (B, T, H)
+        h = np.ascontiguousarray(h)                                # (B, T, H)
+        W_h_T = np.ascontiguousarray(W_h).T                        # (H, H)
+        da = np.empty((B, T, H), dtype=dtype)                      # (B, T, H) gradient of every a_t
+        da_t = np.empty((B, H), dtype=dtype)                       # (B, H) this step's, for the product
+        dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
         for t in reversed(range(T)):
             _rnn_step_backward(dh, dh_next, h, t, da, da_t)
-            np.matmul(da_t, W_h_T, out=dh_next)                        # a_t = ... + h_{t-1} W_h
+            np.matmul(da_t, W_h_T, out=dh_next)                    # a_t = ... + h_{t-1} W_h
         dh0 = dh_next
 
         dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
-        db = np.sum(da.reshape(B * T, H), axis=0)                      # (H,)
+        db = np.sum(da.reshape(B * T, H), axis=0)                  # (H,)
         return dx, dh0, dW_x, dW_h, db
