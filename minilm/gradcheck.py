@@ -179,9 +179,9 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             continue
         g = xp.asarray(g, dtype=xp.float64)
         if x.size <= max_elements:
-            n = xp.zeros_like(x)
+            n = xp.zeros(x.shape, dtype=x.dtype)               # C-ordered, whatever x's strides
             for j in range(x.size):
-                d = xp.zeros_like(x)
+                d = xp.zeros(x.shape, dtype=x.dtype)
                 d.reshape(-1)[j] = 1.0
                 n.reshape(-1)[j] = numerical(i, d)
             err = float(xp.max(xp.abs(g - n))) / max(1e-8, float(xp.max(xp.abs(g)) + xp.max(xp.abs(n))))

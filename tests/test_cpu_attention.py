@@ -22,6 +22,7 @@ from hypothesis import assume, given, settings, strategies as st
 import minilm
 from minilm import backend, cpu, ops
 from minilm.cpu import activations as cpu_activations, attention as cpu_attention
+from minilm.cpu._parallel import MIN_PARALLEL_WORK
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.reference import activations as ref_activations, attention as ref_attention
 
@@ -172,6 +173,20 @@ def test_attention_gradcheck(inputs):
     report = gradcheck(cpu_attention.attention_forward, cpu_attention.attention_backward, args, kwargs,
                        tol=GRAD_TOL, raise_on_fail=True)
     assert report.passed and len(report.arguments) == 3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_parallel_forward_kernel_equals_reference(dtype):
+    """The draws above are small enough to run the forward kernel's serial twin; inputs with at
+    least MIN_PARALLEL_WORK elements of work run the parallel one, which the models use."""
+    rng = np.random.default_rng(7)
+    B, NH, Tq, Tk, hs = 2, 3, 21, 24, 16            # Tq < Tk, and not a multiple of the 4-row blocks
+    q = rng.standard_normal((B, NH, Tq, hs)).astype(dtype)
+    k, v = (rng.standard_normal((B, NH, Tk, hs)).astype(dtype) for _ in range(2))
+    assert q.size * Tk >= MIN_PARALLEL_WORK
+    for kwargs in ({"causal": True}, {"mask": random_mask(rng, (B, 1, Tq, Tk))},
+                   {"causal": True, "mask": random_mask(rng, (Tq, Tk))}):
+        check_parity("attention", ref_attention, cpu_attention, (q, k, v), kwargs, dtype)
 
 
 def test_single_key_gives_exactly_zero_dq_and_dk():

@@ -139,3 +139,12 @@ def test_cli_rejects_an_unknown_op(capsys):
         cli.main(["gradcheck", "--op", "convolution"])
     assert e.value.code == 2
     assert "invalid choice: 'convolution'" in capsys.readouterr().err
+
+
+def test_strided_arguments_are_perturbed():
+    # a transposed (non-contiguous) argument: every element must really be perturbed
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 3)).T
+    assert not x.flags.c_contiguous
+    report = gradcheck(scale_forward, scale_backward, (x, rng.standard_normal(4)))
+    assert report.passed, str(report)
