@@ -25,6 +25,7 @@ from minilm.cpu import activations as cpu_activations, attention as cpu_attentio
 from minilm.cpu._parallel import MIN_PARALLEL_WORK
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.reference import activations as ref_activations, attention as ref_attention
+from minilm.testing import relative_error
 
 EXACT_TOL = 1e-12       # float64: the same math summed in another order differs by ~1e-15 relative
 FLOAT32_TOL = 1e-5      # float32: both tiers round at ~6e-8 per operation; the differences stay below ~4e-6
@@ -44,17 +45,11 @@ def restore_backend():
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def relative_error(actual, expected):
-    """max|actual - expected| / max(1, max|expected|) (see the module docstring for the floor)."""
-    err = float(np.max(np.abs(actual - expected), initial=0.0))
-    return err / max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-
-
 def assert_same(actual, expected, tol, what=""):
     """Same shape and dtype, and values within ``tol`` in ``relative_error``."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
     assert np.all(np.isfinite(actual)), what
-    rel = relative_error(actual, expected)
+    rel = relative_error(actual, expected, floor=1.0)
     assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.0e}"
 
 

@@ -32,6 +32,7 @@ from minilm.reference import activations as ref_activations
 from minilm.reference import embedding as ref_embedding
 from minilm.reference import layernorm as ref_layernorm
 from minilm.reference import losses as ref_losses
+from minilm.testing import relative_error
 
 # The error of an array: relative_error(a, b) = max|a - b| / max|b|, the largest difference
 # measured against the reference's scale (one number per array, so an entry that happens to be
@@ -60,14 +61,6 @@ def restore_backend():
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def relative_error(actual, expected):
-    """max|actual - expected| / max|expected| (the absolute error when expected is all zero)."""
-    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    err = float(np.max(np.abs(actual - expected), initial=0.0))
-    scale = float(np.max(np.abs(expected), initial=0.0))
-    return err / scale if scale > 0 else err
-
 
 def assert_close(actual, expected, tol, what):
     if expected is None:

@@ -9,7 +9,6 @@ saturation, the exp/σ/tanh the kernels compute, dtypes, purity, bad input, the 
 around the ops, and the backend switch routing ``minilm.ops`` to these functions.
 """
 import copy
-import functools
 
 import numba
 import numpy as np
@@ -22,6 +21,9 @@ import minilm
 from minilm import backend, ops
 from minilm.cpu import gru as cpu_gru, lstm as cpu_lstm, rnn as cpu_rnn
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
+from minilm.testing import ARGUMENTS, STATES, relative_error, with_final_states
+from minilm.testing import final_state_grads as final_state_kwargs
+from minilm.testing import recurrent_args as make_args
 from minilm.reference import gru as ref_gru, lstm as ref_lstm, rnn as ref_rnn
 
 # float64: the kernels add and multiply in the reference's order and differ from it only in exp,
@@ -44,14 +46,6 @@ ACTIVATION_ULPS = 4
 OPS = ("rnn", "lstm", "gru")
 REFERENCE = {"rnn": ref_rnn, "lstm": ref_lstm, "gru": ref_gru}
 NUMBA = {"rnn": cpu_rnn, "lstm": cpu_lstm, "gru": cpu_gru}
-ARGUMENTS = {                                                   # forward's arguments, in order
-    "rnn": ("x", "h0", "W_x", "W_h", "b"),
-    "lstm": ("x", "h0", "c0", "W_x", "W_h", "b"),
-    "gru": ("x", "h0", "W_x", "W_h", "b_x", "b_h"),
-}
-N_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-STATES = {"rnn": ("h",), "lstm": ("h", "c"), "gru": ("h",)}     # final states: cache.h_T, cache.c_T
-
 SOME = settings(max_examples=40, deadline=None)
 FEW = settings(max_examples=12, deadline=None)
 # H up to 20: the kernels' loops run 8 (float32) or 4 (float64) units at a time plus a remainder,
@@ -83,36 +77,6 @@ def backward(tier, op):
     return getattr(tier[op], f"{op}_backward")
 
 
-def make_args(op, B, T, D, H, seed=0, gain=1.0, dtype=np.float64):
-    """Arguments for ``op``'s forward, as ``tests/test_recurrent.py`` draws them: every entry is
-    ±scale·u with u ~ U(0.3, 1.2), the scale 1 for inputs, 1/2 for states and biases,
-    gain/√fan-in for weights. Entries stay away from 0 (so no gradient is so small that the
-    round-off of finite differences is a sizeable part of it) and, for gain <= 1.5, from deep
-    saturation."""
-    rng = np.random.default_rng(seed)
-    G = N_GATES[op]
-    shapes = {"x": (B, T, D), "h0": (B, H), "c0": (B, H), "W_x": (D, G * H), "W_h": (H, G * H),
-              "b": (G * H,), "b_x": (G * H,), "b_h": (G * H,)}
-    scales = {"x": 1.0, "h0": 0.5, "c0": 0.5, "W_x": gain / np.sqrt(D), "W_h": gain / np.sqrt(H),
-              "b": 0.5, "b_x": 0.5, "b_h": 0.5}
-    return tuple((scales[a] * rng.uniform(0.3, 1.2, shapes[a]) * rng.choice([-1.0, 1.0], shapes[a])).astype(dtype)
-                 for a in ARGUMENTS[op])
-
-
-def final_state_kwargs(op, B, H, seed, dtype=np.float64):
-    """Random gradients for the final states: {"dh_T": (B, H)} and, for the LSTM, "dc_T"."""
-    rng = np.random.default_rng(seed + 1)
-    return {f"d{s}_T": rng.standard_normal((B, H)).astype(dtype) for s in STATES[op]}
-
-
-def relative_error(actual, expected, floor=0.0):
-    """max|actual - expected| / max(max|expected|, floor); 0 when both are all zeros, inf when only
-    expected is."""
-    err = float(np.max(np.abs(actual - expected), initial=0.0))
-    scale = max(float(np.max(np.abs(expected), initial=0.0)), floor)
-    return err / scale if scale > 0 else (0.0 if err == 0 else np.inf)
-
-
 def assert_same(actual, expected, tol, what="", floor=None):
     """Same shape and dtype, finite, and within ``tol`` in ``relative_error`` (floor: the dtype's)."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
@@ -125,23 +89,6 @@ def assert_same_all(actual, expected, tol, names, floor=None):
     assert len(actual) == len(expected) == len(names)
     for a, e, name in zip(actual, expected, names):
         assert_same(a, e, tol, name, floor)
-
-
-def with_final_states(op, fwd, bwd):
-    """``op`` whose output also carries its final states, appended along time: (B, T + k, H), so
-    that a gradient check's contraction reaches the backward's ``dh_T`` (and ``dc_T``)."""
-    @functools.wraps(fwd)                                       # the report names the real arguments
-    def forward_with_states(*args):
-        h, cache = fwd(*args)
-        finals = [getattr(cache, f"{s}_T")[:, None] for s in STATES[op]]
-        return np.concatenate([h] + finals, axis=1), cache      # (B, T + k, H)
-
-    def backward_with_states(dout, cache):
-        T = cache.h.shape[1]
-        kwargs = {f"d{s}_T": dout[:, T + k] for k, s in enumerate(STATES[op])}
-        return bwd(dout[:, :T], cache, **kwargs)
-
-    return forward_with_states, backward_with_states
 
 
 # --- parity with the reference ------------------------------------------------------------------

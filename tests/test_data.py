@@ -336,6 +336,7 @@ def test_contiguous_streams_continue_and_reset_after_wrapping():
     chunks = [batches.next_batch() for _ in range(4)]
     assert [reset for _, _, reset in chunks] == [True, False, False, True]
     (x0, y0, _), (x1, y1, _) = chunks[0], chunks[1]
+    np.testing.assert_array_equal(y1, x1 + 1)
     np.testing.assert_array_equal(x0, [[0, 1, 2, 3], [14, 15, 16, 17]])
     np.testing.assert_array_equal(y0, x0 + 1)
     np.testing.assert_array_equal(x1[:, 0], y0[:, -1])                 # each stream goes on where it stopped

@@ -5,7 +5,6 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-import minilm
 from minilm import cli
 from minilm.gradcheck import DEFAULT_TOL, GradcheckError, gradcheck
 

@@ -1,7 +1,6 @@
 """The recurrent ops rnn, lstm and gru: gradients (with and without final-state gradients), a
 sequence cut in two chunks, the cell written out by hand, PyTorch, dtypes, purity, bad input."""
 import copy
-import functools
 
 import numpy as np
 import pytest
@@ -9,6 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
+from minilm.testing import ARGUMENTS, STATES, with_final_states
+from minilm.testing import final_state_grads as final_state_kwargs
+from minilm.testing import recurrent_args as make_args
 from minilm.reference.gru import gru_backward, gru_forward
 from minilm.reference.lstm import lstm_backward, lstm_forward
 from minilm.reference.rnn import rnn_backward, rnn_forward
@@ -24,13 +26,6 @@ FLOAT32_TOL = 1e-5
 
 FORWARD = {"rnn": rnn_forward, "lstm": lstm_forward, "gru": gru_forward}
 BACKWARD = {"rnn": rnn_backward, "lstm": lstm_backward, "gru": gru_backward}
-ARGUMENTS = {                                                   # forward's arguments, in order
-    "rnn": ("x", "h0", "W_x", "W_h", "b"),
-    "lstm": ("x", "h0", "c0", "W_x", "W_h", "b"),
-    "gru": ("x", "h0", "W_x", "W_h", "b_x", "b_h"),
-}
-N_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-STATES = {"rnn": ("h",), "lstm": ("h", "c"), "gru": ("h",)}     # final states: cache.h_T, cache.c_T
 OPS = tuple(FORWARD)
 
 SETTINGS = settings(max_examples=20, deadline=None)   # 20 draws per property: the file runs in ~10 s
@@ -39,54 +34,8 @@ seeds = st.integers(0, 2**32 - 1)
 gains = st.floats(0.5, 1.5)       # weight scale: from nearly linear gates to partly saturated ones
 
 
-def make_args(op, B, T, D, H, seed=0, gain=1.0, dtype=np.float64):
-    """Arguments for ``op``'s forward: every entry is ±scale·u with u ~ U(0.3, 1.2), the scale 1 for
-    inputs, 1/2 for states and biases, gain/√fan-in for weights.
-
-    Entries stay away from 0 and from deep saturation, so no gradient is so small that the
-    round-off of the finite differences (~1e-11 absolute) would be a sizeable part of it.
-    """
-    rng = np.random.default_rng(seed)
-    G = N_GATES[op]
-    shapes = {"x": (B, T, D), "h0": (B, H), "c0": (B, H), "W_x": (D, G * H), "W_h": (H, G * H),
-              "b": (G * H,), "b_x": (G * H,), "b_h": (G * H,)}
-    scales = {"x": 1.0, "h0": 0.5, "c0": 0.5, "W_x": gain / np.sqrt(D), "W_h": gain / np.sqrt(H),
-              "b": 0.5, "b_x": 0.5, "b_h": 0.5}
-    return tuple((scales[a] * rng.uniform(0.3, 1.2, shapes[a]) * rng.choice([-1.0, 1.0], shapes[a])).astype(dtype)
-                 for a in ARGUMENTS[op])
-
-
-def final_state_kwargs(op, B, H, seed):
-    """Random gradients for the final states: {"dh_T": (B, H)} and, for the LSTM, "dc_T"."""
-    rng = np.random.default_rng(seed + 1)
-    return {f"d{s}_T": rng.standard_normal((B, H)) for s in STATES[op]}
-
-
 def assert_close(actual, expected, tol):
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol)
-
-
-def with_final_states(op):
-    """``op`` whose output also carries its final states, appended along time: (B, T + k, H).
-
-    The gradient check contracts the whole output with a random array, so its loss then has a
-    term for h_T (and c_T) beyond the one h_T gets as the last row of h; the backward hands that
-    part of dout to the op's backward as ``dh_T`` (and ``dc_T``), and so checks them.
-    """
-    forward, backward = FORWARD[op], BACKWARD[op]
-
-    @functools.wraps(forward)                                   # the report names the real arguments
-    def forward_with_states(*args):
-        h, cache = forward(*args)
-        finals = [getattr(cache, f"{s}_T")[:, None] for s in STATES[op]]
-        return np.concatenate([h] + finals, axis=1), cache      # (B, T + k, H)
-
-    def backward_with_states(dout, cache):
-        T = cache.h.shape[1]
-        kwargs = {f"d{s}_T": dout[:, T + k] for k, s in enumerate(STATES[op])}
-        return backward(dout[:, :T], cache, **kwargs)
-
-    return forward_with_states, backward_with_states
 
 
 # --- gradients ----------------------------------------------------------------------------------
@@ -105,7 +54,7 @@ def test_gradcheck_every_argument(op, shape, seed, gain):
 @SETTINGS
 @given(shape=dims, seed=seeds, gain=gains)
 def test_gradcheck_with_final_state_gradients(op, shape, seed, gain):
-    forward, backward = with_final_states(op)
+    forward, backward = with_final_states(op, FORWARD[op], BACKWARD[op])
     report = gradcheck(forward, backward, make_args(op, *shape, seed, gain), seed=seed % 1000, name=f"{op}+states")
     assert [a.name for a in report.arguments] == list(ARGUMENTS[op])
     assert report.passed, str(report)
