@@ -20,9 +20,9 @@ import numpy as np
 
 BACKENDS = ("numpy", "numba", "cupy")
 
-# Numba's OpenMP threads spin after each parallel loop and fight the BLAS threads that run the
-# matrix products in between, which made a training step several times slower on 2 cores.
-# Its "workqueue" layer sleeps instead. Set before Numba is imported; a user's own setting wins.
+# Numba's OpenMP threads spin after each parallel loop and would fight the BLAS threads that run
+# the matrix products in between; its "workqueue" layer sleeps instead. Set before Numba is
+# imported; a user's own setting wins. (See ``_share_cores`` for how the cores are shared.)
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -58,20 +58,31 @@ def _load(name):
     raise ValueError(f"minilm.use: argument 'name' must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 
-_blas_limit = None  # while the numba backend is active: BLAS held to one thread
+_blas_limit = None  # while the numba backend is active: the BLAS thread limit it set
 
 
 def _share_cores(name):
-    """On the numba backend, run BLAS on one thread and let Numba's pool use the cores.
+    """On the numba backend, one pool of threads computes at a time.
 
-    The matrix products of these models are small, and BLAS threads that spin between calls
-    starve Numba's parallel loops (a GPT training step on 2 cores ran ~7x slower with both
-    pools at 2 threads). Other backends get the BLAS thread count back.
+    The cores go to BLAS, which runs the matrix products (most of a step), with as many threads
+    as Numba's pool has (``NUMBA_NUM_THREADS``, default: every core), but never more than BLAS
+    was started with (so ``OPENBLAS_NUM_THREADS=1`` still holds). Numba's kernels, which sit
+    between the products, then run in the calling thread: OpenBLAS's workers spin for a while
+    after each product, and a parallel Numba loop started beside them loses its cores to them
+    (a GPT step on 2 cores took 93 ms with both pools at work, 65 ms this way). Only when BLAS
+    has a single thread do the kernels use Numba's pool (``minilm.cpu._parallel``).
+    Other backends get the BLAS thread count back.
     """
     global _blas_limit
     if name == "numba" and _blas_limit is None:
-        from threadpoolctl import threadpool_limits
-        _blas_limit = threadpool_limits(limits=1, user_api="blas")
+        import numba
+        from threadpoolctl import ThreadpoolController
+        from minilm.cpu import _parallel
+        blas = ThreadpoolController().select(user_api="blas")
+        started = max((lib.num_threads for lib in blas.lib_controllers), default=1)
+        threads = max(1, min(numba.get_num_threads(), started))
+        _blas_limit = blas.limit(limits=threads)
+        _parallel.use_pool(threads == 1 and numba.get_num_threads() > 1)
     elif name != "numba" and _blas_limit is not None:
         _blas_limit.restore_original_limits()
         _blas_limit = None

@@ -76,3 +76,51 @@ def test_a_slow_first_numba_call_says_it_is_compiling(capsys):
     with backend.compile_notice(seconds=0.0, stream=quiet):
         time.sleep(0.05)                                # numpy never compiles
     assert quiet.getvalue() == ""
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_numba_backend_gives_the_cores_to_blas_and_runs_its_kernels_serially():
+    """One pool computes at a time: BLAS gets Numba's thread count (never more than it started
+    with) and the kernels take their serial twins; switching away gives BLAS its count back."""
+    import numba
+    from minilm.cpu import _parallel
+    before = backend.current()
+    try:
+        backend.use("numpy")
+        started = _blas_threads()
+        if not started:
+            pytest.skip("threadpoolctl finds no BLAS library")
+        backend.use("numba")
+        expected = min(numba.get_num_threads(), max(started))
+        assert _blas_threads() == {expected}
+        assert _parallel.pool_in_use() == (expected == 1 and numba.get_num_threads() > 1)
+        backend.use("numpy")
+        assert _blas_threads() == started
+    finally:
+        backend.use(before)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_numba_kernels_use_the_pool_when_blas_has_one_thread():
+    """With BLAS held to one thread (as OPENBLAS_NUM_THREADS=1 does) the numba backend keeps it
+    there and lets the kernels use Numba's pool instead."""
+    import numba
+    from threadpoolctl import threadpool_limits
+    from minilm.cpu import _parallel
+    before = backend.current()
+    try:
+        backend.use("numpy")
+        if not _blas_threads():
+            pytest.skip("threadpoolctl finds no BLAS library")
+        with threadpool_limits(limits=1, user_api="blas"):
+            backend.use("numba")
+            assert _blas_threads() == {1}
+            assert _parallel.pool_in_use() == (numba.get_num_threads() > 1)
+            backend.use("numpy")
+    finally:
+        backend.use(before)

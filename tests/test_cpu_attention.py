@@ -35,6 +35,18 @@ TOL = {np.float64: EXACT_TOL, np.float32: FLOAT32_TOL}
 SOME = settings(max_examples=60, deadline=None)
 FEW = settings(max_examples=20, deadline=None)
 
+pytestmark = pytest.mark.usefixtures("kernel_twins")     # every test on both twins (tests/conftest.py)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["blas", "fused"])
+def attention_path(request):
+    """Every test runs on both paths of the attention, whatever the input's size: BLAS products
+    around the softmax kernels (training shapes) and the fused kernels (decode steps)."""
+    saved = cpu_attention.FUSED_MAX_WORK
+    cpu_attention.FUSED_MAX_WORK = -1 if request.param == "blas" else 2 ** 62
+    yield request.param
+    cpu_attention.FUSED_MAX_WORK = saved
+
 
 @pytest.fixture(autouse=True)
 def restore_backend():
@@ -172,8 +184,8 @@ def test_attention_gradcheck(inputs):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_parallel_forward_kernel_equals_reference(dtype):
-    """The draws above are small enough to run the forward kernel's serial twin; inputs with at
-    least MIN_PARALLEL_WORK elements of work run the parallel one, which the models use."""
+    """Inputs larger than the draws above: Tq < Tk, rows not a multiple of the fused kernels'
+    four-row blocks, and at least MIN_PARALLEL_WORK elements of work."""
     rng = np.random.default_rng(7)
     B, NH, Tq, Tk, hs = 2, 3, 21, 24, 16            # Tq < Tk, and not a multiple of the 4-row blocks
     q = rng.standard_normal((B, NH, Tq, hs)).astype(dtype)

@@ -52,6 +52,8 @@ MODEL_TOL = 1e-10
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
+pytestmark = pytest.mark.usefixtures("kernel_twins")     # every test on both twins (tests/conftest.py)
+
 
 @pytest.fixture(autouse=True)
 def restore_backend():

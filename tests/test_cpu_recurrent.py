@@ -10,7 +10,6 @@ around the ops, and the backend switch routing ``minilm.ops`` to these functions
 """
 import copy
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,7 +18,7 @@ from numba import njit
 
 import minilm
 from minilm import backend, ops
-from minilm.cpu import gru as cpu_gru, lstm as cpu_lstm, rnn as cpu_rnn
+from minilm.cpu import _math as cpu_math, gru as cpu_gru, lstm as cpu_lstm, rnn as cpu_rnn
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.testing import ARGUMENTS, STATES, relative_error, with_final_states
 from minilm.testing import final_state_grads as final_state_kwargs
@@ -239,11 +238,11 @@ def _apply(fn_id, a):
     out = np.empty_like(a)
     for j in range(a.shape[0]):
         if fn_id == 0:
-            out[j] = cpu_rnn.exp_nonpositive(a[j])
+            out[j] = cpu_math.exp_nonpositive(a[j])
         elif fn_id == 1:
-            out[j] = cpu_rnn.sigmoid(a[j])
+            out[j] = cpu_math.sigmoid(a[j])
         else:
-            out[j] = cpu_rnn.tanh(a[j])
+            out[j] = cpu_math.tanh(a[j])
     return out
 
 
@@ -286,9 +285,9 @@ def test_nan_stays_nan(fn_id, dtype):
 def test_python_versions_of_the_helpers():
     """Outside a kernel the helpers are NumPy's functions (what the overloads stand in for)."""
     a = np.linspace(-5, 5, 11)
-    np.testing.assert_allclose(cpu_rnn.exp_nonpositive(-np.abs(a)), np.exp(-np.abs(a)))
-    np.testing.assert_allclose(cpu_rnn.sigmoid(a), 1 / (1 + np.exp(-a)), rtol=1e-12)
-    np.testing.assert_allclose(cpu_rnn.tanh(a), np.tanh(a))
+    np.testing.assert_allclose(cpu_math.exp_nonpositive(-np.abs(a)), np.exp(-np.abs(a)))
+    np.testing.assert_allclose(cpu_math.sigmoid(a), 1 / (1 + np.exp(-a)), rtol=1e-12)
+    np.testing.assert_allclose(cpu_math.tanh(a), np.tanh(a))
 
 
 # --- dtypes, purity, bad input ------------------------------------------------------------------
@@ -386,21 +385,3 @@ def test_the_numba_backend_uses_the_kernels():
         assert getattr(ops, f"{op}_backward") is backward(REFERENCE, op)
 
 
-def _blas_threads():
-    from threadpoolctl import threadpool_info
-    return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
-
-
-def test_the_ops_give_blas_the_cores_and_restore_its_limit():
-    """Inside an op BLAS may use as many threads as Numba's pool; after it, the limit in force
-    before (the numba backend's one thread) is back."""
-    from threadpoolctl import threadpool_limits
-    if not _blas_threads():
-        pytest.skip("threadpoolctl finds no BLAS library to limit")
-    with threadpool_limits(limits=1, user_api="blas"):
-        with cpu_rnn.blas_on_all_cores():
-            inside = _blas_threads()
-        cpu_lstm.lstm_forward(*make_args("lstm", 2, 3, 4, 5))
-        after = _blas_threads()
-    assert set(inside) == {numba.get_num_threads()}
-    assert set(after) == {1}

@@ -1,15 +1,42 @@
-"""Parallel kernels with a serial twin for inputs too small to share out.
+"""Kernels with a serial and a parallel twin, and the rule that picks one.
 
-Waking Numba's thread pool costs tens of microseconds, more than a one-row layernorm or a
-one-query attention step (the key/value-cache decode step) takes. ``rows_kernel`` compiles a
-kernel twice, with and without ``parallel=True`` (``prange`` runs as ``range`` in the second),
-and ``pick(kernel, work)`` returns the serial one below ``MIN_PARALLEL_WORK`` elements.
+``rows_kernel`` compiles a kernel twice, with and without ``parallel=True`` (``prange`` runs as
+``range`` in the second). ``pick(kernel, work)`` returns the parallel twin only when Numba's
+pool has the cores to itself and the work is large enough to share out:
+
+* the numba backend gives the cores to BLAS (``minilm.backend._share_cores``), whose threads spin
+  for a while after each matrix product; a parallel loop beside them loses its cores to them, so
+  while BLAS has more than one thread every kernel runs in the calling thread (``use_pool``);
+* waking the pool costs tens of microseconds, more than a one-row layernorm or a one-query
+  attention step takes, so below ``MIN_PARALLEL_WORK`` elements the serial twin runs anyway.
 """
 import types
 
 from numba import njit
 
 MIN_PARALLEL_WORK = 16384     # elements; below this the pool's wake-up costs more than it saves
+
+_pool = False                 # may kernels use Numba's pool? Set by the numba backend.
+_forced = None                # "serial" or "parallel": every pick, whatever the work (tests)
+
+
+def use_pool(enabled):
+    """Let ``pick`` return parallel twins (``True``) or only serial ones (``False``)."""
+    global _pool
+    _pool = bool(enabled)
+
+
+def pool_in_use():
+    return _pool
+
+
+def force(twin):
+    """Make every ``pick`` return the ``"serial"`` or the ``"parallel"`` twin, or (None) follow the
+    rule again. For the tests, which hold both twins to the reference on the same inputs."""
+    global _forced
+    if twin not in (None, "serial", "parallel"):
+        raise ValueError(f"force: argument 'twin' must be None, 'serial' or 'parallel', got {twin!r}")
+    _forced = twin
 
 
 def _renamed(fn, suffix):
@@ -29,4 +56,6 @@ def rows_kernel(fn):
 
 
 def pick(kernel, work):
-    return kernel if work >= MIN_PARALLEL_WORK else kernel.serial
+    if _forced is not None:
+        return kernel if _forced == "parallel" else kernel.serial
+    return kernel if _pool and work >= MIN_PARALLEL_WORK else kernel.serial

@@ -17,8 +17,9 @@ for any number of threads.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from minilm.cpu._parallel import pick, rows_kernel
 from minilm.reference import embedding as reference
 from minilm.validate import require_shape
 
@@ -28,7 +29,7 @@ KERNEL_DTYPES = (np.float32, np.float64)   # what the kernel compiles for; other
 CHANNELS_PER_BLOCK = 16     # columns of dE per parallel block: 64 bytes of float32, one cache line
 
 
-@njit(parallel=True, cache=True)
+@rows_kernel
 def _scatter_add_rows(ids, dout, dE):
     """Equals ``minilm.reference.embedding.embedding_backward``: dE[ids[n]] += dout[n], dE zeroed by the caller."""
     N, C = dout.shape
@@ -49,5 +50,5 @@ def embedding_backward(dout, cache):
         return reference.embedding_backward(dout, cache)
     N = math.prod(ids.shape)
     dE = np.zeros((V, C), dtype=dout.dtype)                    # (V, C)
-    _scatter_add_rows(np.ascontiguousarray(ids).reshape(N), np.ascontiguousarray(dout).reshape(N, C), dE)
+    pick(_scatter_add_rows, N * C)(np.ascontiguousarray(ids).reshape(N), np.ascontiguousarray(dout).reshape(N, C), dE)
     return None, dE

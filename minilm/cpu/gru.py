@@ -15,7 +15,7 @@ pass adds the two parts left by step t+1 into :math:`\bar h_t`, writes :math:`\b
 import numpy as np
 from numba import njit
 
-from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, blas_on_all_cores, copy, input_and_weight_gradients,
+from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gradients,
                             input_products, kernel_dtype, sigmoid_into, state_buffer, tanh_into)
 from minilm.reference import gru as reference
 from minilm.reference.gru import GRUCache
@@ -96,19 +96,18 @@ def gru_forward(x, h0, W_x, W_h, b_x, b_h):
     if x.dtype not in KERNEL_DTYPES:
         return reference.gru_forward(x, h0, W_x, W_h, b_x, b_h)
 
-    with blas_on_all_cores():
-        xW_x = input_products(x, W_x)                              # (B, T, 3H) x_t W_x, all t at once
-        W_h_c, h0_c = np.ascontiguousarray(W_h), np.ascontiguousarray(h0)  # (H, 3H), (B, H)
-        b_x_c, b_h_c = np.ascontiguousarray(b_x), np.ascontiguousarray(b_h)  # (3H,) each
-        gates = np.empty((B, T, 3 * H), dtype=x.dtype)             # (B, T, 3H)
-        a_hn = np.empty((B, T, H), dtype=x.dtype)                  # (B, T, H)
-        h = np.empty_like(a_hn)                                    # (B, T, H)
-        h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
-        hW_h = np.empty((B, 3 * H), dtype=x.dtype)                 # (B, 3H) h_{t-1} W_h
-        for t in range(T):
-            np.matmul(h_state, W_h_c, out=hW_h)
-            _gru_step_forward(xW_x, b_x_c, hW_h, b_h_c, t, h0_c, h_state, gates, a_hn, h)
-        return h, GRUCache(x, h0, W_x, W_h, gates, a_hn, h)
+    xW_x = input_products(x, W_x)                              # (B, T, 3H) x_t W_x, all t at once
+    W_h_c, h0_c = np.ascontiguousarray(W_h), np.ascontiguousarray(h0)  # (H, 3H), (B, H)
+    b_x_c, b_h_c = np.ascontiguousarray(b_x), np.ascontiguousarray(b_h)  # (3H,) each
+    gates = np.empty((B, T, 3 * H), dtype=x.dtype)             # (B, T, 3H)
+    a_hn = np.empty((B, T, H), dtype=x.dtype)                  # (B, T, H)
+    h = np.empty_like(a_hn)                                    # (B, T, H)
+    h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
+    hW_h = np.empty((B, 3 * H), dtype=x.dtype)                 # (B, 3H) h_{t-1} W_h
+    for t in range(T):
+        np.matmul(h_state, W_h_c, out=hW_h)
+        _gru_step_forward(xW_x, b_x_c, hW_h, b_h_c, t, h0_c, h_state, gates, a_hn, h)
+    return h, GRUCache(x, h0, W_x, W_h, gates, a_hn, h)
 
 
 def gru_backward(dh, cache, *, dh_T=None):
@@ -121,20 +120,19 @@ def gru_backward(dh, cache, *, dh_T=None):
     if dtype is None:
         return reference.gru_backward(dh, cache, dh_T=dh_T)
 
-    with blas_on_all_cores():
-        dh, gates, a_hn, h_c, h0_c = (np.ascontiguousarray(a) for a in (dh, gates, a_hn, h, h0))
-        W_h_T = np.ascontiguousarray(W_h).T                        # (3H, H)
-        da_x = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^x_t
-        da_h = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^h_t
-        da_h_t = np.empty((B, 3 * H), dtype=dtype)                 # (B, 3H) this step's, for the product
-        dh_next_z = state_buffer(dh_T, B, H, dtype)                # (B, H) step t+1's dh z part (dh_T at the end)
-        dh_next_W = np.zeros((B, H), dtype=dtype)                  # (B, H) step t+1's da_h W_h^T part
-        for t in reversed(range(T)):
-            _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h_c, h0_c, t, da_x, da_h, da_h_t)
-            np.matmul(da_h_t, W_h_T, out=dh_next_W)                # a_h = h_prev W_h + b_h
-        dh0 = dh_next_z + dh_next_W                                # h_t = ... + z * h_prev; a_h = h_prev W_h + b_h
+    dh, gates, a_hn, h_c, h0_c = (np.ascontiguousarray(a) for a in (dh, gates, a_hn, h, h0))
+    W_h_T = np.ascontiguousarray(W_h).T                        # (3H, H)
+    da_x = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^x_t
+    da_h = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^h_t
+    da_h_t = np.empty((B, 3 * H), dtype=dtype)                 # (B, 3H) this step's, for the product
+    dh_next_z = state_buffer(dh_T, B, H, dtype)                # (B, H) step t+1's dh z part (dh_T at the end)
+    dh_next_W = np.zeros((B, H), dtype=dtype)                  # (B, H) step t+1's da_h W_h^T part
+    for t in reversed(range(T)):
+        _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h_c, h0_c, t, da_x, da_h, da_h_t)
+        np.matmul(da_h_t, W_h_T, out=dh_next_W)                # a_h = h_prev W_h + b_h
+    dh0 = dh_next_z + dh_next_W                                # h_t = ... + z * h_prev; a_h = h_prev W_h + b_h
 
-        dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da_x, da_h)
-        db_x = np.sum(da_x.reshape(B * T, 3 * H), axis=0)          # (3H,)
-        db_h = np.sum(da_h.reshape(B * T, 3 * H), axis=0)          # (3H,)
-        return dx, dh0, dW_x, dW_h, db_x, db_h
+    dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da_x, da_h)
+    db_x = np.sum(da_x.reshape(B * T, 3 * H), axis=0)          # (3H,)
+    db_h = np.sum(da_h.reshape(B * T, 3 * H), axis=0)          # (3H,)
+    return dx, dh0, dW_x, dW_h, db_x, db_h

@@ -68,7 +68,7 @@ def _forward_rows(x, gamma, beta, eps, y, x_hat, rstd):
             y[n, i] = gamma[i] * xh + beta[i]                  # y = gamma x_hat + beta
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma_parts, dbeta_parts):
     """Equals ``minilm.reference.layernorm.layernorm_backward`` on (N, C) rows.
 
@@ -119,7 +119,7 @@ def layernorm_backward(dy, cache):
     dx = np.empty_like(dy2)
     dgamma_parts = np.zeros((n_blocks, C))                     # (blocks, C) float64 partial sums
     dbeta_parts = np.zeros((n_blocks, C))
-    _backward_rows(dy2, np.ascontiguousarray(x_hat).reshape(N, C), np.ascontiguousarray(rstd).reshape(N),
+    pick(_backward_rows, dy2.size)(dy2, np.ascontiguousarray(x_hat).reshape(N, C), np.ascontiguousarray(rstd).reshape(N),
                    np.ascontiguousarray(gamma), dx, dgamma_parts, dbeta_parts)
     dgamma = dgamma_parts.sum(axis=0).astype(dy.dtype)        # (C,)
     dbeta = dbeta_parts.sum(axis=0).astype(dy.dtype)          # (C,)

@@ -21,8 +21,9 @@ iteration, without building the one-hot or the smoothed targets.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from minilm.cpu._parallel import pick, rows_kernel
 from minilm.reference import losses as reference
 from minilm.reference.losses import CrossEntropyCache, check_cross_entropy_args
 from minilm.validate import require_shape
@@ -32,7 +33,7 @@ __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 KERNEL_DTYPES = (np.float32, np.float64)   # what the kernels compile for; other dtypes (float16) run the reference
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _forward_rows(logits, t, counted, eps, p, ell):
     """Equals ``minilm.reference.losses.cross_entropy_forward`` on (N, V) rows.
 
@@ -62,7 +63,7 @@ def _forward_rows(logits, t, counted, eps, p, ell):
             ell[n] = 0.0
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _backward_rows(p, t, w, eps, dlogits):
     """Equals ``minilm.reference.losses.cross_entropy_backward``: dlogits = (p - q) * w, row by row.
 
@@ -88,7 +89,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     z = np.ascontiguousarray(logits).reshape(N, V)             # (N, V)
     p = np.empty_like(z)
     ell = np.empty(N)                                          # (N,) float64
-    _forward_rows(z, t.reshape(N), counted.reshape(N), eps, p, ell)
+    pick(_forward_rows, z.size)(z, t.reshape(N), counted.reshape(N), eps, p, ell)
     loss = np.asarray(ell.sum() / max(M, 1), dtype=logits.dtype)   # ()  0 when nothing is counted
     return loss, CrossEntropyCache(p.reshape(logits.shape), t, counted, M, eps)
 
@@ -103,5 +104,5 @@ def cross_entropy_backward(dloss, cache):
     N, V = math.prod(p.shape[:-1]), p.shape[-1]
     w = counted.reshape(N) * (dloss / max(M, 1))               # (N,) each counted position's share
     dlogits = np.empty((N, V), dtype=p.dtype)
-    _backward_rows(np.ascontiguousarray(p).reshape(N, V), np.ascontiguousarray(t).reshape(N), w, eps, dlogits)
+    pick(_backward_rows, dlogits.size)(np.ascontiguousarray(p).reshape(N, V), np.ascontiguousarray(t).reshape(N), w, eps, dlogits)
     return dlogits.reshape(p.shape), None

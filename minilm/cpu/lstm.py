@@ -15,7 +15,7 @@ makes :math:`\bar h_{t-1}^{\,\text{next}} = \bar a_t W_h^\top`.
 import numpy as np
 from numba import njit
 
-from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, blas_on_all_cores, copy, input_and_weight_gradients,
+from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gradients,
                             input_products, kernel_dtype, sigmoid_into, state_buffer, tanh, tanh_into)
 from minilm.reference import lstm as reference
 from minilm.reference.lstm import LSTMCache
@@ -94,20 +94,19 @@ def lstm_forward(x, h0, c0, W_x, W_h, b):
     if x.dtype not in KERNEL_DTYPES:
         return reference.lstm_forward(x, h0, c0, W_x, W_h, b)
 
-    with blas_on_all_cores():
-        xW_x = input_products(x, W_x)                              # (B, T, 4H) x_t W_x, all t at once
-        W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, 4H), (4H,) read by every step
-        gates = np.empty((B, T, 4 * H), dtype=x.dtype)             # (B, T, 4H)
-        c = np.empty((B, T, H), dtype=x.dtype)                     # (B, T, H)
-        tanh_c = np.empty_like(c)                                  # (B, T, H)
-        h = np.empty_like(c)                                       # (B, T, H)
-        h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
-        c0_c = np.ascontiguousarray(c0)                            # (B, H)
-        a_h = np.empty((B, 4 * H), dtype=x.dtype)                  # (B, 4H) h_{t-1} W_h
-        for t in range(T):
-            np.matmul(h_state, W_h_c, out=a_h)
-            _lstm_step_forward(xW_x, b_c, a_h, t, c0_c, h_state, gates, c, tanh_c, h)
-        return h, LSTMCache(x, h0, c0, W_x, W_h, gates, c, tanh_c, h)
+    xW_x = input_products(x, W_x)                              # (B, T, 4H) x_t W_x, all t at once
+    W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, 4H), (4H,) read by every step
+    gates = np.empty((B, T, 4 * H), dtype=x.dtype)             # (B, T, 4H)
+    c = np.empty((B, T, H), dtype=x.dtype)                     # (B, T, H)
+    tanh_c = np.empty_like(c)                                  # (B, T, H)
+    h = np.empty_like(c)                                       # (B, T, H)
+    h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
+    c0_c = np.ascontiguousarray(c0)                            # (B, H)
+    a_h = np.empty((B, 4 * H), dtype=x.dtype)                  # (B, 4H) h_{t-1} W_h
+    for t in range(T):
+        np.matmul(h_state, W_h_c, out=a_h)
+        _lstm_step_forward(xW_x, b_c, a_h, t, c0_c, h_state, gates, c, tanh_c, h)
+    return h, LSTMCache(x, h0, c0, W_x, W_h, gates, c, tanh_c, h)
 
 
 def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
@@ -121,18 +120,17 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     if dtype is None:
         return reference.lstm_backward(dh, cache, dh_T=dh_T, dc_T=dc_T)
 
-    with blas_on_all_cores():
-        dh, gates, c, c0_c, tanh_c = (np.ascontiguousarray(a) for a in (dh, gates, c, c0, tanh_c))
-        W_h_T = np.ascontiguousarray(W_h).T                        # (4H, H)
-        da = np.empty((B, T, 4 * H), dtype=dtype)                  # (B, T, 4H) gradient of every a_t
-        da_t = np.empty((B, 4 * H), dtype=dtype)                   # (B, 4H) this step's, for the product
-        dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
-        dc_next = state_buffer(dc_T, B, H, dtype)                  # (B, H) what step t+1 sends to c_t
-        for t in reversed(range(T)):
-            _lstm_step_backward(dh, dh_next, dc_next, gates, c, c0_c, tanh_c, t, da, da_t)
-            np.matmul(da_t, W_h_T, out=dh_next)                    # a_t = ... + h_{t-1} W_h
-        dh0, dc0 = dh_next, dc_next
+    dh, gates, c, c0_c, tanh_c = (np.ascontiguousarray(a) for a in (dh, gates, c, c0, tanh_c))
+    W_h_T = np.ascontiguousarray(W_h).T                        # (4H, H)
+    da = np.empty((B, T, 4 * H), dtype=dtype)                  # (B, T, 4H) gradient of every a_t
+    da_t = np.empty((B, 4 * H), dtype=dtype)                   # (B, 4H) this step's, for the product
+    dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
+    dc_next = state_buffer(dc_T, B, H, dtype)                  # (B, H) what step t+1 sends to c_t
+    for t in reversed(range(T)):
+        _lstm_step_backward(dh, dh_next, dc_next, gates, c, c0_c, tanh_c, t, da, da_t)
+        np.matmul(da_t, W_h_T, out=dh_next)                    # a_t = ... + h_{t-1} W_h
+    dh0, dc0 = dh_next, dc_next
 
-        dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
-        db = np.sum(da.reshape(B * T, 4 * H), axis=0)              # (4H,)
-        return dx, dh0, dc0, dW_x, dW_h, db
+    dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
+    db = np.sum(da.reshape(B * T, 4 * H), axis=0)              # (4H,)
+    return dx, dh0, dc0, dW_x, dW_h, db

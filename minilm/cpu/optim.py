@@ -15,16 +15,17 @@ rounded, so the result equals the reference's bit for bit, in float32 as in floa
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minilm import optim as reference
+from minilm.cpu._parallel import pick, rows_kernel
 
 __all__ = ["sgd_update", "adamw_update", "rmsprop_update"]
 
 KERNEL_DTYPES = (np.float32, np.float64)   # what the kernels compile for; other dtypes (float16) run the reference
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _sgd(p, g, buf, lr, momentum, weight_decay, use_momentum, nesterov, use_decay):
     """Equals ``minilm.optim.sgd_update``; buf is unused (any array) when ``use_momentum`` is False."""
     for i in prange(p.shape[0]):
@@ -39,7 +40,7 @@ def _sgd(p, g, buf, lr, momentum, weight_decay, use_momentum, nesterov, use_deca
         p[i] = p[i] - lr * d
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _adamw(p, g, m, v, decay_mask, one, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
            step_size, bias_correction2_sqrt, eps, decay_mode):
     """Equals ``minilm.optim.adamw_update``.
@@ -62,7 +63,7 @@ def _adamw(p, g, m, v, decay_mask, one, decay, beta1, one_minus_beta1, beta2, on
         p[i] = p[i] - step_size * (mi / denom)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@rows_kernel
 def _rmsprop(p, g, square_avg, buf, lr, alpha, one_minus_alpha, eps, momentum, use_momentum):
     """Equals ``minilm.optim.rmsprop_update``; buf is unused (any array) when ``use_momentum`` is False."""
     for i in prange(p.shape[0]):
@@ -84,7 +85,7 @@ def sgd_update(p, g, buf, *, lr, momentum, nesterov, weight_decay):
     if p.dtype not in KERNEL_DTYPES:
         return reference.sgd_update(p, g, buf, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     s = p.dtype.type
-    _sgd(p, g, p if buf is None else buf, s(lr), s(momentum), s(weight_decay),
+    pick(_sgd, p.size)(p, g, p if buf is None else buf, s(lr), s(momentum), s(weight_decay),
          bool(momentum), bool(nesterov), bool(weight_decay))
 
 
@@ -100,7 +101,7 @@ def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decay_mask,
         decay_mode, decay = 1, s(1 - lr * weight_decay)        # reference: p *= 1 - ηλ, a Python float
     else:
         decay_mode, decay = 2, s(lr * weight_decay)            # reference: p *= 1 - (ηλ) * mask, in p's dtype
-    _adamw(p, g, m, v, p if decay_mask is None else decay_mask, s(1), decay,
+    pick(_adamw, p.size)(p, g, m, v, p if decay_mask is None else decay_mask, s(1), decay,
            s(beta1), s(1 - beta1), s(beta2), s(1 - beta2),
            s(lr / (1 - beta1 ** step)), s(math.sqrt(1 - beta2 ** step)), s(eps), decay_mode)
 
@@ -110,5 +111,5 @@ def rmsprop_update(p, g, square_avg, buf, *, lr, alpha, eps, momentum):
     if p.dtype not in KERNEL_DTYPES:
         return reference.rmsprop_update(p, g, square_avg, buf, lr=lr, alpha=alpha, eps=eps, momentum=momentum)
     s = p.dtype.type
-    _rmsprop(p, g, square_avg, p if buf is None else buf, s(lr), s(alpha), s(1 - alpha), s(eps),
+    pick(_rmsprop, p.size)(p, g, square_avg, p if buf is None else buf, s(lr), s(alpha), s(1 - alpha), s(eps),
              s(momentum), bool(momentum))

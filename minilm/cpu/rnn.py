@@ -27,33 +27,18 @@ and gives up).
 Threads: a kernel sits between two BLAS calls, 64 times per sequence of the presets, and does
 ~0.1 ms of work. Splitting its rows over Numba's pool would cost more than it saves: with the
 "workqueue" threading layer that ``minilm.backend`` chooses, each parallel loop takes ~75 µs to
-launch, and with OpenMP's spinning workers beside OpenBLAS's, the two pools took each other's
-cores (a step ten times slower, measured on 2 cores). So the kernels run on one core, and the
-whole op runs inside ``blas_on_all_cores``: the numba backend otherwise holds BLAS to one
-thread, but no Numba loop runs in parallel here, and the products are most of the time.
+launch. So the kernels run in the calling thread, and the cores go to BLAS for the products,
+which are most of the time (the numba backend's rule for every op, ``minilm.backend``).
 
 The kernels add and multiply in the order the reference does, so only σ and tanh differ from
-it, and by rounding alone. A scalar ``tanh`` or ``exp`` in a Numba loop is a call into libm,
-which no loop around it can vectorise; so both are written with one ``exp`` of a non-positive
-argument, computed by ``exp_nonpositive`` in plain arithmetic, in the input's dtype (float32
-runs at float32 speed), never overflowing:
-
-.. math::
-    \sigma(a) = \begin{cases} 1 / (1 + e^{-a}) & a \ge 0 \\ e^{a} / (1 + e^{a}) & a < 0 \end{cases},
-    \qquad
-    \tanh(a) = \operatorname{sign}(a)\,\frac{1 - e^{-2|a|}}{1 + e^{-2|a|}}.
-
-``exp_nonpositive`` is within about an ulp; σ and tanh are within a few ulps of 1, absolute
-(for small :math:`|a|`, tanh's relative error is larger than NumPy's, its absolute error the same).
-Numba has no float16 arithmetic, so other float dtypes run the reference functions.
+it, and by rounding alone: they come from ``minilm.cpu._math``, in plain arithmetic that
+vectorises, where a call into libm would not. Numba has no float16 arithmetic, so other float
+dtypes run the reference functions.
 """
-import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic, overload
-from threadpoolctl import ThreadpoolController
+from numba import njit
 
+from minilm.cpu._math import sigmoid, tanh
 from minilm.reference import rnn as reference
 from minilm.reference.rnn import (RNNCache, check_sequence, check_state_gradient, check_vector, check_weights,
                                   shifted_states)
@@ -62,118 +47,9 @@ from minilm.validate import require_same_dtype, require_shape
 __all__ = ["rnn_forward", "rnn_backward"]
 
 KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run the reference
-SCALAR_TYPES = {types.float32: np.float32, types.float64: np.float64}
 
 
-# --- exp, σ and tanh for the kernels ----------------------------------------------------------
-# Each is a Python function (NumPy's, for use outside the kernels) with an ``@overload`` that
-# Numba compiles in its place, per dtype, where a kernel calls it.
-
-def exp_nonpositive(x):
-    r"""e^x for x <= 0, in x's dtype, within about an ulp; 0 where e^x is below the smallest normal
-    number. In a kernel: :math:`e^x = e^r\,2^n` with :math:`n = \operatorname{round}(x / \ln 2)`,
-    :math:`r = x - n \ln 2` (ln 2 in two parts, so that :math:`n \ln 2` is exact),
-    :math:`|r| \le \ln 2 / 2`, :math:`e^r` by its Taylor series and :math:`2^n` built from its bits."""
-    return np.exp(x)
-
-
-def sigmoid(a):
-    """σ(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
-    return reference.sigmoid(np, np.asarray(a))
-
-
-def tanh(a):
-    """tanh(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
-    return np.tanh(a)
-
-
-@intrinsic
-def _pow2(typingctx, k, like):
-    """2^k as a float of like's type, for an integer k in the normal exponent range: the bits
-    (k + bias) << mantissa reinterpreted as a float, plain instructions that vectorise."""
-    if not isinstance(k, types.Integer) or like not in SCALAR_TYPES:
-        return None
-
-    def codegen(context, builder, signature, args):
-        width, mantissa, bias = (32, 23, 127) if like == types.float32 else (64, 52, 1023)
-        int_t = ir.IntType(width)
-        k_int = builder.sext(args[0], int_t) if k.bitwidth < width else builder.trunc(args[0], int_t)
-        bits = builder.shl(builder.add(k_int, ir.Constant(int_t, bias)), ir.Constant(int_t, mantissa))
-        return builder.bitcast(bits, context.get_value_type(like))
-    return like(k, like), codegen
-
-
-def _exp_nonpositive_32(x):
-    lo = np.float32(-87.33654)                                     # ln of the smallest normal float32
-    xc = lo if x < lo else x                                       # a NaN stays NaN
-    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))  # n = round(x / ln 2), in [-126, 0]
-    r = (xc - n * np.float32(0.693145751953125)) - n * np.float32(1.4286068e-06)  # r = x - n ln 2
-    p = np.float32(1 / 5040)                                       # e^r by its Taylor series to r^7/7!,
-    p = p * r + np.float32(1 / 720)                                # the remainder below 1e-8 relative
-    p = p * r + np.float32(1 / 120)
-    p = p * r + np.float32(1 / 24)
-    p = p * r + np.float32(1 / 6)
-    p = p * r + np.float32(1 / 2)
-    p = p * r + np.float32(1)
-    p = p * r + np.float32(1)
-    k = np.int32(n) if n == n else np.int32(0)                     # (never a NaN into an integer)
-    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
-    return np.float32(0) if x < lo else y
-
-
-def _exp_nonpositive_64(x):
-    lo = -708.3964185322641                                        # ln of the smallest normal float64
-    xc = lo if x < lo else x                                       # a NaN stays NaN
-    n = np.floor(xc * 1.4426950408889634 + 0.5)                    # n = round(x / ln 2), in [-1022, 0]
-    r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10   # r = x - n ln 2 (fdlibm's split)
-    p = 1 / 6227020800                                             # e^r by its Taylor series to r^13/13!,
-    p = p * r + 1 / 479001600                                      # the remainder below 1e-17 relative
-    p = p * r + 1 / 39916800
-    p = p * r + 1 / 3628800
-    p = p * r + 1 / 362880
-    p = p * r + 1 / 40320
-    p = p * r + 1 / 5040
-    p = p * r + 1 / 720
-    p = p * r + 1 / 120
-    p = p * r + 1 / 24
-    p = p * r + 1 / 6
-    p = p * r + 1 / 2
-    p = p * r + 1.0
-    p = p * r + 1.0
-    k = np.int64(n) if n == n else np.int64(0)                     # (never a NaN into an integer)
-    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
-    return 0.0 if x < lo else y
-
-
-@overload(exp_nonpositive)
-def _exp_nonpositive(x):
-    return {types.float32: _exp_nonpositive_32, types.float64: _exp_nonpositive_64}.get(x)
-
-
-@overload(sigmoid)
-def _sigmoid(a):
-    if a not in SCALAR_TYPES:
-        return None
-    one = SCALAR_TYPES[a](1)
-
-    def sigmoid_scalar(a):
-        e = exp_nonpositive(-abs(a))                               # e^{-|a|}
-        s = one / (one + e)
-        return s if a >= 0 else e * s
-    return sigmoid_scalar
-
-
-@overload(tanh)
-def _tanh(a):
-    if a not in SCALAR_TYPES:
-        return None
-    one, two = SCALAR_TYPES[a](1), SCALAR_TYPES[a](2)
-
-    def tanh_scalar(a):
-        e = exp_nonpositive(-two * abs(a))                         # e^{-2|a|}
-        t = (one - e) / (one + e)
-        return t if a >= 0 else -t
-    return tanh_scalar
+# exp, σ and tanh: ``minilm.cpu._math`` (imported above, and used by the kernels below).
 
 
 # --- shared by rnn, lstm and gru --------------------------------------------------------------
@@ -211,23 +87,6 @@ def copy(src, dst):
     """dst = src, for 1-D arrays (a loop of vector moves, faster in a kernel than a slice assignment)."""
     for j in range(dst.shape[0]):
         dst[j] = src[j]
-
-
-_blas = None    # threadpoolctl's controller of the loaded BLAS libraries, made on first use
-
-
-def blas_on_all_cores():
-    """A context in which BLAS may run on as many threads as Numba's pool has.
-
-    The numba backend holds BLAS to one thread, so that its threads and Numba's do not take each
-    other's cores (``minilm.backend``). A recurrent op runs no parallel Numba loop (its kernels
-    are serial) and spends most of its time in matrix products, so for its duration the cores
-    go to BLAS; leaving the context restores the limit in force before.
-    """
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController().select(user_api="blas")
-    return _blas.limit(limits=numba.get_num_threads())
 
 
 def kernel_dtype(*arrays):
@@ -311,16 +170,15 @@ def rnn_forward(x, h0, W_x, W_h, b):
     if x.dtype not in KERNEL_DTYPES:
         return reference.rnn_forward(x, h0, W_x, W_h, b)
 
-    with blas_on_all_cores():
-        xW_x = input_products(x, W_x)                              # (B, T, H) x_t W_x, all t at once
-        W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, H), (H,) read by every step
-        h = np.empty((B, T, H), dtype=x.dtype)                     # (B, T, H)
-        h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
-        a_h = np.empty((B, H), dtype=x.dtype)                      # (B, H) h_{t-1} W_h
-        for t in range(T):
-            np.matmul(h_state, W_h_c, out=a_h)
-            _rnn_step_forward(xW_x, b_c, a_h, t, h_state, h)
-        return h, RNNCache(x, h0, W_x, W_h, h)
+    xW_x = input_products(x, W_x)                              # (B, T, H) x_t W_x, all t at once
+    W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, H), (H,) read by every step
+    h = np.empty((B, T, H), dtype=x.dtype)                     # (B, T, H)
+    h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
+    a_h = np.empty((B, H), dtype=x.dtype)                      # (B, H) h_{t-1} W_h
+    for t in range(T):
+        np.matmul(h_state, W_h_c, out=a_h)
+        _rnn_step_forward(xW_x, b_c, a_h, t, h_state, h)
+    return h, RNNCache(x, h0, W_x, W_h, h)
 
 
 def rnn_backward(dh, cache, *, dh_T=None):
@@ -333,18 +191,17 @@ def rnn_backward(dh, cache, *, dh_T=None):
     if dtype is None:
         return reference.rnn_backward(dh, cache, dh_T=dh_T)
 
-    with blas_on_all_cores():
-        dh = np.ascontiguousarray(dh)                              # (B, T, H)
-        h = np.ascontiguousarray(h)                                # (B, T, H)
-        W_h_T = np.ascontiguousarray(W_h).T                        # (H, H)
-        da = np.empty((B, T, H), dtype=dtype)                      # (B, T, H) gradient of every a_t
-        da_t = np.empty((B, H), dtype=dtype)                       # (B, H) this step's, for the product
-        dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
-        for t in reversed(range(T)):
-            _rnn_step_backward(dh, dh_next, h, t, da, da_t)
-            np.matmul(da_t, W_h_T, out=dh_next)                    # a_t = ... + h_{t-1} W_h
-        dh0 = dh_next
+    dh = np.ascontiguousarray(dh)                              # (B, T, H)
+    h = np.ascontiguousarray(h)                                # (B, T, H)
+    W_h_T = np.ascontiguousarray(W_h).T                        # (H, H)
+    da = np.empty((B, T, H), dtype=dtype)                      # (B, T, H) gradient of every a_t
+    da_t = np.empty((B, H), dtype=dtype)                       # (B, H) this step's, for the product
+    dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
+    for t in reversed(range(T)):
+        _rnn_step_backward(dh, dh_next, h, t, da, da_t)
+        np.matmul(da_t, W_h_T, out=dh_next)                    # a_t = ... + h_{t-1} W_h
+    dh0 = dh_next
 
-        dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
-        db = np.sum(da.reshape(B * T, H), axis=0)                  # (H,)
-        return dx, dh0, dW_x, dW_h, db
+    dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
+    db = np.sum(da.reshape(B * T, H), axis=0)                  # (H,)
+    return dx, dh0, dW_x, dW_h, db

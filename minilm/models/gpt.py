@@ -25,7 +25,7 @@ Differences from nanoGPT
   (nanoGPT's ``resid_dropout``, after the attention projection and after the MLP).
 * ``forward`` returns the logits of every position, also without targets.
 * ``bias=False`` removes the biases of the linears and the LayerNorms' beta from the parameters;
-  the ops then receive zero vectors and their bias gradients are dropped.
+  the linears then get no bias (None), the LayerNorms a zero beta whose gradient is dropped.
 
 Generation with a key/value cache
 ---------------------------------
@@ -229,9 +229,12 @@ class GPT:
         return get_array_module(self.params.data)
 
     def _bias(self, name):
-        """The bias or beta called ``name``; zeros when the config has no biases."""
+        """The bias or beta called ``name``. Without biases in the config: None for a linear's
+        bias (the op then adds none and returns no gradient), zeros for a LayerNorm's beta."""
         if self.config.bias:
             return self.params[name]
+        if not name.endswith(".beta"):
+            return None
         return self._xp().zeros(self._bias_shapes[name], dtype=self.params.data.dtype)
 
     def _accumulate(self, name, grad):

@@ -1,0 +1,134 @@
+r"""Scalar exp, σ and tanh for the Numba kernels, in the argument's dtype, in plain arithmetic.
+
+A scalar ``exp`` or ``tanh`` in a Numba loop is a call into libm, which no loop around it can
+vectorise. These are written with one ``exp`` of a non-positive argument, computed by
+``exp_nonpositive`` from instructions the compiler vectorises (float32 runs at float32 speed),
+never overflowing:
+
+.. math::
+    \sigma(a) = \begin{cases} 1 / (1 + e^{-a}) & a \ge 0 \\ e^{a} / (1 + e^{a}) & a < 0 \end{cases},
+    \qquad
+    \tanh(a) = \operatorname{sign}(a)\,\frac{1 - e^{-2|a|}}{1 + e^{-2|a|}}.
+
+``exp_nonpositive`` is within about an ulp; σ and tanh are within a few ulps of 1, absolute
+(for small :math:`|a|`, tanh's relative error is larger than NumPy's, its absolute error the same).
+Used by the recurrent cells, GELU and the attention softmax.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from minilm.reference import rnn as reference
+
+SCALAR_TYPES = {types.float32: np.float32, types.float64: np.float64}
+
+
+# Each is a Python function (NumPy's, for use outside the kernels) with an ``@overload`` that
+# Numba compiles in its place, per dtype, where a kernel calls it.
+
+def exp_nonpositive(x):
+    r"""e^x for x <= 0, in x's dtype, within about an ulp; 0 where e^x is below the smallest normal
+    number. In a kernel: :math:`e^x = e^r\,2^n` with :math:`n = \operatorname{round}(x / \ln 2)`,
+    :math:`r = x - n \ln 2` (ln 2 in two parts, so that :math:`n \ln 2` is exact),
+    :math:`|r| \le \ln 2 / 2`, :math:`e^r` by its Taylor series and :math:`2^n` built from its bits."""
+    return np.exp(x)
+
+
+def sigmoid(a):
+    """σ(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
+    return reference.sigmoid(np, np.asarray(a))
+
+
+def tanh(a):
+    """tanh(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
+    return np.tanh(a)
+
+
+@intrinsic
+def _pow2(typingctx, k, like):
+    """2^k as a float of like's type, for an integer k in the normal exponent range: the bits
+    (k + bias) << mantissa reinterpreted as a float, plain instructions that vectorise."""
+    if not isinstance(k, types.Integer) or like not in SCALAR_TYPES:
+        return None
+
+    def codegen(context, builder, signature, args):
+        width, mantissa, bias = (32, 23, 127) if like == types.float32 else (64, 52, 1023)
+        int_t = ir.IntType(width)
+        k_int = builder.sext(args[0], int_t) if k.bitwidth < width else builder.trunc(args[0], int_t)
+        bits = builder.shl(builder.add(k_int, ir.Constant(int_t, bias)), ir.Constant(int_t, mantissa))
+        return builder.bitcast(bits, context.get_value_type(like))
+    return like(k, like), codegen
+
+
+def _exp_nonpositive_32(x):
+    lo = np.float32(-87.33654)                                     # ln of the smallest normal float32
+    xc = lo if x < lo else x                                       # a NaN stays NaN
+    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))  # n = round(x / ln 2), in [-126, 0]
+    r = (xc - n * np.float32(0.693145751953125)) - n * np.float32(1.4286068e-06)  # r = x - n ln 2
+    p = np.float32(1 / 5040)                                       # e^r by its Taylor series to r^7/7!,
+    p = p * r + np.float32(1 / 720)                                # the remainder below 1e-8 relative
+    p = p * r + np.float32(1 / 120)
+    p = p * r + np.float32(1 / 24)
+    p = p * r + np.float32(1 / 6)
+    p = p * r + np.float32(1 / 2)
+    p = p * r + np.float32(1)
+    p = p * r + np.float32(1)
+    k = np.int32(n) if n == n else np.int32(0)                     # (never a NaN into an integer)
+    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
+    return np.float32(0) if x < lo else y
+
+
+def _exp_nonpositive_64(x):
+    lo = -708.3964185322641                                        # ln of the smallest normal float64
+    xc = lo if x < lo else x                                       # a NaN stays NaN
+    n = np.floor(xc * 1.4426950408889634 + 0.5)                    # n = round(x / ln 2), in [-1022, 0]
+    r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10   # r = x - n ln 2 (fdlibm's split)
+    p = 1 / 6227020800                                             # e^r by its Taylor series to r^13/13!,
+    p = p * r + 1 / 479001600                                      # the remainder below 1e-17 relative
+    p = p * r + 1 / 39916800
+    p = p * r + 1 / 3628800
+    p = p * r + 1 / 362880
+    p = p * r + 1 / 40320
+    p = p * r + 1 / 5040
+    p = p * r + 1 / 720
+    p = p * r + 1 / 120
+    p = p * r + 1 / 24
+    p = p * r + 1 / 6
+    p = p * r + 1 / 2
+    p = p * r + 1.0
+    p = p * r + 1.0
+    k = np.int64(n) if n == n else np.int64(0)                     # (never a NaN into an integer)
+    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
+    return 0.0 if x < lo else y
+
+
+@overload(exp_nonpositive)
+def _exp_nonpositive(x):
+    return {types.float32: _exp_nonpositive_32, types.float64: _exp_nonpositive_64}.get(x)
+
+
+@overload(sigmoid)
+def _sigmoid(a):
+    if a not in SCALAR_TYPES:
+        return None
+    one = SCALAR_TYPES[a](1)
+
+    def sigmoid_scalar(a):
+        e = exp_nonpositive(-abs(a))                               # e^{-|a|}
+        s = one / (one + e)
+        return s if a >= 0 else e * s
+    return sigmoid_scalar
+
+
+@overload(tanh)
+def _tanh(a):
+    if a not in SCALAR_TYPES:
+        return None
+    one, two = SCALAR_TYPES[a](1), SCALAR_TYPES[a](2)
+
+    def tanh_scalar(a):
+        e = exp_nonpositive(-two * abs(a))                         # e^{-2|a|}
+        t = (one - e) / (one + e)
+        return t if a >= 0 else -t
+    return tanh_scalar
