@@ -3,12 +3,18 @@
 Every measurement runs in a fresh process (``minilm.bench.worker``) with the same thread
 count for minilm's Numba pool, the BLAS pool and PyTorch; the table gives ms/step, tokens/s,
 peak resident memory, and each backend's speed relative to PyTorch's in the same run.
+
+Timings on a shared machine drift by tens of percent over minutes. So each table is measured
+``--rounds`` times, every configuration once per round in turn (minilm, then PyTorch, then
+minilm again...), and the table gives the medians; the ratio to PyTorch is the median of the
+ratios within each round, with their range, so that a drift hits both sides of a ratio alike.
 """
 import datetime
 import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -27,6 +33,7 @@ def add_options(p):
     p.add_argument("--steps", type=int, default=30, help="timed training steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT compilation, caches)")
     p.add_argument("--tokens", type=int, default=500, help="tokens to sample")
+    p.add_argument("--rounds", type=int, default=3, help="times each table is measured, in turn (medians reported)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for Numba, BLAS and PyTorch")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
@@ -77,24 +84,21 @@ def benchmark(args, out=print):
                "command": "minilm bench " + " ".join(sys.argv[2:]), "train": [], "sample": [], "ops": []}
     if args.what in ("train", "all"):
         for name in args.presets:
-            rows = []
-            for b in backends:
-                rows.append(run_job({"impl": "minilm", "what": "train", "backend": b, "preset": name,
-                                     "steps": args.steps, "warmup": args.warmup, "threads": args.threads}))
+            jobs = [{"impl": "minilm", "what": "train", "backend": b, "preset": name, "steps": args.steps,
+                     "warmup": args.warmup, "threads": args.threads} for b in backends]
             if torch:
-                rows.append(run_job({"impl": "torch", "what": "train", "preset": name, "steps": args.steps,
-                                     "warmup": args.warmup, "threads": args.threads}))
+                jobs.append({"impl": "torch", "what": "train", "preset": name, "steps": args.steps,
+                             "warmup": args.warmup, "threads": args.threads})
+            rows = _rounds(jobs, args.rounds)
             results["train"] += rows
             _print_rows(out, f"training step, {name} (float32)", rows, "ms_per_step")
     if args.what in ("sample", "all"):
-        rows = []
-        for b in backends:
-            for cache in (True, False):
-                rows.append(run_job({"impl": "minilm", "what": "sample", "backend": b, "cache": cache,
-                                     "preset": "shakespeare-char-cpu", "tokens": args.tokens, "threads": args.threads}))
+        jobs = [{"impl": "minilm", "what": "sample", "backend": b, "cache": cache, "preset": "shakespeare-char-cpu",
+                 "tokens": args.tokens, "threads": args.threads} for b in backends for cache in (True, False)]
         if torch:
-            rows.append(run_job({"impl": "torch", "what": "sample", "preset": "shakespeare-char-cpu",
-                                 "tokens": args.tokens, "threads": args.threads}))
+            jobs.append({"impl": "torch", "what": "sample", "preset": "shakespeare-char-cpu",
+                         "tokens": args.tokens, "threads": args.threads})
+        rows = _rounds(jobs, args.rounds)
         results["sample"] = rows
         _print_rows(out, f"sampling {args.tokens} tokens, shakespeare-char-cpu GPT", rows, None)
     if args.what in ("ops", "all"):
@@ -117,11 +121,33 @@ def _label(row):
     return job["backend"] + ("" if job["what"] == "train" else (" kv-cache" if job["cache"] else " no cache"))
 
 
+def _rounds(jobs, rounds):
+    """Each job measured ``rounds`` times, in turn; one row per job with the medians, every round's
+    result (``rounds``) and, when a PyTorch job is among them, the ratio to it within each round."""
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"minilm bench: option '--rounds' must be an integer >= 1, got {rounds!r}")
+    measured = [[run_job(job) for job in jobs] for _ in range(rounds)]        # [round][job]
+    torch_at = next((i for i, job in enumerate(jobs) if job["impl"] == "torch"), None)
+    rows = []
+    for i, job in enumerate(jobs):
+        runs = [measured[r][i] for r in range(rounds)]
+        row = {"job": job, "rounds": runs, "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
+               "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)}
+        if "ms_per_step" in runs[0]:
+            row["ms_per_step"] = statistics.median(x["ms_per_step"] for x in runs)
+        if torch_at is not None:
+            ratios = [measured[r][i]["tokens_per_s"] / measured[r][torch_at]["tokens_per_s"] for r in range(rounds)]
+            row["vs_torch"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        rows.append(row)
+    return rows
+
+
 def _print_rows(out, title, rows, ms_key):
-    torch_rate = next((r["tokens_per_s"] for r in rows if r["job"]["impl"] == "torch"), None)
-    out(f"\n{title}")
-    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9} {'vs pytorch':>11}")
+    n = len(rows[0]["rounds"])
+    out(f"\n{title}; medians of {n} round{'s' if n > 1 else ''}")
+    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9} {'vs pytorch (range)':>22}")
     for r in rows:
         ms = f"{r[ms_key]:9.2f}" if ms_key else f"{'':>9}"
-        ratio = f"{r['tokens_per_s'] / torch_rate:10.2f}x" if torch_rate else f"{'':>11}"
-        out(f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f} {ratio}")
+        v = r.get("vs_torch")
+        ratio = f"{v['median']:6.2f}x ({v['min']:.2f}-{v['max']:.2f})" if v else ""
+        out(f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f} {ratio:>22}")

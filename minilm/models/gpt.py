@@ -33,7 +33,10 @@ Generation with a key/value cache
 q, k, v from ``ln_1`` (the same projection and head split as ``ops.self_attention``), writes
 k and v into the cache, and attends from the new queries over every cached key with
 ``ops.attention(..., causal=True)``, whose causal mask aligns the queries to the end of the keys.
-Its logits equal those of ``forward`` on the whole context to rounding.
+Its logits equal those of ``forward`` on the whole context to rounding. On the numba backend a
+step of one token per sequence (sampling's inner loop) runs as one fused kernel instead of the
+op calls (``minilm/cpu/gpt_decode.py``), because at that size the calls' overhead is most of the
+time; it computes the same forward.
 
 When the context would grow past ``block_size``, nanoGPT crops it to the last ``block_size``
 tokens. Every position then shifts, so every cached key and value changes (positions enter at
@@ -41,6 +44,8 @@ the bottom of the network); reusing them would give different logits. ``forward_
 does exactly what the uncached path does: it keeps the cropped window ``(cached tokens +
 idx_new)[-block_size:]``, empties the cache and recomputes it from that window. Past
 ``block_size`` every step thus costs one full forward of the window, as without the cache.
+``minilm.sample.generate`` avoids that by shifting its context to the newest half when it is
+full (``context_start``), so the cache is rebuilt once every ``block_size // 2`` tokens.
 
 Parameters (names of the views in ``GPT.params``)
 -------------------------------------------------
@@ -115,7 +120,7 @@ class GPTCache(NamedTuple):
 class KVCache:
     """Keys and values of every block for the tokens seen so far (see the module docstring).
 
-    ``k[l]``, ``v[l]`` : (B, NH, block_size, hs), filled up to ``length``;
+    ``k``, ``v`` : (L, B, NH, block_size, hs), block l's in ``k[l]``, filled up to ``length``;
     ``tokens`` : (B, block_size), the ids they came from (needed to recompute after a crop).
     """
 
@@ -357,8 +362,7 @@ class GPT:
         require_positive("GPT.init_kv_cache", "batch", batch, int)
         cfg, xp, dtype = self.config, self._xp(), self.params.data.dtype
         shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)     # (B, NH, block, hs)
-        return KVCache([xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)],
-                       [xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)],
+        return KVCache(xp.zeros((cfg.n_layer,) + shape, dtype=dtype), xp.zeros((cfg.n_layer,) + shape, dtype=dtype),
                        xp.zeros((batch, cfg.block_size), dtype=np.int64))
 
     def forward_step(self, idx_new, kv_cache=None):
@@ -394,6 +398,12 @@ class GPT:
         t1 = t0 + Tn
         C, NH = cfg.n_embd, cfg.n_head
         kv_cache.tokens[:, t0:t1] = idx_new
+        if Tn == 1:                                        # one token per sequence: a fused kernel, if any
+            decode = backend.kernel("gpt_decode_step", None)
+            logits = None if decode is None else decode(self, idx_new[:, 0], kv_cache, t0)
+            if logits is not None:
+                kv_cache.length = t1
+                return logits, kv_cache
 
         tok_emb, _ = ops.embedding_forward(idx_new, P["wte"])                          # (B, Tn, C)
         pos_emb, _ = ops.embedding_forward(xp.arange(t0, t1), P["wpe"])                # (Tn, C)

@@ -1,0 +1,92 @@
+"""The Numba tier's fused GPT decode step (minilm/cpu/gpt_decode.py) against the reference ops.
+
+``GPT.forward_step`` with one new token per sequence runs one kernel on the numba backend and
+some forty reference ops on the numpy backend; the logits must agree step after step, the key/
+value caches must hold the same keys and values, and sampling must give the same tokens.
+"""
+import numpy as np
+import pytest
+
+import minilm
+from minilm import backend
+from minilm.cpu import gpt_decode
+from minilm.models.gpt import GPT, GPTConfig
+from minilm.sample import generate
+from minilm.testing import relative_error
+
+# float64: the same sums in another order, through 2 blocks: ~1e-16 measured
+F64_TOL = 1e-12
+# float32: DESIGN's kernel bound; the kernel's products accumulate in another order than BLAS's,
+# ~2e-7 measured on the logits after 2 blocks
+F32_TOL = 1e-5
+TOL = {np.float64: F64_TOL, np.float32: F32_TOL}
+CONFIG = dict(vocab_size=11, block_size=9, n_layer=2, n_head=2, n_embd=8)
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    before = backend.current()
+    yield
+    backend.use(before)
+
+
+def model(dtype, bias, seed=3):
+    m = GPT(GPTConfig(**CONFIG, bias=bias), dtype=dtype, seed=seed)
+    m.params.data[...] += np.random.default_rng(seed).normal(0, 0.3, m.params.size).astype(dtype)  # biases, betas != 0
+    return m
+
+
+def decode_all(name, m, tokens):
+    """Logits of every step: a 2-token prompt, then one token per step, past block_size."""
+    minilm.use(name)
+    logits, cache = m.forward_step(tokens[:, :2])
+    steps = [logits]
+    for t in range(2, tokens.shape[1]):
+        logits, cache = m.forward_step(tokens[:, t:t + 1], cache)
+        steps.append(logits)
+    return np.stack(steps), cache
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_decode_kernel_equals_the_reference_forward_step(dtype, bias):
+    m = model(dtype, bias)
+    tokens = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (3, 14))   # crops once at block_size
+    ref, ref_cache = decode_all("numpy", m, tokens)
+    cpu, cpu_cache = decode_all("numba", m, tokens)
+    assert cpu.dtype == ref.dtype == dtype and cpu.shape == ref.shape
+    assert relative_error(cpu, ref) <= TOL[dtype]
+    n = ref_cache.length
+    assert cpu_cache.length == n
+    assert relative_error(cpu_cache.k[:, :, :, :n], ref_cache.k[:, :, :, :n]) <= TOL[dtype]
+    assert relative_error(cpu_cache.v[:, :, :, :n], ref_cache.v[:, :, :, :n]) <= TOL[dtype]
+
+
+def test_forward_step_runs_the_kernel_for_one_token_only(monkeypatch):
+    calls = []
+    real = gpt_decode.gpt_decode_step
+    monkeypatch.setattr(minilm.cpu, "gpt_decode_step", lambda *a: calls.append(a[1].shape) or real(*a))
+    minilm.use("numba")
+    m = model(np.float32, False)
+    _, cache = m.forward_step(np.array([[1, 2, 3]]))        # a prompt: the ops
+    assert calls == []
+    m.forward_step(np.array([[4]]), cache)                  # one token: the kernel
+    assert calls == [(1,)]
+
+
+def test_a_dtype_without_kernel_runs_the_ops():
+    minilm.use("numba")
+    m = GPT(GPTConfig(**CONFIG), dtype=np.float16, seed=0)
+    _, cache = m.forward_step(np.array([[1, 2]]))
+    assert gpt_decode.gpt_decode_step(m, np.array([3]), cache, 2) is None
+    logits, _ = m.forward_step(np.array([[3]]), cache)
+    assert logits.dtype == np.float16 and np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.8, top_k=5), dict(top_p=0.9)])
+def test_numba_sampling_with_and_without_the_cache_gives_the_same_tokens(options):
+    minilm.use("numba")
+    m = model(np.float64, True)
+    cached = list(generate(m, [1, 2, 3], 25, seed=5, **options))      # well past block_size: context shifts
+    uncached = list(generate(m, [1, 2, 3], 25, seed=5, use_cache=False, **options))
+    assert cached == uncached and len(cached) == 25
