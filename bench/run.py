@@ -46,9 +46,15 @@ def _env(threads):
     return env
 
 
+# The worker runs as ``python -c`` with the current directory taken off the module path first:
+# ``python -m`` would put it there, and from a source checkout its ``minilm/`` folder (which has no
+# ``bench`` inside; pyproject maps ``bench/`` to ``minilm.bench``) would hide the installed package.
+_WORKER = "import runpy, sys; sys.path[:] = [p for p in sys.path if p != '']; runpy.run_module('minilm.bench.worker', run_name='__main__')"
+
+
 def run_job(job):
     """Run one measurement in a fresh process; returns its JSON result."""
-    proc = subprocess.run([sys.executable, "-m", "minilm.bench.worker", json.dumps(job)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(job)], capture_output=True,
                           text=True, env=_env(job["threads"]))
     if proc.returncode != 0:
         raise RuntimeError(f"minilm bench: the measurement {job} failed:\n{proc.stderr[-2000:]}")
