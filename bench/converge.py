@@ -3,6 +3,7 @@
 Both runs use the same tokenizer, split, training batches (seeded), evaluation batches and
 learning-rate schedule; only the model code differs. Training time excludes evaluation.
 """
+import dataclasses
 import json
 import os
 import tempfile
@@ -61,8 +62,11 @@ def time_to(curve, target):
     return next((p["train_seconds"] for p in curve if p["val_loss"] <= target), None)
 
 
-def run(preset_name, data, *, backends, threads, target, torch_peer=True, out=print):
+def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=None, out=print):
     cfg = config.preset(preset_name)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+        config.validate(cfg)
     results = []
     for b in backends:
         curve = minilm_curve(cfg, data, b)
@@ -70,7 +74,7 @@ def run(preset_name, data, *, backends, threads, target, torch_peer=True, out=pr
     if torch_peer:
         curve = torch_curve(cfg, data, threads)
         results.append({"impl": "pytorch", "curve": curve, "seconds_to_target": time_to(curve, target)})
-    out(f"\ntime to validation loss {target} on {preset_name} (training time, evaluation excluded)")
+    out(f"\ntime to validation loss {target} on {preset_name}, seed {cfg.seed} (training time, evaluation excluded)")
     out(f"  {'':<10} {'final val loss':>15} {'seconds to target':>18} {'total seconds':>14}")
     for r in results:
         t = r["seconds_to_target"]

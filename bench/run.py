@@ -27,6 +27,7 @@ def add_options(p):
     p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach")
     p.add_argument("--converge-preset", default="shakespeare-char-cpu", help="converge: the preset to train")
     p.add_argument("--data", default="shakespeare", help="converge: the corpus")
+    p.add_argument("--seed", type=int, default=None, help="converge: the seed (default: the preset's)")
     p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), metavar="PRESET")
     p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
                    help="default: numpy and numba (and cupy when a GPU is present)")
@@ -113,7 +114,7 @@ def benchmark(args, out=print):
     if args.what == "converge":
         from minilm.bench import converge
         results["converge"] = converge.run(args.converge_preset, args.data, backends=backends, threads=args.threads,
-                                           target=args.target, torch_peer=torch, out=out)
+                                           target=args.target, torch_peer=torch, seed=args.seed, out=out)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -47,3 +47,9 @@ def test_a_training_step_measurement_end_to_end(tmp_path, capsys):
     (row,) = results["train"]
     assert row["job"]["preset"] == "shakespeare-gru" and row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
     assert "training step, shakespeare-gru" in capsys.readouterr().out
+
+
+def test_converge_with_a_negative_seed_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--what", "converge", "--seed", "-1", "--no-torch", "--backends", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert "seed" in err and "-1" in err
