@@ -19,9 +19,10 @@ parameters from the flat buffer by their offsets and the keys and values from th
 
 (one block per line pair, for every block), which is ``GPT.forward_step`` for ``Tn = 1``;
 ``tests/test_models.py`` holds the two to each other, and the sampled tokens to the uncached path.
-Matrix-vector products run as loops over the weight's rows with the output in the inner loop,
-which the compiler vectorises; the layernorm statistics and the softmax sums are accumulated in
-float64, the products in the parameters' dtype, as BLAS does.
+The layernorms and the GELU are the ops' own kernels (``minilm.cpu.layernorm``,
+``minilm.cpu.activations``), called on one row. Matrix-vector products run as loops over the
+weight's rows with the output in the inner loop, which the compiler vectorises; the softmax sums
+are accumulated in float64, the products in the parameters' dtype, as BLAS does.
 """
 import math
 import weakref
@@ -30,7 +31,8 @@ import numpy as np
 from numba import njit
 
 from minilm.cpu._math import exp_nonpositive
-from minilm.reference.activations import _GELU_CUBIC, _SQRT_2_OVER_PI
+from minilm.cpu.activations import _gelu_forward_kernel
+from minilm.cpu.layernorm import _forward_rows
 
 __all__ = ["gpt_decode_step"]
 
@@ -39,6 +41,8 @@ KERNEL_DTYPES = (np.float32, np.float64)
 BLOCK_PARAMS = ("ln_1.gamma", "ln_1.beta", "attn.W_qkv", "attn.b_qkv", "attn.W_o", "attn.b_o",
                 "ln_2.gamma", "ln_2.beta", "mlp.W_1", "mlp.b_1", "mlp.W_2", "mlp.b_2")
 LN_EPS = 1e-5       # the layernorm op's default, which the GPT uses
+_layernorm_rows = _forward_rows.serial              # the ops' serial kernels, named so that the
+_gelu_rows = _gelu_forward_kernel.serial            # kernels below can call them
 
 
 @njit(cache=True, error_model="numpy")
@@ -48,20 +52,9 @@ def _vec(data, offset, n, zeros):
 
 
 @njit(cache=True, error_model="numpy")
-def _layernorm(x, gamma, beta, out):
-    """out = gamma (x - mean) / sqrt(var + eps) + beta, over the one row x (C,)."""
-    C = x.shape[0]
-    s = 0.0
-    for i in range(C):
-        s += x[i]
-    mu = s / C
-    s = 0.0
-    for i in range(C):
-        d = x[i] - mu
-        s += d * d
-    rstd = 1.0 / math.sqrt(s / C + LN_EPS)
-    for i in range(C):
-        out[i] = gamma[i] * ((x[i] - mu) * rstd) + beta[i]
+def _layernorm(x, gamma, beta, out, x_hat, rstd):
+    """out = layernorm(x) for the one row x (C,): the layernorm op's own kernel on a (1, C) view."""
+    _layernorm_rows(x.reshape(1, x.shape[0]), gamma, beta, LN_EPS, out.reshape(1, out.shape[0]), x_hat, rstd)
 
 
 @njit(cache=True, error_model="numpy")
@@ -80,19 +73,6 @@ def _matvec(x, W, b, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _gelu(h):
-    """h = gelu(h) in place, the tanh form, as ``minilm.cpu.activations`` computes it."""
-    f = h.dtype.type
-    one, two = f(1), f(2)
-    k, c = f(_SQRT_2_OVER_PI), f(_GELU_CUBIC)
-    for i in range(h.shape[0]):
-        xi = h[i]
-        u = k * (xi + c * xi * xi * xi)
-        e = exp_nonpositive(-two * abs(u))                     # e^{-2|u|}
-        h[i] = xi * (one if u >= 0 else e) / (one + e)          # x ½(1 + tanh u)
-
-
-@njit(cache=True, error_model="numpy")
 def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_size):
     """Logits (B, vocab) of the tokens (B,) at position t; K, V (L, B, NH, block, hs) get their keys and values."""
     L, B, NH, _, hs = K.shape
@@ -102,6 +82,8 @@ def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_siz
     zeros = np.zeros(4 * C, dtype=dtype)
     x = np.empty(C, dtype=dtype)
     ln = np.empty(C, dtype=dtype)
+    x_hat = np.empty((1, C), dtype=dtype)                       # the layernorm kernel's other outputs
+    rstd = np.empty(1, dtype=dtype)
     qkv = np.empty(3 * C, dtype=dtype)
     att_y = np.empty(C, dtype=dtype)
     proj = np.empty(C, dtype=dtype)
@@ -115,7 +97,7 @@ def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_siz
             x[i] = wte[tokens[b], i] + data[wpe_at + t * C + i]
         for l in range(L):
             o = block_offsets[l]
-            _layernorm(x, _vec(data, o[0], C, zeros), _vec(data, o[1], C, zeros), ln)
+            _layernorm(x, _vec(data, o[0], C, zeros), _vec(data, o[1], C, zeros), ln, x_hat, rstd)
             _matvec(ln, data[o[2]:o[2] + 3 * C * C].reshape(C, 3 * C), _vec(data, o[3], 3 * C, zeros), qkv)
             for h in range(NH):                                 # this token's key and value, head by head
                 for d in range(hs):
@@ -143,13 +125,13 @@ def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_siz
             _matvec(att_y, data[o[4]:o[4] + C * C].reshape(C, C), _vec(data, o[5], C, zeros), proj)
             for i in range(C):
                 x[i] += proj[i]                                 # x = x + attn
-            _layernorm(x, _vec(data, o[6], C, zeros), _vec(data, o[7], C, zeros), ln)
+            _layernorm(x, _vec(data, o[6], C, zeros), _vec(data, o[7], C, zeros), ln, x_hat, rstd)
             _matvec(ln, data[o[8]:o[8] + 4 * C * C].reshape(C, 4 * C), _vec(data, o[9], 4 * C, zeros), hidden)
-            _gelu(hidden)
+            _gelu_rows(hidden, False, hidden)              # the GELU op's kernel, tanh form, in place
             _matvec(hidden, data[o[10]:o[10] + 4 * C * C].reshape(4 * C, C), _vec(data, o[11], C, zeros), proj)
             for i in range(C):
                 x[i] += proj[i]                                 # x = x + mlp
-        _layernorm(x, _vec(data, lnf_g_at, C, zeros), _vec(data, lnf_b_at, C, zeros), ln)
+        _layernorm(x, _vec(data, lnf_g_at, C, zeros), _vec(data, lnf_b_at, C, zeros), ln, x_hat, rstd)
         for v in range(vocab):                                  # logits = ln_f(x) wte^T (the tied head)
             s = dtype.type(0)
             for i in range(C):
