@@ -13,10 +13,14 @@ never overflowing:
 ``exp_nonpositive`` is within about an ulp; σ and tanh are within a few ulps of 1, absolute
 (for small :math:`|a|`, tanh's relative error is larger than NumPy's, its absolute error the same).
 Used by the recurrent cells, GELU and the attention softmax.
+
+``sum_in_any_order`` adds up the start of a row in float64 with its additions in any order, so
+that the compiler can vectorise them (see ``minilm.cpu._parallel.SUMS_IN_ANY_ORDER``); the flag
+stays on its own instructions when it is inlined into a kernel that has no such flag.
 """
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from minilm.reference import rnn as reference
@@ -43,6 +47,15 @@ def sigmoid(a):
 def tanh(a):
     """tanh(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
     return np.tanh(a)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def sum_in_any_order(a, n):
+    """sum(a[:n]) accumulated in float64, the additions in any order (rounding differs only)."""
+    s = 0.0
+    for j in range(n):
+        s += a[j]
+    return s
 
 
 @intrinsic

@@ -9,11 +9,20 @@ pool has the cores to itself and the work is large enough to share out:
   while BLAS has more than one thread every kernel runs in the calling thread (``use_pool``);
 * waking the pool costs tens of microseconds, more than a one-row layernorm or a one-query
   attention step takes, so below ``MIN_PARALLEL_WORK`` elements the serial twin runs anyway.
+
+``rows_kernel(fastmath=SUMS_IN_ANY_ORDER)`` lets the compiler add up a sum in any order. A
+floating-point sum is otherwise a chain of additions, each waiting for the one before, that no
+compiler may vectorise; with the additions reordered it runs eight lanes at a time. The result
+changes by rounding only (no other fast-math assumption is made: infinities and NaNs keep
+their meaning), and it is the same in both twins, since each row is summed by one thread.
+Only kernels whose every floating-point expression may be regrouped take it: not those that
+call ``exp_nonpositive``, whose argument reduction relies on the order of its subtractions.
 """
 import types
 
 from numba import njit
 
+SUMS_IN_ANY_ORDER = frozenset({"reassoc"})   # the one fast-math flag a kernel may take (see above)
 MIN_PARALLEL_WORK = 16384     # elements; below this the pool's wake-up costs more than it saves
 
 _pool = False                 # may kernels use Numba's pool? Set by the numba backend.
@@ -49,9 +58,16 @@ def _renamed(fn, suffix):
     return twin
 
 
-def rows_kernel(fn):
-    parallel = njit(parallel=True, cache=True, error_model="numpy")(fn)
-    parallel.serial = njit(cache=True, error_model="numpy")(_renamed(fn, "_serial"))
+def rows_kernel(fn=None, *, fastmath=False):
+    """The parallel twin of kernel ``fn``, with the serial twin as its ``.serial``. Used as
+    ``@rows_kernel``, or ``@rows_kernel(fastmath=SUMS_IN_ANY_ORDER)`` for a kernel of sums."""
+    if fn is None:
+        return lambda f: rows_kernel(f, fastmath=fastmath)
+    if fastmath not in (False, SUMS_IN_ANY_ORDER):
+        raise ValueError(f"rows_kernel: argument 'fastmath' must be False or SUMS_IN_ANY_ORDER, got {fastmath!r}")
+    options = dict(cache=True, error_model="numpy", fastmath=set(fastmath) if fastmath else False)
+    parallel = njit(parallel=True, **options)(fn)
+    parallel.serial = njit(**options)(_renamed(fn, "_serial"))
     return parallel
 
 

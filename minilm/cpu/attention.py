@@ -27,7 +27,8 @@ interchange. The backward needs no mask and no causal flag: a key a query may no
 last key with :math:`A_{ij} \ne 0` (for a causal row, the diagonal).
 
 The arithmetic is done in the inputs' dtype (float32 or float64), except the two row sums
-(:math:`Z_i` and :math:`\sum_l \bar A_{il} A_{il}`), which are accumulated in float64. Numba has
+(:math:`Z_i` and :math:`\sum_l \bar A_{il} A_{il}`), which are accumulated in float64; the softmax
+kernels between the BLAS products add them up in any order, which lets them vectorise. Numba has
 no float16 arithmetic, so other float dtypes run the reference functions.
 
 The fused kernels, without ``fastmath`` (no reordered sums), take the queries four rows at a time, so
@@ -44,8 +45,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from minilm.cpu._math import exp_nonpositive
-from minilm.cpu._parallel import pick, rows_kernel
+from minilm.cpu._math import exp_nonpositive, sum_in_any_order
+from minilm.cpu._parallel import SUMS_IN_ANY_ORDER, pick, rows_kernel
 
 from minilm.reference import attention as reference
 from minilm.reference.attention import AttentionCache, check_attention_args
@@ -242,7 +243,7 @@ def _scores_to_weights_kernel(S, mask, masked, causal, scale):
     ``reference.attention_forward``: scale, causal rule, mask, stable softmax over each row.
 
     Each step is its own loop over the row, so that the compiler vectorises the scaling, the
-    exponentials and the division; Z_i is summed in float64, four terms at a time.
+    exponentials and the division; Z_i is summed in float64, in any order (``sum_in_any_order``).
     """
     B, NH, Tq, Tk = S.shape
     for bhi in prange(B * NH * Tq):
@@ -268,23 +269,15 @@ def _scores_to_weights_kernel(S, mask, masked, causal, scale):
             continue
         for j in range(n):
             A[j] = exp_nonpositive(A[j] - m)                    # e^{S_ij - m_i}, every exponent <= 0
-        z0 = z1 = z2 = z3 = 0.0
-        n4 = n - n % 4
-        for j in range(0, n4, 4):
-            z0 += A[j]
-            z1 += A[j + 1]
-            z2 += A[j + 2]
-            z3 += A[j + 3]
-        for j in range(n4, n):
-            z0 += A[j]
-        Z = A.dtype.type((z0 + z1) + (z2 + z3))                 # Z_i >= 1 (the max's term is 1)
+        Z = A.dtype.type(sum_in_any_order(A, n))               # Z_i >= 1 (the max's term is 1)
         for j in range(n):
             A[j] = A[j] / Z                                     # A_ij = e^{S_ij - m_i} / Z_i
 
 
-@rows_kernel
+@rows_kernel(fastmath=SUMS_IN_ANY_ORDER)
 def _weights_backward_kernel(datt, att, scale):
-    """In place, datt (B, NH, Tq, Tk) to dS / sqrt(hs), dS_ij = A_ij (datt_ij - sum_l datt_il A_il)."""
+    """In place, datt (B, NH, Tq, Tk) to dS / sqrt(hs), dS_ij = A_ij (datt_ij - sum_l datt_il A_il);
+    the sum in float64, its additions in any order."""
     B, NH, Tq, Tk = att.shape
     for bhi in prange(B * NH * Tq):
         b, h, i = bhi // (NH * Tq), (bhi // Tq) % NH, bhi % Tq

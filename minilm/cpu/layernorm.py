@@ -5,7 +5,9 @@ kernel below names the reference function it must equal, and ``tests/test_cpu_ke
 holds it to that. The positions (every leading axis) are flattened to N rows of C channels.
 
 Forward: one row per iteration of ``prange(N)``; the row mean and variance are summed in
-float64 whatever the dtype, then ``x_hat``, ``y`` and ``rstd`` are stored in the input's dtype.
+float64 whatever the dtype, then ``x_hat``, ``y`` and ``rstd`` are computed and stored in the
+input's dtype. Every sum may be added up in any order (``SUMS_IN_ANY_ORDER``), which the
+compiler needs to vectorise it.
 
 Backward: ``dx`` is row-local, but ``dgamma`` and ``dbeta`` sum over every row. The rows are cut
 into blocks of ``ROWS_PER_BLOCK``; ``prange`` runs over the blocks, each block adds its rows into
@@ -16,9 +18,9 @@ depend on the number of threads, the result is the same for any thread count.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from minilm.cpu._parallel import pick, rows_kernel
+from minilm.cpu._parallel import SUMS_IN_ANY_ORDER, pick, rows_kernel
 
 from minilm.reference import layernorm as reference
 from minilm.reference.layernorm import LayernormCache, check_layernorm_args
@@ -30,45 +32,31 @@ KERNEL_DTYPES = (np.float32, np.float64)   # what the kernels compile for; other
 ROWS_PER_BLOCK = 32     # rows per block of partial sums in the backward: enough blocks to share among threads
 
 
-@njit(inline="always", cache=True, error_model="numpy")
-def _row_sum(row, shift, square):
-    """sum_i (row_i - shift), or sum_i (row_i - shift)² when ``square``, in float64.
-
-    Four partial sums, combined at the end, let consecutive additions overlap instead of
-    waiting for each other; the result differs from numpy's pairwise sum by rounding only.
-    """
-    s0 = s1 = s2 = s3 = 0.0
-    C4 = row.shape[0] - row.shape[0] % 4
-    for i in range(0, C4, 4):
-        d0, d1, d2, d3 = row[i] - shift, row[i + 1] - shift, row[i + 2] - shift, row[i + 3] - shift
-        if square:
-            d0, d1, d2, d3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
-        s0 += d0
-        s1 += d1
-        s2 += d2
-        s3 += d3
-    for i in range(C4, row.shape[0]):
-        d = row[i] - shift
-        s0 += d * d if square else d
-    return (s0 + s1) + (s2 + s3)
-
-
-@rows_kernel
+@rows_kernel(fastmath=SUMS_IN_ANY_ORDER)
 def _forward_rows(x, gamma, beta, eps, y, x_hat, rstd):
     """Equals ``minilm.reference.layernorm.layernorm_forward`` on (N, C) rows; fills y, x_hat, rstd (N,)."""
     N, C = x.shape
+    f = x.dtype.type
     for n in prange(N):
-        mu = _row_sum(x[n], 0.0, False) / C                    # mean
-        var = _row_sum(x[n], mu, True) / C                     # biased variance
-        r = 1.0 / np.sqrt(var + eps)                           # rstd
-        rstd[n] = r
+        row = x[n]
+        s = 0.0
         for i in range(C):
-            xh = (x[n, i] - mu) * r                            # x_hat = (x - mu) * rstd
+            s += row[i]
+        mu = s / C                                             # mean
+        s = 0.0
+        for i in range(C):
+            d = row[i] - mu
+            s += d * d
+        r = 1.0 / np.sqrt(s / C + eps)                         # rstd, from the biased variance
+        rstd[n] = r
+        mu_f, r_f = f(mu), f(r)                                # the rest in x's dtype, as the reference
+        for i in range(C):
+            xh = (row[i] - mu_f) * r_f                         # x_hat = (x - mu) * rstd
             x_hat[n, i] = xh
             y[n, i] = gamma[i] * xh + beta[i]                  # y = gamma x_hat + beta
 
 
-@rows_kernel
+@rows_kernel(fastmath=SUMS_IN_ANY_ORDER)
 def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma_parts, dbeta_parts):
     """Equals ``minilm.reference.layernorm.layernorm_backward`` on (N, C) rows.
 
