@@ -173,6 +173,21 @@ def dropout_rng(op, rng, fallback):
     raise TypeError(f"{op}: argument 'rng' must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
 
 
+def dropout_forward(x, p, rng):
+    """``ops.dropout_forward``, except that p = 0 (evaluation, or no dropout in the config) returns
+    x itself and no cache instead of the op's copy of x: nothing in a model writes into x."""
+    if p == 0:
+        return x, None
+    return ops.dropout_forward(x, p=p, rng=rng)
+
+
+def dropout_backward(dy, cache):
+    """``ops.dropout_backward``, or dy itself for a dropout that ``dropout_forward`` skipped."""
+    if cache is None:
+        return (dy,)
+    return ops.dropout_backward(dy, cache)
+
+
 def _is_bias(name):
     """The biases and LayerNorm betas: the parameters that ``bias=False`` removes."""
     return name.rsplit(".", 1)[-1] in ("beta", "b_qkv", "b_o", "b_1", "b_2")
@@ -280,7 +295,7 @@ class GPT:
 
         tok_emb, c_wte = ops.embedding_forward(idx, P["wte"])                          # (B, T, C)
         pos_emb, c_wpe = ops.embedding_forward(pos, P["wpe"])                          # (T, C)
-        x, c_drop_emb = ops.dropout_forward(tok_emb + pos_emb, p=p, rng=rng)           # (B, T, C)
+        x, c_drop_emb = dropout_forward(tok_emb + pos_emb, p, rng)                     # (B, T, C)
         blocks = []
         for l in range(cfg.n_layer):
             h = f"h.{l}."
@@ -288,12 +303,12 @@ class GPT:
             a, c_attn = ops.self_attention_forward(ln1, P[h + "attn.W_qkv"], self._bias(h + "attn.b_qkv"),
                                                    P[h + "attn.W_o"], self._bias(h + "attn.b_o"),
                                                    n_head=cfg.n_head, causal=True)
-            a, c_drop_attn = ops.dropout_forward(a, p=p, rng=rng)
+            a, c_drop_attn = dropout_forward(a, p, rng)
             x = x + a
             ln2, c_ln2 = ops.layernorm_forward(x, P[h + "ln_2.gamma"], self._bias(h + "ln_2.beta"))
             m, c_mlp = ops.ffn_forward(ln2, P[h + "mlp.W_1"], self._bias(h + "mlp.b_1"),
                                        P[h + "mlp.W_2"], self._bias(h + "mlp.b_2"), activation="gelu")
-            m, c_drop_mlp = ops.dropout_forward(m, p=p, rng=rng)
+            m, c_drop_mlp = dropout_forward(m, p, rng)
             x = x + m
             blocks.append(BlockCache(c_ln1, c_attn, c_drop_attn, c_ln2, c_mlp, c_drop_mlp))
         xf, c_ln_f = ops.layernorm_forward(x, P["ln_f.gamma"], self._bias("ln_f.beta"))  # (B, T, C)
@@ -327,7 +342,7 @@ class GPT:
         for l in reversed(range(cfg.n_layer)):
             h, bc = f"h.{l}.", c.blocks[l]
             # x = x + m: dx flows on unchanged and into the MLP branch
-            dm, = ops.dropout_backward(dx, bc.drop_mlp)                                # m = dropout(m)
+            dm, = dropout_backward(dx, bc.drop_mlp)                                    # m = dropout(m)
             dln2, dW_1, db_1, dW_2, db_2 = ops.ffn_backward(dm, bc.mlp)                # m = mlp(ln2)
             acc(h + "mlp.W_1", dW_1)
             acc(h + "mlp.b_1", db_1)
@@ -338,7 +353,7 @@ class GPT:
             acc(h + "ln_2.beta", dbeta)
             dx = dx + dx_ln2
             # x = x + a: the same for the attention branch
-            da, = ops.dropout_backward(dx, bc.drop_attn)                               # a = dropout(a)
+            da, = dropout_backward(dx, bc.drop_attn)                                   # a = dropout(a)
             dln1, dW_qkv, db_qkv, dW_o, db_o = ops.self_attention_backward(da, bc.attn)  # a = attn(ln1)
             acc(h + "attn.W_qkv", dW_qkv)
             acc(h + "attn.b_qkv", db_qkv)
@@ -348,7 +363,7 @@ class GPT:
             acc(h + "ln_1.gamma", dgamma)
             acc(h + "ln_1.beta", dbeta)
             dx = dx + dx_ln1
-        demb, = ops.dropout_backward(dx, c.drop_emb)                                   # x = dropout(tok + pos)
+        demb, = dropout_backward(dx, c.drop_emb)                                       # x = dropout(tok + pos)
         _, dwpe = ops.embedding_backward(xp.sum(demb, axis=0), c.wpe)                  # pos broadcast over B
         acc("wpe", dwpe)
         _, dwte = ops.embedding_backward(demb, c.wte)                                  # tok_emb = wte[idx]

@@ -47,7 +47,7 @@ import numpy as np
 
 from minilm import backend, ops
 from minilm.backend import get_array_module
-from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_rng
+from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_backward, dropout_forward, dropout_rng
 from minilm.params import Params
 from minilm.validate import as_numpy_dtype, require_choice, require_positive, require_probability
 
@@ -216,7 +216,7 @@ class RNNLM:
         layers, new_state = [], []
         for l in range(cfg.n_layer):
             h, c_rec, state_l = self._recurrent_forward(l, x, state[l])               # (B, T, H)
-            x, c_drop = ops.dropout_forward(h, p=p, rng=rng)                           # (B, T, H)
+            x, c_drop = dropout_forward(h, p, rng)                                     # (B, T, H)
             layers.append(LayerCache(c_rec, c_drop))
             new_state.append(state_l)
         logits, c_lm_head = ops.linear_forward(x, P["lm_head.W"], P["lm_head.b"])      # (B, T, V)
@@ -244,7 +244,7 @@ class RNNLM:
         acc("lm_head.W", dW)
         acc("lm_head.b", db)
         for l in reversed(range(self.config.n_layer)):
-            dh, = ops.dropout_backward(dx, c.layers[l].drop)                           # x = dropout(h)
+            dh, = dropout_backward(dx, c.layers[l].drop)                               # x = dropout(h)
             dx = self._recurrent_backward(l, dh, c.layers[l].rec)                      # h = cell(x, state)
         _, dwte = ops.embedding_backward(dx, c.wte)                                    # x = wte[idx]
         acc("wte", dwte)
