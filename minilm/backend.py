@@ -70,7 +70,8 @@ def _share_cores(name):
     between the products, then run in the calling thread: OpenBLAS's workers spin for a while
     after each product, and a parallel Numba loop started beside them loses its cores to them
     (a GPT step on 2 cores took 93 ms with both pools at work, 65 ms this way). Only when BLAS
-    has a single thread do the kernels use Numba's pool (``minilm.cpu._parallel``).
+    has a single thread do those kernels use Numba's pool; the optimizer update, after the
+    step's products, uses it whenever it has more than one thread (``minilm.cpu._parallel``).
     Other backends get the BLAS thread count back.
     """
     global _blas_limit
@@ -82,7 +83,7 @@ def _share_cores(name):
         started = max((lib.num_threads for lib in blas.lib_controllers), default=1)
         threads = max(1, min(numba.get_num_threads(), started))
         _blas_limit = blas.limit(limits=threads)
-        _parallel.use_pool(threads == 1 and numba.get_num_threads() > 1)
+        _parallel.use_pool(numba.get_num_threads() > 1, beside_blas=threads == 1)
     elif name != "numba" and _blas_limit is not None:
         _blas_limit.restore_original_limits()
         _blas_limit = None

@@ -99,6 +99,7 @@ def test_numba_backend_gives_the_cores_to_blas_and_runs_its_kernels_serially():
         expected = min(numba.get_num_threads(), max(started))
         assert _blas_threads() == {expected}
         assert _parallel.pool_in_use() == (expected == 1 and numba.get_num_threads() > 1)
+        assert _parallel.pool_in_use(beside_blas=False) == (numba.get_num_threads() > 1)
         backend.use("numpy")
         assert _blas_threads() == started
     finally:
@@ -121,6 +122,36 @@ def test_numba_kernels_use_the_pool_when_blas_has_one_thread():
             backend.use("numba")
             assert _blas_threads() == {1}
             assert _parallel.pool_in_use() == (numba.get_num_threads() > 1)
+            assert _parallel.pool_in_use(beside_blas=False) == (numba.get_num_threads() > 1)
             backend.use("numpy")
     finally:
         backend.use(before)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_pick_gives_the_pool_to_large_kernels_only_where_the_rule_allows():
+    """Between BLAS's products only with ``beside_blas``; after them (the optimizer) whenever the
+    pool is in use; never below MIN_PARALLEL_WORK elements."""
+    from minilm.cpu import _parallel
+    kernel = _parallel.rows_kernel(lambda a: None)
+    big, small = _parallel.MIN_PARALLEL_WORK, _parallel.MIN_PARALLEL_WORK - 1
+    before = (_parallel.pool_in_use(beside_blas=False), _parallel.pool_in_use())
+    try:
+        _parallel.use_pool(True, beside_blas=False)
+        assert _parallel.pick(kernel, big) is kernel.serial
+        assert _parallel.pick(kernel, big, beside_blas=False) is kernel
+        assert _parallel.pick(kernel, small, beside_blas=False) is kernel.serial
+        _parallel.use_pool(True, beside_blas=True)
+        assert _parallel.pick(kernel, big) is kernel
+        _parallel.use_pool(False, beside_blas=True)                # no pool: nothing uses it
+        assert _parallel.pick(kernel, big) is kernel.serial
+        assert _parallel.pick(kernel, big, beside_blas=False) is kernel.serial
+    finally:
+        _parallel.use_pool(before[0], beside_blas=before[1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_rows_kernel_takes_only_the_sums_flag():
+    from minilm.cpu import _parallel
+    with pytest.raises(ValueError, match=r"rows_kernel: argument 'fastmath' must be False or SUMS_IN_ANY_ORDER, got \{'fast'\}"):
+        _parallel.rows_kernel(fastmath={"fast"})(lambda a: None)

@@ -37,8 +37,9 @@ from minilm.testing import relative_error
 # The error of an array: relative_error(a, b) = max|a - b| / max|b|, the largest difference
 # measured against the reference's scale (one number per array, so an entry that happens to be
 # near zero is not judged against itself).
-# float64: the kernels sum in other orders than NumPy (sequential or four-way partial sums instead
-# of pairwise, layernorm's dgamma by blocks of rows) and use libm's tanh/exp: a few ulps, ~1e-15.
+# float64: the kernels sum in other orders than NumPy (sequentially, or in whatever order the
+# compiler vectorises a sum in, instead of pairwise; layernorm's dgamma by blocks of rows) and
+# compute exp and tanh their own way: a few ulps, ~1e-15.
 F64_TOL = 1e-12
 # float32: DESIGN's bound. The kernels accumulate in float64 where NumPy sums in float32, and the
 # GELU's gradient avoids the reference's cancellation in 1 - tanh²: what remains is mostly the

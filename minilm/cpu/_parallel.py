@@ -5,8 +5,14 @@
 pool has the cores to itself and the work is large enough to share out:
 
 * the numba backend gives the cores to BLAS (``minilm.backend._share_cores``), whose threads spin
-  for a while after each matrix product; a parallel loop beside them loses its cores to them, so
-  while BLAS has more than one thread every kernel runs in the calling thread (``use_pool``);
+  for a while after each matrix product; a parallel loop started beside them loses its cores to
+  them, so while BLAS has more than one thread a kernel that runs between the products (every
+  layer's) runs in the calling thread;
+* the optimizer update (``pick(..., beside_blas=False)``) comes after the step's last product,
+  the gradient clipping and the embedding's scatter-add, when BLAS's threads have gone back to
+  sleep: it uses the pool whenever the pool has more than one thread. (On the GPT CPU preset,
+  two cores: AdamW over 0.8M parameters takes 1.0-1.3 ms on the pool, 2.5-2.8 ms alone, while a
+  layernorm or GELU on the pool right after a product runs 1.5 times slower than alone);
 * waking the pool costs tens of microseconds, more than a one-row layernorm or a one-query
   attention step takes, so below ``MIN_PARALLEL_WORK`` elements the serial twin runs anyway.
 
@@ -25,18 +31,21 @@ from numba import njit
 SUMS_IN_ANY_ORDER = frozenset({"reassoc"})   # the one fast-math flag a kernel may take (see above)
 MIN_PARALLEL_WORK = 16384     # elements; below this the pool's wake-up costs more than it saves
 
-_pool = False                 # may kernels use Numba's pool? Set by the numba backend.
+_pool = False                 # has Numba's pool more than one thread? Set by the numba backend.
+_beside_blas = False          # may kernels between BLAS's products use it too (BLAS has one thread)?
 _forced = None                # "serial" or "parallel": every pick, whatever the work (tests)
 
 
-def use_pool(enabled):
-    """Let ``pick`` return parallel twins (``True``) or only serial ones (``False``)."""
-    global _pool
-    _pool = bool(enabled)
+def use_pool(enabled, *, beside_blas):
+    """Let ``pick`` return parallel twins (``enabled``), for the kernels between BLAS's products
+    too when ``beside_blas``; or (not ``enabled``) only serial ones."""
+    global _pool, _beside_blas
+    _pool, _beside_blas = bool(enabled), bool(enabled and beside_blas)
 
 
-def pool_in_use():
-    return _pool
+def pool_in_use(beside_blas=True):
+    """Would ``pick(..., beside_blas=beside_blas)`` give a large kernel the pool?"""
+    return _beside_blas if beside_blas else _pool
 
 
 def force(twin):
@@ -71,7 +80,9 @@ def rows_kernel(fn=None, *, fastmath=False):
     return parallel
 
 
-def pick(kernel, work):
+def pick(kernel, work, *, beside_blas=True):
+    """The twin of ``kernel`` to run on ``work`` elements; ``beside_blas=False`` for a kernel that
+    runs after the step's matrix products rather than between them (the optimizer update)."""
     if _forced is not None:
         return kernel if _forced == "parallel" else kernel.serial
-    return kernel if _pool and work >= MIN_PARALLEL_WORK else kernel.serial
+    return kernel if pool_in_use(beside_blas) and work >= MIN_PARALLEL_WORK else kernel.serial

@@ -6,7 +6,9 @@ written out in ``minilm.optim``'s docstring; ``tests/test_cpu_kernels.py`` holds
 its reference over several steps.
 
 The reference runs each update as a handful of whole-array operations, every one a pass over the
-buffers with a temporary; a kernel makes one pass, element by element, in ``prange``. It performs
+buffers with a temporary; a kernel makes one pass, element by element, in ``prange``. The update
+runs after the step's matrix products, so it takes Numba's pool even where the layers' kernels
+leave the cores to BLAS (``pick(..., beside_blas=False)``, see ``minilm.cpu._parallel``). It performs
 the very same floating-point operations in the same order and in the buffers' dtype: every
 scalar is first rounded to that dtype (as NumPy does when it multiplies a float32 array by a
 Python float), and multiplication, division, addition and the square root are correctly
@@ -85,8 +87,9 @@ def sgd_update(p, g, buf, *, lr, momentum, nesterov, weight_decay):
     if p.dtype not in KERNEL_DTYPES:
         return reference.sgd_update(p, g, buf, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     s = p.dtype.type
-    pick(_sgd, p.size)(p, g, p if buf is None else buf, s(lr), s(momentum), s(weight_decay),
-         bool(momentum), bool(nesterov), bool(weight_decay))
+    kernel = pick(_sgd, p.size, beside_blas=False)
+    kernel(p, g, p if buf is None else buf, s(lr), s(momentum), s(weight_decay),
+           bool(momentum), bool(nesterov), bool(weight_decay))
 
 
 def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decay_mask, step):
@@ -101,7 +104,8 @@ def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decay_mask,
         decay_mode, decay = 1, s(1 - lr * weight_decay)        # reference: p *= 1 - ηλ, a Python float
     else:
         decay_mode, decay = 2, s(lr * weight_decay)            # reference: p *= 1 - (ηλ) * mask, in p's dtype
-    pick(_adamw, p.size)(p, g, m, v, p if decay_mask is None else decay_mask, s(1), decay,
+    kernel = pick(_adamw, p.size, beside_blas=False)
+    kernel(p, g, m, v, p if decay_mask is None else decay_mask, s(1), decay,
            s(beta1), s(1 - beta1), s(beta2), s(1 - beta2),
            s(lr / (1 - beta1 ** step)), s(math.sqrt(1 - beta2 ** step)), s(eps), decay_mode)
 
@@ -111,5 +115,6 @@ def rmsprop_update(p, g, square_avg, buf, *, lr, alpha, eps, momentum):
     if p.dtype not in KERNEL_DTYPES:
         return reference.rmsprop_update(p, g, square_avg, buf, lr=lr, alpha=alpha, eps=eps, momentum=momentum)
     s = p.dtype.type
-    pick(_rmsprop, p.size)(p, g, square_avg, p if buf is None else buf, s(lr), s(alpha), s(1 - alpha), s(eps),
-             s(momentum), bool(momentum))
+    kernel = pick(_rmsprop, p.size, beside_blas=False)
+    kernel(p, g, square_avg, p if buf is None else buf, s(lr), s(alpha), s(1 - alpha), s(eps),
+           s(momentum), bool(momentum))
