@@ -7,6 +7,8 @@
 Gradients and optimizer moments use the same layout, so the optimizer, gradient clipping,
 checkpointing and the whole-model gradient check are loops over one array.
 """
+import math
+
 import numpy as np
 
 from minilm.backend import get_array_module
@@ -23,8 +25,7 @@ class _Views:
             start, shape = self._layout[name]
         except KeyError:
             raise KeyError(f"no parameter called {name!r}; parameters are: {', '.join(self._layout)}") from None
-        size = int(np.prod(shape, dtype=np.int64))
-        return self._flat[start:start + size].reshape(shape)
+        return self._flat[start:start + math.prod(shape)].reshape(shape)
 
     def __setitem__(self, name, value):
         self[name][...] = value
@@ -47,7 +48,7 @@ class Params:
                 raise ValueError(f"Params: parameter name {name!r} appears twice")
             shape = tuple(int(s) for s in shape)
             self.layout[name] = (offset, shape)
-            offset += int(np.prod(shape, dtype=np.int64))
+            offset += math.prod(shape)
         self.size = offset
         self.data = xp.zeros(offset, dtype=dtype)
         self.grad = xp.zeros(offset, dtype=dtype)
@@ -69,7 +70,7 @@ class Params:
     def slice(self, name):
         """The range of ``name`` in the flat buffer."""
         start, shape = self.layout[name]
-        return slice(start, start + int(np.prod(shape, dtype=np.int64)))
+        return slice(start, start + math.prod(shape))
 
     def mask(self, predicate):
         """A flat 0/1 array that is 1 on the parameters whose (name, shape) satisfy ``predicate``."""
