@@ -77,11 +77,11 @@ def _sample(args, out=None):
     from minilm.sample import generate
     model, tokenizer, _ = load_model(args.checkpoint)
     prompt = tokenizer.encode(args.prompt)
-    out.write(args.prompt)
     tokens = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
     with backend.compile_notice():                 # the first token compiles the kernels on a cold cache
         first = list(itertools.islice(tokens, 1))
+    out.write(args.prompt)                         # after the notice, so that it never splits the text
     for token in itertools.chain(first, tokens):
         out.write(tokenizer.decode([token]))
         out.flush()

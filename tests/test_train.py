@@ -122,6 +122,26 @@ def test_eval_and_sample(corpus, tmp_path, capsys):
     assert sampled.startswith("to be") and len(sampled) == len("to be") + 30 + 1
 
 
+def test_sample_prints_the_compile_notice_before_the_prompt(corpus, tmp_path, monkeypatch):
+    """On a cold Numba cache the notice (stderr) comes while the first token is computed; the
+    prompt (stdout) is written after it, so that a terminal never shows the notice inside the text."""
+    import contextlib
+    import io
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "2") == 0
+    terminal = io.StringIO()                                   # stdout and stderr, as a terminal shows them
+
+    @contextlib.contextmanager
+    def notice_at_once(seconds=2.0, stream=None):
+        terminal.write("numba: compiling...\n")
+        yield
+    monkeypatch.setattr(cli.backend, "compile_notice", notice_at_once)
+    args = cli.build_parser().parse_args(["sample", "--checkpoint", str(out / "best.npz"), "--prompt", "to be",
+                                          "--max-new-tokens", "5", "--backend", "numpy"])
+    assert cli._sample(args, out=terminal) == 0
+    assert terminal.getvalue().startswith("numba: compiling...\nto be")
+
+
 def test_evaluate_scores_every_character_once(corpus):
     from minilm.evaluate import evaluate
 
