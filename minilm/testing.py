@@ -2,8 +2,10 @@
 
 ``recurrent_args`` draws well-conditioned arguments for ``rnn``, ``lstm`` or ``gru``;
 ``with_final_states`` wraps a recurrent forward/backward pair so that ``minilm.gradcheck``
-also checks the gradients the backward takes for the final states (``dh_T``, ``dc_T``).
+also checks the gradients the backward takes for the final states (``dh_T``, ``dc_T``);
+``assert_backward_is_pure`` checks that a recurrent backward writes into nothing it is given.
 """
+import copy
 import functools
 
 import numpy as np
@@ -59,6 +61,28 @@ def with_final_states(op, forward, backward):
         return backward(dout[:, :T], cache, **kwargs)
 
     return forward_with_states, backward_with_states
+
+
+def assert_backward_is_pure(op, forward, backward, B, T, D, H):
+    """Run ``op``'s backward twice on one forward's cache: it must change none of its inputs,
+    the forward's arguments, output or cache; give the same gradients both times; and return
+    no gradient that shares memory with an input."""
+    args = recurrent_args(op, B, T, D, H, seed=9)
+    h, cache = forward(*args)
+    dh = np.random.default_rng(10).standard_normal((B, T, H))
+    finals = final_state_grads(op, B, H, seed=10)
+    arrays = [*args, h, *cache, dh, *finals.values()]
+    before = copy.deepcopy(arrays)
+
+    grads = backward(dh, cache, **finals)
+    again = backward(dh, cache, **finals)
+
+    for a, a_before in zip(arrays, before):
+        np.testing.assert_array_equal(a, a_before)
+    for g, g_again in zip(grads, again):
+        np.testing.assert_array_equal(g, g_again)
+    inputs = [dh, *finals.values(), *cache]
+    assert not any(np.shares_memory(g, a) for g in grads for a in inputs), "a gradient aliases an input"
 
 
 def relative_error(actual, expected, floor=0.0):
