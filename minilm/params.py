@@ -6,6 +6,18 @@
 
 Gradients and optimizer moments use the same layout, so the optimizer, gradient clipping,
 checkpointing and the whole-model gradient check are loops over one array.
+
+Mixed precision (``compute_dtype`` float16 or bfloat16, on the GPU): ``data`` and ``grad`` stay
+float32 -- the master weights that the optimizer updates, clipping reads and checkpoints save --
+and a second flat pair, ``compute`` and ``compute_grad``, holds the weights in the low precision
+for the forward and receives the backward's gradients. ``params[name]`` and ``params.grads[name]``
+are views of that pair; ``values`` stays a view of the master weights. Two copies move between
+them, once per step each:
+
+    params.unscale_grads(1 / loss_scale)   # compute_grad -> grad, in float32; False on inf/NaN
+    params.sync()                          # data -> compute, after the optimizer's update
+
+Without a ``compute_dtype`` the pairs are the same arrays and both calls cost nothing.
 """
 import math
 
@@ -40,7 +52,7 @@ class _Views:
 class Params:
     """A flat float buffer ``data`` and its gradient ``grad``, both viewed by name."""
 
-    def __init__(self, specs, dtype=np.float32, xp=np):
+    def __init__(self, specs, dtype=np.float32, xp=np, compute_dtype=None):
         self.layout = {}                # name -> (offset, shape)
         offset = 0
         for name, shape in specs:
@@ -52,14 +64,49 @@ class Params:
         self.size = offset
         self.data = xp.zeros(offset, dtype=dtype)
         self.grad = xp.zeros(offset, dtype=dtype)
+        self.compute_dtype = None if compute_dtype is None or np.dtype(compute_dtype) == self.data.dtype \
+            else np.dtype(compute_dtype)
         self._refresh_views()
 
+    @property
+    def mixed(self):
+        """True when the forward runs on a low-precision copy of the float32 master weights."""
+        return self.compute_dtype is not None
+
     def _refresh_views(self):
-        self.values = _Views(self.data, self.layout)
-        self.grads = _Views(self.grad, self.layout)
+        if self.mixed:
+            xp = get_array_module(self.data)
+            self.compute = self.data.astype(self.compute_dtype)
+            self.compute_grad = xp.zeros(self.size, dtype=self.compute_dtype)
+        else:
+            self.compute, self.compute_grad = self.data, self.grad
+        self.values = _Views(self.data, self.layout)            # master weights
+        self._weights = _Views(self.compute, self.layout)       # what the forward reads
+        self.grads = _Views(self.compute_grad, self.layout)     # where the backward accumulates
 
     def __getitem__(self, name):
-        return self.values[name]
+        """The weights the forward computes with: a view of ``compute`` (``data`` without mixed precision)."""
+        return self._weights[name]
+
+    def sync(self):
+        """Copy the master weights into the low-precision ``compute`` copy (after an update or a load)."""
+        if self.mixed:
+            self.compute[...] = self.data          # rounds to the compute dtype
+
+    def unscale_grads(self, inv_scale=1.0):
+        """``grad`` = ``compute_grad`` * inv_scale in float32; False when any of it is inf or NaN.
+
+        Without mixed precision ``grad`` already holds the gradient (scaled by the loss scale the
+        backward was given), so it is only multiplied by ``inv_scale`` when that is not 1.
+        """
+        xp = get_array_module(self.data)
+        if self.mixed:
+            xp.multiply(self.compute_grad, self.data.dtype.type(inv_scale), out=self.grad, casting="unsafe")
+        elif inv_scale != 1.0:
+            self.grad *= self.data.dtype.type(inv_scale)
+        else:
+            return True
+        return bool(xp.isfinite(xp.sum(self.grad)))
 
     def __iter__(self):
         return iter(self.layout)
@@ -82,7 +129,7 @@ class Params:
         return xp.asarray(m)
 
     def zero_grad(self):
-        self.grad[...] = 0
+        self.compute_grad[...] = 0
 
     def load(self, flat):
         """Copy a flat array (numpy or cupy, any float dtype) into ``data``."""
@@ -90,6 +137,7 @@ class Params:
             raise ValueError(f"Params.load: argument 'flat' must have shape ({self.size},), got {tuple(flat.shape)}")
         xp = get_array_module(self.data)
         self.data[...] = xp.asarray(flat.get() if hasattr(flat, "get") and xp is np else flat, dtype=self.data.dtype)
+        self.sync()
 
     def to(self, xp=np, dtype=None):
         """Move the buffers to another array module (numpy <-> cupy) and/or dtype, in place."""
@@ -101,4 +149,14 @@ class Params:
         return self
 
     def __repr__(self):
-        return f"Params({len(self.layout)} tensors, {self.size:,} values, {self.data.dtype})"
+        mixed = f", computing in {self.compute_dtype}" if self.mixed else ""
+        return f"Params({len(self.layout)} tensors, {self.size:,} values, {self.data.dtype}{mixed})"
+
+
+def precision_of(dtype):
+    """``Params`` arguments for a model of ``dtype``: float16 and bfloat16 train as mixed precision,
+    with float32 master weights and a 16-bit compute copy; other dtypes are used as they are."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 2:                    # float16, bfloat16
+        return {"dtype": np.dtype(np.float32), "compute_dtype": dtype}
+    return {"dtype": dtype}

@@ -18,6 +18,8 @@ import time
 import numpy as np
 
 from minilm import backend, checkpoint, config, optim
+from minilm.precision import LossScaler
+from minilm.validate import as_numpy_dtype
 from minilm.data import CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_text, split
 from minilm.models import build_model, model_meta
 
@@ -46,6 +48,24 @@ def model_settings(cfg, vocab_size):
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     return "rnn", dict(vocab_size=vocab_size, cell=cfg.model, n_layer=cfg.n_layer,
                        hidden_size=cfg.hidden_size, n_embd=cfg.n_embd, dropout=cfg.dropout)
+
+
+def apply_gradients(model, optimizer, lr, *, grad_clip, scaler):
+    """After ``model.backward(scaler.scale)``: unscale, clip and update; False when the step is skipped.
+
+    With mixed precision the 16-bit gradients become float32 (divided by the loss scale), a step
+    whose gradients overflowed is skipped (and the scale lowered), and the updated master weights
+    are copied back into the 16-bit compute weights.
+    """
+    finite = model.params.unscale_grads(1.0 / scaler.scale)
+    scaler.update(finite)
+    if not finite and model.params.mixed:
+        return False
+    if grad_clip:
+        optim.clip_grad_norm(model.params, grad_clip)
+    optimizer.step(lr)
+    model.params.sync()
+    return True
 
 
 def estimate_loss(model, batches):
@@ -133,7 +153,7 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
     if cfg.dtype not in ("float32", "float64") and backend.current() != "cupy":
         raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
                          f"on a CPU use float32 or float64")
-    dtype = np.dtype(cfg.dtype)
+    dtype = as_numpy_dtype("minilm train", "--dtype", cfg.dtype)
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
     model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
     optimizer = make_optimizer(cfg, model.params)
@@ -147,6 +167,7 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
     eval_batches = {"train": evaluation_batches(train_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 2),
                     "val": evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 3)}
     stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
+    scaler = LossScaler(enabled=cfg.dtype == "float16")
     it, best_val, state, last_eval_iter = 0, math.inf, None, None
 
     if saved is not None:
@@ -157,6 +178,8 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
         dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
         it, best_val = saved.meta["iter"], saved.meta["best_val_loss"]
         last_eval_iter = saved.meta["last_eval_iter"]
+        if saved.meta.get("loss_scaler"):
+            scaler.load_state_dict(saved.meta["loss_scaler"])
         if stopper is not None and saved.meta.get("early_stopping"):
             stopper.load_state_dict(saved.meta["early_stopping"])
         if saved.meta.get("rnn_state") is not None:
@@ -172,6 +195,7 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
             "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.to_dict(), "iter": it,
             "best_val_loss": best_val, "batches": batches.state_dict(), "dropout_rng": dropout_rng.bit_generator.state,
             "early_stopping": stopper.state_dict() if stopper else None, "backend": backend.current(),
+            "loss_scaler": scaler.state_dict(),
             "dtype": cfg.dtype, "data": data, "last_eval_iter": last_eval_iter,
             "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
         }
@@ -234,10 +258,8 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
                                                    train=True, rng=dropout_rng)
                 else:
                     _, loss = model.forward(x, y, train=True, rng=dropout_rng)
-                model.backward()
-                if cfg.grad_clip:
-                    optim.clip_grad_norm(model.params, cfg.grad_clip)
-                optimizer.step(lr)
+                model.backward(scaler.scale)
+                apply_gradients(model, optimizer, lr, grad_clip=cfg.grad_clip, scaler=scaler)
             first_step = False
             loss = float(loss)
             if not math.isfinite(loss):

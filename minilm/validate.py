@@ -113,7 +113,14 @@ def require_divisible(op, name, value, by_name, by):
 
 
 def as_numpy_dtype(op, name, dtype):
-    """Parse a dtype name given by a user ('float32', 'float64', ...)."""
+    """Parse a dtype name given by a user ('float32', 'float64', ...; 'bfloat16' through ml_dtypes)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError(f"{op}: option '{name}' bfloat16 needs the ml_dtypes package, which comes with "
+                             f"CuPy (pip install minilm[gpu])") from None
+        return np.dtype(ml_dtypes.bfloat16)
     try:
         return np.dtype(dtype)
     except TypeError:

@@ -71,7 +71,7 @@ import numpy as np
 
 from minilm import backend, ops
 from minilm.backend import get_array_module
-from minilm.params import Params
+from minilm.params import Params, precision_of
 from minilm.validate import (as_numpy_dtype, require_divisible, require_ids, require_ndim, require_positive,
                              require_probability)
 
@@ -202,7 +202,7 @@ class GPT:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT: argument 'config' must be a GPTConfig, got {type(config).__name__}")
         dtype = as_numpy_dtype("GPT", "dtype", dtype)
-        if dtype.kind != "f":
+        if dtype.kind != "f" and dtype.name != "bfloat16":
             raise ValueError(f"GPT: option 'dtype' must be a floating-point dtype such as float32, got {dtype}")
         self.config = cfg = config
         V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
@@ -219,7 +219,7 @@ class GPT:
         self._bias_shapes = {name: shape for name, shape in specs if _is_bias(name)}
         if not cfg.bias:
             specs = [(name, shape) for name, shape in specs if not _is_bias(name)]
-        self.params = Params(specs, dtype=dtype)
+        self.params = Params(specs, **precision_of(dtype))      # 16-bit: float32 master weights
 
         rng = np.random.default_rng(seed)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)   # nanoGPT's scaled init of c_proj
@@ -255,7 +255,7 @@ class GPT:
             return self.params[name]
         if not name.endswith(".beta"):
             return None
-        return self._xp().zeros(self._bias_shapes[name], dtype=self.params.data.dtype)
+        return self._xp().zeros(self._bias_shapes[name], dtype=self.params.compute.dtype)
 
     def _accumulate(self, name, grad):
         """grads[name] += grad; a bias gradient is dropped when the config has no biases."""
@@ -320,8 +320,12 @@ class GPT:
         self._cache = GPTCache(c_wte, c_wpe, c_drop_emb, blocks, c_ln_f, c_lm_head, c_loss)
         return logits, loss
 
-    def backward(self):
+    def backward(self, loss_scale=1.0):
         """Gradient of the latest forward's loss into ``params.grad`` (zeroed first).
+
+        ``loss_scale`` multiplies the loss before the backward (float16's loss scaling); the
+        gradients then come out multiplied by it too. With mixed precision they land in
+        ``params.compute_grad``; ``params.unscale_grads`` moves them to ``params.grad``.
 
         The forward's call list reversed, line by line; dY is the gradient of the loss wrt Y.
         """
@@ -332,7 +336,7 @@ class GPT:
         acc = self._accumulate
         self.params.zero_grad()
 
-        dloss = xp.ones((), dtype=self.params.data.dtype)                              # dL/dL = 1
+        dloss = xp.full((), loss_scale, dtype=self.params.data.dtype)    # dL/dL = 1 (times the scale), float32 if mixed
         dlogits, _ = ops.cross_entropy_backward(dloss, c.loss)                         # (B, T, V)
         dxf, dwte_T, _ = ops.linear_backward(dlogits, c.lm_head)                       # logits = xf @ wte.T
         acc("wte", dwte_T.T)                                                           # tied: the head's share
@@ -375,7 +379,7 @@ class GPT:
     def init_kv_cache(self, batch):
         """An empty ``KVCache`` for ``batch`` sequences."""
         require_positive("GPT.init_kv_cache", "batch", batch, int)
-        cfg, xp, dtype = self.config, self._xp(), self.params.data.dtype
+        cfg, xp, dtype = self.config, self._xp(), self.params.compute.dtype
         shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)     # (B, NH, block, hs)
         return KVCache(xp.zeros((cfg.n_layer,) + shape, dtype=dtype), xp.zeros((cfg.n_layer,) + shape, dtype=dtype),
                        xp.zeros((batch, cfg.block_size), dtype=np.int64))

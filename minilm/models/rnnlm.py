@@ -48,7 +48,7 @@ import numpy as np
 from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_backward, dropout_forward, dropout_rng
-from minilm.params import Params
+from minilm.params import Params, precision_of
 from minilm.validate import as_numpy_dtype, require_choice, require_positive, require_probability
 
 CELLS = ("rnn", "lstm", "gru")
@@ -93,7 +93,7 @@ class RNNLM:
         if not isinstance(config, RNNConfig):
             raise TypeError(f"RNNLM: argument 'config' must be an RNNConfig, got {type(config).__name__}")
         dtype = as_numpy_dtype("RNNLM", "dtype", dtype)
-        if dtype.kind != "f":
+        if dtype.kind != "f" and dtype.name != "bfloat16":
             raise ValueError(f"RNNLM: option 'dtype' must be a floating-point dtype such as float32, got {dtype}")
         self.config = cfg = config
         V, H, G = cfg.vocab_size, cfg.hidden_size, GATES[cfg.cell]
@@ -103,7 +103,7 @@ class RNNLM:
             specs += [(n + "W_x", (D, G * H)), (n + "W_h", (H, G * H))]
             specs += [(n + "b_x", (G * H,)), (n + "b_h", (G * H,))] if cfg.cell == "gru" else [(n + "b", (G * H,))]
         specs += [("lm_head.W", (H, V)), ("lm_head.b", (V,))]
-        self.params = Params(specs, dtype=dtype)
+        self.params = Params(specs, **precision_of(dtype))      # 16-bit: float32 master weights
 
         rng = np.random.default_rng(seed)
         k = 1.0 / math.sqrt(H)
@@ -132,7 +132,7 @@ class RNNLM:
     def init_state(self, batch):
         """Zero state for ``batch`` sequences: per layer ``(h,)``, or ``(h, c)`` for an LSTM, each (B, H)."""
         require_positive("RNNLM.init_state", "batch", batch, int)
-        xp, dtype, H = self._xp(), self.params.data.dtype, self.config.hidden_size
+        xp, dtype, H = self._xp(), self.params.compute.dtype, self.config.hidden_size
         n = 2 if self.config.cell == "lstm" else 1
         return tuple(tuple(xp.zeros((batch, H), dtype=dtype) for _ in range(n)) for _ in range(self.config.n_layer))
 
@@ -148,10 +148,10 @@ class RNNLM:
         for l, s in enumerate(state):
             for a in s:
                 if not hasattr(a, "shape") or tuple(a.shape) != (B, cfg.hidden_size) \
-                        or a.dtype != self.params.data.dtype:
+                        or a.dtype != self.params.compute.dtype:
                     got = f"shape {tuple(a.shape)} dtype {a.dtype}" if hasattr(a, "shape") else type(a).__name__
                     raise ValueError(f"{op}: argument 'state' of layer {l} must hold (B, H) = "
-                                     f"({B}, {cfg.hidden_size}) arrays of dtype {self.params.data.dtype}, got {got}")
+                                     f"({B}, {cfg.hidden_size}) arrays of dtype {self.params.compute.dtype}, got {got}")
         return state
 
     def _recurrent_forward(self, l, x, state_l):
@@ -227,8 +227,12 @@ class RNNLM:
         self._cache = RNNCache(c_wte, layers, c_lm_head, c_loss)
         return logits, loss, tuple(new_state)
 
-    def backward(self):
+    def backward(self, loss_scale=1.0):
         """Gradient of the latest forward's loss into ``params.grad`` (zeroed first).
+
+        ``loss_scale`` multiplies the loss before the backward (float16's loss scaling); the
+        gradients then come out multiplied by it too. With mixed precision they land in
+        ``params.compute_grad``; ``params.unscale_grads`` moves them to ``params.grad``.
 
         The forward's call list reversed, line by line; dY is the gradient of the loss wrt Y.
         """
@@ -238,7 +242,7 @@ class RNNLM:
         acc = self._accumulate
         self.params.zero_grad()
 
-        dloss = self._xp().ones((), dtype=self.params.data.dtype)                      # dL/dL = 1
+        dloss = self._xp().full((), loss_scale, dtype=self.params.data.dtype)   # dL/dL = 1 (times the scale), float32 if mixed
         dlogits, _ = ops.cross_entropy_backward(dloss, c.loss)                         # (B, T, V)
         dx, dW, db = ops.linear_backward(dlogits, c.lm_head)                           # logits = x @ W + b
         acc("lm_head.W", dW)

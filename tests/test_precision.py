@@ -1,0 +1,99 @@
+"""Mixed precision's bookkeeping, on the CPU: master weights, the compute copy, loss scaling.
+
+The GPU runs float16 and bfloat16 (``tests/test_gpu.py``); the bookkeeping around them is the same
+code on NumPy, so it is checked here with float16 NumPy arrays, where CI can run it.
+"""
+import numpy as np
+import pytest
+
+import minilm
+from minilm import backend, optim
+from minilm.models.gpt import GPT, GPTConfig
+from minilm.params import Params, precision_of
+from minilm.precision import LossScaler
+from minilm.testing import relative_error
+from minilm.train import apply_gradients
+
+
+@pytest.fixture(autouse=True)
+def numpy_backend():
+    previous = backend.current()
+    minilm.use("numpy")
+    yield
+    minilm.use(previous)
+
+
+def gpt(dtype):
+    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), dtype=dtype, seed=3)
+
+
+def test_sixteen_bit_models_keep_float32_master_weights_and_a_rounded_copy():
+    assert precision_of("float16") == {"dtype": np.float32, "compute_dtype": np.float16}
+    assert precision_of("float64") == {"dtype": np.float64}
+    model, reference = gpt(np.float16), gpt(np.float32)
+    P = model.params
+    assert P.mixed and P.data.dtype == np.float32 and P.compute.dtype == np.float16
+    assert np.array_equal(P.data, reference.params.data)             # the same initialisation, unrounded
+    assert np.array_equal(P.compute, P.data.astype(np.float16))
+    assert P["wte"].dtype == np.float16 and P.values["wte"].dtype == np.float32
+    assert np.shares_memory(P["wte"], P.compute) and np.shares_memory(P.grads["wte"], P.compute_grad)
+
+
+def test_full_precision_params_have_one_pair_of_buffers():
+    P = Params([("W", (2, 3))], dtype=np.float32)
+    assert not P.mixed and P.compute is P.data and P.compute_grad is P.grad
+    P.grad[...] = 2.0
+    assert P.unscale_grads(0.5) and np.all(P.grad == 1.0)
+
+
+def test_the_scaled_float16_backward_unscales_to_the_float32_gradient():
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 11, (2, 8)), rng.integers(0, 11, (2, 8))
+    model, reference = gpt(np.float16), gpt(np.float32)
+    model.forward(x, y)
+    model.backward(loss_scale=1024.0)
+    assert model.params.unscale_grads(1 / 1024.0)
+    reference.forward(x, y)
+    reference.backward()
+    assert model.params.grad.dtype == np.float32
+    # float16 has 11 significant bits (unit roundoff 2^-11 ~ 4.9e-4); a backward chains a few
+    # dozen roundings through two blocks: within 1% of the largest gradient
+    assert relative_error(model.params.grad, reference.params.grad) <= 1e-2
+
+
+def test_an_overflowing_step_is_skipped_and_a_finite_one_updates_and_syncs():
+    model = gpt(np.float16)
+    opt = optim.AdamW(model.params, 1e-2)
+    scaler = LossScaler(enabled=True, init_scale=8.0, growth_interval=2)
+    before = model.params.data.copy()
+    model.params.compute_grad[...] = 1.0
+    model.params.compute_grad[5] = np.inf
+    assert not apply_gradients(model, opt, 1e-2, grad_clip=1.0, scaler=scaler)
+    assert np.array_equal(model.params.data, before) and scaler.scale == 4.0 and scaler.skipped == 1
+    model.params.compute_grad[...] = 1.0
+    assert apply_gradients(model, opt, 1e-2, grad_clip=1.0, scaler=scaler)
+    assert not np.array_equal(model.params.data, before)
+    assert np.array_equal(model.params.compute, model.params.data.astype(np.float16))   # synced
+    assert scaler.good_steps == 1
+
+
+def test_the_loss_scale_grows_after_a_run_of_good_steps_and_round_trips():
+    scaler = LossScaler(enabled=True, init_scale=4.0, growth_interval=3)
+    for _ in range(3):
+        scaler.update(True)
+    assert scaler.scale == 8.0 and scaler.good_steps == 0
+    scaler.update(True)
+    again = LossScaler(enabled=True)
+    again.load_state_dict(scaler.state_dict())
+    assert again.scale == 8.0 and again.good_steps == 1
+    off = LossScaler(enabled=False)
+    off.update(False)
+    assert off.scale == 1.0 and off.skipped == 0
+
+
+def test_loading_weights_refreshes_the_compute_copy():
+    model = gpt(np.float16)
+    flat = np.linspace(-1, 1, model.params.size).astype(np.float32)
+    model.params.load(flat)
+    assert np.array_equal(model.params.data, flat)
+    assert np.array_equal(model.params.compute, flat.astype(np.float16))
