@@ -1,0 +1,167 @@
+"""What every CuPy kernel of this tier shares: the dtypes, one preamble, and how kernels are built.
+
+Two kinds of kernel live in ``minilm.gpu``:
+
+* **elementwise** kernels (GELU, the recurrent gates, the optimizer updates) are
+  ``cupy.ElementwiseKernel`` objects built by ``elementwise``. CuPy writes the loop and the
+  indexing; the body is one line of C per output, written with the functions of ``PREAMBLE``.
+  CuPy calls the array's element type ``T`` (``float``, ``double``, its own ``float16`` or
+  ``bfloat16``); the body computes in ``acc_t<T>::type`` -- ``double`` for double, ``float``
+  for everything else -- and rounds once when it stores.
+* **row** kernels (softmax, layernorm, the attention softmax, the fused cross-entropy) are
+  templates in one CUDA source per family, compiled with ``cupy.RawModule`` for each dtype by
+  ``row_module``. One warp (32 threads) owns one row: it reads the row, adds up its sums with
+  warp shuffles, and writes the row. ``ROW_PREAMBLE`` defines the 16-bit storage types for them
+  (``half16``, ``bf16``) with conversions written as single PTX instructions, so the sources
+  need no CUDA headers.
+
+Every kernel computes in float32 for float16 and bfloat16 data (and in float64 for float64):
+the low precision is the storage format, not the arithmetic.
+"""
+import functools
+
+import cupy
+import numpy as np
+
+try:                                   # CuPy takes bfloat16 from ml_dtypes (CuPy >= 14)
+    import ml_dtypes
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:                    # pragma: no cover - ml_dtypes comes with recent CuPy
+    BFLOAT16 = None
+
+FLOAT_DTYPES = tuple(d for d in (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+                     if d is not None)
+LOW_PRECISION = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
+
+# the C type of each dtype in the row kernels' templates
+ROW_CTYPES = {np.dtype(np.float64): "double", np.dtype(np.float32): "float", np.dtype(np.float16): "half16"}
+if BFLOAT16 is not None:
+    ROW_CTYPES[BFLOAT16] = "bf16"
+
+WARP = 32
+WARPS_PER_BLOCK = 4                    # 128 threads a block, one row per warp
+THREADS_PER_BLOCK = 256                # the flat kernels' block size
+
+
+def acc_dtype(dtype):
+    """The dtype a kernel computes in for data of ``dtype``: float64 for float64, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+# Shared by every elementwise kernel: the compute type, and the math the bodies are written with.
+PREAMBLE = r"""
+template <typename T> struct acc_t { typedef float type; };
+template <> struct acc_t<double> { typedef double type; };
+
+// tanh(x) through exp of a non-positive argument: exact at the ends, no overflow
+__device__ inline float tanh_acc(float x) { return tanhf(x); }
+__device__ inline double tanh_acc(double x) { return tanh(x); }
+__device__ inline float sigmoid_acc(float x) {
+    return x >= 0.0f ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
+}
+__device__ inline double sigmoid_acc(double x) {
+    return x >= 0.0 ? 1.0 / (1.0 + exp(-x)) : exp(x) / (1.0 + exp(x));
+}
+__device__ inline float sqrt_acc(float x) { return sqrtf(x); }
+__device__ inline double sqrt_acc(double x) { return sqrt(x); }
+__device__ inline float erf_acc(float x) { return erff(x); }
+__device__ inline double erf_acc(double x) { return erf(x); }
+__device__ inline float exp_acc(float x) { return expf(x); }
+__device__ inline double exp_acc(double x) { return exp(x); }
+"""
+
+# The row kernels' 16-bit storage types and the loads and stores that convert them.
+ROW_PREAMBLE = r"""
+struct half16 { unsigned short bits; };
+struct bf16 { unsigned short bits; };
+
+template <typename T> struct acc_t { typedef float type; };
+template <> struct acc_t<double> { typedef double type; };
+
+__device__ inline float load(float x) { return x; }
+__device__ inline double load(double x) { return x; }
+__device__ inline float load(half16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+__device__ inline float load(bf16 x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
+
+template <typename T> __device__ inline T store(typename acc_t<T>::type v) { return (T)v; }
+template <> __device__ inline half16 store<half16>(float v) {
+    half16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    return h;
+}
+template <> __device__ inline bf16 store<bf16>(float v) {
+    bf16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    return h;
+}
+
+__device__ inline float exp_acc(float x) { return expf(x); }
+__device__ inline double exp_acc(double x) { return exp(x); }
+template <typename A> __device__ inline A neg_inf();
+template <> __device__ inline float neg_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ inline double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000ULL); }
+__device__ inline float log_acc(float x) { return logf(x); }
+__device__ inline double log_acc(double x) { return log(x); }
+__device__ inline float rsqrt_acc(float x) { return 1.0f / sqrtf(x); }
+__device__ inline double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
+
+// the sum / max of v over the 32 lanes of a warp, in every lane
+template <typename A> __device__ inline A warp_sum(A v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+template <typename A> __device__ inline A warp_max(A v) {
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+"""
+
+
+def elementwise(in_params, out_params, body, name):
+    """A ``cupy.ElementwiseKernel`` whose body may use everything in ``PREAMBLE``."""
+    return cupy.ElementwiseKernel(in_params, out_params, body, name, preamble=PREAMBLE)
+
+
+def row_module(source, kernels, dtypes=FLOAT_DTYPES):
+    """A compiled ``RawModule`` of ``source`` with each template in ``kernels`` instantiated per dtype.
+
+    ``source`` may use ``ROW_PREAMBLE``. Returns a function ``get(kernel, dtype)`` that gives the
+    kernel's instance for data of that dtype.
+    """
+    names = [f"{k}<{ROW_CTYPES[d]}>" for k in kernels for d in dtypes]
+
+    @functools.cache
+    def _module():
+        return cupy.RawModule(code=ROW_PREAMBLE + source, options=("--std=c++14",), name_expressions=names)
+
+    def get(kernel, dtype):
+        return _module().get_function(f"{kernel}<{ROW_CTYPES[np.dtype(dtype)]}>")
+    return get
+
+
+def launch_rows(fn, n_rows, args):
+    """Run a row kernel with one warp per row over ``n_rows`` rows."""
+    if n_rows == 0:
+        return
+    threads = WARP * WARPS_PER_BLOCK
+    blocks = (n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
+    fn((blocks,), (threads,), args)
+
+
+def scalar(value, dtype):
+    """A kernel's scalar argument in the compute type of ``dtype`` (float64 or float32)."""
+    return acc_dtype(dtype).type(value)
+
+
+def contiguous(a):
+    """``a`` itself when C-contiguous, else a C-contiguous copy (row kernels index flat rows)."""
+    return a if a.flags.c_contiguous else cupy.ascontiguousarray(a)
+
+
+def supported(*arrays):
+    """True when every array is a CuPy array of a dtype the kernels compile for."""
+    return all(isinstance(a, cupy.ndarray) and a.dtype in ROW_CTYPES for a in arrays)

@@ -1,0 +1,134 @@
+r"""GELU and softmax as CuPy kernels.
+
+GELU is elementwise: one ``ElementwiseKernel`` per form and direction, written with the shared
+preamble (``minilm.gpu._core``), each the formula of ``minilm.reference.activations`` in one pass
+instead of the reference's chain of array expressions (and their temporaries). Softmax is a row
+kernel: one warp per row finds the row's maximum, adds up the exponentials and writes the
+probabilities; its backward removes the row's ``sum(dy * y)``. Caches are the reference's.
+"""
+import math
+
+import cupy
+
+from minilm.gpu._core import contiguous, elementwise, launch_rows, row_module, supported
+from minilm.reference import activations as reference
+from minilm.reference.activations import GeluCache, SoftmaxCache, check_gelu_args
+from minilm.validate import require_float, require_min_ndim, require_shape
+
+__all__ = ["gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward"]
+
+_K = repr(math.sqrt(2.0 / math.pi))     # sqrt(2 / pi), to 17 digits
+_C = "0.044715"                         # GPT-2's cubic coefficient
+
+_gelu_tanh_forward = elementwise("T x", "T y", f"""
+    typedef acc_t<T>::type A;
+    A v = (A)x;
+    A u = (A){_K} * (v + (A){_C} * v * v * v);               // u = sqrt(2/pi) (x + 0.044715 x^3)
+    y = (T)((A)0.5 * v * ((A)1 + tanh_acc(u)));               // y = x (1 + tanh u) / 2
+""", "minilm_gelu_tanh_forward")
+
+_gelu_tanh_backward = elementwise("T x, T dy", "T dx", f"""
+    typedef acc_t<T>::type A;
+    A v = (A)x;
+    A t = tanh_acc((A){_K} * (v + (A){_C} * v * v * v));
+    A du = (A){_K} * ((A)1 + (A)3 * (A){_C} * v * v);         // du/dx
+    A dphi = (A)0.5 * ((A)1 + t) + (A)0.5 * v * ((A)1 - t * t) * du;
+    dx = (T)(dphi * (A)dy);
+""", "minilm_gelu_tanh_backward")
+
+_gelu_exact_forward = elementwise("T x", "T y", f"""
+    typedef acc_t<T>::type A;
+    A v = (A)x;
+    y = (T)((A)0.5 * v * ((A)1 + erf_acc(v * (A){repr(1 / math.sqrt(2.0))})));   // x Phi(x)
+""", "minilm_gelu_exact_forward")
+
+_gelu_exact_backward = elementwise("T x, T dy", "T dx", f"""
+    typedef acc_t<T>::type A;
+    A v = (A)x;
+    A Phi = (A)0.5 * ((A)1 + erf_acc(v * (A){repr(1 / math.sqrt(2.0))}));
+    A pdf = exp_acc((A)-0.5 * v * v) * (A){repr(1 / math.sqrt(2.0 * math.pi))};
+    dx = (T)((Phi + v * pdf) * (A)dy);                         // (Phi + x phi) dy
+""", "minilm_gelu_exact_backward")
+
+
+def gelu_forward(x, *, approximate="tanh"):
+    """CuPy ``minilm.reference.activations.gelu_forward``."""
+    check_gelu_args(x, approximate)
+    if not supported(x):
+        return reference.gelu_forward(x, approximate=approximate)
+    kernel = _gelu_tanh_forward if approximate == "tanh" else _gelu_exact_forward
+    return kernel(x), GeluCache(x, approximate)
+
+
+def gelu_backward(dy, cache):
+    """CuPy ``minilm.reference.activations.gelu_backward``. Returns (dx,)."""
+    x, approximate = cache
+    require_shape("gelu_backward", "dy", dy, x.shape, "(same as x)")
+    if not supported(x, dy) or dy.dtype != x.dtype:
+        return reference.gelu_backward(dy, cache)
+    kernel = _gelu_tanh_backward if approximate == "tanh" else _gelu_exact_backward
+    return (kernel(x, dy),)
+
+
+_SOURCE = r"""
+template <typename T>
+__global__ void softmax_forward_rows(const T* x, T* y, int N, int V) {
+    typedef typename acc_t<T>::type A;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const T* xr = x + (long long)row * V;
+    T* yr = y + (long long)row * V;
+    A m = neg_inf<A>();
+    for (int j = lane; j < V; j += 32) m = max(m, load(xr[j]));
+    m = warp_max(m);
+    A Z = 0;
+    for (int j = lane; j < V; j += 32) Z += exp_acc(load(xr[j]) - m);     // every exponent <= 0
+    Z = warp_sum(Z);
+    for (int j = lane; j < V; j += 32) yr[j] = store<T>(exp_acc(load(xr[j]) - m) / Z);
+}
+
+template <typename T>
+__global__ void softmax_backward_rows(const T* dy, const T* y, T* dx, int N, int V) {
+    typedef typename acc_t<T>::type A;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const T* dyr = dy + (long long)row * V;
+    const T* yr = y + (long long)row * V;
+    T* dxr = dx + (long long)row * V;
+    A s = 0;
+    for (int j = lane; j < V; j += 32) s += load(dyr[j]) * load(yr[j]);
+    s = warp_sum(s);                                                         // sum_j dy_j y_j
+    for (int j = lane; j < V; j += 32) dxr[j] = store<T>(load(yr[j]) * (load(dyr[j]) - s));
+}
+"""
+
+_kernel = row_module(_SOURCE, ["softmax_forward_rows", "softmax_backward_rows"])
+
+
+def softmax_forward(x):
+    """CuPy ``minilm.reference.activations.softmax_forward``, over the last axis."""
+    require_float("softmax", "x", x)
+    require_min_ndim("softmax", "x", x, 1, "(..., N)")
+    if not supported(x) or x.shape[-1] == 0:
+        return reference.softmax_forward(x)
+    V = x.shape[-1]
+    N = x.size // V
+    y = cupy.empty(x.shape, dtype=x.dtype)
+    launch_rows(_kernel("softmax_forward_rows", x.dtype), N, (contiguous(x), y, cupy.int32(N), cupy.int32(V)))
+    return y, SoftmaxCache(y)
+
+
+def softmax_backward(dy, cache):
+    """CuPy ``minilm.reference.activations.softmax_backward``. Returns (dx,)."""
+    y = cache.y
+    require_shape("softmax_backward", "dy", dy, y.shape, "(same as x)")
+    if not supported(dy, y) or dy.dtype != y.dtype or y.shape[-1] == 0:
+        return reference.softmax_backward(dy, cache)
+    V = y.shape[-1]
+    N = y.size // V
+    dx = cupy.empty(y.shape, dtype=y.dtype)
+    launch_rows(_kernel("softmax_backward_rows", y.dtype), N,
+                (contiguous(dy), contiguous(y), dx, cupy.int32(N), cupy.int32(V)))
+    return (dx,)
