@@ -2,8 +2,12 @@
 
 Imported only when PyTorch is installed. ``TorchGPT`` is nanoGPT's model (learned positions,
 pre-LayerNorm blocks, fused scaled-dot-product attention, tanh GELU, tied head, nanoGPT's
-initialisation); ``TorchRNNLM`` is embedding -> nn.LSTM / nn.GRU / nn.RNN -> linear head.
+initialisation, and dropout where minilm's GPT has it: after the embeddings, the attention
+projection and the MLP); ``TorchRNNLM`` is embedding -> nn.LSTM / nn.GRU / nn.RNN -> linear head.
+On a GPU the peers run in PyTorch eager mode (no ``torch.compile``): float32, or mixed precision
+with ``torch.autocast`` around the forward and the loss (and a ``GradScaler`` for float16).
 """
+import contextlib
 import math
 import time
 
@@ -12,10 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _dropout(x, p, training):
+    return F.dropout(x, p, training) if p else x          # p = 0: no call at all, as in minilm
+
+
 class _Block(nn.Module):
-    def __init__(self, C, NH, bias):
+    def __init__(self, C, NH, bias, dropout=0.0):
         super().__init__()
-        self.NH = NH
+        self.NH, self.p = NH, dropout
         self.ln_1 = nn.LayerNorm(C, bias=bias)
         self.c_attn = nn.Linear(C, 3 * C, bias=bias)
         self.c_proj = nn.Linear(C, C, bias=bias)
@@ -28,17 +36,17 @@ class _Block(nn.Module):
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.NH, C // self.NH).transpose(1, 2) for t in (q, k, v))   # (B, NH, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+        x = x + _dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), self.p, self.training)
+        return x + _dropout(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")), self.p, self.training)
 
 
 class TorchGPT(nn.Module):
-    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias=True):
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias=True, dropout=0.0):
         super().__init__()
-        self.block_size = block_size
+        self.block_size, self.p = block_size, dropout
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(_Block(n_embd, n_head, bias) for _ in range(n_layer))
+        self.h = nn.ModuleList(_Block(n_embd, n_head, bias, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.apply(self._init)
         for name, p in self.named_parameters():
@@ -54,7 +62,7 @@ class TorchGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         T = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        x = _dropout(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), self.p, self.training)
         for block in self.h:
             x = block(x)
         logits = self.ln_f(x) @ self.wte.weight.T                  # tied head
@@ -88,28 +96,46 @@ class TorchRNNLM(nn.Module):
 def make_model(cfg, vocab_size):
     """The peer of the model a minilm TrainConfig describes."""
     if cfg.model == "gpt":
-        return TorchGPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias)
+        return TorchGPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.dropout)
     return TorchRNNLM(vocab_size, cfg.model, cfg.n_layer, cfg.hidden_size, cfg.n_embd)
 
 
-def make_optimizer(model, cfg):
-    """AdamW with weight decay on 2-D weights only (nanoGPT's configure_optimizers)."""
+def make_optimizer(model, cfg, fused=False):
+    """AdamW with weight decay on 2-D weights only (nanoGPT's configure_optimizers; like it, the
+    fused CUDA kernel with ``fused`` on a GPU, else ``foreach``)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kernel)
 
 
-def train_step(model, optimizer, x, y, lr, grad_clip):
-    """One full step: forward, backward, clip, AdamW. Returns the loss."""
+def train_step(model, optimizer, x, y, lr, grad_clip, *, amp_dtype=None, scaler=None):
+    """One full step: forward, backward, clip, AdamW. Returns the loss.
+
+    ``amp_dtype`` (torch.bfloat16 or torch.float16): PyTorch's mixed precision, the forward and
+    the loss under ``torch.autocast`` with float32 weights; ``scaler`` (a ``torch.amp.GradScaler``,
+    for float16) scales the loss, unscales the gradients before clipping and skips a step whose
+    gradients overflowed.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    _, loss = model(x, y)
+    autocast = contextlib.nullcontext() if amp_dtype is None else torch.autocast(x.device.type, dtype=amp_dtype)
+    with autocast:
+        _, loss = model(x, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)                 # clip the true gradients
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
     return loss.item()
 
 

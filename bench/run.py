@@ -8,6 +8,10 @@ Timings on a shared machine drift by tens of percent over minutes. So each table
 ``--rounds`` times, every configuration once per round in turn (minilm, then PyTorch, then
 minilm again...), and the table gives the medians; the ratio to PyTorch is the median of the
 ratios within each round, with their range, so that a drift hits both sides of a ratio alike.
+
+On a GPU (the cupy backend) each ``--dtypes`` entry gets its own table, minilm against PyTorch
+eager on CUDA in the same dtype (16-bit: mixed precision on both sides), with the GPU memory
+each holds and, for the GPT presets, the model-FLOPs utilisation (``gpt_flops_per_token``).
 """
 import datetime
 import importlib.util
@@ -19,6 +23,14 @@ import subprocess
 import sys
 
 TRAIN_PRESETS = ("shakespeare-char-cpu", "shakespeare-lstm", "shakespeare-gru")
+GPU_BACKENDS = ("cupy",)
+GPU_DTYPES = ("float32", "bfloat16", "float16")     # 16-bit: mixed precision, float32 master weights
+
+# Dense peak throughput (FLOP/s) of one NVIDIA H100 SXM, per training dtype; source: NVIDIA H100 SXM
+# datasheet (its tensor-core figures are quoted with 2:4 sparsity; dense is half). float32 is the
+# CUDA-core (non-tensor) peak: neither side's float32 matrix products use TF32 tensor cores here.
+# An H200 has the same peaks. ``--peak-tflops`` overrides them for another GPU.
+H100_SXM_PEAK_FLOPS = {"float32": 66.9e12, "bfloat16": 989.4e12, "float16": 989.4e12}
 
 
 def add_options(p):
@@ -38,6 +50,12 @@ def add_options(p):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for Numba, BLAS and PyTorch")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=GPU_DTYPES, metavar="DTYPE",
+                   help="train: the dtypes of the GPU (cupy) tables, one table each, among "
+                        f"{', '.join(GPU_DTYPES)} (16-bit = mixed precision); CPU backends train in float32")
+    p.add_argument("--batch-size", type=int, default=None, help="train: override the presets' batch size")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's peak TFLOPS for the MFU column (default: H100 SXM dense peak of the dtype)")
 
 
 def _env(threads):
@@ -84,21 +102,76 @@ def _machine():
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
+def _torch_installed():
+    return importlib.util.find_spec("torch") is not None
+
+
+def _torch_has_cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def train_tables(args, backends, torch):
+    """The training-step tables, as (title, jobs) pairs: per preset, one float32 table of the CPU
+    backends against PyTorch on the CPU, then one table per dtype of the GPU backends against
+    PyTorch on CUDA in the same dtype."""
+    cpu = [b for b in backends if b not in GPU_BACKENDS]
+    gpu = [b for b in backends if b in GPU_BACKENDS]
+    torch_cuda = torch and bool(gpu) and _torch_has_cuda()
+    batch = f", batch {args.batch_size}" if args.batch_size else ""
+    tables = []
+    for name in args.presets:
+        common = {"what": "train", "preset": name, "steps": args.steps, "warmup": args.warmup,
+                  "threads": args.threads, **({"batch_size": args.batch_size} if args.batch_size else {})}
+        if cpu:
+            jobs = [{"impl": "minilm", "backend": b, **common} for b in cpu]
+            if torch:
+                jobs.append({"impl": "torch", **common})
+            tables.append((f"training step, {name} (float32{batch})", jobs))
+        for dtype in (args.dtypes if gpu else ()):
+            jobs = [{"impl": "minilm", "backend": b, "dtype": dtype, **common} for b in gpu]
+            if torch_cuda:
+                jobs.append({"impl": "torch", "device": "cuda", "dtype": dtype, **common})
+            tables.append((f"training step, {name} ({dtype} on the GPU{batch})", jobs))
+    return tables
+
+
 def benchmark(args, out=print):
     backends = args.backends or _available_backends()
-    torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    torch = not args.no_torch and _torch_installed()
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"minilm bench: option '--batch-size' must be an integer >= 1, got {args.batch_size}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"minilm bench: option '--peak-tflops' must be > 0, got {args.peak_tflops}")
     results = {"date": datetime.date.today().isoformat(), "machine": _machine(), "threads": args.threads,
                "command": "minilm bench " + " ".join(sys.argv[2:]), "train": [], "sample": [], "ops": []}
+    failed = []
     if args.what in ("train", "all"):
-        for name in args.presets:
-            jobs = [{"impl": "minilm", "what": "train", "backend": b, "preset": name, "steps": args.steps,
-                     "warmup": args.warmup, "threads": args.threads} for b in backends]
-            if torch:
-                jobs.append({"impl": "torch", "what": "train", "preset": name, "steps": args.steps,
-                             "warmup": args.warmup, "threads": args.threads})
-            rows = _rounds(jobs, args.rounds)
+        for title, jobs in train_tables(args, backends, torch):
+            try:
+                rows = _rounds(jobs, args.rounds)
+            except RuntimeError as e:           # a failed table (say, a GPU peer) does not lose the others
+                out(f"\n{title}: failed\n{e}")
+                failed.append({"table": title, "error": str(e)})
+                continue
+            for row in rows:
+                add_mfu(row, args.peak_tflops)
             results["train"] += rows
-            _print_rows(out, f"training step, {name} (float32)", rows, "ms_per_step")
+            _print_rows(out, title, rows, "ms_per_step")
+            mfu = next((r for r in rows if "mfu" in r), None)
+            if mfu:
+                source = f"--peak-tflops {args.peak_tflops:g}" if args.peak_tflops else "H100 SXM dense peak"
+                out(f"  MFU = {mfu['flops_per_token'] / 1e6:.1f} MFLOPs/token (6N + 12LTC) x tokens/s "
+                    f"/ {mfu['peak_flops'] / 1e12:.1f} TFLOPS ({source})")
+            skipped = {_label(r): sum(x.get("skipped_steps", 0) for x in r["rounds"]) for r in rows}
+            if any(skipped.values()):
+                out("  steps skipped for a float16 overflow, all rounds: "
+                    + ", ".join(f"{label} {n}" for label, n in skipped.items()))
+        results["mfu_peak_flops"] = {"source": "NVIDIA H100 SXM datasheet, dense", **H100_SXM_PEAK_FLOPS,
+                                     "override_tflops": args.peak_tflops}
+        gpus = {x["gpu"] for row in results["train"] for x in row["rounds"] if "gpu" in x}
+        if gpus:
+            results["machine"]["gpu"] = ", ".join(sorted(gpus))
     if args.what in ("sample", "all"):
         jobs = [{"impl": "minilm", "what": "sample", "backend": b, "cache": cache, "preset": "shakespeare-char-cpu",
                  "tokens": args.tokens, "threads": args.threads} for b in backends for cache in (True, False)]
@@ -115,15 +188,50 @@ def benchmark(args, out=print):
         from minilm.bench import converge
         results["converge"] = converge.run(args.converge_preset, args.data, backends=backends, threads=args.threads,
                                            target=args.target, torch_peer=torch, seed=args.seed, out=out)
+    if failed:
+        results["failed"] = failed
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
+    if failed:
+        raise RuntimeError(f"{len(failed)} table(s) failed: {'; '.join(f['table'] for f in failed)}")
     return results
+
+
+def gpt_flops_per_token(cfg, vocab_size):
+    """FLOPs of one training step per token of a GPT, nanoGPT's ``estimate_mfu`` (PaLM, appendix B):
+    6 N for the forward and backward of the matrix products, N the parameter count without the
+    position embedding (the tied token embedding counts: it is the output head), plus 12 L T C
+    for attention's scores and weighted sum."""
+    L, T, C, V = cfg.n_layer, cfg.block_size, cfg.n_embd, vocab_size
+    N = V * C + L * 12 * C * C + (2 * L + 1) * C                  # wte, block weights, layernorm gammas
+    if cfg.bias:
+        N += L * (2 * C + 3 * C + C + 4 * C + C) + C              # layernorm betas, linear biases, ln_f beta
+    return 6 * N + 12 * L * T * C
+
+
+def add_mfu(row, peak_tflops=None):
+    """Model-FLOPs utilisation of a GPU row of a GPT preset: achieved FLOP/s over the dtype's peak."""
+    job = row["job"]
+    on_gpu = job.get("backend") in GPU_BACKENDS or job.get("device") == "cuda"
+    if job["what"] != "train" or not on_gpu:
+        return row
+    from minilm.config import preset
+    cfg = preset(job["preset"])
+    if cfg.model != "gpt":
+        return row
+    dtype = job.get("dtype", "float32")
+    peak = peak_tflops * 1e12 if peak_tflops else H100_SXM_PEAK_FLOPS[dtype]
+    flops = gpt_flops_per_token(cfg, job.get("vocab_size", 65))
+    row.update(flops_per_token=flops, peak_flops=peak, mfu=flops * row["tokens_per_s"] / peak)
+    return row
 
 
 def _label(row):
     job = row["job"]
     if job["impl"] == "torch":
+        if job.get("device") == "cuda":
+            return "pytorch eager" + ("" if job.get("dtype", "float32") == "float32" else " autocast")
         return "pytorch" + (" (generate, no cache)" if job["what"] == "sample" else "")
     return job["backend"] + ("" if job["what"] == "train" else (" kv-cache" if job["cache"] else " no cache"))
 
@@ -142,6 +250,9 @@ def _rounds(jobs, rounds):
                "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)}
         if "ms_per_step" in runs[0]:
             row["ms_per_step"] = statistics.median(x["ms_per_step"] for x in runs)
+        gpu_mb = [x.get("gpu_pool_mb", x.get("gpu_reserved_mb")) for x in runs]
+        if None not in gpu_mb:
+            row["gpu_mb"] = max(gpu_mb)
         if torch_at is not None:
             ratios = [measured[r][i]["tokens_per_s"] / measured[r][torch_at]["tokens_per_s"] for r in range(rounds)]
             row["vs_torch"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
@@ -151,10 +262,18 @@ def _rounds(jobs, rounds):
 
 def _print_rows(out, title, rows, ms_key):
     n = len(rows[0]["rounds"])
+    gpu = any("gpu_mb" in r for r in rows)
+    mfu = any("mfu" in r for r in rows)
     out(f"\n{title}; medians of {n} round{'s' if n > 1 else ''}")
-    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9} {'vs pytorch (range)':>22}")
+    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9}" + (f" {'GPU MB':>8}" if gpu else "")
+        + (f" {'MFU':>6}" if mfu else "") + f" {'vs pytorch (range)':>22}")
     for r in rows:
         ms = f"{r[ms_key]:9.2f}" if ms_key else f"{'':>9}"
         v = r.get("vs_torch")
         ratio = f"{v['median']:6.2f}x ({v['min']:.2f}-{v['max']:.2f})" if v else ""
-        out(f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f} {ratio:>22}")
+        line = f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f}"
+        if gpu:
+            line += f" {r['gpu_mb']:8.0f}" if "gpu_mb" in r else f" {'':>8}"
+        if mfu:
+            line += f" {100 * r['mfu']:5.1f}%" if "mfu" in r else f" {'':>6}"
+        out(line + f" {ratio:>22}")

@@ -4,6 +4,7 @@ Each job runs alone in its own process, so its peak resident memory is its own, 
 settings are applied before any library starts its pool, and one backend's compiled code or
 allocator never warms another's. Prints one JSON object.
 """
+import dataclasses
 import json
 import os
 import resource
@@ -30,48 +31,98 @@ def _data(V, B, T, steps, seed=0):
     return x, y
 
 
+def _cupy_sync():
+    """Waits for the GPU: CuPy launches work asynchronously, so a clock read needs this first."""
+    import cupy
+    return cupy.cuda.Device().synchronize
+
+
 def minilm_train(job, cfg, V):
     import minilm
-    from minilm import backend, optim
-    from minilm.train import make_optimizer, make_schedule, model_settings
+    from minilm import backend
     from minilm.models import build_model
+    from minilm.precision import LossScaler
+    from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
     minilm.use(job["backend"])
+    dtype = job.get("dtype", "float32")
+    on_gpu = job["backend"] == "cupy"
+    sync = _cupy_sync() if on_gpu else (lambda: None)
     kind, model_cfg = model_settings(cfg, V)
-    model = build_model(kind, model_cfg, dtype=np.float32, seed=0)
+    model = build_model(kind, model_cfg, dtype=dtype, seed=0)          # 16-bit: mixed precision
     optimizer, schedule = make_optimizer(cfg, model.params), make_schedule(cfg)
+    scaler = LossScaler(enabled=dtype == "float16")
     baseline = _rss_mb()
     x, y = _data(V, cfg.batch_size, cfg.block_size, job["warmup"] + job["steps"])
     rng = np.random.default_rng(1)
     times = []
     for i in range(len(x)):
         xb, yb = backend.to_backend(x[i]), backend.to_backend(y[i])
+        sync()
         t0 = time.perf_counter()
-        loss = model.forward(xb, yb, train=True, rng=rng)[1]
-        model.backward()
-        optim.clip_grad_norm(model.params, cfg.grad_clip)
-        optimizer.step(schedule(i))
-        float(loss)
+        if kind == "rnn":
+            loss = model.forward(xb, yb, state=None, train=True, rng=rng)[1]
+        else:
+            loss = model.forward(xb, yb, train=True, rng=rng)[1]
+        model.backward(scaler.scale)
+        apply_gradients(model, optimizer, schedule(i), grad_clip=cfg.grad_clip, scaler=scaler)
+        loss = float(loss)
+        sync()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
-    return {**_stats(times, cfg.batch_size * cfg.block_size), "baseline_rss_mb": baseline}
+    result = {**_stats(times, cfg.batch_size * cfg.block_size), "baseline_rss_mb": baseline,
+              "final_loss": loss, "skipped_steps": scaler.skipped}
+    if kind == "gpt":
+        result["n_params"] = model.n_params(non_embedding=True)
+    if on_gpu:
+        import cupy
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        result.update(gpu_pool_mb=cupy.get_default_memory_pool().total_bytes() / 2 ** 20, cupy=cupy.__version__,
+                      gpu=name.decode() if isinstance(name, bytes) else str(name))
+    return result
 
 
 def torch_train(job, cfg, V):
     import torch
     from minilm.bench import peers
+    device, dtype = job.get("device", "cpu"), job.get("dtype", "float32")
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    amp_dtype = None if dtype == "float32" else getattr(torch, dtype)       # torch.bfloat16, torch.float16
+    if amp_dtype is not None and not on_gpu:
+        raise ValueError(f"minilm bench: the PyTorch peer runs {dtype} only on cuda, got device {device!r}")
+    if on_gpu and dtype == "float32":
+        torch.backends.cudnn.allow_tf32 = False     # cuDNN's RNNs would take TF32 tensor cores (PyTorch's default)
     torch.manual_seed(0)
-    model = peers.make_model(cfg, V)
-    optimizer = peers.make_optimizer(model, cfg)
+    model = peers.make_model(cfg, V).to(device)             # float32 weights, also under autocast
+    optimizer = peers.make_optimizer(model, cfg, fused=on_gpu)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     baseline = _rss_mb()
     x, y = _data(V, cfg.batch_size, cfg.block_size, job["warmup"] + job["steps"])
     x, y = torch.from_numpy(x), torch.from_numpy(y)
-    times = []
+    times, skipped = [], 0
     for i in range(len(x)):
+        xb, yb = x[i].to(device), y[i].to(device)
+        scale = scaler.get_scale() if scaler else None
+        sync()
         t0 = time.perf_counter()
-        peers.train_step(model, optimizer, x[i], y[i], cfg.lr, cfg.grad_clip)
+        loss = peers.train_step(model, optimizer, xb, yb, cfg.lr, cfg.grad_clip, amp_dtype=amp_dtype, scaler=scaler)
+        sync()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
-    return {**_stats(times, cfg.batch_size * cfg.block_size), "baseline_rss_mb": baseline}
+        skipped += bool(scaler and scaler.get_scale() < scale)     # GradScaler lowers the scale on a skipped step
+    result = {**_stats(times, cfg.batch_size * cfg.block_size), "baseline_rss_mb": baseline,
+              "final_loss": loss, "skipped_steps": skipped}
+    if cfg.model == "gpt":
+        result["n_params"] = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    if on_gpu:
+        result.update(gpu_peak_allocated_mb=torch.cuda.max_memory_allocated() / 2 ** 20,
+                      gpu_reserved_mb=torch.cuda.max_memory_reserved() / 2 ** 20,
+                      gpu=torch.cuda.get_device_name(), torch=torch.__version__, torch_cuda=torch.version.cuda,
+                      tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    if cfg.model != "gpt" and amp_dtype is not None:    # what autocast gave cuDNN's RNN (float16 for bfloat16?)
+        with torch.no_grad(), torch.autocast(device, dtype=amp_dtype):
+            result["rnn_output_dtype"] = str(model.rnn(model.embed(xb))[0].dtype)
+    return result
 
 
 def minilm_sample(job, cfg, V):
@@ -114,6 +165,8 @@ def main(argv):
         torch.set_num_threads(threads)
     from minilm.config import preset
     cfg = preset(job["preset"])
+    if job.get("batch_size"):
+        cfg = dataclasses.replace(cfg, batch_size=job["batch_size"])
     V = job.get("vocab_size", 65)
     run = {("minilm", "train"): minilm_train, ("torch", "train"): torch_train,
            ("minilm", "sample"): minilm_sample, ("torch", "sample"): torch_sample}[job["impl"], job["what"]]

@@ -1,10 +1,12 @@
-"""`minilm bench`: the rounds, the medians and ratios it reports, and one real measurement end to end."""
+"""`minilm bench`: the rounds, the medians and ratios it reports, one real measurement end to end, and
+the GPU tables' options, layout and MFU arithmetic (from stand-in measurements: no GPU needed)."""
 import json
 
 import pytest
 
 from minilm import cli
 from minilm.bench import run as bench_run
+from minilm.config import preset
 
 
 def test_rounds_report_medians_and_the_ratio_within_each_round(monkeypatch):
@@ -53,3 +55,182 @@ def test_converge_with_a_negative_seed_is_a_clear_error(capsys):
     assert cli.main(["bench", "--what", "converge", "--seed", "-1", "--no-torch", "--backends", "numpy"]) == 2
     err = capsys.readouterr().err
     assert "seed" in err and "-1" in err
+
+
+# --- the GPU tables: options, table layout and MFU arithmetic (CPU-runnable; no timing asserted) -----
+
+def _bench_args(argv):
+    import argparse
+    p = argparse.ArgumentParser()
+    bench_run.add_options(p)
+    return p.parse_args(argv)
+
+
+def test_gpu_tables_pair_each_dtype_with_a_cuda_peer_of_that_dtype(monkeypatch):
+    """CPU backends get one float32 table against PyTorch on the CPU; the cupy backend gets one table
+    per --dtypes entry against PyTorch on CUDA in the same dtype; --batch-size reaches every job."""
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: True)
+    args = _bench_args(["--presets", "shakespeare-lstm", "--backends", "numba", "cupy",
+                        "--dtypes", "float32", "bfloat16", "--batch-size", "256"])
+    tables = bench_run.train_tables(args, args.backends, torch=True)
+    assert [title for title, _ in tables] == ["training step, shakespeare-lstm (float32, batch 256)",
+                                              "training step, shakespeare-lstm (float32 on the GPU, batch 256)",
+                                              "training step, shakespeare-lstm (bfloat16 on the GPU, batch 256)"]
+    (_, cpu), (_, gpu32), (_, gpu16) = tables
+    assert [(j["impl"], j.get("backend"), j.get("device"), j.get("dtype")) for j in cpu] == \
+        [("minilm", "numba", None, None), ("torch", None, None, None)]
+    assert [(j["impl"], j.get("backend"), j.get("device"), j["dtype"]) for j in gpu16] == \
+        [("minilm", "cupy", None, "bfloat16"), ("torch", None, "cuda", "bfloat16")]
+    assert all(j["batch_size"] == 256 for _, jobs in tables for j in jobs)
+    assert gpu32[1]["dtype"] == "float32"
+
+
+def test_cpu_tables_are_unchanged_by_the_gpu_options():
+    """Without cupy among the backends, --dtypes changes nothing and no CUDA check is made."""
+    args = _bench_args(["--presets", "shakespeare-char-cpu", "--backends", "numpy", "--dtypes", "bfloat16"])
+    ((title, jobs),) = bench_run.train_tables(args, args.backends, torch=True)
+    assert title == "training step, shakespeare-char-cpu (float32)"
+    assert [j["impl"] for j in jobs] == ["minilm", "torch"]
+    assert not any("dtype" in j or "device" in j or "batch_size" in j for j in jobs)
+
+
+def test_gpu_table_without_a_cuda_pytorch_has_no_peer(monkeypatch):
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: False)
+    args = _bench_args(["--presets", "shakespeare-char", "--backends", "cupy"])
+    ((_, jobs),) = bench_run.train_tables(args, args.backends, torch=True)
+    assert [j["impl"] for j in jobs] == ["minilm"]
+
+
+@pytest.mark.parametrize("argv, words", [(["--dtypes", "float64"], ["--dtypes", "float64"]),
+                                         (["--batch-size", "0"], ["'--batch-size'", ">= 1", "0"]),
+                                         (["--peak-tflops", "-1"], ["'--peak-tflops'", "-1"])])
+def test_bad_gpu_options_are_clear_errors(argv, words, capsys):
+    try:
+        code = cli.main(["bench", "--what", "train", "--no-torch", "--backends", "numpy", *argv])
+    except SystemExit as e:                     # argparse rejects a choice itself
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words)
+
+
+# A GPT with V = 5, L = 1, C = 2, T = 3, counted by hand. Without biases: wte 5*2 = 10; the block's
+# W_qkv 2*6 = 12, W_o 2*2 = 4, W_1 2*8 = 16, W_2 8*2 = 16 and two layernorm gammas 2 + 2; ln_f's
+# gamma 2: N = 10 + 52 + 2 = 64 (wpe, 3*2, is left out as nanoGPT leaves it out).
+# With biases, add the betas 2 + 2, b_qkv 6, b_o 2, b_1 8, b_2 2 and ln_f's beta 2: N = 88.
+# FLOPs per token = 6 N + 12 L T C = 6 N + 72.
+TINY = dict(model="gpt", vocab_size=5, n_layer=1, n_head=1, n_embd=2, block_size=3)
+TINY_N = {False: 64, True: 88}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpt_flops_per_token_against_a_hand_count(bias):
+    import dataclasses
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), n_layer=1, n_head=1, n_embd=2, block_size=3, bias=bias)
+    assert bench_run.gpt_flops_per_token(cfg, vocab_size=5) == 6 * TINY_N[bias] + 12 * 1 * 3 * 2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_hand_count_is_the_models_own_parameter_count(bias):
+    """N of the FLOPs formula is what minilm's GPT and the PyTorch peer count (without wpe)."""
+    from minilm.models import build_model
+    cfg = {k: v for k, v in TINY.items() if k != "model"}
+    model = build_model("gpt", {**cfg, "bias": bias})
+    assert model.n_params(non_embedding=True) == TINY_N[bias]
+    pytest.importorskip("torch")
+    from minilm.bench import peers
+    peer = peers.TorchGPT(5, 3, 1, 1, 2, bias=bias)
+    assert sum(p.numel() for p in peer.parameters()) - peer.wpe.weight.numel() == TINY_N[bias]
+
+
+def test_mfu_is_achieved_flops_over_the_dtype_peak():
+    def row(**job):
+        return {"job": {"what": "train", "preset": "shakespeare-char", **job}, "tokens_per_s": 1e6}
+
+    flops = bench_run.gpt_flops_per_token(preset("shakespeare-char"), 65)
+    gpu = bench_run.add_mfu(row(impl="minilm", backend="cupy", dtype="bfloat16"))
+    assert gpu["flops_per_token"] == flops and gpu["peak_flops"] == 989.4e12
+    assert gpu["mfu"] == pytest.approx(flops * 1e6 / 989.4e12)
+    peer = bench_run.add_mfu(row(impl="torch", device="cuda"), peak_tflops=100)          # float32, overridden
+    assert peer["mfu"] == pytest.approx(flops * 1e6 / 100e12)
+    assert "mfu" not in bench_run.add_mfu(row(impl="minilm", backend="numba"))           # a CPU row
+    assert "mfu" not in bench_run.add_mfu(row(impl="minilm", backend="cupy", preset="shakespeare-lstm"))
+
+
+def test_a_gpu_table_with_memory_and_mfu_columns(monkeypatch, tmp_path, capsys):
+    """The GPU table's layout and JSON, from stand-in measurements (no GPU here)."""
+    def fake_run_job(job):
+        gpu = {"gpu_pool_mb": 300.0} if job["impl"] == "minilm" else {"gpu_reserved_mb": 200.0}
+        return {"job": job, "tokens_per_s": 5e5, "ms_per_step": 32.0, "peak_rss_mb": 900.0, "gpu": "H100", **gpu}
+
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: True)
+    monkeypatch.setattr(bench_run, "_torch_installed", lambda: True)
+    path = tmp_path / "gpu.json"
+    assert cli.main(["bench", "--what", "train", "--presets", "shakespeare-char", "--backends", "cupy",
+                     "--dtypes", "bfloat16", "--rounds", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 on the GPU" in out and "GPU MB" in out and "MFU" in out and "pytorch eager autocast" in out
+    results = json.loads(path.read_text())
+    assert results["machine"]["gpu"] == "H100"
+    minilm_row, torch_row = results["train"]
+    assert minilm_row["gpu_mb"] == 300.0 and torch_row["gpu_mb"] == 200.0
+    assert minilm_row["mfu"] == torch_row["mfu"] > 0 and minilm_row["vs_torch"]["median"] == 1.0
+
+
+# --- the PyTorch peer's mixed precision and dropout (on the CPU here; the worker runs them on CUDA) --
+
+def test_peer_train_step_under_autocast_and_a_grad_scaler():
+    torch = pytest.importorskip("torch")
+    from minilm.bench import peers
+    cfg = preset("shakespeare-char-cpu")
+    x = torch.randint(0, 65, (2, 8))
+    for amp_dtype, scaler in ((None, None), (torch.bfloat16, None), (torch.bfloat16, torch.amp.GradScaler("cpu"))):
+        torch.manual_seed(0)
+        model = peers.TorchGPT(65, 8, 1, 2, 16)
+        optimizer = peers.make_optimizer(model, cfg)
+        before = model.wte.weight.detach().clone()
+        loss = peers.train_step(model, optimizer, x, x, 1e-3, 1.0, amp_dtype=amp_dtype, scaler=scaler)
+        assert 3.0 < loss < 5.5                                    # about ln 65 = 4.17 at initialisation
+        assert not torch.equal(model.wte.weight, before)           # the step updated the weights
+        assert model.wte.weight.dtype == torch.float32             # float32 master weights
+
+
+def test_peer_gpt_has_dropout_where_minilm_has_it():
+    torch = pytest.importorskip("torch")
+    from minilm.bench import peers
+    x = torch.randint(0, 65, (2, 8))
+    torch.manual_seed(0)
+    model = peers.TorchGPT(65, 8, 1, 2, 16, dropout=0.5)
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])                   # evaluation: no dropout
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])               # training: fresh masks
+
+
+def test_torch_worker_refuses_16_bit_on_the_cpu():
+    pytest.importorskip("torch")
+    from minilm.bench import worker
+    job = {"impl": "torch", "what": "train", "preset": "shakespeare-gru", "steps": 1, "warmup": 0, "dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="only on cuda"):
+        worker.torch_train(job, preset("shakespeare-gru"), 65)
+
+
+def test_a_failed_table_does_not_lose_the_others(monkeypatch, tmp_path, capsys):
+    """A table whose measurement fails is reported; the other tables are still measured and written,
+    and the command ends with an error."""
+    def fake_run_job(job):
+        if job.get("dtype") == "float16":
+            raise RuntimeError("minilm bench: the measurement failed: CUDA error")
+        return {"job": job, "tokens_per_s": 1e5, "ms_per_step": 10.0, "peak_rss_mb": 1.0, "gpu_pool_mb": 1.0}
+
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    path = tmp_path / "gpu.json"
+    assert cli.main(["bench", "--what", "train", "--presets", "shakespeare-gru", "--backends", "cupy", "--no-torch",
+                     "--dtypes", "float16", "bfloat16", "--rounds", "1", "--json", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "float16 on the GPU): failed" in captured.out and "CUDA error" in captured.out
+    assert "1 table(s) failed" in captured.err
+    results = json.loads(path.read_text())
+    assert [r["job"]["dtype"] for r in results["train"]] == ["bfloat16"]
+    assert results["failed"][0]["table"] == "training step, shakespeare-gru (float16 on the GPU)"
