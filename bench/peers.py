@@ -2,8 +2,8 @@
 
 Imported only when PyTorch is installed. ``TorchGPT`` is nanoGPT's model (learned positions,
 pre-LayerNorm blocks, fused scaled-dot-product attention, tanh GELU, tied head, nanoGPT's
-initialisation, and dropout where minilm's GPT has it: after the embeddings, the attention
-projection and the MLP); ``TorchRNNLM`` is embedding -> nn.LSTM / nn.GRU / nn.RNN -> linear head.
+initialisation, and dropout where minilm's GPT (and nanoGPT) has it: after the embeddings, on
+the attention weights, after the attention projection and after the MLP); ``TorchRNNLM`` is embedding -> nn.LSTM / nn.GRU / nn.RNN -> linear head.
 On a GPU the peers run in PyTorch eager mode (no ``torch.compile``): float32, or mixed precision
 with ``torch.autocast`` around the forward and the loss (and a ``GradScaler`` for float16).
 """
@@ -35,7 +35,7 @@ class _Block(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.NH, C // self.NH).transpose(1, 2) for t in (q, k, v))   # (B, NH, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
         x = x + _dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), self.p, self.training)
         return x + _dropout(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")), self.p, self.training)
 

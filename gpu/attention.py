@@ -22,6 +22,7 @@ import math
 import cupy
 
 from minilm.gpu import _blas
+from minilm.gpu.dropout import dropout_backward, dropout_forward
 from minilm.gpu._core import LOW_PRECISION, contiguous, launch_rows, row_module, scalar, supported
 from minilm.reference import attention as reference
 from minilm.reference.attention import AttentionCache, check_attention_args
@@ -77,11 +78,14 @@ def _t(a):
     return cupy.swapaxes(a, -1, -2)
 
 
-def attention_forward(q, k, v, *, causal=False, mask=None):
-    """CuPy ``minilm.reference.attention.attention_forward``: same arguments, checks, output and cache."""
-    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask)
+def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None):
+    """CuPy ``minilm.reference.attention.attention_forward``: same arguments, checks, output and cache.
+
+    Dropout of the weights uses this tier's dropout kernel (its own random stream).
+    """
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
     if mask is not None or not supported(q, k, v) or Tq == 0 or Tk == 0:
-        return reference.attention_forward(q, k, v, causal=causal, mask=mask)
+        return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
     dtype = q.dtype
     tensor_cores = dtype in LOW_PRECISION and _blas.available(dtype)
     if dtype in LOW_PRECISION and not tensor_cores:                  # products in float32 (module docstring)
@@ -94,29 +98,33 @@ def attention_forward(q, k, v, *, causal=False, mask=None):
     launch_rows(_kernel("scores_to_weights_rows", att.dtype), N,
                 (att, cupy.int32(N), cupy.int32(Tq), cupy.int32(Tk), scalar(1.0 / math.sqrt(hs), att.dtype),
                  cupy.int32(bool(causal))))
+    att_d, drop = dropout_forward(att, p=dropout, rng=rng) if dropout else (att, None)   # weights dropped
     if tensor_cores:
-        y = _blas.bmm(att.astype(dtype), v)                          # (B, NH, Tq, hs)
+        y = _blas.bmm(att_d.astype(dtype), v)                        # (B, NH, Tq, hs)
     else:
-        y = cupy.matmul(att, v).astype(dtype, copy=False)            # (B, NH, Tq, hs)
-    return y, AttentionCache(q, k, v, att)
+        y = cupy.matmul(att_d, v).astype(dtype, copy=False)          # (B, NH, Tq, hs)
+    return y, AttentionCache(q, k, v, att, drop)
 
 
 def attention_backward(dy, cache):
     """CuPy ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
-    q, k, v, att = cache
+    q, k, v, att, _ = cache
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     tensor_cores = q.dtype in LOW_PRECISION and att.dtype == cupy.float32 and dy.dtype == q.dtype
     if not supported(dy, q, k, v, att) or (att.dtype != q.dtype and not tensor_cores) or att.size == 0:
         return reference.attention_backward(dy, cache)
     if tensor_cores:
-        return _backward_16bit(dy, q, k, v, att)
+        return _backward_16bit(dy, q, k, v, att, cache.drop)
     dtype = dy.dtype                                                 # 16-bit dy, float32 q, k, v, att: converted
     dy = dy.astype(q.dtype, copy=False)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
     att = contiguous(att)
-    datt = cupy.matmul(dy, _t(v))                                    # (B, NH, Tq, Tk) from y = att v
-    dv = cupy.matmul(_t(att), dy)                                    # (B, NH, Tk, hs)
+    att_d = att if cache.drop is None else dropout_backward(att, cache.drop)[0]   # the forward's dropped weights
+    datt = cupy.matmul(dy, _t(v))                                    # (B, NH, Tq, Tk) from y = att_d v
+    dv = cupy.matmul(_t(att_d), dy)                                  # (B, NH, Tk, hs)
+    if cache.drop is not None:
+        datt, = dropout_backward(datt, cache.drop)                   # gradient wrt att
     N = B * NH * Tq
     launch_rows(_kernel("weights_backward_rows", q.dtype), N,
                 (datt, att, cupy.int32(N), cupy.int32(Tk), scalar(1.0 / math.sqrt(hs), q.dtype)))
@@ -125,12 +133,15 @@ def attention_backward(dy, cache):
     return tuple(g.astype(dtype, copy=False) for g in (dq, dk, dv))
 
 
-def _backward_16bit(dy, q, k, v, att):
+def _backward_16bit(dy, q, k, v, att, drop):
     """attention_backward for 16-bit q, k, v, dy and float32 att, the products on the tensor cores."""
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
-    datt = _blas.bmm(dy, v, trans_b=True, out_dtype=cupy.float32)    # (B, NH, Tq, Tk) from y = att v
-    dv = _blas.bmm(att.astype(q.dtype), dy, trans_a=True)           # (B, NH, Tk, hs)
+    att_d = att if drop is None else dropout_backward(att, drop)[0]  # the forward's dropped weights
+    datt = _blas.bmm(dy, v, trans_b=True, out_dtype=cupy.float32)    # (B, NH, Tq, Tk) from y = att_d v
+    dv = _blas.bmm(att_d.astype(q.dtype), dy, trans_a=True)         # (B, NH, Tk, hs)
+    if drop is not None:
+        datt, = dropout_backward(datt, drop)                         # gradient wrt att
     N = B * NH * Tq
     launch_rows(_kernel("weights_backward_rows", cupy.float32), N,
                 (datt, contiguous(att), cupy.int32(N), cupy.int32(Tk), scalar(1.0 / math.sqrt(hs), cupy.float32)))
@@ -140,10 +151,10 @@ def _backward_16bit(dy, q, k, v, att):
     return dq, dk, dv
 
 
-def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True):
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None):
     """``minilm.reference.attention.self_attention_forward`` with this file's attention of the heads."""
     return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
-                                            attention_forward=attention_forward)
+                                            dropout=dropout, rng=rng, attention_forward=attention_forward)
 
 
 def self_attention_backward(dy, cache):

@@ -55,6 +55,11 @@ def _attention(rng, dtype):
     return (q, k, v), {"causal": True}
 
 
+def _attention_dropout(rng, dtype):
+    args, kwargs = _attention(rng, dtype)
+    return args, {**kwargs, "dropout": 0.25, "rng": 5}     # an int seed: the same mask at every call
+
+
 def _attention_masked(rng, dtype):
     hs = C // NH
     q, k, v = (_normal(rng, dtype, B, NH, T, hs) for _ in range(3))
@@ -122,7 +127,7 @@ CASES = {
     "softmax": [("", _unary)],
     "dropout": [("", _dropout)],
     "layernorm": [("", _layernorm)],
-    "attention": [("causal", _attention), ("mask", _attention_masked)],
+    "attention": [("causal", _attention), ("mask", _attention_masked), ("dropout", _attention_dropout)],
     "self_attention": [("", _self_attention)],
     "cross_attention": [("", _cross_attention)],
     "ffn": [("", _ffn)],

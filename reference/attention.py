@@ -46,6 +46,11 @@ Write :math:`\bar y = \partial L / \partial y` (``dy`` in code), and likewise
               \qquad
               \bar v_{jd} = \sum_i A_{ij}\, \bar y_{id} \;\Rightarrow\; \bar v = A^\top \bar y .
 
+   With dropout on the weights (nanoGPT's ``attn_dropout``) the forward multiplies
+   :math:`D = M \odot A / (1 - p)` by v instead, M the 0/1 mask: this step then gives
+   :math:`\bar D = \bar y v^\top` and :math:`\bar v = D^\top \bar y`, and dropout's own backward
+   :math:`\bar A = M \odot \bar D / (1 - p)`.
+
 2. :math:`A = \operatorname{softmax}(S)` row by row. Within row i (over the allowed keys),
    :math:`A_{ij} = e^{S_{ij}} / \sum_l e^{S_{il}}` (the shift :math:`m_i` cancels), so by the
    quotient rule the Jacobian is
@@ -130,9 +135,10 @@ import math
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
+from minilm.reference.dropout import dropout_backward, dropout_forward
 from minilm.reference.linear import linear_backward, linear_forward
 from minilm.validate import (require_array, require_choice, require_divisible, require_float, require_ndim,
-                             require_positive, require_same_dtype, require_shape)
+                             require_positive, require_probability, require_same_dtype, require_shape)
 
 
 # --- argument checks --------------------------------------------------------------------------
@@ -160,7 +166,7 @@ def _require_heads(op, C, n_head):
     require_divisible(op, "C", C, "n_head", n_head)
 
 
-def check_attention_args(q, k, v, causal, mask):
+def check_attention_args(q, k, v, causal, mask, dropout=0.0):
     """The argument checks of ``attention_forward`` (also run by the kernels that replace it).
 
     Returns the dimensions (B, NH, Tq, Tk, hs).
@@ -178,6 +184,7 @@ def check_attention_args(q, k, v, causal, mask):
     require_choice("attention", "causal", causal, (True, False))
     if mask is not None:
         _require_mask("attention", mask, (B, NH, Tq, Tk), "(B, NH, Tq, Tk)")
+    require_probability("attention", "dropout", dropout)
     return B, NH, Tq, Tk, hs
 
 
@@ -188,10 +195,11 @@ class AttentionCache(NamedTuple):
     k: object       # (B, NH, Tk, hs)
     v: object       # (B, NH, Tk, hs)
     att: object     # (B, NH, Tq, Tk) the probabilities A; 0 where a key is masked
+    drop: object = None     # the DropoutCache of A's dropout, or None without dropout
 
 
-def attention_forward(q, k, v, *, causal=False, mask=None):
-    r"""y = softmax(q k^T / sqrt(hs)) v, over the allowed keys of each query.
+def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None):
+    r"""y = dropout(softmax(q k^T / sqrt(hs))) v, over the allowed keys of each query.
 
     Parameters
     ----------
@@ -201,12 +209,15 @@ def attention_forward(q, k, v, *, causal=False, mask=None):
         end of the keys; the lower triangle when Tq == Tk).
     mask : boolean array broadcastable to (B, NH, Tq, Tk), True = may attend, or None.
         Combined with ``causal`` by "and". A query with no allowed key gives output 0.
+    dropout : float in [0, 1), the probability of dropping each attention weight while training
+        (nanoGPT's ``attn_dropout``); 0 (the default) is no dropout.
+    rng : the dropout's numpy Generator or int seed (as ``dropout_forward``); needed when dropout > 0.
 
     Returns
     -------
     y : (B, NH, Tq, hs) array, and the cache for ``attention_backward``.
     """
-    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask)
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
     xp = get_array_module(q, k, v)
 
     allowed = xp.asarray(mask) if mask is not None else None          # broadcasts to (B, NH, Tq, Tk)
@@ -223,8 +234,11 @@ def attention_forward(q, k, v, *, causal=False, mask=None):
     Z = xp.sum(e, axis=-1, keepdims=True)                              # (B, NH, Tq, 1) >= 1, or 0 for an empty row
     Z[Z == 0] = 1                                                      # empty row: att = 0 / 1 = 0, not 0 / 0
     att = e / Z                                                        # (B, NH, Tq, Tk)
-    y = att @ v                                                        # (B, NH, Tq, hs)
-    return y, AttentionCache(q, k, v, att)
+    drop = None
+    if dropout:
+        att_d, drop = dropout_forward(att, p=dropout, rng=rng)          # (B, NH, Tq, Tk) A with weights dropped
+    y = (att_d if dropout else att) @ v                                # (B, NH, Tq, hs)
+    return y, AttentionCache(q, k, v, att, drop)
 
 
 def attention_backward(dy, cache):
@@ -234,13 +248,16 @@ def attention_backward(dy, cache):
     -------
     (dq, dk, dv): shapes of q, k, v. A query with no allowed key receives 0.
     """
-    q, k, v, att = cache
+    q, k, v, att, drop = cache
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     xp = get_array_module(dy, q)
     hs = q.shape[-1]
-    # forward: y = att @ v
-    datt = dy @ xp.swapaxes(v, -1, -2)                                 # (B, NH, Tq, Tk)
-    dv = xp.swapaxes(att, -1, -2) @ dy                                 # (B, NH, Tk, hs)
+    # forward: y = att_d @ v, att_d = dropout(att) (att itself without dropout)
+    att_d = att if drop is None else dropout_backward(att, drop)[0]    # mask * att / (1 - p), as the forward's
+    datt = dy @ xp.swapaxes(v, -1, -2)                                 # (B, NH, Tq, Tk) gradient wrt att_d
+    dv = xp.swapaxes(att_d, -1, -2) @ dy                               # (B, NH, Tk, hs)
+    if drop is not None:
+        datt, = dropout_backward(datt, drop)                           # gradient wrt att
     # forward: att = softmax(S) over each row; att = 0 at masked keys, so dS = 0 there too
     dS = att * (datt - xp.sum(datt * att, axis=-1, keepdims=True))     # (B, NH, Tq, Tk)
     # forward: S = q @ k^T / sqrt(hs)
@@ -271,7 +288,8 @@ class SelfAttentionCache(NamedTuple):
     o_cache: object         # LinearCache of y = atty @ W_o + b_o
 
 
-def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, attention_forward=attention_forward):
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None,
+                           attention_forward=attention_forward):
     """Multi-head self-attention: qkv projection, attention per head, output projection.
 
     Parameters
@@ -283,6 +301,7 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, at
     b_o : (C,) float array, or None.
     n_head : int, NH; C must be divisible by it.
     causal : bool, position t attends positions <= t.
+    dropout, rng : dropout of the attention weights while training (see ``attention_forward``).
     attention_forward : the attention of the heads; this file's by default. The numba tier
         passes its kernel here, so the composition is written once.
 
@@ -306,7 +325,7 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, at
     q = split_heads(qkv[..., 0 * C:1 * C], n_head)                     # (B, NH, T, hs)
     k = split_heads(qkv[..., 1 * C:2 * C], n_head)                     # (B, NH, T, hs)
     v = split_heads(qkv[..., 2 * C:3 * C], n_head)                     # (B, NH, T, hs)
-    y_heads, att_cache = attention_forward(q, k, v, causal=causal)     # (B, NH, T, hs)
+    y_heads, att_cache = attention_forward(q, k, v, causal=causal, dropout=dropout, rng=rng)  # (B, NH, T, hs)
     atty = merge_heads(y_heads)                                        # (B, T, C)
     y, o_cache = linear_forward(atty, W_o, b_o)                        # (B, T, C)
     return y, SelfAttentionCache(qkv_cache, att_cache, o_cache)

@@ -618,3 +618,27 @@ def test_backward_checks_dy_shape(op):
     y, cache = forward(**args, **kwargs)
     with pytest.raises(ValueError, match=rf"^{op}_backward: argument 'dy' must have shape"):
         backward(np.zeros(y.shape[:-1] + (y.shape[-1] + 1,)), cache)
+
+
+# --- dropout of the attention weights -----------------------------------------------------------
+
+def test_attention_dropout_drops_weights_and_the_backward_follows_the_mask():
+    rng = np.random.default_rng(21)
+    q, k, v = (rng.standard_normal((2, 2, 5, 4)) for _ in range(3))
+    _, plain = attention_forward(q, k, v, causal=True)
+    y, cache = attention_forward(q, k, v, causal=True, dropout=0.3, rng=9)
+    mask = cache.drop.mask
+    assert mask.shape == plain.att.shape and not mask.all() and mask.any()
+    assert np.allclose(cache.att, plain.att, rtol=0, atol=1e-15)               # the cache keeps A, undropped
+    assert np.allclose(y, (mask * plain.att / 0.7) @ v, rtol=1e-13, atol=1e-13)
+    y0, cache0 = attention_forward(q, k, v, causal=True, dropout=0.0, rng=9)
+    assert cache0.drop is None and np.array_equal(y0, plain.att @ v)
+    dy = rng.standard_normal(y.shape)
+    dq, dk, dv = attention_backward(dy, cache)
+    assert np.allclose(dv, np.swapaxes(mask * plain.att / 0.7, -1, -2) @ dy, rtol=1e-13, atol=1e-13)
+
+
+def test_attention_dropout_must_be_a_probability():
+    q = np.zeros((1, 1, 2, 4))
+    with pytest.raises(ValueError, match="attention: .*'dropout'"):
+        attention_forward(q, q, q, dropout=1.0, rng=0)

@@ -46,8 +46,11 @@ F32_TOL = 1e-5
 LOW_TOL = {"float16": 8 * 2.0 ** -11, "bfloat16": 8 * 2.0 ** -8}
 TOL = {np.float64: F64_TOL, np.float32: F32_TOL}
 
-# ops whose math has no randomness: compared with the reference value by value
-PARITY_CASES = [(op, label, case) for op, cases in CASES.items() if op != "dropout" for label, case in cases]
+# ops whose math has no randomness: compared with the reference value by value (this tier's
+# dropout masks come from its own random stream; see test_attention_dropout_follows_its_mask)
+PARITY_CASES = [(op, label, case) for op, cases in CASES.items() if op != "dropout"
+                for label, case in cases if label != "dropout"]
+GRAD_CASES = [(op, label, case) for op, cases in CASES.items() for label, case in cases]
 IDS = [f"{op}-{label}" if label else op for op, label, _ in PARITY_CASES]
 
 
@@ -88,7 +91,7 @@ def test_every_op_equals_the_reference(op, label, case, dtype):
             assert relative_error(g, r, floor=1.0) <= tol, f"gradient {i}"
 
 
-@pytest.mark.parametrize("op, label, case", PARITY_CASES, ids=IDS)
+@pytest.mark.parametrize("op, label, case", GRAD_CASES, ids=[f"{op}-{label}" if label else op for op, label, _ in GRAD_CASES])
 def test_every_backward_equals_the_numerical_gradient(op, label, case):
     minilm.use("cupy")
     args, kwargs = case(np.random.default_rng(0), np.float64)
@@ -118,6 +121,28 @@ def test_low_precision_stays_near_float64(op, low):
         if r is not None:
             assert g.dtype == dtype
             assert relative_error(backend.to_numpy(g).astype(np.float64), r, floor=1.0) <= tol
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_attention_dropout_follows_its_mask(dtype):
+    """y = (mask A / (1 - p)) v with the cache's mask and weights; the backward equals the reference's
+    backward run on the same cache."""
+    from minilm.reference import attention as ref_attention
+    minilm.use("cupy")
+    dt = _core.BFLOAT16 if dtype == "bfloat16" else np.dtype(np.float64)
+    rng = np.random.default_rng(3)
+    q, k, v = (cupy.asarray(rng.standard_normal((2, 3, 9, 8)).astype(dt)) for _ in range(3))
+    y, cache = ops.attention_forward(q, k, v, causal=True, dropout=0.25, rng=11)
+    mask, att = cache.drop.mask, cache.att
+    assert 0.6 < float(mask[att > 0].mean()) < 0.9                     # about 3/4 of the weights kept
+    expected = cupy.matmul(mask * att / 0.75, v.astype(att.dtype))
+    tol = F64_TOL if dtype == "float64" else LOW_TOL["bfloat16"]
+    assert relative_error(backend.to_numpy(y).astype(np.float64), backend.to_numpy(expected), floor=1.0) <= tol
+    dy = cupy.asarray(rng.standard_normal(y.shape).astype(dt))
+    grads = ops.attention_backward(dy, cache)
+    if dtype == "float64":
+        for g, r in zip(grads, ref_attention.attention_backward(dy, cache)):
+            assert relative_error(backend.to_numpy(g), backend.to_numpy(r), floor=1.0) <= F64_TOL
 
 
 def test_cupy_backend_routes_to_the_kernels():

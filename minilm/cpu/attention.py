@@ -292,16 +292,17 @@ def _weights_backward_kernel(datt, att, scale):
 
 # --- attention --------------------------------------------------------------------------------
 
-def attention_forward(q, k, v, *, causal=False, mask=None):
+def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None):
     """Equals ``minilm.reference.attention.attention_forward``: y = softmax(q k^T / sqrt(hs)) v.
 
     Parameters, returns, errors and cache are the reference's; any strides are accepted. Below
     ``FUSED_MAX_WORK`` (a decode step) one fused kernel does everything; above it the two
-    products run in BLAS around the fused softmax kernel.
+    products run in BLAS around the fused softmax kernel. Dropout of the weights runs the
+    reference.
     """
-    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask)
-    if q.dtype not in KERNEL_DTYPES:
-        return reference.attention_forward(q, k, v, causal=causal, mask=mask)
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
+    if q.dtype not in KERNEL_DTYPES or dropout:
+        return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
     masked = mask is not None
     mask = (np.ascontiguousarray(np.broadcast_to(mask, (B, NH, Tq, Tk))) if masked
             else np.empty((0, 0, 0, 0), dtype=np.bool_))        # never read
@@ -318,7 +319,9 @@ def attention_forward(q, k, v, *, causal=False, mask=None):
 
 def attention_backward(dy, cache):
     """Equals ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
-    q, k, v, att = cache
+    if cache.drop is not None:
+        return reference.attention_backward(dy, cache)
+    q, k, v, att, _ = cache
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     dtype = np.result_type(dy.dtype, q.dtype)                  # as the reference's products promote
     if dtype not in KERNEL_DTYPES:
@@ -338,10 +341,10 @@ def attention_backward(dy, cache):
 
 # --- multi-head self- and cross-attention: the reference's composition around the kernels -----
 
-def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True):
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None):
     """Equals ``minilm.reference.attention.self_attention_forward``, with the attention kernel above."""
     return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
-                                            attention_forward=attention_forward)
+                                            dropout=dropout, rng=rng, attention_forward=attention_forward)
 
 
 def self_attention_backward(dy, cache):

@@ -20,9 +20,9 @@ explicitly (the first and the last line that touch ``grads["wte"]``).
 
 Differences from nanoGPT
 ------------------------
-* No dropout on the attention probabilities (nanoGPT's ``attn_dropout``): ``ops.attention`` has
-  no such option. Dropout is applied to the embeddings and to the output of each residual branch
-  (nanoGPT's ``resid_dropout``, after the attention projection and after the MLP).
+* Dropout sits where nanoGPT's does -- on the embeddings, on the attention probabilities
+  (``attn_dropout``; the ``dropout`` option of ``ops.attention``) and on the output of each
+  residual branch (``resid_dropout``) -- but its masks come from minilm's own random streams.
 * ``forward`` returns the logits of every position, also without targets.
 * ``bias=False`` removes the biases of the linears and the LayerNorms' beta from the parameters;
   the linears then get no bias (None), the LayerNorms a zero beta whose gradient is dropped.
@@ -302,7 +302,7 @@ class GPT:
             ln1, c_ln1 = ops.layernorm_forward(x, P[h + "ln_1.gamma"], self._bias(h + "ln_1.beta"))
             a, c_attn = ops.self_attention_forward(ln1, P[h + "attn.W_qkv"], self._bias(h + "attn.b_qkv"),
                                                    P[h + "attn.W_o"], self._bias(h + "attn.b_o"),
-                                                   n_head=cfg.n_head, causal=True)
+                                                   n_head=cfg.n_head, causal=True, dropout=p, rng=rng)
             a, c_drop_attn = dropout_forward(a, p, rng)
             x = x + a
             ln2, c_ln2 = ops.layernorm_forward(x, P[h + "ln_2.gamma"], self._bias(h + "ln_2.beta"))
