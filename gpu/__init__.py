@@ -7,19 +7,8 @@ gathers those names from every file beside it. ``_core.py`` holds what the kerne
 dtypes, the one preamble of the elementwise kernels, and the row kernels' helpers. Kernels are
 compiled on first use and cached on disk by CuPy (``CUPY_CACHE_DIR``).
 """
-import importlib
-import pkgutil
+import sys
 
+from minilm.backend import tier_functions
 
-def _gather():
-    names = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_") or info.name == "run":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for name in getattr(module, "__all__", ()):
-            names[name] = getattr(module, name)
-    return names
-
-
-globals().update(_gather())
+globals().update(tier_functions(sys.modules[__name__]))

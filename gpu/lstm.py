@@ -23,9 +23,10 @@ import cupy
 from minilm.gpu._core import elementwise
 from minilm.gpu.rnn import bias_gradient, input_and_weight_gradients, input_products, one_dtype, state_buffer
 from minilm.reference import lstm as reference
+from minilm.reference.lstm import check_lstm_args
 from minilm.reference.lstm import LSTMCache
-from minilm.reference.rnn import check_sequence, check_state, check_state_gradient, check_vector, check_weights
-from minilm.validate import require_same_dtype, require_shape
+from minilm.reference.rnn import check_state_gradient
+from minilm.validate import require_shape
 
 __all__ = ["lstm_forward", "lstm_backward"]
 
@@ -77,11 +78,7 @@ def lstm_forward(x, h0, c0, W_x, W_h, b):
 
     Parameters, returns and errors are the reference's; any strides are accepted.
     """
-    B, T, D, H = check_sequence("lstm", x, h0)
-    check_state("lstm", "c0", c0, B, H)
-    check_weights("lstm", W_x, W_h, D, H, 4)
-    check_vector("lstm", "b", b, 4, H)
-    require_same_dtype("lstm", x=x, h0=h0, c0=c0, W_x=W_x, W_h=W_h, b=b)
+    B, T, D, H = check_lstm_args(x, h0, c0, W_x, W_h, b)
     if one_dtype(x, h0, c0, W_x, W_h, b) is None:
         return reference.lstm_forward(x, h0, c0, W_x, W_h, b)
 

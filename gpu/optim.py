@@ -7,7 +7,6 @@ whole-array expressions, each a pass over the buffers with a temporary; each ker
 and writes every buffer once. Scalars are rounded to the buffers' dtype first, as the reference's
 array-times-Python-float arithmetic does.
 """
-import math
 
 import numpy as np
 
@@ -71,15 +70,9 @@ def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decay_mask,
     if p.dtype not in KERNEL_DTYPES:
         return reference.adamw_update(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                       weight_decay=weight_decay, decay_mask=decay_mask, step=step)
-    s = p.dtype.type
-    if not weight_decay:
-        decay_mode, decay = 0, s(0)
-    elif decay_mask is None:
-        decay_mode, decay = 1, s(1 - lr * weight_decay)            # reference: p *= 1 - eta lambda, a Python float
-    else:
-        decay_mode, decay = 2, s(lr * weight_decay)                # reference: p *= 1 - (eta lambda) mask
-    _adamw(g, g if decay_mask is None else decay_mask, decay, s(beta1), s(1 - beta1), s(beta2), s(1 - beta2),
-           s(lr / (1 - beta1 ** step)), s(math.sqrt(1 - beta2 ** step)), s(eps), np.int32(decay_mode), p, m, v)
+    decay_mode, decay, *scalars = reference.adamw_scalars(p.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                                          weight_decay=weight_decay, decay_mask=decay_mask, step=step)
+    _adamw(g, g if decay_mask is None else decay_mask, decay, *scalars, np.int32(decay_mode), p, m, v)
 
 
 def rmsprop_update(p, g, square_avg, buf, *, lr, alpha, eps, momentum):

@@ -100,6 +100,20 @@ def use(name):
     return name
 
 
+def tier_functions(package):
+    """name -> function for a kernel tier (``minilm.cpu``, ``minilm.gpu``): every name that a family
+    file of the package (those not starting with ``_``) lists in its ``__all__``."""
+    import pkgutil
+    names = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name in getattr(module, "__all__", ()):
+            names[name] = getattr(module, name)
+    return names
+
+
 def default_backend():
     env = os.environ.get("MINILM_BACKEND")
     if env:

@@ -40,6 +40,7 @@ import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 
 from minilm import backend
 from minilm.backend import get_array_module, to_numpy
@@ -99,6 +100,25 @@ def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decay_mask,
     denom /= math.sqrt(1 - beta2 ** step)
     denom += eps                              # √v̂ + ε, as torch orders it
     p -= step_size * (m / denom)
+
+
+def adamw_scalars(dtype, *, lr, beta1, beta2, eps, weight_decay, decay_mask, step):
+    """The scalars of one ``adamw_update`` step as its kernels take them, each rounded to ``dtype``
+    as the reference's array-times-Python-float arithmetic rounds it.
+
+    Returns (decay_mode, decay, beta1, 1 - beta1, beta2, 1 - beta2, step_size, sqrt(1 - beta2^step),
+    eps): decay_mode 0 is no weight decay; 1 is θ *= ``decay`` (= 1 - ηλ, rounded once); 2 is
+    θ *= 1 - ``decay`` mask (``decay`` = ηλ), the two ways the reference rounds it.
+    """
+    s = np.dtype(dtype).type
+    if not weight_decay:
+        decay_mode, decay = 0, s(0)
+    elif decay_mask is None:
+        decay_mode, decay = 1, s(1 - lr * weight_decay)        # reference: p *= 1 - ηλ, a Python float
+    else:
+        decay_mode, decay = 2, s(lr * weight_decay)            # reference: p *= 1 - (ηλ) * mask, in p's dtype
+    return (decay_mode, decay, s(beta1), s(1 - beta1), s(beta2), s(1 - beta2), s(lr / (1 - beta1 ** step)),
+            s(math.sqrt(1 - beta2 ** step)), s(eps))
 
 
 def rmsprop_update(p, g, square_avg, buf, *, lr, alpha, eps, momentum):

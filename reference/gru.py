@@ -117,6 +117,16 @@ def _split(gates, H):
     return gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
 
 
+def check_gru_args(x, h0, W_x, W_h, b_x, b_h):
+    """The argument checks of ``gru_forward``, shared with the kernels of the other tiers; returns (B, T, D, H)."""
+    B, T, D, H = check_sequence("gru", x, h0)
+    check_weights("gru", W_x, W_h, D, H, 3)
+    check_vector("gru", "b_x", b_x, 3, H)
+    check_vector("gru", "b_h", b_h, 3, H)
+    require_same_dtype("gru", x=x, h0=h0, W_x=W_x, W_h=W_h, b_x=b_x, b_h=b_h)
+    return B, T, D, H
+
+
 def gru_forward(x, h0, W_x, W_h, b_x, b_h):
     r"""The GRU over the whole sequence, gates [r | z | n] and equations as PyTorch.
 
@@ -134,11 +144,7 @@ def gru_forward(x, h0, W_x, W_h, b_x, b_h):
     h : (B, T, H) array of every hidden state, and the cache for ``gru_backward``;
     ``cache.h_T`` is the final state (B, H).
     """
-    B, T, D, H = check_sequence("gru", x, h0)
-    check_weights("gru", W_x, W_h, D, H, 3)
-    check_vector("gru", "b_x", b_x, 3, H)
-    check_vector("gru", "b_h", b_h, 3, H)
-    require_same_dtype("gru", x=x, h0=h0, W_x=W_x, W_h=W_h, b_x=b_x, b_h=b_h)
+    B, T, D, H = check_gru_args(x, h0, W_x, W_h, b_x, b_h)
     xp = get_array_module(x, h0, W_x, W_h, b_x, b_h)
 
     a_x = (x.reshape(B * T, D) @ W_x + b_x).reshape(B, T, 3 * H)  # (B, T, 3H) x_t W_x + b_x, all t at once

@@ -133,6 +133,16 @@ def _activate(xp, a, H, out):
     return _split(out, H)
 
 
+def check_lstm_args(x, h0, c0, W_x, W_h, b):
+    """The argument checks of ``lstm_forward``, shared with the kernels of the other tiers; returns (B, T, D, H)."""
+    B, T, D, H = check_sequence("lstm", x, h0)
+    check_state("lstm", "c0", c0, B, H)
+    check_weights("lstm", W_x, W_h, D, H, 4)
+    check_vector("lstm", "b", b, 4, H)
+    require_same_dtype("lstm", x=x, h0=h0, c0=c0, W_x=W_x, W_h=W_h, b=b)
+    return B, T, D, H
+
+
 def lstm_forward(x, h0, c0, W_x, W_h, b):
     r"""The LSTM over the whole sequence, gates [i | f | g | o] as PyTorch.
 
@@ -150,11 +160,7 @@ def lstm_forward(x, h0, c0, W_x, W_h, b):
     h : (B, T, H) array of every hidden state, and the cache for ``lstm_backward``;
     ``cache.h_T`` and ``cache.c_T`` are the final states (B, H).
     """
-    B, T, D, H = check_sequence("lstm", x, h0)
-    check_state("lstm", "c0", c0, B, H)
-    check_weights("lstm", W_x, W_h, D, H, 4)
-    check_vector("lstm", "b", b, 4, H)
-    require_same_dtype("lstm", x=x, h0=h0, c0=c0, W_x=W_x, W_h=W_h, b=b)
+    B, T, D, H = check_lstm_args(x, h0, c0, W_x, W_h, b)
     xp = get_array_module(x, h0, c0, W_x, W_h, b)
 
     a_x = (x.reshape(B * T, D) @ W_x + b).reshape(B, T, 4 * H)    # (B, T, 4H) x_t W_x + b, all t at once

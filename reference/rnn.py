@@ -130,6 +130,23 @@ def shifted_states(h0, h):
     return xp.concatenate([h0[:, None], h[:, :-1]], axis=1)       # (B, T, H)
 
 
+def input_and_weight_gradients(x, h0, h, W_x, da_x, da_h):
+    """dx, dW_x, dW_h from the pre-activation gradients: the products after the loop of every
+    recurrent backward (the kernel tiers call this; the reference's backwards write them inline).
+
+    da_x (B, T, G·H) is the gradient of x_t W_x + b, da_h that of h_{t-1} W_h (the same array for
+    rnn and lstm). Returns dx (B, T, D), dW_x (D, G·H), dW_h (H, G·H).
+    """
+    B, T, D = x.shape
+    H, GH = h.shape[2], da_x.shape[2]
+    da_x2 = da_x.reshape(B * T, GH)                                # (B·T, G·H)
+    da_h2 = da_h.reshape(B * T, GH)                                # (B·T, G·H)
+    dx = (da_x2 @ W_x.T).reshape(B, T, D)                          # (B, T, D)  a_x = x_t W_x + ...
+    dW_x = x.reshape(B * T, D).T @ da_x2                           # (D, G·H)   shared by every t
+    dW_h = shifted_states(h0, h).reshape(B * T, H).T @ da_h2       # (H, G·H)   shared by every t
+    return dx, dW_x, dW_h
+
+
 # --- the tanh RNN -----------------------------------------------------------------------------
 
 class RNNCache(NamedTuple):
@@ -143,6 +160,15 @@ class RNNCache(NamedTuple):
     def h_T(self):
         """(B, H) the final state, to start the next chunk from."""
         return self.h[:, -1]
+
+
+def check_rnn_args(x, h0, W_x, W_h, b):
+    """The argument checks of ``rnn_forward``, shared with the kernels of the other tiers; returns (B, T, D, H)."""
+    B, T, D, H = check_sequence("rnn", x, h0)
+    check_weights("rnn", W_x, W_h, D, H, 1)
+    check_vector("rnn", "b", b, 1, H)
+    require_same_dtype("rnn", x=x, h0=h0, W_x=W_x, W_h=W_h, b=b)
+    return B, T, D, H
 
 
 def rnn_forward(x, h0, W_x, W_h, b):
@@ -161,10 +187,7 @@ def rnn_forward(x, h0, W_x, W_h, b):
     h : (B, T, H) array of every hidden state, and the cache for ``rnn_backward``;
     ``cache.h_T`` is the final state (B, H).
     """
-    B, T, D, H = check_sequence("rnn", x, h0)
-    check_weights("rnn", W_x, W_h, D, H, 1)
-    check_vector("rnn", "b", b, 1, H)
-    require_same_dtype("rnn", x=x, h0=h0, W_x=W_x, W_h=W_h, b=b)
+    B, T, D, H = check_rnn_args(x, h0, W_x, W_h, b)
     xp = get_array_module(x, h0, W_x, W_h, b)
 
     a_x = (x.reshape(B * T, D) @ W_x + b).reshape(B, T, H)        # (B, T, H) x_t W_x + b, all t at once

@@ -6,19 +6,8 @@ replaces in its ``__all__``; this package gathers those names from every file be
 Kernels are compiled on first use and cached on disk (``cache=True``; ``NUMBA_CACHE_DIR``
 chooses where), so only the first run pays the compile time.
 """
-import importlib
-import pkgutil
+import sys
 
+from minilm.backend import tier_functions
 
-def _gather():
-    names = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for name in getattr(module, "__all__", ()):
-            names[name] = getattr(module, name)
-    return names
-
-
-globals().update(_gather())
+globals().update(tier_functions(sys.modules[__name__]))

@@ -18,9 +18,10 @@ from numba import njit
 from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gradients,
                             input_products, kernel_dtype, sigmoid_into, state_buffer, tanh_into)
 from minilm.reference import gru as reference
+from minilm.reference.gru import check_gru_args
 from minilm.reference.gru import GRUCache
-from minilm.reference.rnn import check_sequence, check_state_gradient, check_vector, check_weights
-from minilm.validate import require_same_dtype, require_shape
+from minilm.reference.rnn import check_state_gradient
+from minilm.validate import require_shape
 
 __all__ = ["gru_forward", "gru_backward"]
 
@@ -88,11 +89,7 @@ def gru_forward(x, h0, W_x, W_h, b_x, b_h):
 
     Parameters, returns and errors are the reference's; any strides are accepted.
     """
-    B, T, D, H = check_sequence("gru", x, h0)
-    check_weights("gru", W_x, W_h, D, H, 3)
-    check_vector("gru", "b_x", b_x, 3, H)
-    check_vector("gru", "b_h", b_h, 3, H)
-    require_same_dtype("gru", x=x, h0=h0, W_x=W_x, W_h=W_h, b_x=b_x, b_h=b_h)
+    B, T, D, H = check_gru_args(x, h0, W_x, W_h, b_x, b_h)
     if x.dtype not in KERNEL_DTYPES:
         return reference.gru_forward(x, h0, W_x, W_h, b_x, b_h)
 

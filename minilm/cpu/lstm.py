@@ -18,9 +18,10 @@ from numba import njit
 from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gradients,
                             input_products, kernel_dtype, sigmoid_into, state_buffer, tanh, tanh_into)
 from minilm.reference import lstm as reference
+from minilm.reference.lstm import check_lstm_args
 from minilm.reference.lstm import LSTMCache
-from minilm.reference.rnn import check_sequence, check_state, check_state_gradient, check_vector, check_weights
-from minilm.validate import require_same_dtype, require_shape
+from minilm.reference.rnn import check_state_gradient
+from minilm.validate import require_shape
 
 __all__ = ["lstm_forward", "lstm_backward"]
 
@@ -86,11 +87,7 @@ def lstm_forward(x, h0, c0, W_x, W_h, b):
 
     Parameters, returns and errors are the reference's; any strides are accepted.
     """
-    B, T, D, H = check_sequence("lstm", x, h0)
-    check_state("lstm", "c0", c0, B, H)
-    check_weights("lstm", W_x, W_h, D, H, 4)
-    check_vector("lstm", "b", b, 4, H)
-    require_same_dtype("lstm", x=x, h0=h0, c0=c0, W_x=W_x, W_h=W_h, b=b)
+    B, T, D, H = check_lstm_args(x, h0, c0, W_x, W_h, b)
     if x.dtype not in KERNEL_DTYPES:
         return reference.lstm_forward(x, h0, c0, W_x, W_h, b)
 

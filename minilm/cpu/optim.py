@@ -14,7 +14,6 @@ scalar is first rounded to that dtype (as NumPy does when it multiplies a float3
 Python float), and multiplication, division, addition and the square root are correctly
 rounded, so the result equals the reference's bit for bit, in float32 as in float64.
 """
-import math
 
 import numpy as np
 from numba import prange
@@ -97,17 +96,10 @@ def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decay_mask,
     if p.dtype not in KERNEL_DTYPES:
         return reference.adamw_update(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                       weight_decay=weight_decay, decay_mask=decay_mask, step=step)
-    s = p.dtype.type
-    if not weight_decay:
-        decay_mode, decay = 0, s(0)
-    elif decay_mask is None:
-        decay_mode, decay = 1, s(1 - lr * weight_decay)        # reference: p *= 1 - ηλ, a Python float
-    else:
-        decay_mode, decay = 2, s(lr * weight_decay)            # reference: p *= 1 - (ηλ) * mask, in p's dtype
+    decay_mode, decay, *scalars = reference.adamw_scalars(p.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                                          weight_decay=weight_decay, decay_mask=decay_mask, step=step)
     kernel = pick(_adamw, p.size, beside_blas=False)
-    kernel(p, g, m, v, p if decay_mask is None else decay_mask, s(1), decay,
-           s(beta1), s(1 - beta1), s(beta2), s(1 - beta2),
-           s(lr / (1 - beta1 ** step)), s(math.sqrt(1 - beta2 ** step)), s(eps), decay_mode)
+    kernel(p, g, m, v, p if decay_mask is None else decay_mask, p.dtype.type(1), decay, *scalars, decay_mode)
 
 
 def rmsprop_update(p, g, square_avg, buf, *, lr, alpha, eps, momentum):

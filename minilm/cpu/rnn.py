@@ -40,9 +40,8 @@ from numba import njit
 
 from minilm.cpu._math import sigmoid, tanh
 from minilm.reference import rnn as reference
-from minilm.reference.rnn import (RNNCache, check_sequence, check_state_gradient, check_vector, check_weights,
-                                  shifted_states)
-from minilm.validate import require_same_dtype, require_shape
+from minilm.reference.rnn import RNNCache, check_rnn_args, check_state_gradient, input_and_weight_gradients
+from minilm.validate import require_shape
 
 __all__ = ["rnn_forward", "rnn_backward"]
 
@@ -111,22 +110,6 @@ def state_buffer(s, B, H, dtype):
     return np.zeros((B, H), dtype=dtype) if s is None else np.array(s, dtype=dtype, order="C")
 
 
-def input_and_weight_gradients(x, h0, h, W_x, da_x, da_h):
-    """dx, dW_x, dW_h from the pre-activation gradients: the reference backwards' products after the loop.
-
-    da_x (B, T, G·H) is the gradient of x_t W_x + b, da_h that of h_{t-1} W_h (the same array for
-    rnn and lstm). Returns dx (B, T, D), dW_x (D, G·H), dW_h (H, G·H).
-    """
-    B, T, D = x.shape
-    H, GH = h.shape[2], da_x.shape[2]
-    da_x2 = da_x.reshape(B * T, GH)                                # (B·T, G·H)
-    da_h2 = da_h.reshape(B * T, GH)                                # (B·T, G·H)
-    dx = (da_x2 @ W_x.T).reshape(B, T, D)                          # (B, T, D)  a_x = x_t W_x + ...
-    dW_x = x.reshape(B * T, D).T @ da_x2                           # (D, G·H)   shared by every t
-    dW_h = shifted_states(h0, h).reshape(B * T, H).T @ da_h2       # (H, G·H)   shared by every t
-    return dx, dW_x, dW_h
-
-
 # --- the tanh RNN -----------------------------------------------------------------------------
 
 @njit(cache=True, error_model="numpy")
@@ -163,10 +146,7 @@ def rnn_forward(x, h0, W_x, W_h, b):
 
     Parameters, returns and errors are the reference's; any strides are accepted.
     """
-    B, T, D, H = check_sequence("rnn", x, h0)
-    check_weights("rnn", W_x, W_h, D, H, 1)
-    check_vector("rnn", "b", b, 1, H)
-    require_same_dtype("rnn", x=x, h0=h0, W_x=W_x, W_h=W_h, b=b)
+    B, T, D, H = check_rnn_args(x, h0, W_x, W_h, b)
     if x.dtype not in KERNEL_DTYPES:
         return reference.rnn_forward(x, h0, W_x, W_h, b)
 
