@@ -25,7 +25,10 @@ from minilm.cpu import activations as cpu_activations, attention as cpu_attentio
 from minilm.cpu._parallel import MIN_PARALLEL_WORK
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.reference import activations as ref_activations, attention as ref_attention
+from minilm.opcases import CASES
 from minilm.testing import relative_error
+
+CASES_ATTENTION = CASES["attention"]
 
 EXACT_TOL = 1e-12       # float64: the same math summed in another order differs by ~1e-15 relative
 FLOAT32_TOL = 1e-5      # float32: both tiers round at ~6e-8 per operation; the differences stay below ~4e-6
@@ -357,3 +360,27 @@ def test_softmax_non_contiguous_gradcheck_and_checks():
     _, cache = cpu_activations.softmax_forward(x)
     with pytest.raises(ValueError, match=r"softmax_backward: argument 'dy' must have shape"):
         cpu_activations.softmax_backward(x[:1], cache)
+
+
+# --- dropout of the attention weights -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_attention_dropout_equals_the_reference(dtype):
+    """The same rng gives the same masks (the reference's dropout draws them on both tiers), so the
+    outputs and gradients agree as without dropout; the dropout takes the BLAS path at any size."""
+    rng = np.random.default_rng(31)
+    q, k, v = (rng.standard_normal((2, 3, 6, 4)).astype(dtype) for _ in range(3))
+    dy = rng.standard_normal((2, 3, 6, 4)).astype(dtype)
+    y, cache = cpu_attention.attention_forward(q, k, v, causal=True, dropout=0.3, rng=np.random.default_rng(5))
+    y_ref, cache_ref = ref_attention.attention_forward(q, k, v, causal=True, dropout=0.3,
+                                                       rng=np.random.default_rng(5))
+    assert np.array_equal(cache.drop.mask, cache_ref.drop.mask)
+    assert_same(y, y_ref, TOL[dtype], "y")
+    assert_same_grads(cpu_attention.attention_backward(dy, cache), ref_attention.attention_backward(dy, cache_ref),
+                      TOL[dtype])
+
+
+def test_attention_dropout_backward_equals_the_numerical_gradient():
+    args, kwargs = dict(CASES_ATTENTION)["dropout"](np.random.default_rng(0), np.float64)
+    report = gradcheck(cpu_attention.attention_forward, cpu_attention.attention_backward, args, kwargs, tol=GRAD_TOL)
+    assert report.arguments and report.passed, str(report)

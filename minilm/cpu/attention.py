@@ -50,6 +50,7 @@ from minilm.cpu._parallel import SUMS_IN_ANY_ORDER, pick, rows_kernel
 
 from minilm.reference import attention as reference
 from minilm.reference.attention import AttentionCache, check_attention_args
+from minilm.reference.dropout import dropout_backward, dropout_forward
 from minilm.validate import require_shape
 
 __all__ = ["attention_forward", "attention_backward",
@@ -297,42 +298,45 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
 
     Parameters, returns, errors and cache are the reference's; any strides are accepted. Below
     ``FUSED_MAX_WORK`` (a decode step) one fused kernel does everything; above it the two
-    products run in BLAS around the fused softmax kernel. Dropout of the weights runs the
-    reference.
+    products run in BLAS around the fused softmax kernel. Dropout of the weights is the
+    reference's ``dropout_forward`` (the same masks for the same rng) between the kernel and the
+    second product; with dropout, small sizes take the BLAS path too.
     """
     B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
-    if q.dtype not in KERNEL_DTYPES or dropout:
+    if q.dtype not in KERNEL_DTYPES:
         return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
     masked = mask is not None
     mask = (np.ascontiguousarray(np.broadcast_to(mask, (B, NH, Tq, Tk))) if masked
             else np.empty((0, 0, 0, 0), dtype=np.bool_))        # never read
     scale = q.dtype.type(1.0 / math.sqrt(hs))                   # in q's dtype, as the reference's product
-    if q.size * Tk <= FUSED_MAX_WORK:
+    if q.size * Tk <= FUSED_MAX_WORK and not dropout:
         q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
         y, att = _attention_forward_kernel(q, k, v, mask, masked, causal, scale)
         return y, AttentionCache(q, k, v, att)
     att = q @ np.swapaxes(k, -1, -2)                            # (B, NH, Tq, Tk) S before scaling
     pick(_scores_to_weights_kernel, att.size)(att, mask, masked, causal, scale)
-    y = att @ v                                                 # (B, NH, Tq, hs)
-    return y, AttentionCache(q, k, v, att)
+    att_d, drop = dropout_forward(att, p=dropout, rng=rng) if dropout else (att, None)   # weights dropped
+    y = att_d @ v                                               # (B, NH, Tq, hs)
+    return y, AttentionCache(q, k, v, att, drop)
 
 
 def attention_backward(dy, cache):
     """Equals ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
-    if cache.drop is not None:
-        return reference.attention_backward(dy, cache)
-    q, k, v, att, _ = cache
+    q, k, v, att, drop = cache
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     dtype = np.result_type(dy.dtype, q.dtype)                  # as the reference's products promote
     if dtype not in KERNEL_DTYPES:
         return reference.attention_backward(dy, cache)
     scale = dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    if q.size * k.shape[2] <= FUSED_MAX_WORK:
+    if q.size * k.shape[2] <= FUSED_MAX_WORK and drop is None:
         contiguous = [np.ascontiguousarray(a, dtype=dtype) for a in (dy, q, k, v, att)]
         return _attention_backward_kernel(*contiguous, scale)
     dy, q, k, v, att = (a.astype(dtype, copy=False) for a in (dy, q, k, v, att))
-    dv = np.swapaxes(att, -1, -2) @ dy                          # (B, NH, Tk, hs) from y = att v
+    att_d = att if drop is None else dropout_backward(att, drop)[0]   # the forward's dropped weights
+    dv = np.swapaxes(att_d, -1, -2) @ dy                        # (B, NH, Tk, hs) from y = att_d v
     dS = dy @ np.swapaxes(v, -1, -2)                            # (B, NH, Tq, Tk) datt, then dS / sqrt(hs)
+    if drop is not None:
+        dS, = dropout_backward(dS, drop)                        # the gradient wrt att
     pick(_weights_backward_kernel, dS.size)(dS, att, scale)
     dq = dS @ k                                                 # (B, NH, Tq, hs) from S = q k^T / sqrt(hs)
     dk = np.swapaxes(dS, -1, -2) @ q                            # (B, NH, Tk, hs)
