@@ -40,7 +40,6 @@ if BFLOAT16 is not None:
 
 WARP = 32
 WARPS_PER_BLOCK = 4                    # 128 threads a block, one row per warp
-THREADS_PER_BLOCK = 256                # the flat kernels' block size
 
 
 def acc_dtype(dtype):
@@ -53,7 +52,7 @@ PREAMBLE = r"""
 template <typename T> struct acc_t { typedef float type; };
 template <> struct acc_t<double> { typedef double type; };
 
-// tanh(x) through exp of a non-positive argument: exact at the ends, no overflow
+// the math functions in the compute type: CUDA's float (f-suffixed) or double versions
 __device__ inline float tanh_acc(float x) { return tanhf(x); }
 __device__ inline double tanh_acc(double x) { return tanh(x); }
 __device__ inline float sigmoid_acc(float x) {
