@@ -30,31 +30,78 @@ def minilm_curve(cfg, data, backend_name):
     return curve
 
 
-def torch_curve(cfg, data, threads):
+def _corpus(cfg, data):
+    """The vocabulary size, the seeded training batches and the fixed evaluation batches of a run."""
+    text, _ = load_text(data)
+    tokenizer = CharTokenizer.from_text(text)
+    train_ids, val_ids = split(tokenizer.encode(text), 0.9)
+    batches = RandomBatches(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed)
+    val = evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 3)
+    return tokenizer.vocab_size, batches, val
+
+
+def _loop(cfg, batches, val, step, evaluate):
+    """max_iters training steps ``step(it, x, y)``, the validation loss ``evaluate(val)`` every
+    eval_interval and at the end; training seconds exclude evaluation."""
+    curve, seconds = [], 0.0
+    for it in range(cfg.max_iters + 1):
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            curve.append({"iter": it, "train_seconds": seconds, "val_loss": evaluate(val)})
+        if it == cfg.max_iters:
+            break
+        x, y = batches.next_batch()
+        t0 = time.perf_counter()
+        step(it, x, y)
+        seconds += time.perf_counter() - t0
+    return curve
+
+
+def torch_curve(cfg, data, threads, initial_weights=None):
+    """The PyTorch peer's curve; ``initial_weights`` (a dict) receives its initial weights in
+    minilm's names and layout (``peers.minilm_arrays``)."""
     import torch
     from minilm.bench import peers
     from minilm.train import make_schedule
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    text, _ = load_text(data)
-    tokenizer = CharTokenizer.from_text(text)
-    train_ids, val_ids = split(tokenizer.encode(text), 0.9)
-    batches = RandomBatches(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed)
-    val = [(torch.from_numpy(x), torch.from_numpy(y))
-           for x, y in evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 3)]
-    model = peers.make_model(cfg, tokenizer.vocab_size)
+    vocab_size, batches, val = _corpus(cfg, data)
+    val = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in val]
+    model = peers.make_model(cfg, vocab_size)
+    if initial_weights is not None:
+        peers.one_recurrent_bias(model)
+        initial_weights.update(peers.minilm_arrays(model))
     optimizer, schedule = peers.make_optimizer(model, cfg), make_schedule(cfg)
-    curve, seconds = [], 0.0
-    for it in range(cfg.max_iters + 1):
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            curve.append({"iter": it, "train_seconds": seconds, "val_loss": peers.estimate_loss(model, val)})
-        if it == cfg.max_iters:
-            break
-        x, y = batches.next_batch()
-        t0 = time.perf_counter()
+
+    def step(it, x, y):
         peers.train_step(model, optimizer, torch.from_numpy(x), torch.from_numpy(y), schedule(it), cfg.grad_clip)
-        seconds += time.perf_counter() - t0
-    return curve
+    return _loop(cfg, batches, val, step, lambda batches: peers.estimate_loss(model, batches))
+
+
+def minilm_curve_from(cfg, data, backend_name, weights):
+    """minilm's curve from the given initial weights, with the peer's loop: the same batches,
+    random ones for recurrent models too, each starting from a zero state."""
+    import numpy as np
+    import minilm
+    from minilm.models import build_model
+    from minilm.precision import LossScaler
+    from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
+    minilm.use(backend_name)
+    vocab_size, batches, val = _corpus(cfg, data)
+    kind, model_cfg = model_settings(cfg, vocab_size)
+    model = build_model(kind, model_cfg, dtype=np.float32, seed=cfg.seed)
+    for name, value in weights.items():
+        model.params.values[name][...] = value
+    optimizer, schedule, scaler = make_optimizer(cfg, model.params), make_schedule(cfg), LossScaler(enabled=False)
+    state = {"state": None} if kind == "rnn" else {}
+
+    def step(it, x, y):
+        model.forward(x, y, train=True, **state)
+        model.backward(scaler.scale)
+        apply_gradients(model, optimizer, schedule(it), grad_clip=cfg.grad_clip, scaler=scaler)
+
+    def evaluate(batches):
+        return float(np.mean([float(model.forward(x, y, **state)[1]) for x, y in batches]))
+    return _loop(cfg, batches, val, step, evaluate)
 
 
 def time_to(curve, target):
@@ -62,11 +109,16 @@ def time_to(curve, target):
     return next((p["train_seconds"] for p in curve if p["val_loss"] <= target), None)
 
 
-def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=None, out=print):
+def _config(preset_name, seed):
     cfg = config.preset(preset_name)
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
         config.validate(cfg)
+    return cfg
+
+
+def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=None, out=print):
+    cfg = _config(preset_name, seed)
     results = []
     for b in backends:
         curve = minilm_curve(cfg, data, b)
@@ -81,3 +133,18 @@ def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=N
         out(f"  {r['impl']:<10} {r['curve'][-1]['val_loss']:15.4f} {('never' if t is None else f'{t:.1f}'):>18} "
             f"{r['curve'][-1]['train_seconds']:14.1f}")
     return results
+
+
+def replay(preset_name, data, *, backend, threads, seed=None, out=print):
+    """minilm and the PyTorch peer from the same initial weights (the peer's, drawn with seed), on
+    the same batches and evaluation batches: what is left between the two is the implementations."""
+    cfg = _config(preset_name, seed)
+    weights = {}
+    peer = torch_curve(cfg, data, threads, initial_weights=weights)
+    ours = minilm_curve_from(cfg, data, backend, weights)
+    out(f"\n{preset_name}, seed {cfg.seed}: minilm ({backend}) from the PyTorch peer's initial weights, "
+        "on the same batches; validation loss")
+    out(f"  {'iter':>6} {'minilm':>9} {'pytorch':>9} {'difference':>11}")
+    for a, b in zip(ours, peer):
+        out(f"  {a['iter']:>6} {a['val_loss']:9.4f} {b['val_loss']:9.4f} {a['val_loss'] - b['val_loss']:11.4f}")
+    return {"preset": preset_name, "seed": cfg.seed, "backend": backend, "minilm": ours, "pytorch": peer}

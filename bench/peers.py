@@ -11,6 +11,7 @@ import contextlib
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,6 +99,67 @@ def make_model(cfg, vocab_size):
     if cfg.model == "gpt":
         return TorchGPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.dropout)
     return TorchRNNLM(vocab_size, cfg.model, cfg.n_layer, cfg.hidden_size, cfg.n_embd)
+
+
+def one_recurrent_bias(model):
+    """Hold b_hh of an LSTM or RNN peer at zero, untrained, so that b_ih alone is minilm's b.
+
+    PyTorch's RNN and LSTM keep two biases, b_ih and b_hh, where minilm keeps their sum. Adam
+    moves each of the two by a full step, so their sum moves twice as far as minilm's one bias:
+    the two parametrizations train differently from the first update on. (A GRU's two biases are
+    minilm's b_x and b_h: r multiplies b_hn, so they do not merge.) Other models: unchanged."""
+    if isinstance(model, TorchRNNLM) and not isinstance(model.rnn, nn.GRU):
+        for l in range(model.rnn.num_layers):
+            bias = getattr(model.rnn, f"bias_hh_l{l}")
+            with torch.no_grad():
+                bias.zero_()
+            bias.requires_grad_(False)
+    return model
+
+
+def minilm_arrays(model, grads=False):
+    """The peer's parameters (``grads``: their gradients) as numpy arrays under minilm's names and
+    in minilm's layout, to load into a minilm model's ``params.values`` (or to compare with its
+    ``params.grads``): a linear's (out, in) weight transposed to (in, out), a LayerNorm's weight
+    and bias as gamma and beta, and PyTorch's two recurrent biases summed into minilm's one
+    (their gradients are equal, so the gradient is either's)."""
+    def get(t):
+        if grads and t.grad is None:                     # a frozen tensor: no gradient
+            return np.zeros(tuple(t.shape))
+        return (t.grad if grads else t).detach().cpu().numpy().copy()
+
+    out = {}
+    if isinstance(model, TorchGPT):
+        out["wte"], out["wpe"] = get(model.wte.weight), get(model.wpe.weight)
+        pairs = [("ln_1", "ln_1"), ("c_attn", "attn.W_qkv"), ("c_proj", "attn.W_o"), ("ln_2", "ln_2"),
+                 ("c_fc", "mlp.W_1"), ("mlp_proj", "mlp.W_2")]
+        for l, block in enumerate(model.h):
+            for torch_name, name in pairs:
+                module, h = getattr(block, torch_name), f"h.{l}."
+                if isinstance(module, nn.LayerNorm):
+                    out[h + name + ".gamma"] = get(module.weight)
+                    if module.bias is not None:
+                        out[h + name + ".beta"] = get(module.bias)
+                else:
+                    out[h + name] = get(module.weight).T
+                    if module.bias is not None:
+                        out[h + name.replace(".W", ".b")] = get(module.bias)
+        out["ln_f.gamma"] = get(model.ln_f.weight)
+        if model.ln_f.bias is not None:
+            out["ln_f.beta"] = get(model.ln_f.bias)
+        return out
+    out["wte"] = get(model.embed.weight)
+    for l in range(model.rnn.num_layers):
+        n = f"rnn.{l}."
+        out[n + "W_x"] = get(getattr(model.rnn, f"weight_ih_l{l}")).T
+        out[n + "W_h"] = get(getattr(model.rnn, f"weight_hh_l{l}")).T
+        b_ih, b_hh = get(getattr(model.rnn, f"bias_ih_l{l}")), get(getattr(model.rnn, f"bias_hh_l{l}"))
+        if isinstance(model.rnn, nn.GRU):
+            out[n + "b_x"], out[n + "b_h"] = b_ih, b_hh
+        else:
+            out[n + "b"] = b_ih if grads else b_ih + b_hh
+    out["lm_head.W"], out["lm_head.b"] = get(model.head.weight).T, get(model.head.bias)
+    return out
 
 
 def make_optimizer(model, cfg, fused=False):

@@ -234,3 +234,37 @@ def test_a_failed_table_does_not_lose_the_others(monkeypatch, tmp_path, capsys):
     results = json.loads(path.read_text())
     assert [r["job"]["dtype"] for r in results["train"]] == ["bfloat16"]
     assert results["failed"][0]["table"] == "training step, shakespeare-gru (float16 on the GPU)"
+
+
+def test_replay_without_pytorch_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--what", "replay", "--no-torch", "--backends", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert "--what replay" in err and "PyTorch" in err
+
+
+# float32 on both sides, 20 steps: each op differs by rounding (~1e-7 relative) and the steps
+# carry it forward; the measured gap in the validation loss is at most 1.6e-7 (two float32 ulps
+# of the loss), and 1e-4 leaves a margin of 500. (tests/test_torch_parity.py holds the models and
+# the recipe to PyTorch in float64, far more tightly; this checks the benchmark's own loop.)
+REPLAY_TOL = 1e-4
+
+
+@pytest.mark.parametrize("preset_name", ["shakespeare-char-cpu", "shakespeare-lstm"])
+def test_replay_trains_minilm_from_the_peers_weights_to_the_peers_curve(preset_name, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import dataclasses
+    from minilm.bench import converge
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40,
+                      encoding="utf-8")
+    short = dataclasses.replace(preset(preset_name), max_iters=20, eval_interval=10, eval_iters=3, block_size=16,
+                                batch_size=4, warmup_iters=5, lr_decay_iters=20)
+    monkeypatch.setattr(converge.config, "preset", lambda name: short)
+    lines = []
+    result = converge.replay(preset_name, str(corpus), backend="numpy", threads=1, out=lines.append)
+    ours, peer = result["minilm"], result["pytorch"]
+    assert [p["iter"] for p in ours] == [p["iter"] for p in peer] == [0, 10, 20]
+    assert peer[-1]["val_loss"] < peer[0]["val_loss"] - 0.1            # it trained
+    for a, b in zip(ours, peer):
+        assert abs(a["val_loss"] - b["val_loss"]) <= REPLAY_TOL, (a, b)
+    assert any("from the PyTorch peer's initial weights" in line for line in lines)

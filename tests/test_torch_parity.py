@@ -1,0 +1,122 @@
+"""Whole models against PyTorch: from the same weights, on the same batches, the same training.
+
+The PyTorch peers of ``minilm.bench.peers`` (nanoGPT's GPT; embedding, nn.LSTM / nn.GRU / nn.RNN
+and a linear head) start from random weights that are copied into a minilm model
+(``peers.minilm_arrays``). Both then train for a few steps on the same random batches with the
+same recipe (AdamW with weight decay on the 2-D weights, warm-up and cosine schedule, gradient
+clipping by global norm), in float64. Every step's loss, the first step's gradients and the
+final weights must agree. This checks the models' hand-written backward calls, the optimizer,
+the clipping and the schedule together against an independent implementation, where the op
+tests check each piece alone. Skipped without PyTorch.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import minilm  # noqa: E402
+from minilm import backend  # noqa: E402
+from minilm.bench import peers  # noqa: E402
+from minilm.config import preset  # noqa: E402
+from minilm.models import build_model  # noqa: E402
+from minilm.precision import LossScaler  # noqa: E402
+from minilm.testing import relative_error  # noqa: E402
+from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings  # noqa: E402
+
+# float64 on both sides. The two differ only in the order of their sums (BLAS blocking, pairwise
+# against sequential), a few ulps, ~1e-15, per op. Six steps of AdamW carry such differences
+# forward nearly unchanged: its update m / (sqrt(v) + eps) is a smooth function of the gradients
+# away from g = 0, and no entry of these gradients is near 0 relative to eps = 1e-8. The measured
+# errors are 2e-16 to 3e-13; 1e-10 leaves a margin of 300 or more and still fails on a real
+# difference: PyTorch's two LSTM biases, each moved by Adam (``peers.one_recurrent_bias``), change
+# the second step's loss by 8e-6.
+TOL = 1e-10
+STEPS = 6
+V, B, T = 13, 3, 8
+
+
+def recipe(**model):
+    """shakespeare-char-cpu's optimizer and schedule on a tiny model, with a short warm-up and decay."""
+    return dataclasses.replace(preset("shakespeare-char-cpu"), block_size=T, batch_size=B, warmup_iters=2,
+                               lr_decay_iters=STEPS, max_iters=STEPS, lr=3e-3, dropout=0.0, **model)
+
+
+# Each case's clipping threshold lies among its steps' gradient norms (GPT 0.6-1.2, LSTM 0.19-0.23,
+# GRU and RNN 0.26-0.34 with these seeds), so that clipped and unclipped steps are both compared.
+CASES = {
+    "gpt": dict(model="gpt", n_layer=2, n_head=2, n_embd=8, bias=False, grad_clip=0.75),
+    "gpt with biases": dict(model="gpt", n_layer=2, n_head=2, n_embd=8, bias=True, grad_clip=0.75),
+    "lstm": dict(model="lstm", n_layer=2, hidden_size=6, n_embd=5, grad_clip=0.2),
+    "gru": dict(model="gru", n_layer=2, hidden_size=6, n_embd=5, grad_clip=0.3),
+    "rnn": dict(model="rnn", n_layer=2, hidden_size=6, n_embd=5, grad_clip=0.3),
+}
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    before = backend.current()
+    yield
+    backend.use(before)
+
+
+def twins(cfg, seed=0):
+    """The PyTorch peer in float64 and a minilm model holding the same weights."""
+    torch.manual_seed(seed)
+    peer = peers.one_recurrent_bias(peers.make_model(cfg, V).double())   # minilm's parametrization
+    kind, model_cfg = model_settings(cfg, V)
+    model = build_model(kind, model_cfg, dtype=np.float64, seed=seed + 1)
+    weights = peers.minilm_arrays(peer)
+    assert sorted(weights) == sorted(model.params.layout), "the peer and the model name different parameters"
+    for name, value in weights.items():
+        model.params.values[name][...] = value
+    return peer, model, kind
+
+
+def minilm_step(model, kind, x, y, lr, cfg, optimizer):
+    if kind == "rnn":
+        loss = model.forward(x, y, state=None, train=True)[1]
+    else:
+        loss = model.forward(x, y, train=True)[1]
+    model.backward(1.0)
+    grads = {name: model.params.grads[name].copy() for name in model.params.layout}
+    apply_gradients(model, optimizer, lr, grad_clip=cfg.grad_clip, scaler=LossScaler(enabled=False))
+    return float(loss), grads
+
+
+def torch_step(peer, x, y, lr, cfg, optimizer):
+    """``peers.train_step``, keeping the gradients before the update for the comparison."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    _, loss = peer(torch.from_numpy(x), torch.from_numpy(y))
+    loss.backward()
+    grads = peers.minilm_arrays(peer, grads=True)
+    torch.nn.utils.clip_grad_norm_(peer.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_from_the_same_weights_matches_pytorch(case, backend_name):
+    minilm.use(backend_name)
+    cfg = recipe(**CASES[case])
+    peer, model, kind = twins(cfg)
+    optimizer, schedule = make_optimizer(cfg, model.params), make_schedule(cfg)
+    peer_optimizer = peers.make_optimizer(peer, cfg)
+    rng = np.random.default_rng(7)
+    clipped = 0
+    for it in range(STEPS):
+        x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+        loss, grads = minilm_step(model, kind, x, y, schedule(it), cfg, optimizer)
+        peer_loss, peer_grads = torch_step(peer, x, y, schedule(it), cfg, peer_optimizer)
+        assert abs(loss - peer_loss) <= TOL * abs(peer_loss), f"step {it}: loss {loss!r} != PyTorch's {peer_loss!r}"
+        if it == 0:
+            for name, g in peer_grads.items():
+                assert relative_error(grads[name], g) <= TOL, f"gradient of {name}"
+        clipped += np.sqrt(sum(float(np.sum(g * g)) for g in peer_grads.values())) > cfg.grad_clip
+    assert 0 < clipped < STEPS, "the threshold should clip some steps and not others, to compare both"
+    for name, w in peers.minilm_arrays(peer).items():
+        assert relative_error(model.params.values[name], w) <= TOL, f"weights {name} after {STEPS} steps"
