@@ -1,9 +1,11 @@
 """The PyTorch peers: the same models, shapes and recipe as minilm's, for side-by-side timing.
 
 Imported only when PyTorch is installed. ``TorchGPT`` is nanoGPT's model (learned positions,
-pre-LayerNorm blocks, fused scaled-dot-product attention, tanh GELU, tied head, nanoGPT's
-initialisation, and dropout where minilm's GPT (and nanoGPT) has it: after the embeddings, on
-the attention weights, after the attention projection and after the MLP); ``TorchRNNLM`` is embedding -> nn.LSTM / nn.GRU / nn.RNN -> linear head.
+pre-LayerNorm blocks, fused scaled-dot-product attention, tanh GELU as minilm's (``gelu="none"``:
+nanoGPT's exact ``nn.GELU()``), tied head, nanoGPT's initialisation, and dropout where minilm's
+GPT (and nanoGPT) has it: after the embeddings, on the attention weights, after the attention
+projection and after the MLP); ``TorchRNNLM`` is embedding -> nn.LSTM / nn.GRU / nn.RNN -> linear
+head.
 On a GPU the peers run in PyTorch eager mode (no ``torch.compile``): float32, or mixed precision
 with ``torch.autocast`` around the forward and the loss (and a ``GradScaler`` for float16).
 """
@@ -22,9 +24,9 @@ def _dropout(x, p, training):
 
 
 class _Block(nn.Module):
-    def __init__(self, C, NH, bias, dropout=0.0):
+    def __init__(self, C, NH, bias, dropout=0.0, gelu="tanh"):
         super().__init__()
-        self.NH, self.p = NH, dropout
+        self.NH, self.p, self.gelu = NH, dropout, gelu
         self.ln_1 = nn.LayerNorm(C, bias=bias)
         self.c_attn = nn.Linear(C, 3 * C, bias=bias)
         self.c_proj = nn.Linear(C, C, bias=bias)
@@ -38,16 +40,16 @@ class _Block(nn.Module):
         q, k, v = (t.view(B, T, self.NH, C // self.NH).transpose(1, 2) for t in (q, k, v))   # (B, NH, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
         x = x + _dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), self.p, self.training)
-        return x + _dropout(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")), self.p, self.training)
+        return x + _dropout(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate=self.gelu)), self.p, self.training)
 
 
 class TorchGPT(nn.Module):
-    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias=True, dropout=0.0):
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias=True, dropout=0.0, gelu="tanh"):
         super().__init__()
         self.block_size, self.p = block_size, dropout
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(_Block(n_embd, n_head, bias, dropout) for _ in range(n_layer))
+        self.h = nn.ModuleList(_Block(n_embd, n_head, bias, dropout, gelu) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.apply(self._init)
         for name, p in self.named_parameters():

@@ -34,14 +34,18 @@ H100_SXM_PEAK_FLOPS = {"float32": 66.9e12, "bfloat16": 989.4e12, "float16": 989.
 
 
 def add_options(p):
-    p.add_argument("--what", choices=("train", "sample", "ops", "all", "converge", "replay"), default="all",
+    p.add_argument("--what", choices=("train", "sample", "ops", "all", "converge", "replay", "nanogpt"),
+                   default="all",
                    help="'all' is train, sample and ops; 'converge' (long) times training to --target; "
                         "'replay' (long) trains minilm from the PyTorch peer's initial weights on the same "
-                        "batches as the peer")
+                        "batches as the peer; 'nanogpt' (long) trains the peer with nanoGPT's own loop and "
+                        "PyTorch's random numbers")
     p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach")
     p.add_argument("--converge-preset", default="shakespeare-char-cpu", help="converge, replay: the preset to train")
     p.add_argument("--data", default="shakespeare", help="converge, replay: the corpus")
-    p.add_argument("--seed", type=int, default=None, help="converge, replay: the seed (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help="converge, replay, nanogpt: the seed (default: the preset's)")
+    p.add_argument("--gelu", choices=("none", "tanh"), default="none",
+                   help="nanogpt: the peer's GELU, nanoGPT's exact one ('none', the default) or minilm's tanh form")
     p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), metavar="PRESET")
     p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
                    help="default: numpy and numba (and cupy when a GPU is present)")
@@ -190,6 +194,13 @@ def benchmark(args, out=print):
         from minilm.bench import converge
         results["converge"] = converge.run(args.converge_preset, args.data, backends=backends, threads=args.threads,
                                            target=args.target, torch_peer=torch, seed=args.seed, out=out)
+    if args.what == "nanogpt":
+        from minilm.bench import nanogpt
+        if not torch:
+            raise ValueError("minilm bench: --what nanogpt needs PyTorch (pip install torch), and not --no-torch")
+        from minilm.config import preset
+        seed = preset("shakespeare-char-cpu").seed if args.seed is None else args.seed
+        results["nanogpt"] = nanogpt.run(seed, args.data, args.gelu, args.threads, out=out)
     if args.what == "replay":
         from minilm.bench import converge
         if not torch:

@@ -268,3 +268,32 @@ def test_replay_trains_minilm_from_the_peers_weights_to_the_peers_curve(preset_n
     for a, b in zip(ours, peer):
         assert abs(a["val_loss"] - b["val_loss"]) <= REPLAY_TOL, (a, b)
     assert any("from the PyTorch peer's initial weights" in line for line in lines)
+
+
+def test_nanogpt_without_pytorch_or_with_a_negative_seed_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--what", "nanogpt", "--no-torch", "--backends", "numpy"]) == 2
+    assert "--what nanogpt" in capsys.readouterr().err
+    pytest.importorskip("torch")
+    assert cli.main(["bench", "--what", "nanogpt", "--seed", "-3", "--backends", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert "'--seed'" in err and "-3" in err
+
+
+def test_nanogpts_loop_trains_and_scores_the_whole_split(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import dataclasses
+    from minilm.bench import nanogpt
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 40,
+                      encoding="utf-8")
+    short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=20, eval_interval=10, block_size=16,
+                                batch_size=4, warmup_iters=5, lr_decay_iters=20)
+    monkeypatch.setattr(nanogpt, "preset", lambda name: short)
+    lines = []
+    result = nanogpt.run(seed=5, data=str(corpus), threads=1, out=lines.append)
+    assert [p["iter"] for p in result["curve"]] == [0, 10, 20]
+    assert result["curve"][-1]["val"] < result["curve"][0]["val"] - 0.1            # it trained
+    assert abs(result["val_loss_whole_split"] - result["val_loss_20_batches"]) < 0.3  # two estimates of one loss
+    again = nanogpt.run(seed=5, data=str(corpus), threads=1, out=lines.append)
+    assert again["curve"] == result["curve"]                                        # the seed fixes everything
+    assert any("nanoGPT's loop" in line for line in lines)
