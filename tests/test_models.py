@@ -253,8 +253,12 @@ def test_rnnlm_parameters_and_init():
     assert P.shape("rnn.0.W_x") == (8, 48) and P.shape("rnn.1.W_x") == (16, 48) and P.shape("rnn.1.b_h") == (48,)
     assert P.shape("lm_head.W") == (16, 11)
     assert np.all(np.abs(P.data[P.size - P["lm_head.W"].size - 11:]) <= 0.25)   # U(-1/sqrt(H), 1/sqrt(H))
-    lstm = RNNLM(RNNConfig(vocab_size=11, cell="lstm", n_layer=1, hidden_size=16, n_embd=8))
+    lstm = RNNLM(RNNConfig(vocab_size=11, cell="lstm", n_layer=1, hidden_size=16, n_embd=8), dtype=np.float64)
     assert lstm.params.shape("rnn.0.b") == (64,)
+    # PyTorch's b_ih + b_hh: the sum of two U(-1/4, 1/4) draws, in (-1/2, 1/2), spread wider than one draw
+    b = lstm.params["rnn.0.b"]
+    assert np.all(np.abs(b) < 0.5) and np.any(np.abs(b) > 0.25)
+    assert np.all(np.abs(lstm.params["rnn.0.W_h"]) <= 0.25) and np.all(np.abs(lstm.params["lm_head.b"]) <= 0.25)
 
 
 @pytest.mark.parametrize("kind, config", [("gpt", GPT_TINY), ("rnn", dict(RNN_TINY, cell="gru"))])

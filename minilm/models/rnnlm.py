@@ -30,14 +30,17 @@ name                     shape              init
 wte                      (V, n_embd)        N(0, 1)
 rnn.{l}.W_x              (D, G·H)           U(-k, k)
 rnn.{l}.W_h              (H, G·H)           U(-k, k)
-rnn.{l}.b   (rnn, lstm)  (G·H,)             U(-k, k)
+rnn.{l}.b   (rnn, lstm)  (G·H,)             U(-k, k) + U(-k, k)
 rnn.{l}.b_x, .b_h (gru)  (3H,)              U(-k, k)
 lm_head.W                (H, V)             U(-k, k)
 lm_head.b                (V,)               U(-k, k)
 =======================  =================  ==================
 
 G is the number of gates (1 rnn, 4 lstm [i|f|g|o], 3 gru [r|z|n]), D = n_embd for the first
-layer and H after. PyTorch's RNN and LSTM keep two biases, b_ih and b_hh; their sum is ``b``.
+layer and H after. PyTorch's RNN and LSTM keep two biases, b_ih and b_hh, each U(-k, k); their
+sum is ``b``, so ``b`` starts as the sum of two such draws. (In training the two parametrizations
+part: Adam moves each of PyTorch's two biases by a full step, so their sum moves twice as far as
+``b`` does.)
 """
 import dataclasses
 import math
@@ -108,7 +111,12 @@ class RNNLM:
         rng = np.random.default_rng(seed)
         k = 1.0 / math.sqrt(H)
         for name, view in self.params.values.items():
-            view[...] = rng.standard_normal(view.shape) if name == "wte" else rng.uniform(-k, k, view.shape)
+            if name == "wte":
+                view[...] = rng.standard_normal(view.shape)
+            elif name.startswith("rnn.") and name.endswith(".b"):  # PyTorch's b_ih + b_hh
+                view[...] = rng.uniform(-k, k, view.shape) + rng.uniform(-k, k, view.shape)
+            else:
+                view[...] = rng.uniform(-k, k, view.shape)
         self.rng = rng                  # dropout masks when forward gets no rng
         self.params.to(backend.xp())
         self._cache = None
