@@ -195,9 +195,9 @@ def benchmark(args, out=print):
         results["converge"] = converge.run(args.converge_preset, args.data, backends=backends, threads=args.threads,
                                            target=args.target, torch_peer=torch, seed=args.seed, out=out)
     if args.what == "nanogpt":
-        from minilm.bench import nanogpt
         if not torch:
             raise ValueError("minilm bench: --what nanogpt needs PyTorch (pip install torch), and not --no-torch")
+        from minilm.bench import nanogpt
         from minilm.config import preset
         seed = preset("shakespeare-char-cpu").seed if args.seed is None else args.seed
         results["nanogpt"] = nanogpt.run(seed, args.data, args.gelu, args.threads, out=out)
