@@ -1,5 +1,6 @@
 """The backend switch."""
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -151,7 +152,11 @@ def test_pick_gives_the_pool_to_large_kernels_only_where_the_rule_allows():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
-def test_rows_kernel_takes_only_the_sums_flag():
+def test_rows_kernel_takes_only_the_sums_and_fma_flags():
     from minilm.cpu import _parallel
-    with pytest.raises(ValueError, match=r"rows_kernel: argument 'fastmath' must be False or SUMS_IN_ANY_ORDER, got \{'fast'\}"):
-        _parallel.rows_kernel(fastmath={"fast"})(lambda a: None)
+    expected = "must be False, SUMS_IN_ANY_ORDER, FUSED_MULTIPLY_ADD or both together"
+    for flags in ({"fast"}, {"contract", "nnan"}, frozenset({"nnan"})):
+        with pytest.raises(ValueError, match=rf"rows_kernel: argument 'fastmath' {expected}, got {re.escape(repr(flags))}"):
+            _parallel.rows_kernel(fastmath=flags)(lambda a: None)
+    both = _parallel.rows_kernel(fastmath=_parallel.SUMS_IN_ANY_ORDER | _parallel.FUSED_MULTIPLY_ADD)(lambda a: a)
+    assert both.targetoptions["fastmath"] == {"reassoc", "contract"}

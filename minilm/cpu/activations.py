@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from minilm.cpu._math import exp_nonpositive
-from minilm.cpu._parallel import pick, rows_kernel
+from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, pick, rows_kernel
 from minilm.reference import activations as reference
 from minilm.reference.activations import SoftmaxCache
 from minilm.validate import require_float, require_min_ndim, require_shape
@@ -110,7 +110,7 @@ def softmax_backward(dy, cache):
 __all__ += ["gelu_forward", "gelu_backward"]
 
 
-@rows_kernel
+@rows_kernel(fastmath=FUSED_MULTIPLY_ADD)
 def _gelu_forward_kernel(x, exact, y):
     """y of ``reference.gelu_forward`` for flat x (n,): the erf form when ``exact``, else the tanh form."""
     f = x.dtype.type
@@ -127,7 +127,7 @@ def _gelu_forward_kernel(x, exact, y):
             y[i] = xi * (one if u >= 0 else e) / (one + e)                  # y = ½ x (1 + tanh u)
 
 
-@rows_kernel
+@rows_kernel(fastmath=FUSED_MULTIPLY_ADD)
 def _gelu_backward_kernel(x, dy, exact, dx):
     """dx of ``reference.gelu_backward`` for flat x, dy (n,): dx = φ'(x) dy."""
     f = x.dtype.type

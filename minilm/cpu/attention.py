@@ -46,7 +46,7 @@ import numpy as np
 from numba import njit, prange
 
 from minilm.cpu._math import exp_nonpositive, sum_in_any_order
-from minilm.cpu._parallel import SUMS_IN_ANY_ORDER, pick, rows_kernel
+from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, SUMS_IN_ANY_ORDER, pick, rows_kernel
 
 from minilm.reference import attention as reference
 from minilm.reference.attention import AttentionCache, check_attention_args
@@ -238,7 +238,7 @@ def _attention_backward_kernel(dy, q, k, v, att, scale):
     return dq, dk, dv
 
 
-@rows_kernel
+@rows_kernel(fastmath=FUSED_MULTIPLY_ADD)
 def _scores_to_weights_kernel(S, mask, masked, causal, scale):
     """In place, S (B, NH, Tq, Tk) from the products q k^T to the weights att of
     ``reference.attention_forward``: scale, causal rule, mask, stable softmax over each row.

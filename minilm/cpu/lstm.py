@@ -15,6 +15,7 @@ makes :math:`\bar h_{t-1}^{\,\text{next}} = \bar a_t W_h^\top`.
 import numpy as np
 from numba import njit
 
+from minilm.cpu._parallel import FUSED_MULTIPLY_ADD
 from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gradients,
                             input_products, kernel_dtype, sigmoid_into, state_buffer, tanh, tanh_into)
 from minilm.reference import lstm as reference
@@ -26,7 +27,7 @@ from minilm.validate import require_shape
 __all__ = ["lstm_forward", "lstm_backward"]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def _lstm_step_forward(xW_x, b, a_h, t, c0, h_state, gates, c, tanh_c, h):
     """Step t of ``reference.lstm_forward``'s loop, after its product a_h = h_{t-1} W_h (B, 4H).
 
@@ -51,7 +52,7 @@ def _lstm_step_forward(xW_x, b, a_h, t, c0, h_state, gates, c, tanh_c, h):
         copy(h_t, h_state[k])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def _lstm_step_backward(dh, dh_next, dc_next, gates, c, c0, tanh_c, t, da, da_t):
     """Step t of ``reference.lstm_backward``'s loop, before its product da_t W_h^T.
 

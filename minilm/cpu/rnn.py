@@ -30,15 +30,17 @@ Threads: a kernel sits between two BLAS calls, 64 times per sequence of the pres
 launch. So the kernels run in the calling thread, and the cores go to BLAS for the products,
 which are most of the time (the numba backend's rule for every op, ``minilm.backend``).
 
-The kernels add and multiply in the order the reference does, so only σ and tanh differ from
-it, and by rounding alone: they come from ``minilm.cpu._math``, in plain arithmetic that
-vectorises, where a call into libm would not. Numba has no float16 arithmetic, so other float
-dtypes run the reference functions.
+The kernels add and multiply in the order the reference does, a product and the sum it feeds
+possibly fused into one instruction (``FUSED_MULTIPLY_ADD`` in ``minilm.cpu._parallel``), so they
+differ from it by rounding alone. So do σ and tanh, which come from ``minilm.cpu._math``, in plain
+arithmetic that vectorises, where a call into libm would not. Numba has no float16 arithmetic,
+so other float dtypes run the reference functions.
 """
 import numpy as np
 from numba import njit
 
 from minilm.cpu._math import sigmoid, tanh
+from minilm.cpu._parallel import FUSED_MULTIPLY_ADD
 from minilm.reference import rnn as reference
 from minilm.reference.rnn import RNNCache, check_rnn_args, check_state_gradient, input_and_weight_gradients
 from minilm.validate import require_shape
@@ -53,35 +55,35 @@ KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run t
 
 # --- shared by rnn, lstm and gru --------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def sigmoid_into(a):
     """a = σ(a) in place, for a 1-D array."""
     for j in range(a.shape[0]):
         a[j] = sigmoid(a[j])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def tanh_into(a):
     """a = tanh(a) in place, for a 1-D array."""
     for j in range(a.shape[0]):
         a[j] = tanh(a[j])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def add(a, b, out):
     """out = a + b, for 1-D arrays; ``out`` may be ``a`` or ``b``."""
     for j in range(out.shape[0]):
         out[j] = a[j] + b[j]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def add3(a, b, c, out):
     """out = (a + b) + c, for 1-D arrays: a_t = (x_t W_x + b) + h_{t-1} W_h in the reference's order."""
     for j in range(out.shape[0]):
         out[j] = (a[j] + b[j]) + c[j]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def copy(src, dst):
     """dst = src, for 1-D arrays (a loop of vector moves, faster in a kernel than a slice assignment)."""
     for j in range(dst.shape[0]):
@@ -112,7 +114,7 @@ def state_buffer(s, B, H, dtype):
 
 # --- the tanh RNN -----------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def _rnn_step_forward(xW_x, b, a_h, t, h_state, h):
     """Step t of ``reference.rnn_forward``'s loop, after its product a_h = h_{t-1} W_h (B, H).
 
@@ -125,7 +127,7 @@ def _rnn_step_forward(xW_x, b, a_h, t, h_state, h):
         copy(h_t, h_state[k])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 def _rnn_step_backward(dh, dh_next, h, t, da, da_t):
     """Step t of ``reference.rnn_backward``'s loop, before its product da_t W_h^T.
 
