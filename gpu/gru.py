@@ -26,8 +26,7 @@ from minilm.gpu.rnn import bias_gradient, input_and_weight_gradients, input_prod
 from minilm.reference import gru as reference
 from minilm.reference.gru import check_gru_args
 from minilm.reference.gru import GRUCache
-from minilm.reference.rnn import check_state_gradient
-from minilm.validate import require_shape
+from minilm.reference.rnn import check_backward_args
 
 __all__ = ["gru_forward", "gru_backward"]
 
@@ -100,9 +99,7 @@ def gru_forward(x, h0, W_x, W_h, b_x, b_h):
 def gru_backward(dh, cache, *, dh_T=None):
     """Equals ``minilm.reference.gru.gru_backward``. Returns (dx, dh0, dW_x, dW_h, db_x, db_h)."""
     x, h0, W_x, W_h, gates, a_hn, h = cache
-    B, T, H = h.shape
-    require_shape("gru_backward", "dh", dh, (B, T, H), "(B, T, H)")
-    check_state_gradient("gru_backward", "dh_T", dh_T, B, H)
+    B, T, H = check_backward_args("gru_backward", dh, h, dh_T=dh_T)
     dtype = one_dtype(dh, dh_T, h, gates, a_hn, h0)
     if dtype is None:
         return reference.gru_backward(dh, cache, dh_T=dh_T)

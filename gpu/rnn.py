@@ -26,8 +26,7 @@ import cupy
 
 from minilm.gpu._core import acc_dtype, elementwise, supported
 from minilm.reference import rnn as reference
-from minilm.reference.rnn import RNNCache, check_rnn_args, check_state_gradient, input_and_weight_gradients
-from minilm.validate import require_shape
+from minilm.reference.rnn import RNNCache, check_backward_args, check_rnn_args, input_and_weight_gradients
 
 __all__ = ["rnn_forward", "rnn_backward"]
 
@@ -103,9 +102,7 @@ def rnn_forward(x, h0, W_x, W_h, b):
 def rnn_backward(dh, cache, *, dh_T=None):
     """Equals ``minilm.reference.rnn.rnn_backward``. Returns (dx, dh0, dW_x, dW_h, db)."""
     x, h0, W_x, W_h, h = cache
-    B, T, H = h.shape
-    require_shape("rnn_backward", "dh", dh, (B, T, H), "(B, T, H)")
-    check_state_gradient("rnn_backward", "dh_T", dh_T, B, H)
+    B, T, H = check_backward_args("rnn_backward", dh, h, dh_T=dh_T)
     dtype = one_dtype(dh, dh_T, h)
     if dtype is None:
         return reference.rnn_backward(dh, cache, dh_T=dh_T)

@@ -92,9 +92,9 @@ h_T    (B, H)      dh_T (B, H)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.reference.rnn import (check_sequence, check_state_gradient, check_vector, check_weights,
+from minilm.reference.rnn import (check_backward_args, check_sequence, check_vector, check_weights,
                                   shifted_states, sigmoid)
-from minilm.validate import require_same_dtype, require_shape
+from minilm.validate import require_same_dtype
 
 
 class GRUCache(NamedTuple):
@@ -180,10 +180,8 @@ def gru_backward(dh, cache, *, dh_T=None):
     (dx, dh0, dW_x, dW_h, db_x, db_h), the shapes of x, h0, W_x, W_h, b_x, b_h.
     """
     x, h0, W_x, W_h, gates, a_hn, h = cache
-    B, T, H = h.shape
+    B, T, H = check_backward_args("gru_backward", dh, h, dh_T=dh_T)
     D = x.shape[2]
-    require_shape("gru_backward", "dh", dh, (B, T, H), "(B, T, H)")
-    check_state_gradient("gru_backward", "dh_T", dh_T, B, H)
     xp = get_array_module(dh, h)
 
     da_x = xp.empty((B, T, 3 * H), dtype=h.dtype)                  # (B, T, 3H) gradient of every a^x_t

@@ -93,9 +93,9 @@ c_T      (B, H)      dc_T (B, H)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.reference.rnn import (check_sequence, check_state, check_state_gradient, check_vector, check_weights,
+from minilm.reference.rnn import (check_sequence, check_backward_args, check_state, check_vector, check_weights,
                                   shifted_states, sigmoid)
-from minilm.validate import require_same_dtype, require_shape
+from minilm.validate import require_same_dtype
 
 
 class LSTMCache(NamedTuple):
@@ -194,11 +194,8 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     (dx, dh0, dc0, dW_x, dW_h, db), the shapes of x, h0, c0, W_x, W_h, b.
     """
     x, h0, c0, W_x, W_h, gates, c, tanh_c, h = cache
-    B, T, H = h.shape
+    B, T, H = check_backward_args("lstm_backward", dh, h, dh_T=dh_T, dc_T=dc_T)
     D = x.shape[2]
-    require_shape("lstm_backward", "dh", dh, (B, T, H), "(B, T, H)")
-    check_state_gradient("lstm_backward", "dh_T", dh_T, B, H)
-    check_state_gradient("lstm_backward", "dc_T", dc_T, B, H)
     xp = get_array_module(dh, h)
 
     da = xp.empty((B, T, 4 * H), dtype=h.dtype)                    # (B, T, 4H) gradient of every a_t

@@ -109,10 +109,16 @@ def check_vector(op, name, v, n_gates, H):
     require_shape(op, name, v, (n_gates * H,), f"({k}H,)")
 
 
-def check_state_gradient(op, name, d, B, H):
-    """A gradient for a final state: None, or (B, H)."""
-    if d is not None:
-        require_shape(op, name, d, (B, H), "(B, H)")
+def check_backward_args(op, dh, h, **state_gradients):
+    """The arguments every tier's recurrent backward checks: ``dh`` shaped like the output ``h``
+    (B, T, H), and each gradient for a final state (``dh_T=...``, ``dc_T=...``) None or (B, H).
+    Returns (B, T, H)."""
+    B, T, H = h.shape
+    require_shape(op, "dh", dh, (B, T, H), "(B, T, H)")
+    for name, d in state_gradients.items():
+        if d is not None:
+            require_shape(op, name, d, (B, H), "(B, H)")
+    return B, T, H
 
 
 def sigmoid(xp, a, out=None):
@@ -214,10 +220,8 @@ def rnn_backward(dh, cache, *, dh_T=None):
     (dx, dh0, dW_x, dW_h, db), the shapes of x, h0, W_x, W_h, b.
     """
     x, h0, W_x, W_h, h = cache
-    B, T, H = h.shape
+    B, T, H = check_backward_args("rnn_backward", dh, h, dh_T=dh_T)
     D = x.shape[2]
-    require_shape("rnn_backward", "dh", dh, (B, T, H), "(B, T, H)")
-    check_state_gradient("rnn_backward", "dh_T", dh_T, B, H)
     xp = get_array_module(dh, h)
 
     da = xp.empty((B, T, H), dtype=h.dtype)                        # (B, T, H) gradient of every a_t

@@ -21,8 +21,7 @@ from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gra
 from minilm.reference import lstm as reference
 from minilm.reference.lstm import check_lstm_args
 from minilm.reference.lstm import LSTMCache
-from minilm.reference.rnn import check_state_gradient
-from minilm.validate import require_shape
+from minilm.reference.rnn import check_backward_args
 
 __all__ = ["lstm_forward", "lstm_backward"]
 
@@ -110,10 +109,7 @@ def lstm_forward(x, h0, c0, W_x, W_h, b):
 def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     """Equals ``minilm.reference.lstm.lstm_backward``. Returns (dx, dh0, dc0, dW_x, dW_h, db)."""
     x, h0, c0, W_x, W_h, gates, c, tanh_c, h = cache
-    B, T, H = h.shape
-    require_shape("lstm_backward", "dh", dh, (B, T, H), "(B, T, H)")
-    check_state_gradient("lstm_backward", "dh_T", dh_T, B, H)
-    check_state_gradient("lstm_backward", "dc_T", dc_T, B, H)
+    B, T, H = check_backward_args("lstm_backward", dh, h, dh_T=dh_T, dc_T=dc_T)
     dtype = kernel_dtype(dh, dh_T, dc_T, h)
     if dtype is None:
         return reference.lstm_backward(dh, cache, dh_T=dh_T, dc_T=dc_T)
