@@ -1,4 +1,4 @@
-"""Kernels with a serial and a parallel twin, and the rule that picks one.
+r"""Kernels with a serial and a parallel twin, and the rule that picks one.
 
 ``rows_kernel`` compiles a kernel twice, with and without ``parallel=True`` (``prange`` runs as
 ``range`` in the second). ``pick(kernel, work)`` returns the parallel twin only when Numba's
