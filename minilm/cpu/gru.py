@@ -53,12 +53,12 @@ def _gru_step_forward(xW_x, b_x, hW_h, b_h, t, h0, h_state, gates, a_hn, h):
 
 
 @njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
-def _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h, h0, t, da_x, da_h, da_h_t):
+def _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h, h0, t, da_x, da_h):
     """Step t of ``reference.gru_backward``'s loop, before its product da_h_t W_h^T.
 
     What step t+1 sends back to h_t is dh_next_z + dh_next_W (B, H) (its dh_{t+1} z and its
-    product); dh_next_z is overwritten with this step's dh_t z. Writes da_x[:, t], da_h[:, t]
-    (B, T, 3H) and the buffer da_h_t (B, 3H).
+    product); dh_next_z is overwritten with this step's dh_t z. Writes da_x[:, t] and da_h[:, t]
+    (B, T, 3H).
     """
     one = gates.dtype.type(1)
     H = dh_next_z.shape[1]
@@ -81,7 +81,6 @@ def _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h, h0, t, da_x, da
         for j in range(H):                                                     # same line: what h_prev gets
             dh_t[j] = dh_t[j] * z[j]
         copy(da_x[k, t, :2 * H], da_h[k, t, :2 * H])                           # a sum passes its gradient to both terms
-        copy(da_h[k, t], da_h_t[k])
 
 
 def gru_forward(x, h0, W_x, W_h, b_x, b_h):
@@ -119,12 +118,11 @@ def gru_backward(dh, cache, *, dh_T=None):
     W_h_T = np.ascontiguousarray(W_h).T                        # (3H, H)
     da_x = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^x_t
     da_h = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^h_t
-    da_h_t = np.empty((B, 3 * H), dtype=dtype)                 # (B, 3H) this step's, for the product
     dh_next_z = state_buffer(dh_T, B, H, dtype)                # (B, H) step t+1's dh z part (dh_T at the end)
     dh_next_W = np.zeros((B, H), dtype=dtype)                  # (B, H) step t+1's da_h W_h^T part
     for t in reversed(range(T)):
-        _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h_c, h0_c, t, da_x, da_h, da_h_t)
-        np.matmul(da_h_t, W_h_T, out=dh_next_W)                # a_h = h_prev W_h + b_h
+        _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h_c, h0_c, t, da_x, da_h)
+        np.matmul(da_h[:, t], W_h_T, out=dh_next_W)            # a_h = h_prev W_h + b_h
     dh0 = dh_next_z + dh_next_W                                # h_t = ... + z * h_prev; a_h = h_prev W_h + b_h
 
     dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da_x, da_h)

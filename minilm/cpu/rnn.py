@@ -16,8 +16,10 @@ How the work is split, in all three cells:
   carried from step t+1 and the cached gates into every pre-activation gradient and the
   gradients carried to step t-1.
 
-The per-step products read and write small contiguous (B, H) / (B, G·H) buffers that the kernels
-fill (the state, the gate gradients), so BLAS always sees plain contiguous operands.
+The forward's per-step product reads a small contiguous (B, H) buffer that the kernel fills (the
+state). The backward's reads the step's gate gradients where the kernel wrote them, the slice
+da[:, t] of the (B, T, G·H) array: BLAS takes its row stride as it is, as fast as a contiguous
+copy at these shapes, so no copy is made.
 
 A kernel walks the B rows and, within a row, runs one loop per line of the reference's step over
 the H units (or G·H gate entries), each loop touching few arrays, so that the compiler turns
@@ -127,11 +129,11 @@ def _rnn_step_forward(xW_x, b, a_h, t, h_state, h):
 
 
 @njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
-def _rnn_step_backward(dh, dh_next, h, t, da, da_t):
+def _rnn_step_backward(dh, dh_next, h, t, da):
     """Step t of ``reference.rnn_backward``'s loop, before its product da_t W_h^T.
 
     dh_next (B, H) is what step t+1 sends back to h_t (overwritten with dh_t); writes da_t into
-    da[:, t] (B, T, H) and the buffer da_t (B, H).
+    da[:, t] (B, T, H).
     """
     one = h.dtype.type(1)
     for k in range(dh_next.shape[0]):
@@ -139,7 +141,6 @@ def _rnn_step_backward(dh, dh_next, h, t, da, da_t):
         add(dh[k, t], dh_t, dh_t)                                  # h_t feeds the output and step t+1
         for j in range(h_t.shape[0]):
             da_t_k[j] = (one - h_t[j] * h_t[j]) * dh_t[j]          # h_t = tanh(a_t)
-        copy(da_t_k, da_t[k])
 
 
 def rnn_forward(x, h0, W_x, W_h, b):
@@ -174,11 +175,10 @@ def rnn_backward(dh, cache, *, dh_T=None):
     h = np.ascontiguousarray(h)                                # (B, T, H)
     W_h_T = np.ascontiguousarray(W_h).T                        # (H, H)
     da = np.empty((B, T, H), dtype=dtype)                      # (B, T, H) gradient of every a_t
-    da_t = np.empty((B, H), dtype=dtype)                       # (B, H) this step's, for the product
     dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
     for t in reversed(range(T)):
-        _rnn_step_backward(dh, dh_next, h, t, da, da_t)
-        np.matmul(da_t, W_h_T, out=dh_next)                    # a_t = ... + h_{t-1} W_h
+        _rnn_step_backward(dh, dh_next, h, t, da)
+        np.matmul(da[:, t], W_h_T, out=dh_next)                # a_t = ... + h_{t-1} W_h
     dh0 = dh_next
 
     dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
