@@ -1,5 +1,15 @@
-"""Fixtures shared by the Numba tier's parity tests."""
+"""Fixtures shared by the tests."""
 import pytest
+
+from minilm import backend
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    """Every test leaves the backend as it found it, whatever it switched to."""
+    before = backend.current()
+    yield
+    backend.use(before)
 
 
 @pytest.fixture(scope="module", params=["serial", "parallel"])

@@ -9,13 +9,6 @@ import minilm
 from minilm import backend, cli, ops
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = backend.current()
-    yield
-    backend.use(before)
-
-
 def test_use_and_current():
     assert minilm.use("numpy") == "numpy" and minilm.current() == "numpy"
     from minilm.reference import linear_forward

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 import minilm
-from minilm import backend, cpu, ops
+from minilm import cpu, ops
 from minilm.cpu import activations as cpu_activations, attention as cpu_attention
 from minilm.cpu._parallel import MIN_PARALLEL_WORK
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
@@ -49,13 +49,6 @@ def attention_path(request):
     cpu_attention.FUSED_MAX_WORK = -1 if request.param == "blas" else 2 ** 62
     yield request.param
     cpu_attention.FUSED_MAX_WORK = saved
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = backend.current()
-    yield
-    backend.use(before)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import minilm
-from minilm import backend
 from minilm.cpu import gpt_decode
 from minilm.models.gpt import GPT, GPTConfig
 from minilm.sample import generate
@@ -21,13 +20,6 @@ F64_TOL = 1e-12
 F32_TOL = 1e-5
 TOL = {np.float64: F64_TOL, np.float32: F32_TOL}
 CONFIG = dict(vocab_size=11, block_size=9, n_layer=2, n_head=2, n_embd=8)
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = backend.current()
-    yield
-    backend.use(before)
 
 
 def model(dtype, bias, seed=3):

@@ -56,13 +56,6 @@ SETTINGS = settings(max_examples=25, deadline=None)
 pytestmark = pytest.mark.usefixtures("kernel_twins")     # every test on both twins (tests/conftest.py)
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = backend.current()
-    yield
-    backend.use(before)
-
-
 # --- helpers ----------------------------------------------------------------------------------
 
 def assert_close(actual, expected, tol, what):

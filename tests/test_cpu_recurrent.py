@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 import minilm
-from minilm import backend, ops
+from minilm import ops
 from minilm.cpu import _math as cpu_math, gru as cpu_gru, lstm as cpu_lstm, rnn as cpu_rnn
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.testing import ARGUMENTS, STATES, assert_backward_is_pure, relative_error, with_final_states
@@ -57,13 +57,6 @@ seeds = st.integers(0, 2**32 - 1)
 # each tier alike. Deep saturation has its own test below.)
 gains = st.floats(0.5, 1.5)
 dtypes = st.sampled_from([np.float64, np.float32])
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = backend.current()
-    yield
-    backend.use(before)
 
 
 # --- helpers ----------------------------------------------------------------------------------

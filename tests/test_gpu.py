@@ -54,13 +54,6 @@ GRAD_CASES = [(op, label, case) for op, cases in CASES.items() for label, case i
 IDS = [f"{op}-{label}" if label else op for op, label, _ in PARITY_CASES]
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    previous = backend.current()
-    yield
-    minilm.use(previous)
-
-
 def to_gpu(a):
     return cupy.asarray(a) if isinstance(a, np.ndarray) else a
 

@@ -21,7 +21,7 @@ if _no_gpu is not None:
     pytest.skip(f"the CuPy tier's tests need an NVIDIA GPU ({_no_gpu})", allow_module_level=True)
 
 import minilm  # noqa: E402
-from minilm import backend, ops  # noqa: E402
+from minilm import ops  # noqa: E402
 from minilm.gpu import gru as gpu_gru, lstm as gpu_lstm, rnn as gpu_rnn  # noqa: E402
 from minilm.gpu._core import BFLOAT16  # noqa: E402
 from minilm.gradcheck import DEFAULT_TOL, gradcheck  # noqa: E402
@@ -59,13 +59,6 @@ REFERENCE = {"rnn": ref_rnn, "lstm": ref_lstm, "gru": ref_gru}
 GPU = {"rnn": gpu_rnn, "lstm": gpu_lstm, "gru": gpu_gru}
 # (B, T, D, H): B = 1 and T = 1, H below, across and well off multiples of 32 (a warp)
 SHAPES = [(1, 1, 3, 5), (2, 5, 4, 33), (3, 7, 6, 50), (1, 3, 2, 1), (8, 4, 16, 100)]
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = backend.current()
-    yield
-    backend.use(before)
 
 
 # --- helpers ----------------------------------------------------------------------------------

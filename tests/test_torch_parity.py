@@ -17,7 +17,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import minilm  # noqa: E402
-from minilm import backend  # noqa: E402
 from minilm.bench import peers  # noqa: E402
 from minilm.config import preset  # noqa: E402
 from minilm.models import build_model  # noqa: E402
@@ -52,13 +51,6 @@ CASES = {
     "gru": dict(model="gru", n_layer=2, hidden_size=6, n_embd=5, grad_clip=0.3),
     "rnn": dict(model="rnn", n_layer=2, hidden_size=6, n_embd=5, grad_clip=0.3),
 }
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = backend.current()
-    yield
-    backend.use(before)
 
 
 def twins(cfg, seed=0):
