@@ -31,7 +31,7 @@ by rounding only, with no regrouping of sums. The exponentials take it (the GELU
 recurrent kernels): the argument reduction :math:`x - n \ln 2` stays exact, since
 :math:`n \ln 2_{hi}` is exact whether or not it is rounded on its own. On the GPT preset's
 shapes it makes the GELU kernels 1.2-1.4 times faster. The recurrent kernels, which are plain
-``@njit`` functions, take the same flag as ``fastmath=set(FUSED_MULTIPLY_ADD)``.
+``@njit`` functions, take the same flag through ``minilm.cpu.rnn.step_kernel``.
 """
 import types
 

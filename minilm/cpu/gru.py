@@ -13,11 +13,9 @@ pass adds the two parts left by step t+1 into :math:`\bar h_t`, writes :math:`\b
 :math:`\bar a^h_t` and this step's first part, and numpy makes the second.
 """
 import numpy as np
-from numba import njit
 
-from minilm.cpu._parallel import FUSED_MULTIPLY_ADD
 from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gradients,
-                            input_products, kernel_dtype, sigmoid_into, state_buffer, tanh_into)
+                            input_products, kernel_dtype, sigmoid_into, state_buffer, step_kernel, tanh_into)
 from minilm.reference import gru as reference
 from minilm.reference.gru import check_gru_args
 from minilm.reference.gru import GRUCache
@@ -26,7 +24,7 @@ from minilm.reference.rnn import check_backward_args
 __all__ = ["gru_forward", "gru_backward"]
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def _gru_step_forward(xW_x, b_x, hW_h, b_h, t, h0, h_state, gates, a_hn, h):
     """Step t of ``reference.gru_forward``'s loop, after its product hW_h = h_{t-1} W_h (B, 3H).
 
@@ -52,7 +50,7 @@ def _gru_step_forward(xW_x, b_x, hW_h, b_h, t, h0, h_state, gates, a_hn, h):
         copy(h_t, h_state[k])
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h, h0, t, da_x, da_h):
     """Step t of ``reference.gru_backward``'s loop, before its product da_h_t W_h^T.
 

@@ -13,11 +13,9 @@ and the cached gates into :math:`\bar a_t` (B, 4H) and :math:`\bar c_{t-1}^{\,\t
 makes :math:`\bar h_{t-1}^{\,\text{next}} = \bar a_t W_h^\top`.
 """
 import numpy as np
-from numba import njit
 
-from minilm.cpu._parallel import FUSED_MULTIPLY_ADD
 from minilm.cpu.rnn import (KERNEL_DTYPES, add, add3, copy, input_and_weight_gradients,
-                            input_products, kernel_dtype, sigmoid_into, state_buffer, tanh, tanh_into)
+                            input_products, kernel_dtype, sigmoid_into, state_buffer, step_kernel, tanh, tanh_into)
 from minilm.reference import lstm as reference
 from minilm.reference.lstm import check_lstm_args
 from minilm.reference.lstm import LSTMCache
@@ -26,7 +24,7 @@ from minilm.reference.rnn import check_backward_args
 __all__ = ["lstm_forward", "lstm_backward"]
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def _lstm_step_forward(xW_x, b, a_h, t, c0, h_state, gates, c, tanh_c, h):
     """Step t of ``reference.lstm_forward``'s loop, after its product a_h = h_{t-1} W_h (B, 4H).
 
@@ -51,7 +49,7 @@ def _lstm_step_forward(xW_x, b, a_h, t, c0, h_state, gates, c, tanh_c, h):
         copy(h_t, h_state[k])
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def _lstm_step_backward(dh, dh_next, dc_next, gates, c, c0, tanh_c, t, da):
     """Step t of ``reference.lstm_backward``'s loop, before its product da_t W_h^T.
 

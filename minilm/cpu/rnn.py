@@ -49,6 +49,8 @@ from minilm.reference.rnn import RNNCache, check_backward_args, check_rnn_args, 
 __all__ = ["rnn_forward", "rnn_backward"]
 
 KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run the reference
+# how every step kernel and helper below (and in lstm.py, gru.py) is compiled
+step_kernel = njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 
 
 # exp, σ and tanh: ``minilm.cpu._math`` (imported above, and used by the kernels below).
@@ -56,35 +58,35 @@ KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run t
 
 # --- shared by rnn, lstm and gru --------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def sigmoid_into(a):
     """a = σ(a) in place, for a 1-D array."""
     for j in range(a.shape[0]):
         a[j] = sigmoid(a[j])
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def tanh_into(a):
     """a = tanh(a) in place, for a 1-D array."""
     for j in range(a.shape[0]):
         a[j] = tanh(a[j])
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def add(a, b, out):
     """out = a + b, for 1-D arrays; ``out`` may be ``a`` or ``b``."""
     for j in range(out.shape[0]):
         out[j] = a[j] + b[j]
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def add3(a, b, c, out):
     """out = (a + b) + c, for 1-D arrays: a_t = (x_t W_x + b) + h_{t-1} W_h in the reference's order."""
     for j in range(out.shape[0]):
         out[j] = (a[j] + b[j]) + c[j]
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def copy(src, dst):
     """dst = src, for 1-D arrays (a loop of vector moves, faster in a kernel than a slice assignment)."""
     for j in range(dst.shape[0]):
@@ -115,7 +117,7 @@ def state_buffer(s, B, H, dtype):
 
 # --- the tanh RNN -----------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def _rnn_step_forward(xW_x, b, a_h, t, h_state, h):
     """Step t of ``reference.rnn_forward``'s loop, after its product a_h = h_{t-1} W_h (B, H).
 
@@ -128,7 +130,7 @@ def _rnn_step_forward(xW_x, b, a_h, t, h_state, h):
         copy(h_t, h_state[k])
 
 
-@njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+@step_kernel
 def _rnn_step_backward(dh, dh_next, h, t, da):
     """Step t of ``reference.rnn_backward``'s loop, before its product da_t W_h^T.
 
