@@ -12,8 +12,8 @@ import cupy
 
 from minilm.gpu._core import contiguous, elementwise, launch_rows, row_module, supported
 from minilm.reference import activations as reference
-from minilm.reference.activations import GeluCache, SoftmaxCache, check_gelu_args
-from minilm.validate import require_float, require_min_ndim, require_shape
+from minilm.reference.activations import GeluCache, SoftmaxCache, check_gelu_args, check_softmax_args
+from minilm.validate import require_shape
 
 __all__ = ["gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward"]
 
@@ -109,9 +109,8 @@ _kernel = row_module(_SOURCE, ["softmax_forward_rows", "softmax_backward_rows"])
 
 def softmax_forward(x):
     """CuPy ``minilm.reference.activations.softmax_forward``, over the last axis."""
-    require_float("softmax", "x", x)
-    require_min_ndim("softmax", "x", x, 1, "(..., N)")
-    if not supported(x) or x.shape[-1] == 0:
+    check_softmax_args(x)
+    if not supported(x):
         return reference.softmax_forward(x)
     V = x.shape[-1]
     N = x.size // V

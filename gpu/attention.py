@@ -84,7 +84,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     Dropout of the weights uses this tier's dropout kernel (its own random stream).
     """
     B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
-    if mask is not None or not supported(q, k, v) or Tq == 0 or Tk == 0:
+    if mask is not None or not supported(q, k, v) or Tq == 0:
         return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
     dtype = q.dtype
     tensor_cores = dtype in LOW_PRECISION and _blas.available(dtype)

@@ -53,6 +53,13 @@ def require_min_ndim(op, name, x, ndim, dims):
         )
 
 
+def require_nonempty(op, name, x, axis, letter, dims):
+    """x.shape[axis] >= 1, for an axis that the op reduces over (a max, mean or sum of no entries,
+    where a softmax or a normalisation has nothing to work on); ``letter`` names it in ``dims``."""
+    if x.shape[axis] == 0:
+        raise ValueError(f"{op}: argument '{name}' must have {letter} >= 1 in {dims}, got shape {tuple(x.shape)}")
+
+
 def require_shape(op, name, x, shape, dims):
     """x.shape equals ``shape``; ``dims`` names the letters, e.g. "(C,)"."""
     require_array(op, name, x)

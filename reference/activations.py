@@ -35,7 +35,7 @@ import math
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_choice, require_float, require_min_ndim, require_shape
+from minilm.validate import require_choice, require_float, require_min_ndim, require_nonempty, require_shape
 
 GELU_APPROXIMATIONS = ("tanh", "none")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -153,10 +153,16 @@ class SoftmaxCache(NamedTuple):
     y: object       # (..., N) the probabilities
 
 
-def softmax_forward(x):
-    """y = exp(x - max) / sum(exp(x - max)) over the last axis."""
+def check_softmax_args(x):
+    """The argument checks of ``softmax_forward``, shared with the kernels of the other tiers."""
     require_float("softmax", "x", x)
     require_min_ndim("softmax", "x", x, 1, "(..., N)")
+    require_nonempty("softmax", "x", x, -1, "N", "(..., N)")
+
+
+def softmax_forward(x):
+    """y = exp(x - max) / sum(exp(x - max)) over the last axis."""
+    check_softmax_args(x)
     xp = get_array_module(x)
     e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))         # (..., N) every exponent <= 0
     y = e / xp.sum(e, axis=-1, keepdims=True)                  # (..., N)

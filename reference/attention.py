@@ -138,7 +138,7 @@ from minilm.backend import get_array_module
 from minilm.reference.dropout import dropout_backward, dropout_forward
 from minilm.reference.linear import linear_backward, linear_forward
 from minilm.validate import (require_array, require_choice, require_divisible, require_float, require_ndim,
-                             require_positive, require_probability, require_same_dtype, require_shape)
+                             require_nonempty, require_positive, require_probability, require_same_dtype, require_shape)
 
 
 # --- argument checks --------------------------------------------------------------------------
@@ -173,9 +173,11 @@ def check_attention_args(q, k, v, causal, mask, dropout=0.0):
     """
     require_float("attention", "q", q)
     require_ndim("attention", "q", q, 4, "(B, NH, Tq, hs)")
+    require_nonempty("attention", "q", q, 3, "hs", "(B, NH, Tq, hs)")     # the scores' scale is 1/sqrt(hs)
     B, NH, Tq, hs = q.shape
     require_float("attention", "k", k)
     require_ndim("attention", "k", k, 4, "(B, NH, Tk, hs)")
+    require_nonempty("attention", "k", k, 2, "Tk", "(B, NH, Tk, hs)")     # a softmax over no keys is undefined
     Tk = k.shape[2]
     require_shape("attention", "k", k, (B, NH, Tk, hs), "(B, NH, Tk, hs)")
     require_float("attention", "v", v)
@@ -312,6 +314,8 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dr
     op = "self_attention"
     require_float(op, "x", x)
     require_ndim(op, "x", x, 3, "(B, T, C)")
+    require_nonempty(op, "x", x, 1, "T", "(B, T, C)")
+    require_nonempty(op, "x", x, 2, "C", "(B, T, C)")
     C = x.shape[-1]
     _require_heads(op, C, n_head)
     _require_param(op, "W_qkv", W_qkv, (C, 3 * C), "(C, 3C)")
@@ -384,9 +388,11 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
     op = "cross_attention"
     require_float(op, "x", x)
     require_ndim(op, "x", x, 3, "(B, Tq, C)")
+    require_nonempty(op, "x", x, 2, "C", "(B, Tq, C)")
     B, Tq, C = x.shape
     require_float(op, "memory", memory)
     require_ndim(op, "memory", memory, 3, "(B, Tk, C)")
+    require_nonempty(op, "memory", memory, 1, "Tk", "(B, Tk, C)")
     Tk = memory.shape[1]
     require_shape(op, "memory", memory, (B, Tk, C), "(B, Tk, C)")
     _require_heads(op, C, n_head)

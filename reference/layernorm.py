@@ -75,7 +75,8 @@ rstd     (..., 1)   (cache)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_min_ndim, require_positive, require_same_dtype, require_shape
+from minilm.validate import (require_float, require_min_ndim, require_nonempty, require_positive, require_same_dtype,
+                             require_shape)
 
 
 class LayernormCache(NamedTuple):
@@ -88,6 +89,7 @@ def check_layernorm_args(x, gamma, beta, eps):
     """The argument checks of ``layernorm_forward``, shared with the kernels of the other tiers."""
     require_float("layernorm", "x", x)
     require_min_ndim("layernorm", "x", x, 1, "(..., C)")
+    require_nonempty("layernorm", "x", x, -1, "C", "(..., C)")
     C = x.shape[-1]
     require_float("layernorm", "gamma", gamma)
     require_shape("layernorm", "gamma", gamma, (C,), "(C,)")

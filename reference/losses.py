@@ -59,7 +59,8 @@ import numbers
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_ids, require_min_ndim, require_probability, require_shape
+from minilm.validate import (require_float, require_ids, require_min_ndim, require_nonempty, require_probability,
+                             require_shape)
 
 
 class CrossEntropyCache(NamedTuple):
@@ -77,6 +78,7 @@ def check_cross_entropy_args(logits, targets, ignore_index, label_smoothing):
     """
     require_float("cross_entropy", "logits", logits)
     require_min_ndim("cross_entropy", "logits", logits, 1, "(..., V)")
+    require_nonempty("cross_entropy", "logits", logits, -1, "V", "(..., V)")
     require_shape("cross_entropy", "targets", targets, logits.shape[:-1], "(...) = logits' leading dims")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"cross_entropy: option 'ignore_index' must be an integer, got {ignore_index!r}")
@@ -102,7 +104,6 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     """
     counted = check_cross_entropy_args(logits, targets, ignore_index, label_smoothing)   # (...)
     xp = get_array_module(logits)
-    V = logits.shape[-1]
     eps = float(label_smoothing)                               # a Python float keeps logits' dtype
     M = int(xp.sum(counted))
 

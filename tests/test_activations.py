@@ -237,6 +237,12 @@ def test_softmax_rejects_a_0d_x():
         softmax_forward(np.float64(1.0))
 
 
+def test_softmax_rejects_an_empty_last_axis():
+    """A softmax over no entries has no probabilities to give (a max and a sum of nothing)."""
+    with pytest.raises(ValueError, match=r"softmax: argument 'x' must have N >= 1 in \(\.\.\., N\), got shape \(2, 3, 0\)"):
+        softmax_forward(example()[..., :0])
+
+
 # --- PyTorch ----------------------------------------------------------------------------------
 
 def _torch_reference(torch, name, xt):

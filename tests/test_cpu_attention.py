@@ -254,7 +254,8 @@ def test_bad_arguments_raise_the_reference_errors():
     q = np.zeros((1, 2, 3, 4))
     bad = [((q, q[:, :1], q), {}), ((q, q, q.astype(np.float32)), {}), ((q[0], q, q), {}),
            ((q, q, q), {"causal": "yes"}), ((q, q, q), {"mask": np.ones((3, 4), bool)}),
-           ((q, q, q), {"mask": np.ones((3, 3))}), ((q.astype(int), q, q), {})]
+           ((q, q, q), {"mask": np.ones((3, 3))}), ((q.astype(int), q, q), {}),
+           ((q, q[:, :, :0], q[:, :, :0]), {}), ((q[..., :0], q[..., :0], q[..., :0]), {})]
     for args, kwargs in bad:
         with pytest.raises((TypeError, ValueError)) as expected:
             ref_attention.attention_forward(*args, **kwargs)
@@ -350,6 +351,8 @@ def test_softmax_non_contiguous_gradcheck_and_checks():
         cpu_activations.softmax_forward(np.arange(3))
     with pytest.raises(ValueError, match=r"softmax: argument 'x' must have at least 1 dimension"):
         cpu_activations.softmax_forward(np.ones(()))
+    with pytest.raises(ValueError, match=r"softmax: argument 'x' must have N >= 1 in \(\.\.\., N\), got shape \(3, 0\)"):
+        cpu_activations.softmax_forward(np.ones((3, 0)))
     _, cache = cpu_activations.softmax_forward(x)
     with pytest.raises(ValueError, match=r"softmax_backward: argument 'dy' must have shape"):
         cpu_activations.softmax_backward(x[:1], cache)

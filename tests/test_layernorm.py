@@ -127,6 +127,8 @@ BAD_INPUTS = [
     ("x not float", lambda x, g, b: ((x.astype(np.int64), g, b), {}), TypeError,
      r"layernorm: argument 'x' must be a floating"),
     ("x 0-d", lambda x, g, b: ((x[0, 0, 0], g, b), {}), ValueError, r"layernorm: argument 'x' must have at least 1"),
+    ("x no features", lambda x, g, b: ((x[..., :0], g[:0], b[:0]), {}), ValueError,
+     r"layernorm: argument 'x' must have C >= 1 in \(\.\.\., C\), got shape \(2, 3, 0\)"),
     ("gamma not float", lambda x, g, b: ((x, g.astype(np.int64), b), {}), TypeError,
      r"layernorm: argument 'gamma' must be a floating"),
     ("gamma wrong shape", lambda x, g, b: ((x, g[:4], b), {}), ValueError,

@@ -206,6 +206,8 @@ BAD_INPUTS = [
      r"cross_entropy: argument 'logits' must be a floating"),
     ("logits 0-d", lambda z, t: ((z[0, 0, 0], t), {}), ValueError,
      r"cross_entropy: argument 'logits' must have at least 1"),
+    ("logits no classes", lambda z, t: ((z[..., :0], t), {}), ValueError,
+     r"cross_entropy: argument 'logits' must have V >= 1 in \(\.\.\., V\), got shape \(2, 5, 0\)"),
     ("targets float", lambda z, t: ((z, t.astype(np.float64)), {}), TypeError,
      r"cross_entropy: argument 'targets' must be an integer array"),
     ("targets not an array", lambda z, t: ((z, t.tolist()), {}), TypeError,

@@ -12,8 +12,8 @@ from numba import prange
 from minilm.cpu._math import exp_nonpositive
 from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, pick, rows_kernel
 from minilm.reference import activations as reference
-from minilm.reference.activations import SoftmaxCache
-from minilm.validate import require_float, require_min_ndim, require_shape
+from minilm.reference.activations import SoftmaxCache, check_softmax_args
+from minilm.validate import require_shape
 
 __all__ = []
 
@@ -76,8 +76,7 @@ def _rows(a, dtype):
 
 def softmax_forward(x):
     """Equals ``minilm.reference.activations.softmax_forward``: softmax over the last axis."""
-    require_float("softmax", "x", x)
-    require_min_ndim("softmax", "x", x, 1, "(..., N)")
+    check_softmax_args(x)
     if x.dtype not in KERNEL_DTYPES:
         return reference.softmax_forward(x)
     y = pick(_softmax_forward_kernel, x.size)(_rows(x, x.dtype)).reshape(x.shape)
