@@ -12,6 +12,14 @@ def restore_backend():
     backend.use(before)
 
 
+@pytest.fixture
+def numpy_backend(restore_backend):
+    """The test runs the reference ops: for the models, training and sampling, whose backend
+    parity is tested op by op (and step by step in ``test_torch_parity.py``). Used through
+    ``pytestmark = pytest.mark.usefixtures("numpy_backend")``."""
+    backend.use("numpy")
+
+
 @pytest.fixture(scope="module", params=["serial", "parallel"])
 def kernel_twins(request):
     """Run a module's tests once with every kernel's serial twin (what the numba backend runs while

@@ -5,8 +5,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-import minilm
-from minilm import backend
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.models import GPT, RNNLM, GPTConfig, RNNConfig, build_model, model_from_meta, model_meta
 
@@ -31,13 +29,7 @@ GPT_TINY = dict(vocab_size=V, block_size=6, n_layer=2, n_head=2, n_embd=8)
 RNN_TINY = dict(vocab_size=V, n_layer=2, hidden_size=6, n_embd=5)
 
 
-@pytest.fixture(autouse=True)
-def numpy_backend():
-    """Model tests run the reference ops; backend parity is tested op by op elsewhere."""
-    previous = backend.current()
-    minilm.use("numpy")
-    yield
-    minilm.use(previous)
+pytestmark = pytest.mark.usefixtures("numpy_backend")    # tests/conftest.py
 
 
 def batch(seed=0, T=T):

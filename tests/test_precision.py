@@ -6,8 +6,7 @@ code on NumPy, so it is checked here with float16 NumPy arrays, where CI can run
 import numpy as np
 import pytest
 
-import minilm
-from minilm import backend, optim
+from minilm import optim
 from minilm.models.gpt import GPT, GPTConfig
 from minilm.params import Params, precision_of
 from minilm.precision import LossScaler
@@ -15,12 +14,7 @@ from minilm.testing import relative_error
 from minilm.train import apply_gradients
 
 
-@pytest.fixture(autouse=True)
-def numpy_backend():
-    previous = backend.current()
-    minilm.use("numpy")
-    yield
-    minilm.use(previous)
+pytestmark = pytest.mark.usefixtures("numpy_backend")    # tests/conftest.py
 
 
 def gpt(dtype):

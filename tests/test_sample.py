@@ -5,8 +5,6 @@ import types
 import numpy as np
 import pytest
 
-import minilm
-from minilm import backend
 from minilm.models import GPT, RNNLM, GPTConfig, RNNConfig
 from minilm.sample import generate, next_token_probs, sample_token
 
@@ -19,12 +17,7 @@ RNN_TINY = dict(vocab_size=V, n_layer=2, hidden_size=6, n_embd=5)
 OPTIONS = [dict(), dict(temperature=0.7), dict(top_k=3), dict(top_p=0.8), dict(temperature=1.5, top_k=5, top_p=0.9)]
 
 
-@pytest.fixture(autouse=True)
-def numpy_backend():
-    previous = backend.current()
-    minilm.use("numpy")
-    yield
-    minilm.use(previous)
+pytestmark = pytest.mark.usefixtures("numpy_backend")    # tests/conftest.py
 
 
 def gpt(dtype=np.float64):

@@ -6,7 +6,6 @@ import signal
 import numpy as np
 import pytest
 
-import minilm
 from minilm import checkpoint, cli, train
 
 # a tiny model and run, so each training takes a fraction of a second on the numpy backend
@@ -15,12 +14,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--hidden-size", "1
         "--lr-decay-iters", "12", "--backend", "numpy", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def numpy_backend():
-    before = minilm.current()
-    minilm.use("numpy")
-    yield
-    minilm.use(before)
+pytestmark = pytest.mark.usefixtures("numpy_backend")    # tests/conftest.py
 
 
 @pytest.fixture
