@@ -30,8 +30,9 @@ def build_parser():
     p = sub.add_parser("train", help="train a model; every model and optimiser setting is an option")
     p.add_argument("--preset", default="shakespeare-char-cpu", choices=list(config.PRESETS),
                    help="the settings to start from (with --resume: the saved run's)")
-    p.add_argument("--data", default="shakespeare",
-                   help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once) or a UTF-8 text file")
+    p.add_argument("--data", default=None,
+                   help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once; the default) "
+                        "or a UTF-8 text file; with --resume: the saved run's")
     p.add_argument("--out", default="out", help="folder for checkpoints, metrics.jsonl and loss.png")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last.npz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,7 +68,8 @@ def _train(args):
     # a resumed run starts from its own saved settings; options given now override them
     base = train.saved_config(args.out) if args.resume else config.preset(args.preset)
     cfg = config.from_args(args, base)
-    result = train.train(cfg, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's
+    result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     return 130 if result["interrupted"] else 0
 
 

@@ -9,6 +9,7 @@ the uninterrupted run would have; Ctrl-C saves ``last.npz`` before exiting.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -124,11 +125,18 @@ def saved_config(out_dir):
     return config.TrainConfig(**saved.meta["train_config"])
 
 
+def data_digest(text):
+    """The SHA-256 of a corpus, saved with a run so that ``--resume`` can tell it the same text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
     """Train a model as ``cfg`` says on the text ``data``; write checkpoints and metrics to ``out_dir``.
 
     With ``resume``, the model, optimiser, data order and random states come from
     ``out_dir/last.npz``; ``cfg`` must describe the same model (start from ``saved_config``).
+    ``data`` None then means the saved run's text, and any other ``data`` must hold that same
+    text (a resumed run computes the losses the uninterrupted one would have).
 
     Returns a dict with the final iteration, the last evaluation and whether it stopped early
     or was interrupted.
@@ -136,9 +144,15 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
     os.makedirs(out_dir, exist_ok=True)
     last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    text, source = load_text(data)
-
     saved = checkpoint.load(last_path) if resume else None
+    if saved is not None and data is None:
+        data = saved.meta["data"]                      # the saved run's text
+    text, source = load_text(data)
+    digest = data_digest(text)
+    if saved is not None and saved.meta.get("data_sha256", digest) != digest:      # older runs saved none
+        raise ValueError(f"minilm train: --resume: option '--data' {data!r} holds other text than the run saved in "
+                         f"{last_path} was trained on ({saved.meta['data']!r}); pass that text to resume it, "
+                         f"or train a new run in another --out")
     if saved is not None:
         tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
     else:
@@ -196,7 +210,8 @@ def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
             "best_val_loss": best_val, "batches": batches.state_dict(), "dropout_rng": dropout_rng.bit_generator.state,
             "early_stopping": stopper.state_dict() if stopper else None, "backend": backend.current(),
             "loss_scaler": scaler.state_dict(),
-            "dtype": cfg.dtype, "data": data, "last_eval_iter": last_eval_iter,
+            "dtype": cfg.dtype, "last_eval_iter": last_eval_iter,
+            "data": data if data == "shakespeare" else os.path.abspath(data), "data_sha256": digest,
             "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
         }
 

@@ -92,6 +92,33 @@ def test_ctrl_c_saves_and_resume_continues_exactly(corpus, tmp_path, monkeypatch
     assert _losses(_metrics(straight)) == _losses(_metrics(interrupted))
 
 
+def test_resume_without_data_reads_the_saved_runs_text(corpus, tmp_path, monkeypatch):
+    """The run remembers its text by absolute path: resumed from another folder without --data,
+    it trains on the same text and computes the same losses."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(corpus, straight, "--max-iters", "12") == 0
+    monkeypatch.chdir(os.path.dirname(corpus))
+    assert _train(os.path.basename(corpus), split, "--max-iters", "6") == 0      # a relative --data
+    assert checkpoint.load(split / "last.npz").meta["data"] == corpus
+    monkeypatch.chdir(tmp_path / "split")
+    assert cli.main(["train", "--out", str(split), "--resume", "--max-iters", "12", "--backend", "numpy",
+                     "--no-progress"]) == 0
+    a, b = _losses(_metrics(straight)), _losses(_metrics(split))
+    assert all(a[it] == b[it] for it in (0, 4, 8, 12))
+
+
+def test_resume_refuses_other_text(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(open(corpus, encoding="utf-8").read().split())) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    err = _error(capsys, ["train", "--data", str(other), "--out", str(out), "--resume", "--max-iters", "8",
+                          "--backend", "numpy", "--no-progress"])
+    assert "option '--data'" in err and "other text" in err and repr(corpus) in err
+    assert checkpoint.load(out / "last.npz").meta["iter"] == 4     # the saved run is untouched
+
+
 def test_early_stopping(corpus, tmp_path):
     # with lr 1e-6 nothing improves by more than noise, so patience 1 stops at the second evaluation
     out = tmp_path / "run"
