@@ -114,7 +114,9 @@ def main(argv=None):
             bench_run.benchmark(args)
             return 0
     except (ValueError, TypeError, OSError, RuntimeError) as e:
-        print(f"minilm {args.command}: error: {e}", file=sys.stderr)
+        command = f"minilm {args.command}"
+        message = str(e).removeprefix(f"{command}: ")       # the command's own checks name it already
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
 

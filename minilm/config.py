@@ -110,6 +110,10 @@ def validate(cfg):
         raise ValueError(f"minilm train: option '--n-embd' ({cfg.n_embd}) must be divisible by '--n-head' ({cfg.n_head})")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"minilm train: option '--min-lr' ({cfg.min_lr}) must not exceed '--lr' ({cfg.lr})")
+    if cfg.schedule == "cosine" and cfg.schedule_length() <= cfg.warmup_iters:
+        length = (f"'--lr-decay-iters' ({cfg.lr_decay_iters})" if cfg.lr_decay_iters else
+                  f"'--max-iters' ({cfg.max_iters}), the schedule's length while '--lr-decay-iters' is 0,")
+        raise ValueError(f"minilm train: option {length} must exceed '--warmup-iters' ({cfg.warmup_iters})")
     return cfg
 
 
