@@ -22,6 +22,9 @@ import statistics
 import subprocess
 import sys
 
+from minilm.backend import BACKENDS
+from minilm.config import PRESETS
+
 TRAIN_PRESETS = ("shakespeare-char-cpu", "shakespeare-lstm", "shakespeare-gru")
 GPU_BACKENDS = ("cupy",)
 GPU_DTYPES = ("float32", "bfloat16", "float16")     # 16-bit: mixed precision, float32 master weights
@@ -41,14 +44,16 @@ def add_options(p):
                         "batches as the peer; 'nanogpt' (long) trains the peer with nanoGPT's own loop and "
                         "PyTorch's random numbers")
     p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach")
-    p.add_argument("--converge-preset", default="shakespeare-char-cpu", help="converge, replay: the preset to train")
+    p.add_argument("--converge-preset", default="shakespeare-char-cpu", choices=list(PRESETS), metavar="PRESET",
+                   help="converge, replay: the preset to train")
     p.add_argument("--data", default="shakespeare", help="converge, replay: the corpus")
     p.add_argument("--seed", type=int, default=None, help="converge, replay, nanogpt: the seed (default: the preset's)")
     p.add_argument("--gelu", choices=("none", "tanh"), default="none",
                    help="nanogpt: the peer's GELU, nanoGPT's exact one ('none', the default) or minilm's tanh form")
-    p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), metavar="PRESET")
-    p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
-                   help="default: numpy and numba (and cupy when a GPU is present)")
+    p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), choices=list(PRESETS), metavar="PRESET",
+                   help=f"train: the presets to time, among {', '.join(PRESETS)}; default: {' '.join(TRAIN_PRESETS)}")
+    p.add_argument("--backends", nargs="+", default=None, choices=BACKENDS, metavar="BACKEND",
+                   help=f"among {', '.join(BACKENDS)}; default: numpy and numba (and cupy when a GPU is present)")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT compilation, caches)")
     p.add_argument("--tokens", type=int, default=500, help="tokens to sample")
@@ -145,8 +150,11 @@ def train_tables(args, backends, torch):
 def benchmark(args, out=print):
     backends = args.backends or _available_backends()
     torch = not args.no_torch and _torch_installed()
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"minilm bench: option '--batch-size' must be an integer >= 1, got {args.batch_size}")
+    for option, low in (("steps", 1), ("warmup", 0), ("tokens", 1), ("rounds", 1), ("threads", 1), ("batch_size", 1)):
+        value = getattr(args, option)
+        if value is not None and value < low:           # --batch-size None: the presets' own
+            raise ValueError(f"minilm bench: option '--{option.replace('_', '-')}' must be an integer >= {low}, "
+                             f"got {value}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"minilm bench: option '--peak-tflops' must be > 0, got {args.peak_tflops}")
     results = {"date": datetime.date.today().isoformat(), "machine": _machine(), "threads": args.threads,

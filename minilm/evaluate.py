@@ -46,8 +46,14 @@ def run(args, out=print):
     text, source = load_text(data)
     train_ids, val_ids = split(tokenizer.encode(text), 0.9)
     ids = val_ids if args.split == "val" else train_ids
+    if len(ids) < 2:
+        raise ValueError(f"minilm eval: the {args.split} split of --data {data!r} has {len(ids)} character(s); "
+                         f"scoring needs at least 2 (one to predict from, one to predict)")
     cfg = meta["train_config"]
-    result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=args.batch_size or cfg["batch_size"])
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"minilm eval: option '--batch-size' must be an integer >= 1, got {args.batch_size}")
+    batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
+    result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=batch_size)
     out(f"{args.checkpoint} (iteration {meta['iter']}) on the {args.split} split of {source}, "
         f"{result['characters']:,} characters:")
     out(f"  loss {result['loss']:.4f} nats/char, perplexity {result['perplexity']:.3f}, "

@@ -31,11 +31,23 @@ def test_rounds_report_medians_and_the_ratio_within_each_round(monkeypatch):
     assert numba_row["peak_rss_mb"] == 5 and len(numba_row["rounds"]) == 3
 
 
-@pytest.mark.parametrize("rounds", ["0", "-1"])
-def test_bad_rounds_is_a_clear_error(rounds, capsys):
-    assert cli.main(["bench", "--what", "train", "--rounds", rounds, "--no-torch", "--backends", "numpy"]) == 2
+@pytest.mark.parametrize("option, value, low", [("--rounds", "0", 1), ("--rounds", "-1", 1), ("--steps", "0", 1),
+                                               ("--warmup", "-1", 0), ("--tokens", "0", 1), ("--threads", "0", 1)])
+def test_bad_counts_are_clear_errors_before_anything_runs(option, value, low, capsys, monkeypatch):
+    monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
+    assert cli.main(["bench", "--what", "all", option, value, "--no-torch", "--backends", "numpy"]) == 2
     err = capsys.readouterr().err
-    assert "'--rounds'" in err and "integer >= 1" in err and rounds in err
+    assert f"'{option}'" in err and f"integer >= {low}" in err and value in err
+
+
+@pytest.mark.parametrize("argv, words", [(["--presets", "shakespeare-huge"], ["--presets", "'shakespeare-huge'"]),
+                                         (["--backends", "jax"], ["--backends", "'jax'"]),
+                                         (["--converge-preset", "nope"], ["--converge-preset", "'nope'"])])
+def test_unknown_presets_and_backends_are_refused_by_the_parser(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice" in err and all(w in err for w in words)
 
 
 def test_a_training_step_measurement_end_to_end(tmp_path, capsys):

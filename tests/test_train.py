@@ -143,6 +143,21 @@ def test_eval_and_sample(corpus, tmp_path, capsys):
     assert sampled.startswith("to be") and len(sampled) == len("to be") + 30 + 1
 
 
+def test_eval_bad_batch_size_and_too_short_text(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    capsys.readouterr()
+    err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--batch-size", "0", "--backend", "numpy"])
+    assert "option '--batch-size' must be an integer >= 1, got 0" in err
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be", encoding="utf-8")    # a validation split of 2 characters: fine
+    assert cli.main(["eval", "--checkpoint", str(out / "last.npz"), "--data", str(short), "--backend", "numpy"]) == 0
+    short.write_text("to be or", encoding="utf-8")              # 1 character: nothing to score
+    capsys.readouterr()
+    err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--data", str(short), "--backend", "numpy"])
+    assert "the val split of --data" in err and "has 1 character(s)" in err
+
+
 def test_sample_prints_the_compile_notice_before_the_prompt(corpus, tmp_path, monkeypatch):
     """On a cold Numba cache the notice (stderr) comes while the first token is computed; the
     prompt (stdout) is written after it, so that a terminal never shows the notice inside the text."""
