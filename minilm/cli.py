@@ -34,7 +34,10 @@ def build_parser():
                    help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once; the default) "
                         "or a UTF-8 text file; with --resume: the saved run's")
     p.add_argument("--out", default="out", help="folder for checkpoints, metrics.jsonl and loss.png")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last.npz")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last.npz")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an OUT that holds a run, replacing its checkpoints and metrics")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     config.add_options(p)
     _add_backend(p)
@@ -69,7 +72,8 @@ def _train(args):
     base = train.saved_config(args.out) if args.resume else config.preset(args.preset)
     cfg = config.from_args(args, base)
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's
-    result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.no_progress)
     return 130 if result["interrupted"] else 0
 
 

@@ -130,19 +130,27 @@ def data_digest(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def train(cfg, *, data, out_dir, resume=False, progress=True, log=print):
+def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, log=print):
     """Train a model as ``cfg`` says on the text ``data``; write checkpoints and metrics to ``out_dir``.
 
     With ``resume``, the model, optimiser, data order and random states come from
     ``out_dir/last.npz``; ``cfg`` must describe the same model (start from ``saved_config``).
     ``data`` None then means the saved run's text, and any other ``data`` must hold that same
-    text (a resumed run computes the losses the uninterrupted one would have).
+    text (a resumed run computes the losses the uninterrupted one would have). Without it, an
+    ``out_dir`` that already holds a run's checkpoints is refused unless ``overwrite``.
 
     Returns a dict with the final iteration, the last evaluation and whether it stopped early
     or was interrupted.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a file, not a folder")
     last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
+    held = [os.path.basename(p) for p in (last_path, best_path) if os.path.exists(p)]
+    if held and not resume and not overwrite:          # a run's checkpoints are never replaced unasked
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
+                         f"({' and '.join(held)}); continue it with --resume, train into another --out, "
+                         f"or pass --overwrite to start afresh there")
+    os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     saved = checkpoint.load(last_path) if resume else None
     if saved is not None and data is None:

@@ -107,6 +107,27 @@ def test_resume_without_data_reads_the_saved_runs_text(corpus, tmp_path, monkeyp
     assert all(a[it] == b[it] for it in (0, 4, 8, 12))
 
 
+def test_a_fresh_run_never_replaces_a_saved_one(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    saved = {name: (out / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
+    capsys.readouterr()
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "8"])
+    assert "already holds a run (last.npz and best.npz)" in err and "--resume" in err and "--overwrite" in err
+    assert {name: (out / name).read_bytes() for name in saved} == saved          # nothing touched
+    assert _train(corpus, out, "--max-iters", "8", "--overwrite") == 0           # asked for: starts afresh
+    assert checkpoint.load(out / "last.npz").meta["iter"] == 8
+    assert [r["iter"] for r in _metrics(out)] == [0, 4, 8]
+    with pytest.raises(SystemExit) as e:
+        _train(corpus, out, "--resume", "--overwrite")
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file(corpus, tmp_path, capsys):
+    err = _error(capsys, ["train", "--data", corpus, "--out", corpus, *TINY])
+    assert f"option '--out' {corpus!r} is a file, not a folder" in err
+
+
 def test_resume_refuses_other_text(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(corpus, out, "--max-iters", "4") == 0
