@@ -27,6 +27,8 @@ def run(args, out=None):
     """Entry point of the subcommand; returns the exit status."""
     out = out or sys.stdout
     ops = args.op or list(CASES)
+    if args.seed < 0:
+        raise ValueError(f"minilm gradcheck: option '--seed' must be an integer >= 0, got {args.seed}")
     reports = check_ops(ops, seed=args.seed)
     print(f"backend {backend.current()}, float64, tolerance {DEFAULT_TOL:.0e} relative", file=out)
     print(f"{'op':<24} {'argument':<10} {'max rel error':>13}  result", file=out)

@@ -147,3 +147,8 @@ def test_strided_arguments_are_perturbed():
     assert not x.flags.c_contiguous
     report = gradcheck(scale_forward, scale_backward, (x, rng.standard_normal(4)))
     assert report.passed, str(report)
+
+
+def test_cli_rejects_a_negative_seed(capsys):
+    assert cli.main(["gradcheck", "--op", "layernorm", "--seed", "-1", "--backend", "numpy"]) == 2
+    assert "minilm gradcheck: error: option '--seed' must be an integer >= 0, got -1" in capsys.readouterr().err
