@@ -95,6 +95,12 @@ def _is_float(x):
     return hasattr(x, "dtype") and getattr(x.dtype, "kind", "") == "f"
 
 
+def _kinds(args):
+    """What ``args`` holds, for an error message: '(int64 array (3,), None)'."""
+    kinds = [f"{a.dtype} array {tuple(a.shape)}" if hasattr(a, "dtype") else type(a).__name__ for a in args]
+    return f"({', '.join(kinds)})"
+
+
 def _argument_names(forward, n):
     try:
         params = [p.name for p in inspect.signature(forward).parameters.values()
@@ -133,6 +139,9 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         raise TypeError("gradcheck: arguments 'forward' and 'backward' must be callables")
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"gradcheck: argument 'args' must be a tuple of the forward's arguments, got {type(args).__name__}")
+    if not any(_is_float(a) for a in args):             # a check of nothing would pass, and mean nothing
+        raise ValueError("gradcheck: argument 'args' must hold at least one floating-point array to check "
+                         f"(integer arrays, such as token ids, get no gradient), got {_kinds(args)}")
     kwargs = dict(kwargs or {})
     backward_kwargs = dict(backward_kwargs or {})
     op = name or getattr(forward, "__name__", "op").removesuffix("_forward")
@@ -143,7 +152,11 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     originals = [a.copy() if hasattr(a, "copy") else a for a in args]
     names = _argument_names(forward, len(args))
 
-    out, cache = forward(*args, **kwargs)
+    result = forward(*args, **kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+        raise TypeError(f"gradcheck: the forward must return (output, cache), as the op contract says; got {got}")
+    out, cache = result
     R = xp.asarray(rng.standard_normal(np.shape(out)))
     grads = backward(R, cache, **backward_kwargs)
 

@@ -107,6 +107,10 @@ def test_bad_arguments():
         gradcheck(scale_forward, scale_backward, np.ones(3))
     with pytest.raises(TypeError, match="'forward' and 'backward' must be callables"):
         gradcheck(None, scale_backward, (np.ones(3),))
+    with pytest.raises(ValueError, match=r"must hold at least one floating-point array .* got \(int64 array \(3,\), NoneType\)"):
+        gradcheck(scale_forward, scale_backward, (np.arange(3), None))     # nothing to check: no vacuous pass
+    with pytest.raises(TypeError, match=r"the forward must return \(output, cache\).*got ndarray"):
+        gradcheck(lambda x, w: x * w, scale_backward, (np.ones(3), np.ones(3)))
 
 
 def test_cli_passes_every_op(capsys):
