@@ -132,3 +132,11 @@ def as_numpy_dtype(op, name, dtype):
         return np.dtype(dtype)
     except TypeError:
         raise ValueError(f"{op}: option '{name}' must be a dtype name such as 'float32', got {dtype!r}") from None
+
+
+def as_float_dtype(op, name, dtype):
+    """``as_numpy_dtype``, for a dtype that must be floating-point (float16/32/64 or bfloat16)."""
+    dtype = as_numpy_dtype(op, name, dtype)
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        raise ValueError(f"{op}: option '{name}' must be a floating-point dtype such as float32, got {dtype}")
+    return dtype

@@ -72,7 +72,7 @@ import numpy as np
 from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.params import Params, precision_of
-from minilm.validate import (as_numpy_dtype, require_divisible, require_ids, require_ndim, require_positive,
+from minilm.validate import (as_float_dtype, require_divisible, require_ids, require_ndim, require_positive,
                              require_probability)
 
 IGNORE_INDEX = -100     # targets equal to this are not counted by the loss (cross_entropy's default)
@@ -201,9 +201,7 @@ class GPT:
     def __init__(self, config, *, dtype=np.float32, seed=0):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT: argument 'config' must be a GPTConfig, got {type(config).__name__}")
-        dtype = as_numpy_dtype("GPT", "dtype", dtype)
-        if dtype.kind != "f" and dtype.name != "bfloat16":
-            raise ValueError(f"GPT: option 'dtype' must be a floating-point dtype such as float32, got {dtype}")
+        dtype = as_float_dtype("GPT", "dtype", dtype)
         self.config = cfg = config
         V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
         specs = [("wte", (V, C)), ("wpe", (T, C))]

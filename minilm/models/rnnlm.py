@@ -52,7 +52,7 @@ from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_backward, dropout_forward, dropout_rng
 from minilm.params import Params, precision_of
-from minilm.validate import as_numpy_dtype, require_choice, require_positive, require_probability
+from minilm.validate import as_float_dtype, require_choice, require_positive, require_probability
 
 CELLS = ("rnn", "lstm", "gru")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -95,9 +95,7 @@ class RNNLM:
     def __init__(self, config, *, dtype=np.float32, seed=0):
         if not isinstance(config, RNNConfig):
             raise TypeError(f"RNNLM: argument 'config' must be an RNNConfig, got {type(config).__name__}")
-        dtype = as_numpy_dtype("RNNLM", "dtype", dtype)
-        if dtype.kind != "f" and dtype.name != "bfloat16":
-            raise ValueError(f"RNNLM: option 'dtype' must be a floating-point dtype such as float32, got {dtype}")
+        dtype = as_float_dtype("RNNLM", "dtype", dtype)
         self.config = cfg = config
         V, H, G = cfg.vocab_size, cfg.hidden_size, GATES[cfg.cell]
         specs = [("wte", (V, cfg.n_embd))]
