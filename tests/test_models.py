@@ -323,6 +323,16 @@ def test_gpt_forward_rejects_bad_input():
         GPT(GPT_TINY)
 
 
+@pytest.mark.parametrize("make", [lambda dtype: GPT(GPTConfig(**GPT_TINY), dtype=dtype),
+                                  lambda dtype: RNNLM(RNNConfig(cell="lstm", **RNN_TINY), dtype=dtype)],
+                         ids=["GPT", "RNNLM"])
+def test_models_reject_a_dtype_that_is_not_floating_point(make):
+    with pytest.raises(ValueError, match=r"option 'dtype' must be a floating-point dtype such as float32, got int32"):
+        make(np.int32)
+    with pytest.raises(ValueError, match=r"option 'dtype' must be a dtype name such as 'float32', got 'floaty'"):
+        make("floaty")
+
+
 def test_gpt_forward_step_rejects_bad_input():
     model = GPT(GPTConfig(**GPT_TINY), dtype=np.float64)
     cache = model.init_kv_cache(2)
