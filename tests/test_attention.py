@@ -438,6 +438,15 @@ def test_attention_matches_torch(inputs):
         assert_close(g, tg, TORCH_TOL)
 
 
+def assert_same_as_torch(torch, y, grads, ty, dy, leaves):
+    """y equals PyTorch's ty, and each gradient the one autograd gives its leaf (None where a bias is None)."""
+    assert_close(y, ty.detach().numpy(), TORCH_TOL)
+    for g, tg in zip(grads, _torch_grads(torch, ty, dy, leaves)):
+        assert (g is None) == (tg is None)
+        if g is not None:
+            assert_close(g, tg, TORCH_TOL)
+
+
 @FEW
 @given(self_attention_inputs())
 def test_self_attention_matches_torch(inputs):
@@ -459,11 +468,7 @@ def test_self_attention_matches_torch(inputs):
     v = v.view(B, T, n_head, C // n_head).transpose(1, 2)    # (B, NH, T, hs)
     atty = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, T, C)
     ty = atty @ W_o + (0 if b_o is None else b_o)
-    assert_close(y, ty.detach().numpy(), TORCH_TOL)
-    for g, tg in zip(grads, _torch_grads(torch, ty, dy, leaves)):
-        assert (g is None) == (tg is None)
-        if g is not None:
-            assert_close(g, tg, TORCH_TOL)
+    assert_same_as_torch(torch, y, grads, ty, dy, leaves)
 
 
 @FEW
@@ -488,11 +493,7 @@ def test_cross_attention_matches_torch(inputs):
     attn_mask = None if mask is None else torch.from_numpy(np.broadcast_to(mask, (B, Tq, Tk))[:, None].copy())
     atty = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, Tq, C)
     ty = atty @ W_o + (0 if b_o is None else b_o)
-    assert_close(y, ty.detach().numpy(), TORCH_TOL)
-    for g, tg in zip(grads, _torch_grads(torch, ty, dy, leaves)):
-        assert (g is None) == (tg is None)
-        if g is not None:
-            assert_close(g, tg, TORCH_TOL)
+    assert_same_as_torch(torch, y, grads, ty, dy, leaves)
 
 
 # --- bad input --------------------------------------------------------------------------------
