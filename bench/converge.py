@@ -109,16 +109,20 @@ def time_to(curve, target):
     return next((p["train_seconds"] for p in curve if p["val_loss"] <= target), None)
 
 
-def _config(preset_name, seed):
+def _config(preset_name, seed, max_iters=None):
+    """The preset's settings, with another seed or number of iterations when given; the schedule
+    keeps the preset's length (``lr_decay_iters``), so past it the learning rate stays at its floor."""
     cfg = config.preset(preset_name)
+    cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.schedule_length())
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
-        config.validate(cfg)
-    return cfg
+    if max_iters is not None:
+        cfg = dataclasses.replace(cfg, max_iters=max_iters)
+    return config.validate(cfg)
 
 
-def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=None, out=print):
-    cfg = _config(preset_name, seed)
+def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=None, max_iters=None, out=print):
+    cfg = _config(preset_name, seed, max_iters)
     results = []
     for b in backends:
         curve = minilm_curve(cfg, data, b)
@@ -135,10 +139,10 @@ def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=N
     return results
 
 
-def replay(preset_name, data, *, backend, threads, seed=None, out=print):
+def replay(preset_name, data, *, backend, threads, seed=None, max_iters=None, out=print):
     """minilm and the PyTorch peer from the same initial weights (the peer's, drawn with seed), on
     the same batches and evaluation batches: what is left between the two is the implementations."""
-    cfg = _config(preset_name, seed)
+    cfg = _config(preset_name, seed, max_iters)
     weights = {}
     peer = torch_curve(cfg, data, threads, initial_weights=weights)
     ours = minilm_curve_from(cfg, data, backend, weights)

@@ -48,6 +48,9 @@ def add_options(p):
                    help="converge, replay: the preset to train")
     p.add_argument("--data", default="shakespeare", help="converge, replay: the corpus")
     p.add_argument("--seed", type=int, default=None, help="converge, replay, nanogpt: the seed (default: the preset's)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="converge, replay: training iterations (default: the preset's); the learning-rate "
+                        "schedule keeps the preset's length, so past it the rate stays at its floor")
     p.add_argument("--gelu", choices=("none", "tanh"), default="none",
                    help="nanogpt: the peer's GELU, nanoGPT's exact one ('none', the default) or minilm's tanh form")
     p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), choices=list(PRESETS), metavar="PRESET",
@@ -150,9 +153,10 @@ def train_tables(args, backends, torch):
 def benchmark(args, out=print):
     backends = args.backends or _available_backends()
     torch = not args.no_torch and _torch_installed()
-    for option, low in (("steps", 1), ("warmup", 0), ("tokens", 1), ("rounds", 1), ("threads", 1), ("batch_size", 1)):
+    for option, low in (("steps", 1), ("warmup", 0), ("tokens", 1), ("rounds", 1), ("threads", 1), ("batch_size", 1),
+                       ("max_iters", 1)):
         value = getattr(args, option)
-        if value is not None and value < low:           # --batch-size None: the presets' own
+        if value is not None and value < low:           # --batch-size, --max-iters None: the presets' own
             raise ValueError(f"minilm bench: option '--{option.replace('_', '-')}' must be an integer >= {low}, "
                              f"got {value}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
@@ -201,7 +205,8 @@ def benchmark(args, out=print):
     if args.what == "converge":
         from minilm.bench import converge
         results["converge"] = converge.run(args.converge_preset, args.data, backends=backends, threads=args.threads,
-                                           target=args.target, torch_peer=torch, seed=args.seed, out=out)
+                                           target=args.target, torch_peer=torch, seed=args.seed, max_iters=args.max_iters,
+                                           out=out)
     if args.what == "nanogpt":
         if not torch:
             raise ValueError("minilm bench: --what nanogpt needs PyTorch (pip install torch), and not --no-torch")
@@ -215,7 +220,7 @@ def benchmark(args, out=print):
             raise ValueError("minilm bench: --what replay needs PyTorch (pip install torch), "
                              "and not --no-torch")
         results["replay"] = [converge.replay(args.converge_preset, args.data, backend=b, threads=args.threads,
-                                             seed=args.seed, out=out) for b in backends]
+                                             seed=args.seed, max_iters=args.max_iters, out=out) for b in backends]
     if failed:
         results["failed"] = failed
     if args.json:

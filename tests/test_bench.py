@@ -115,7 +115,8 @@ def test_gpu_table_without_a_cuda_pytorch_has_no_peer(monkeypatch):
 
 @pytest.mark.parametrize("argv, words", [(["--dtypes", "float64"], ["--dtypes", "float64"]),
                                          (["--batch-size", "0"], ["'--batch-size'", ">= 1", "0"]),
-                                         (["--peak-tflops", "-1"], ["'--peak-tflops'", "-1"])])
+                                         (["--peak-tflops", "-1"], ["'--peak-tflops'", "-1"]),
+                                         (["--max-iters", "0"], ["'--max-iters'", ">= 1", "0"])])
 def test_bad_gpu_options_are_clear_errors(argv, words, capsys):
     try:
         code = cli.main(["bench", "--what", "train", "--no-torch", "--backends", "numpy", *argv])
@@ -280,6 +281,27 @@ def test_replay_trains_minilm_from_the_peers_weights_to_the_peers_curve(preset_n
     for a, b in zip(ours, peer):
         assert abs(a["val_loss"] - b["val_loss"]) <= REPLAY_TOL, (a, b)
     assert any("from the PyTorch peer's initial weights" in line for line in lines)
+
+
+def test_converge_past_the_presets_iterations_keeps_its_schedule(tmp_path, monkeypatch):
+    """--max-iters beyond the preset's trains on at the schedule's floor, so that a target the
+    preset's run does not reach still gets a time on both sides."""
+    import dataclasses
+    from minilm.bench import converge
+    from minilm.train import make_schedule
+    cfg = converge._config("shakespeare-char-cpu", None, 3000)
+    assert (cfg.max_iters, cfg.lr_decay_iters) == (3000, 2000)
+    assert make_schedule(cfg)(2500) == cfg.min_lr
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40,
+                      encoding="utf-8")
+    short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=20, eval_interval=10, eval_iters=2,
+                                block_size=16, batch_size=4, warmup_iters=5, lr_decay_iters=0)
+    monkeypatch.setattr(converge.config, "preset", lambda name: short)
+    (result,) = converge.run("shakespeare-char-cpu", str(corpus), backends=["numpy"], threads=1, target=0.0,
+                             torch_peer=False, max_iters=30, out=lambda *a: None)
+    assert [p["iter"] for p in result["curve"]] == [0, 10, 20, 30] and result["seconds_to_target"] is None
+    assert converge._config("shakespeare-char-cpu", None, 30).lr_decay_iters == 20   # 0 meant the preset's 20
 
 
 def test_nanogpt_without_pytorch_or_with_a_negative_seed_is_a_clear_error(capsys):
