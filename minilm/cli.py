@@ -82,7 +82,7 @@ def _sample(args, out=None):
     from minilm.evaluate import load_model
     from minilm.sample import generate
     model, tokenizer, _ = load_model(args.checkpoint)
-    prompt = tokenizer.encode(args.prompt)
+    prompt = tokenizer.encode(args.prompt, what="option '--prompt'")
     tokens = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
     with backend.compile_notice():                 # the first token compiles the kernels on a cold cache

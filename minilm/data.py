@@ -65,8 +65,10 @@ class CharTokenizer:
     def vocab_size(self):
         return len(self.chars)
 
-    def encode(self, text):
+    def encode(self, text, *, what="CharTokenizer.encode: argument 'text'"):
         """Token ids of ``text``, an int64 array of shape (len(text),).
+
+        ``what`` names the text in an error message (a command names its option, e.g. --prompt).
 
         Raises
         ------
@@ -74,12 +76,12 @@ class CharTokenizer:
             When ``text`` holds characters outside the vocabulary; the message shows the first few.
         """
         if not isinstance(text, str):
-            raise TypeError(f"CharTokenizer.encode: argument 'text' must be a string, got {type(text).__name__}")
+            raise TypeError(f"{what} must be a string, got {type(text).__name__}")
         codes = _code_points(text)                                              # (N,)
         pos = np.searchsorted(self._sorted_codes, codes).clip(0, self.vocab_size - 1)
         known = self._sorted_codes[pos] == codes
         if not known.all():
-            raise ValueError(f"CharTokenizer.encode: argument 'text' has {_describe_unknown(text, known)}")
+            raise ValueError(f"{what} has {_describe_unknown(text, known)}")
         return self._order[pos].astype(np.int64)
 
     def decode(self, ids):

@@ -44,7 +44,7 @@ def run(args, out=print):
     model, tokenizer, meta = load_model(args.checkpoint)
     data = args.data or meta["data"]
     text, source = load_text(data)
-    train_ids, val_ids = split(tokenizer.encode(text), 0.9)
+    train_ids, val_ids = split(tokenizer.encode(text, what=f"option '--data' {data!r}"), 0.9)
     ids = val_ids if args.split == "val" else train_ids
     if len(ids) < 2:
         raise ValueError(f"minilm eval: the {args.split} split of --data {data!r} has {len(ids)} character(s); "

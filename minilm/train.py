@@ -165,7 +165,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
         tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
     else:
         tokenizer = CharTokenizer.from_text(text)
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, what=f"option '--data' {data!r}")    # a resumed run's vocabulary
     train_ids, val_ids = split(ids, 0.9)
     for name, part in (("training", train_ids), ("validation", val_ids)):
         if len(part) < cfg.block_size + 1:

@@ -63,6 +63,8 @@ def test_encode_names_characters_outside_the_vocabulary():
     with pytest.raises(ValueError, match=r"CharTokenizer.encode: argument 'text' has 2 characters that are not "
                                          r"in the model's vocabulary: 'é', '\\n'"):
         tok.encode("abé\nc")
+    with pytest.raises(ValueError, match=r"^option '--prompt' has 1 character that is not in the model's vocabulary: 'é'"):
+        tok.encode("abé", what="option '--prompt'")             # a command names its own option
 
 
 def test_encode_shows_only_the_first_few_unknown_characters():

@@ -312,4 +312,15 @@ def test_prompt_outside_the_vocabulary(corpus, tmp_path, capsys):
     assert _train(corpus, out, "--max-iters", "4") == 0
     capsys.readouterr()
     err = _error(capsys, ["sample", "--checkpoint", str(out / "last.npz"), "--prompt", "ZEBRA", "--backend", "numpy"])
-    assert "'Z'" in err and "vocabulary" in err
+    assert "minilm sample: error: option '--prompt' has 5 characters that are not in the model's vocabulary" in err
+    assert "'Z'" in err
+
+
+def test_eval_on_text_outside_the_vocabulary(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    other = tmp_path / "other.txt"
+    other.write_text("QUEEN: to be or not to be\n" * 20, encoding="utf-8")
+    capsys.readouterr()
+    err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--data", str(other), "--backend", "numpy"])
+    assert f"minilm eval: error: option '--data' {str(other)!r} has " in err and "'Q'" in err
