@@ -108,6 +108,9 @@ def validate(cfg):
             raise ValueError(f"minilm train: option '--{name.replace('_', '-')}' must be in [0, 1), got {getattr(cfg, name)!r}")
     if cfg.model == "gpt" and cfg.n_embd % cfg.n_head:
         raise ValueError(f"minilm train: option '--n-embd' ({cfg.n_embd}) must be divisible by '--n-head' ({cfg.n_head})")
+    if cfg.batching == "contiguous" and cfg.model == "gpt":
+        raise ValueError("minilm train: option '--batching' contiguous is for the recurrent models, whose state "
+                         "it carries from batch to batch; a GPT ('--model gpt') trains on random batches")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"minilm train: option '--min-lr' ({cfg.min_lr}) must not exceed '--lr' ({cfg.lr})")
     if cfg.schedule == "cosine" and cfg.schedule_length() <= cfg.warmup_iters:

@@ -265,6 +265,7 @@ def test_unknown_preset_and_option(capsys):
     ("--n-embd", "30", "'--n-embd' (30) must be divisible by '--n-head' (4)"),
     ("--min-lr", "1", "'--min-lr' (1.0) must not exceed '--lr'"),
     ("--lr-decay-iters", "50", "'--lr-decay-iters' (50) must exceed '--warmup-iters' (100)"),
+    ("--batching", "contiguous", "'--batching' contiguous is for the recurrent models"),
     ("--beta2", "1.5", "'--beta2' must be in [0, 1)"),
     ("--bias", "maybe", "expected true or false"),
 ])
