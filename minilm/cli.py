@@ -71,6 +71,8 @@ def _train(args):
     # a resumed run starts from its own saved settings; options given now override them
     base = train.saved_config(args.out) if args.resume else config.preset(args.preset)
     cfg = config.from_args(args, base)
+    for line in config.ignored_options(args, cfg):
+        print(f"minilm train: warning: {line}", file=sys.stderr)
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's
     result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress)

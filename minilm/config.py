@@ -139,6 +139,32 @@ def add_options(parser):
                             help=f"default: the preset's, else {f.default!r}")
 
 
+# option -> (who uses it, the settings that use it): an option given for a run that never reads it
+# is said to be ignored, since it would otherwise change nothing silently
+_USED_BY = {
+    "n_head": ("--model gpt", lambda c: c.model == "gpt"),
+    "bias": ("--model gpt", lambda c: c.model == "gpt"),
+    "hidden_size": ("the recurrent models (--model rnn, lstm, gru)", lambda c: c.model != "gpt"),
+    "min_lr": ("--schedule cosine", lambda c: c.schedule == "cosine"),
+    "warmup_iters": ("--schedule cosine", lambda c: c.schedule == "cosine"),
+    "lr_decay_iters": ("--schedule cosine", lambda c: c.schedule == "cosine"),
+    "lr_step_size": ("--schedule step", lambda c: c.schedule == "step"),
+    "lr_gamma": ("--schedule step", lambda c: c.schedule == "step"),
+    "beta1": ("--optimizer adam or adamw", lambda c: c.optimizer in ("adam", "adamw")),
+    "beta2": ("--optimizer adam or adamw", lambda c: c.optimizer in ("adam", "adamw")),
+    "weight_decay": ("--optimizer adamw", lambda c: c.optimizer == "adamw"),
+    "momentum": ("--optimizer sgd or rmsprop", lambda c: c.optimizer in ("sgd", "rmsprop")),
+    "nesterov": ("--optimizer sgd", lambda c: c.optimizer == "sgd"),
+    "rmsprop_alpha": ("--optimizer rmsprop", lambda c: c.optimizer == "rmsprop"),
+}
+
+
+def ignored_options(args, cfg):
+    """A line for each option given on the command line that the run ``cfg`` does not use."""
+    return [f"option '--{name.replace('_', '-')}' is ignored: only {user} uses it"
+            for name, (user, uses) in _USED_BY.items() if getattr(args, name, None) is not None and not uses(cfg)]
+
+
 def from_args(args, base):
     """``base`` with every option the user gave on the command line replaced."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}

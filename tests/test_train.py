@@ -280,6 +280,15 @@ def test_bad_option_values(option, value, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()                         # nothing started
 
 
+def test_options_the_run_does_not_use_are_said_to_be_ignored(corpus, tmp_path, capsys):
+    assert _train(corpus, tmp_path / "run", "--max-iters", "2", "--model", "lstm", "--optimizer", "sgd",
+                  "--momentum", "0.9", "--beta2", "0.95") == 0      # TINY gives --n-head as well
+    err = capsys.readouterr().err
+    assert "warning: option '--n-head' is ignored: only --model gpt uses it" in err
+    assert "warning: option '--beta2' is ignored: only --optimizer adam or adamw uses it" in err
+    assert "--momentum" not in err and "--hidden-size" not in err      # both used by this run
+
+
 def test_low_precision_needs_the_gpu(corpus, tmp_path, capsys):
     err = _error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "o"), *TINY, "--dtype", "float16"])
     assert "'--dtype' float16 needs the cupy backend" in err
