@@ -119,6 +119,9 @@ def main(argv=None):
             from minilm.bench import run as bench_run
             bench_run.benchmark(args)
             return 0
+    except KeyboardInterrupt:                                # Ctrl-C (train's first one saves and returns 130)
+        print(f"\nminilm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         command = f"minilm {args.command}"
         message = str(e).removeprefix(f"{command}: ")       # the command's own checks name it already

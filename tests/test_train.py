@@ -326,6 +326,21 @@ def test_prompt_outside_the_vocabulary(corpus, tmp_path, capsys):
     assert "'Z'" in err
 
 
+def test_ctrl_c_while_sampling_stops_without_a_traceback(corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    from minilm import sample
+
+    def interrupted(*args, **kwargs):
+        yield 1
+        raise KeyboardInterrupt                                  # Ctrl-C after the first token
+    monkeypatch.setattr(sample, "generate", interrupted)
+    capsys.readouterr()
+    assert cli.main(["sample", "--checkpoint", str(out / "last.npz"), "--prompt", "to", "--backend", "numpy"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.startswith("to") and captured.err.strip() == "minilm sample: interrupted"
+
+
 def test_eval_on_text_outside_the_vocabulary(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(corpus, out, "--max-iters", "4") == 0
