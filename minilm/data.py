@@ -16,6 +16,7 @@ Two ways to cut a corpus into batches:
 Both have ``state_dict()`` / ``load_state_dict()``, so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
 """
+import codecs
 import hashlib
 import os
 import urllib.error
@@ -234,14 +235,17 @@ def _read_text_file(path):
 
 
 def _decode(raw, path):
+    """The text of a UTF-8 file; a byte-order mark that an editor put first is not part of it."""
     where = f"load_text: argument 'data' (--data) is '{path}'"
-    if not raw:
+    mark = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    if len(raw) == mark:
         raise ValueError(f"{where}, which is empty; a corpus needs some text")
     try:
-        return raw.decode("utf-8")
+        return raw[mark:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{where}, which is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+        at = mark + e.start                                    # offset in the file
+        line = raw.count(b"\n", 0, at) + 1
+        raise ValueError(f"{where}, which is not UTF-8 text: byte 0x{raw[at]:02x} at offset {at} "
                          f"(line {line}) cannot be decoded ({e.reason})") from None
 
 

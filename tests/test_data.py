@@ -110,6 +110,8 @@ def test_real_corpus_has_the_expected_checksum():
     (None, FileNotFoundError, r"which does not exist"),
     ("dir", IsADirectoryError, r"which is a directory"),
     (b"", ValueError, r"which is empty"),
+    (b"\xef\xbb\xbf", ValueError, r"which is empty"),             # a byte-order mark alone
+    (b"\xef\xbb\xbfline one\nbad \xff", ValueError, r"byte 0xff at offset 16 \(line 2\)"),   # offsets in the file
     (b"line one\nbad \xff byte", ValueError, r"not UTF-8 text: byte 0xff at offset 13 \(line 2\)"),
 ])
 def test_load_text_bad_files_name_the_argument_and_path(tmp_path, content, error, message):
@@ -122,6 +124,15 @@ def test_load_text_bad_files_name_the_argument_and_path(tmp_path, content, error
         load_text(str(path))
     assert "argument 'data' (--data)" in str(info.value)
     assert str(path) in str(info.value)
+
+
+def test_load_text_drops_a_byte_order_mark(tmp_path):
+    """An editor's UTF-8 byte-order mark is not text: it would become a character of the vocabulary."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"\xef\xbb\xbfto be\n")
+    assert load_text(str(path))[0] == "to be\n"
+    path.write_bytes(b"to \xef\xbb\xbfbe\n")                         # one inside the text is a character
+    assert load_text(str(path))[0] == "to \ufeffbe\n"
 
 
 def test_load_text_rejects_a_non_path():
