@@ -96,7 +96,7 @@ def _is_float(x):
 
 
 def _kinds(args):
-    """What ``args`` holds, for an error message: '(int64 array (3,), None)'."""
+    """What ``args`` holds, for an error message: '(int64 array (3,), NoneType)'."""
     kinds = [f"{a.dtype} array {tuple(a.shape)}" if hasattr(a, "dtype") else type(a).__name__ for a in args]
     return f"({', '.join(kinds)})"
 
