@@ -31,6 +31,15 @@ def _train(corpus, out, *extra):
     return cli.main(["train", "--data", corpus, "--out", str(out), *TINY, *extra])
 
 
+@pytest.fixture
+def trained(corpus, tmp_path, capsys):
+    """The folder of a tiny run trained for 4 iterations on ``corpus`` (its output already read)."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    capsys.readouterr()
+    return out
+
+
 def _metrics(out):
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -107,9 +116,8 @@ def test_resume_without_data_reads_the_saved_runs_text(corpus, tmp_path, monkeyp
     assert all(a[it] == b[it] for it in (0, 4, 8, 12))
 
 
-def test_a_fresh_run_never_replaces_a_saved_one(corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _train(corpus, out, "--max-iters", "4") == 0
+def test_a_fresh_run_never_replaces_a_saved_one(corpus, trained, tmp_path, capsys):
+    out = trained
     saved = {name: (out / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
     capsys.readouterr()
     err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "8"])
@@ -128,9 +136,8 @@ def test_out_that_is_a_file(corpus, tmp_path, capsys):
     assert f"option '--out' {corpus!r} is a file, not a folder" in err
 
 
-def test_resume_refuses_other_text(corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _train(corpus, out, "--max-iters", "4") == 0
+def test_resume_refuses_other_text(corpus, trained, tmp_path, capsys):
+    out = trained
     other = tmp_path / "other.txt"
     other.write_text(" ".join(reversed(open(corpus, encoding="utf-8").read().split())) + "\n", encoding="utf-8")
     capsys.readouterr()
@@ -164,10 +171,8 @@ def test_eval_and_sample(corpus, tmp_path, capsys):
     assert sampled.startswith("to be") and len(sampled) == len("to be") + 30 + 1
 
 
-def test_eval_bad_batch_size_and_too_short_text(corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _train(corpus, out, "--max-iters", "4") == 0
-    capsys.readouterr()
+def test_eval_bad_batch_size_and_too_short_text(trained, tmp_path, capsys):
+    out = trained
     err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--batch-size", "0", "--backend", "numpy"])
     assert "option '--batch-size' must be an integer >= 1, got 0" in err
     short = tmp_path / "short.txt"
@@ -317,18 +322,15 @@ def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):
     assert "last.npz" in err and "does not exist" in err
 
 
-def test_prompt_outside_the_vocabulary(corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _train(corpus, out, "--max-iters", "4") == 0
-    capsys.readouterr()
+def test_prompt_outside_the_vocabulary(trained, tmp_path, capsys):
+    out = trained
     err = _error(capsys, ["sample", "--checkpoint", str(out / "last.npz"), "--prompt", "ZEBRA", "--backend", "numpy"])
     assert "minilm sample: error: option '--prompt' has 5 characters that are not in the model's vocabulary" in err
     assert "'Z'" in err
 
 
-def test_ctrl_c_while_sampling_stops_without_a_traceback(corpus, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    assert _train(corpus, out, "--max-iters", "4") == 0
+def test_ctrl_c_while_sampling_stops_without_a_traceback(trained, tmp_path, capsys, monkeypatch):
+    out = trained
     from minilm import sample
 
     def interrupted(*args, **kwargs):
@@ -341,9 +343,8 @@ def test_ctrl_c_while_sampling_stops_without_a_traceback(corpus, tmp_path, capsy
     assert captured.out.startswith("to") and captured.err.strip() == "minilm sample: interrupted"
 
 
-def test_eval_on_text_outside_the_vocabulary(corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _train(corpus, out, "--max-iters", "4") == 0
+def test_eval_on_text_outside_the_vocabulary(trained, tmp_path, capsys):
+    out = trained
     other = tmp_path / "other.txt"
     other.write_text("QUEEN: to be or not to be\n" * 20, encoding="utf-8")
     capsys.readouterr()
