@@ -122,7 +122,7 @@ def main(argv=None):
     except KeyboardInterrupt:                                # Ctrl-C (train's first one saves and returns 130)
         print(f"\nminilm {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError, ArithmeticError) as e:    # a loss that diverged, too
         command = f"minilm {args.command}"
         message = str(e).removeprefix(f"{command}: ")       # the command's own checks name it already
         print(f"{command}: error: {message}", file=sys.stderr)

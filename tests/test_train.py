@@ -147,6 +147,16 @@ def test_resume_refuses_other_text(corpus, trained, tmp_path, capsys):
     assert checkpoint.load(out / "last.npz").meta["iter"] == 4     # the saved run is untouched
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")    # NumPy's overflow and invalid values, on the way to nan
+def test_a_diverged_loss_is_a_clear_error_and_keeps_the_checkpoints(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "40",
+                          "--optimizer", "sgd", "--lr", "1e30", "--grad-clip", "0", "--schedule", "constant"])
+    assert "minilm train: error: the training loss became nan at iteration" in err and "smaller --lr" in err
+    assert "Traceback" not in err
+    assert checkpoint.load(out / "last.npz").meta["iter"] == 0         # saved at the first evaluation, intact
+
+
 def test_early_stopping(corpus, tmp_path):
     # with lr 1e-6 nothing improves by more than noise, so patience 1 stops at the second evaluation
     out = tmp_path / "run"
