@@ -161,7 +161,7 @@ _USED_BY = {
 
 def ignored_options(args, cfg):
     """A line for each option given on the command line that the run ``cfg`` does not use."""
-    return [f"option '--{name.replace('_', '-')}' is ignored: only {user} uses it"
+    return [f"option '--{name.replace('_', '-')}' is ignored: it is used only by {user}"
             for name, (user, uses) in _USED_BY.items() if getattr(args, name, None) is not None and not uses(cfg)]
 
 

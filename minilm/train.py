@@ -208,6 +208,10 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
             state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
                      for layer in saved.meta["rnn_state"]]
         log(f"resuming {last_path} at iteration {it}")
+        if stopper is not None and stopper.bad_evals >= stopper.patience:   # the saved run had stopped here
+            log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
+                f"evaluations; give a larger --patience (or 0) to train on")
+            return {"stopped_early": True, "interrupted": False, "last_eval": None, "iter": it}
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)              # a fresh run starts a fresh metrics file
 
@@ -250,11 +254,12 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
                 improved = val_loss < best_val
                 best_val = min(best_val, val_loss)
                 last_eval_iter = it
+                stop_early = stopper is not None and stopper.update(val_loss)   # counted before it is saved
                 if improved:
                     _save(best_path, model, optimizer, meta())
                 _save(last_path, model, optimizer, meta())
                 _plot(metrics_path, os.path.join(out_dir, "loss.png"))
-                if stopper is not None and stopper.update(val_loss):
+                if stop_early:
                     bar.write(f"stopping early: no improvement in {cfg.patience} evaluations")
                     result["stopped_early"] = True
                     break

@@ -6,7 +6,7 @@ import signal
 import numpy as np
 import pytest
 
-from minilm import checkpoint, cli, train
+from minilm import checkpoint, cli, optim, train
 
 # a tiny model and run, so each training takes a fraction of a second on the numpy backend
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--hidden-size", "16", "--block-size", "16",
@@ -164,6 +164,37 @@ def test_early_stopping(corpus, tmp_path):
     assert len(_metrics(out)) < 11
 
 
+def _early_stopping_after(rows, patience):
+    """The early-stopping state after the evaluations ``rows`` of metrics.jsonl, counted afresh."""
+    stopper = optim.EarlyStopping(patience)
+    for r in rows:
+        stopper.update(r["val_loss"])
+    return stopper.state_dict()
+
+
+def test_early_stopping_resumes_with_its_count(corpus, tmp_path, capsys):
+    """last.npz holds the early-stopping count of every evaluation up to its own, so a resumed run
+    stops where the run straight through stops; resuming a run that stopped early trains nothing
+    more unless --patience is raised."""
+    stop = ["--lr", "1e-9", "--min-lr", "1e-9", "--patience", "3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(corpus, straight, "--max-iters", "80", *stop) == 0
+    assert _train(corpus, split, "--max-iters", "8", *stop) == 0
+    assert checkpoint.load(split / "last.npz").meta["early_stopping"] == _early_stopping_after(_metrics(split), 3)
+    resume = ["train", "--data", corpus, "--out", str(split), "--resume", "--backend", "numpy", "--no-progress"]
+    assert cli.main([*resume, "--max-iters", "80"]) == 0
+    a, b = _losses(_metrics(straight)), _losses(_metrics(split))
+    assert max(a) < 80 and a == b                                        # the same evaluations, the same stop
+    saved = checkpoint.load(split / "last.npz").meta
+    assert saved["early_stopping"] == _early_stopping_after(_metrics(split), 3)
+    capsys.readouterr()
+    assert cli.main([*resume, "--max-iters", "80"]) == 0                 # stopped: nothing more to do
+    assert "stopped early at iteration" in capsys.readouterr().out
+    assert checkpoint.load(split / "last.npz").meta["iter"] == saved["iter"]
+    assert cli.main([*resume, "--max-iters", "80", "--patience", "5"]) == 0   # more patience: on it goes
+    assert checkpoint.load(split / "last.npz").meta["iter"] > saved["iter"]
+
+
 def test_eval_and_sample(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(corpus, out, "--max-iters", "8") == 0
@@ -299,8 +330,8 @@ def test_options_the_run_does_not_use_are_said_to_be_ignored(corpus, tmp_path, c
     assert _train(corpus, tmp_path / "run", "--max-iters", "2", "--model", "lstm", "--optimizer", "sgd",
                   "--momentum", "0.9", "--beta2", "0.95") == 0      # TINY gives --n-head as well
     err = capsys.readouterr().err
-    assert "warning: option '--n-head' is ignored: only --model gpt uses it" in err
-    assert "warning: option '--beta2' is ignored: only --optimizer adam or adamw uses it" in err
+    assert "warning: option '--n-head' is ignored: it is used only by --model gpt" in err
+    assert "warning: option '--beta2' is ignored: it is used only by --optimizer adam or adamw" in err
     assert "--momentum" not in err and "--hidden-size" not in err      # both used by this run
 
 
