@@ -398,3 +398,15 @@ def test_early_stopping_state_round_trip():
 def test_bad_early_stopping_is_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_params_bad_input_names_what_is_wrong():
+    with pytest.raises(ValueError, match="Params: parameter name 'W' appears twice"):
+        Params([("W", (2, 2)), ("W", (2,))])
+    params = Params([("W", (2, 3)), ("b", (3,))])
+    with pytest.raises(KeyError, match="no parameter called 'w'; parameters are: W, b"):
+        params.values["w"]
+    with pytest.raises(ValueError, match=r"Params.load: argument 'flat' must have shape \(9,\), got \(8,\)"):
+        params.load(np.zeros(8))
+    params.values["b"] = [1.0, 2.0, 3.0]                           # a view: writes land in the flat buffer
+    assert params.data[6:].tolist() == [1.0, 2.0, 3.0]
