@@ -208,6 +208,9 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
             state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
                      for layer in saved.meta["rnn_state"]]
         log(f"resuming {last_path} at iteration {it}")
+        if it >= cfg.max_iters:
+            log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
+                f"give a larger --max-iters to train on")
         if stopper is not None and stopper.bad_evals >= stopper.patience:   # the saved run had stopped here
             log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
                 f"evaluations; give a larger --patience (or 0) to train on")

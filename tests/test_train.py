@@ -193,6 +193,9 @@ def test_early_stopping_resumes_with_its_count(corpus, tmp_path, capsys):
     assert checkpoint.load(split / "last.npz").meta["iter"] == saved["iter"]
     assert cli.main([*resume, "--max-iters", "80", "--patience", "5"]) == 0   # more patience: on it goes
     assert checkpoint.load(split / "last.npz").meta["iter"] > saved["iter"]
+    capsys.readouterr()
+    assert cli.main([*resume, "--max-iters", "4", "--patience", "0"]) == 0
+    assert "--max-iters is 4: nothing to train" in capsys.readouterr().out
 
 
 def test_eval_and_sample(corpus, tmp_path, capsys):
