@@ -127,6 +127,18 @@ def assume_some_query_sees_two_keys(allowed):
     assume(int(np.max(np.sum(allowed, axis=-1), initial=0)) >= 2)
 
 
+def assume_gradients_resolvable(forward, backward, args, kwargs, seed=0):
+    """Skip draws where an argument's gradient, for the output weights R that ``gradcheck(seed=seed)``
+    draws first, is below 1e-3 of the loss's scale S = sum |y R|. The stencil's round-off is ~1e-11 S
+    (``minilm.gradcheck``), so below ~5e-5 S a relative error of 1e-7 measures round-off, not the
+    backward: a short query, or keys whose values R barely tells apart, make dk that small."""
+    y, cache = forward(*args, **kwargs)
+    R = np.random.default_rng(seed).standard_normal(y.shape)
+    scale = max(1.0, float(np.sum(np.abs(y * R))))
+    for g in backward(R, cache):
+        assume(g is None or float(np.max(np.abs(g), initial=0.0)) >= 1e-3 * scale)
+
+
 @SOME
 @given(attention_inputs())
 def test_attention_gradcheck(inputs):
@@ -134,7 +146,9 @@ def test_attention_gradcheck(inputs):
     B, NH, Tq, _ = args[0].shape
     Tk = args[1].shape[2]
     assume_some_query_sees_two_keys(allowed_keys(Tq, Tk, kwargs["causal"], kwargs["mask"], (B, NH, Tq, Tk)))
-    report = gradcheck(attention_forward, attention_backward, args, kwargs, tol=GRAD_TOL, raise_on_fail=True)
+    assume_gradients_resolvable(attention_forward, attention_backward, args, kwargs, seed=0)
+    report = gradcheck(attention_forward, attention_backward, args, kwargs, tol=GRAD_TOL, raise_on_fail=True,
+                       seed=0)
     assert report.passed and len(report.arguments) == 3
 
 
