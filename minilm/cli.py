@@ -28,8 +28,8 @@ def build_parser():
 
     from minilm import config
     p = sub.add_parser("train", help="train a model; every model and optimiser setting is an option")
-    p.add_argument("--preset", default="shakespeare-char-cpu", choices=list(config.PRESETS),
-                   help="the settings to start from (with --resume: the saved run's)")
+    p.add_argument("--preset", default=None, choices=list(config.PRESETS),
+                   help="the settings to start from (default: shakespeare-char-cpu; with --resume: the saved run's)")
     p.add_argument("--data", default=None,
                    help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once; the default) "
                         "or a UTF-8 text file; with --resume: the saved run's")
@@ -69,9 +69,12 @@ def build_parser():
 def _train(args):
     from minilm import config, train
     # a resumed run starts from its own saved settings; options given now override them
-    base = train.saved_config(args.out) if args.resume else config.preset(args.preset)
+    base = train.saved_config(args.out) if args.resume else config.preset(args.preset or "shakespeare-char-cpu")
     cfg = config.from_args(args, base)
-    for line in config.ignored_options(args, cfg):
+    ignored = config.ignored_options(args, cfg)
+    if args.resume and args.preset is not None:
+        ignored.insert(0, "option '--preset' is ignored with --resume: the saved run's settings are the start")
+    for line in ignored:
         print(f"minilm train: warning: {line}", file=sys.stderr)
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's
     result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,

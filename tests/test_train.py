@@ -194,8 +194,10 @@ def test_early_stopping_resumes_with_its_count(corpus, tmp_path, capsys):
     assert cli.main([*resume, "--max-iters", "80", "--patience", "5"]) == 0   # more patience: on it goes
     assert checkpoint.load(split / "last.npz").meta["iter"] > saved["iter"]
     capsys.readouterr()
-    assert cli.main([*resume, "--max-iters", "4", "--patience", "0"]) == 0
-    assert "--max-iters is 4: nothing to train" in capsys.readouterr().out
+    assert cli.main([*resume, "--max-iters", "4", "--patience", "0", "--preset", "shakespeare-lstm"]) == 0
+    captured = capsys.readouterr()
+    assert "--max-iters is 4: nothing to train" in captured.out
+    assert "warning: option '--preset' is ignored with --resume" in captured.err
 
 
 def test_eval_and_sample(corpus, tmp_path, capsys):
