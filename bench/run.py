@@ -159,6 +159,9 @@ def benchmark(args, out=print):
         if value is not None and value < low:           # --batch-size, --max-iters None: the presets' own
             raise ValueError(f"minilm bench: option '--{option.replace('_', '-')}' must be an integer >= {low}, "
                              f"got {value}")
+    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"minilm bench: option '--json' {args.json!r} is in a folder that does not exist "
+                         f"(checked first, so that minutes of measurements are not lost at the end)")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"minilm bench: option '--peak-tflops' must be > 0, got {args.peak_tflops}")
     results = {"date": datetime.date.today().isoformat(), "machine": _machine(), "threads": args.threads,

@@ -116,8 +116,10 @@ def test_gpu_table_without_a_cuda_pytorch_has_no_peer(monkeypatch):
 @pytest.mark.parametrize("argv, words", [(["--dtypes", "float64"], ["--dtypes", "float64"]),
                                          (["--batch-size", "0"], ["'--batch-size'", ">= 1", "0"]),
                                          (["--peak-tflops", "-1"], ["'--peak-tflops'", "-1"]),
-                                         (["--max-iters", "0"], ["'--max-iters'", ">= 1", "0"])])
-def test_bad_gpu_options_are_clear_errors(argv, words, capsys):
+                                         (["--max-iters", "0"], ["'--max-iters'", ">= 1", "0"]),
+                                         (["--json", "no/such/folder/out.json"], ["'--json'", "does not exist"])])
+def test_bad_options_are_clear_errors(argv, words, capsys, monkeypatch):
+    monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
     try:
         code = cli.main(["bench", "--what", "train", "--no-torch", "--backends", "numpy", *argv])
     except SystemExit as e:                     # argparse rejects a choice itself
