@@ -6,6 +6,7 @@ import numpy as np
 from minilm import backend, checkpoint
 from minilm.data import CharTokenizer, load_text, split
 from minilm.models import model_from_meta
+from minilm.validate import require_positive
 
 
 def load_model(path):
@@ -16,12 +17,17 @@ def load_model(path):
     return model, CharTokenizer.from_dict(saved.meta["tokenizer"]), saved.meta
 
 
-def evaluate(model, ids, *, block_size, batch_size):
+def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
     """Mean cross-entropy (nats per character) over ``ids`` cut into non-overlapping windows.
 
     Every character after the first is predicted exactly once (windows start at 0, T, 2T, ...;
-    a shorter last window is scored too), each window from an empty context.
+    a shorter last window is scored too), each window from an empty context. ``what`` names
+    ``ids`` in an error message (a command names the text they come from).
     """
+    require_positive("evaluate", "batch_size", batch_size, int)
+    if len(ids) < 2:
+        raise ValueError(f"evaluate: {what} must hold at least 2 characters (one to predict from, one to "
+                         f"predict), got {len(ids)}")
     starts = list(range(0, len(ids) - 1, block_size))
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
@@ -46,14 +52,10 @@ def run(args, out=print):
     text, source = load_text(data)
     train_ids, val_ids = split(tokenizer.encode(text, what=f"option '--data' {data!r}"), 0.9)
     ids = val_ids if args.split == "val" else train_ids
-    if len(ids) < 2:
-        raise ValueError(f"minilm eval: the {args.split} split of --data {data!r} has {len(ids)} character(s); "
-                         f"scoring needs at least 2 (one to predict from, one to predict)")
     cfg = meta["train_config"]
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"minilm eval: option '--batch-size' must be an integer >= 1, got {args.batch_size}")
-    batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
-    result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=batch_size)
+    batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size   # 0 is refused, not the default
+    result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=batch_size,
+                      what=f"the {args.split} split of --data {data!r}")
     out(f"{args.checkpoint} (iteration {meta['iter']}) on the {args.split} split of {source}, "
         f"{result['characters']:,} characters:")
     out(f"  loss {result['loss']:.4f} nats/char, perplexity {result['perplexity']:.3f}, "

@@ -473,6 +473,11 @@ class EarlyStopping:
             self.best, self.bad_evals = val_loss, 0
         else:
             self.bad_evals += 1
+        return self.stopped
+
+    @property
+    def stopped(self):
+        """Has the count of evaluations without improvement reached ``patience``?"""
         return self.bad_evals >= self.patience
 
     def state_dict(self):

@@ -191,6 +191,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
     stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
     scaler = LossScaler(enabled=cfg.dtype == "float16")
     it, best_val, state, last_eval_iter = 0, math.inf, None, None
+    result = {"stopped_early": False, "interrupted": False, "last_eval": None}
 
     if saved is not None:
         checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
@@ -211,10 +212,11 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
         if it >= cfg.max_iters:
             log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
                 f"give a larger --max-iters to train on")
-        if stopper is not None and stopper.bad_evals >= stopper.patience:   # the saved run had stopped here
+        if stopper is not None and stopper.stopped:                 # the saved run had stopped here
             log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
                 f"evaluations; give a larger --patience (or 0) to train on")
-            return {"stopped_early": True, "interrupted": False, "last_eval": None, "iter": it}
+            result.update(stopped_early=True, iter=it)
+            return result
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)              # a fresh run starts a fresh metrics file
 
@@ -236,7 +238,6 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
     train_time, train_tokens, start = 0.0, 0, time.perf_counter()
-    result = {"stopped_early": False, "interrupted": False, "last_eval": None}
     tokens_per_step = cfg.batch_size * cfg.block_size
     first_step = True
 

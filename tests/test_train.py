@@ -119,7 +119,6 @@ def test_resume_without_data_reads_the_saved_runs_text(corpus, tmp_path, monkeyp
 def test_a_fresh_run_never_replaces_a_saved_one(corpus, trained, tmp_path, capsys):
     out = trained
     saved = {name: (out / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
-    capsys.readouterr()
     err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "8"])
     assert "already holds a run (last.npz and best.npz)" in err and "--resume" in err and "--overwrite" in err
     assert {name: (out / name).read_bytes() for name in saved} == saved          # nothing touched
@@ -140,7 +139,6 @@ def test_resume_refuses_other_text(corpus, trained, tmp_path, capsys):
     out = trained
     other = tmp_path / "other.txt"
     other.write_text(" ".join(reversed(open(corpus, encoding="utf-8").read().split())) + "\n", encoding="utf-8")
-    capsys.readouterr()
     err = _error(capsys, ["train", "--data", str(other), "--out", str(out), "--resume", "--max-iters", "8",
                           "--backend", "numpy", "--no-progress"])
     assert "option '--data'" in err and "other text" in err and repr(corpus) in err
@@ -220,14 +218,14 @@ def test_eval_and_sample(corpus, tmp_path, capsys):
 def test_eval_bad_batch_size_and_too_short_text(trained, tmp_path, capsys):
     out = trained
     err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--batch-size", "0", "--backend", "numpy"])
-    assert "option '--batch-size' must be an integer >= 1, got 0" in err
+    assert "evaluate: option 'batch_size' must be a positive integer, got 0" in err
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be", encoding="utf-8")    # a validation split of 2 characters: fine
     assert cli.main(["eval", "--checkpoint", str(out / "last.npz"), "--data", str(short), "--backend", "numpy"]) == 0
     short.write_text("to be or", encoding="utf-8")              # 1 character: nothing to score
     capsys.readouterr()
     err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--data", str(short), "--backend", "numpy"])
-    assert "the val split of --data" in err and "has 1 character(s)" in err
+    assert "the val split of --data" in err and "must hold at least 2 characters" in err and "got 1" in err
 
 
 def test_sample_prints_the_compile_notice_before_the_prompt(corpus, tmp_path, monkeypatch):
@@ -263,6 +261,11 @@ def test_evaluate_scores_every_character_once(corpus):
     result = evaluate(model, ids, block_size=16, batch_size=3)
     assert result["characters"] == 102 == model.seen
     assert result["perplexity"] == pytest.approx(5.0)
+    assert evaluate(model, ids[:2], block_size=16, batch_size=3)["characters"] == 1
+    with pytest.raises(ValueError, match=r"evaluate: argument 'ids' must hold at least 2 characters .*got 1"):
+        evaluate(model, ids[:1], block_size=16, batch_size=3)
+    with pytest.raises(ValueError, match=r"evaluate: option 'batch_size' must be a positive integer, got 0"):
+        evaluate(model, ids, block_size=16, batch_size=0)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -393,6 +396,5 @@ def test_eval_on_text_outside_the_vocabulary(trained, tmp_path, capsys):
     out = trained
     other = tmp_path / "other.txt"
     other.write_text("QUEEN: to be or not to be\n" * 20, encoding="utf-8")
-    capsys.readouterr()
     err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--data", str(other), "--backend", "numpy"])
     assert f"minilm eval: error: option '--data' {str(other)!r} has " in err and "'Q'" in err
