@@ -58,13 +58,13 @@ pytestmark = pytest.mark.usefixtures("kernel_twins")     # every test on both tw
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def assert_close(actual, expected, tol, what):
+def assert_close(actual, expected, tol, what, floor=0.0):
     if expected is None:
         assert actual is None, what
         return
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
         f"{what}: {actual.shape} {actual.dtype} != {expected.shape} {expected.dtype}"
-    rel = relative_error(actual, expected)
+    rel = relative_error(actual, expected, floor)
     assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.0e}"
 
 
@@ -77,22 +77,24 @@ def strided(a):
     return wide[..., ::2]
 
 
-def check_parity(ref_forward, ref_backward, cpu_forward, cpu_backward, args, kwargs, dout, tol):
-    """Forward outputs, backward gradients and the caches of both tiers agree to ``tol``."""
+def check_parity(ref_forward, ref_backward, cpu_forward, cpu_backward, args, kwargs, dout, tol, floors=(0.0, 0.0)):
+    """Forward outputs, backward gradients and the caches of both tiers agree to ``tol``, relative to
+    their largest value or to ``floors`` (forward, backward) when that is larger (``relative_error``)."""
+    floor_out, floor_grad = floors
     out_ref, cache_ref = ref_forward(*args, **kwargs)
     out_cpu, cache_cpu = cpu_forward(*args, **kwargs)
     assert type(cache_cpu) is type(cache_ref)
-    assert_close(out_cpu, out_ref, tol, "forward")
+    assert_close(out_cpu, out_ref, tol, "forward", floor_out)
     grads_ref = ref_backward(dout, cache_ref)
     grads_cpu = cpu_backward(dout, cache_cpu)
     assert len(grads_cpu) == len(grads_ref)
     for i, (g_cpu, g_ref) in enumerate(zip(grads_cpu, grads_ref)):
-        assert_close(g_cpu, g_ref, tol, f"gradient {i}")
+        assert_close(g_cpu, g_ref, tol, f"gradient {i}", floor_grad)
     # the caches are interchangeable: each tier's backward accepts the other's cache
     for i, g in enumerate(cpu_backward(dout, cache_ref)):
-        assert_close(g, grads_ref[i], tol, f"numba backward of the reference cache, gradient {i}")
+        assert_close(g, grads_ref[i], tol, f"numba backward of the reference cache, gradient {i}", floor_grad)
     for i, g in enumerate(ref_backward(dout, cache_cpu)):
-        assert_close(g, grads_ref[i], tol, f"reference backward of the numba cache, gradient {i}")
+        assert_close(g, grads_ref[i], tol, f"reference backward of the numba cache, gradient {i}", floor_grad)
 
 
 lead_shapes = st.lists(st.integers(1, 9), min_size=0, max_size=2).map(tuple)   # up to 81 rows
@@ -175,9 +177,14 @@ def test_cross_entropy_equals_reference(dtype, lead, V, label_smoothing, ignore_
         logits = strided(logits)
     kwargs = {"ignore_index": ignore_index, "label_smoothing": label_smoothing}
     dloss = dtype(rng.uniform(0.5, 2.0))
+    # A confident, right prediction makes the loss log(sum_j e^{z_j - max}) - (z_t - max) tiny, a
+    # difference of terms of size ~1, and its gradient dloss/M (p - q) tiny beside p_t and q_t = 1:
+    # float32 resolves both only to its rounding on those scales (and the reference's
+    # log(1 + tiny) is the less accurate of the two tiers there), so they set the floors.
+    M = max(1, int(np.sum(targets != ignore_index)))
     check_parity(ref_losses.cross_entropy_forward, ref_losses.cross_entropy_backward,
                  cpu_losses.cross_entropy_forward, cpu_losses.cross_entropy_backward,
-                 (logits, targets), kwargs, dloss, TOL[dtype])
+                 (logits, targets), kwargs, dloss, TOL[dtype], floors=(1.0, float(dloss) / M))
 
 
 # --- embedding --------------------------------------------------------------------------------
