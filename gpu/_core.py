@@ -47,6 +47,20 @@ def acc_dtype(dtype):
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+# Whether dropout keeps element i: SplitMix64's finaliser of (seed, i), whose 53 high bits give a
+# double u in [0, 1), kept when u < keep = 1 - p. A hash of the index, not a generator's state, so
+# any kernel can draw the mask of any element: the dropout kernels and the attention's softmax rows
+# (minilm.gpu.attention) draw the same mask for the same seed and element.
+DROPOUT_KEEP = r"""
+__device__ inline bool dropout_keep(unsigned long long seed, unsigned long long i, double keep) {
+    unsigned long long z = seed + i * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z = z ^ (z >> 31);
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0) < keep;
+}
+"""
+
 # Shared by every elementwise kernel: the compute type, and the math the bodies are written with.
 PREAMBLE = r"""
 template <typename T> struct acc_t { typedef float type; };
@@ -67,7 +81,11 @@ __device__ inline float erf_acc(float x) { return erff(x); }
 __device__ inline double erf_acc(double x) { return erf(x); }
 __device__ inline float exp_acc(float x) { return expf(x); }
 __device__ inline double exp_acc(double x) { return exp(x); }
-"""
+// tanh through one exponential, 1 - 2 / (1 + e^{2u}): a few instructions where tanhf takes dozens,
+// within ~1e-6 of tanh in float32 (the rounding of 2u before __expf); double keeps tanh itself
+__device__ inline float fast_tanh_acc(float u) { return 1.0f - __fdividef(2.0f, 1.0f + __expf(2.0f * u)); }
+__device__ inline double fast_tanh_acc(double u) { return tanh(u); }
+""" + DROPOUT_KEEP
 
 # The row kernels' 16-bit storage types and the loads and stores that convert them.
 ROW_PREAMBLE = r"""
@@ -117,7 +135,7 @@ template <typename A> __device__ inline A warp_max(A v) {
     for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-"""
+""" + DROPOUT_KEEP
 
 
 def elementwise(in_params, out_params, body, name):

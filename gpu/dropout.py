@@ -2,7 +2,7 @@ r"""Inverted dropout as CuPy elementwise kernels, with a counter-based random ma
 
 ``minilm.reference.dropout`` draws its uniforms from a generator seeded from ``rng``; on the GPU
 that means building a cuRAND generator state per call. Here the uniform of element ``i`` is a
-hash of (seed, i) instead -- SplitMix64's finaliser, whose 53 high bits give a double in [0, 1)
+hash of (seed, i) instead (``dropout_keep`` in ``minilm.gpu._core``, SplitMix64's finaliser)
 -- so one kernel draws the mask, applies it and scales, with no generator state at all. The seed
 comes from ``rng`` exactly as in the reference (an int is used as it is; a numpy Generator gives
 one draw), so runs are reproducible and resumable. The masks differ from the reference's (a
@@ -20,12 +20,7 @@ from minilm.validate import require_float, require_probability, require_shape
 __all__ = ["dropout_forward", "dropout_backward"]
 
 _forward = elementwise("T x, uint64 seed, float64 keep, float64 scale", "T y, bool mask", """
-    unsigned long long z = seed + (unsigned long long)i * 0x9E3779B97F4A7C15ULL;   // SplitMix64
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z = z ^ (z >> 31);
-    double u = (double)(z >> 11) * (1.0 / 9007199254740992.0);     // uniform in [0, 1)
-    mask = u < keep;                                                // kept with probability 1 - p
+    mask = dropout_keep(seed, (unsigned long long)i, keep);        // kept with probability keep = 1 - p
     typedef acc_t<T>::type A;
     y = (T)(mask ? (A)x * (A)scale : (A)0);                          // y = mask x / (1 - p)
 """, "minilm_dropout_forward")
@@ -36,6 +31,11 @@ _backward = elementwise("T dy, bool mask, float64 scale", "T dx", """
 """, "minilm_dropout_backward")
 
 
+def dropout_seed(rng):
+    """The seed of a mask, from ``rng`` as the reference takes it: an int itself, a Generator's next draw."""
+    return rng if isinstance(rng, numbers.Integral) else int(rng.integers(2 ** 63))
+
+
 def dropout_forward(x, *, p, rng):
     """CuPy ``minilm.reference.dropout.dropout_forward`` (its own random stream; see the module docstring)."""
     require_float("dropout", "x", x)
@@ -43,7 +43,7 @@ def dropout_forward(x, *, p, rng):
     _require_rng("dropout", rng)
     if p == 0 or not supported(x):
         return reference.dropout_forward(x, p=p, rng=rng)
-    seed = rng if isinstance(rng, numbers.Integral) else int(rng.integers(2 ** 63))
+    seed = dropout_seed(rng)
     scale = 1.0 / (1.0 - float(p))
     y, mask = _forward(x, cupy.uint64(seed), 1.0 - float(p), scale)
     return y, DropoutCache(mask, scale, x.shape)
