@@ -1,31 +1,40 @@
-r"""The attention core as CuPy: matrix products in cuBLAS, the softmax of the scores as a row kernel.
+r"""The attention core as CuPy: products in cuBLAS; softmax and dropout of the weights as row kernels.
 
-Forward, per (batch, head): ``S = q k^T`` (one batched product), then one row kernel that scales
-each row by 1/sqrt(hs), applies the causal mask (query i sees keys j <= i + Tk - Tq, as
-``minilm.reference.attention``), and turns the row into probabilities in place -- the
-reference's ``where``, ``max``, ``exp``, ``sum`` and division, in one pass; then ``y = att v``.
-Backward: ``datt = dy v^T`` and ``dv = att^T dy`` (products), one row kernel that turns ``datt``
-into ``dS = att (datt - sum(datt att)) / sqrt(hs)`` in place, then ``dq = dS k`` and
-``dk = dS^T q``. The cache is the reference's ``AttentionCache``.
+Forward, for every (batch, head) at once: ``S = q k^T`` (one batched product, in the compute type:
+float32 for float32 and 16-bit q, k), then one row kernel that scales each row by 1/sqrt(hs),
+applies the causal mask (query i sees keys j <= i + Tk - Tq, as ``minilm.reference.attention``),
+turns the row into the probabilities ``att`` in place and, with dropout, draws each weight's mask
+and writes the dropped weights ``att_d = mask att / (1 - p)`` in q's dtype -- the reference's
+``where``, ``max``, ``exp``, ``sum``, division and dropout in one pass over the scores; then
+``y = att_d v``.
 
-float16 and bfloat16: CuPy 14's batched (4-D) products of 16-bit arrays are slow (float16) or
-refused (bfloat16), so the products go through ``minilm.gpu._blas.bmm`` (cuBLAS, tensor cores,
-float32 sums). The scores come out in float32, the softmax runs on them in float32 (as PyTorch's
-autocast does), the weights ``att`` are cached in float32 and rounded to 16 bits only as an
-operand of the next product. Where ``bmm`` is not available, q, k and v are converted to float32
-and the float32 path runs. A boolean ``mask`` (cross-attention over padded memory) runs the reference, as does
-a dtype the kernels are not compiled for. Self- and cross-attention are the reference's composition with
-these functions passed in as the attention of the heads.
+Backward: ``g = dy v^T`` (the gradient wrt ``att_d``), then one row kernel that undoes the dropout
+and the softmax in place, ``dS = att (mask g / (1 - p) - sum_j att_j mask_j g_j / (1 - p)) / sqrt(hs)``,
+and writes ``att_d`` again for the next product; then ``dv = att_d^T dy``, ``dq = dS k`` and
+``dk = dS^T q``. Every product goes through ``minilm.gpu._blas.bmm``: a transposed operand is read
+in place, not copied, and 16-bit operands multiply on the tensor cores with float32 sums.
+
+The dropout mask of weight i is ``minilm.gpu._core``'s hash of (seed, i), the one
+``minilm.gpu.dropout`` draws, so the weights equal that tier's softmax followed by its dropout.
+The cache is the reference's ``AttentionCache``, with the mask in its ``DropoutCache``: the
+reference backward runs on it too. 16-bit data keeps ``att`` in float32 (as PyTorch's autocast
+keeps its softmax) and rounds to 16 bits only the operands of the products. A boolean ``mask``
+(cross-attention over padded memory) runs the reference, as does a dtype the kernels are not
+compiled for. Self-attention splits q, k and v into heads with one copy and gathers their
+gradients with one; cross-attention is the reference's composition with this attention.
 """
 import math
 
 import cupy
 
 from minilm.gpu import _blas
-from minilm.gpu.dropout import dropout_backward, dropout_forward
-from minilm.gpu._core import LOW_PRECISION, contiguous, launch_rows, row_module, scalar, supported
+from minilm.gpu._core import acc_dtype, contiguous, launch_rows, row_module, scalar, supported
+from minilm.gpu.dropout import dropout_seed
 from minilm.reference import attention as reference
-from minilm.reference.attention import AttentionCache, check_attention_args
+from minilm.reference.attention import (AttentionCache, SelfAttentionCache, check_attention_args,
+                                        check_self_attention_args, merge_heads, split_heads)
+from minilm.reference.dropout import DropoutCache, _require_rng
+from minilm.reference.linear import linear_backward, linear_forward
 from minilm.validate import require_shape
 
 __all__ = ["attention_forward", "attention_backward",
@@ -33,133 +42,183 @@ __all__ = ["attention_forward", "attention_backward",
            "cross_attention_forward", "cross_attention_backward"]
 
 _SOURCE = r"""
-// S (rows of Tk scores, row r = query r % Tq) -> att, in place
-template <typename T>
-__global__ void scores_to_weights_rows(T* S, int N, int Tq, int Tk, typename acc_t<T>::type scale, int causal) {
-    typedef typename acc_t<T>::type A;
+// S (rows of Tk scores in the compute type A, row r = query r % Tq) -> att in place; with `drop`,
+// the mask of each weight and att_d = mask att * dscale; att_d (in D) is written when `write_d`
+template <typename D>
+__global__ void softmax_dropout_rows(typename acc_t<D>::type* att, D* att_d, bool* mask, int N, int Tq, int Tk,
+                                     typename acc_t<D>::type scale, int causal, int write_d, int drop,
+                                     unsigned long long seed, double keep, typename acc_t<D>::type dscale) {
+    typedef typename acc_t<D>::type A;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    T* s = S + (long long)row * Tk;
+    A* s = att + (long long)row * Tk;
     int last = causal ? (row % Tq) + Tk - Tq : Tk - 1;              // the last key this query may see
     if (last > Tk - 1) last = Tk - 1;
     A m = neg_inf<A>();
-    for (int j = lane; j <= last; j += 32) m = max(m, load(s[j]) * scale);
+    for (int j = lane; j <= last; j += 32) m = max(m, s[j] * scale);
     m = warp_max(m);
     A Z = 0;
-    for (int j = lane; j <= last; j += 32) Z += exp_acc(load(s[j]) * scale - m);   // exponents <= 0
+    for (int j = lane; j <= last; j += 32) Z += exp_acc(s[j] * scale - m);   // exponents <= 0
     Z = warp_sum(Z);
     if (last < 0) Z = 1;                                             // no key allowed: att = 0
-    for (int j = lane; j < Tk; j += 32)
-        s[j] = store<T>(j <= last ? exp_acc(load(s[j]) * scale - m) / Z : (A)0);
+    for (int j = lane; j < Tk; j += 32) {
+        long long i = (long long)row * Tk + j;
+        A a = j <= last ? exp_acc(s[j] * scale - m) / Z : (A)0;
+        s[j] = a;
+        if (drop) {
+            bool kept = dropout_keep(seed, (unsigned long long)i, keep);
+            mask[i] = kept;
+            a = kept ? a * dscale : (A)0;
+        }
+        if (write_d) att_d[i] = store<D>(a);
+    }
 }
 
-// datt -> dS = att (datt - sum(datt att)) * scale, in place
-template <typename T>
-__global__ void weights_backward_rows(T* datt, const T* att, int N, int Tk, typename acc_t<T>::type scale) {
-    typedef typename acc_t<T>::type A;
+// g = dL/d(att_d) (rows of Tk, in A) -> dS = att (datt - sum(datt att)) * scale, datt = mask g * dscale
+// (g itself without `drop`); dS goes in place into g, or into dS (in D) when `write_dS`; with
+// `write_d`, att_d = mask att * dscale again (in D), the operand of dv = att_d^T dy
+template <typename D>
+__global__ void softmax_dropout_backward_rows(typename acc_t<D>::type* g, const typename acc_t<D>::type* att,
+                                              const bool* mask, D* dS, D* att_d, int N, int Tk,
+                                              typename acc_t<D>::type scale, int write_dS, int write_d, int drop,
+                                              typename acc_t<D>::type dscale) {
+    typedef typename acc_t<D>::type A;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    T* d = datt + (long long)row * Tk;
-    const T* a = att + (long long)row * Tk;
+    long long base = (long long)row * Tk;
     A s = 0;
-    for (int j = lane; j < Tk; j += 32) s += load(d[j]) * load(a[j]);
+    for (int j = lane; j < Tk; j += 32) {
+        A d = g[base + j];
+        if (drop) d = mask[base + j] ? d * dscale : (A)0;
+        s += d * att[base + j];
+    }
     s = warp_sum(s);
-    for (int j = lane; j < Tk; j += 32) d[j] = store<T>(load(a[j]) * (load(d[j]) - s) * scale);
+    for (int j = lane; j < Tk; j += 32) {
+        long long i = base + j;
+        bool kept = drop ? mask[i] : true;
+        A a = att[i];
+        A d = g[i];
+        if (drop) d = kept ? d * dscale : (A)0;
+        A r = a * (d - s) * scale;
+        if (write_dS) dS[i] = store<D>(r); else g[i] = r;
+        if (write_d) att_d[i] = store<D>(drop ? (kept ? a * dscale : (A)0) : a);
+    }
 }
 """
 
-_kernel = row_module(_SOURCE, ["scores_to_weights_rows", "weights_backward_rows"])
+_kernel = row_module(_SOURCE, ["softmax_dropout_rows", "softmax_dropout_backward_rows"])
 
 
-def _t(a):
-    """The last two axes swapped (a view)."""
-    return cupy.swapaxes(a, -1, -2)
+def _mm(a, b, *, trans_a=False, trans_b=False, out_dtype=None, out=None):
+    """``_blas.bmm``; where its cuBLAS call is unavailable for the dtype, CuPy's product in the compute type."""
+    if _blas.available(a.dtype):
+        return _blas.bmm(a, b, trans_a=trans_a, trans_b=trans_b, out_dtype=out_dtype, out=out)
+    wide = acc_dtype(a.dtype)
+    a = cupy.swapaxes(a, -1, -2) if trans_a else a
+    b = cupy.swapaxes(b, -1, -2) if trans_b else b
+    product = cupy.matmul(a.astype(wide, copy=False), b.astype(wide, copy=False))
+    if out is None:
+        return product.astype(out_dtype or a.dtype, copy=False)
+    out[...] = product
+    return out
 
 
 def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None):
     """CuPy ``minilm.reference.attention.attention_forward``: same arguments, checks, output and cache.
 
-    Dropout of the weights uses this tier's dropout kernel (its own random stream).
+    Dropout of the weights draws this tier's masks (``minilm.gpu.dropout``'s random stream).
     """
     B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
     if mask is not None or not supported(q, k, v) or Tq == 0:
         return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
-    dtype = q.dtype
-    tensor_cores = dtype in LOW_PRECISION and _blas.available(dtype)
-    if dtype in LOW_PRECISION and not tensor_cores:                  # products in float32 (module docstring)
-        q, k, v = (a.astype(cupy.float32) for a in (q, k, v))
-    if tensor_cores:
-        att = _blas.bmm(q, k, trans_b=True, out_dtype=cupy.float32)  # (B, NH, Tq, Tk) S = q k^T in float32
-    else:
-        att = cupy.matmul(q, _t(k))                                  # (B, NH, Tq, Tk) S = q k^T, fresh
+    if dropout:
+        _require_rng("dropout", rng)
+    dtype, acc = q.dtype, acc_dtype(q.dtype)
+    att = _mm(q, k, trans_b=True, out_dtype=acc)                     # (B, NH, Tq, Tk) S = q k^T, att in place
+    write_d = bool(dropout) or dtype != acc                          # else att itself is the next operand
+    att_d = cupy.empty(att.shape, dtype=dtype) if write_d else att
+    keep_mask = cupy.empty(att.shape, dtype=cupy.bool_) if dropout else att   # att: a placeholder, never read
+    seed = dropout_seed(rng) if dropout else 0
+    dscale = 1.0 / (1.0 - float(dropout))
     N = B * NH * Tq
-    launch_rows(_kernel("scores_to_weights_rows", att.dtype), N,
-                (att, cupy.int32(N), cupy.int32(Tq), cupy.int32(Tk), scalar(1.0 / math.sqrt(hs), att.dtype),
-                 cupy.int32(bool(causal))))
-    att_d, drop = dropout_forward(att, p=dropout, rng=rng) if dropout else (att, None)   # weights dropped
-    if tensor_cores:
-        y = _blas.bmm(att_d.astype(dtype), v)                        # (B, NH, Tq, hs)
-    else:
-        y = cupy.matmul(att_d, v).astype(dtype, copy=False)          # (B, NH, Tq, hs)
+    launch_rows(_kernel("softmax_dropout_rows", dtype), N,
+                (att, att_d, keep_mask, cupy.int32(N), cupy.int32(Tq), cupy.int32(Tk),
+                 scalar(1.0 / math.sqrt(hs), dtype), cupy.int32(bool(causal)), cupy.int32(write_d),
+                 cupy.int32(bool(dropout)), cupy.uint64(seed), 1.0 - float(dropout), scalar(dscale, dtype)))
+    y = _mm(att_d, v)                                                # (B, NH, Tq, hs)
+    drop = DropoutCache(keep_mask, dscale, att.shape) if dropout else None
     return y, AttentionCache(q, k, v, att, drop)
 
 
 def attention_backward(dy, cache):
     """CuPy ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
-    q, k, v, att, _ = cache
+    return _backward(dy, cache)
+
+
+def _backward(dy, cache, out=None):
+    """attention_backward, writing (dq, dk, dv) into ``out`` (three arrays of q's shape) when given."""
+    q, k, v, att, drop = cache
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
-    tensor_cores = q.dtype in LOW_PRECISION and att.dtype == cupy.float32 and dy.dtype == q.dtype
-    if not supported(dy, q, k, v, att) or (att.dtype != q.dtype and not tensor_cores) or att.size == 0:
-        return reference.attention_backward(dy, cache)
-    if tensor_cores:
-        return _backward_16bit(dy, q, k, v, att, cache.drop)
-    dtype = dy.dtype                                                 # 16-bit dy, float32 q, k, v, att: converted
-    dy = dy.astype(q.dtype, copy=False)
+    dtype, acc = q.dtype, acc_dtype(q.dtype)
+    if (not supported(dy, q, k, v, att) or dy.dtype != dtype or att.dtype != acc or att.size == 0
+            or (drop is not None and drop.mask is None)):
+        grads = reference.attention_backward(dy, cache)              # e.g. a cache of 16-bit weights
+        if out is None:
+            return grads
+        for o, g in zip(out, grads):
+            o[...] = g
+        return tuple(out)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
-    att = contiguous(att)
-    att_d = att if cache.drop is None else dropout_backward(att, cache.drop)[0]   # the forward's dropped weights
-    datt = cupy.matmul(dy, _t(v))                                    # (B, NH, Tq, Tk) from y = att_d v
-    dv = cupy.matmul(_t(att_d), dy)                                  # (B, NH, Tk, hs)
-    if cache.drop is not None:
-        datt, = dropout_backward(datt, cache.drop)                   # gradient wrt att
+    g = _mm(dy, v, trans_b=True, out_dtype=acc)                      # (B, NH, Tq, Tk) dL/d(att_d), y = att_d v
+    write_dS = dtype != acc                                          # else dS in place of g
+    dS = cupy.empty(g.shape, dtype=dtype) if write_dS else g
+    write_d = drop is not None or dtype != acc                       # else att itself is the operand
+    att_d = cupy.empty(att.shape, dtype=dtype) if write_d else att
+    keep_mask = contiguous(drop.mask) if drop is not None else att  # att: a placeholder, never read
     N = B * NH * Tq
-    launch_rows(_kernel("weights_backward_rows", q.dtype), N,
-                (datt, att, cupy.int32(N), cupy.int32(Tk), scalar(1.0 / math.sqrt(hs), q.dtype)))
-    dq = cupy.matmul(datt, k)                                        # from S = q k^T / sqrt(hs)
-    dk = cupy.matmul(_t(datt), q)
-    return tuple(g.astype(dtype, copy=False) for g in (dq, dk, dv))
-
-
-def _backward_16bit(dy, q, k, v, att, drop):
-    """attention_backward for 16-bit q, k, v, dy and float32 att, the products on the tensor cores."""
-    B, NH, Tq, hs = q.shape
-    Tk = k.shape[2]
-    att_d = att if drop is None else dropout_backward(att, drop)[0]  # the forward's dropped weights
-    datt = _blas.bmm(dy, v, trans_b=True, out_dtype=cupy.float32)    # (B, NH, Tq, Tk) from y = att_d v
-    dv = _blas.bmm(att_d.astype(q.dtype), dy, trans_a=True)         # (B, NH, Tk, hs)
-    if drop is not None:
-        datt, = dropout_backward(datt, drop)                         # gradient wrt att
-    N = B * NH * Tq
-    launch_rows(_kernel("weights_backward_rows", cupy.float32), N,
-                (datt, contiguous(att), cupy.int32(N), cupy.int32(Tk), scalar(1.0 / math.sqrt(hs), cupy.float32)))
-    dS = datt.astype(q.dtype)                                        # dS / sqrt(hs), an operand
-    dq = _blas.bmm(dS, k)                                            # from S = q k^T / sqrt(hs)
-    dk = _blas.bmm(dS, q, trans_a=True)
+    launch_rows(_kernel("softmax_dropout_backward_rows", dtype), N,
+                (g, contiguous(att), keep_mask, dS, att_d, cupy.int32(N), cupy.int32(Tk),
+                 scalar(1.0 / math.sqrt(hs), dtype), cupy.int32(write_dS), cupy.int32(write_d),
+                 cupy.int32(drop is not None), scalar(drop.scale if drop is not None else 1.0, dtype)))
+    dq, dk, dv = (None, None, None) if out is None else out
+    dv = _mm(att_d, dy, trans_a=True, out=dv)                        # (B, NH, Tk, hs)
+    dq = _mm(dS, k, out=dq)                                          # from S = q k^T / sqrt(hs)
+    dk = _mm(dS, q, trans_a=True, out=dk)
     return dq, dk, dv
 
 
 def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None):
-    """``minilm.reference.attention.self_attention_forward`` with this file's attention of the heads."""
-    return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
-                                            dropout=dropout, rng=rng, attention_forward=attention_forward)
+    """``minilm.reference.attention.self_attention_forward``: the same composition and cache, with the
+    heads split by one copy and this file's attention."""
+    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal)
+    if not supported(x):
+        return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
+                                                dropout=dropout, rng=rng, attention_forward=attention_forward)
+    B, T, _ = x.shape
+    qkv, qkv_cache = linear_forward(x, W_qkv, b_qkv)                   # (B, T, 3C)
+    heads = cupy.ascontiguousarray(qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4))  # (3, B, NH, T, hs)
+    y_heads, att_cache = attention_forward(heads[0], heads[1], heads[2], causal=causal, dropout=dropout, rng=rng)
+    y, o_cache = linear_forward(merge_heads(y_heads), W_o, b_o)        # (B, T, C)
+    return y, SelfAttentionCache(qkv_cache, att_cache, o_cache)
 
 
 def self_attention_backward(dy, cache):
-    """``minilm.reference.attention.self_attention_backward`` with this file's attention backward."""
-    return reference.self_attention_backward(dy, cache, attention_backward=attention_backward)
+    """``minilm.reference.attention.self_attention_backward``, with dq, dk and dv written side by side
+    and gathered into dqkv by one copy."""
+    qkv_cache, att_cache, o_cache = cache
+    B, NH, T, hs = att_cache.q.shape
+    require_shape("self_attention_backward", "dy", dy, (B, T, NH * hs), "(B, T, C)")
+    if not supported(dy):
+        return reference.self_attention_backward(dy, cache, attention_backward=attention_backward)
+    datty, dW_o, db_o = linear_backward(dy, o_cache)                   # y = atty @ W_o + b_o
+    dheads = cupy.empty((3, B, NH, T, hs), dtype=att_cache.q.dtype)   # dq, dk, dv
+    _backward(split_heads(datty, NH), att_cache, out=dheads)           # y_heads = attention(q, k, v)
+    dqkv = dheads.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * NH * hs)  # (B, T, 3C)
+    dx, dW_qkv, db_qkv = linear_backward(dqkv, qkv_cache)              # qkv = x @ W_qkv + b_qkv
+    return dx, dW_qkv, db_qkv, dW_o, db_o
 
 
 def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head, mask=None):

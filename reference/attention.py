@@ -290,6 +290,24 @@ class SelfAttentionCache(NamedTuple):
     o_cache: object         # LinearCache of y = atty @ W_o + b_o
 
 
+def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal):
+    """The argument checks of ``self_attention_forward``, shared with the other tiers. Returns C."""
+    op = "self_attention"
+    require_float(op, "x", x)
+    require_ndim(op, "x", x, 3, "(B, T, C)")
+    require_nonempty(op, "x", x, 1, "T", "(B, T, C)")
+    require_nonempty(op, "x", x, 2, "C", "(B, T, C)")
+    C = x.shape[-1]
+    _require_heads(op, C, n_head)
+    _require_param(op, "W_qkv", W_qkv, (C, 3 * C), "(C, 3C)")
+    _require_param(op, "b_qkv", b_qkv, (3 * C,), "(3C,)", optional=True)
+    _require_param(op, "W_o", W_o, (C, C), "(C, C)")
+    _require_param(op, "b_o", b_o, (C,), "(C,)", optional=True)
+    require_same_dtype(op, x=x, W_qkv=W_qkv, b_qkv=b_qkv, W_o=W_o, b_o=b_o)
+    require_choice(op, "causal", causal, (True, False))
+    return C
+
+
 def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None,
                            attention_forward=attention_forward):
     """Multi-head self-attention: qkv projection, attention per head, output projection.
@@ -311,20 +329,7 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dr
     -------
     y : (B, T, C) array, and the cache for ``self_attention_backward``.
     """
-    op = "self_attention"
-    require_float(op, "x", x)
-    require_ndim(op, "x", x, 3, "(B, T, C)")
-    require_nonempty(op, "x", x, 1, "T", "(B, T, C)")
-    require_nonempty(op, "x", x, 2, "C", "(B, T, C)")
-    C = x.shape[-1]
-    _require_heads(op, C, n_head)
-    _require_param(op, "W_qkv", W_qkv, (C, 3 * C), "(C, 3C)")
-    _require_param(op, "b_qkv", b_qkv, (3 * C,), "(3C,)", optional=True)
-    _require_param(op, "W_o", W_o, (C, C), "(C, C)")
-    _require_param(op, "b_o", b_o, (C,), "(C,)", optional=True)
-    require_same_dtype(op, x=x, W_qkv=W_qkv, b_qkv=b_qkv, W_o=W_o, b_o=b_o)
-    require_choice(op, "causal", causal, (True, False))
-
+    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal)
     qkv, qkv_cache = linear_forward(x, W_qkv, b_qkv)                   # (B, T, 3C)
     q = split_heads(qkv[..., 0 * C:1 * C], n_head)                     # (B, NH, T, hs)
     k = split_heads(qkv[..., 1 * C:2 * C], n_head)                     # (B, NH, T, hs)

@@ -116,26 +116,54 @@ def test_low_precision_stays_near_float64(op, low):
             assert relative_error(backend.to_numpy(g).astype(np.float64), r, floor=1.0) <= tol
 
 
-@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_attention_dropout_follows_its_mask(dtype):
-    """y = (mask A / (1 - p)) v with the cache's mask and weights; the backward equals the reference's
-    backward run on the same cache."""
+    """y = (mask A / (1 - p)) v with the cache's mask and weights; the mask is the one this tier's
+    dropout draws for the same seed; the backward equals the reference's backward run on the same
+    cache (in float64, from the cache's own values)."""
     from minilm.reference import attention as ref_attention
+    from minilm.reference.attention import AttentionCache
+    from minilm.reference.dropout import DropoutCache
     minilm.use("cupy")
-    dt = _core.BFLOAT16 if dtype == "bfloat16" else np.dtype(np.float64)
+    dt = _core.BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(3)
     q, k, v = (cupy.asarray(rng.standard_normal((2, 3, 9, 8)).astype(dt)) for _ in range(3))
     y, cache = ops.attention_forward(q, k, v, causal=True, dropout=0.25, rng=11)
     mask, att = cache.drop.mask, cache.att
     assert 0.6 < float(mask[att > 0].mean()) < 0.9                     # about 3/4 of the weights kept
+    assert bool(cupy.array_equal(mask, ops.dropout_forward(att, p=0.25, rng=11)[1].mask))
     expected = cupy.matmul(mask * att / 0.75, v.astype(att.dtype))
-    tol = F64_TOL if dtype == "float64" else LOW_TOL["bfloat16"]
+    tol = {"float64": F64_TOL, "float32": F32_TOL, "bfloat16": LOW_TOL["bfloat16"]}[dtype]
     assert relative_error(backend.to_numpy(y).astype(np.float64), backend.to_numpy(expected), floor=1.0) <= tol
     dy = cupy.asarray(rng.standard_normal(y.shape).astype(dt))
     grads = ops.attention_backward(dy, cache)
-    if dtype == "float64":
-        for g, r in zip(grads, ref_attention.attention_backward(dy, cache)):
-            assert relative_error(backend.to_numpy(g), backend.to_numpy(r), floor=1.0) <= F64_TOL
+    wide = [a.astype(cupy.float64) for a in (dy, q, k, v, att)]
+    ref = ref_attention.attention_backward(wide[0], AttentionCache(*wide[1:], DropoutCache(mask, 1 / 0.75, att.shape)))
+    for g, r in zip(grads, ref):
+        assert g.dtype == dt
+        assert relative_error(backend.to_numpy(g).astype(np.float64), backend.to_numpy(r), floor=1.0) <= tol
+
+
+def test_self_attention_with_dropout_matches_its_attention():
+    """The cupy self-attention (heads split by one copy, gradients gathered by one) equals the
+    reference composition run with this tier's attention, dropout included, forward and backward."""
+    from minilm.gpu import attention as gpu_attention
+    from minilm.reference import attention as ref_attention
+    minilm.use("cupy")
+    rng = np.random.default_rng(5)
+    B, T, C, NH = 2, 7, 12, 3
+    x = cupy.asarray(rng.standard_normal((B, T, C)))
+    W_qkv, W_o = (cupy.asarray(0.3 * rng.standard_normal(s)) for s in ((C, 3 * C), (C, C)))
+    b_qkv, b_o = (cupy.asarray(rng.standard_normal(s)) for s in ((3 * C,), (C,)))
+    y, cache = gpu_attention.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=NH, dropout=0.3, rng=4)
+    y_ref, cache_ref = ref_attention.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=NH, dropout=0.3, rng=4,
+                                                            attention_forward=gpu_attention.attention_forward)
+    assert relative_error(backend.to_numpy(y), backend.to_numpy(y_ref), floor=1.0) <= F64_TOL
+    dy = cupy.asarray(rng.standard_normal(y.shape))
+    grads = gpu_attention.self_attention_backward(dy, cache)
+    grads_ref = ref_attention.self_attention_backward(dy, cache_ref, attention_backward=ref_attention.attention_backward)
+    for g, r in zip(grads, grads_ref):
+        assert relative_error(backend.to_numpy(g), backend.to_numpy(r), floor=1.0) <= F64_TOL
 
 
 def test_cupy_backend_routes_to_the_kernels():
