@@ -27,7 +27,7 @@ class FusedCrossEntropyCache(NamedTuple):
     lse: object              # (N,) log sum_j exp(z_j), in the compute dtype
     targets: object          # (N,) int64 targets (ignore_index kept)
     shape: tuple             # logits' shape
-    M: int                   # number of counted positions
+    M: object                # () int64 on the device: the number of counted positions
     ignore_index: int
     label_smoothing: float   # epsilon
 
@@ -93,13 +93,13 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     acc = acc_dtype(logits.dtype)
     z = contiguous(logits).reshape(N, V)
     t = cupy.ascontiguousarray(cupy.asarray(targets).reshape(N), dtype=cupy.int64)
-    M = int(cupy.count_nonzero(counted))
+    M = cupy.count_nonzero(counted)                                    # () on the device: no wait for it
     lse = cupy.empty(N, dtype=acc)
     ell = cupy.empty(N, dtype=acc)
     launch_rows(_kernel("cross_entropy_forward_rows", logits.dtype), N,
                 (z, t, lse, ell, cupy.int32(N), cupy.int32(V), cupy.int64(ignore_index),
                  scalar(float(label_smoothing), logits.dtype)))
-    loss = cupy.sum(ell) / max(M, 1)                                   # () mean over counted positions
+    loss = cupy.sum(ell) / cupy.maximum(M, 1)                         # () mean over counted positions
     loss = loss.astype(acc if logits.dtype.itemsize == 2 else logits.dtype)
     return loss, FusedCrossEntropyCache(z, lse, t, logits.shape, M, int(ignore_index), float(label_smoothing))
 
@@ -113,7 +113,7 @@ def cross_entropy_backward(dloss, cache):
     dloss = cupy.asarray(dloss, dtype=acc)
     require_shape("cross_entropy_backward", "dloss", dloss, (), "() (a scalar)")
     N, V = z.shape
-    w = (dloss / max(M, 1)).reshape(1)                                 # each counted position's share
+    w = (dloss / cupy.maximum(M, 1)).astype(acc).reshape(1)           # each counted position's share
     dlogits = cupy.empty((N, V), dtype=z.dtype)
     launch_rows(_kernel("cross_entropy_backward_rows", z.dtype), N,
                 (z, t, lse, w, dlogits, cupy.int32(N), cupy.int32(V), cupy.int64(ignore_index),

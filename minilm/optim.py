@@ -340,15 +340,21 @@ def clip_grad_norm(params, max_norm):
 
     Returns
     -------
-    float
-        The norm before clipping (inf or nan when the gradient is not finite; then the
-        gradient is left as it is).
+    float, or a 0-d array on a GPU
+        The norm before clipping (inf or nan when the gradient is not finite; a nan gradient is
+        left as it is). On a GPU the factor is applied there, so the step never waits for the
+        device to read the norm back.
     """
     _require_params("clip_grad_norm", params)
     require_positive("clip_grad_norm", "max_norm", max_norm)
     g = params.grad
     xp = get_array_module(g)
-    total_norm = float(xp.sqrt(xp.dot(g, g)))
+    total_norm = xp.sqrt(xp.dot(g, g))
+    if xp is not np:
+        clip_coef = max_norm / (total_norm + CLIP_EPS)
+        g *= xp.where(clip_coef < 1, clip_coef, 1).astype(g.dtype)    # nan < 1 is False: nan is left alone
+        return total_norm
+    total_norm = float(total_norm)
     clip_coef = max_norm / (total_norm + CLIP_EPS)
     if clip_coef < 1:
         g *= clip_coef

@@ -80,16 +80,28 @@ def require_same_dtype(op, **arrays):
             )
 
 
-def require_ids(op, name, ids, V):
-    """Integer token ids with 0 <= id < V."""
+def require_ids(op, name, ids, V, *, ignore_index=None):
+    """Integer token ids with 0 <= id < V; an id equal to ``ignore_index`` (where given) is allowed too.
+
+    On a GPU the smallest and largest id come back to the host in one transfer (one wait for the
+    device, not two).
+    """
     require_array(op, name, ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{op}: argument '{name}' must be an integer array of token ids, got dtype {ids.dtype}")
     if ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
+        from minilm.backend import get_array_module
+        xp = get_array_module(ids)
+        if ignore_index is not None:
+            ids = xp.where(ids == ignore_index, 0, ids)                # 0 is an id of every vocabulary
+        if xp is np:
+            lo, hi = int(ids.min()), int(ids.max())
+        else:
+            lo, hi = (int(v) for v in xp.stack([ids.min(), ids.max()]).tolist())
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"{op}: argument '{name}' must hold ids in [0, {V}) (V = {V}), got {bad}")
+            also = "" if ignore_index is None else f" or {ignore_index}"
+            raise ValueError(f"{op}: argument '{name}' must hold ids in [0, {V}) (V = {V}){also}, got {bad}")
 
 
 def require_choice(op, name, value, choices):

@@ -83,9 +83,8 @@ def check_cross_entropy_args(logits, targets, ignore_index, label_smoothing):
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"cross_entropy: option 'ignore_index' must be an integer, got {ignore_index!r}")
     require_probability("cross_entropy", "label_smoothing", label_smoothing, upper_open=False)
-    counted = targets != ignore_index                          # (...)
-    require_ids("cross_entropy", "targets", targets[counted], logits.shape[-1])   # integers, each in [0, V)
-    return counted
+    require_ids("cross_entropy", "targets", targets, logits.shape[-1], ignore_index=ignore_index)   # in [0, V)
+    return targets != ignore_index                             # (...)
 
 
 def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing=0.0):

@@ -153,12 +153,7 @@ def check_targets(op, targets, idx, V):
     if tuple(targets.shape) != tuple(idx.shape):
         raise ValueError(f"{op}: argument 'targets' must have the shape of idx (B, T) = {tuple(idx.shape)}, "
                          f"got {tuple(targets.shape)}")
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"{op}: argument 'targets' must be an integer array of token ids, got dtype {targets.dtype}")
-    counted = targets[targets != IGNORE_INDEX]
-    if counted.size and (int(counted.min()) < 0 or int(counted.max()) >= V):
-        bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
-        raise ValueError(f"{op}: argument 'targets' must hold ids in [0, {V}) (V = {V}) or {IGNORE_INDEX}, got {bad}")
+    require_ids(op, "targets", targets, V, ignore_index=IGNORE_INDEX)
     return targets
 
 
