@@ -81,10 +81,6 @@ __device__ inline float erf_acc(float x) { return erff(x); }
 __device__ inline double erf_acc(double x) { return erf(x); }
 __device__ inline float exp_acc(float x) { return expf(x); }
 __device__ inline double exp_acc(double x) { return exp(x); }
-// tanh through one exponential, 1 - 2 / (1 + e^{2u}): a few instructions where tanhf takes dozens,
-// within ~1e-6 of tanh in float32 (the rounding of 2u before __expf); double keeps tanh itself
-__device__ inline float fast_tanh_acc(float u) { return 1.0f - __fdividef(2.0f, 1.0f + __expf(2.0f * u)); }
-__device__ inline double fast_tanh_acc(double u) { return tanh(u); }
 """ + DROPOUT_KEEP
 
 # The row kernels' 16-bit storage types and the loads and stores that convert them.

@@ -24,13 +24,13 @@ _gelu_tanh_forward = elementwise("T x", "T y", f"""
     typedef acc_t<T>::type A;
     A v = (A)x;
     A u = (A){_K} * (v + (A){_C} * v * v * v);               // u = sqrt(2/pi) (x + 0.044715 x^3)
-    y = (T)((A)0.5 * v * ((A)1 + fast_tanh_acc(u)));               // y = x (1 + tanh u) / 2
+    y = (T)((A)0.5 * v * ((A)1 + tanh_acc(u)));               // y = x (1 + tanh u) / 2
 """, "minilm_gelu_tanh_forward")
 
 _gelu_tanh_backward = elementwise("T x, T dy", "T dx", f"""
     typedef acc_t<T>::type A;
     A v = (A)x;
-    A t = fast_tanh_acc((A){_K} * (v + (A){_C} * v * v * v));
+    A t = tanh_acc((A){_K} * (v + (A){_C} * v * v * v));
     A du = (A){_K} * ((A)1 + (A)3 * (A){_C} * v * v);         // du/dx
     A dphi = (A)0.5 * ((A)1 + t) + (A)0.5 * v * ((A)1 - t * t) * du;
     dx = (T)(dphi * (A)dy);
