@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, on a machine with an NVIDIA GPU and CUDA builds of CuPy and PyTorch:
 #
-#     gpu/run.sh OUTDIR [PART...]        # PART: tests, gpt, rnn (default: all three, in that order)
+#     gpu/run.sh OUTDIR [PART...]        # PART: tests, gpt, rnn, profile (default: the first three, in that order)
 #
 # It prints the GPUs and the versions of Python, CuPy and PyTorch (also into OUTDIR/versions.txt), then
 #   tests  runs the GPU tests, tests/test_gpu*.py, into OUTDIR/gpu-tests.log;
 #   gpt    times the training step of the baby GPT (shakespeare-char), minilm on the cupy backend
 #          against PyTorch eager on CUDA, in float32, bfloat16 and float16 -> OUTDIR/bench-gpt.json;
-#   rnn    the same for the LSTM and GRU at batch 256, in float32 and bfloat16 -> OUTDIR/bench-rnn.json.
+#   rnn    the same for the LSTM and GRU at batch 256, in float32 and bfloat16 -> OUTDIR/bench-rnn.json;
+#   profile  where the baby GPT's step goes, kernel by kernel, minilm beside PyTorch, in float32 and
+#          bfloat16 (python -m minilm.bench.gpu_profile) -> OUTDIR/profile.txt.
 # The tables are appended to OUTDIR/bench.txt.
 #
 # All three take about 10-15 minutes on an H100, a few of them CuPy compiling kernels on a cold
@@ -17,9 +19,9 @@
 # non-zero at the end if the tests or a benchmark failed.
 set -euo pipefail
 
-out="${1:?usage: gpu/run.sh OUTDIR [tests] [gpt] [rnn]}"
+out="${1:?usage: gpu/run.sh OUTDIR [tests] [gpt] [rnn] [profile]}"
 for part in "${@:2}"; do
-    case "$part" in tests | gpt | rnn) ;; *) echo "gpu/run.sh: unknown part '$part' (tests, gpt, rnn)" >&2; exit 2 ;; esac
+    case "$part" in tests | gpt | rnn | profile) ;; *) echo "gpu/run.sh: unknown part '$part' (tests, gpt, rnn, profile)" >&2; exit 2 ;; esac
 done
 parts=" ${*:2} "
 [ "$parts" = "  " ] && parts=" tests gpt rnn "
@@ -65,6 +67,10 @@ if [[ $parts == *" rnn "* ]]; then
     echo "== GPU benchmark, LSTM and GRU -> $out/bench.txt, $out/bench-rnn.json"
     python3 -m minilm bench --what train --presets shakespeare-lstm shakespeare-gru --backends cupy --dtypes float32 bfloat16 \
         --batch-size 256 --steps 20 --warmup 5 --rounds 2 --json "$out/bench-rnn.json" 2>&1 | tee -a "$out/bench.txt" || bench=$?
+fi
+if [[ $parts == *" profile "* ]]; then
+    echo "== GPU profile of the baby GPT's step -> $out/profile.txt"
+    python3 -m minilm.bench.gpu_profile float32 bfloat16 2>&1 | tee "$out/profile.txt" || bench=$?
 fi
 
 echo "GPU tests: exit code $tests; benchmarks: exit code $bench; results in $out"

@@ -1,0 +1,119 @@
+"""Where a GPU training step of the baby GPT goes, minilm (cupy) beside PyTorch eager, in one process.
+
+    python -m minilm.bench.gpu_profile [DTYPE ...]        # default: float32 bfloat16
+
+For each dtype and side it prints the wall time of a step (median of 20, after 5 warm-up steps;
+the GPU synchronised before and after each), the device time of the step's kernels and the
+kernels that take it, largest first (PyTorch's profiler through CUPTI sees every CUDA kernel of
+the process, CuPy's and cuBLAS's included), and for minilm the Python functions that hold the
+host longest (cProfile). Wall time above device time is time the GPU waited for the host.
+Needs CuPy, a CUDA build of PyTorch and a GPU; ``gpu/run.sh OUTDIR profile`` runs it.
+"""
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import numpy as np
+
+STEPS, WARMUP, PROFILED = 20, 5, 5
+
+
+def _kernel_table(prof, label, rows=25):
+    """The profiled steps' kernels by device time: (ms a step, kernels a step, text of the table)."""
+    kernels = []
+    for event in prof.key_averages():                      # only CUDA activity was recorded: kernels, copies
+        total = getattr(event, "device_time_total", None)
+        if total is None:                                  # older PyTorch
+            total = event.cuda_time_total
+        if total and "CUDA" in str(event.device_type):
+            kernels.append((total / 1000 / PROFILED, event.count / PROFILED, event.key))
+    kernels.sort(reverse=True)
+    device_ms = sum(k[0] for k in kernels)
+    lines = [f"== {label}: device time {device_ms:.2f} ms a step, {sum(k[1] for k in kernels):.0f} kernels a step"]
+    lines += [f"  {ms:8.3f} ms {count:6.1f}x  {name[:100]}" for ms, count, name in kernels[:rows]]
+    return device_ms, "\n".join(lines)
+
+
+def _measure(step, sync, label, host_profile):
+    import torch.profiler
+    for i in range(WARMUP):
+        step(i)
+    sync()
+    times = []
+    for i in range(STEPS):
+        t0 = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    wall = 1000 * float(np.median(times))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(PROFILED):
+            step(i)
+        sync()
+    device_ms, table = _kernel_table(prof, f"{label}, wall {wall:.2f} ms a step")
+    print(table, flush=True)
+    if host_profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for i in range(PROFILED):
+            step(i)
+        sync()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
+        print(f"== {label}: host time by function, {PROFILED} steps\n" + text.getvalue(), flush=True)
+    return wall, device_ms
+
+
+def main(dtypes):
+    import cupy
+    import torch
+    import minilm
+    from minilm import backend
+    from minilm.bench import peers
+    from minilm.config import preset
+    from minilm.models import build_model
+    from minilm.precision import LossScaler
+    from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
+    cfg, V = preset("shakespeare-char"), 65
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, V, (8, cfg.batch_size, cfg.block_size)) for _ in range(2))
+    minilm.use("cupy")
+    summary = []
+    for dtype in dtypes:
+        kind, model_cfg = model_settings(cfg, V)
+        model = build_model(kind, model_cfg, dtype=dtype, seed=0)
+        optimizer, schedule = make_optimizer(cfg, model.params), make_schedule(cfg)
+        scaler, dropout_rng = LossScaler(enabled=dtype == "float16"), np.random.default_rng(1)
+
+        def step(i):
+            loss = model.forward(backend.to_backend(x[i % 8]), backend.to_backend(y[i % 8]), train=True, rng=dropout_rng)[1]
+            model.backward(scaler.scale)
+            apply_gradients(model, optimizer, schedule(i), grad_clip=cfg.grad_clip, scaler=scaler)
+            return float(loss)
+        summary.append((f"minilm {dtype}",) + _measure(step, cupy.cuda.Device().synchronize, f"minilm {dtype}", True))
+        model = optimizer = step = None                    # free the GPU memory before the peer
+        cupy.get_default_memory_pool().free_all_blocks()
+
+        torch.manual_seed(0)
+        peer = peers.make_model(cfg, V).to("cuda")
+        peer_optimizer = peers.make_optimizer(peer, cfg, fused=True)
+        amp = None if dtype == "float32" else getattr(torch, dtype)
+        grad_scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+        tx, ty = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+
+        def peer_step(i):
+            return peers.train_step(peer, peer_optimizer, tx[i % 8], ty[i % 8], cfg.lr, cfg.grad_clip,
+                                    amp_dtype=amp, scaler=grad_scaler)
+        summary.append((f"pytorch {dtype}",) + _measure(peer_step, torch.cuda.synchronize, f"pytorch {dtype}", False))
+        peer = peer_optimizer = peer_step = None
+        torch.cuda.empty_cache()
+    print("\n                      wall ms   device ms   (a step)")
+    for label, wall, device_ms in summary:
+        print(f"  {label:18s} {wall:9.2f} {device_ms:11.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["float32", "bfloat16"])
