@@ -16,6 +16,11 @@ pool has the cores to itself and the work is large enough to share out:
 * waking the pool costs tens of microseconds, more than a one-row layernorm or a one-query
   attention step takes, so below ``MIN_PARALLEL_WORK`` elements the serial twin runs anyway.
 
+Every kernel is compiled with ``nogil=True``: it lets go of Python's lock while it runs, so
+that the threads of ``minilm.parallel``, each running a slice of the batch on its own core, run
+their kernels at the same time. Inside those threads ``pick`` gives the serial twins
+(``in_calling_thread``), and BLAS has one thread (``minilm.backend.one_core_per_thread``).
+
 ``rows_kernel(fastmath=SUMS_IN_ANY_ORDER)`` lets the compiler add up a sum in any order. A
 floating-point sum is otherwise a chain of additions, each waiting for the one before, that no
 compiler may vectorise; with the additions reordered it runs eight lanes at a time. The result
@@ -33,6 +38,7 @@ recurrent kernels): the argument reduction :math:`x - n \ln 2` stays exact, sinc
 shapes it makes the GELU kernels 1.2-1.4 times faster. The recurrent kernels, which are plain
 ``@njit`` functions, take the same flag through ``minilm.cpu.rnn.step_kernel``.
 """
+import contextlib
 import types
 
 from numba import njit
@@ -56,6 +62,18 @@ def use_pool(enabled, *, beside_blas):
 def pool_in_use(beside_blas=True):
     """Would ``pick(..., beside_blas=beside_blas)`` give a large kernel the pool?"""
     return _beside_blas if beside_blas else _pool
+
+
+@contextlib.contextmanager
+def in_calling_thread():
+    """Within: ``pick`` gives the kernels between the products their serial twins, as it does
+    while BLAS has the cores (for ``minilm.backend.one_core_per_thread``)."""
+    global _beside_blas
+    saved, _beside_blas = _beside_blas, False
+    try:
+        yield
+    finally:
+        _beside_blas = saved
 
 
 def force(twin):
@@ -86,7 +104,7 @@ def rows_kernel(fn=None, *, fastmath=False):
     if fastmath not in (False, SUMS_IN_ANY_ORDER, FUSED_MULTIPLY_ADD, SUMS_IN_ANY_ORDER | FUSED_MULTIPLY_ADD):
         raise ValueError("rows_kernel: argument 'fastmath' must be False, SUMS_IN_ANY_ORDER, FUSED_MULTIPLY_ADD "
                          f"or both together, got {fastmath!r}")
-    options = dict(cache=True, error_model="numpy", fastmath=set(fastmath) if fastmath else False)
+    options = dict(cache=True, nogil=True, error_model="numpy", fastmath=set(fastmath) if fastmath else False)
     parallel = njit(parallel=True, **options)(fn)
     parallel.serial = njit(**options)(_renamed(fn, "_serial"))
     return parallel

@@ -50,7 +50,7 @@ __all__ = ["rnn_forward", "rnn_backward"]
 
 KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run the reference
 # how every step kernel and helper below (and in lstm.py, gru.py) is compiled
-step_kernel = njit(cache=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+step_kernel = njit(cache=True, nogil=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 
 
 # exp, σ and tanh: ``minilm.cpu._math`` (imported above, and used by the kernels below).
