@@ -83,6 +83,7 @@ def minilm_curve_from(cfg, data, backend_name, weights):
     import numpy as np
     import minilm
     from minilm.models import build_model
+    from minilm.parallel import batch_runner
     from minilm.precision import LossScaler
     from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
     minilm.use(backend_name)
@@ -93,14 +94,15 @@ def minilm_curve_from(cfg, data, backend_name, weights):
         model.params.values[name][...] = value
     optimizer, schedule, scaler = make_optimizer(cfg, model.params), make_schedule(cfg), LossScaler(enabled=False)
     state = {"state": None} if kind == "rnn" else {}
+    runner = batch_runner(model)        # as minilm train runs it
 
     def step(it, x, y):
-        model.forward(x, y, train=True, **state)
-        model.backward(scaler.scale)
+        runner.forward(x, y, train=True, **state)
+        runner.backward(scaler.scale)
         apply_gradients(model, optimizer, schedule(it), grad_clip=cfg.grad_clip, scaler=scaler)
 
     def evaluate(batches):
-        return float(np.mean([float(model.forward(x, y, **state)[1]) for x, y in batches]))
+        return float(np.mean([float(runner.forward(x, y, **state)[1]) for x, y in batches]))
     return _loop(cfg, batches, val, step, evaluate)
 
 

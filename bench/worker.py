@@ -41,6 +41,7 @@ def minilm_train(job, cfg, V):
     import minilm
     from minilm import backend
     from minilm.models import build_model
+    from minilm.parallel import batch_runner
     from minilm.precision import LossScaler
     from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
     minilm.use(job["backend"])
@@ -49,6 +50,7 @@ def minilm_train(job, cfg, V):
     sync = _cupy_sync() if on_gpu else (lambda: None)
     kind, model_cfg = model_settings(cfg, V)
     model = build_model(kind, model_cfg, dtype=dtype, seed=0)          # 16-bit: mixed precision
+    runner = batch_runner(model)        # as minilm train runs it: on numba, the batch over the cores
     optimizer, schedule = make_optimizer(cfg, model.params), make_schedule(cfg)
     scaler = LossScaler(enabled=dtype == "float16")
     baseline = _rss_mb()
@@ -60,10 +62,10 @@ def minilm_train(job, cfg, V):
         sync()
         t0 = time.perf_counter()
         if kind == "rnn":
-            loss = model.forward(xb, yb, state=None, train=True, rng=rng)[1]
+            loss = runner.forward(xb, yb, state=None, train=True, rng=rng)[1]
         else:
-            loss = model.forward(xb, yb, train=True, rng=rng)[1]
-        model.backward(scaler.scale)
+            loss = runner.forward(xb, yb, train=True, rng=rng)[1]
+        runner.backward(scaler.scale)
         apply_gradients(model, optimizer, schedule(i), grad_clip=cfg.grad_clip, scaler=scaler)
         loss = float(loss)
         sync()

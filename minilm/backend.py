@@ -59,6 +59,7 @@ def _load(name):
 
 
 _blas_limit = None  # while the numba backend is active: the BLAS thread limit it set
+_blas_libs = ()     # ... and threadpoolctl's controllers of the BLAS libraries loaded
 
 
 def _share_cores(name):
@@ -72,9 +73,11 @@ def _share_cores(name):
     (a GPT step on 2 cores took 93 ms with both pools at work, 65 ms this way). Only when BLAS
     has a single thread do those kernels use Numba's pool; the optimizer update, after the
     step's products, uses it whenever it has more than one thread (``minilm.cpu._parallel``).
-    Other backends get the BLAS thread count back.
+    Other backends get the BLAS thread count back. (``minilm.parallel``, which training and
+    evaluation use, shares the cores differently: a slice of the batch per core, see
+    ``one_core_per_thread``.)
     """
-    global _blas_limit
+    global _blas_limit, _blas_libs
     if name == "numba" and _blas_limit is None:
         import numba
         from threadpoolctl import ThreadpoolController
@@ -83,10 +86,34 @@ def _share_cores(name):
         started = max((lib.num_threads for lib in blas.lib_controllers), default=1)
         threads = max(1, min(numba.get_num_threads(), started))
         _blas_limit = blas.limit(limits=threads)
+        _blas_libs = tuple(blas.lib_controllers)
         _parallel.use_pool(numba.get_num_threads() > 1, beside_blas=threads == 1)
     elif name != "numba" and _blas_limit is not None:
         _blas_limit.restore_original_limits()
-        _blas_limit = None
+        _blas_limit, _blas_libs = None, ()
+
+
+@contextlib.contextmanager
+def one_core_per_thread():
+    """Within: every BLAS product and every Numba kernel runs in the thread that calls it.
+
+    For ``minilm.parallel``, which gives each core a slice of the batch in a thread of its own:
+    BLAS's threads and Numba's pool would only compete with those threads for the cores. A
+    numba-backend setting; elsewhere it changes nothing.
+    """
+    if current() != "numba":
+        yield
+        return
+    from minilm.cpu import _parallel
+    libs = [(lib, lib.num_threads) for lib in _blas_libs]
+    for lib, _ in libs:
+        lib.set_num_threads(1)
+    try:
+        with _parallel.in_calling_thread():
+            yield
+    finally:
+        for lib, n in libs:
+            lib.set_num_threads(n)
 
 
 def use(name):

@@ -6,6 +6,7 @@ import numpy as np
 from minilm import backend, checkpoint
 from minilm.data import CharTokenizer, load_text, split
 from minilm.models import model_from_meta
+from minilm.parallel import batch_runner
 from minilm.validate import require_positive
 
 
@@ -28,6 +29,7 @@ def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
     if len(ids) < 2:
         raise ValueError(f"evaluate: {what} must hold at least 2 characters (one to predict from, one to "
                          f"predict), got {len(ids)}")
+    runner = batch_runner(model)                                # the batch's rows over the cores
     starts = list(range(0, len(ids) - 1, block_size))
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
@@ -39,7 +41,7 @@ def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
                 continue
             x = np.stack([ids[s:s + length] for s in windows])
             y = np.stack([ids[s + 1:s + 1 + length] for s in windows])
-            loss = float(model.forward(backend.to_backend(x), backend.to_backend(y))[1])
+            loss = float(runner.forward(backend.to_backend(x), backend.to_backend(y))[1])
             total += loss * y.size
             count += y.size
     mean = total / count

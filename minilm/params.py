@@ -19,6 +19,7 @@ them, once per step each:
 
 Without a ``compute_dtype`` the pairs are the same arrays and both calls cost nothing.
 """
+import copy
 import math
 
 import numpy as np
@@ -127,6 +128,18 @@ class Params:
             if predicate(name, shape):
                 m[self.slice(name)] = 1
         return xp.asarray(m)
+
+    def sharing_weights(self):
+        """A Params that reads the same weights (the same arrays, so every update and ``load`` reaches
+        it too) and has gradient buffers of its own, zeroed: for a backward that runs beside this
+        one's on another part of the batch (``minilm.parallel``). ``to`` replaces the arrays, so a
+        Params moved with ``to`` shares nothing with the ones made from it before."""
+        xp = get_array_module(self.data)
+        other = copy.copy(self)
+        other.grad = xp.zeros_like(self.grad)
+        other.compute_grad = xp.zeros_like(self.compute_grad) if self.mixed else other.grad
+        other.grads = _Views(other.compute_grad, self.layout)
+        return other
 
     def zero_grad(self):
         self.compute_grad[...] = 0

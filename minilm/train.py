@@ -23,6 +23,7 @@ from minilm.precision import LossScaler
 from minilm.validate import as_numpy_dtype
 from minilm.data import CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_text, split
 from minilm.models import build_model, model_meta
+from minilm.parallel import batch_runner
 
 def make_optimizer(cfg, params):
     if cfg.optimizer == "adamw":
@@ -178,6 +179,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
     dtype = as_numpy_dtype("minilm train", "--dtype", cfg.dtype)
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
     model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
+    runner = batch_runner(model)        # forward and backward over the cores (minilm.parallel)
     optimizer = make_optimizer(cfg, model.params)
     schedule = make_schedule(cfg)
     recurrent = kind == "rnn"
@@ -245,8 +247,8 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
         while True:
             # evaluate at every eval_interval and at the end (not again right after resuming there)
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter:
-                train_loss = estimate_loss(model, eval_batches["train"])
-                val_loss = estimate_loss(model, eval_batches["val"])
+                train_loss = estimate_loss(runner, eval_batches["train"])
+                val_loss = estimate_loss(runner, eval_batches["val"])
                 row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
                        "tokens_per_s": train_tokens / train_time if train_time else None,
                        "elapsed_s": time.perf_counter() - start}
@@ -286,11 +288,11 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
             lr = schedule(it)
             with backend.compile_notice() if first_step else contextlib.nullcontext():
                 if recurrent:
-                    _, loss, state = model.forward(x, y, state=state if cfg.batching == "contiguous" else None,
+                    _, loss, state = runner.forward(x, y, state=state if cfg.batching == "contiguous" else None,
                                                    train=True, rng=dropout_rng)
                 else:
-                    _, loss = model.forward(x, y, train=True, rng=dropout_rng)
-                model.backward(scaler.scale)
+                    _, loss = runner.forward(x, y, train=True, rng=dropout_rng)
+                runner.backward(scaler.scale)
                 apply_gradients(model, optimizer, lr, grad_clip=cfg.grad_clip, scaler=scaler)
             first_step = False
             loss = float(loss)
