@@ -28,17 +28,22 @@ from minilm.backend import get_array_module
 
 
 class _Views:
-    """name -> reshaped view of one flat array."""
+    """name -> reshaped view of one flat array (each made once: a model asks for every view at
+    every step)."""
 
     def __init__(self, flat, layout):
         self._flat, self._layout = flat, layout
+        self._made = {}
 
     def __getitem__(self, name):
-        try:
-            start, shape = self._layout[name]
-        except KeyError:
-            raise KeyError(f"no parameter called {name!r}; parameters are: {', '.join(self._layout)}") from None
-        return self._flat[start:start + math.prod(shape)].reshape(shape)
+        view = self._made.get(name)
+        if view is None:
+            try:
+                start, shape = self._layout[name]
+            except KeyError:
+                raise KeyError(f"no parameter called {name!r}; parameters are: {', '.join(self._layout)}") from None
+            view = self._made[name] = self._flat[start:start + math.prod(shape)].reshape(shape)
+        return view
 
     def __setitem__(self, name, value):
         self[name][...] = value

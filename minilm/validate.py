@@ -15,8 +15,9 @@ FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
 def _is_array(x):
-    # numpy.ndarray, cupy.ndarray, or anything else that quacks like an array
-    return hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")
+    # numpy.ndarray (asked first: the checks run on every op call), cupy.ndarray, or anything else
+    # that quacks like an array
+    return isinstance(x, np.ndarray) or (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim"))
 
 
 def require_array(op, name, x):
@@ -62,6 +63,8 @@ def require_nonempty(op, name, x, axis, letter, dims):
 
 def require_shape(op, name, x, shape, dims):
     """x.shape equals ``shape``; ``dims`` names the letters, e.g. "(C,)"."""
+    if isinstance(x, np.ndarray) and x.shape == tuple(shape):     # the common case, decided at once
+        return
     require_array(op, name, x)
     shape = tuple(int(s) for s in shape)
     if tuple(x.shape) != shape:
