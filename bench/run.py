@@ -274,11 +274,19 @@ def _label(row):
 
 def _rounds(jobs, rounds):
     """Each job measured ``rounds`` times, in turn; one row per job with the medians, every round's
-    result (``rounds``) and, when a PyTorch job is among them, the ratio to it within each round."""
+    result (``rounds``) and, when a PyTorch job is among them, the ratio to it within each round
+    (``vs_torch``); for training, the same ratio to the numpy backend's step when it was measured
+    (``vs_numpy``)."""
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"minilm bench: option '--rounds' must be an integer >= 1, got {rounds!r}")
     measured = [[run_job(job) for job in jobs] for _ in range(rounds)]        # [round][job]
     torch_at = next((i for i, job in enumerate(jobs) if job["impl"] == "torch"), None)
+    numpy_at = next((i for i, job in enumerate(jobs)
+                     if job["impl"] != "torch" and job.get("what") == "train" and job.get("backend") == "numpy"), None)
+
+    def ratio_to(i, at):
+        ratios = [measured[r][i]["tokens_per_s"] / measured[r][at]["tokens_per_s"] for r in range(rounds)]
+        return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     rows = []
     for i, job in enumerate(jobs):
         runs = [measured[r][i] for r in range(rounds)]
@@ -290,8 +298,9 @@ def _rounds(jobs, rounds):
         if None not in gpu_mb:
             row["gpu_mb"] = max(gpu_mb)
         if torch_at is not None:
-            ratios = [measured[r][i]["tokens_per_s"] / measured[r][torch_at]["tokens_per_s"] for r in range(rounds)]
-            row["vs_torch"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            row["vs_torch"] = ratio_to(i, torch_at)
+        if numpy_at is not None and job["impl"] != "torch":
+            row["vs_numpy"] = ratio_to(i, numpy_at)
         rows.append(row)
     return rows
 
@@ -301,15 +310,20 @@ def _print_rows(out, title, rows, ms_key):
     gpu = any("gpu_mb" in r for r in rows)
     mfu = any("mfu" in r for r in rows)
     out(f"\n{title}; medians of {n} round{'s' if n > 1 else ''}")
+    vs_numpy = any("vs_numpy" in r for r in rows)
     out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9}" + (f" {'GPU MB':>8}" if gpu else "")
-        + (f" {'MFU':>6}" if mfu else "") + f" {'vs pytorch (range)':>22}")
+        + (f" {'MFU':>6}" if mfu else "") + f" {'vs pytorch (range)':>22}" + (f" {'vs numpy (range)':>22}" if vs_numpy else ""))
+
+    def ratio(v):
+        return f"{v['median']:6.2f}x ({v['min']:.2f}-{v['max']:.2f})" if v else ""
     for r in rows:
         ms = f"{r[ms_key]:9.2f}" if ms_key else f"{'':>9}"
-        v = r.get("vs_torch")
-        ratio = f"{v['median']:6.2f}x ({v['min']:.2f}-{v['max']:.2f})" if v else ""
         line = f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f}"
         if gpu:
             line += f" {r['gpu_mb']:8.0f}" if "gpu_mb" in r else f" {'':>8}"
         if mfu:
             line += f" {100 * r['mfu']:5.1f}%" if "mfu" in r else f" {'':>6}"
-        out(line + f" {ratio:>22}")
+        line += f" {ratio(r.get('vs_torch')):>22}"
+        if vs_numpy:
+            line += f" {ratio(r.get('vs_numpy')):>22}"
+        out(line.rstrip())

@@ -31,6 +31,30 @@ def test_rounds_report_medians_and_the_ratio_within_each_round(monkeypatch):
     assert numba_row["peak_rss_mb"] == 5 and len(numba_row["rounds"]) == 3
 
 
+def test_training_rows_give_the_ratio_to_the_numpy_backend_within_each_round(monkeypatch, capsys):
+    speeds = {"numpy": [100.0, 100.0, 50.0], "numba": [200.0, 150.0, 150.0], "torch": [100.0, 100.0, 100.0]}
+    seen = {name: 0 for name in speeds}
+
+    def fake_run_job(job):
+        name = job.get("backend", "torch")
+        rate = speeds[name][seen[name]]
+        seen[name] += 1
+        return {"job": job, "tokens_per_s": rate, "ms_per_step": 1000 / rate, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    jobs = [{"impl": "minilm", "what": "train", "backend": name} for name in ("numpy", "numba")] + \
+        [{"impl": "torch", "what": "train"}]
+    numpy_row, numba_row, torch_row = bench_run._rounds(jobs, 3)
+    assert numba_row["vs_numpy"] == {"median": 2.0, "min": 1.5, "max": 3.0}   # ratios 2, 1.5, 3
+    assert numpy_row["vs_numpy"]["median"] == 1.0 and "vs_numpy" not in torch_row
+    bench_run._print_rows(print, "training step", [numpy_row, numba_row, torch_row], "ms_per_step")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].endswith("vs numpy (range)") and lines[4].endswith("2.00x (1.50-3.00)")
+    sample = [{"impl": "minilm", "what": "sample", "backend": "numpy", "cache": True}, {"impl": "torch", "what": "sample"}]
+    monkeypatch.setattr(bench_run, "run_job", lambda job: {"job": job, "tokens_per_s": 10.0, "peak_rss_mb": 1.0})
+    assert all("vs_numpy" not in row for row in bench_run._rounds(sample, 1))   # only training steps
+
+
 @pytest.mark.parametrize("option, value, low", [("--rounds", "0", 1), ("--rounds", "-1", 1), ("--steps", "0", 1),
                                                ("--warmup", "-1", 0), ("--tokens", "0", 1), ("--threads", "0", 1)])
 def test_bad_counts_are_clear_errors_before_anything_runs(option, value, low, capsys, monkeypatch):
