@@ -125,6 +125,7 @@ class BatchParallel:
     def forward(self, idx, targets=None, *, train=False, rng=None, **kwargs):
         """The model's ``forward``: (logits, loss), and the final state for a recurrent model."""
         model = self.model
+        self._split = None          # until this forward has run in slices
         op = f"{type(model).__name__}.forward"
         V = model.config.vocab_size
         idx = check_idx(op, "idx", np.asarray(idx), V, model.config.block_size if model.kind == "gpt" else None)
@@ -139,7 +140,6 @@ class BatchParallel:
             counts = [int(np.count_nonzero(targets[r] != IGNORE_INDEX)) for r in rows]
             weights = [c / sum(counts) for c in counts] if min(counts) > 0 else None
         if n < 2 or (train and model.config.dropout > 0) or (targets is not None and weights is None):
-            self._split = None
             return model.forward(idx, targets, train=train, rng=rng, **kwargs)
 
         state = kwargs.pop("state", None)
