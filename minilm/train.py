@@ -289,7 +289,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
             with backend.compile_notice() if first_step else contextlib.nullcontext():
                 if recurrent:
                     _, loss, state = runner.forward(x, y, state=state if cfg.batching == "contiguous" else None,
-                                                   train=True, rng=dropout_rng)
+                                                    train=True, rng=dropout_rng)
                 else:
                     _, loss = runner.forward(x, y, train=True, rng=dropout_rng)
                 runner.backward(scaler.scale)
