@@ -23,11 +23,16 @@ gradient is the sum of the slices' gradients. Only the rounding differs from one
 whole batch (sums are added up in another order), and the same slices and threads give the same
 rounding every time, so a run is reproducible.
 
-It runs the model itself on the whole batch instead when
+Dropout draws the same masks as on the whole batch. A mask is ``rng.random(shape) < 1 - p``, and
+the uniform draws of a (B, ...) array come out row after row, so slice i's mask is rows
+:math:`a_i .. b_i` of the whole batch's draw. Each slice gets a ``_RowsOfDraws`` for its ``rng``:
+the first slice to ask for the forward's k-th draw makes the whole batch's draw from the one
+generator, in the forward's order, and every slice takes its rows of it. The generator ends in
+the state one call on the whole batch leaves it in, so a run resumed from a checkpoint goes on
+with the same masks.
 
-* dropout is on (training with ``config.dropout > 0``): the masks come from one generator in
-  the forward's order, which slices running side by side cannot keep;
-* the batch has one row, or a slice would have no target that counts.
+It runs the model itself on the whole batch instead when the batch has one row, or a slice
+would have no target that counts.
 
     runner = batch_runner(model)        # the model itself on other backends or with one thread
     logits, loss = runner.forward(idx, targets, train=True, rng=rng)
@@ -45,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from minilm import backend
-from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets
+from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_rng
 from minilm.params import Params
 
 __all__ = ["BatchParallel", "batch_runner"]
@@ -72,6 +77,56 @@ def batch_runner(model, threads=None):
         import numba
         threads = numba.get_num_threads()
     return BatchParallel(model, threads) if threads > 1 else model
+
+
+class _Draws:
+    """The whole batch's uniform draws of one forward, made once each, in the order asked for."""
+
+    def __init__(self, rng, batch, slices):
+        self.rng, self.batch, self.slices = rng, batch, slices
+        self.made = []                  # [draw, slices that have not taken their rows yet]
+        self.lock = threading.Lock()
+
+    def rows(self, k, shape, rows):
+        """Rows ``rows`` of the k-th draw, whose shape is ``shape`` with the whole batch as axis 0."""
+        with self.lock:
+            if k == len(self.made):
+                self.made.append([self.rng.random((self.batch,) + tuple(shape[1:])), self.slices])
+            entry = self.made[k]
+            entry[1] -= 1
+            draw = entry[0]
+            if entry[1] == 0:
+                entry[0] = None         # every slice has its rows: let the draw go
+        return draw[rows]
+
+
+class _RowsOfDraws(np.random.Generator):
+    """A slice's generator: ``random(shape)`` gives the slice's rows of the draw that the whole
+    batch makes there (see the module docstring). Dropout draws nothing else; any other method
+    is refused rather than drawn from a stream of its own."""
+
+    def __init__(self, draws, rows):
+        super().__init__(np.random.PCG64(0))    # never drawn from: only ``random`` is served
+        self._draws, self._rows, self._k = draws, rows, 0
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        shape = (size,) if isinstance(size, (int, np.integer)) else tuple(size or ())
+        if len(shape) == 0 or shape[0] != self._rows.stop - self._rows.start or dtype != np.float64 or out is not None:
+            raise ValueError(f"minilm.parallel: a slice of {self._rows.stop - self._rows.start} rows drew "
+                             f"random(size={size!r}); only draws of (rows, ...) in float64 are shared out")
+        draw = self._draws.rows(self._k, shape, self._rows)
+        self._k += 1
+        return draw
+
+    def __getattribute__(self, name):
+        if name in _GENERATOR_METHODS:
+            raise NotImplementedError(f"minilm.parallel: a slice's generator serves only random(), "
+                                      f"not {name}(); run this model with the model itself")
+        return super().__getattribute__(name)
+
+
+_GENERATOR_METHODS = frozenset(name for name in dir(np.random.Generator)
+                               if not name.startswith("_") and name not in ("random", "bit_generator", "spawn"))
 
 
 class _Split:
@@ -139,8 +194,14 @@ class BatchParallel:
         if targets is not None:
             counts = [int(np.count_nonzero(targets[r] != IGNORE_INDEX)) for r in rows]
             weights = [c / sum(counts) for c in counts] if min(counts) > 0 else None
-        if n < 2 or (train and model.config.dropout > 0) or (targets is not None and weights is None):
+        if n < 2 or (targets is not None and weights is None):
             return model.forward(idx, targets, train=train, rng=rng, **kwargs)
+        rng = dropout_rng(op, rng, model.rng)
+        if train and model.config.dropout > 0:
+            draws = _Draws(rng, B, n)
+            rngs = [_RowsOfDraws(draws, r) for r in rows]
+        else:
+            rngs = [rng] * n                                   # no dropout: nothing is drawn
 
         state = kwargs.pop("state", None)
         if state is not None:
@@ -152,7 +213,7 @@ class BatchParallel:
             if state is not None:
                 extra["state"] = tuple(tuple(s[r] for s in layer) for layer in state)
             return lambda: self._replicas[i].forward(idx[r], None if targets is None else targets[r],
-                                                     train=train, rng=rng, **extra)
+                                                     train=train, rng=rngs[i], **extra)
 
         results = self._run([call(i) for i in range(n)])
         self._split = _Split(n, weights)

@@ -2,8 +2,8 @@
 
 The slices' results, combined, must equal the model's own forward and backward on the whole
 batch: logits, loss, final state and every parameter's gradient, to ``SPLIT_TOL`` in float64.
-Where it falls back to the whole batch (dropout on, one row, a slice with no counted target) the
-results must be the model's own, bit for bit. A run trained and resumed on the numba backend,
+With dropout the slices draw the whole batch's masks. Where it falls back to the whole batch (one
+row, a slice with no counted target) the results must be the model's own, bit for bit. A run trained and resumed on the numba backend,
 which trains through it, computes the same losses as one run straight through.
 """
 import json
@@ -123,9 +123,48 @@ def test_training_in_slices_gives_the_same_losses_and_weights():
     assert relative_error(w_split, w_whole) <= SPLIT_TOL
 
 
-@pytest.mark.parametrize("case", ["dropout", "one row", "a slice counts nothing"])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("name", ["gpt", "lstm"])
+def test_dropout_in_slices_draws_the_whole_batchs_masks(name, threads):
+    """Same masks, so the same results to rounding, and the generator left where the whole batch
+    leaves it (a resumed run goes on with the same masks)."""
+    model = MODELS[name](dropout=0.3)
+    idx, targets = _batch(B=5)
+    rng_whole, rng_split = np.random.default_rng(7), np.random.default_rng(7)
+    whole, grad_whole = _step(model, model, idx, targets, train=True, rng=rng_whole)
+    runner = BatchParallel(model, threads)
+    split, grad_split = _step(runner, model, idx, targets, train=True, rng=rng_split)
+    assert runner._split is not None and runner._split.n == threads
+    assert relative_error(split[1], whole[1]) <= SPLIT_TOL
+    assert relative_error(grad_split, grad_whole) <= SPLIT_TOL
+    assert rng_split.bit_generator.state == rng_whole.bit_generator.state
+    assert rng_split.random() == rng_whole.random()
+
+
+def test_dropout_in_slices_with_the_models_own_generator():
+    model_whole, model_split = MODELS["gpt"](dropout=0.3), MODELS["gpt"](dropout=0.3)
+    idx, targets = _batch(B=4)
+    loss_whole = model_whole.forward(idx, targets, train=True)[1]         # rng=None: the model's own
+    loss_split = BatchParallel(model_split, 2).forward(idx, targets, train=True)[1]
+    assert relative_error(loss_split, loss_whole) <= SPLIT_TOL
+    assert model_split.rng.bit_generator.state == model_whole.rng.bit_generator.state
+
+
+def test_a_slices_generator_serves_only_the_batchs_rows():
+    from minilm.parallel import _Draws, _RowsOfDraws
+    draws = _Draws(np.random.default_rng(0), batch=4, slices=2)
+    first, second = _RowsOfDraws(draws, slice(0, 2)), _RowsOfDraws(draws, slice(2, 4))
+    whole = np.random.default_rng(0).random((4, 3))
+    np.testing.assert_array_equal(np.concatenate([first.random((2, 3)), second.random((2, 3))]), whole)
+    with pytest.raises(ValueError, match=r"a slice of 2 rows drew random\(size=\(3, 3\)\)"):
+        first.random((3, 3))
+    with pytest.raises(NotImplementedError, match=r"serves only random\(\), not integers\(\)"):
+        first.integers(5)
+
+
+@pytest.mark.parametrize("case", ["one row", "a slice counts nothing"])
 def test_falls_back_to_the_whole_batch_bit_for_bit(case):
-    model = MODELS["gpt"](dropout=0.2 if case == "dropout" else 0.0)
+    model = MODELS["gpt"](dropout=0.2)
     idx, targets = _batch(B=1 if case == "one row" else 4)
     if case == "a slice counts nothing":
         targets[:2] = IGNORE_INDEX                   # slice 0 (rows 0-1) has no target that counts
@@ -239,7 +278,7 @@ def test_a_params_sharing_weights_sees_updates_and_keeps_its_own_gradient():
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="training runs in slices with 2 or more Numba threads")
 @pytest.mark.parametrize("model_options", [
-    ["--model", "gpt"],
+    ["--model", "gpt", "--dropout", "0.1"],                      # the masks' generator is saved and restored
     ["--model", "lstm", "--batching", "contiguous"],             # the carried state is cut and joined
 ])
 def test_numba_run_resumed_computes_the_same_losses(tmp_path, model_options):
