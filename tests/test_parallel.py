@@ -276,28 +276,48 @@ def test_a_params_sharing_weights_sees_updates_and_keeps_its_own_gradient():
     assert not model.params.grad.any()
 
 
+def _tiny_run(tmp_path, name, *options):
+    """The metrics of a tiny `minilm train` run in ``tmp_path / name``."""
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(" ".join(rng.choice(["to", "be", "or", "not", "that", "is"], 1200)) + "\n", encoding="utf-8")
+    out = tmp_path / name
+    assert cli.main(["train", "--data", str(corpus), "--out", str(out), "--n-layer", "1", "--n-head", "2",
+                     "--n-embd", "16", "--hidden-size", "16", "--block-size", "16", "--batch-size", "4",
+                     "--eval-interval", "4", "--eval-iters", "2", "--warmup-iters", "2", "--lr-decay-iters", "12",
+                     "--no-progress", *options]) == 0
+    return _metrics(out)
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in map(json.loads, f)}
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="training runs in slices with 2 or more Numba threads")
+def test_numba_training_in_slices_gives_the_numpy_backends_losses(tmp_path):
+    """End to end, dropout included: the slices' masks are the whole batch's, so switching the
+    backend changes the rounding only (float64, so that it shows)."""
+    options = ["--max-iters", "8", "--model", "gpt", "--dropout", "0.1", "--dtype", "float64"]
+    reference = _tiny_run(tmp_path, "numpy", *options, "--backend", "numpy")
+    sliced = _tiny_run(tmp_path, "numba", *options, "--backend", "numba")
+    assert set(sliced) == set(reference) == {0, 4, 8}
+    for it in reference:
+        assert relative_error(sliced[it], reference[it]) <= SPLIT_TOL, (it, sliced[it], reference[it])
+
+
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="training runs in slices with 2 or more Numba threads")
 @pytest.mark.parametrize("model_options", [
     ["--model", "gpt", "--dropout", "0.1"],                      # the masks' generator is saved and restored
     ["--model", "lstm", "--batching", "contiguous"],             # the carried state is cut and joined
 ])
 def test_numba_run_resumed_computes_the_same_losses(tmp_path, model_options):
-    rng = np.random.default_rng(0)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(rng.choice(["to", "be", "or", "not", "that", "is"], 1200)) + "\n", encoding="utf-8")
-    tiny = ["--data", str(corpus), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--hidden-size", "16",
-            "--block-size", "16", "--batch-size", "4", "--eval-interval", "4", "--eval-iters", "2",
-            "--warmup-iters", "2", "--lr-decay-iters", "12", "--backend", "numba", "--no-progress", *model_options]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cli.main(["train", "--out", str(straight), "--max-iters", "12", *tiny]) == 0
-    assert cli.main(["train", "--out", str(split), "--max-iters", "6", *tiny]) == 0
-    assert cli.main(["train", "--out", str(split), "--resume", "--max-iters", "12", "--backend", "numba",
+    a = _tiny_run(tmp_path, "straight", "--max-iters", "12", "--backend", "numba", *model_options)
+    _tiny_run(tmp_path, "split", "--max-iters", "6", "--backend", "numba", *model_options)
+    assert cli.main(["train", "--out", str(tmp_path / "split"), "--resume", "--max-iters", "12", "--backend", "numba",
                      "--no-progress"]) == 0
-
-    def losses(out):
-        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-            return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in map(json.loads, f)}
-    a, b = losses(straight), losses(split)
+    b = _metrics(tmp_path / "split")
     for it in (0, 4, 8, 12):
         assert a[it] == b[it], f"iteration {it}: {a[it]} vs {b[it]}"   # bit for bit
     assert backend.current() == "numba"
