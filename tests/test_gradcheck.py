@@ -60,6 +60,51 @@ def test_wrong_backward_fails_and_names_the_argument(max_elements):
         report.raise_if_failed()
 
 
+class OffsetCache(NamedTuple):
+    x: np.ndarray
+    w: np.ndarray
+
+
+def offset_forward(x, w):
+    """y = 1 + s (x w) with a tiny s: the loss is O(1), w's gradient s x^T dy ~1e-6 of it, so the
+    stencil's round-off (~1e-11 next to a loss of ~1) is a large part of that gradient's size."""
+    return 1.0 + TINY * (x @ w), OffsetCache(x, w)
+
+
+TINY = 1e-6
+
+
+def offset_backward(dy, cache, wrong=1.0):
+    x, w = cache
+    return TINY * dy @ w.T, wrong * TINY * (x.T @ dy)
+
+
+def test_a_tiny_exact_gradient_passes_and_a_tiny_wrong_one_fails():
+    """A difference at the stencil's round-off is no evidence (the module docstring's delta);
+    a 1% error in the same tiny gradient is far above it and still fails."""
+    rng = np.random.default_rng(3)
+    args = (rng.standard_normal((4, 3)), rng.standard_normal((3, 5)))
+    report = gradcheck(offset_forward, offset_backward, args)
+    assert report.passed, str(report)
+    wrong = gradcheck(offset_forward, lambda dy, c: offset_backward(dy, c, wrong=1.01), args)
+    assert [a.name for a in wrong.failures] == ["w"] and wrong.failures[0].max_rel_error > 10 * DEFAULT_TOL
+    # without the round-off floor, the exact gradient's relative error is above the tolerance
+    out, cache = offset_forward(*args)
+    R = np.random.default_rng(0).standard_normal(out.shape)
+    a = offset_backward(R, cache)[1]
+    eps = 1e-5
+
+    def loss(w):
+        return float(np.sum(offset_forward(args[0], w)[0] * R))
+    n = np.zeros_like(a)
+    for j in range(a.size):
+        d = np.zeros_like(a)
+        d.reshape(-1)[j] = 1.0
+        n.reshape(-1)[j] = (8 * (loss(args[1] + eps * d) - loss(args[1] - eps * d))
+                            - (loss(args[1] + 2 * eps * d) - loss(args[1] - 2 * eps * d))) / (12 * eps)
+    assert np.max(np.abs(a - n)) / (np.max(np.abs(a)) + np.max(np.abs(n))) > DEFAULT_TOL
+
+
 def test_float32_inputs_are_checked_in_float64():
     rng = np.random.default_rng(3)
     args = (rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32))
