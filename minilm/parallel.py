@@ -120,8 +120,9 @@ class _RowsOfDraws(np.random.Generator):
 
     def __getattribute__(self, name):
         if name in _GENERATOR_METHODS:
-            raise NotImplementedError(f"minilm.parallel: a slice's generator serves only random(), "
-                                      f"not {name}(); run this model with the model itself")
+            raise RuntimeError(f"minilm.parallel: a slice's generator serves only random(), not {name}(), "
+                               f"since only uniform draws can be cut into the slices' rows; run this model "
+                               f"with the model itself")
         return super().__getattribute__(name)
 
 

@@ -158,7 +158,7 @@ def test_a_slices_generator_serves_only_the_batchs_rows():
     np.testing.assert_array_equal(np.concatenate([first.random((2, 3)), second.random((2, 3))]), whole)
     with pytest.raises(ValueError, match=r"a slice of 2 rows drew random\(size=\(3, 3\)\)"):
         first.random((3, 3))
-    with pytest.raises(NotImplementedError, match=r"serves only random\(\), not integers\(\)"):
+    with pytest.raises(RuntimeError, match=r"serves only random\(\), not integers\(\)"):
         first.integers(5)
 
 
