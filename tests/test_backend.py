@@ -153,3 +153,43 @@ def test_rows_kernel_takes_only_the_sums_and_fma_flags():
             _parallel.rows_kernel(fastmath=flags)(lambda a: None)
     both = _parallel.rows_kernel(fastmath=_parallel.SUMS_IN_ANY_ORDER | _parallel.FUSED_MULTIPLY_ADD)(lambda a: a)
     assert both.targetoptions["fastmath"] == {"reassoc", "contract"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_every_kernel_lets_go_of_the_lock_under_a_name_tagged_with_its_options_and_the_source():
+    """Numba's disk cache keys a kernel by its name and its own file only, so minilm.cpu._jit
+    appends a digest of the options and of the kernels' source files to the name: a change to a
+    decorator's options or to another file the kernel is built from must not load the old code."""
+    import pkgutil
+    from numba.core.registry import CPUDispatcher
+    import minilm.cpu as cpu
+    from minilm.cpu import _jit
+
+    kernels = {}
+    for info in pkgutil.iter_modules(cpu.__path__):
+        module = importlib.import_module(f"minilm.cpu.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, CPUDispatcher) and value.py_func.__module__ == module.__name__:
+                kernels[f"{info.name}.{name}"] = value
+                if hasattr(value, "serial"):
+                    kernels[f"{info.name}.{name}.serial"] = value.serial
+    assert len(kernels) > 30                                    # every family file's kernels were found
+    for where, kernel in kernels.items():
+        assert kernel.targetoptions.get("nogil") and kernel._cache.__class__.__name__ == "FunctionCache", where
+        assert kernel.py_func.__qualname__.endswith("__" + _jit.cache_tag(kernel.jit_options)), where
+
+
+def test_the_cache_tag_changes_with_the_options_and_with_the_source(tmp_path):
+    pytest.importorskip("numba")
+    from minilm.cpu import _jit
+    base = {"cache": True, "nogil": True, "fastmath": {"contract"}}
+    assert _jit.cache_tag(base) == _jit.cache_tag(dict(reversed(list(base.items()))))   # order does not matter
+    assert _jit.cache_tag(base) != _jit.cache_tag({**base, "nogil": False})
+    assert _jit.cache_tag(base) != _jit.cache_tag({**base, "fastmath": {"contract", "reassoc"}})
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("not source\n")
+    before = _jit.source_digest([tmp_path])
+    (tmp_path / "notes.txt").write_text("changed\n")
+    assert _jit.source_digest([tmp_path]) == before             # only .py files count
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _jit.source_digest([tmp_path]) != before

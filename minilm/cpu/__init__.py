@@ -3,8 +3,9 @@
 A name defined here replaces the reference function of the same name when the ``numba``
 backend is active; every other op runs the reference code. Each family file lists what it
 replaces in its ``__all__``; this package gathers those names from every file beside it.
-Kernels are compiled on first use and cached on disk (``cache=True``; ``NUMBA_CACHE_DIR``
-chooses where), so only the first run pays the compile time.
+Kernels are compiled on first use and cached on disk (``NUMBA_CACHE_DIR`` chooses where), so
+only the first run pays the compile time; ``_jit.py`` says how every kernel is compiled, and why
+its cached name carries a digest of this package's and the reference tier's source.
 """
 import sys
 

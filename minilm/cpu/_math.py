@@ -20,9 +20,10 @@ stays on its own instructions when it is inlined into a kernel that has no such 
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic, overload
 
+from minilm.cpu._jit import jit
 from minilm.reference import rnn as reference
 
 SCALAR_TYPES = {types.float32: np.float32, types.float64: np.float64}
@@ -49,7 +50,7 @@ def tanh(a):
     return np.tanh(a)
 
 
-@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+@jit(error_model="numpy", fastmath={"reassoc"})
 def sum_in_any_order(a, n):
     """sum(a[:n]) accumulated in float64, the additions in any order (rounding differs only)."""
     s = 0.0

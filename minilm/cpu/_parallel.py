@@ -16,8 +16,8 @@ pool has the cores to itself and the work is large enough to share out:
 * waking the pool costs tens of microseconds, more than a one-row layernorm or a one-query
   attention step takes, so below ``MIN_PARALLEL_WORK`` elements the serial twin runs anyway.
 
-Every kernel is compiled with ``nogil=True``: it lets go of Python's lock while it runs, so
-that the threads of ``minilm.parallel``, each running a slice of the batch on its own core, run
+Every kernel is compiled by ``minilm.cpu._jit.jit``, with ``nogil=True``: it lets go of
+Python's lock while it runs, so that the threads of ``minilm.parallel``, each running a slice of the batch on its own core, run
 their kernels at the same time. Inside those threads ``pick`` gives the serial twins
 (``in_calling_thread``), and BLAS has one thread (``minilm.backend.one_core_per_thread``).
 
@@ -35,13 +35,12 @@ twice: half the instructions in a polynomial such as the exponential's, and a re
 by rounding only, with no regrouping of sums. The exponentials take it (the GELU, softmax and
 recurrent kernels): the argument reduction :math:`x - n \ln 2` stays exact, since
 :math:`n \ln 2_{hi}` is exact whether or not it is rounded on its own. On the GPT preset's
-shapes it makes the GELU kernels 1.2-1.4 times faster. The recurrent kernels, which are plain
-``@njit`` functions, take the same flag through ``minilm.cpu.rnn.step_kernel``.
+shapes it makes the GELU kernels 1.2-1.4 times faster. The recurrent kernels, which have no
+parallel twin, take the same flag through ``minilm.cpu.rnn.step_kernel``.
 """
 import contextlib
-import types
 
-from numba import njit
+from minilm.cpu._jit import jit, renamed
 
 SUMS_IN_ANY_ORDER = frozenset({"reassoc"})    # a kernel's sums may be added up in any order (see above)
 FUSED_MULTIPLY_ADD = frozenset({"contract"})  # a product and the sum it feeds may be one instruction (see above)
@@ -85,16 +84,6 @@ def force(twin):
     _forced = twin
 
 
-def _renamed(fn, suffix):
-    """The same code under another qualified name: Numba's disk cache files a kernel by that
-    name, not by its parallel flag, so the twins must not share it."""
-    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
-    twin.__qualname__ = fn.__qualname__ + suffix
-    twin.__module__ = fn.__module__
-    twin.__doc__ = fn.__doc__
-    return twin
-
-
 def rows_kernel(fn=None, *, fastmath=False):
     """The parallel twin of kernel ``fn``, with the serial twin as its ``.serial``. Used as
     ``@rows_kernel``, or ``@rows_kernel(fastmath=...)`` with ``SUMS_IN_ANY_ORDER``,
@@ -104,9 +93,9 @@ def rows_kernel(fn=None, *, fastmath=False):
     if fastmath not in (False, SUMS_IN_ANY_ORDER, FUSED_MULTIPLY_ADD, SUMS_IN_ANY_ORDER | FUSED_MULTIPLY_ADD):
         raise ValueError("rows_kernel: argument 'fastmath' must be False, SUMS_IN_ANY_ORDER, FUSED_MULTIPLY_ADD "
                          f"or both together, got {fastmath!r}")
-    options = dict(cache=True, nogil=True, error_model="numpy", fastmath=set(fastmath) if fastmath else False)
-    parallel = njit(parallel=True, **options)(fn)
-    parallel.serial = njit(**options)(_renamed(fn, "_serial"))
+    options = dict(error_model="numpy", fastmath=set(fastmath) if fastmath else False)
+    parallel = jit(fn, parallel=True, **options)
+    parallel.serial = jit(renamed(fn, "_serial"), **options)     # a name of its own in the cache
     return parallel
 
 

@@ -43,8 +43,9 @@ projection) with these kernels passed in as the attention of the heads.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from minilm.cpu._jit import jit
 from minilm.cpu._math import exp_nonpositive, sum_in_any_order
 from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, SUMS_IN_ANY_ORDER, pick, rows_kernel
 
@@ -65,7 +66,7 @@ FUSED_MAX_WORK = 8192     # q.size * Tk up to which one fused kernel beats BLAS 
 # (Explicit loops rather than slice assignments inside prange: those compile as nested parallel
 # loops, which doubles the compile time.)
 
-@njit(cache=True, nogil=True)
+@jit
 def _load_rows(dst, src, i0, rows):
     """dst[r] = src[i0 + r] for r < rows, and 0 for the rows of dst past them."""
     for r in range(dst.shape[0]):
@@ -73,7 +74,7 @@ def _load_rows(dst, src, i0, rows):
             dst[r, c] = src[i0 + r, c] if r < rows else 0
 
 
-@njit(cache=True, nogil=True)
+@jit
 def _store_rows(dst, src, i0, rows, n):
     """dst[i0 + r, :n] = src[r, :n] for r < rows."""
     for r in range(rows):
@@ -81,7 +82,7 @@ def _store_rows(dst, src, i0, rows, n):
             dst[i0 + r, c] = src[r, c]
 
 
-@njit(cache=True, nogil=True)
+@jit
 def _zero(a, n):
     """a[:, :n] = 0."""
     for r in range(a.shape[0]):
@@ -89,7 +90,7 @@ def _zero(a, n):
             a[r, c] = 0
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(error_model="numpy")
 def _attention_forward_kernel(q, k, v, mask, masked, causal, scale):
     """y, att of ``reference.attention_forward`` for contiguous q (B, NH, Tq, hs), k, v (B, NH, Tk, hs)
     and, when ``masked``, a contiguous boolean mask (B, NH, Tq, Tk); ``scale`` = 1/sqrt(hs) in q's dtype."""
@@ -162,7 +163,7 @@ def _attention_forward_kernel(q, k, v, mask, masked, causal, scale):
     return y, att
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(error_model="numpy")
 def _attention_backward_kernel(dy, q, k, v, att, scale):
     """dq, dk, dv of ``reference.attention_backward``, every array contiguous; ``scale`` = 1/sqrt(hs)."""
     B, NH, Tq, hs = q.shape

@@ -28,8 +28,8 @@ import math
 import weakref
 
 import numpy as np
-from numba import njit
 
+from minilm.cpu._jit import jit
 from minilm.cpu._math import exp_nonpositive
 from minilm.cpu.activations import _gelu_forward_kernel
 from minilm.cpu.layernorm import _forward_rows
@@ -45,19 +45,19 @@ _layernorm_rows = _forward_rows.serial              # the ops' serial kernels, n
 _gelu_rows = _gelu_forward_kernel.serial            # kernels below can call them
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(error_model="numpy")
 def _vec(data, offset, n, zeros):
     """The n values at ``offset`` in the flat buffer, or ``zeros[:n]`` for a missing parameter (-1)."""
     return zeros[:n] if offset < 0 else data[offset:offset + n]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(error_model="numpy")
 def _layernorm(x, gamma, beta, out, x_hat, rstd):
     """out = layernorm(x) for the one row x (C,): the layernorm op's own kernel on a (1, C) view."""
     _layernorm_rows(x.reshape(1, x.shape[0]), gamma, beta, LN_EPS, out.reshape(1, out.shape[0]), x_hat, rstd)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(error_model="numpy")
 def _matvec(x, W, b, out):
     """out = x W + b for x (D,), W (D, N) row-major, b (N,): rows of W scaled and added in turn."""
     N = out.shape[0]
@@ -72,7 +72,7 @@ def _matvec(x, W, b, out):
         out[n] += b[n]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(error_model="numpy")
 def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_size):
     """Logits (B, vocab) of the tokens (B,) at position t; K, V (L, B, NH, block, hs) get their keys and values."""
     L, B, NH, _, hs = K.shape

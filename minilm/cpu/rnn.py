@@ -10,7 +10,7 @@ How the work is split, in all three cells:
 * the matrix products stay in BLAS (numpy's ``@``): :math:`x_t W_x` for every t in one (B·T, D)
   product before the loop, the per-step :math:`h_{t-1} W_h` (forward) and
   :math:`\bar a_t W_h^\top` (backward), and the big gradient products after the backward loop;
-* one ``@njit`` kernel per step does every elementwise line of that step: the forward kernel
+* one kernel (``step_kernel``) per step does every elementwise line of that step: the forward kernel
   adds the bias and the two products (in the reference's order) and turns the sum into the
   gates, the new state(s) and the cache entries; the backward kernel turns dh, the gradients
   carried from step t+1 and the cached gates into every pre-activation gradient and the
@@ -39,8 +39,7 @@ arithmetic that vectorises, where a call into libm would not. Numba has no float
 so other float dtypes run the reference functions.
 """
 import numpy as np
-from numba import njit
-
+from minilm.cpu._jit import jit
 from minilm.cpu._math import sigmoid, tanh
 from minilm.cpu._parallel import FUSED_MULTIPLY_ADD
 from minilm.reference import rnn as reference
@@ -50,7 +49,7 @@ __all__ = ["rnn_forward", "rnn_backward"]
 
 KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run the reference
 # how every step kernel and helper below (and in lstm.py, gru.py) is compiled
-step_kernel = njit(cache=True, nogil=True, error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
+step_kernel = jit(error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 
 
 # exp, σ and tanh: ``minilm.cpu._math`` (imported above, and used by the kernels below).

@@ -1,0 +1,68 @@
+r"""How every Numba kernel of minilm is compiled, and the name it is cached under.
+
+Numba's disk cache (``cache=True``) files a compiled function under its qualified name and first
+line, and throws the entry away when that function's own source file changes. It notices nothing
+else: not a compile option given by a decorator defined in another file, not a helper or an
+``@overload`` inlined from another file (``minilm.cpu._math``), not a constant read from the
+reference tier (the GELU's coefficients). After a change there it loads the machine code compiled
+before the change. This happened: ``nogil=True`` was added to ``rows_kernel`` in ``_parallel.py``,
+and the GELU and layernorm kernels, whose files had not changed, went on holding the interpreter
+lock from the cache, so that ``minilm.parallel``'s two threads could not run them side by side.
+
+``jit`` therefore compiles a kernel under its name with a tag appended, a digest of its options
+and of the source of every file the kernels are built from (``minilm/cpu`` and ``reference/``).
+Any change there gives every kernel a new cache entry, compiled afresh on first use; an unchanged
+tree finds its entries and compiles nothing. (Entries of earlier trees stay on disk unread; delete
+the cache folder to reclaim the space.)
+"""
+import hashlib
+import os
+import types
+
+from numba import njit
+
+import minilm.reference
+
+__all__ = ["jit", "SOURCE_DIGEST"]
+
+DEFAULTS = {"cache": True, "nogil": True}    # every kernel: cached on disk, lets go of the interpreter lock
+
+
+def source_digest(folders):
+    """SHA-256 over the names and bytes of every ``.py`` file in ``folders``, in a fixed order."""
+    h = hashlib.sha256()
+    for folder in folders:
+        for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+            h.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+SOURCE_DIGEST = source_digest([os.path.dirname(os.path.abspath(__file__)), *minilm.reference.__path__])
+
+
+def cache_tag(options):
+    """A short digest of ``options`` and ``SOURCE_DIGEST``: what a kernel's cached name ends in."""
+    canonical = sorted((k, sorted(v) if isinstance(v, (set, frozenset)) else v) for k, v in options.items())
+    return hashlib.sha256(f"{SOURCE_DIGEST} {canonical!r}".encode()).hexdigest()[:12]
+
+
+def renamed(fn, suffix):
+    """The same code under the qualified name ``fn``'s + ``suffix`` (Numba's cache files by that name)."""
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + suffix
+    twin.__module__ = fn.__module__
+    twin.__doc__ = fn.__doc__
+    return twin
+
+
+def jit(fn=None, **options):
+    """``numba.njit(cache=True, nogil=True, **options)``, cached under a name tagged with ``cache_tag``
+    (see the module docstring). Used as ``@jit`` or ``@jit(error_model="numpy", ...)``."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    options = {**DEFAULTS, **options}
+    kernel = njit(**options)(renamed(fn, "__" + cache_tag(options)))
+    kernel.jit_options = options            # what it was compiled with (the tests check the tag against it)
+    return kernel
