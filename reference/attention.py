@@ -282,6 +282,19 @@ def merge_heads(a):
     return a.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)              # (B, T, C)
 
 
+def merge_heads_side_by_side(parts):
+    """Each (B, NH, T, hs) array of ``parts`` merged, the results side by side: (B, T, n·C), as
+    ``concatenate([merge_heads(p) for p in parts], axis=-1)``, written in one pass. The gradient
+    of qkv in front of ``q, k, v = split_heads(qkv[..., i*C:(i+1)*C])``."""
+    B, NH, T, hs = parts[0].shape
+    C = NH * hs
+    xp = get_array_module(parts[0])
+    out = xp.empty((B, T, len(parts) * C), dtype=xp.result_type(*parts))
+    for i, part in enumerate(parts):
+        split_heads(out[..., i * C:(i + 1) * C], NH)[...] = part        # block i is merge_heads(part)
+    return out
+
+
 # --- multi-head self-attention ----------------------------------------------------------------
 
 class SelfAttentionCache(NamedTuple):
@@ -352,11 +365,10 @@ def self_attention_backward(dy, cache, *, attention_backward=attention_backward)
     qkv_cache, att_cache, o_cache = cache
     B, NH, T, hs = att_cache.q.shape
     require_shape("self_attention_backward", "dy", dy, (B, T, NH * hs), "(B, T, C)")
-    xp = get_array_module(dy)
     datty, dW_o, db_o = linear_backward(dy, o_cache)                   # y = atty @ W_o + b_o
     dy_heads = split_heads(datty, NH)                                  # (B, NH, T, hs)  atty = merge_heads(y_heads)
     dq, dk, dv = attention_backward(dy_heads, att_cache)               # y_heads = attention(q, k, v)
-    dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B, T, 3C)  q, k, v = qkv
+    dqkv = merge_heads_side_by_side([dq, dk, dv])                      # (B, T, 3C)  q, k, v = qkv
     dx, dW_qkv, db_qkv = linear_backward(dqkv, qkv_cache)              # qkv = x @ W_qkv + b_qkv
     return dx, dW_qkv, db_qkv, dW_o, db_o
 
@@ -438,11 +450,10 @@ def cross_attention_backward(dy, cache, *, attention_backward=attention_backward
     q_cache, kv_cache, att_cache, o_cache = cache
     B, NH, Tq, hs = att_cache.q.shape
     require_shape("cross_attention_backward", "dy", dy, (B, Tq, NH * hs), "(B, Tq, C)")
-    xp = get_array_module(dy)
     datty, dW_o, db_o = linear_backward(dy, o_cache)                   # y = atty @ W_o + b_o
     dy_heads = split_heads(datty, NH)                                  # (B, NH, Tq, hs)  atty = merge_heads(y_heads)
     dq, dk, dv = attention_backward(dy_heads, att_cache)               # y_heads = attention(q, k, v)
-    dkv = xp.concatenate([merge_heads(dk), merge_heads(dv)], axis=-1)  # (B, Tk, 2C)  k, v = split(kv)
+    dkv = merge_heads_side_by_side([dk, dv])                           # (B, Tk, 2C)  k, v = split(kv)
     dmemory, dW_kv, db_kv = linear_backward(dkv, kv_cache)             # kv = memory @ W_kv + b_kv
     dx, dW_q, db_q = linear_backward(merge_heads(dq), q_cache)         # (B, Tq, C)  q = x @ W_q + b_q
     return dx, dmemory, dW_q, db_q, dW_kv, db_kv, dW_o, db_o
