@@ -62,7 +62,7 @@ def gelu_forward(x, *, approximate="tanh"):
 
 def gelu_backward(dy, cache):
     """CuPy ``minilm.reference.activations.gelu_backward``. Returns (dx,)."""
-    x, approximate = cache
+    x, approximate = cache.x, cache.approximate
     require_shape("gelu_backward", "dy", dy, x.shape, "(same as x)")
     if not supported(x, dy) or dy.dtype != x.dtype:
         return reference.gelu_backward(dy, cache)

@@ -133,7 +133,7 @@ def gelu_forward(x, *, approximate="tanh"):
 
 def gelu_backward(dy, cache):
     """dx = φ'(x) dy with the derivative of the chosen form (see the module docstring). Returns (dx,)."""
-    x, approximate = cache
+    x, approximate = cache.x, cache.approximate                # any tier's cache (the numba tier's also keeps e)
     require_shape("gelu_backward", "dy", dy, x.shape, "(same as x)")
     xp = get_array_module(x)
     if approximate == "tanh":

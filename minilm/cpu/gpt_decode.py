@@ -88,6 +88,7 @@ def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_siz
     att_y = np.empty(C, dtype=dtype)
     proj = np.empty(C, dtype=dtype)
     hidden = np.empty(4 * C, dtype=dtype)
+    no_e = np.empty(0, dtype=dtype)                             # the GELU kernel keeps no e here
     scores = np.empty(block_size, dtype=dtype)
     logits = np.empty((B, vocab), dtype=dtype)
     scale = dtype.type(1.0 / math.sqrt(hs))
@@ -127,7 +128,7 @@ def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_siz
                 x[i] += proj[i]                                 # x = x + attn
             _layernorm(x, _vec(data, o[6], C, zeros), _vec(data, o[7], C, zeros), ln, x_hat, rstd)
             _matvec(ln, data[o[8]:o[8] + 4 * C * C].reshape(C, 4 * C), _vec(data, o[9], 4 * C, zeros), hidden)
-            _gelu_rows(hidden, False, hidden)              # the GELU op's kernel, tanh form, in place
+            _gelu_rows(hidden, False, hidden, no_e)        # the GELU op's kernel, tanh form, in place
             _matvec(hidden, data[o[10]:o[10] + 4 * C * C].reshape(4 * C, C), _vec(data, o[11], C, zeros), proj)
             for i in range(C):
                 x[i] += proj[i]                                 # x = x + mlp
