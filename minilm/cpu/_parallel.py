@@ -16,10 +16,11 @@ pool has the cores to itself and the work is large enough to share out:
 * waking the pool costs tens of microseconds, more than a one-row layernorm or a one-query
   attention step takes, so below ``MIN_PARALLEL_WORK`` elements the serial twin runs anyway.
 
-Every kernel is compiled by ``minilm.cpu._jit.jit``, with ``nogil=True``: it lets go of
-Python's lock while it runs, so that the threads of ``minilm.parallel``, each running a slice of the batch on its own core, run
-their kernels at the same time. Inside those threads ``pick`` gives the serial twins
-(``in_calling_thread``), and BLAS has one thread (``minilm.backend.one_core_per_thread``).
+Every kernel is compiled by ``minilm.cpu._jit.jit``, with ``nogil=True``: it lets go of Python's
+lock while it runs, so that the threads of ``minilm.parallel``, each running a slice of the
+batch on its own core, run their kernels at the same time. Inside those threads ``pick`` gives
+the serial twins (``in_calling_thread``), and BLAS has one thread
+(``minilm.backend.one_core_per_thread``).
 
 ``rows_kernel(fastmath=SUMS_IN_ANY_ORDER)`` lets the compiler add up a sum in any order. A
 floating-point sum is otherwise a chain of additions, each waiting for the one before, that no

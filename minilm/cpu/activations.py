@@ -177,8 +177,7 @@ def gelu_forward(x, *, approximate="tanh"):
     exact = approximate == "none"
     y = np.empty(x.shape, dtype=x.dtype)
     e = None if exact else np.empty(x.shape, dtype=x.dtype)
-    pick(_gelu_forward_kernel, x.size)(np.ascontiguousarray(x).reshape(-1), exact, y.reshape(-1),
-                                       _flat_or_none(e, x.dtype))
+    pick(_gelu_forward_kernel, x.size)(np.ascontiguousarray(x).reshape(-1), exact, y.reshape(-1), _flat(e, x.dtype))
     return y, GeluCache(x, approximate, e)
 
 
@@ -190,15 +189,13 @@ def gelu_backward(dy, cache):
     dtype = np.result_type(dy.dtype, x.dtype)                  # as the reference's products promote
     if dtype not in KERNEL_DTYPES:
         return reference.gelu_backward(dy, cache)
-    e = getattr(cache, "e", None)
     dx = np.empty(x.shape, dtype=dtype)
-    pick(_gelu_backward_kernel, x.size)(np.ascontiguousarray(x, dtype=dtype).reshape(-1),
-                                        np.ascontiguousarray(dy, dtype=dtype).reshape(-1), approximate == "none",
-                                        _flat_or_none(None if e is None else np.ascontiguousarray(e, dtype=dtype), dtype),
-                                        dx.reshape(-1))
+    pick(_gelu_backward_kernel, x.size)(_flat(x, dtype), _flat(dy, dtype), approximate == "none",
+                                        _flat(getattr(cache, "e", None), dtype), dx.reshape(-1))
     return (dx,)
 
 
-def _flat_or_none(a, dtype):
-    """``a`` flattened for a kernel, or an empty array of ``dtype`` that tells it there is none."""
-    return np.empty(0, dtype=dtype) if a is None else a.reshape(-1)
+def _flat(a, dtype):
+    """``a`` as a contiguous flat array of ``dtype`` for a kernel; for None, an empty one, which
+    tells the GELU kernels that there is no e."""
+    return np.empty(0, dtype=dtype) if a is None else np.ascontiguousarray(a, dtype=dtype).reshape(-1)
