@@ -175,7 +175,7 @@ def test_every_kernel_lets_go_of_the_lock_under_a_name_tagged_with_its_options_a
                     kernels[f"{info.name}.{name}.serial"] = value.serial
     assert len(kernels) > 30                                    # every family file's kernels were found
     for where, kernel in kernels.items():
-        assert kernel.targetoptions.get("nogil") and kernel._cache.__class__.__name__ == "FunctionCache", where
+        assert kernel.targetoptions.get("nogil") and kernel.jit_options["cache"], where
         assert kernel.py_func.__qualname__.endswith("__" + _jit.cache_tag(kernel.jit_options)), where
 
 
