@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numba import njit
 
 import minilm
 from minilm import ops
 from minilm.cpu import _math as cpu_math, gru as cpu_gru, lstm as cpu_lstm, rnn as cpu_rnn
+from minilm.cpu._jit import jit
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.testing import ARGUMENTS, STATES, assert_backward_is_pure, relative_error, with_final_states
 from minilm.testing import final_state_grads as final_state_kwargs
@@ -226,7 +226,7 @@ def test_two_chunks_equal_the_whole_sequence(op, shape, seed, gain, cut):
 
 # --- exp, σ and tanh of the kernels -------------------------------------------------------------
 
-@njit(cache=True)
+@jit                       # minilm's jit: cached under a name that changes with minilm/cpu/_math.py
 def _apply(fn_id, a):
     out = np.empty_like(a)
     for j in range(a.shape[0]):
