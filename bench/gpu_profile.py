@@ -3,7 +3,8 @@
     python -m minilm.bench.gpu_profile [DTYPE ...]        # default: float32 bfloat16
 
 For each dtype and side it prints the wall time of a step (median of 20, after 5 warm-up steps;
-the GPU synchronised before and after each), the device time of the step's kernels and the
+the GPU synchronised before and after each; minilm's step as ``minilm train`` runs it, replayed as
+a CUDA graph where it can be), the device time of the step's kernels and the
 kernels that take it, largest first (PyTorch's profiler through CUPTI sees every CUDA kernel of
 the process, CuPy's and cuBLAS's included), and for minilm the Python functions that hold the
 host longest (cProfile). Wall time above device time is time the GPU waited for the host.
@@ -71,12 +72,11 @@ def main(dtypes):
     import cupy
     import torch
     import minilm
-    from minilm import backend
     from minilm.bench import peers
     from minilm.config import preset
     from minilm.models import build_model
     from minilm.precision import LossScaler
-    from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
+    from minilm.train import TrainStep, make_optimizer, make_schedule, model_settings
     cfg, V = preset("shakespeare-char"), 65
     rng = np.random.default_rng(0)
     x, y = (rng.integers(0, V, (8, cfg.batch_size, cfg.block_size)) for _ in range(2))
@@ -88,13 +88,12 @@ def main(dtypes):
         optimizer, schedule = make_optimizer(cfg, model.params), make_schedule(cfg)
         scaler, dropout_rng = LossScaler(enabled=dtype == "float16"), np.random.default_rng(1)
 
+        train_step = TrainStep(model, model, optimizer, scaler, grad_clip=cfg.grad_clip)   # as minilm train runs it
+
         def step(i):
-            loss = model.forward(backend.to_backend(x[i % 8]), backend.to_backend(y[i % 8]), train=True, rng=dropout_rng)[1]
-            model.backward(scaler.scale)
-            apply_gradients(model, optimizer, schedule(i), grad_clip=cfg.grad_clip, scaler=scaler)
-            return float(loss)
+            return float(train_step(x[i % 8], y[i % 8], schedule(i), rng=dropout_rng)[0])
         summary.append((f"minilm {dtype}",) + _measure(step, cupy.cuda.Device().synchronize, f"minilm {dtype}", True))
-        model = optimizer = step = None                    # free the GPU memory before the peer
+        model = optimizer = step = train_step = None       # free the GPU memory before the peer
         cupy.get_default_memory_pool().free_all_blocks()
 
         torch.manual_seed(0)

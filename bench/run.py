@@ -144,6 +144,8 @@ def train_tables(args, backends, torch):
             tables.append((f"training step, {name} (float32{batch})", jobs))
         for dtype in (args.dtypes if gpu else ()):
             jobs = [{"impl": "minilm", "backend": b, "dtype": dtype, **common} for b in gpu]
+            if PRESETS[name]["model"] == "gpt" and dtype != "float16":   # float16's loss scaling is never captured
+                jobs = [{**job, "cuda_graph": graph} for graph in (True, False) for job in jobs]
             if torch_cuda:
                 jobs.append({"impl": "torch", "device": "cuda", "dtype": dtype, **common})
             tables.append((f"training step, {name} ({dtype} on the GPU{batch})", jobs))
@@ -269,7 +271,9 @@ def _label(row):
         if job.get("device") == "cuda":
             return "pytorch eager" + ("" if job.get("dtype", "float32") == "float32" else " autocast")
         return "pytorch" + (" (generate, no cache)" if job["what"] == "sample" else "")
-    return job["backend"] + ("" if job["what"] == "train" else (" kv-cache" if job["cache"] else " no cache"))
+    if job["what"] == "train":
+        return job["backend"] + {True: " CUDA graph", False: " op by op"}.get(job.get("cuda_graph"), "")
+    return job["backend"] + (" kv-cache" if job["cache"] else " no cache")
 
 
 def _rounds(jobs, rounds):

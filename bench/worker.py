@@ -39,11 +39,10 @@ def _cupy_sync():
 
 def minilm_train(job, cfg, V):
     import minilm
-    from minilm import backend
     from minilm.models import build_model
     from minilm.parallel import batch_runner
     from minilm.precision import LossScaler
-    from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
+    from minilm.train import TrainStep, make_optimizer, make_schedule, model_settings
     minilm.use(job["backend"])
     dtype = job.get("dtype", "float32")
     on_gpu = job["backend"] == "cupy"
@@ -53,26 +52,21 @@ def minilm_train(job, cfg, V):
     runner = batch_runner(model)        # as minilm train runs it: on numba, the batch over the cores
     optimizer, schedule = make_optimizer(cfg, model.params), make_schedule(cfg)
     scaler = LossScaler(enabled=dtype == "float16")
+    step = TrainStep(model, runner, optimizer, scaler, grad_clip=cfg.grad_clip, cuda_graph=job.get("cuda_graph", True))
     baseline = _rss_mb()
     x, y = _data(V, cfg.batch_size, cfg.block_size, job["warmup"] + job["steps"])
     rng = np.random.default_rng(1)
     times = []
     for i in range(len(x)):
-        xb, yb = backend.to_backend(x[i]), backend.to_backend(y[i])
         sync()
-        t0 = time.perf_counter()
-        if kind == "rnn":
-            loss = runner.forward(xb, yb, state=None, train=True, rng=rng)[1]
-        else:
-            loss = runner.forward(xb, yb, train=True, rng=rng)[1]
-        runner.backward(scaler.scale)
-        apply_gradients(model, optimizer, schedule(i), grad_clip=cfg.grad_clip, scaler=scaler)
+        t0 = time.perf_counter()       # the step copies its batch to the device, as minilm train's does
+        loss, _ = step(x[i], y[i], schedule(i), rng=rng)
         loss = float(loss)
         sync()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
     result = {**_stats(times, cfg.batch_size * cfg.block_size), "baseline_rss_mb": baseline,
-              "final_loss": loss, "skipped_steps": scaler.skipped}
+              "final_loss": loss, "skipped_steps": scaler.skipped, "cuda_graph": step.captured is not None}
     if kind == "gpt":
         result["n_params"] = model.n_params(non_embedding=True)
     if on_gpu:

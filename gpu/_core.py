@@ -2,7 +2,7 @@
 
 Two kinds of kernel live in ``minilm.gpu``:
 
-* **elementwise** kernels (GELU, the recurrent gates, the optimizer updates) are
+* **elementwise** kernels (the exact GELU, the recurrent gates, the optimizer updates) are
   ``cupy.ElementwiseKernel`` objects built by ``elementwise``. CuPy writes the loop and the
   indexing; the body is one line of C per output, written with the functions of ``PREAMBLE``.
   CuPy calls the array's element type ``T`` (``float``, ``double``, its own ``float16`` or
@@ -13,7 +13,8 @@ Two kinds of kernel live in ``minilm.gpu``:
   ``row_module``. One warp (32 threads) owns one row: it reads the row, adds up its sums with
   warp shuffles, and writes the row. ``ROW_PREAMBLE`` defines the 16-bit storage types for them
   (``half16``, ``bf16``) with conversions written as single PTX instructions, so the sources
-  need no CUDA headers.
+  need no CUDA headers. The tanh GELU is built the same way (``row_module``), though a thread
+  there takes elements, not a row (``minilm.gpu.activations``).
 
 Every kernel computes in float32 for float16 and bfloat16 data (and in float64 for float64):
 the low precision is the storage format, not the arithmetic.
@@ -114,6 +115,8 @@ template <> __device__ inline bf16 store<bf16>(float v) {
 
 __device__ inline float exp_acc(float x) { return expf(x); }
 __device__ inline double exp_acc(double x) { return exp(x); }
+__device__ inline float tanh_acc(float x) { return tanhf(x); }
+__device__ inline double tanh_acc(double x) { return tanh(x); }
 template <typename A> __device__ inline A neg_inf();
 template <> __device__ inline float neg_inf<float>() { return __int_as_float(0xff800000); }
 template <> __device__ inline double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000ULL); }

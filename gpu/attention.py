@@ -12,7 +12,9 @@ Backward: ``g = dy v^T`` (the gradient wrt ``att_d``), then one row kernel that 
 and the softmax in place, ``dS = att (mask g / (1 - p) - sum_j att_j mask_j g_j / (1 - p)) / sqrt(hs)``,
 and writes ``att_d`` again for the next product; then ``dv = att_d^T dy``, ``dq = dS k`` and
 ``dk = dS^T q``. Every product goes through ``minilm.gpu._blas.bmm``: a transposed operand is read
-in place, not copied, and 16-bit operands multiply on the tensor cores with float32 sums.
+in place, not copied, and 16-bit operands multiply on the tensor cores with float32 sums. For
+causal self-attention of a long enough sequence each product is two calls that leave out the
+masked quarter of the scores (``CAUSAL_SPLIT_MIN_T``).
 
 The dropout mask of weight i is ``minilm.gpu._core``'s hash of (seed, i), the one
 ``minilm.gpu.dropout`` draws, so the weights equal that tier's softmax followed by its dropout.
@@ -29,12 +31,12 @@ import cupy
 
 from minilm.gpu import _blas
 from minilm.gpu._core import acc_dtype, contiguous, launch_rows, row_module, scalar, supported
-from minilm.gpu.dropout import dropout_seed
+from minilm.gpu.dropout import dropout_seed, no_seed
 from minilm.reference import attention as reference
 from minilm.reference.attention import (AttentionCache, SelfAttentionCache, check_attention_args,
                                         check_self_attention_args, merge_heads, split_heads)
 from minilm.reference.dropout import DropoutCache, _require_rng
-from minilm.reference.linear import linear_backward, linear_forward
+from minilm.gpu.linear import linear_backward, linear_forward
 from minilm.validate import require_shape
 
 __all__ = ["attention_forward", "attention_backward",
@@ -47,8 +49,10 @@ _SOURCE = r"""
 template <typename D>
 __global__ void softmax_dropout_rows(typename acc_t<D>::type* att, D* att_d, bool* mask, int N, int Tq, int Tk,
                                      typename acc_t<D>::type scale, int causal, int write_d, int drop,
-                                     unsigned long long seed, double keep, typename acc_t<D>::type dscale) {
+                                     const unsigned long long* seeds, int slot, unsigned long long seed,
+                                     double keep, typename acc_t<D>::type dscale) {
     typedef typename acc_t<D>::type A;
+    if (slot >= 0) seed = seeds[slot];                              // a captured graph's seed table
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
@@ -80,7 +84,7 @@ __global__ void softmax_dropout_rows(typename acc_t<D>::type* att, D* att_d, boo
 // `write_d`, att_d = mask att * dscale again (in D), the operand of dv = att_d^T dy
 template <typename D>
 __global__ void softmax_dropout_backward_rows(typename acc_t<D>::type* g, const typename acc_t<D>::type* att,
-                                              const bool* mask, D* dS, D* att_d, int N, int Tk,
+                                              const bool* mask, D* dS, D* att_d, int N, int Tq, int Tk, int causal,
                                               typename acc_t<D>::type scale, int write_dS, int write_d, int drop,
                                               typename acc_t<D>::type dscale) {
     typedef typename acc_t<D>::type A;
@@ -88,8 +92,10 @@ __global__ void softmax_dropout_backward_rows(typename acc_t<D>::type* g, const 
     int lane = threadIdx.x % 32;
     if (row >= N) return;
     long long base = (long long)row * Tk;
+    int last = causal ? (row % Tq) + Tk - Tq : Tk - 1;              // keys past it have att = 0, and g
+    if (last > Tk - 1) last = Tk - 1;                                // there may be unwritten (split products)
     A s = 0;
-    for (int j = lane; j < Tk; j += 32) {
+    for (int j = lane; j <= last; j += 32) {
         A d = g[base + j];
         if (drop) d = mask[base + j] ? d * dscale : (A)0;
         s += d * att[base + j];
@@ -99,7 +105,7 @@ __global__ void softmax_dropout_backward_rows(typename acc_t<D>::type* g, const 
         long long i = base + j;
         bool kept = drop ? mask[i] : true;
         A a = att[i];
-        A d = g[i];
+        A d = j <= last ? g[i] : (A)0;
         if (drop) d = kept ? d * dscale : (A)0;
         A r = a * (d - s) * scale;
         if (write_dS) dS[i] = store<D>(r); else g[i] = r;
@@ -109,6 +115,19 @@ __global__ void softmax_dropout_backward_rows(typename acc_t<D>::type* g, const 
 """
 
 _kernel = row_module(_SOURCE, ["softmax_dropout_rows", "softmax_dropout_backward_rows"])
+
+
+# Causal attention with Tq = Tk = T: the queries [0, h) see only the keys [0, h), h = T // 2, so
+# each product is made as two calls that leave out the block (queries [0, h), keys [h, T)) -- a
+# quarter of the (T, T) scores, all of it masked. The products never compute it and never read
+# it, and the row kernels never read it either (they write att = 0 there). Below this T the
+# second call costs more than the quarter saves.
+CAUSAL_SPLIT_MIN_T = 128
+
+
+def _causal_half(Tq, Tk, causal, dtype):
+    """h = T // 2 when the products skip the masked block (see above), else 0."""
+    return Tq // 2 if causal and Tq == Tk and Tq >= CAUSAL_SPLIT_MIN_T and _blas.available(dtype) else 0
 
 
 def _mm(a, b, *, trans_a=False, trans_b=False, out_dtype=None, out=None):
@@ -136,20 +155,31 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     if dropout:
         _require_rng("dropout", rng)
     dtype, acc = q.dtype, acc_dtype(q.dtype)
-    att = _mm(q, k, trans_b=True, out_dtype=acc)                     # (B, NH, Tq, Tk) S = q k^T, att in place
+    h = _causal_half(Tq, Tk, causal, dtype)
+    if h:                                                            # (see CAUSAL_SPLIT_MIN_T)
+        att = cupy.empty((B, NH, Tq, Tk), dtype=acc)                 # S = q k^T, att in place
+        _blas.bmm(q[..., :h, :], k[..., :h, :], trans_b=True, out=att[..., :h, :h])
+        _blas.bmm(q[..., h:, :], k, trans_b=True, out=att[..., h:, :])
+    else:
+        att = _mm(q, k, trans_b=True, out_dtype=acc)                 # (B, NH, Tq, Tk) S = q k^T, att in place
     write_d = bool(dropout) or dtype != acc                          # else att itself is the next operand
     att_d = cupy.empty(att.shape, dtype=dtype) if write_d else att
     keep_mask = cupy.empty(att.shape, dtype=cupy.bool_) if dropout else att   # att: a placeholder, never read
-    seed = dropout_seed(rng) if dropout else 0
+    seed = dropout_seed(rng) if dropout else no_seed()
     dscale = 1.0 / (1.0 - float(dropout))
     N = B * NH * Tq
     launch_rows(_kernel("softmax_dropout_rows", dtype), N,
                 (att, att_d, keep_mask, cupy.int32(N), cupy.int32(Tq), cupy.int32(Tk),
                  scalar(1.0 / math.sqrt(hs), dtype), cupy.int32(bool(causal)), cupy.int32(write_d),
-                 cupy.int32(bool(dropout)), cupy.uint64(seed), 1.0 - float(dropout), scalar(dscale, dtype)))
-    y = _mm(att_d, v)                                                # (B, NH, Tq, hs)
+                 cupy.int32(bool(dropout)), *seed, 1.0 - float(dropout), scalar(dscale, dtype)))
+    if h:
+        y = cupy.empty((B, NH, Tq, hs), dtype=dtype)                 # y = att_d v
+        _blas.bmm(att_d[..., :h, :h], v[..., :h, :], out=y[..., :h, :])
+        _blas.bmm(att_d[..., h:, :], v, out=y[..., h:, :])
+    else:
+        y = _mm(att_d, v)                                            # (B, NH, Tq, hs)
     drop = DropoutCache(keep_mask, dscale, att.shape) if dropout else None
-    return y, AttentionCache(q, k, v, att, drop)
+    return y, AttentionCache(q, k, v, att, drop, bool(causal))
 
 
 def attention_backward(dy, cache):
@@ -159,7 +189,7 @@ def attention_backward(dy, cache):
 
 def _backward(dy, cache, out=None):
     """attention_backward, writing (dq, dk, dv) into ``out`` (three arrays of q's shape) when given."""
-    q, k, v, att, drop = cache
+    q, k, v, att, drop, causal = cache
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     dtype, acc = q.dtype, acc_dtype(q.dtype)
     if (not supported(dy, q, k, v, att) or dy.dtype != dtype or att.dtype != acc or att.size == 0
@@ -172,7 +202,14 @@ def _backward(dy, cache, out=None):
         return tuple(out)
     B, NH, Tq, hs = q.shape
     Tk = k.shape[2]
-    g = _mm(dy, v, trans_b=True, out_dtype=acc)                      # (B, NH, Tq, Tk) dL/d(att_d), y = att_d v
+    dy = contiguous(dy)                                              # one copy of the heads' view, not one per product
+    h = _causal_half(Tq, Tk, causal, dtype)
+    if h:                                                            # (see CAUSAL_SPLIT_MIN_T)
+        g = cupy.empty((B, NH, Tq, Tk), dtype=acc)                   # g = dy v^T
+        _blas.bmm(dy[..., :h, :], v[..., :h, :], trans_b=True, out=g[..., :h, :h])
+        _blas.bmm(dy[..., h:, :], v, trans_b=True, out=g[..., h:, :])
+    else:
+        g = _mm(dy, v, trans_b=True, out_dtype=acc)                  # (B, NH, Tq, Tk) dL/d(att_d), y = att_d v
     write_dS = dtype != acc                                          # else dS in place of g
     dS = cupy.empty(g.shape, dtype=dtype) if write_dS else g
     write_d = drop is not None or dtype != acc                       # else att itself is the operand
@@ -180,13 +217,23 @@ def _backward(dy, cache, out=None):
     keep_mask = contiguous(drop.mask) if drop is not None else att  # att: a placeholder, never read
     N = B * NH * Tq
     launch_rows(_kernel("softmax_dropout_backward_rows", dtype), N,
-                (g, contiguous(att), keep_mask, dS, att_d, cupy.int32(N), cupy.int32(Tk),
-                 scalar(1.0 / math.sqrt(hs), dtype), cupy.int32(write_dS), cupy.int32(write_d),
+                (g, contiguous(att), keep_mask, dS, att_d, cupy.int32(N), cupy.int32(Tq), cupy.int32(Tk),
+                 cupy.int32(bool(causal)), scalar(1.0 / math.sqrt(hs), dtype), cupy.int32(write_dS), cupy.int32(write_d),
                  cupy.int32(drop is not None), scalar(drop.scale if drop is not None else 1.0, dtype)))
     dq, dk, dv = (None, None, None) if out is None else out
-    dv = _mm(att_d, dy, trans_a=True, out=dv)                        # (B, NH, Tk, hs)
-    dq = _mm(dS, k, out=dq)                                          # from S = q k^T / sqrt(hs)
-    dk = _mm(dS, q, trans_a=True, out=dk)
+    if not h:
+        dv = _mm(att_d, dy, trans_a=True, out=dv)                    # (B, NH, Tk, hs)
+        dq = _mm(dS, k, out=dq)                                      # from S = q k^T / sqrt(hs)
+        dk = _mm(dS, q, trans_a=True, out=dk)
+        return dq, dk, dv
+    if out is None:
+        dq, dk, dv = cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
+    _blas.bmm(att_d[..., :, :h], dy, trans_a=True, out=dv[..., :h, :])                 # dv = att_d^T dy
+    _blas.bmm(att_d[..., h:, h:], dy[..., h:, :], trans_a=True, out=dv[..., h:, :])
+    _blas.bmm(dS[..., :h, :h], k[..., :h, :], out=dq[..., :h, :])                      # dq = dS k
+    _blas.bmm(dS[..., h:, :], k, out=dq[..., h:, :])
+    _blas.bmm(dS[..., :, :h], q, trans_a=True, out=dk[..., :h, :])                     # dk = dS^T q
+    _blas.bmm(dS[..., h:, h:], q[..., h:, :], trans_a=True, out=dk[..., h:, :])
     return dq, dk, dv
 
 

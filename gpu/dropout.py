@@ -7,10 +7,19 @@ hash of (seed, i) instead (``dropout_keep`` in ``minilm.gpu._core``, SplitMix64'
 comes from ``rng`` exactly as in the reference (an int is used as it is; a numpy Generator gives
 one draw), so runs are reproducible and resumable. The masks differ from the reference's (a
 different generator); their law is the same, and the cache is the reference's ``DropoutCache``.
+
+Inside a CUDA graph capture (``minilm.gpu.graph``) a seed cannot be a number fixed into the
+kernel's arguments: every replay needs fresh masks. There ``dropout_seed`` hands out a slot of a
+seed table in device memory instead (``recording_seeds``), the kernels read their seed from it,
+and before each replay the graph fills the table with the draws an uncaptured step would have made,
+in the same order. So a replayed step draws the masks of the same step run op by op.
 """
+import contextlib
+import functools
 import numbers
 
 import cupy
+import numpy as np
 
 from minilm.gpu._core import elementwise, supported
 from minilm.reference import dropout as reference
@@ -19,8 +28,9 @@ from minilm.validate import require_float, require_probability, require_shape
 
 __all__ = ["dropout_forward", "dropout_backward"]
 
-_forward = elementwise("T x, uint64 seed, float64 keep, float64 scale", "T y, bool mask", """
-    mask = dropout_keep(seed, (unsigned long long)i, keep);        // kept with probability keep = 1 - p
+_forward = elementwise("T x, raw uint64 seeds, int32 slot, uint64 seed, float64 keep, float64 scale", "T y, bool mask", """
+    unsigned long long s = slot < 0 ? seed : seeds[slot];          // a number, or a graph's table entry
+    mask = dropout_keep(s, (unsigned long long)i, keep);           // kept with probability keep = 1 - p
     typedef acc_t<T>::type A;
     y = (T)(mask ? (A)x * (A)scale : (A)0);                          // y = mask x / (1 - p)
 """, "minilm_dropout_forward")
@@ -31,9 +41,62 @@ _backward = elementwise("T dy, bool mask, float64 scale", "T dx", """
 """, "minilm_dropout_backward")
 
 
-def dropout_seed(rng):
+def draw_seed(rng):
     """The seed of a mask, from ``rng`` as the reference takes it: an int itself, a Generator's next draw."""
     return rng if isinstance(rng, numbers.Integral) else int(rng.integers(2 ** 63))
+
+
+class SeedTable:
+    """Seeds in device memory for a captured graph: slot k holds the k-th mask's seed of a step."""
+
+    def __init__(self, capacity=1024):
+        self.seeds = cupy.zeros(capacity, dtype=cupy.uint64)
+        self.used = 0
+
+    def slot(self):
+        if self.used == len(self.seeds):
+            raise RuntimeError(f"minilm.gpu.dropout: a captured step draws more than {len(self.seeds)} dropout masks")
+        self.used += 1
+        return self.used - 1
+
+    def fill(self, rng):
+        """Write the seeds of one step into the table: ``draw_seed(rng)`` once per slot, in slot order."""
+        if self.used:
+            draws = np.array([draw_seed(rng) for _ in range(self.used)], dtype=np.uint64)
+            self.seeds[:self.used].set(draws)
+
+
+_recording = None          # the SeedTable of the capture in progress, if any
+
+
+@contextlib.contextmanager
+def recording_seeds(table):
+    """Within this block ``dropout_seed`` hands out slots of ``table`` instead of drawing from rng."""
+    global _recording
+    previous, _recording = _recording, table
+    try:
+        yield table
+    finally:
+        _recording = previous
+
+
+def dropout_seed(rng):
+    """A mask's seed as the kernels take it: (table, slot, seed). Outside a capture the seed is
+    ``draw_seed(rng)`` and the slot -1; inside one, a slot of the capture's table (rng is not drawn)."""
+    if _recording is not None:
+        return _recording.seeds, cupy.int32(_recording.slot()), cupy.uint64(0)
+    return _no_table(), cupy.int32(-1), cupy.uint64(draw_seed(rng))
+
+
+def no_seed():
+    """The (table, slot, seed) of a kernel that draws no mask: nothing is drawn, and it is never read."""
+    return _no_table(), cupy.int32(-1), cupy.uint64(0)
+
+
+@functools.cache
+def _no_table():
+    """The table argument of a kernel that takes its seed as a number (never read)."""
+    return cupy.zeros(1, dtype=cupy.uint64)
 
 
 def dropout_forward(x, *, p, rng):
@@ -43,9 +106,8 @@ def dropout_forward(x, *, p, rng):
     _require_rng("dropout", rng)
     if p == 0 or not supported(x):
         return reference.dropout_forward(x, p=p, rng=rng)
-    seed = dropout_seed(rng)
     scale = 1.0 / (1.0 - float(p))
-    y, mask = _forward(x, cupy.uint64(seed), 1.0 - float(p), scale)
+    y, mask = _forward(x, *dropout_seed(rng), 1.0 - float(p), scale)
     return y, DropoutCache(mask, scale, x.shape)
 
 

@@ -39,6 +39,8 @@ def build_parser():
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an OUT that holds a run, replacing its checkpoints and metrics")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="cupy backend: run every step op by op instead of replaying a GPT's step as a CUDA graph")
     config.add_options(p)
     _add_backend(p)
 
@@ -78,7 +80,7 @@ def _train(args):
         print(f"minilm train: warning: {line}", file=sys.stderr)
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's
     result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
     return 130 if result["interrupted"] else 0
 
 

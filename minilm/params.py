@@ -99,11 +99,13 @@ class Params:
         if self.mixed:
             self.compute[...] = self.data          # rounds to the compute dtype
 
-    def unscale_grads(self, inv_scale=1.0):
+    def unscale_grads(self, inv_scale=1.0, *, wait=True):
         """``grad`` = ``compute_grad`` * inv_scale in float32; False when any of it is inf or NaN.
 
         Without mixed precision ``grad`` already holds the gradient (scaled by the loss scale the
-        backward was given), so it is only multiplied by ``inv_scale`` when that is not 1.
+        backward was given), so it is only multiplied by ``inv_scale`` when that is not 1, and
+        True is returned without a look when it is 1. With ``wait=False`` the answer is a 0-d bool
+        array on the data's device, not read back (a captured GPU step, ``minilm.gpu.graph``).
         """
         xp = get_array_module(self.data)
         if self.mixed:
@@ -112,7 +114,8 @@ class Params:
             self.grad *= self.data.dtype.type(inv_scale)
         else:
             return True
-        return bool(xp.isfinite(xp.sum(self.grad)))
+        finite = xp.isfinite(xp.sum(self.grad))
+        return bool(finite) if wait else finite
 
     def __iter__(self):
         return iter(self.layout)

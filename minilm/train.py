@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+import warnings
 
 import numpy as np
 
@@ -52,14 +53,16 @@ def model_settings(cfg, vocab_size):
                        hidden_size=cfg.hidden_size, n_embd=cfg.n_embd, dropout=cfg.dropout)
 
 
-def apply_gradients(model, optimizer, lr, *, grad_clip, scaler):
+def apply_gradients(model, optimizer, lr, *, grad_clip, scaler, finite=None):
     """After ``model.backward(scaler.scale)``: unscale, clip and update; False when the step is skipped.
 
     With mixed precision the 16-bit gradients become float32 (divided by the loss scale), a step
     whose gradients overflowed is skipped (and the scale lowered), and the updated master weights
-    are copied back into the 16-bit compute weights.
+    are copied back into the 16-bit compute weights. ``finite`` given: the gradients are unscaled
+    already and that says whether they are finite (a captured step, ``TrainStep``).
     """
-    finite = model.params.unscale_grads(1.0 / scaler.scale)
+    if finite is None:
+        finite = model.params.unscale_grads(1.0 / scaler.scale)
     scaler.update(finite)
     if not finite and model.params.mixed:
         return False
@@ -68,6 +71,46 @@ def apply_gradients(model, optimizer, lr, *, grad_clip, scaler):
     optimizer.step(lr)
     model.params.sync()
     return True
+
+
+class TrainStep:
+    """One training step on a batch: forward, backward, unscale, clip and update.
+
+    ``step(x, y, lr, rng=rng, state=None) -> (loss, state)``: ``x``, ``y`` are (B, T) NumPy id
+    arrays, ``rng`` the dropout rng, ``state`` a recurrent model's carried state (None: zeros);
+    ``loss`` is a 0-d array on the backend's device. On the cupy backend a GPT's forward, backward
+    and unscaling run as one CUDA graph (``minilm.gpu.graph``: captured on the second step, then
+    replayed), unless ``cuda_graph`` is False or float16's loss scaling is on. The graph computes
+    the step the op calls compute, and draws the same dropout seeds from ``rng``.
+    """
+
+    def __init__(self, model, runner, optimizer, scaler, *, grad_clip, cuda_graph=True):
+        self.model, self.runner, self.optimizer, self.scaler, self.grad_clip = model, runner, optimizer, scaler, grad_clip
+        self.captured = None
+        if cuda_graph and backend.current() == "cupy" and model.kind == "gpt" and not scaler.enabled:
+            from minilm.gpu.graph import CapturedStep
+            self.captured = CapturedStep(model)
+
+    def __call__(self, x, y, lr, *, rng, state=None):
+        if self.captured is not None:
+            from minilm.gpu.graph import CaptureError
+            try:
+                loss, finite = self.captured(x, y, rng)
+            except CaptureError as e:                # nothing ran and nothing was drawn: go on op by op
+                warnings.warn(f"{e}; running every step op by op", RuntimeWarning, stacklevel=2)
+                self.captured = None
+            else:
+                apply_gradients(self.model, self.optimizer, lr, grad_clip=self.grad_clip, scaler=self.scaler,
+                                finite=True if finite is None else bool(finite))
+                return loss, state
+        x, y = backend.to_backend(x), backend.to_backend(y)
+        if self.model.kind == "rnn":
+            _, loss, state = self.runner.forward(x, y, state=state, train=True, rng=rng)
+        else:
+            _, loss = self.runner.forward(x, y, train=True, rng=rng)
+        self.runner.backward(self.scaler.scale)
+        apply_gradients(self.model, self.optimizer, lr, grad_clip=self.grad_clip, scaler=self.scaler)
+        return loss, state
 
 
 def estimate_loss(model, batches):
@@ -131,7 +174,7 @@ def data_digest(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, log=print):
+def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, cuda_graph=True, log=print):
     """Train a model as ``cfg`` says on the text ``data``; write checkpoints and metrics to ``out_dir``.
 
     With ``resume``, the model, optimiser, data order and random states come from
@@ -139,6 +182,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
     ``data`` None then means the saved run's text, and any other ``data`` must hold that same
     text (a resumed run computes the losses the uninterrupted one would have). Without it, an
     ``out_dir`` that already holds a run's checkpoints is refused unless ``overwrite``.
+    ``cuda_graph`` False runs every step op by op on the cupy backend (``TrainStep``).
 
     Returns a dict with the final iteration, the last evaluation and whether it stopped early
     or was interrupted.
@@ -192,6 +236,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
                     "val": evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 3)}
     stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
     scaler = LossScaler(enabled=cfg.dtype == "float16")
+    step = TrainStep(model, runner, optimizer, scaler, grad_clip=cfg.grad_clip, cuda_graph=cuda_graph)
     it, best_val, state, last_eval_iter = 0, math.inf, None, None
     result = {"stopped_early": False, "interrupted": False, "last_eval": None}
 
@@ -284,16 +329,10 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, l
                 state = None if reset else state
             else:
                 x, y = batches.next_batch()
-            x, y = backend.to_backend(x), backend.to_backend(y)
             lr = schedule(it)
             with backend.compile_notice() if first_step else contextlib.nullcontext():
-                if recurrent:
-                    _, loss, state = runner.forward(x, y, state=state if cfg.batching == "contiguous" else None,
-                                                    train=True, rng=dropout_rng)
-                else:
-                    _, loss = runner.forward(x, y, train=True, rng=dropout_rng)
-                runner.backward(scaler.scale)
-                apply_gradients(model, optimizer, lr, grad_clip=cfg.grad_clip, scaler=scaler)
+                loss, state = step(x, y, lr, rng=dropout_rng,
+                                   state=state if recurrent and cfg.batching == "contiguous" else None)
             first_step = False
             loss = float(loss)
             if not math.isfinite(loss):

@@ -7,6 +7,7 @@ what was expected and what was received, e.g.
 
 Shape errors are ``ValueError``; a wrong kind of object or dtype is ``TypeError``.
 """
+import contextlib
 import numbers
 
 import numpy as np
@@ -83,15 +84,34 @@ def require_same_dtype(op, **arrays):
             )
 
 
+_device_ids_checked = False      # True while a caller has checked every id on the host already
+
+
+@contextlib.contextmanager
+def device_ids_checked_by_caller():
+    """Within this block ``require_ids`` does not read GPU arrays' ids back: the caller has checked
+    them on the host before copying them to the device. For a CUDA graph capture
+    (``minilm.gpu.graph``), during which the device cannot be read, and which checks each batch
+    of ids on the host before it is copied into the graph's input."""
+    global _device_ids_checked
+    previous, _device_ids_checked = _device_ids_checked, True
+    try:
+        yield
+    finally:
+        _device_ids_checked = previous
+
+
 def require_ids(op, name, ids, V, *, ignore_index=None):
     """Integer token ids with 0 <= id < V; an id equal to ``ignore_index`` (where given) is allowed too.
 
     On a GPU the smallest and largest id come back to the host in one transfer (one wait for the
-    device, not two).
+    device, not two), except within ``device_ids_checked_by_caller``.
     """
     require_array(op, name, ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{op}: argument '{name}' must be an integer array of token ids, got dtype {ids.dtype}")
+    if _device_ids_checked and not isinstance(ids, np.ndarray):
+        return
     if ids.size:
         from minilm.backend import get_array_module
         xp = get_array_module(ids)

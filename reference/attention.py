@@ -198,6 +198,8 @@ class AttentionCache(NamedTuple):
     v: object       # (B, NH, Tk, hs)
     att: object     # (B, NH, Tq, Tk) the probabilities A; 0 where a key is masked
     drop: object = None     # the DropoutCache of A's dropout, or None without dropout
+    causal: bool = False    # the forward's causal option (att is 0 above the diagonal then; a faster
+                            # tier's backward may skip that block, minilm.gpu.attention)
 
 
 def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None):
@@ -240,7 +242,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     if dropout:
         att_d, drop = dropout_forward(att, p=dropout, rng=rng)          # (B, NH, Tq, Tk) A with weights dropped
     y = (att_d if dropout else att) @ v                                # (B, NH, Tq, hs)
-    return y, AttentionCache(q, k, v, att, drop)
+    return y, AttentionCache(q, k, v, att, drop, bool(causal))
 
 
 def attention_backward(dy, cache):
@@ -250,7 +252,7 @@ def attention_backward(dy, cache):
     -------
     (dq, dk, dv): shapes of q, k, v. A query with no allowed key receives 0.
     """
-    q, k, v, att, drop = cache
+    q, k, v, att, drop, _ = cache                                      # causal: att is 0 where masked
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     xp = get_array_module(dy, q)
     hs = q.shape[-1]

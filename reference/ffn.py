@@ -48,12 +48,12 @@ is then None.
 from typing import NamedTuple
 
 from minilm import backend
-from minilm.reference.linear import linear_backward, linear_forward
 from minilm.validate import (require_choice, require_float, require_min_ndim, require_ndim, require_same_dtype,
                              require_shape)
 
-# activation option -> (op, its options). The op is looked up on the active backend when the
-# block runs, so a faster tier's GELU (minilm.cpu, minilm.gpu) serves this composition too.
+# activation option -> (op, its options). The ops -- the activation and the linears -- are looked
+# up on the active backend when the block runs, so a faster tier's GELU (minilm.cpu, minilm.gpu)
+# and products (minilm.gpu) serve this composition too.
 ACTIVATIONS = {
     "gelu": ("gelu", {"approximate": "tanh"}),
     "gelu_exact": ("gelu", {"approximate": "none"}),
@@ -104,9 +104,9 @@ def ffn_forward(x, W_1, b_1, W_2, b_2, *, activation="gelu"):
     """
     _validate(x, W_1, b_1, W_2, b_2, activation)
     phi, options = ACTIVATIONS[activation]
-    h, linear_1 = linear_forward(x, W_1, b_1)                  # (..., 4C)
+    h, linear_1 = backend.op("linear_forward")(x, W_1, b_1)    # (..., 4C)
     a, act = backend.op(f"{phi}_forward")(h, **options)        # (..., 4C)
-    y, linear_2 = linear_forward(a, W_2, b_2)                  # (..., C)
+    y, linear_2 = backend.op("linear_forward")(a, W_2, b_2)    # (..., C)
     return y, FfnCache(linear_1, act, linear_2, activation)
 
 
@@ -121,7 +121,7 @@ def ffn_backward(dy, cache):
     C = linear_2.W.shape[1]
     require_shape("ffn_backward", "dy", dy, linear_1.x.shape[:-1] + (C,), "(..., C)")
     phi, _ = ACTIVATIONS[activation]
-    da, dW_2, db_2 = linear_backward(dy, linear_2)             # (..., 4C)  from y = a W_2 + b_2
+    da, dW_2, db_2 = backend.op("linear_backward")(dy, linear_2)   # (..., 4C)  from y = a W_2 + b_2
     (dh,) = backend.op(f"{phi}_backward")(da, act)             # (..., 4C)  from a = phi(h)
-    dx, dW_1, db_1 = linear_backward(dh, linear_1)             # (..., C)   from h = x W_1 + b_1
+    dx, dW_1, db_1 = backend.op("linear_backward")(dh, linear_1)   # (..., C)   from h = x W_1 + b_1
     return dx, dW_1, db_1, dW_2, db_2

@@ -43,6 +43,19 @@ class LinearCache(NamedTuple):
     has_bias: bool
 
 
+def check_linear_args(x, W, b):
+    """The argument checks of ``linear_forward``, shared with the kernels of the other tiers."""
+    require_float("linear", "x", x)
+    require_min_ndim("linear", "x", x, 1, "(..., D)")
+    require_float("linear", "W", W)
+    require_ndim("linear", "W", W, 2, "(D, C)")
+    require_shape("linear", "W", W, (x.shape[-1], W.shape[1]), "(D, C)")
+    if b is not None:
+        require_float("linear", "b", b)
+        require_shape("linear", "b", b, (W.shape[1],), "(C,)")
+    require_same_dtype("linear", x=x, W=W, b=b)
+
+
 def linear_forward(x, W, b):
     """y = x @ W + b.
 
@@ -56,15 +69,7 @@ def linear_forward(x, W, b):
     -------
     y : (..., C) array, and the cache for ``linear_backward``.
     """
-    require_float("linear", "x", x)
-    require_min_ndim("linear", "x", x, 1, "(..., D)")
-    require_float("linear", "W", W)
-    require_ndim("linear", "W", W, 2, "(D, C)")
-    require_shape("linear", "W", W, (x.shape[-1], W.shape[1]), "(D, C)")
-    if b is not None:
-        require_float("linear", "b", b)
-        require_shape("linear", "b", b, (W.shape[1],), "(C,)")
-    require_same_dtype("linear", x=x, W=W, b=b)
+    check_linear_args(x, W, b)
     # NumPy multiplies a 2-D (N, D) matrix in one BLAS call, a (..., T, D) stack in many
     y = (x.reshape(-1, x.shape[-1]) @ W).reshape(x.shape[:-1] + (W.shape[1],))   # (..., C)
     if b is not None:

@@ -121,6 +121,16 @@ def test_gpu_tables_pair_each_dtype_with_a_cuda_peer_of_that_dtype(monkeypatch):
     assert gpu32[1]["dtype"] == "float32"
 
 
+def test_gpu_gpt_tables_time_the_cuda_graph_and_the_step_op_by_op(monkeypatch):
+    """A GPT preset on the cupy backend gets two minilm rows, the captured step and the step op by
+    op, in float32 and bfloat16; float16, whose loss scaling is never captured, gets one."""
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: True)
+    args = _bench_args(["--presets", "shakespeare-char", "--backends", "cupy", "--dtypes", "float32", "float16"])
+    (_, gpu32), (_, gpu16) = bench_run.train_tables(args, args.backends, torch=True)
+    assert [bench_run._label({"job": j}) for j in gpu32] == ["cupy CUDA graph", "cupy op by op", "pytorch eager"]
+    assert [bench_run._label({"job": j}) for j in gpu16] == ["cupy", "pytorch eager autocast"]
+
+
 def test_cpu_tables_are_unchanged_by_the_gpu_options():
     """Without cupy among the backends, --dtypes changes nothing and no CUDA check is made."""
     args = _bench_args(["--presets", "shakespeare-char-cpu", "--backends", "numpy", "--dtypes", "bfloat16"])
@@ -134,7 +144,7 @@ def test_gpu_table_without_a_cuda_pytorch_has_no_peer(monkeypatch):
     monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: False)
     args = _bench_args(["--presets", "shakespeare-char", "--backends", "cupy"])
     ((_, jobs),) = bench_run.train_tables(args, args.backends, torch=True)
-    assert [j["impl"] for j in jobs] == ["minilm"]
+    assert [j["impl"] for j in jobs] == ["minilm", "minilm"]           # the CUDA graph and op by op
 
 
 @pytest.mark.parametrize("argv, words", [(["--dtypes", "float64"], ["--dtypes", "float64"]),
@@ -212,9 +222,11 @@ def test_a_gpu_table_with_memory_and_mfu_columns(monkeypatch, tmp_path, capsys):
     assert "bfloat16 on the GPU" in out and "GPU MB" in out and "MFU" in out and "pytorch eager autocast" in out
     results = json.loads(path.read_text())
     assert results["machine"]["gpu"] == "H100"
-    minilm_row, torch_row = results["train"]
-    assert minilm_row["gpu_mb"] == 300.0 and torch_row["gpu_mb"] == 200.0
-    assert minilm_row["mfu"] == torch_row["mfu"] > 0 and minilm_row["vs_torch"]["median"] == 1.0
+    graph_row, op_row, torch_row = results["train"]                  # the CUDA graph, op by op, the peer
+    assert "cupy CUDA graph" in out and "cupy op by op" in out
+    for minilm_row in (graph_row, op_row):
+        assert minilm_row["gpu_mb"] == 300.0 and torch_row["gpu_mb"] == 200.0
+        assert minilm_row["mfu"] == torch_row["mfu"] > 0 and minilm_row["vs_torch"]["median"] == 1.0
 
 
 # --- the PyTorch peer's mixed precision and dropout (on the CPU here; the worker runs them on CUDA) --

@@ -130,6 +130,14 @@ def test_bad_input(change, error, match):
         embedding_forward(*change(*example()))
 
 
+def test_host_ids_are_checked_also_where_a_caller_checked_the_device_ids():
+    """``device_ids_checked_by_caller`` (a captured GPU step) skips only the read-back of GPU arrays."""
+    from minilm.validate import device_ids_checked_by_caller
+    ids, E = example()
+    with device_ids_checked_by_caller(), pytest.raises(ValueError, match=r"argument 'ids' must hold ids in .*, got 11"):
+        embedding_forward(ids + 1, E)
+
+
 def test_backward_rejects_dout_of_the_wrong_shape():
     y, cache = embedding_forward(*example())
     with pytest.raises(ValueError, match=r"embedding_backward: argument 'dout' must have shape \(\.\.\., C\)"):

@@ -9,8 +9,12 @@ these on a machine with a GPU. What is checked:
 * in float16 and bfloat16 the kernels stay within ``LOW_TOL`` of the float64 reference;
 * the optimizer kernels equal the reference updates; whole models train to the same losses on
   ``cupy`` and ``numpy``; mixed-precision training lowers the loss like float32 does;
-* a checkpoint trained on the GPU evaluates and samples on the CPU, and back.
+* a checkpoint trained on the GPU evaluates and samples on the CPU, and back;
+* a GPT's training step captured as a CUDA graph (``minilm.gpu.graph``) computes the step run op
+  by op, checks its ids, and resumes exactly.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -116,16 +120,21 @@ def test_low_precision_stays_near_float64(op, low):
             assert relative_error(backend.to_numpy(g).astype(np.float64), r, floor=1.0) <= tol
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-product", "causal-split"])
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
-def test_attention_dropout_follows_its_mask(dtype):
+def test_attention_dropout_follows_its_mask(dtype, split, monkeypatch):
     """y = (mask A / (1 - p)) v with the cache's mask and weights; the mask is the one this tier's
     dropout draws for the same seed; the backward equals the reference's backward run on the same
-    cache (in float64, from the cache's own values)."""
+    cache (in float64, from the cache's own values). ``causal-split``: every product as the two
+    calls that leave out the masked block (at T = 9: the queries 0..3 against the keys 0..3)."""
+    from minilm.gpu import attention as gpu_attention
     from minilm.reference import attention as ref_attention
     from minilm.reference.attention import AttentionCache
     from minilm.reference.dropout import DropoutCache
     minilm.use("cupy")
+    monkeypatch.setattr(gpu_attention, "CAUSAL_SPLIT_MIN_T", 2 if split else 10 ** 9)
     dt = _core.BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    assert gpu_attention._causal_half(9, 9, True, dt) == (4 if split else 0)
     rng = np.random.default_rng(3)
     q, k, v = (cupy.asarray(rng.standard_normal((2, 3, 9, 8)).astype(dt)) for _ in range(3))
     y, cache = ops.attention_forward(q, k, v, causal=True, dropout=0.25, rng=11)
@@ -168,7 +177,7 @@ def test_self_attention_with_dropout_matches_its_attention():
 
 def test_cupy_backend_routes_to_the_kernels():
     minilm.use("cupy")
-    for name in ("layernorm_forward", "gelu_backward", "softmax_forward", "attention_forward",
+    for name in ("layernorm_forward", "gelu_backward", "softmax_forward", "attention_forward", "linear_forward",
                  "cross_entropy_backward", "dropout_forward", "embedding_backward", "lstm_forward", "gru_backward"):
         assert backend.op(name).__module__.startswith("minilm.gpu."), name
     assert backend.kernel("adamw_update", None).__module__ == "minilm.gpu.optim"
@@ -263,6 +272,56 @@ def test_training_gives_the_same_losses_on_cupy_and_numpy(make):
     assert relative_error(params_gpu, params_ref) <= F64_TOL
 
 
+def graph_run(dtype, cuda_graph, steps=5):
+    """``steps`` training steps of a GPT with dropout through ``minilm.train.TrainStep``."""
+    from minilm.train import TrainStep
+    minilm.use("cupy")
+    model = tiny_gpt(dtype, dropout=0.2)
+    # SGD, not Adam: Adam divides each step by the gradient's running size, which turns a rounding
+    # difference of a near-zero gradient into a visible one; the optimizer is outside the graph anyway
+    opt = optim.SGD(model.params, 0.1, momentum=0.9)
+    step = TrainStep(model, model, opt, LossScaler(enabled=False), grad_clip=1.0, cuda_graph=cuda_graph)
+    batches = np.random.default_rng(0).integers(0, 13, (steps, 2, 3, 8))
+    rng = np.random.default_rng(1)
+    losses = [float(step(x, y, 0.1, rng=rng)[0]) for x, y in batches]
+    return np.array(losses), backend.to_numpy(model.params.data), rng.bit_generator.state, step
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_a_captured_step_computes_the_step_op_by_op(dtype):
+    """The CUDA graph (captured at step 2, replayed at 3 to 5) gives the losses and weights of the
+    step run op by op, dropout masks included, and draws the same seeds from the rng."""
+    dt = _core.BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    losses_g, params_g, rng_g, step_g = graph_run(dt, True)
+    losses_o, params_o, rng_o, step_o = graph_run(dt, False)
+    assert step_o.captured is None and len(step_g.captured._captured) == 1
+    assert step_g.captured._captured[((3, 8), "<i8", "<i8")].seeds.used == 1 + 3 * 2   # embedding, 3 a layer
+    assert rng_g == rng_o
+    # the same kernels on the same values; only the embedding backward's atomic adds may sum in
+    # another order, a rounding of the dtype (and its 16-bit weights may then round the other way)
+    tol = LOW_TOL["bfloat16"] if dtype == "bfloat16" else TOL[dt.type]
+    assert relative_error(losses_g, losses_o) <= tol
+    assert relative_error(params_g, params_o) <= tol
+    assert len(set(losses_g.round(6))) == len(losses_g)              # fresh batches and masks each step
+
+
+def test_a_captured_step_checks_its_ids_on_the_host():
+    from minilm.train import TrainStep
+    minilm.use("cupy")
+    model = tiny_gpt(np.float32, dropout=0.2)
+    step = TrainStep(model, model, optim.AdamW(model.params, 1e-2), LossScaler(enabled=False), grad_clip=1.0)
+    x = np.random.default_rng(0).integers(0, 13, (3, 8))
+    for _ in range(3):
+        step(x, x, 1e-2, rng=np.random.default_rng(0))
+    assert len(step.captured._captured) == 1                          # the ids below reach the graph's check
+    bad = x.copy()
+    bad[1, 2] = 13
+    with pytest.raises(ValueError, match=r"GPT.forward: argument 'idx' must hold ids in \[0, 13\).*got 13"):
+        step(bad, x, 1e-2, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"argument 'targets' must hold ids in \[0, 13\).*got 13"):
+        step(x, bad, 1e-2, rng=np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("low", list(LOW_TOL))
 @pytest.mark.parametrize("make", [tiny_gpt, tiny_lstm], ids=["gpt", "lstm"])
 def test_mixed_precision_trains_like_float32(make, low):
@@ -287,6 +346,29 @@ def test_float16_overflow_skips_the_step_and_lowers_the_scale():
     assert not apply_gradients(model, opt, 1e-2, grad_clip=1.0, scaler=scaler)
     assert scaler.scale == 2.0 ** 39 and scaler.skipped == 1
     assert bool(cupy.array_equal(model.params.data, before))         # nothing was updated
+
+
+def test_a_resumed_run_on_the_gpu_computes_the_same_losses(tmp_path):
+    """minilm train on cupy (its steps replayed as a CUDA graph), stopped at 6 and resumed to 12,
+    gives the losses of the run straight to 12: the graph draws dropout seeds as the ops do."""
+    from minilm.config import TrainConfig
+    from minilm.train import train
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 40, encoding="utf-8")
+    minilm.use("cupy")
+
+    def run(out, max_iters, resume=False):
+        cfg = TrainConfig(model="gpt", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, dropout=0.2,
+                          max_iters=max_iters, lr_decay_iters=12, eval_interval=4, eval_iters=2, warmup_iters=2)
+        train(cfg, data=str(corpus), out_dir=str(tmp_path / out), resume=resume, progress=False, log=lambda *a: None)
+        return {r["iter"]: r["val_loss"] for r in map(json.loads, open(tmp_path / out / "metrics.jsonl"))}
+
+    straight = run("straight", 12)
+    run("split", 6)
+    split = run("split", 12, resume=True)
+    for it in (4, 8, 12):
+        # the embedding backward's atomic adds may sum in another order: float32 rounding
+        assert abs(split[it] - straight[it]) <= F32_TOL * straight[it], it
 
 
 @pytest.mark.parametrize("trained_on, dtype", [("cupy", "bfloat16"), ("cupy", "float32"), ("numba", "float32")])

@@ -313,17 +313,17 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     if q.size * Tk <= FUSED_MAX_WORK and not dropout:
         q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
         y, att = _attention_forward_kernel(q, k, v, mask, masked, causal, scale)
-        return y, AttentionCache(q, k, v, att)
+        return y, AttentionCache(q, k, v, att, None, bool(causal))
     att = q @ np.swapaxes(k, -1, -2)                            # (B, NH, Tq, Tk) S before scaling
     pick(_scores_to_weights_kernel, att.size)(att, mask, masked, causal, scale)
     att_d, drop = dropout_forward(att, p=dropout, rng=rng) if dropout else (att, None)   # weights dropped
     y = att_d @ v                                               # (B, NH, Tq, hs)
-    return y, AttentionCache(q, k, v, att, drop)
+    return y, AttentionCache(q, k, v, att, drop, bool(causal))
 
 
 def attention_backward(dy, cache):
     """Equals ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
-    q, k, v, att, drop = cache
+    q, k, v, att, drop, _ = cache                              # causal: att is 0 where masked
     require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     dtype = np.result_type(dy.dtype, q.dtype)                  # as the reference's products promote
     if dtype not in KERNEL_DTYPES:
