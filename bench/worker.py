@@ -72,7 +72,8 @@ def minilm_train(job, cfg, V):
     if on_gpu:
         import cupy
         name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
-        result.update(gpu_pool_mb=cupy.get_default_memory_pool().total_bytes() / 2 ** 20, cupy=cupy.__version__,
+        pools = cupy.get_default_memory_pool().total_bytes() + (step.captured.pool_bytes() if step.captured else 0)
+        result.update(gpu_pool_mb=pools / 2 ** 20, cupy=cupy.__version__,
                       gpu=name.decode() if isinstance(name, bytes) else str(name))
     return result
 

@@ -65,6 +65,10 @@ class CapturedStep:
         self._captured = {}          # (idx shape, dtypes) -> _Captured
         self._seen = set()           # keys whose first, uncaptured step has run
 
+    def pool_bytes(self):
+        """Device memory held by the captured graphs' own pools (outside CuPy's default pool)."""
+        return sum(c.pool.total_bytes() for c in self._captured.values())
+
     def __call__(self, idx, targets, rng):
         cfg = self.model.config
         idx = check_idx("GPT.forward", "idx", np.ascontiguousarray(idx), cfg.vocab_size, cfg.block_size)

@@ -295,6 +295,7 @@ def test_a_captured_step_computes_the_step_op_by_op(dtype):
     losses_g, params_g, rng_g, step_g = graph_run(dt, True)
     losses_o, params_o, rng_o, step_o = graph_run(dt, False)
     assert step_o.captured is None and len(step_g.captured._captured) == 1
+    assert step_g.captured.pool_bytes() > 0                            # the graph's memory, outside CuPy's pool
     assert step_g.captured._captured[((3, 8), "<i8", "<i8")].seeds.used == 1 + 3 * 2   # embedding, 3 a layer
     assert rng_g == rng_o
     # the same kernels on the same values; only the embedding backward's atomic adds may sum in
