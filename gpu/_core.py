@@ -13,8 +13,9 @@ Two kinds of kernel live in ``minilm.gpu``:
   ``row_module``. One warp (32 threads) owns one row: it reads the row, adds up its sums with
   warp shuffles, and writes the row. ``ROW_PREAMBLE`` defines the 16-bit storage types for them
   (``half16``, ``bf16``) with conversions written as single PTX instructions, so the sources
-  need no CUDA headers. The tanh GELU is built the same way (``row_module``), though a thread
-  there takes elements, not a row (``minilm.gpu.activations``).
+  need no CUDA headers. **Element** kernels (the tanh GELU, dropout) are built the same way, but
+  a thread takes four elements a grid apart instead of a warp taking a row
+  (``FOR_THREAD_ELEMENTS``, ``launch_elems``).
 
 Every kernel computes in float32 for float16 and bfloat16 data (and in float64 for float64):
 the low precision is the storage format, not the arithmetic.
@@ -125,6 +126,15 @@ __device__ inline double log_acc(double x) { return log(x); }
 __device__ inline float rsqrt_acc(float x) { return 1.0f / sqrtf(x); }
 __device__ inline double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
 
+// The loop of an element kernel (launch_elems): this thread's ELEMS_PER_THREAD elements i < n, a
+// grid apart, so that a warp's loads stay coalesced and each thread has several in flight.
+#define ELEMS_PER_THREAD 4
+#define FOR_THREAD_ELEMENTS(i, n) \
+    _Pragma("unroll") \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x, r_ = 0; r_ < ELEMS_PER_THREAD; \
+         r_++, i += (long long)gridDim.x * blockDim.x) \
+        if (i < (n))
+
 // the sum / max of v over the 32 lanes of a warp, in every lane
 template <typename A> __device__ inline A warp_sum(A v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -166,6 +176,22 @@ def launch_rows(fn, n_rows, args):
     threads = WARP * WARPS_PER_BLOCK
     blocks = (n_rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
     fn((blocks,), (threads,), args)
+
+
+ELEMS_PER_THREAD, ELEMS_THREADS = 4, 256        # ELEMS_PER_THREAD as in ROW_PREAMBLE
+
+
+def launch_elems(fn, n, args):
+    """Run an element kernel (its loop ``FOR_THREAD_ELEMENTS``) over n elements; ``args`` end before n.
+
+    A thread takes four elements, a quarter of the blocks of CuPy's one-element-per-thread loop,
+    whose block scheduling set the time of the GELU: 0.12 ms for 25 M elements in float32 and in
+    bfloat16 alike, with a cheaper tanh changing nothing, against 0.08 ms (forward) this way.
+    """
+    if n == 0:
+        return
+    per_block = ELEMS_THREADS * ELEMS_PER_THREAD
+    fn(((n + per_block - 1) // per_block,), (ELEMS_THREADS,), (*args, cupy.int64(n)))
 
 
 def scalar(value, dtype):

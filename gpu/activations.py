@@ -2,8 +2,9 @@ r"""GELU and softmax as CuPy kernels.
 
 GELU is elementwise: one kernel per form and direction, each the formula of
 ``minilm.reference.activations`` in one pass instead of the reference's chain of array expressions
-(and their temporaries) -- raw kernels of four elements a thread for the tanh form (see
-``_GELU_SOURCE``), an ``ElementwiseKernel`` with the shared preamble for the exact form. Softmax is a row
+(and their temporaries) -- element kernels of four elements a thread for the tanh form
+(``minilm.gpu._core.launch_elems``), an ``ElementwiseKernel`` with the shared preamble for the
+exact form. Softmax is a row
 kernel: one warp per row finds the row's maximum, adds up the exponentials and writes the
 probabilities; its backward removes the row's ``sum(dy * y)``. Caches are the reference's.
 """
@@ -11,7 +12,7 @@ import math
 
 import cupy
 
-from minilm.gpu._core import contiguous, elementwise, launch_rows, row_module, supported
+from minilm.gpu._core import contiguous, elementwise, launch_elems, launch_rows, row_module, supported
 from minilm.reference import activations as reference
 from minilm.reference.activations import GeluCache, SoftmaxCache, check_gelu_args, check_softmax_args
 from minilm.validate import require_shape
@@ -21,25 +22,15 @@ __all__ = ["gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward
 _K = repr(math.sqrt(2.0 / math.pi))     # sqrt(2 / pi), to 17 digits
 _C = "0.044715"                         # GPT-2's cubic coefficient
 
-# The tanh form, the one GPT trains with, as raw kernels in which each thread takes four elements a
-# grid apart: loads stay coalesced, four are in flight per thread, and the grid has a quarter of
-# the blocks of CuPy's one-element-per-thread loop. That loop took 0.12 ms for 25 M elements in
-# float32 and in bfloat16 alike, and a cheaper tanh changed nothing: neither the bytes nor the
-# arithmetic set its time.
-_ELEMS_PER_THREAD, _THREADS = 4, 256
+# The tanh form, the one GPT trains with: element kernels (``minilm.gpu._core.launch_elems``).
 _GELU_SOURCE = f"""
 template <typename T>
 __global__ void gelu_tanh_forward_elems(const T* __restrict__ x, T* __restrict__ y, long long n) {{
     typedef typename acc_t<T>::type A;
-    long long stride = (long long)gridDim.x * blockDim.x;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    #pragma unroll
-    for (int r = 0; r < {_ELEMS_PER_THREAD}; r++, i += stride) {{
-        if (i < n) {{
-            A v = load(x[i]);
-            A u = (A){_K} * (v + (A){_C} * v * v * v);         // u = sqrt(2/pi) (x + 0.044715 x^3)
-            y[i] = store<T>((A)0.5 * v * ((A)1 + tanh_acc(u)));  // y = x (1 + tanh u) / 2
-        }}
+    FOR_THREAD_ELEMENTS(i, n) {{
+        A v = load(x[i]);
+        A u = (A){_K} * (v + (A){_C} * v * v * v);             // u = sqrt(2/pi) (x + 0.044715 x^3)
+        y[i] = store<T>((A)0.5 * v * ((A)1 + tanh_acc(u)));      // y = x (1 + tanh u) / 2
     }}
 }}
 
@@ -47,29 +38,17 @@ template <typename T>
 __global__ void gelu_tanh_backward_elems(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
                                          long long n) {{
     typedef typename acc_t<T>::type A;
-    long long stride = (long long)gridDim.x * blockDim.x;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    #pragma unroll
-    for (int r = 0; r < {_ELEMS_PER_THREAD}; r++, i += stride) {{
-        if (i < n) {{
-            A v = load(x[i]);
-            A t = tanh_acc((A){_K} * (v + (A){_C} * v * v * v));
-            A du = (A){_K} * ((A)1 + (A)3 * (A){_C} * v * v);   // du/dx
-            A dphi = (A)0.5 * ((A)1 + t) + (A)0.5 * v * ((A)1 - t * t) * du;
-            dx[i] = store<T>(dphi * load(dy[i]));
-        }}
+    FOR_THREAD_ELEMENTS(i, n) {{
+        A v = load(x[i]);
+        A t = tanh_acc((A){_K} * (v + (A){_C} * v * v * v));
+        A du = (A){_K} * ((A)1 + (A)3 * (A){_C} * v * v);       // du/dx
+        A dphi = (A)0.5 * ((A)1 + t) + (A)0.5 * v * ((A)1 - t * t) * du;
+        dx[i] = store<T>(dphi * load(dy[i]));
     }}
 }}
 """
 _gelu_kernel = row_module(_GELU_SOURCE, ["gelu_tanh_forward_elems", "gelu_tanh_backward_elems"])
 
-
-def _launch_elems(name, n, arrays):
-    """Run GELU kernel ``name`` over the n elements of C-contiguous ``arrays`` (inputs, then output)."""
-    if n == 0:
-        return
-    per_block = _THREADS * _ELEMS_PER_THREAD
-    _gelu_kernel(name, arrays[0].dtype)(((n + per_block - 1) // per_block,), (_THREADS,), (*arrays, cupy.int64(n)))
 
 _gelu_exact_forward = elementwise("T x", "T y", f"""
     typedef acc_t<T>::type A;
@@ -95,7 +74,7 @@ def gelu_forward(x, *, approximate="tanh"):
         return _gelu_exact_forward(x), GeluCache(x, approximate)
     x = contiguous(x)
     y = cupy.empty(x.shape, dtype=x.dtype)
-    _launch_elems("gelu_tanh_forward_elems", x.size, (x, y))
+    launch_elems(_gelu_kernel("gelu_tanh_forward_elems", x.dtype), x.size, (x, y))
     return y, GeluCache(x, approximate)
 
 
@@ -109,7 +88,7 @@ def gelu_backward(dy, cache):
         return (_gelu_exact_backward(x, dy),)
     x, dy = contiguous(x), contiguous(dy)
     dx = cupy.empty(x.shape, dtype=x.dtype)
-    _launch_elems("gelu_tanh_backward_elems", x.size, (x, dy, dx))
+    launch_elems(_gelu_kernel("gelu_tanh_backward_elems", x.dtype), x.size, (x, dy, dx))
     return (dx,)
 
 

@@ -21,55 +21,37 @@ import numbers
 import cupy
 import numpy as np
 
-from minilm.gpu._core import contiguous, row_module, supported
+from minilm.gpu._core import contiguous, launch_elems, row_module, supported
 from minilm.reference import dropout as reference
 from minilm.reference.dropout import DropoutCache, _require_rng
 from minilm.validate import require_float, require_probability, require_shape
 
 __all__ = ["dropout_forward", "dropout_backward"]
 
-# Raw kernels in which each thread takes four elements a grid apart, as the tanh GELU's
-# (minilm.gpu.activations): a quarter of the blocks of a one-element-per-thread loop.
-_ELEMS_PER_THREAD, _THREADS = 4, 256
-_SOURCE = f"""
+# Element kernels (minilm.gpu._core.launch_elems), as the tanh GELU's.
+_SOURCE = r"""
 // y = mask x * scale, mask_i = dropout_keep(seed, i): kept with probability keep = 1 - p
 template <typename T>
 __global__ void dropout_forward_elems(const T* __restrict__ x, T* __restrict__ y, bool* __restrict__ mask,
                                       const unsigned long long* seeds, int slot, unsigned long long seed,
-                                      double keep, double scale, long long n) {{
+                                      double keep, double scale, long long n) {
     typedef typename acc_t<T>::type A;
     if (slot >= 0) seed = seeds[slot];                             // a captured graph's seed table
-    long long stride = (long long)gridDim.x * blockDim.x;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    #pragma unroll
-    for (int r = 0; r < {_ELEMS_PER_THREAD}; r++, i += stride) {{
-        if (i < n) {{
-            bool kept = dropout_keep(seed, (unsigned long long)i, keep);
-            mask[i] = kept;
-            y[i] = store<T>(kept ? load(x[i]) * (A)scale : (A)0);    // y = mask x / (1 - p)
-        }}
-    }}
-}}
+    FOR_THREAD_ELEMENTS(i, n) {
+        bool kept = dropout_keep(seed, (unsigned long long)i, keep);
+        mask[i] = kept;
+        y[i] = store<T>(kept ? load(x[i]) * (A)scale : (A)0);        // y = mask x / (1 - p)
+    }
+}
 
 template <typename T>
 __global__ void dropout_backward_elems(const T* __restrict__ dy, const bool* __restrict__ mask, T* __restrict__ dx,
-                                       double scale, long long n) {{
+                                       double scale, long long n) {
     typedef typename acc_t<T>::type A;
-    long long stride = (long long)gridDim.x * blockDim.x;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    #pragma unroll
-    for (int r = 0; r < {_ELEMS_PER_THREAD}; r++, i += stride) {{
-        if (i < n) dx[i] = store<T>(mask[i] ? load(dy[i]) * (A)scale : (A)0);   // dx = mask dy / (1 - p)
-    }}
-}}
+    FOR_THREAD_ELEMENTS(i, n) dx[i] = store<T>(mask[i] ? load(dy[i]) * (A)scale : (A)0);   // dx = mask dy / (1 - p)
+}
 """
 _kernel = row_module(_SOURCE, ["dropout_forward_elems", "dropout_backward_elems"])
-
-
-def _launch(name, dtype, n, args):
-    if n:
-        per_block = _THREADS * _ELEMS_PER_THREAD
-        _kernel(name, dtype)(((n + per_block - 1) // per_block,), (_THREADS,), (*args, cupy.int64(n)))
 
 
 def draw_seed(rng):
@@ -140,7 +122,8 @@ def dropout_forward(x, *, p, rng):
     scale = 1.0 / (1.0 - float(p))
     x = contiguous(x)
     y, mask = cupy.empty(x.shape, dtype=x.dtype), cupy.empty(x.shape, dtype=cupy.bool_)
-    _launch("dropout_forward_elems", x.dtype, x.size, (x, y, mask, *dropout_seed(rng), 1.0 - float(p), scale))
+    launch_elems(_kernel("dropout_forward_elems", x.dtype), x.size,
+                 (x, y, mask, *dropout_seed(rng), 1.0 - float(p), scale))
     return y, DropoutCache(mask, scale, x.shape)
 
 
@@ -152,5 +135,5 @@ def dropout_backward(dy, cache):
         return reference.dropout_backward(dy, cache)
     dy = contiguous(dy)
     dx = cupy.empty(dy.shape, dtype=dy.dtype)
-    _launch("dropout_backward_elems", dy.dtype, dy.size, (dy, contiguous(mask), dx, float(scale)))
+    launch_elems(_kernel("dropout_backward_elems", dy.dtype), dy.size, (dy, contiguous(mask), dx, float(scale)))
     return (dx,)
