@@ -114,5 +114,3 @@ class CapturedStep:
                                    f"{type(e).__name__}: {e}") from e
             graph = stream.end_capture()
         return _Captured(graph, idx_in, targets_in, seeds, loss, finite, pool, stream)
-
-
