@@ -227,7 +227,7 @@ def _backward(dy, cache, out=None):
         dk = _mm(dS, q, trans_a=True, out=dk)
         return dq, dk, dv
     if out is None:
-        dq, dk, dv = cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
+        dq, dk, dv = (cupy.empty(a.shape, dtype=a.dtype) for a in (q, k, v))   # C-ordered, whatever q's layout
     _blas.bmm(att_d[..., :, :h], dy, trans_a=True, out=dv[..., :h, :])                 # dv = att_d^T dy
     _blas.bmm(att_d[..., h:, h:], dy[..., h:, :], trans_a=True, out=dv[..., h:, :])
     _blas.bmm(dS[..., :h, :h], k[..., :h, :], out=dq[..., :h, :])                      # dq = dS k
