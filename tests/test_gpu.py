@@ -175,6 +175,24 @@ def test_self_attention_with_dropout_matches_its_attention():
         assert relative_error(backend.to_numpy(g), backend.to_numpy(r), floor=1.0) <= F64_TOL
 
 
+def test_split_causal_attention_of_head_views_equals_the_reference():
+    """At T = 130 the products are split (T >= CAUSAL_SPLIT_MIN_T); q, k, v are transposed views
+    of (B, T, NH, hs) arrays, as heads split from a layer's output are: the products copy them and
+    write C-ordered gradients, and everything equals the reference on NumPy."""
+    from minilm.gpu import attention as gpu_attention
+    from minilm.reference import attention as ref_attention
+    minilm.use("cupy")
+    rng = np.random.default_rng(0)
+    q, k, v = (cupy.asarray(rng.standard_normal((2, 130, 3, 8))).transpose(0, 2, 1, 3) for _ in range(3))
+    assert gpu_attention._causal_half(130, 130, True, q.dtype) == 65
+    y, cache = gpu_attention.attention_forward(q, k, v, causal=True)
+    dy = cupy.asarray(rng.standard_normal(y.shape))
+    grads = gpu_attention.attention_backward(dy, cache)
+    y_ref, cache_ref = ref_attention.attention_forward(*(a.get() for a in (q, k, v)), causal=True)
+    for got, want in zip((y,) + tuple(grads), (y_ref,) + tuple(ref_attention.attention_backward(dy.get(), cache_ref))):
+        assert relative_error(got.get(), want) <= F64_TOL
+
+
 def test_cupy_backend_routes_to_the_kernels():
     minilm.use("cupy")
     for name in ("layernorm_forward", "gelu_backward", "softmax_forward", "attention_forward", "linear_forward",
