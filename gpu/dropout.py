@@ -16,14 +16,13 @@ in the same order. So a replayed step draws the masks of the same step run op by
 """
 import contextlib
 import functools
-import numbers
 
 import cupy
 import numpy as np
 
 from minilm.gpu._core import contiguous, launch_elems, row_module, supported
 from minilm.reference import dropout as reference
-from minilm.reference.dropout import DropoutCache, _require_rng
+from minilm.reference.dropout import DropoutCache, _require_rng, draw_seed
 from minilm.validate import require_float, require_probability, require_shape
 
 __all__ = ["dropout_forward", "dropout_backward"]
@@ -52,11 +51,6 @@ __global__ void dropout_backward_elems(const T* __restrict__ dy, const bool* __r
 }
 """
 _kernel = row_module(_SOURCE, ["dropout_forward_elems", "dropout_backward_elems"])
-
-
-def draw_seed(rng):
-    """The seed of a mask, from ``rng`` as the reference takes it: an int itself, a Generator's next draw."""
-    return rng if isinstance(rng, numbers.Integral) else int(rng.integers(2 ** 63))
 
 
 class SeedTable:

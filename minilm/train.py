@@ -88,15 +88,14 @@ class TrainStep:
         self.model, self.runner, self.optimizer, self.scaler, self.grad_clip = model, runner, optimizer, scaler, grad_clip
         self.captured = None
         if cuda_graph and backend.current() == "cupy" and model.kind == "gpt" and not scaler.enabled:
-            from minilm.gpu.graph import CapturedStep
-            self.captured = CapturedStep(model)
+            from minilm.gpu.graph import CapturedStep, CaptureError
+            self.captured, self._capture_error = CapturedStep(model), CaptureError
 
     def __call__(self, x, y, lr, *, rng, state=None):
         if self.captured is not None:
-            from minilm.gpu.graph import CaptureError
             try:
                 loss, finite = self.captured(x, y, rng)
-            except CaptureError as e:                # nothing ran and nothing was drawn: go on op by op
+            except self._capture_error as e:                # nothing ran and nothing was drawn: go on op by op
                 warnings.warn(f"{e}; running every step op by op", RuntimeWarning, stacklevel=2)
                 self.captured = None
             else:

@@ -63,12 +63,16 @@ def _require_rng(op, rng):
                     f"got {rng!r}")
 
 
+def draw_seed(rng):
+    """The seed of a device's mask from ``rng``: an integer seed itself, a Generator's next draw."""
+    return rng if isinstance(rng, numbers.Integral) else int(rng.integers(2 ** 63))
+
+
 def _uniform(xp, rng, shape):
     """Uniform draws in [0, 1) of ``shape`` from ``rng`` (a Generator or an integer seed), on xp's device."""
     if xp is np:
         return np.random.default_rng(rng).random(shape)        # a Generator passes through unchanged
-    seed = rng if isinstance(rng, numbers.Integral) else int(rng.integers(2 ** 63))
-    return xp.random.default_rng(seed).random(shape)
+    return xp.random.default_rng(draw_seed(rng)).random(shape)
 
 
 def dropout_forward(x, *, p, rng):
