@@ -72,6 +72,7 @@ class Params:
         self.grad = xp.zeros(offset, dtype=dtype)
         self.compute_dtype = None if compute_dtype is None or np.dtype(compute_dtype) == self.data.dtype \
             else np.dtype(compute_dtype)
+        self._pending = set()          # parameters a running backward has not written yet (``begin_grads``)
         self._refresh_views()
 
     @property
@@ -151,6 +152,30 @@ class Params:
 
     def zero_grad(self):
         self.compute_grad[...] = 0
+
+    # A model's backward writes its gradients with these three calls. The result is that of
+    # ``zero_grad`` followed by adding every gradient in, without the pass that zeroes the whole
+    # buffer first: a parameter's first gradient is copied into its view, and only a second one
+    # (the tied embedding's) is added.
+
+    def begin_grads(self):
+        """Start a backward: no parameter has a gradient yet."""
+        self._pending = set(self.layout)
+
+    def add_grad(self, name, grad):
+        """grads[name] += grad, since ``begin_grads``: a copy for the parameter's first gradient."""
+        view = self.grads[name]
+        if name in self._pending:
+            view[...] = grad
+            self._pending.discard(name)
+        else:
+            view += grad
+
+    def end_grads(self):
+        """End a backward: the parameters that got no gradient get zero."""
+        for name in self._pending:
+            self.grads[name][...] = 0
+        self._pending = set()
 
     def load(self, flat):
         """Copy a flat array (numpy or cupy, any float dtype) into ``data``."""

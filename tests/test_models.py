@@ -111,6 +111,33 @@ def test_tied_wte_receives_head_and_embedding_gradients():
     assert np.all(np.abs(lookup_share[seen]).sum(1) > 1e-6)          # seen rows: both
 
 
+@pytest.mark.parametrize("make", [lambda: GPT(GPTConfig(**GPT_TINY), dtype=np.float64, seed=4),
+                                  lambda: RNNLM(RNNConfig(**RNN_TINY, cell="lstm"), dtype=np.float64, seed=4)],
+                         ids=["gpt", "lstm"])
+def test_backward_replaces_what_the_gradient_buffer_held(make):
+    # a backward copies each parameter's first gradient in rather than zeroing the buffer and
+    # adding (Params.begin_grads): what the buffer held before must leave no trace
+    model = make()
+    idx, targets = batch(3)
+    model.forward(idx, targets)
+    clean = model.backward().copy()
+    model.params.grad[...] = np.random.default_rng(0).normal(size=model.params.size)   # stale values
+    model.forward(idx, targets)
+    assert np.array_equal(model.backward(), clean)
+
+
+def test_params_add_grad_copies_then_adds_and_zeroes_the_rest():
+    from minilm.params import Params
+    params = Params([("a", (2,)), ("b", (3,)), ("c", (1,))], dtype=np.float64)
+    params.grad[...] = 7.0                                   # stale
+    params.begin_grads()
+    params.add_grad("a", np.array([1.0, 2.0]))
+    params.add_grad("b", np.array([1.0, 1.0, 1.0]))
+    params.add_grad("a", np.array([0.5, 0.5]))               # a second share is added
+    params.end_grads()                                       # "c" got none: zero
+    assert params.grad.tolist() == [1.5, 2.5, 1.0, 1.0, 1.0, 0.0]
+
+
 # --- training ------------------------------------------------------------------------------------
 
 def adam_steps(model, idx, targets, steps, lr, **forward_kwargs):

@@ -251,10 +251,9 @@ class GPT:
         return self._xp().zeros(self._bias_shapes[name], dtype=self.params.compute.dtype)
 
     def _accumulate(self, name, grad):
-        """grads[name] += grad; a bias gradient is dropped when the config has no biases."""
+        """grads[name] += grad (``Params.add_grad``); a bias gradient is dropped when the config has no biases."""
         if self.config.bias or name not in self._bias_shapes:
-            view = self.params.grads[name]
-            view += grad                # in place, into the flat params.grad
+            self.params.add_grad(name, grad)        # in place, into the flat params.grad
 
     def _ids(self, op, name, idx, max_T):
         return check_idx(op, name, self._xp().asarray(idx), self.config.vocab_size, max_T)
@@ -314,7 +313,7 @@ class GPT:
         return logits, loss
 
     def backward(self, loss_scale=1.0):
-        """Gradient of the latest forward's loss into ``params.grad`` (zeroed first).
+        """Gradient of the latest forward's loss into ``params.grad`` (replacing what it held).
 
         ``loss_scale`` multiplies the loss before the backward (float16's loss scaling); the
         gradients then come out multiplied by it too. With mixed precision they land in
@@ -327,7 +326,7 @@ class GPT:
             raise RuntimeError("GPT.backward: call forward(idx, targets) with targets first")
         cfg, xp = self.config, self._xp()
         acc = self._accumulate
-        self.params.zero_grad()
+        self.params.begin_grads()
 
         dloss = xp.full((), loss_scale, dtype=self.params.data.dtype)    # dL/dL = 1 (times the scale), float32 if mixed
         dlogits, _ = ops.cross_entropy_backward(dloss, c.loss)                         # (B, T, V)
@@ -365,6 +364,7 @@ class GPT:
         acc("wpe", dwpe)
         _, dwte = ops.embedding_backward(demb, c.wte)                                  # tok_emb = wte[idx]
         acc("wte", dwte)                                                               # tied: the lookup's share
+        self.params.end_grads()
         return self.params.grad
 
     # --- generation: the key/value cache ------------------------------------------------------

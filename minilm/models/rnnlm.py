@@ -131,9 +131,8 @@ class RNNLM:
         return get_array_module(self.params.data)
 
     def _accumulate(self, name, grad):
-        """grads[name] += grad, in place, into the flat params.grad."""
-        view = self.params.grads[name]
-        view += grad
+        """grads[name] += grad, in place, into the flat params.grad (``Params.add_grad``)."""
+        self.params.add_grad(name, grad)
 
     def init_state(self, batch):
         """Zero state for ``batch`` sequences: per layer ``(h,)``, or ``(h, c)`` for an LSTM, each (B, H)."""
@@ -234,7 +233,7 @@ class RNNLM:
         return logits, loss, tuple(new_state)
 
     def backward(self, loss_scale=1.0):
-        """Gradient of the latest forward's loss into ``params.grad`` (zeroed first).
+        """Gradient of the latest forward's loss into ``params.grad`` (replacing what it held).
 
         ``loss_scale`` multiplies the loss before the backward (float16's loss scaling); the
         gradients then come out multiplied by it too. With mixed precision they land in
@@ -246,7 +245,7 @@ class RNNLM:
         if c is None or c.loss is None:
             raise RuntimeError("RNNLM.backward: call forward(idx, targets) with targets first")
         acc = self._accumulate
-        self.params.zero_grad()
+        self.params.begin_grads()
 
         dloss = self._xp().full((), loss_scale, dtype=self.params.data.dtype)   # dL/dL = 1 (times the scale), float32 if mixed
         dlogits, _ = ops.cross_entropy_backward(dloss, c.loss)                         # (B, T, V)
@@ -258,6 +257,7 @@ class RNNLM:
             dx = self._recurrent_backward(l, dh, c.layers[l].rec)                      # h = cell(x, state)
         _, dwte = ops.embedding_backward(dx, c.wte)                                    # x = wte[idx]
         acc("wte", dwte)
+        self.params.end_grads()
         return self.params.grad
 
     # --- generation ---------------------------------------------------------------------------
