@@ -11,9 +11,10 @@ compiler needs to vectorise it.
 
 Backward: ``dx`` is row-local, but ``dgamma`` and ``dbeta`` sum over every row. The rows are cut
 into blocks of ``ROWS_PER_BLOCK``; ``prange`` runs over the blocks, each block adds its rows into
-its own row of a (blocks, C) float64 array of partial sums, and the partials are added up after
-the parallel loop. No two threads ever write the same element, and since the blocks do not
-depend on the number of threads, the result is the same for any thread count.
+its own row of a (blocks, C) float64 array of partial sums, and the kernel adds the partials up,
+block after block, after the parallel loop. No two threads ever write the same element, and
+since the blocks do not depend on the number of threads, the result is the same for any thread
+count.
 """
 import math
 
@@ -57,13 +58,14 @@ def _forward_rows(x, gamma, beta, eps, y, x_hat, rstd):
 
 
 @rows_kernel(fastmath=SUMS_IN_ANY_ORDER)
-def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma_parts, dbeta_parts):
-    """Equals ``minilm.reference.layernorm.layernorm_backward`` on (N, C) rows.
-
-    Fills dx (N, C) and the per-block partial sums dgamma_parts, dbeta_parts (blocks, C), zeroed by the caller.
-    """
+def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma, dbeta):
+    """Equals ``minilm.reference.layernorm.layernorm_backward`` on (N, C) rows; fills dx (N, C),
+    dgamma and dbeta (C,). Each block of rows adds into its own row of float64 partial sums, which
+    are added up, block after block, after the parallel loop."""
     N, C = dy.shape
-    n_blocks = dgamma_parts.shape[0]
+    n_blocks = -(-N // ROWS_PER_BLOCK)
+    dgamma_parts = np.zeros((n_blocks, C))                      # (blocks, C) float64 partial sums
+    dbeta_parts = np.zeros((n_blocks, C))
     for blk in prange(n_blocks):
         for n in range(blk * ROWS_PER_BLOCK, min(N, (blk + 1) * ROWS_PER_BLOCK)):
             sum_dx_hat = 0.0
@@ -79,6 +81,14 @@ def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma_parts, dbeta_parts):
             # from x_hat = (x - mu) * rstd: remove the row mean and the projection on x_hat, then scale
             for i in range(C):
                 dx[n, i] = rstd[n] * (dy[n, i] * gamma[i] - mean_dx_hat - x_hat[n, i] * mean_dx_hat_x_hat)
+    for i in range(C):
+        sg = 0.0
+        sb = 0.0
+        for blk in range(n_blocks):
+            sg += dgamma_parts[blk, i]
+            sb += dbeta_parts[blk, i]
+        dgamma[i] = sg
+        dbeta[i] = sb
 
 
 def layernorm_forward(x, gamma, beta, *, eps=1e-5):
@@ -103,12 +113,9 @@ def layernorm_backward(dy, cache):
         return reference.layernorm_backward(dy, cache)
     N, C = math.prod(x_hat.shape[:-1]), x_hat.shape[-1]
     dy2 = np.ascontiguousarray(dy).reshape(N, C)               # (N, C)
-    n_blocks = -(-N // ROWS_PER_BLOCK)
     dx = np.empty_like(dy2)
-    dgamma_parts = np.zeros((n_blocks, C))                     # (blocks, C) float64 partial sums
-    dbeta_parts = np.zeros((n_blocks, C))
+    dgamma = np.empty(C, dtype=dy.dtype)                       # (C,)
+    dbeta = np.empty(C, dtype=dy.dtype)                        # (C,)
     pick(_backward_rows, dy2.size)(dy2, np.ascontiguousarray(x_hat).reshape(N, C), np.ascontiguousarray(rstd).reshape(N),
-                   np.ascontiguousarray(gamma), dx, dgamma_parts, dbeta_parts)
-    dgamma = dgamma_parts.sum(axis=0).astype(dy.dtype)        # (C,)
-    dbeta = dbeta_parts.sum(axis=0).astype(dy.dtype)          # (C,)
+                   np.ascontiguousarray(gamma), dx, dgamma, dbeta)
     return dx.reshape(x_hat.shape), dgamma, dbeta
