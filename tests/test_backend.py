@@ -23,6 +23,18 @@ def test_numba_falls_back_to_reference_where_it_has_no_kernel():
     assert ops.linear_forward is expected
 
 
+def test_an_op_found_on_one_backend_is_not_kept_after_switching():
+    # backend.op remembers what it found, per backend: switching must forget it
+    from minilm.cpu import layernorm_forward as numba_layernorm
+    from minilm.reference import layernorm_forward as reference_layernorm
+    minilm.use("numba")
+    assert ops.layernorm_forward is numba_layernorm
+    minilm.use("numpy")
+    assert ops.layernorm_forward is reference_layernorm
+    minilm.use("numba")
+    assert ops.layernorm_forward is numba_layernorm
+
+
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="minilm.use: argument 'name' must be one of numpy, numba, cupy, got 'torch'"):
         minilm.use("torch")
