@@ -134,6 +134,8 @@ In self-attention the queries, keys and values come from the same sequence: T = 
 import math
 from typing import NamedTuple
 
+import numpy as np
+
 from minilm.backend import get_array_module
 from minilm.reference.dropout import dropout_backward, dropout_forward
 from minilm.reference.linear import linear_backward, linear_forward
@@ -287,14 +289,33 @@ def merge_heads(a):
 def merge_heads_side_by_side(parts):
     """Each (B, NH, T, hs) array of ``parts`` merged, the results side by side: (B, T, n·C), as
     ``concatenate([merge_heads(p) for p in parts], axis=-1)``, written in one pass. The gradient
-    of qkv in front of ``q, k, v = split_heads(qkv[..., i*C:(i+1)*C])``."""
+    of qkv in front of ``q, k, v = split_heads(qkv[..., i*C:(i+1)*C])``. Parts that are already
+    those heads of one (B, T, n·C) NumPy array (the numba tier's attention backward writes them
+    so) give that array itself, with no copy."""
     B, NH, T, hs = parts[0].shape
     C = NH * hs
     xp = get_array_module(parts[0])
+    base = getattr(parts[0], "base", None)
+    if xp is np and isinstance(base, np.ndarray) and _are_heads_of(parts, base):
+        return base                     # the parts were written as heads of one such array already
     out = xp.empty((B, T, len(parts) * C), dtype=xp.result_type(*parts))
     for i, part in enumerate(parts):
         split_heads(out[..., i * C:(i + 1) * C], NH)[...] = part        # block i is merge_heads(part)
     return out
+
+
+def _are_heads_of(parts, base):
+    """Is part i, for every i, ``split_heads`` of block i of ``base`` (B, T, n·C), the same memory
+    read the same way? (The numba tier's attention backward writes its gradients so.)"""
+    B, NH, T, hs = parts[0].shape
+    C = NH * hs
+    if base.shape != (B, T, len(parts) * C) or any(part.dtype != base.dtype for part in parts):
+        return False
+    for i, part in enumerate(parts):
+        head = split_heads(base[..., i * C:(i + 1) * C], NH)
+        if (part.shape, part.strides, part.ctypes.data) != (head.shape, head.strides, head.ctypes.data):
+            return False
+    return True
 
 
 # --- multi-head self-attention ----------------------------------------------------------------

@@ -666,3 +666,29 @@ def test_attention_dropout_must_be_a_probability():
     q = np.zeros((1, 1, 2, 4))
     with pytest.raises(ValueError, match="attention: .*'dropout'"):
         attention_forward(q, q, q, dropout=1.0, rng=0)
+
+
+# --- merging the heads ------------------------------------------------------------------------
+
+def test_merge_heads_side_by_side_equals_concatenation_and_copies_nothing_for_heads_of_one_array():
+    from minilm.reference.attention import merge_heads, merge_heads_side_by_side, split_heads
+    rng = np.random.default_rng(7)
+    B, NH, T, hs = 2, 3, 4, 5
+    C = NH * hs
+    parts = [rng.standard_normal((B, NH, T, hs)) for _ in range(3)]
+    expected = np.concatenate([merge_heads(p) for p in parts], axis=-1)         # (B, T, 3C)
+    merged = merge_heads_side_by_side(parts)
+    assert np.array_equal(merged, expected) and not any(np.shares_memory(merged, p) for p in parts)
+
+    # the heads of one (B, T, 3C) array, in block order (as the numba tier's attention backward
+    # writes them): that array itself comes back
+    base = expected.copy()
+    heads = [split_heads(base[..., i * C:(i + 1) * C], NH) for i in range(3)]
+    assert merge_heads_side_by_side(heads) is base
+
+    # the same views out of order, or a part that is a copy, are merged by copying
+    swapped = merge_heads_side_by_side([heads[1], heads[0], heads[2]])
+    assert swapped is not base
+    assert np.array_equal(swapped, np.concatenate([merge_heads(h) for h in (heads[1], heads[0], heads[2])], -1))
+    copied = merge_heads_side_by_side([heads[0], heads[1].copy(), heads[2]])
+    assert copied is not base and np.array_equal(copied, expected)
