@@ -167,8 +167,8 @@ def op(name):
     Found once per backend: a model asks for every op at every step, and the search through the
     tiers (and the reference's import on first use) cost about 1% of a GPT CPU preset's step.
     ``use`` forgets what was found."""
-    fn = _ops_found.get(name)
-    if fn is not None and _current is not None:
+    fn = _ops_found.get(name)               # filled only once a backend is chosen
+    if fn is not None:
         return fn
     current()
     for tier in _tiers:
