@@ -28,10 +28,11 @@ every t before the loop; the loop does :math:`a^h_t` and the gate arithmetic.
 
 Backward through time
 ---------------------
-Write :math:`\bar y = \partial L / \partial y` (``dy`` in code). The loss reaches :math:`h_t`
+A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
+The loss reaches :math:`h_t`
 through the output (``dh[:, t]``) and through step t+1, which uses it twice: in
 :math:`a^h_{t+1}` and directly in :math:`z \odot h_t`. Walk backwards carrying
-``dh_prev``, what step t+1 sends back to its :math:`h_{t-1} = h_t`; at the end of the sequence it
+``dh_prev``, what step t+1 sends back to :math:`h_t`, its previous state; at the end of the sequence it
 is the gradient ``dh_T`` arriving from the next chunk, or 0. For :math:`t = T, \dots, 1`, each
 line undoing the forward line named on the right:
 

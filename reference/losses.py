@@ -112,7 +112,8 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     t = xp.where(counted, targets, 0)                          # (...) any valid class where ignored
     nll = -xp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]   # (...)  -log p_t
     smooth = -xp.mean(logp, axis=-1)                           # (...)  mean over V of -log p_j
-    ell = (1.0 - eps) * nll + eps * smooth                     # (...)
+    # without smoothing the loss is nll alone: eps * smooth would be 0 * inf = NaN where a logit is -inf
+    ell = (1.0 - eps) * nll + eps * smooth if eps else nll     # (...)
     loss = xp.sum(xp.where(counted, ell, 0.0)) / max(M, 1)     # ()  0 when nothing is counted
     loss = xp.asarray(loss, dtype=logits.dtype)                # () a 0-d array, not a scalar
     return loss, CrossEntropyCache(xp.exp(logp), t, counted, M, eps)

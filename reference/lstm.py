@@ -28,11 +28,13 @@ gate arithmetic.
 
 Backward through time
 ---------------------
-Write :math:`\bar y = \partial L / \partial y` (``dy`` in code). The loss reaches :math:`h_t`
-through the output (``dh[:, t]``) and through step t+1; it reaches :math:`c_t` only through step
-t+1 (via :math:`c_{t+1}` and :math:`h_{t+1}`). So walk backwards carrying two gradients from
-step t+1 to step t, ``dh_prev`` and ``dc_prev`` (what step t+1 sends to its
-:math:`h_{t-1} = h_t` and :math:`c_{t-1} = c_t`); at the end of the sequence they are the
+A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
+The loss reaches :math:`h_t`
+through the output (``dh[:, t]``) and through step t+1; it reaches :math:`c_t` through
+:math:`h_t = o \odot \tanh c_t` (both of :math:`h_t`'s paths) and through :math:`c_{t+1}` (the gates
+of step t+1 read :math:`h_t`, not :math:`c_t`). So walk backwards carrying two gradients from
+step t+1 to step t, ``dh_prev`` and ``dc_prev`` (what step t+1 sends back to :math:`h_t` and
+:math:`c_t`, its previous states); at the end of the sequence they are the
 gradients ``dh_T`` and ``dc_T`` arriving from the next chunk, or 0. For
 :math:`t = T, \dots, 1`, each line undoing the forward line named on the right:
 

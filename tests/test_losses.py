@@ -131,6 +131,26 @@ def test_no_overflow_for_large_logits():
     assert np.all(np.isfinite(dlogits))
 
 
+@pytest.mark.parametrize("tier", ["reference", "numba"])
+def test_a_minus_inf_logit_without_smoothing_gives_a_finite_loss(tier):
+    # A class with logit -inf has probability 0. Without smoothing it enters no loss term, so
+    # the loss is finite, as PyTorch's; the smoothing term eps * mean(-log p) would be 0 * inf.
+    from minilm.cpu import losses as cpu_losses
+    forward, backward = ((cross_entropy_forward, cross_entropy_backward) if tier == "reference"
+                         else (cpu_losses.cross_entropy_forward, cpu_losses.cross_entropy_backward))
+    logits = np.array([[1.0, -np.inf, 0.5], [0.0, 2.0, -np.inf]])
+    targets = np.array([0, 1])
+    with np.errstate(invalid="raise"):
+        loss, cache = forward(logits, targets)
+        dlogits, _ = backward(1.0, cache)
+    finite = np.array([[1.0, 0.5], [0.0, 2.0]])                   # the two classes that remain
+    expected = np.mean([math.log(np.exp(finite[0]).sum()) - 1.0, math.log(np.exp(finite[1]).sum()) - 2.0])
+    assert float(loss) == pytest.approx(expected, rel=DIRECT_TOL)
+    assert np.all(np.isfinite(dlogits)) and dlogits[0, 1] == 0 and dlogits[1, 2] == 0
+    smoothed, _ = forward(logits, targets, label_smoothing=0.1)
+    assert float(smoothed) == np.inf                             # as PyTorch: eps * mean(-log p) = inf
+
+
 # --- ignore_index -----------------------------------------------------------------------------
 
 def test_ignored_positions_change_nothing_and_get_no_gradient():

@@ -58,7 +58,7 @@ def _forward_rows(logits, t, counted, eps, p, ell):
             log_s = np.log(s)
             nll = log_s - (logits[n, t[n]] - m)                # -log p_t
             smooth = log_s - sum_zc / V                        # mean over V of -log p_j
-            ell[n] = (1.0 - eps) * nll + eps * smooth
+            ell[n] = (1.0 - eps) * nll + eps * smooth if eps else nll   # no 0 * inf for a -inf logit
         else:
             ell[n] = 0.0
 
