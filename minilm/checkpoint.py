@@ -203,13 +203,16 @@ def _read_header(path, entries):
     return header
 
 
-def load(path):
+def load(path, *, required_meta=()):
     """Load a checkpoint written by ``save``.
 
     Parameters
     ----------
     path : str or os.PathLike
         The checkpoint file.
+    required_meta : sequence of str
+        Keys the meta dictionary must hold (what the caller reads from it); a meta that is not a
+        dictionary, or lacks one of them, is an error naming the file and the missing keys.
 
     Returns
     -------
@@ -221,7 +224,8 @@ def load(path):
     FileNotFoundError
         When ``path`` does not exist.
     ValueError
-        When the file is truncated, corrupt, not a minilm checkpoint, or of an unknown format version.
+        When the file is truncated, corrupt, not a minilm checkpoint, of an unknown format version,
+        or without a ``required_meta`` key.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -235,6 +239,12 @@ def load(path):
         optimizer_state = json.loads(str(entries["optim_json"]))
     except ValueError as e:
         raise _not_a_checkpoint(path, f"unreadable JSON: {e}") from None
+    if required_meta:
+        if not isinstance(meta, dict):
+            raise _not_a_checkpoint(path, f"its meta is a {type(meta).__name__}, not a dictionary")
+        missing = [key for key in required_meta if key not in meta]
+        if missing:
+            raise _not_a_checkpoint(path, f"missing meta entries: {', '.join(missing)}")
     for name, value in entries.items():
         if name.startswith("optim/"):
             optimizer_state[name[len("optim/"):]] = value

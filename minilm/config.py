@@ -5,6 +5,7 @@ a preset fills in the fields, and options given on the command line override it.
 """
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 MODELS = ("gpt", "rnn", "lstm", "gru")
@@ -98,9 +99,9 @@ def validate(cfg):
             raise ValueError(f"minilm train: option '{option}' must be one of {', '.join(_CHOICES[f.name])}, got {value!r}")
         if f.type in (int, float, "int", "float"):
             low_ok = value >= 0 if f.name in _NON_NEGATIVE else value > 0
-            if not low_ok:
+            if not (low_ok and math.isfinite(value)):       # nan fails the bound, inf would pass it
                 bound = ">= 0" if f.name in _NON_NEGATIVE else "> 0"
-                raise ValueError(f"minilm train: option '{option}' must be {bound}, got {value!r}")
+                raise ValueError(f"minilm train: option '{option}' must be a finite number {bound}, got {value!r}")
     if not cfg.dropout < 1:
         raise ValueError(f"minilm train: option '--dropout' must be in [0, 1), got {cfg.dropout!r}")
     for name in ("beta1", "beta2", "rmsprop_alpha"):

@@ -10,9 +10,14 @@ from minilm.parallel import batch_runner
 from minilm.validate import require_positive
 
 
-def load_model(path):
-    """The model saved in the checkpoint at ``path``, on the active backend, and its tokenizer."""
-    saved = checkpoint.load(path)
+MODEL_META = ("model", "tokenizer")                          # what rebuilding the model reads
+EVAL_META = MODEL_META + ("data", "train_config", "iter")    # and what `minilm eval` reads besides
+
+
+def load_model(path, required_meta=MODEL_META):
+    """The model saved in the checkpoint at ``path``, on the active backend, its tokenizer and the
+    checkpoint's meta, which must hold ``required_meta``."""
+    saved = checkpoint.load(path, required_meta=required_meta)
     model = model_from_meta(saved.meta["model"])
     model.params.load(saved.params)
     return model, CharTokenizer.from_dict(saved.meta["tokenizer"]), saved.meta
@@ -49,7 +54,7 @@ def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
 
 
 def run(args, out=print):
-    model, tokenizer, meta = load_model(args.checkpoint)
+    model, tokenizer, meta = load_model(args.checkpoint, EVAL_META)
     data = args.data or meta["data"]
     text, source = load_text(data)
     train_ids, val_ids = split(tokenizer.encode(text, what=f"option '--data' {data!r}"), 0.9)

@@ -162,10 +162,43 @@ class _StopRequest:
         signal.signal(signal.SIGINT, self._previous)
 
 
+# what a checkpoint's meta must hold for --resume (the other entries are optional: older runs lack them)
+RUN_META = ("model", "tokenizer", "train_config", "data", "iter", "best_val_loss", "batches", "dropout_rng",
+            "last_eval_iter")
+
+
+def check_out_dir(out_dir):
+    """Refuse an ``--out`` that cannot be a folder: empty, or an existing file."""
+    if not os.fspath(out_dir):
+        raise ValueError("minilm train: option '--out' must name a folder, got ''")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a file, not a folder")
+
+
 def saved_config(out_dir):
     """The TrainConfig of the run saved in ``out_dir/last.npz`` (what ``--resume`` starts from)."""
-    saved = checkpoint.load(os.path.join(out_dir, "last.npz"))
+    check_out_dir(out_dir)
+    path = os.path.join(out_dir, "last.npz")
+    saved = checkpoint.load(path, required_meta=RUN_META)
     return config.TrainConfig(**saved.meta["train_config"])
+
+
+def _keep_metrics_up_to(metrics_path, last_eval_iter):
+    """Drop the lines of evaluations after ``last_eval_iter`` from metrics.jsonl (atomically).
+
+    Each evaluation appends its line before it saves the checkpoints; a run that stopped between
+    the two (killed, or its output closed) left a line that the saved run does not know of, and
+    that the resumed run is about to write again."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and last_eval_iter is not None
+            and json.loads(line)["iter"] <= last_eval_iter]
+    if len(kept) != len(lines):
+        with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
 
 
 def data_digest(text):
@@ -186,17 +219,20 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     Returns a dict with the final iteration, the last evaluation and whether it stopped early
     or was interrupted.
     """
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a file, not a folder")
+    check_out_dir(out_dir)
     last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
-    held = [os.path.basename(p) for p in (last_path, best_path) if os.path.exists(p)]
-    if held and not resume and not overwrite:          # a run's checkpoints are never replaced unasked
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
-                         f"({' and '.join(held)}); continue it with --resume, train into another --out, "
-                         f"or pass --overwrite to start afresh there")
-    os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    saved = checkpoint.load(last_path) if resume else None
+    held = [os.path.basename(p) for p in (last_path, best_path, metrics_path) if os.path.exists(p)]
+    if held and not resume and not overwrite:          # a run's files are never replaced unasked
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
+                         f"({', '.join(held)}); continue it with --resume, train into another --out, "
+                         f"or pass --overwrite to start afresh there")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} cannot be made a folder: "
+                         f"{e.strerror or e}") from None
+    saved = checkpoint.load(last_path, required_meta=RUN_META) if resume else None
     if saved is not None and data is None:
         data = saved.meta["data"]                      # the saved run's text
     text, source = load_text(data)
@@ -254,6 +290,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         if saved.meta.get("rnn_state") is not None:
             state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
                      for layer in saved.meta["rnn_state"]]
+        _keep_metrics_up_to(metrics_path, last_eval_iter)
         log(f"resuming {last_path} at iteration {it}")
         if it >= cfg.max_iters:
             log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
@@ -278,7 +315,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
             "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
         }
 
-    log(f"{kind} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "
+    log(f"{cfg.model} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "
         f"{len(train_ids):,} training / {len(val_ids):,} validation characters from {source}, "
         f"backend {backend.current()}, {cfg.dtype}")
     from tqdm import tqdm
@@ -299,7 +336,6 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
                 train_time, train_tokens = 0.0, 0
-                bar.write(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
                 result["last_eval"] = row
                 improved = val_loss < best_val
                 best_val = min(best_val, val_loss)
@@ -309,6 +345,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                     _save(best_path, model, optimizer, meta())
                 _save(last_path, model, optimizer, meta())
                 _plot(metrics_path, os.path.join(out_dir, "loss.png"))
+                bar.write(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")   # once saved
                 if stop_early:
                     bar.write(f"stopping early: no improvement in {cfg.patience} evaluations")
                     result["stopped_early"] = True

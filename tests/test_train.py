@@ -120,7 +120,7 @@ def test_a_fresh_run_never_replaces_a_saved_one(corpus, trained, tmp_path, capsy
     out = trained
     saved = {name: (out / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
     err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "8"])
-    assert "already holds a run (last.npz and best.npz)" in err and "--resume" in err and "--overwrite" in err
+    assert "already holds a run (last.npz, best.npz, metrics.jsonl)" in err and "--resume" in err and "--overwrite" in err
     assert {name: (out / name).read_bytes() for name in saved} == saved          # nothing touched
     assert _train(corpus, out, "--max-iters", "8", "--overwrite") == 0           # asked for: starts afresh
     assert checkpoint.load(out / "last.npz").meta["iter"] == 8
@@ -130,9 +130,65 @@ def test_a_fresh_run_never_replaces_a_saved_one(corpus, trained, tmp_path, capsy
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+def test_a_metrics_file_alone_is_a_run_too(corpus, trained, tmp_path, capsys):
+    out = tmp_path / "metrics-only"
+    out.mkdir()
+    (out / "metrics.jsonl").write_bytes((trained / "metrics.jsonl").read_bytes())
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "4"])
+    assert "already holds a run (metrics.jsonl)" in err
+    assert (out / "metrics.jsonl").read_bytes() == (trained / "metrics.jsonl").read_bytes()   # kept
+
+
 def test_out_that_is_a_file(corpus, tmp_path, capsys):
     err = _error(capsys, ["train", "--data", corpus, "--out", corpus, *TINY])
     assert f"option '--out' {corpus!r} is a file, not a folder" in err
+    err = _error(capsys, ["train", "--data", corpus, "--out", corpus, "--resume", *TINY])
+    assert f"option '--out' {corpus!r} is a file, not a folder" in err        # not "no last.npz in it"
+    inside = os.path.join(corpus, "run")
+    err = _error(capsys, ["train", "--data", corpus, "--out", inside, *TINY])
+    assert f"option '--out' {inside!r} cannot be made a folder: Not a directory" in err
+    err = _error(capsys, ["train", "--data", corpus, "--out", "", *TINY])
+    assert "option '--out' must name a folder, got ''" in err
+
+
+def test_a_run_stopped_between_its_metrics_and_its_checkpoint_resumes_without_a_repeated_line(
+        corpus, tmp_path, capsys, monkeypatch):
+    straight = tmp_path / "straight"
+    assert _train(corpus, straight, "--max-iters", "12") == 0
+    real_save = train._save
+
+    def save_fails_at_8(path, model, optimizer, meta):        # as a full disk, or a kill, after the line
+        if meta["iter"] == 8:
+            raise OSError("No space left on device")
+        real_save(path, model, optimizer, meta)
+    monkeypatch.setattr(train, "_save", save_fails_at_8)
+    stopped = tmp_path / "stopped"
+    assert "No space left on device" in _error(capsys, ["train", "--data", corpus, "--out", str(stopped), *TINY,
+                                                        "--max-iters", "12"])
+    assert [r["iter"] for r in _metrics(stopped)] == [0, 4, 8]         # the line of 8 is written, 8 is not saved
+    assert checkpoint.load(stopped / "last.npz").meta["iter"] == 4
+    monkeypatch.setattr(train, "_save", real_save)
+    assert _train(corpus, stopped, "--resume", "--max-iters", "12") == 0
+    assert [r["iter"] for r in _metrics(stopped)] == [0, 4, 8, 12]     # 8 once, from the resumed run
+    assert _losses(_metrics(stopped)) == _losses(_metrics(straight))
+
+
+def test_the_banner_names_the_recurrent_cell(corpus, tmp_path, capsys):
+    assert _train(corpus, tmp_path / "gru", "--model", "gru", "--max-iters", "1") == 0
+    assert "gru model, " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "resume"])
+def test_a_checkpoint_whose_meta_lacks_an_entry(corpus, trained, tmp_path, command, capsys):
+    saved = checkpoint.load(trained / "last.npz")
+    meta = {key: value for key, value in saved.meta.items() if key != "tokenizer"}
+    out = tmp_path / "edited"
+    out.mkdir()
+    checkpoint.save(out / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=meta)
+    argv = (["train", "--data", corpus, "--out", str(out), "--resume", "--backend", "numpy", "--no-progress"]
+            if command == "resume" else [command, "--checkpoint", str(out / "last.npz"), "--backend", "numpy"])
+    err = _error(capsys, argv)
+    assert "is truncated or is not a minilm checkpoint (missing meta entries: tokenizer)" in err
 
 
 def test_resume_refuses_other_text(corpus, trained, tmp_path, capsys):
@@ -314,7 +370,10 @@ def test_unknown_preset_and_option(capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--lr", "0", "'--lr' must be > 0"),
+    ("--lr", "0", "'--lr' must be a finite number > 0"),
+    ("--lr", "inf", "'--lr' must be a finite number > 0, got inf"),
+    ("--lr-gamma", "inf", "'--lr-gamma' must be a finite number > 0, got inf"),
+    ("--weight-decay", "nan", "'--weight-decay' must be a finite number >= 0, got nan"),
     ("--dropout", "1.0", "'--dropout' must be in [0, 1)"),
     ("--n-embd", "30", "'--n-embd' (30) must be divisible by '--n-head' (4)"),
     ("--min-lr", "1", "'--min-lr' (1.0) must not exceed '--lr'"),
