@@ -16,6 +16,7 @@ each holds and, for the GPT presets, the model-FLOPs utilisation (``gpt_flops_pe
 import datetime
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -164,8 +165,14 @@ def benchmark(args, out=print):
     if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ValueError(f"minilm bench: option '--json' {args.json!r} is in a folder that does not exist "
                          f"(checked first, so that minutes of measurements are not lost at the end)")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise ValueError(f"minilm bench: option '--peak-tflops' must be > 0, got {args.peak_tflops}")
+    if args.json is not None and os.path.isdir(args.json):
+        raise ValueError(f"minilm bench: option '--json' {args.json!r} is a folder; give a file path in it "
+                         f"(checked first, so that minutes of measurements are not lost at the end)")
+    for option in ("peak_tflops", "target"):
+        value = getattr(args, option)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"minilm bench: option '--{option.replace('_', '-')}' must be a finite number > 0, "
+                             f"got {value}")
     results = {"date": datetime.date.today().isoformat(), "machine": _machine(), "threads": args.threads,
                "command": "minilm bench " + " ".join(sys.argv[2:]), "train": [], "sample": [], "ops": []}
     failed = []

@@ -144,8 +144,11 @@ def tier_functions(package):
 
 
 def default_backend():
+    """$MINILM_BACKEND when set, else numba when it imports, else numpy."""
     env = os.environ.get("MINILM_BACKEND")
     if env:
+        if env not in BACKENDS:
+            raise ValueError(f"environment variable MINILM_BACKEND must be one of {', '.join(BACKENDS)}, got {env!r}")
         return env
     try:
         import numba  # noqa: F401

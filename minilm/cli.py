@@ -4,6 +4,7 @@ Every subcommand takes ``--backend numpy|numba|cupy``.
 """
 import argparse
 import itertools
+import os
 import sys
 
 from minilm import backend
@@ -53,7 +54,8 @@ def build_parser():
 
     p = sub.add_parser("sample", help="generate text from a checkpoint, streaming it as it is produced")
     p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
-    p.add_argument("--prompt", default="\n", help="text to continue (characters must be in the model's vocabulary)")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue (characters must be in the model's vocabulary; default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -89,6 +91,13 @@ def _sample(args, out=None):
     from minilm.evaluate import load_model
     from minilm.sample import generate
     model, tokenizer, _ = load_model(args.checkpoint)
+    if args.prompt is None:                        # the default: a newline, as at the start of a line
+        if "\n" not in tokenizer.chars:
+            raise ValueError("the model's vocabulary has no newline, the default prompt (its training text "
+                             "was one line); give the text to continue with --prompt")
+        args.prompt = "\n"
+    if not args.prompt:
+        raise ValueError("option '--prompt' must hold at least one character, got ''")
     prompt = tokenizer.encode(args.prompt, what="option '--prompt'")
     tokens = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
@@ -100,6 +109,21 @@ def _sample(args, out=None):
         out.flush()
     out.write("\n")
     return 0
+
+
+_MEMORY_HINTS = {
+    "train": "; give smaller sizes: --n-layer, --n-embd, --hidden-size, --block-size or --batch-size",
+    "eval": "; give a smaller --batch-size",
+}
+
+
+def _silence_stdout():
+    """Point stdout at the null device, so that Python's flush at exit finds no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):           # no file descriptor (a captured stdout)
+        pass
 
 
 def main(argv=None):
@@ -127,6 +151,13 @@ def main(argv=None):
     except KeyboardInterrupt:                                # Ctrl-C (train's first one saves and returns 130)
         print(f"\nminilm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                                  # output into `head`, which has read enough
+        _silence_stdout()
+        return 141                                           # as a shell reports a process ended by SIGPIPE
+    except MemoryError as e:
+        hint = _MEMORY_HINTS.get(args.command, "")
+        print(f"minilm {args.command}: error: not enough memory ({e}){hint}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError, RuntimeError, ArithmeticError) as e:    # a loss that diverged, too
         command = f"minilm {args.command}"
         message = str(e).removeprefix(f"{command}: ")       # the command's own checks name it already

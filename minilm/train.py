@@ -53,6 +53,30 @@ def model_settings(cfg, vocab_size):
                        hidden_size=cfg.hidden_size, n_embd=cfg.n_embd, dropout=cfg.dropout)
 
 
+def memory_estimate(cfg, vocab_size):
+    """Roughly the bytes a training run of ``cfg`` holds: the parameters four times over (weights,
+    gradients, two optimiser moments) and one step's activations (a GPT keeps about 20 arrays of
+    (B, T, C) a layer and its attention weights; a recurrent layer its gates and states a step).
+    It errs low (0.6-0.8 of a step's peak), so that a run it refuses could not have fit."""
+    V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
+    if cfg.model == "gpt":
+        n_params = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+        activations = B * T * (L * (20 * C + cfg.n_head * T) + 2 * V)
+    else:
+        G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.model]
+        n_params = V * C + L * G * H * (H + 2) + G * H * (C + (L - 1) * H) + H * V + V
+        activations = B * T * (C + L * (G + 3) * H + 2 * V)
+    return (4 * n_params + activations) * np.dtype(cfg.dtype).itemsize
+
+
+def _physical_memory():
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def apply_gradients(model, optimizer, lr, *, grad_clip, scaler, finite=None):
     """After ``model.backward(scaler.scale)``: unscale, clip and update; False when the step is skipped.
 
@@ -227,11 +251,6 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
                          f"({', '.join(held)}); continue it with --resume, train into another --out, "
                          f"or pass --overwrite to start afresh there")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} cannot be made a folder: "
-                         f"{e.strerror or e}") from None
     saved = checkpoint.load(last_path, required_meta=RUN_META) if resume else None
     if saved is not None and data is None:
         data = saved.meta["data"]                      # the saved run's text
@@ -256,6 +275,17 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
                          f"on a CPU use float32 or float64")
     dtype = as_numpy_dtype("minilm train", "--dtype", cfg.dtype)
+    need, have = memory_estimate(cfg, tokenizer.vocab_size), _physical_memory()
+    if have is not None and need > have:                 # refused before any file is written
+        sizes = ("--n-layer, --n-embd, --n-head, --block-size or --batch-size" if cfg.model == "gpt" else
+                 "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
+        raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
+                         f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} cannot be made a folder: "
+                         f"{e.strerror or e}") from None
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
     model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
     runner = batch_runner(model)        # forward and backward over the cores (minilm.parallel)

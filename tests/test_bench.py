@@ -151,7 +151,9 @@ def test_gpu_table_without_a_cuda_pytorch_has_no_peer(monkeypatch):
                                          (["--batch-size", "0"], ["'--batch-size'", ">= 1", "0"]),
                                          (["--peak-tflops", "-1"], ["'--peak-tflops'", "-1"]),
                                          (["--max-iters", "0"], ["'--max-iters'", ">= 1", "0"]),
-                                         (["--json", "no/such/folder/out.json"], ["'--json'", "does not exist"])])
+                                         (["--target", "-1"], ["'--target'", "> 0", "-1"]),
+                                         (["--json", "no/such/folder/out.json"], ["'--json'", "does not exist"]),
+                                         (["--json", "."], ["'--json' '.' is a folder"])])
 def test_bad_options_are_clear_errors(argv, words, capsys, monkeypatch):
     monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
     try:
