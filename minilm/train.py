@@ -54,7 +54,7 @@ def model_settings(cfg, vocab_size):
 
 
 def memory_estimate(cfg, vocab_size):
-    """Roughly the bytes a training run of ``cfg`` holds: the parameters four times over (weights,
+    """Roughly the bytes a training run of ``cfg`` on a CPU holds (float32 or float64): the parameters four times over (weights,
     gradients, two optimiser moments) and one step's activations (a GPT keeps about 20 arrays of
     (B, T, C) a layer and its attention weights; a recurrent layer its gates and states a step).
     It errs low (0.6-0.8 of a step's peak), so that a run it refuses could not have fit."""
@@ -66,7 +66,7 @@ def memory_estimate(cfg, vocab_size):
         G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.model]
         n_params = V * C + L * G * H * (H + 2) + G * H * (C + (L - 1) * H) + H * V + V
         activations = B * T * (C + L * (G + 3) * H + 2 * V)
-    return (4 * n_params + activations) * np.dtype(cfg.dtype).itemsize
+    return (4 * n_params + activations) * as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
 
 
 def _physical_memory():
@@ -275,7 +275,8 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
                          f"on a CPU use float32 or float64")
     dtype = as_numpy_dtype("minilm train", "--dtype", cfg.dtype)
-    need, have = memory_estimate(cfg, tokenizer.vocab_size), _physical_memory()
+    on_cpu = backend.current() != "cupy"                # a GPU's memory is its own; CuPy says when it is full
+    need, have = (memory_estimate(cfg, tokenizer.vocab_size), _physical_memory()) if on_cpu else (0, None)
     if have is not None and need > have:                 # refused before any file is written
         sizes = ("--n-layer, --n-embd, --n-head, --block-size or --batch-size" if cfg.model == "gpt" else
                  "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
