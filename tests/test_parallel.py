@@ -295,6 +295,12 @@ def _metrics(out):
         return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in map(json.loads, f)}
 
 
+def _iterations(out):
+    """The iteration of every metrics line, in order, repeats included."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["iter"] for line in f]
+
+
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="training runs in slices with 2 or more Numba threads")
 def test_numba_training_in_slices_gives_the_numpy_backends_losses(tmp_path):
     """End to end, dropout included: the slices' masks are the whole batch's, so switching the
@@ -318,6 +324,7 @@ def test_numba_run_resumed_computes_the_same_losses(tmp_path, model_options):
     assert cli.main(["train", "--out", str(tmp_path / "split"), "--resume", "--max-iters", "12", "--backend", "numba",
                      "--no-progress"]) == 0
     b = _metrics(tmp_path / "split")
+    assert _iterations(tmp_path / "split") == [0, 4, 6, 8, 12]   # resumed at 6, not trained again from 0
     for it in (0, 4, 8, 12):
         assert a[it] == b[it], f"iteration {it}: {a[it]} vs {b[it]}"   # bit for bit
     assert backend.current() == "numba"
