@@ -34,7 +34,15 @@ combines :math:`(8 + 8 + 1 + 1) / 12 = 1.5` of them per :math:`h`, so
 :math:`\delta = 4 \cdot 1.5\, u \sum_i |\text{out}_i R_i| / h` (``ROUNDOFF_UNITS``). A difference
 below it says nothing about the backward: it is what a gradient that is tiny next to the loss
 (a saturated GELU's output feeding a weight, say) shows even when it is exact. Any difference
-larger than it is still judged relative to the gradient's size.
+larger than it is still judged relative to the gradient's size. A gradient whose whole size is
+below that floor passes with the note "unresolved": it was not really checked.
+
+Each row's note says what a student needs to act on: the worst element of a failing argument
+(its index, the backward's value and the numerical one), a forward that returns float32 for
+float64 inputs (its round-off, not the backward, then dominates), NaN or inf in an input or a
+gradient, a gradient of the wrong type or shape, or a Python float argument (not checked; an
+array is). The forward is run twice on the same inputs first: finite differences of a forward
+that draws unseeded random numbers mean nothing, so it is refused.
 """
 import inspect
 from dataclasses import dataclass, field
@@ -88,7 +96,9 @@ class GradcheckReport:
                  a.max_rel_error, "pass" if a.passed else "FAIL") for a in self.arguments]
 
     def __str__(self):
-        lines = [f"{'op':<16} {'argument':<10} {'max rel error':>13}  result  how"]
+        tols = sorted({a.tol for a in self.arguments})
+        lines = [f"{'op':<16} {'argument':<10} {'max rel error':>13}  result  how "
+                 f"(tolerance {', '.join(f'{t:.0e}' for t in tols)})"]
         for op, name, how, err, result in self.rows():
             lines.append(f"{op:<16} {name:<10} {err:>13.3e}  {result:<6}  {how}")
         return "\n".join(lines)
@@ -167,6 +177,12 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
         raise TypeError(f"gradcheck: the forward must return (output, cache), as the op contract says; got {got}")
     out, cache = result
+    again, _ = forward(*args, **kwargs)
+    if not bool(xp.array_equal(out, again, equal_nan=True)):
+        raise ValueError(f"gradcheck: {op}: the forward gave two different outputs for the same inputs (random "
+                         f"numbers drawn without a fixed seed?); finite differences need a deterministic "
+                         f"forward: give it a fixed seed, e.g. an int in kwargs, not a Generator or np.random")
+    low_precision = _is_float(out) and out.dtype.itemsize < 8   # float64 in, float32 out: its round-off remains
     R = xp.asarray(rng.standard_normal(np.shape(out)))
     grads = backward(R, cache, **backward_kwargs)
     roundoff = ROUNDOFF_UNITS * np.finfo(np.float64).eps / 2 * float(xp.sum(xp.abs(out * R))) / eps
@@ -174,11 +190,13 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
 
     report = GradcheckReport(op)
     if not isinstance(grads, tuple) or len(grads) != len(args):
-        got = f"{len(grads)} entries" if isinstance(grads, (tuple, list)) else type(grads).__name__
+        got = (f"a {type(grads).__name__} of {len(grads)}" if isinstance(grads, (tuple, list))
+               else type(grads).__name__)
+        wanted = f"a tuple of {len(args)} gradient{'s' * (len(args) != 1)} (one per argument, None for integer ones)"
         for i, a in enumerate(args):
             if _is_float(a):
                 report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
-                                                      f"backward must return a tuple of {len(args)} gradients, got {got}"))
+                                                      f"backward must return {wanted}, got {got}"))
         return report.raise_if_failed() if raise_on_fail else report
 
     def loss(i, x):
@@ -195,36 +213,61 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         return (8 * near - far) / (12 * eps)
 
     for i, (x, g) in enumerate(zip(args, grads)):
+        if isinstance(x, (float, np.floating)) and not hasattr(x, "shape"):
+            report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol,
+                                                  f"a Python float is not checked; pass np.array({x!r}) to check it"))
+            continue
         if not _is_float(x):
             continue
-        if g is None or tuple(g.shape) != tuple(x.shape):
-            got = "None" if g is None else f"shape {tuple(g.shape)}"
+        if g is None or not hasattr(g, "shape") or tuple(g.shape) != tuple(x.shape):
+            got = "None" if g is None else f"shape {tuple(g.shape)}" if hasattr(g, "shape") else type(g).__name__
             report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
-                                                  f"gradient must have shape {tuple(x.shape)}, got {got}"))
+                                                  f"gradient must be an array of shape {tuple(x.shape)}, got {got}"))
+            continue
+        if x.size == 0:
+            report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol, "it has no elements"))
             continue
         g = xp.asarray(g, dtype=xp.float64)
+        notes = []
         if x.size <= max_elements:
             n = xp.zeros(x.shape, dtype=x.dtype)               # C-ordered, whatever x's strides
             for j in range(x.size):
                 d = xp.zeros(x.shape, dtype=x.dtype)
                 d.reshape(-1)[j] = 1.0
                 n.reshape(-1)[j] = numerical(i, d)
-            err = float(xp.max(xp.abs(g - n))) / max(floor, float(xp.max(xp.abs(g)) + xp.max(xp.abs(n))))
-            report.arguments.append(ArgumentCheck(i, names[i], "elements", int(x.size), err, tol))
+            scale = float(xp.max(xp.abs(g)) + xp.max(xp.abs(n)))
+            err = float(xp.max(xp.abs(g - n))) / max(floor, scale)
+            mode, checked = "elements", int(x.size)
+            if not err <= tol and bool(xp.all(xp.isfinite(g))) and bool(xp.all(xp.isfinite(n))):
+                worst = np.unravel_index(int(xp.argmax(xp.abs(g - n))), x.shape)
+                notes.append(f"worst at index {tuple(int(k) for k in worst)}: backward {float(g[worst]):.6g}, "
+                             f"numerical {float(n[worst]):.6g}")
         else:
             directions = [xp.asarray(rng.standard_normal(x.shape)) for _ in range(n_directions)]
             gnorm = float(xp.linalg.norm(g))
             if gnorm > 0:
                 directions.append(g / gnorm)
-            err = 0.0
+            err, scale = 0.0, 0.0
             for d in directions:
                 d = d / float(xp.linalg.norm(d))
                 a, n = float(xp.sum(g * d)), numerical(i, d)
                 err = max(err, abs(a - n) / max(floor, abs(a) + abs(n)))
-            report.arguments.append(ArgumentCheck(i, names[i], "directions", len(directions), err, tol))
+                scale = max(scale, abs(a) + abs(n))
+            mode, checked = "directions", len(directions)
+        if not bool(xp.all(xp.isfinite(x))):
+            notes.append("the input holds NaN or inf")
+        elif not bool(xp.all(xp.isfinite(g))):
+            notes.append("the backward's gradient holds NaN or inf")
+        elif not err <= tol and low_precision:
+            notes.append(f"the forward returns {out.dtype} for float64 inputs, so the differences carry its "
+                         f"round-off; compute in the input's dtype (or try eps=1e-3, tol=1e-3)")
+        elif err <= tol and floor > max(1e-8, scale):
+            notes.append("unresolved: this gradient is below the round-off of the loss's differences; check it "
+                         "with a forward of its own")
+        report.arguments.append(ArgumentCheck(i, names[i], mode, checked, err, tol, "; ".join(notes)))
 
     for i, (before, after) in enumerate(zip(originals, args)):
-        if hasattr(before, "shape") and not bool(xp.array_equal(before, after)):
+        if hasattr(before, "shape") and not bool(xp.array_equal(before, after, equal_nan=True)):
             report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
                                                   "forward or backward modified this input in place"))
     return report.raise_if_failed() if raise_on_fail else report

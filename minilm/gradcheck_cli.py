@@ -26,7 +26,7 @@ def check_ops(ops, *, seed=0, tol=DEFAULT_TOL):
 def run(args, out=None):
     """Entry point of the subcommand; returns the exit status."""
     out = out or sys.stdout
-    ops = args.op or list(CASES)
+    ops = list(dict.fromkeys(args.op or CASES))           # each op once, in the order given
     if args.seed < 0:
         raise ValueError(f"minilm gradcheck: option '--seed' must be an integer >= 0, got {args.seed}")
     reports = check_ops(ops, seed=args.seed)
@@ -42,5 +42,5 @@ def run(args, out=None):
     if failed:
         print(f"{len(failed)} of {n} checks FAILED: {', '.join(failed)}", file=out)
         return 1
-    print(f"all {n} checks passed", file=out)
+    print(f"all {n} check{'s' * (n != 1)} passed", file=out)
     return 0

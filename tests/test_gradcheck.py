@@ -134,7 +134,90 @@ def test_wrong_gradient_shape_is_reported():
     report = gradcheck(scale_forward, lambda dy, c: (scale_backward(dy, c)[0], np.ones(3)),
                        (np.ones((2, 2)), np.ones(2)))
     assert [a.name for a in report.failures] == ["w"]
-    assert "must have shape (2,)" in report.failures[0].note
+    assert "must be an array of shape (2,), got shape (3,)" in report.failures[0].note
+    as_float = gradcheck(scale_forward, lambda dy, c: (scale_backward(dy, c)[0], 0.5), (np.ones((2, 2)), np.ones(2)))
+    assert "must be an array of shape (2,), got float" in as_float.failures[0].note      # no AttributeError
+    as_list = gradcheck(scale_forward, lambda dy, c: list(scale_backward(dy, c)), (np.ones((2, 2)), np.ones(2)))
+    assert "must return a tuple of 2 gradients (one per argument, None for integer ones), got a list of 2" \
+        in as_list.failures[0].note
+
+
+def test_a_failure_says_where_the_worst_element_is():
+    def relu_forward(x):
+        return np.maximum(x, 0), x
+
+    def relu_backward_wrong(dy, x):
+        dx = dy * (x > 0)
+        dx[1, 2] *= 2                        # one element wrong
+        return (dx,)
+    x = np.array([[0.5, -1.0, 2.0], [-0.3, 0.7, 1.5]])
+    report = gradcheck(relu_forward, relu_backward_wrong, (x,))
+    assert not report.passed and "worst at index (1, 2): backward" in report.failures[0].note
+
+
+def test_a_python_float_argument_is_reported_as_not_checked():
+    def scale2_forward(x, s):
+        return x * s, (x, s)
+
+    def scale2_backward(dy, cache):
+        x, s = cache
+        return dy * s, np.array(12345.0)     # wrong, but s is a Python float: not checked, and said so
+    report = gradcheck(scale2_forward, scale2_backward, (np.ones(3), 0.5))
+    assert [(a.name, a.mode) for a in report.arguments] == [("x", "elements"), ("s", "skipped")]
+    assert "a Python float is not checked; pass np.array(0.5) to check it" in str(report)
+    assert not gradcheck(scale2_forward, scale2_backward, (np.ones(3), np.array(0.5))).passed
+
+
+def test_an_argument_without_elements_is_skipped():
+    report = gradcheck(scale_forward, scale_backward, (np.ones((0, 2)), np.ones(2)))
+    assert report.arguments[0].mode == "skipped" and report.arguments[0].note == "it has no elements"
+
+
+def test_nan_in_the_input_is_named_and_is_not_taken_for_a_modified_input():
+    def tanh_forward(x):
+        y = np.tanh(x)
+        return y, y
+
+    def tanh_backward(dy, y):
+        return (dy * (1 - y * y),)
+    report = gradcheck(tanh_forward, tanh_backward, (np.array([0.1, np.nan, 0.3]),))
+    assert [a.note for a in report.arguments] == ["the input holds NaN or inf"]
+
+
+def test_a_forward_in_float32_is_named_as_the_cause():
+    def tanh32_forward(x):
+        y = np.tanh(x.astype(np.float32))
+        return y, y
+
+    def tanh32_backward(dy, y):
+        return (dy * (1 - y.astype(np.float64) ** 2),)
+    report = gradcheck(tanh32_forward, tanh32_backward, (np.linspace(-1, 1, 6),))
+    assert not report.passed and "the forward returns float32 for float64 inputs" in report.failures[0].note
+
+
+def test_a_forward_that_draws_unseeded_random_numbers_is_refused():
+    def noisy_forward(x):
+        mask = np.random.default_rng().random(x.shape) > 0.5
+        return x * mask, mask
+
+    with pytest.raises(ValueError, match="two different outputs for the same inputs"):
+        gradcheck(noisy_forward, lambda dy, mask: (dy * mask,), (np.ones(8),))
+
+
+def test_a_gradient_below_the_round_off_is_said_to_be_unresolved():
+    """A wrong sign on w's gradient that the loss's round-off hides (the large 1e3 x terms): the
+    check cannot resolve it, and says so rather than passing it silently."""
+    def two_forward(x, w):
+        return np.concatenate([1e3 * x, w ** 3]), w
+
+    def two_backward_wrong_sign(dy, w):
+        n = dy.shape[0] - w.shape[0]
+        return 1e3 * dy[:n], -3 * w ** 2 * dy[n:]
+    rng = np.random.default_rng(0)
+    report = gradcheck(two_forward, two_backward_wrong_sign, (rng.standard_normal(256), 5e-4 * rng.standard_normal(3)))
+    w = report.arguments[1]
+    assert w.passed and w.note.startswith("unresolved: this gradient is below the round-off")
+    assert report.arguments[0].note == ""
 
 
 def test_a_backward_that_mutates_its_input_is_caught():
@@ -201,3 +284,12 @@ def test_strided_arguments_are_perturbed():
 def test_cli_rejects_a_negative_seed(capsys):
     assert cli.main(["gradcheck", "--op", "layernorm", "--seed", "-1", "--backend", "numpy"]) == 2
     assert "minilm gradcheck: error: option '--seed' must be an integer >= 0, got -1" in capsys.readouterr().err
+
+
+def test_cli_checks_a_repeated_op_once(capsys):
+    assert cli.main(["gradcheck", "--op", "gelu", "--backend", "numpy"]) == 0
+    once = capsys.readouterr().out
+    assert cli.main(["gradcheck", "--op", "gelu", "--op", "gelu", "--backend", "numpy"]) == 0
+    assert capsys.readouterr().out == once
+    assert cli.main(["gradcheck", "--op", "embedding", "--backend", "numpy"]) == 0
+    assert "all 1 check passed" in capsys.readouterr().out          # one argument: W
