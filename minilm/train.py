@@ -23,7 +23,8 @@ from minilm import backend, checkpoint, config, optim
 from minilm.precision import LossScaler
 from minilm.validate import as_numpy_dtype
 from minilm.data import CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_text, split
-from minilm.models import build_model, model_meta
+from minilm.models import build_model, model_meta, param_count
+from minilm.models.rnnlm import GATES
 from minilm.parallel import batch_runner
 
 def make_optimizer(cfg, params):
@@ -60,12 +61,11 @@ def memory_estimate(cfg, vocab_size):
     It errs low (0.6-0.8 of a step's peak), so that a run it refuses could not have fit."""
     V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
     if cfg.model == "gpt":
-        n_params = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
         activations = B * T * (L * (20 * C + cfg.n_head * T) + 2 * V)
     else:
-        G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.model]
-        n_params = V * C + L * G * H * (H + 2) + G * H * (C + (L - 1) * H) + H * V + V
+        G = GATES[cfg.model]
         activations = B * T * (C + L * (G + 3) * H + 2 * V)
+    n_params = param_count(*model_settings(cfg, vocab_size))
     return (4 * n_params + activations) * as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
-from minilm.models import GPT, RNNLM, GPTConfig, RNNConfig, build_model, model_from_meta, model_meta
+from minilm.models import GPT, RNNLM, GPTConfig, RNNConfig, build_model, model_from_meta, model_meta, param_count
 
 # DESIGN's bound for a float64 gradient check (the five-point stencil's own error is ~1e-10 or less)
 GRAD_TOL = DEFAULT_TOL
@@ -249,6 +249,16 @@ def test_float32_models_give_float32_logits():
 
 
 # --- parameters, init, rebuilding ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, config", [
+    ("gpt", dict(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=32)),
+    ("gpt", dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False)),
+    ("rnn", dict(vocab_size=11, cell="lstm", n_layer=2, hidden_size=24, n_embd=8)),
+    ("rnn", dict(vocab_size=11, cell="gru", n_layer=3, hidden_size=24, n_embd=8)),
+])
+def test_param_count_is_what_the_model_holds(kind, config):
+    """The count a memory estimate reads without building the model (``param_count``)."""
+    assert param_count(kind, config) == build_model(kind, config).params.size
 
 def test_gpt_parameters_and_init():
     cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=32)

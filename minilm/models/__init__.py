@@ -9,6 +9,7 @@ rebuilds the same architecture from it:
     model = model_from_meta(meta)       # fresh weights; load the saved ones with params.load
 """
 import dataclasses
+import math
 
 import numpy as np
 
@@ -19,7 +20,13 @@ from minilm.models.rnnlm import RNNLM, RNNConfig
 MODELS = {"gpt": (GPTConfig, GPT), "rnn": (RNNConfig, RNNLM)}
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "RNNLM", "RNNConfig", "MODELS", "build_model", "model_from_meta",
-           "model_meta"]
+           "model_meta", "param_count"]
+
+
+def param_count(kind, config_dict):
+    """How many parameters ``build_model(kind, config_dict)`` would hold, without allocating them."""
+    config_cls, model_cls = MODELS[kind]
+    return sum(math.prod(shape) for _, shape in model_cls.param_specs(config_cls(**config_dict)))
 
 
 def build_model(kind, config_dict, dtype=np.float32, seed=0):

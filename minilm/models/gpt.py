@@ -198,21 +198,8 @@ class GPT:
             raise TypeError(f"GPT: argument 'config' must be a GPTConfig, got {type(config).__name__}")
         dtype = as_float_dtype("GPT", "dtype", dtype)
         self.config = cfg = config
-        V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
-        specs = [("wte", (V, C)), ("wpe", (T, C))]
-        for l in range(cfg.n_layer):
-            h = f"h.{l}."
-            specs += [(h + "ln_1.gamma", (C,)), (h + "ln_1.beta", (C,)),
-                      (h + "attn.W_qkv", (C, 3 * C)), (h + "attn.b_qkv", (3 * C,)),
-                      (h + "attn.W_o", (C, C)), (h + "attn.b_o", (C,)),
-                      (h + "ln_2.gamma", (C,)), (h + "ln_2.beta", (C,)),
-                      (h + "mlp.W_1", (C, 4 * C)), (h + "mlp.b_1", (4 * C,)),
-                      (h + "mlp.W_2", (4 * C, C)), (h + "mlp.b_2", (C,))]
-        specs += [("ln_f.gamma", (C,)), ("ln_f.beta", (C,))]
-        self._bias_shapes = {name: shape for name, shape in specs if _is_bias(name)}
-        if not cfg.bias:
-            specs = [(name, shape) for name, shape in specs if not _is_bias(name)]
-        self.params = Params(specs, **precision_of(dtype))      # 16-bit: float32 master weights
+        self._bias_shapes = {name: shape for name, shape in self.param_specs(cfg, all_biases=True) if _is_bias(name)}
+        self.params = Params(self.param_specs(cfg), **precision_of(dtype))      # 16-bit: float32 master weights
 
         rng = np.random.default_rng(seed)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)   # nanoGPT's scaled init of c_proj
@@ -228,6 +215,23 @@ class GPT:
         self.rng = rng                  # dropout masks when forward gets no rng
         self.params.to(backend.xp())
         self._cache = None
+
+    @staticmethod
+    def param_specs(cfg, *, all_biases=False):
+        """(name, shape) of each parameter of a GPT with config ``cfg``, in the flat buffer's order;
+        the biases and betas only when ``cfg.bias`` (or ``all_biases``)."""
+        V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
+        specs = [("wte", (V, C)), ("wpe", (T, C))]
+        for l in range(cfg.n_layer):
+            h = f"h.{l}."
+            specs += [(h + "ln_1.gamma", (C,)), (h + "ln_1.beta", (C,)),
+                      (h + "attn.W_qkv", (C, 3 * C)), (h + "attn.b_qkv", (3 * C,)),
+                      (h + "attn.W_o", (C, C)), (h + "attn.b_o", (C,)),
+                      (h + "ln_2.gamma", (C,)), (h + "ln_2.beta", (C,)),
+                      (h + "mlp.W_1", (C, 4 * C)), (h + "mlp.b_1", (4 * C,)),
+                      (h + "mlp.W_2", (4 * C, C)), (h + "mlp.b_2", (C,))]
+        specs += [("ln_f.gamma", (C,)), ("ln_f.beta", (C,))]
+        return specs if cfg.bias or all_biases else [(name, shape) for name, shape in specs if not _is_bias(name)]
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -97,17 +97,10 @@ class RNNLM:
             raise TypeError(f"RNNLM: argument 'config' must be an RNNConfig, got {type(config).__name__}")
         dtype = as_float_dtype("RNNLM", "dtype", dtype)
         self.config = cfg = config
-        V, H, G = cfg.vocab_size, cfg.hidden_size, GATES[cfg.cell]
-        specs = [("wte", (V, cfg.n_embd))]
-        for l in range(cfg.n_layer):
-            n, D = f"rnn.{l}.", cfg.n_embd if l == 0 else H
-            specs += [(n + "W_x", (D, G * H)), (n + "W_h", (H, G * H))]
-            specs += [(n + "b_x", (G * H,)), (n + "b_h", (G * H,))] if cfg.cell == "gru" else [(n + "b", (G * H,))]
-        specs += [("lm_head.W", (H, V)), ("lm_head.b", (V,))]
-        self.params = Params(specs, **precision_of(dtype))      # 16-bit: float32 master weights
+        self.params = Params(self.param_specs(cfg), **precision_of(dtype))      # 16-bit: float32 master weights
 
         rng = np.random.default_rng(seed)
-        k = 1.0 / math.sqrt(H)
+        k = 1.0 / math.sqrt(cfg.hidden_size)
         for name, view in self.params.values.items():
             if name == "wte":
                 view[...] = rng.standard_normal(view.shape)
@@ -118,6 +111,18 @@ class RNNLM:
         self.rng = rng                  # dropout masks when forward gets no rng
         self.params.to(backend.xp())
         self._cache = None
+
+    @staticmethod
+    def param_specs(cfg):
+        """(name, shape) of each parameter of an RNNLM with config ``cfg``, in the flat buffer's order."""
+        V, H, G = cfg.vocab_size, cfg.hidden_size, GATES[cfg.cell]
+        specs = [("wte", (V, cfg.n_embd))]
+        for l in range(cfg.n_layer):
+            n, D = f"rnn.{l}.", cfg.n_embd if l == 0 else H
+            specs += [(n + "W_x", (D, G * H)), (n + "W_h", (H, G * H))]
+            specs += [(n + "b_x", (G * H,)), (n + "b_h", (G * H,))] if cfg.cell == "gru" else [(n + "b", (G * H,))]
+        specs += [("lm_head.W", (H, V)), ("lm_head.b", (V,))]
+        return specs
 
     # --- helpers ------------------------------------------------------------------------------
 
