@@ -177,7 +177,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
         raise TypeError(f"gradcheck: the forward must return (output, cache), as the op contract says; got {got}")
     out, cache = result
-    again, _ = forward(*args, **kwargs)
+    again, _ = forward(*[a.copy() if hasattr(a, "copy") else a for a in originals], **kwargs)
     if not bool(xp.array_equal(out, again, equal_nan=True)):
         raise ValueError(f"gradcheck: {op}: the forward gave two different outputs for the same inputs (random "
                          f"numbers drawn without a fixed seed?); finite differences need a deterministic "
@@ -189,6 +189,19 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     floor = max(1e-8, roundoff / tol)                          # see the module docstring
 
     report = GradcheckReport(op)
+    # An input the forward or backward changed in place is reported, and the finite differences
+    # below start again from the inputs as given, each forward on copies of its own, so that one
+    # changed input does not make the other arguments' rows wrong as well.
+    mutated = [i for i, (before, after) in enumerate(zip(originals, args))
+               if hasattr(before, "shape") and not bool(xp.array_equal(before, after, equal_nan=_is_float(before)))]
+    args = [a.copy() if hasattr(a, "copy") else a for a in originals]
+
+    def finish():
+        for i in mutated:
+            report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
+                                                  "forward or backward modified this input in place"))
+        return report.raise_if_failed() if raise_on_fail else report
+
     if not isinstance(grads, tuple) or len(grads) != len(args):
         got = (f"a {type(grads).__name__} of {len(grads)}" if isinstance(grads, (tuple, list))
                else type(grads).__name__)
@@ -197,10 +210,10 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             if _is_float(a):
                 report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
                                                       f"backward must return {wanted}, got {got}"))
-        return report.raise_if_failed() if raise_on_fail else report
+        return finish()
 
     def loss(i, x):
-        trial = list(args)
+        trial = [a.copy() if hasattr(a, "copy") else a for a in args]
         trial[i] = x
         out, _ = forward(*trial, **kwargs)
         return float(xp.sum(out * R))
@@ -266,8 +279,4 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                          "with a forward of its own")
         report.arguments.append(ArgumentCheck(i, names[i], mode, checked, err, tol, "; ".join(notes)))
 
-    for i, (before, after) in enumerate(zip(originals, args)):
-        if hasattr(before, "shape") and not bool(xp.array_equal(before, after, equal_nan=_is_float(before))):
-            report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
-                                                  "forward or backward modified this input in place"))
-    return report.raise_if_failed() if raise_on_fail else report
+    return finish()

@@ -226,8 +226,24 @@ def test_a_backward_that_mutates_its_input_is_caught():
         cache.x[...] = 0                   # overwrites the caller's array
         return grads
 
-    report = gradcheck(scale_forward, bad_backward, (np.ones((2, 2)), np.ones(2)))
-    assert any("modified this input" in a.note for a in report.failures)
+    rng = np.random.default_rng(0)
+    report = gradcheck(scale_forward, bad_backward, (rng.standard_normal((2, 2)), rng.standard_normal(2)))
+    assert [(a.index, a.note) for a in report.failures] == [(0, "forward or backward modified this input in place")]
+    # the rows are computed from the inputs as given, not from the zeroed x: both gradients are right
+    assert [a.passed for a in report.arguments if a.mode == "elements"] == [True, True]
+
+
+def test_a_forward_that_mutates_its_input_is_caught_and_does_not_spoil_the_rows():
+    def counting_forward(x, w):
+        y, cache = scale_forward(x.copy(), w.copy())
+        w += 1.0                           # changes the caller's array on every call
+        return y, cache
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 2)), rng.standard_normal(2)
+    report = gradcheck(counting_forward, scale_backward, (x, w))
+    assert [(a.index, a.note) for a in report.failures] == [(1, "forward or backward modified this input in place")]
+    assert [a.passed for a in report.arguments if a.mode == "elements"] == [True, True]
 
 
 def test_bad_arguments():
