@@ -1,6 +1,6 @@
 """Checkpoints: one ``.npz`` file per training run, written atomically.
 
-A checkpoint holds three things:
+A checkpoint holds five entries:
 
 | entry            | what                                                                   |
 | ---------------- | ---------------------------------------------------------------------- |
@@ -15,9 +15,13 @@ loading a checkpoint never runs code. It is written to a temporary file in the s
 flushed to disk, and renamed over the old one, so a crash or Ctrl-C midway leaves the previous
 checkpoint intact.
 
-    save("out/ckpt.npz", params=params, optimizer_state=opt.state_dict(), meta={"model": cfg})
+    save("out/ckpt.npz", params=model.params, optimizer_state=opt.state_dict(),
+         meta={"model": model_meta(model), "tokenizer": tokenizer.to_dict()})   # JSON-able values only
     ckpt = load("out/ckpt.npz")
-    check_compatible(ckpt.meta["model"], {"n_layer": 6}, path="out/ckpt.npz")
+    check_compatible(ckpt.meta["model"], {"config": {"n_layer": 6}}, path="out/ckpt.npz")
+
+(``model_meta`` from ``minilm.models``; with these two entries ``minilm sample`` reads the file,
+and ``minilm eval`` and ``--resume`` read the further entries ``minilm train`` writes.)
 """
 import json
 import os
@@ -138,6 +142,9 @@ def save(path, *, params, optimizer_state, meta):
     meta : dict
         JSON-able description of the run: model kind and config, tokenizer, training state.
     """
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint.save: argument 'path' {os.fspath(path)!r} is a folder; give a file name "
+                         f"in it, such as {os.path.join(os.fspath(path), 'last.npz')!r}")
     flat = getattr(params, "data", params)
     if not (hasattr(flat, "shape") and getattr(flat, "ndim", None) == 1):
         raise TypeError(f"checkpoint.save: argument 'params' must be a Params or a flat 1-D array, "
@@ -244,7 +251,9 @@ def load(path, *, required_meta=()):
             raise _not_a_checkpoint(path, f"its meta is a {type(meta).__name__}, not a dictionary")
         missing = [key for key in required_meta if key not in meta]
         if missing:
-            raise _not_a_checkpoint(path, f"missing meta entries: {', '.join(missing)}")
+            raise ValueError(f"checkpoint.load: '{path}' has no meta entries {', '.join(missing)}, which this reads; "
+                             f"the checkpoints minilm train writes have them (was this one saved another way, "
+                             f"or edited?)")
     for name, value in entries.items():
         if name.startswith("optim/"):
             optimizer_state[name[len("optim/"):]] = value

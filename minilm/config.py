@@ -6,6 +6,7 @@ a preset fills in the fields, and options given on the command line override it.
 import argparse
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 MODELS = ("gpt", "rnn", "lstm", "gru")
@@ -90,8 +91,26 @@ def preset(name):
     return TrainConfig(**PRESETS[name])
 
 
+def _type_name(f):
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
 def validate(cfg):
-    """Raise a ValueError naming the option for any value out of range."""
+    """``cfg`` with its numbers as Python ints and floats; a ValueError naming the option for any value of
+    the wrong type or out of range (a ``TrainConfig`` built in Python is checked as the command line's)."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"minilm train: argument 'cfg' must be a TrainConfig, got {type(cfg).__name__}")
+    plain = {}
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), _type_name(f)
+        option = "--" + f.name.replace("_", "-")
+        wanted = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"),
+                  "bool": (bool, "True or False"), "str": (str, "a string")}[kind]
+        if not isinstance(value, wanted[0]) or (kind in ("int", "float") and isinstance(value, bool)):
+            raise ValueError(f"minilm train: option '{option}' must be {wanted[1]}, got {value!r}")
+        if kind in ("int", "float"):
+            plain[f.name] = int(value) if kind == "int" else float(value)     # numpy scalars save as JSON too
+    cfg = dataclasses.replace(cfg, **plain)
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         option = "--" + f.name.replace("_", "-")
@@ -134,7 +153,7 @@ def add_options(parser):
     """One option per field, defaulting to None so that only what the user gave overrides the preset."""
     parsers = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     for f in fields(TrainConfig):
-        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        type_name = _type_name(f)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parsers[type_name], default=None,
                             choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else type_name.upper(),
                             help=f"default: the preset's, else {f.default!r}")

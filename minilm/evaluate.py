@@ -30,6 +30,7 @@ def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
     a shorter last window is scored too), each window from an empty context. ``what`` names
     ``ids`` in an error message (a command names the text they come from).
     """
+    require_positive("evaluate", "block_size", block_size, int)
     require_positive("evaluate", "batch_size", batch_size, int)
     if len(ids) < 2:
         raise ValueError(f"evaluate: {what} must hold at least 2 characters (one to predict from, one to "

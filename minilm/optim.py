@@ -44,7 +44,7 @@ import numpy as np
 
 from minilm import backend
 from minilm.backend import get_array_module, to_numpy
-from minilm.validate import require_positive, require_probability
+from minilm.validate import require_bool, require_positive, require_probability
 
 # ---------------------------------------------------------------------------------------------
 # the updates: plain functions over flat arrays, in place
@@ -198,6 +198,10 @@ class Optimizer:
             lr = self.lr
         else:
             _require_nonnegative(f"{type(self).__name__}.step", "lr", lr)
+        if getattr(self.params, "grad_in_compute", False):       # else the step would read a stale grad
+            raise RuntimeError(f"{type(self).__name__}.step: with mixed precision ({self.params.compute_dtype}) the "
+                               f"backward's gradient is in params.compute_grad; call "
+                               f"params.unscale_grads(1 / loss_scale) first, which moves it to params.grad")
         self.steps += 1
         self._update(float(lr))
 
@@ -244,6 +248,7 @@ class SGD(Optimizer):
         super().__init__(params, lr)
         require_probability("SGD", "momentum", momentum)
         _require_nonnegative("SGD", "weight_decay", weight_decay)
+        require_bool("SGD", "nesterov", nesterov)
         if nesterov and momentum == 0:
             raise ValueError("SGD: option 'nesterov' needs momentum > 0, got momentum = 0")
         self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
@@ -346,7 +351,7 @@ def clip_grad_norm(params, max_norm):
         device to read the norm back.
     """
     _require_params("clip_grad_norm", params)
-    require_positive("clip_grad_norm", "max_norm", max_norm)
+    require_positive("clip_grad_norm", "max_norm", max_norm, finite=False)     # inf: measure, never clip
     g = params.grad
     xp = get_array_module(g)
     total_norm = xp.sqrt(xp.dot(g, g))

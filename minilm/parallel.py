@@ -52,6 +52,7 @@ import numpy as np
 from minilm import backend
 from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_rng
 from minilm.params import Params
+from minilm.validate import require_bool, require_positive
 
 __all__ = ["BatchParallel", "batch_runner"]
 
@@ -71,6 +72,8 @@ def batch_runner(model, threads=None):
     backends other than numba, with one thread, and for an object that is not one of minilm's
     models (no ``Params``; ``minilm.evaluate`` also scores other models). ``threads`` defaults to
     Numba's thread count (``NUMBA_NUM_THREADS``, default every core)."""
+    if threads is not None:
+        require_positive("batch_runner", "threads", threads, int)
     if backend.current() != "numba" or not isinstance(getattr(model, "params", None), Params):
         return model
     if threads is None:
@@ -133,9 +136,10 @@ _GENERATOR_METHODS = frozenset(name for name in dir(np.random.Generator)
 class _Split:
     """What the latest sliced forward left for the backward."""
 
-    def __init__(self, n, weights):
+    def __init__(self, n, weights, model_cache):
         self.n = n                  # slices used (replicas 0 .. n-1)
         self.weights = weights      # n_i / N per slice, or None without targets
+        self.model_cache = model_cache      # the model's own cache then: another one means it ran a forward since
 
 
 class BatchParallel:
@@ -187,6 +191,7 @@ class BatchParallel:
         idx = check_idx(op, "idx", np.asarray(idx), V, model.config.block_size if model.kind == "gpt" else None)
         if targets is not None:
             targets = check_targets(op, targets, idx, V)
+        require_bool(op, "train", train)
         B = idx.shape[0]
         n = min(self.threads, B)
         bounds = [B * i // n for i in range(n + 1)]             # slice i is rows bounds[i]:bounds[i+1]
@@ -217,7 +222,7 @@ class BatchParallel:
                                                      train=train, rng=rngs[i], **extra)
 
         results = self._run([call(i) for i in range(n)])
-        self._split = _Split(n, weights)
+        self._split = _Split(n, weights, model._cache)
         logits = np.concatenate([res[0] for res in results])
         loss = None
         if targets is not None:
@@ -236,6 +241,10 @@ class BatchParallel:
             return self.model.backward(loss_scale)
         if split.weights is None:
             raise RuntimeError(f"{type(self.model).__name__}.backward: call forward(idx, targets) with targets first")
+        if self.model._cache is not split.model_cache:
+            raise RuntimeError(f"{type(self.model).__name__}.backward: the model ran a forward of its own after this "
+                               f"runner's (generate does too); the runner's caches are of its older batch. Call the "
+                               f"runner's forward again, or the model's backward for the model's forward")
         replicas = self._replicas[:split.n]
         self._run([lambda r=r, w=w: r.backward(loss_scale * w) for r, w in zip(replicas, split.weights)])
         grad = self.model.params.compute_grad                  # replica 0's, the model's own buffer

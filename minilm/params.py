@@ -65,6 +65,8 @@ class Params:
             if name in self.layout:
                 raise ValueError(f"Params: parameter name {name!r} appears twice")
             shape = tuple(int(s) for s in shape)
+            if any(s < 0 for s in shape):
+                raise ValueError(f"Params: parameter {name!r} must have a shape of sizes >= 0, got {shape}")
             self.layout[name] = (offset, shape)
             offset += math.prod(shape)
         self.size = offset
@@ -73,6 +75,7 @@ class Params:
         self.compute_dtype = None if compute_dtype is None or np.dtype(compute_dtype) == self.data.dtype \
             else np.dtype(compute_dtype)
         self._pending = set()          # parameters a running backward has not written yet (``begin_grads``)
+        self.grad_in_compute = False   # mixed precision: a backward's gradient not yet moved to ``grad``
         self._refresh_views()
 
     @property
@@ -109,6 +112,7 @@ class Params:
         array on the data's device, not read back (a captured GPU step, ``minilm.gpu.graph``).
         """
         xp = get_array_module(self.data)
+        self.grad_in_compute = False
         if self.mixed:
             xp.multiply(self.compute_grad, self.data.dtype.type(inv_scale), out=self.grad, casting="unsafe")
         elif inv_scale != 1.0:
@@ -176,9 +180,12 @@ class Params:
         for name in self._pending:
             self.grads[name][...] = 0
         self._pending = set()
+        self.grad_in_compute = self.mixed
 
     def load(self, flat):
         """Copy a flat array (numpy or cupy, any float dtype) into ``data``."""
+        if not hasattr(flat, "shape"):
+            raise TypeError(f"Params.load: argument 'flat' must be an array, got {type(flat).__name__}")
         if tuple(flat.shape) != (self.size,):
             raise ValueError(f"Params.load: argument 'flat' must have shape ({self.size},), got {tuple(flat.shape)}")
         xp = get_array_module(self.data)

@@ -19,6 +19,7 @@ import numbers
 import numpy as np
 
 from minilm.backend import to_numpy
+from minilm.validate import require_bool, require_seed
 
 
 def _check_options(V, max_new_tokens, temperature, top_k, top_p, seed):
@@ -34,8 +35,7 @@ def _check_options(V, max_new_tokens, temperature, top_k, top_p, seed):
     if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
                               or not 0 < top_p <= 1):
         raise ValueError(f"{op}: option 'top_p' must be None or a number in (0, 1], got {top_p!r}")
-    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0):
-        raise ValueError(f"{op}: option 'seed' must be None or an integer >= 0, got {seed!r}")
+    require_seed(op, "seed", seed, allow_none=True)
 
 
 def _check_prompt(prompt_ids, V):
@@ -105,15 +105,15 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     use_cache : bool. True feeds only the new token each step through ``model.forward_step``
         (a GPT's key/value cache, an RNN's state); False runs the whole context through
         ``model.forward`` every step. For a GPT both see the same context: at most ``block_size``
-        tokens, shifted to its newest half when full (``context_start``).
+        tokens, shifted to its newest half when full (``context_start``); a prompt longer than
+        ``block_size`` starts from its newest ``block_size`` tokens.
 
     The options are checked when ``generate`` is called, before the first token is asked for.
     """
     V = model.config.vocab_size
     _check_options(V, max_new_tokens, temperature, top_k, top_p, seed)
     prompt = _check_prompt(prompt_ids, V)
-    if not isinstance(use_cache, bool):
-        raise ValueError(f"generate: option 'use_cache' must be True or False, got {use_cache!r}")
+    require_bool("generate", "use_cache", use_cache)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     return _tokens(model, prompt, max_new_tokens, options, np.random.default_rng(seed), use_cache)
 
@@ -134,7 +134,8 @@ def context_start(n_tokens, start, window):
 def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
     window = getattr(model.config, "block_size", None)                   # None: a recurrent model
     tokens = list(tokens)
-    start, state, new = 0, None, tokens                                  # the first step feeds the prompt
+    start = 0 if window is None else max(0, len(tokens) - window)        # a long prompt: its newest window
+    state, new = None, tokens[start:]                                    # the first step feeds the prompt
     for _ in range(max_new_tokens):
         shifted = context_start(len(tokens), start, window)
         if shifted != start:                                             # the context is full: shift it

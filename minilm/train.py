@@ -243,6 +243,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     Returns a dict with the final iteration, the last evaluation and whether it stopped early
     or was interrupted.
     """
+    cfg = config.validate(cfg)
     check_out_dir(out_dir)
     last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -351,6 +352,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         f"backend {backend.current()}, {cfg.dtype}")
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
+    say = bar.write if progress and log is print else log      # printed above the bar, or to the caller's log
     train_time, train_tokens, start = 0.0, 0, time.perf_counter()
     tokens_per_step = cfg.batch_size * cfg.block_size
     first_step = True
@@ -376,16 +378,16 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                     _save(best_path, model, optimizer, meta())
                 _save(last_path, model, optimizer, meta())
                 _plot(metrics_path, os.path.join(out_dir, "loss.png"))
-                bar.write(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")   # once saved
+                say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")   # once saved
                 if stop_early:
-                    bar.write(f"stopping early: no improvement in {cfg.patience} evaluations")
+                    say(f"stopping early: no improvement in {cfg.patience} evaluations")
                     result["stopped_early"] = True
                     break
             if it >= cfg.max_iters:
                 break
             if stop.requested:
                 _save(last_path, model, optimizer, meta())
-                bar.write(f"interrupted: saved iteration {it} to {last_path}; continue with --resume")
+                say(f"interrupted: saved iteration {it} to {last_path}; continue with --resume")
                 result["interrupted"] = True
                 break
 

@@ -8,6 +8,7 @@ what was expected and what was received, e.g.
 Shape errors are ``ValueError``; a wrong kind of object or dtype is ``TypeError``.
 """
 import contextlib
+import math
 import numbers
 
 import numpy as np
@@ -140,13 +141,31 @@ def require_probability(op, name, p, *, upper_open=True):
         raise ValueError(f"{op}: option '{name}' must be a number in {interval}, got {p!r}")
 
 
-def require_positive(op, name, value, kind=float):
+def require_positive(op, name, value, kind=float, *, finite=True):
+    """value > 0, an integer where ``kind`` is int, and finite unless ``finite`` is False."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
     if kind is int:
         ok = ok and isinstance(value, numbers.Integral)
+    elif finite:
+        ok = ok and math.isfinite(value)
     if not ok:
-        what = "a positive integer" if kind is int else "a positive number"
+        what = "a positive integer" if kind is int else "a positive finite number" if finite else "a positive number"
         raise ValueError(f"{op}: option '{name}' must be {what}, got {value!r}")
+
+
+def require_seed(op, name, seed, *, allow_none=False):
+    """An integer seed >= 0 (numpy's generators take no negative seed), or None where ``allow_none``."""
+    if seed is None and allow_none:
+        return
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        what = "None or an integer >= 0" if allow_none else "an integer >= 0"
+        raise ValueError(f"{op}: option '{name}' must be {what}, got {seed!r}")
+
+
+def require_bool(op, name, value):
+    """value is True or False (NumPy's bool too), not a truthy string or number."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{op}: option '{name}' must be True or False, got {value!r}")
 
 
 def require_divisible(op, name, value, by_name, by):

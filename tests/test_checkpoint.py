@@ -188,6 +188,15 @@ def test_save_bad_input(tmp_path, kwargs, error, message):
     assert not os.listdir(tmp_path)                                        # nothing written, nothing left over
 
 
+def test_save_to_a_folder_is_refused(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"checkpoint.save: argument 'path' .*run' is a folder; give a file name "
+                                         r"in it, such as .*last.npz"):
+        save(folder, params=np.zeros(3), optimizer_state=None, meta={})
+    assert os.listdir(tmp_path) == ["run"] and not os.listdir(folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # check_compatible
 

@@ -142,9 +142,9 @@ BAD_INPUTS = [
     ("mixed dtypes", lambda x, g, b: ((x, g.astype(np.float32), b), {}), TypeError,
      r"layernorm: argument 'gamma' must have the same dtype as 'x'"),
     ("eps zero", lambda x, g, b: ((x, g, b), {"eps": 0.0}), ValueError,
-     r"layernorm: option 'eps' must be a positive number"),
+     r"layernorm: option 'eps' must be a positive finite number"),
     ("eps negative", lambda x, g, b: ((x, g, b), {"eps": -1e-5}), ValueError,
-     r"layernorm: option 'eps' must be a positive number"),
+     r"layernorm: option 'eps' must be a positive finite number"),
 ]
 
 

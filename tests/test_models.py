@@ -1,6 +1,7 @@
 """Whole-model checks: GPT and RNNLM backward against numerical gradients, weight tying,
 overfitting one batch, the key/value cache and recurrent state, dtypes, and bad input."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -303,6 +304,15 @@ def test_model_from_meta_rebuilds_the_same_model(kind, config):
 
 # --- bad input ------------------------------------------------------------------------------------
 
+def test_configs_hold_numpy_numbers_as_python_ones_so_a_model_saves():
+    gpt_cfg = GPTConfig(**dict(GPT_TINY, vocab_size=np.int64(V), dropout=np.float32(0.25)))
+    rnn_cfg = RNNConfig(**dict(RNN_TINY, cell="gru", n_layer=np.int32(2), dropout=np.float64(0.5)))
+    assert type(gpt_cfg.vocab_size) is int and type(gpt_cfg.dropout) is float and gpt_cfg.dropout == 0.25
+    assert type(rnn_cfg.n_layer) is int and type(rnn_cfg.dropout) is float
+    for model in (GPT(gpt_cfg), RNNLM(rnn_cfg)):
+        json.dumps(model_meta(model))                  # what checkpoint.save writes
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(vocab_size=0), "vocab_size"),
     (dict(block_size=2.5), "block_size"),
@@ -358,6 +368,18 @@ def test_gpt_forward_rejects_bad_input():
         GPT(GPTConfig(**GPT_TINY), dtype=np.int32)
     with pytest.raises(TypeError, match="'config'"):
         GPT(GPT_TINY)
+    with pytest.raises(ValueError, match=r"GPT.forward: option 'train' must be True or False, got 'no'"):
+        model.forward(idx, targets, train="no")
+
+
+@pytest.mark.parametrize("make", [lambda seed: GPT(GPTConfig(**GPT_TINY), seed=seed),
+                                  lambda seed: RNNLM(RNNConfig(cell="gru", **RNN_TINY), seed=seed)],
+                         ids=["GPT", "RNNLM"])
+def test_models_reject_a_bad_seed(make):
+    for seed in (-1, "a", 1.5, True):
+        with pytest.raises(ValueError, match=r"(GPT|RNNLM): option 'seed' must be an integer >= 0, got"):
+            make(seed)
+    make(np.int64(3))
 
 
 @pytest.mark.parametrize("make", [lambda dtype: GPT(GPTConfig(**GPT_TINY), dtype=dtype),
@@ -398,6 +420,10 @@ def test_rnnlm_rejects_bad_input():
         model.forward(idx, targets[:1])
     with pytest.raises(RuntimeError, match="with targets first"):
         model.backward()
+    with pytest.raises(ValueError, match=r"RNNLM.forward_step: argument 'state' must be a tuple"):
+        model.forward_step(idx, "s")
+    with pytest.raises(ValueError, match=r"RNNLM.forward: option 'train' must be True or False, got 1"):
+        model.forward(idx, targets, train=1)
 
 
 def test_build_model_rejects_bad_input():
@@ -409,3 +435,7 @@ def test_build_model_rejects_bad_input():
         build_model("rnn", RNN_TINY)
     with pytest.raises(ValueError, match="'meta'"):
         model_from_meta({"config": GPT_TINY})
+    with pytest.raises(ValueError, match="param_count: argument 'kind' must be one of"):
+        param_count("transformer", GPT_TINY)
+    with pytest.raises(ValueError, match="param_count: argument 'config_dict' has unknown field"):
+        param_count("gpt", dict(GPT_TINY, n_heads=2))

@@ -268,9 +268,9 @@ def test_load_state_dict_rejects_a_missing_buffer():
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda p: SGD(p, lr=0), r"SGD: option 'lr' must be a positive number, got 0"),
-    (lambda p: SGD(p, lr=-1e-3), r"SGD: option 'lr' must be a positive number"),
-    (lambda p: SGD(p, lr="0.1"), r"SGD: option 'lr' must be a positive number, got '0.1'"),
+    (lambda p: SGD(p, lr=0), r"SGD: option 'lr' must be a positive finite number, got 0"),
+    (lambda p: SGD(p, lr=-1e-3), r"SGD: option 'lr' must be a positive finite number"),
+    (lambda p: SGD(p, lr="0.1"), r"SGD: option 'lr' must be a positive finite number, got '0.1'"),
     (lambda p: SGD(p, lr=0.1, momentum=1.0), r"SGD: option 'momentum' must be a number in \[0, 1\)"),
     (lambda p: SGD(p, lr=0.1, nesterov=True), r"SGD: option 'nesterov' needs momentum > 0"),
     (lambda p: SGD(p, lr=0.1, weight_decay=-1), r"SGD: option 'weight_decay' must be a finite number >= 0"),
@@ -282,6 +282,9 @@ def test_load_state_dict_rejects_a_missing_buffer():
     (lambda p: RMSprop(p, lr=0.1, alpha=1.5), r"RMSprop: option 'alpha' must be a number in \[0, 1\)"),
     (lambda p: RMSprop(p, lr=0.1, momentum=-0.5), r"RMSprop: option 'momentum' must be a number in \[0, 1\)"),
     (lambda p: clip_grad_norm(p, 0.0), r"clip_grad_norm: option 'max_norm' must be a positive number"),
+    (lambda p: SGD(p, lr=float("inf")), r"SGD: option 'lr' must be a positive finite number, got inf"),
+    (lambda p: AdamW(p, lr=float("nan")), r"AdamW: option 'lr' must be a positive finite number, got nan"),
+    (lambda p: SGD(p, lr=0.1, momentum=0.9, nesterov="no"), r"SGD: option 'nesterov' must be True or False, got 'no'"),
 ])
 def test_bad_options_are_named(make, message):
     with pytest.raises(ValueError, match=message):
@@ -344,10 +347,11 @@ def test_schedules_are_frozen():
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: Constant(0.0), r"Constant: option 'lr' must be a positive number"),
+    (lambda: Constant(0.0), r"Constant: option 'lr' must be a positive finite number"),
+    (lambda: Constant(float("inf")), r"Constant: option 'lr' must be a positive finite number, got inf"),
     (lambda: Step(0.1, step_size=0, gamma=0.5), r"Step: option 'step_size' must be a positive integer"),
     (lambda: Step(0.1, step_size=1.5, gamma=0.5), r"Step: option 'step_size' must be a positive integer"),
-    (lambda: Step(0.1, step_size=10, gamma=0), r"Step: option 'gamma' must be a positive number"),
+    (lambda: Step(0.1, step_size=10, gamma=0), r"Step: option 'gamma' must be a positive finite number"),
     (lambda: WarmupCosine(0.1, min_lr=0.2, warmup_iters=1, decay_iters=9), r"'min_lr' must be at most lr"),
     (lambda: WarmupCosine(0.1, min_lr=-1, warmup_iters=1, decay_iters=9), r"'min_lr' must be a finite number >= 0"),
     (lambda: WarmupCosine(0.1, 0.01, warmup_iters=-1, decay_iters=9), r"'warmup_iters' must be an integer >= 0"),
@@ -408,5 +412,9 @@ def test_params_bad_input_names_what_is_wrong():
         params.values["w"]
     with pytest.raises(ValueError, match=r"Params.load: argument 'flat' must have shape \(9,\), got \(8,\)"):
         params.load(np.zeros(8))
+    with pytest.raises(TypeError, match=r"Params.load: argument 'flat' must be an array, got list"):
+        params.load([0.0] * 9)
+    with pytest.raises(ValueError, match=r"Params: parameter 'W' must have a shape of sizes >= 0, got \(-2, 3\)"):
+        Params([("W", (-2, 3))])
     params.values["b"] = [1.0, 2.0, 3.0]                           # a view: writes land in the flat buffer
     assert params.data[6:].tolist() == [1.0, 2.0, 3.0]

@@ -212,6 +212,25 @@ def test_bad_input_is_checked_on_the_whole_batch():
     for threads in (1, 2.0, True, "2"):
         with pytest.raises(ValueError, match=r"BatchParallel: argument 'threads' must be an int >= 2, got"):
             BatchParallel(MODELS["gpt"](), threads)
+    for threads in (0, -3, "x", 2.0):
+        with pytest.raises(ValueError, match=r"batch_runner: option 'threads' must be a positive integer, got"):
+            batch_runner(MODELS["gpt"](), threads)
+    with pytest.raises(ValueError, match=r"GPT\.forward: option 'train' must be True or False, got 'no'"):
+        runner.forward(idx, targets, train="no")
+
+
+def test_a_backward_after_the_model_ran_a_forward_of_its_own_is_refused():
+    """The runner's caches are of its own batch; once the model has run a newer forward (as
+    generate does), the runner's backward would differentiate the older batch."""
+    model = MODELS["gpt"]()
+    runner = BatchParallel(model, 2)
+    idx, targets = _batch(B=4)
+    runner.forward(idx, targets)
+    model.forward(idx[:1], targets[:1])
+    with pytest.raises(RuntimeError, match=r"GPT\.backward: the model ran a forward of its own after this runner's"):
+        runner.backward()
+    runner.forward(idx, targets)                           # a new forward of the runner: fine again
+    runner.backward()
 
 
 def test_an_error_in_a_slice_reaches_the_caller_after_every_slice_ends():

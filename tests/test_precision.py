@@ -55,6 +55,29 @@ def test_the_scaled_float16_backward_unscales_to_the_float32_gradient():
     assert relative_error(model.params.grad, reference.params.grad) <= 1e-2
 
 
+def test_an_update_before_the_gradient_is_unscaled_is_refused():
+    """A 16-bit model's backward leaves its gradient in compute_grad: a step then would read a
+    stale params.grad and silently change nothing, so it is refused until unscale_grads."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 11, (2, 8))
+    model = gpt(np.float16)
+    opt = optim.SGD(model.params, 0.1)
+    model.forward(x, x)
+    model.backward()
+    with pytest.raises(RuntimeError, match=r"SGD.step: with mixed precision \(float16\) the backward's gradient "
+                                           r"is in params.compute_grad; call params.unscale_grads"):
+        opt.step()
+    assert opt.steps == 0
+    before = model.params.data.copy()
+    assert model.params.unscale_grads(1.0)
+    opt.step()
+    assert opt.steps == 1 and not np.array_equal(model.params.data, before)
+    full = gpt(np.float32)                                 # without mixed precision nothing is asked
+    full.forward(x, x)
+    full.backward()
+    optim.SGD(full.params, 0.1).step()
+
+
 def test_an_overflowing_step_is_skipped_and_a_finite_one_updates_and_syncs():
     model = gpt(np.float16)
     opt = optim.AdamW(model.params, 1e-2)

@@ -100,6 +100,19 @@ def test_gpt_prompt_longer_than_block_size():
     model = gpt()
     prompt = [0, 1, 2, 3, 4, 5, 6, 0, 1]
     assert list(generate(model, prompt, 8, seed=3)) == list(generate(model, prompt, 8, seed=3, use_cache=False))
+    # the first token is predicted from the prompt's newest block_size tokens, as nanoGPT crops
+    window = GPT_TINY["block_size"]
+    for use_cache, method in ((True, "forward_step"), (False, "forward")):
+        seen = []
+        def spy(ids, *args, _run=getattr(model, method), **kwargs):
+            seen.append(np.asarray(ids)[0].tolist())
+            return _run(ids, *args, **kwargs)
+        setattr(model, method, spy)
+        try:
+            list(generate(model, prompt, 1, seed=3, use_cache=use_cache))
+        finally:
+            delattr(model, method)
+        assert seen == [prompt[-window:]]
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

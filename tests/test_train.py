@@ -194,7 +194,7 @@ def test_a_checkpoint_whose_meta_lacks_an_entry(corpus, trained, tmp_path, comma
     argv = (["train", "--data", corpus, "--out", str(out), "--resume", "--backend", "numpy", "--no-progress"]
             if command == "resume" else [command, "--checkpoint", str(out / "last.npz"), "--backend", "numpy"])
     err = _error(capsys, argv)
-    assert "is truncated or is not a minilm checkpoint (missing meta entries: tokenizer)" in err
+    assert "has no meta entries tokenizer, which this reads; the checkpoints minilm train writes have them" in err
 
 
 def test_resume_refuses_other_text(corpus, trained, tmp_path, capsys):
@@ -328,6 +328,45 @@ def test_evaluate_scores_every_character_once(corpus):
         evaluate(model, ids[:1], block_size=16, batch_size=3)
     with pytest.raises(ValueError, match=r"evaluate: option 'batch_size' must be a positive integer, got 0"):
         evaluate(model, ids, block_size=16, batch_size=0)
+    for block_size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=r"evaluate: option 'block_size' must be a positive integer, got"):
+            evaluate(model, ids, block_size=block_size, batch_size=3)
+
+
+# --- training from Python ---------------------------------------------------------------------
+
+PY_TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=4, eval_interval=2,
+               eval_iters=1, warmup_iters=1, lr_decay_iters=8)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(optimizer="bogus"), r"option '--optimizer' must be one of adamw, adam, sgd, rmsprop, got 'bogus'"),
+    (dict(schedule="bogus"), r"option '--schedule' must be one of cosine, constant, step, got 'bogus'"),
+    (dict(model="bogus"), r"option '--model' must be one of gpt, rnn, lstm, gru, got 'bogus'"),
+    (dict(eval_interval=0), r"option '--eval-interval' must be a finite number > 0, got 0"),
+    (dict(grad_clip=-1.0), r"option '--grad-clip' must be a finite number >= 0, got -1.0"),
+    (dict(seed=-1), r"option '--seed' must be a finite number >= 0, got -1"),
+    (dict(n_layer=2.0), r"option '--n-layer' must be an integer, got 2.0"),
+    (dict(lr="0.1"), r"option '--lr' must be a number, got '0.1'"),
+    (dict(nesterov="no"), r"option '--nesterov' must be True or False, got 'no'"),
+    (dict(batching="contiguous"), r"option '--batching' contiguous is for the recurrent models"),
+])
+def test_train_from_python_checks_its_config_before_writing(corpus, tmp_path, change, match):
+    from minilm.config import TrainConfig
+    with pytest.raises(ValueError, match=match):
+        train.train(TrainConfig(**dict(PY_TINY, **change)), data=corpus, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_from_python_takes_numpy_numbers_and_logs_through_log(corpus, tmp_path, capsys):
+    from minilm.config import TrainConfig
+    lines = []
+    cfg = TrainConfig(**dict(PY_TINY, lr=np.float32(2e-3), batch_size=np.int64(4)))
+    train.train(cfg, data=corpus, out_dir=tmp_path / "run", progress=False, log=lines.append)
+    assert capsys.readouterr().out == ""                   # every line went to log
+    assert [line.split(":")[0] for line in lines if line.startswith("iter ")] == ["iter 0", "iter 2", "iter 4"]
+    saved = checkpoint.load(tmp_path / "run" / "last.npz").meta["train_config"]
+    assert saved["lr"] == float(np.float32(2e-3)) and type(saved["batch_size"]) is int
 
 
 # --- bad input ------------------------------------------------------------------------------

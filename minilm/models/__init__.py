@@ -23,29 +23,35 @@ __all__ = ["GPT", "GPTConfig", "KVCache", "RNNLM", "RNNConfig", "MODELS", "build
            "model_meta", "param_count"]
 
 
+def _config(op, kind, config_dict):
+    """The config of a model of ``kind`` from a dict of its fields, and the model's class."""
+    if kind not in MODELS:
+        raise ValueError(f"{op}: argument 'kind' must be one of {', '.join(map(repr, MODELS))}, got {kind!r}")
+    config_cls, model_cls = MODELS[kind]
+    if not isinstance(config_dict, dict):
+        raise TypeError(f"{op}: argument 'config_dict' must be a dict, got {type(config_dict).__name__}")
+    fields = config_cls.__dataclass_fields__
+    unknown = sorted(set(config_dict) - set(fields))
+    if unknown:
+        raise ValueError(f"{op}: argument 'config_dict' has unknown field(s) {', '.join(unknown)} "
+                         f"for {config_cls.__name__}; its fields are {', '.join(fields)}")
+    missing = [f for f, spec in fields.items() if f not in config_dict and spec.default is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{op}: argument 'config_dict' lacks the field(s) {', '.join(missing)} "
+                         f"of {config_cls.__name__}")
+    return config_cls(**config_dict), model_cls
+
+
 def param_count(kind, config_dict):
     """How many parameters ``build_model(kind, config_dict)`` would hold, without allocating them."""
-    config_cls, model_cls = MODELS[kind]
-    return sum(math.prod(shape) for _, shape in model_cls.param_specs(config_cls(**config_dict)))
+    config, model_cls = _config("param_count", kind, config_dict)
+    return sum(math.prod(shape) for _, shape in model_cls.param_specs(config))
 
 
 def build_model(kind, config_dict, dtype=np.float32, seed=0):
     """A new model of ``kind`` ("gpt" or "rnn") from a dict of its config's fields."""
-    if kind not in MODELS:
-        raise ValueError(f"build_model: argument 'kind' must be one of {', '.join(map(repr, MODELS))}, got {kind!r}")
-    config_cls, model_cls = MODELS[kind]
-    if not isinstance(config_dict, dict):
-        raise TypeError(f"build_model: argument 'config_dict' must be a dict, got {type(config_dict).__name__}")
-    fields = config_cls.__dataclass_fields__
-    unknown = sorted(set(config_dict) - set(fields))
-    if unknown:
-        raise ValueError(f"build_model: argument 'config_dict' has unknown field(s) {', '.join(unknown)} "
-                         f"for {config_cls.__name__}; its fields are {', '.join(fields)}")
-    missing = [f for f, spec in fields.items() if f not in config_dict and spec.default is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"build_model: argument 'config_dict' lacks the field(s) {', '.join(missing)} "
-                         f"of {config_cls.__name__}")
-    return model_cls(config_cls(**config_dict), dtype=dtype, seed=seed)
+    config, model_cls = _config("build_model", kind, config_dict)
+    return model_cls(config, dtype=dtype, seed=seed)
 
 
 def model_meta(model):

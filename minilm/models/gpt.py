@@ -72,8 +72,8 @@ import numpy as np
 from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.params import Params, precision_of
-from minilm.validate import (as_float_dtype, require_divisible, require_ids, require_ndim, require_positive,
-                             require_probability)
+from minilm.validate import (as_float_dtype, require_bool, require_divisible, require_ids, require_ndim,
+                             require_positive, require_probability, require_seed)
 
 IGNORE_INDEX = -100     # targets equal to this are not counted by the loss (cross_entropy's default)
 
@@ -92,10 +92,11 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             require_positive("GPTConfig", name, getattr(self, name), int)
+            object.__setattr__(self, name, int(getattr(self, name)))     # a NumPy integer saves as JSON too
         require_divisible("GPTConfig", "n_embd", self.n_embd, "n_head", self.n_head)
         require_probability("GPTConfig", "dropout", self.dropout)
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"GPTConfig: option 'bias' must be True or False, got {self.bias!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        require_bool("GPTConfig", "bias", self.bias)
 
 
 class BlockCache(NamedTuple):
@@ -201,6 +202,7 @@ class GPT:
         self._bias_shapes = {name: shape for name, shape in self.param_specs(cfg, all_biases=True) if _is_bias(name)}
         self.params = Params(self.param_specs(cfg), **precision_of(dtype))      # 16-bit: float32 master weights
 
+        require_seed("GPT", "seed", seed)
         rng = np.random.default_rng(seed)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)   # nanoGPT's scaled init of c_proj
         for name, view in self.params.values.items():
@@ -284,6 +286,7 @@ class GPT:
         idx = self._ids(op, "idx", idx, cfg.block_size)
         if targets is not None:
             targets = check_targets(op, targets, idx, cfg.vocab_size)
+        require_bool(op, "train", train)
         p = cfg.dropout if train else 0.0
         rng = dropout_rng(op, rng, self.rng)
         B, T = idx.shape

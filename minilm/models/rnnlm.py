@@ -52,7 +52,8 @@ from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_backward, dropout_forward, dropout_rng
 from minilm.params import Params, precision_of
-from minilm.validate import as_float_dtype, require_choice, require_positive, require_probability
+from minilm.validate import (as_float_dtype, require_bool, require_choice, require_positive, require_probability,
+                             require_seed)
 
 CELLS = ("rnn", "lstm", "gru")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -72,7 +73,9 @@ class RNNConfig:
         require_choice("RNNConfig", "cell", self.cell, CELLS)
         for name in ("vocab_size", "n_layer", "hidden_size", "n_embd"):
             require_positive("RNNConfig", name, getattr(self, name), int)
+            object.__setattr__(self, name, int(getattr(self, name)))     # a NumPy integer saves as JSON too
         require_probability("RNNConfig", "dropout", self.dropout)
+        object.__setattr__(self, "dropout", float(self.dropout))
 
 
 class LayerCache(NamedTuple):
@@ -99,6 +102,7 @@ class RNNLM:
         self.config = cfg = config
         self.params = Params(self.param_specs(cfg), **precision_of(dtype))      # 16-bit: float32 master weights
 
+        require_seed("RNNLM", "seed", seed)
         rng = np.random.default_rng(seed)
         k = 1.0 / math.sqrt(cfg.hidden_size)
         for name, view in self.params.values.items():
@@ -219,6 +223,7 @@ class RNNLM:
         if targets is not None:
             targets = check_targets(op, targets, idx, cfg.vocab_size)
         state = self._check_state(op, state, idx.shape[0])
+        require_bool(op, "train", train)
         p = cfg.dropout if train else 0.0
         rng = dropout_rng(op, rng, self.rng)
 
@@ -274,5 +279,6 @@ class RNNLM:
         replaces the caches kept for ``backward``.
         """
         idx_new = check_idx("RNNLM.forward_step", "idx_new", self._xp().asarray(idx_new), self.config.vocab_size)
+        state = self._check_state("RNNLM.forward_step", state, idx_new.shape[0])
         logits, _, state = self.forward(idx_new, state=state)
         return logits[:, -1], state
