@@ -336,7 +336,8 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
         q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
         y, att = _attention_forward_kernel(q, k, v, mask, masked, causal, scale)
         return y, AttentionCache(q, k, v, att, None, bool(causal))
-    att = q @ np.swapaxes(k, -1, -2)                            # (B, NH, Tq, Tk) S before scaling
+    att = np.empty((B, NH, Tq, Tk), dtype=q.dtype)              # C order whatever q's and k's (the kernel needs it)
+    np.matmul(q, np.swapaxes(k, -1, -2), out=att)               # S before scaling
     pick(_scores_to_weights_kernel, att.size)(att, mask, masked, causal, scale)
     att_d, drop = dropout_forward(att, p=dropout, rng=rng) if dropout else (att, None)   # weights dropped
     y = _heads_of(np.empty((B, Tq, NH * hs), dtype=att_d.dtype), 1, NH)[0]   # (B, NH, Tq, hs)
