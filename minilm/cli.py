@@ -5,6 +5,7 @@ Every subcommand takes ``--backend numpy|numba|cupy``.
 import argparse
 import itertools
 import os
+import signal
 import sys
 
 from minilm import backend
@@ -83,7 +84,9 @@ def _train(args):
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's
     result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
-    return 130 if result["interrupted"] else 0
+    if result["interrupted"]:                     # 128 + the signal's number, as a shell reports it
+        return 128 + int(signal.Signals[result["interrupted"]])
+    return 0
 
 
 def _sample(args, out=None):
@@ -148,7 +151,7 @@ def main(argv=None):
             from minilm.bench import run as bench_run
             bench_run.benchmark(args)
             return 0
-    except KeyboardInterrupt:                                # Ctrl-C (train's first one saves and returns 130)
+    except KeyboardInterrupt:                                # Ctrl-C (train saves at the first one, exit 130)
         print(f"\nminilm {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:                                  # output into `head`, which has read enough

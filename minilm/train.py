@@ -5,7 +5,7 @@
 writes into ``--out``: ``last.npz`` and ``best.npz`` (checkpoints, written atomically),
 ``metrics.jsonl`` (one JSON object per evaluation) and ``loss.png`` (when matplotlib is
 installed). ``--resume`` continues from ``last.npz`` so that it computes exactly the losses
-the uninterrupted run would have; Ctrl-C saves ``last.npz`` before exiting.
+the uninterrupted run would have; Ctrl-C (or a SIGTERM) saves ``last.npz`` before exiting.
 """
 import contextlib
 import dataclasses
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 import warnings
 
@@ -168,22 +169,30 @@ def _plot(metrics_path, png_path):
 
 
 class _StopRequest:
-    """Turns the first Ctrl-C into a request to stop at the end of the current iteration."""
+    """Turns the first Ctrl-C (SIGINT), or a SIGTERM (``kill``, a job scheduler, ``timeout``), into a
+    request to stop at the end of the current iteration, which then saves. Signal handlers can only
+    be set in the main thread; a run in another thread stops on them as Python does by default."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.requested = None                    # the signal's number, once one came
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:                       # a second Ctrl-C stops at once
+        if self.requested:                       # a second one stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 # what a checkpoint's meta must hold for --resume (the other entries are optional: older runs lack them)
@@ -240,8 +249,9 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     ``out_dir`` that already holds a run's checkpoints is refused unless ``overwrite``.
     ``cuda_graph`` False runs every step op by op on the cupy backend (``TrainStep``).
 
-    Returns a dict with the final iteration, the last evaluation and whether it stopped early
-    or was interrupted.
+    Returns a dict with the final iteration (``iter``), the last evaluation (``last_eval``),
+    ``stopped_early``, and ``interrupted``: False, or the name of the signal that stopped the run
+    ("SIGINT" for Ctrl-C, "SIGTERM"), after it saved ``last.npz``.
     """
     cfg = config.validate(cfg)
     check_out_dir(out_dir)
@@ -388,7 +398,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
             if stop.requested:
                 _save(last_path, model, optimizer, meta())
                 say(f"interrupted: saved iteration {it} to {last_path}; continue with --resume")
-                result["interrupted"] = True
+                result["interrupted"] = signal.Signals(stop.requested).name
                 break
 
             # one training step: batch, forward, backward, clip, update

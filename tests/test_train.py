@@ -107,6 +107,32 @@ def test_ctrl_c_saves_and_resume_continues_exactly(corpus, tmp_path, monkeypatch
     assert _evaluations(_metrics(straight)) == _evaluations(_metrics(interrupted))
 
 
+def test_sigterm_saves_like_ctrl_c(corpus, tmp_path, monkeypatch):
+    """``kill``, a job scheduler's or ``timeout``'s SIGTERM saves the run too, then exits with 143."""
+    real_clip, calls = train.optim.clip_grad_norm, []
+
+    def clip_then_terminate(params, max_norm):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    assert _train(corpus, tmp_path / "run", "--max-iters", "12") == 128 + signal.SIGTERM
+    assert checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 6
+    assert signal.getsignal(signal.SIGTERM) == before                       # the handler is given back
+
+
+def test_training_in_another_thread_runs_without_signal_handlers(corpus, tmp_path):
+    import threading
+    results = []
+    worker = threading.Thread(target=lambda: results.append(_train(corpus, tmp_path / "run", "--max-iters", "4")))
+    worker.start()
+    worker.join()
+    assert results == [0] and checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 4
+
+
 def test_resume_without_data_reads_the_saved_runs_text(corpus, tmp_path, monkeypatch):
     """The run remembers its text by absolute path: resumed from another folder without --data,
     it trains on the same text and computes the same losses."""
