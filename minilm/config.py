@@ -156,7 +156,7 @@ def add_options(parser):
         type_name = _type_name(f)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parsers[type_name], default=None,
                             choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else type_name.upper(),
-                            help=f"default: the preset's, else {f.default!r}")
+                            help=f"default: the preset's, else {f.default!r}; with --resume, the saved run's")
 
 
 # option -> (who uses it, the settings that use it): an option given for a run that never reads it

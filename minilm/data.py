@@ -168,13 +168,53 @@ def load_text(data, *, cache_dir=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"load_text: MINILM_DATA_DIR is set to '{data_dir}', but it holds no "
                                     f"{SHAKESPEARE_FILE}; put the file there or unset MINILM_DATA_DIR")
-        return _read_text_file(path), f"tiny Shakespeare, {path}"
+        text = _read_text_file(path)
+        if text_digest(text) == SHAKESPEARE_SHA256:
+            return text, f"tiny Shakespeare, {path}"
+        warnings.warn(f"load_text: {path} (from MINILM_DATA_DIR) is not tiny Shakespeare as published: its "
+                      f"SHA-256 is not {SHAKESPEARE_SHA256}; training on it anyway", stacklevel=2)
+        return text, f"{path} (not the published tiny Shakespeare)"
     path = os.path.join(os.fspath(cache_dir or default_cache_dir()), SHAKESPEARE_FILE)
     if os.path.isfile(path):
-        return _read_text_file(path), f"tiny Shakespeare, {path}"
+        text = _read_text_file(path)
+        if text_digest(text) == SHAKESPEARE_SHA256:
+            return text, f"tiny Shakespeare, {path}"
+        warnings.warn(f"load_text: the cached {path} does not have tiny Shakespeare's SHA-256 (cut short or "
+                      f"changed); downloading it again", stacklevel=2)
     raw = download_shakespeare()
-    _save_to_cache(path, raw)
-    return _decode(raw, path), f"tiny Shakespeare, downloaded from {SHAKESPEARE_URL} to {path}"
+    saved = _save_to_cache(path, raw)
+    return _decode(raw, path), f"tiny Shakespeare, downloaded from {SHAKESPEARE_URL}" + (f" to {path}" if saved else "")
+
+
+def load_saved_text(meta, data, *, command, path, other_text_ok=False):
+    """The text and source of a saved run (``meta`` of its checkpoint at ``path``): ``data`` when given,
+    else the text the run was trained on. That must still be the text it was trained on (its SHA-256
+    is saved; runs saved before it was are not checked), and so must ``data`` unless ``other_text_ok``
+    (``minilm eval`` may score any text; ``--resume`` may not train on another)."""
+    saved, digest = meta.get("data"), meta.get("data_sha256")
+    if data is None:
+        if saved != "shakespeare" and not os.path.isfile(os.fspath(saved)):
+            raise FileNotFoundError(f"{command}: the text this run was trained on, {saved!r} (named in {path}), "
+                                    f"is no longer there; pass a copy of it with --data PATH")
+        text, source = load_text(saved)
+        if digest is not None and text_digest(text) != digest:
+            raise ValueError(f"{command}: the text this run was trained on, {saved!r}, has changed since (its "
+                             f"SHA-256 is not the one saved in {path}); pass an unchanged copy with --data PATH"
+                             + (", or another text to score with --data" if other_text_ok else ""))
+        return text, source
+    text, source = load_text(data)
+    if not other_text_ok and digest is not None and text_digest(text) != digest:
+        raise ValueError(f"{command}: option '--data' {os.fspath(data)!r} holds other text than the run saved in "
+                         f"{path} was trained on ({saved!r}); pass that text to resume it, or train a new run "
+                         f"in another --out")
+    return text, source
+
+
+def text_digest(text):
+    """The SHA-256 of a text's UTF-8 bytes: tiny Shakespeare's published one for that corpus (which
+    has no byte-order mark), and the digest a run saves so that ``--resume`` and ``eval`` can tell
+    that a file still holds the text it was trained on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def default_cache_dir():
@@ -213,11 +253,14 @@ def download_shakespeare(url=SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S):
 
 
 def _save_to_cache(path, raw):
+    """True when the bytes were saved at ``path``."""
     try:
         atomic_write(path, lambda f: f.write(raw))
     except OSError as e:
         warnings.warn(f"load_text: could not cache tiny Shakespeare at {path} ({e}); "
                       "it will be downloaded again next time", stacklevel=3)
+        return False
+    return True
 
 
 def _read_text_file(path):

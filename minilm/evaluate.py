@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from minilm import backend, checkpoint
-from minilm.data import CharTokenizer, load_text, split
+from minilm.data import CharTokenizer, load_saved_text, split
 from minilm.models import model_from_meta
 from minilm.parallel import batch_runner
 from minilm.validate import require_positive
@@ -56,8 +56,8 @@ def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
 
 def run(args, out=print):
     model, tokenizer, meta = load_model(args.checkpoint, EVAL_META)
+    text, source = load_saved_text(meta, args.data, command="minilm eval", path=args.checkpoint, other_text_ok=True)
     data = args.data or meta["data"]
-    text, source = load_text(data)
     train_ids, val_ids = split(tokenizer.encode(text, what=f"option '--data' {data!r}"), 0.9)
     ids = val_ids if args.split == "val" else train_ids
     cfg = meta["train_config"]

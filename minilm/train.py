@@ -9,7 +9,6 @@ the uninterrupted run would have; Ctrl-C (or a SIGTERM) saves ``last.npz`` befor
 """
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,8 @@ import numpy as np
 from minilm import backend, checkpoint, config, optim
 from minilm.precision import LossScaler
 from minilm.validate import as_numpy_dtype
-from minilm.data import CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_text, split
+from minilm.data import (CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_saved_text,
+                         load_text, split, text_digest)
 from minilm.models import build_model, model_meta, param_count
 from minilm.models.rnnlm import GATES
 from minilm.parallel import batch_runner
@@ -216,6 +216,24 @@ def saved_config(out_dir):
     return config.TrainConfig(**saved.meta["train_config"])
 
 
+def _check_unchanged_on_resume(saved, cfg, path):
+    """Refuse, naming the option, a resumed run's settings that its saved state cannot serve: another
+    optimizer (the moments are the saved one's), momentum switched on or off (its buffer), another
+    batching, or another batch size for contiguous batches (the carried state has one row per
+    stream). The model's shape and dtype are checked against the checkpoint's model."""
+    fixed = ["optimizer", "batching"]
+    if cfg.optimizer in ("sgd", "rmsprop") and (saved.momentum == 0) != (cfg.momentum == 0):
+        fixed.append("momentum")
+    if cfg.batching == "contiguous":
+        fixed.append("batch_size")
+    for name in fixed:
+        before, now = getattr(saved, name), getattr(cfg, name)
+        if before != now:
+            raise ValueError(f"minilm train: --resume: option '--{name.replace('_', '-')}' cannot change when a run "
+                             f"is resumed (the state saved in {path} is for {before!r}), got {now!r}; train a new "
+                             f"run in another --out for that")
+
+
 def _keep_metrics_up_to(metrics_path, last_eval_iter):
     """Drop the lines of evaluations after ``last_eval_iter`` from metrics.jsonl (atomically).
 
@@ -226,17 +244,23 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
         return
     with open(metrics_path, encoding="utf-8") as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.strip() and last_eval_iter is not None
-            and json.loads(line)["iter"] <= last_eval_iter]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or last_eval_iter is None:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if number == len(lines):                # a write cut off (killed, or the disk full): after the save
+                continue
+            raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not a JSON object "
+                             f"({line.strip()[:40]!r}); remove or repair that line") from None
+        if row["iter"] <= last_eval_iter:
+            kept.append(line)
     if len(kept) != len(lines):
         with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
-
-
-def data_digest(text):
-    """The SHA-256 of a corpus, saved with a run so that ``--resume`` can tell it the same text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, cuda_graph=True, log=print):
@@ -263,14 +287,12 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                          f"({', '.join(held)}); continue it with --resume, train into another --out, "
                          f"or pass --overwrite to start afresh there")
     saved = checkpoint.load(last_path, required_meta=RUN_META) if resume else None
-    if saved is not None and data is None:
-        data = saved.meta["data"]                      # the saved run's text
-    text, source = load_text(data)
-    digest = data_digest(text)
-    if saved is not None and saved.meta.get("data_sha256", digest) != digest:      # older runs saved none
-        raise ValueError(f"minilm train: --resume: option '--data' {data!r} holds other text than the run saved in "
-                         f"{last_path} was trained on ({saved.meta['data']!r}); pass that text to resume it, "
-                         f"or train a new run in another --out")
+    if saved is not None:
+        text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
+        data = saved.meta["data"] if data is None else data
+    else:
+        text, source = load_text(data)
+    digest = text_digest(text)
     if saved is not None:
         tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
     else:
@@ -319,6 +341,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
 
     if saved is not None:
         checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
+        _check_unchanged_on_resume(config.TrainConfig(**saved.meta["train_config"]), cfg, last_path)
         model.params.load(saved.params)
         optimizer.load_state_dict(saved.optimizer_state)
         batches.load_state_dict(saved.meta["batches"])

@@ -176,10 +176,30 @@ def fake_download(monkeypatch, payload=FAKE_CORPUS, checksum=None):
 
 def test_shakespeare_from_minilm_data_dir(offline, monkeypatch):
     (offline / "tinyshakespeare.txt").write_bytes(FAKE_CORPUS)
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(FAKE_CORPUS).hexdigest())
     monkeypatch.setenv("MINILM_DATA_DIR", str(offline))
     text, source = load_text("shakespeare")
     assert text == FAKE_CORPUS.decode()
-    assert str(offline) in source
+    assert source == f"tiny Shakespeare, {offline / 'tinyshakespeare.txt'}"
+
+
+def test_another_file_in_minilm_data_dir_is_used_with_a_warning(offline, monkeypatch):
+    (offline / "tinyshakespeare.txt").write_bytes(FAKE_CORPUS)
+    monkeypatch.setenv("MINILM_DATA_DIR", str(offline))
+    with pytest.warns(UserWarning, match=r"\(from MINILM_DATA_DIR\) is not tiny Shakespeare as published: its "
+                                         r"SHA-256 is not 86c4e6aa.*; training on it anyway"):
+        text, source = load_text("shakespeare")
+    assert text == FAKE_CORPUS.decode() and source.endswith("(not the published tiny Shakespeare)")
+
+
+def test_a_cached_copy_cut_short_is_downloaded_again(offline, monkeypatch):
+    calls = fake_download(monkeypatch)
+    load_text("shakespeare")
+    cached = offline / "xdg" / "minilm" / "tinyshakespeare.txt"
+    cached.write_bytes(FAKE_CORPUS[:40])
+    with pytest.warns(UserWarning, match=r"the cached .* does not have tiny Shakespeare's SHA-256 .*downloading it again"):
+        text, source = load_text("shakespeare")
+    assert text == FAKE_CORPUS.decode() and len(calls) == 2 and cached.read_bytes() == FAKE_CORPUS
 
 
 def test_minilm_data_dir_without_the_file_is_an_error(offline, monkeypatch):
@@ -212,7 +232,8 @@ def test_an_unwritable_cache_warns_and_still_returns_the_text(offline, monkeypat
     fake_download(monkeypatch)
     (offline / "a_file").write_text("not a folder")
     with pytest.warns(UserWarning, match=r"could not cache tiny Shakespeare"):
-        text, _ = load_text("shakespeare", cache_dir=offline / "a_file" / "cache")
+        text, source = load_text("shakespeare", cache_dir=offline / "a_file" / "cache")
+    assert source == f"tiny Shakespeare, downloaded from {data.SHAKESPEARE_URL}"        # saved nowhere
     assert text == FAKE_CORPUS.decode()
 
 

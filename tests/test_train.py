@@ -233,6 +233,58 @@ def test_resume_refuses_other_text(corpus, trained, tmp_path, capsys):
     assert checkpoint.load(out / "last.npz").meta["iter"] == 4     # the saved run is untouched
 
 
+def test_a_cut_off_last_metrics_line_does_not_block_resume(corpus, trained, capsys):
+    metrics = trained / "metrics.jsonl"
+    whole = metrics.read_text(encoding="utf-8")
+    metrics.write_text(whole + '{"iter": 8, "train_lo', encoding="utf-8")       # a write cut off
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8",
+                     "--backend", "numpy", "--no-progress"]) == 0
+    assert [r["iter"] for r in _metrics(trained)] == [0, 4, 8]
+    metrics.write_text("not json\n" + metrics.read_text(encoding="utf-8"), encoding="utf-8")   # not a cut-off write
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "12", "--backend", "numpy",
+                          "--no-progress"])
+    assert f"--resume: line 1 of {metrics} is not a JSON object ('not json'); remove or repair that line" in err
+
+
+@pytest.mark.parametrize("first, then, option", [
+    ([], ["--optimizer", "sgd"], "optimizer"),
+    (["--optimizer", "sgd"], ["--momentum", "0.9"], "momentum"),
+    (["--model", "lstm"], ["--batching", "contiguous"], "batching"),
+    (["--model", "lstm", "--batching", "contiguous"], ["--batch-size", "2"], "batch-size"),
+])
+def test_resume_names_an_option_that_cannot_change(corpus, tmp_path, capsys, first, then, option):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4", *first) == 0
+    err = _error(capsys, ["train", "--out", str(out), "--resume", "--max-iters", "8", *then,
+                          "--backend", "numpy", "--no-progress"])
+    assert f"--resume: option '--{option}' cannot change when a run is resumed" in err
+    assert checkpoint.load(out / "last.npz").meta["iter"] == 4
+
+
+@pytest.mark.parametrize("change", ["edited", "deleted"])
+def test_a_runs_text_changed_since_training_is_named_by_resume_and_eval(corpus, trained, capsys, change):
+    """Without --data, resume and eval read the text the run was trained on; once that file has
+    changed, eval would score a 'validation split' holding training text, so both refuse it."""
+    text = open(corpus, encoding="utf-8").read()
+    if change == "edited":
+        open(corpus, "a", encoding="utf-8").write(text[:2000])
+        said = "has changed since (its SHA-256 is not the one saved in"
+    else:
+        os.remove(corpus)
+        said = "is no longer there; pass a copy of it with --data PATH"
+    resume = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8",
+                             "--backend", "numpy", "--no-progress"])
+    assert f"--resume: the text this run was trained on, {corpus!r}" in resume and said in resume
+    assert "option '--data'" not in resume                       # an option the user did not give
+    evaluation = _error(capsys, ["eval", "--checkpoint", str(trained / "last.npz"), "--backend", "numpy"])
+    assert f"the text this run was trained on, {corpus!r}" in evaluation and said in evaluation
+    copy = trained.parent / "copy.txt"                           # an unchanged copy, given with --data, works
+    copy.write_text(text, encoding="utf-8")
+    assert cli.main(["eval", "--checkpoint", str(trained / "last.npz"), "--data", str(copy), "--backend", "numpy"]) == 0
+    assert cli.main(["train", "--out", str(trained), "--resume", "--data", str(copy), "--max-iters", "8",
+                     "--backend", "numpy", "--no-progress"]) == 0
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")    # NumPy's overflow and invalid values, on the way to nan
 def test_a_diverged_loss_is_a_clear_error_and_keeps_the_checkpoints(corpus, tmp_path, capsys):
     out = tmp_path / "run"
