@@ -82,11 +82,13 @@ def atomic_write(path, write):
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), mode)     # mkstemp's 0600 would hide a run from the user's group
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -94,6 +96,16 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     _fsync_directory(parent)
+
+
+def _file_mode(path):
+    """The permissions a new file gets: those of the file it replaces, else 0666 less the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_directory(directory):
@@ -179,7 +191,11 @@ def _read_archive(f):
 
 def _read_entries(path):
     """Every array in the checkpoint file; file-format errors become one clear error."""
-    with open(path, "rb") as f:             # ours to close, even when np.load fails midway
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise OSError(f"checkpoint.load: '{path}' cannot be read: {e.strerror or e}") from None
+    with f:                                 # ours to close, even when np.load fails midway
         if f.read(4) not in ZIP_MAGIC:
             raise _not_a_checkpoint(path, "it is not an .npz (zip) archive")
         f.seek(0)

@@ -152,7 +152,8 @@ def main(argv=None):
             bench_run.benchmark(args)
             return 0
     except KeyboardInterrupt:                                # Ctrl-C (train saves at the first one, exit 130)
-        print(f"\nminilm {args.command}: interrupted", file=sys.stderr)
+        lost = "; what it trained since its last checkpoint was not saved" if args.command == "train" else ""
+        print(f"\nminilm {args.command}: interrupted{lost}", file=sys.stderr)
         return 130
     except BrokenPipeError:                                  # output into `head`, which has read enough
         _silence_stdout()

@@ -20,7 +20,11 @@ def load_model(path, required_meta=MODEL_META):
     saved = checkpoint.load(path, required_meta=required_meta)
     model = model_from_meta(saved.meta["model"])
     model.params.load(saved.params)
-    return model, CharTokenizer.from_dict(saved.meta["tokenizer"]), saved.meta
+    tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"load_model: '{path}' holds a tokenizer of {tokenizer.vocab_size} characters for a model "
+                         f"of vocab_size {model.config.vocab_size}; they were not saved together")
+    return model, tokenizer, saved.meta
 
 
 def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -143,8 +144,23 @@ def estimate_loss(model, batches):
 
 
 def _save(path, model, optimizer, meta):
-    checkpoint.save(path, params=backend.to_numpy(model.params.data), optimizer_state=optimizer.state_dict(),
-                    meta=meta)
+    try:
+        checkpoint.save(path, params=backend.to_numpy(model.params.data), optimizer_state=optimizer.state_dict(),
+                        meta=meta)
+    except OSError as e:                    # a full disk, a file-size limit, a folder made read-only
+        raise OSError(f"minilm train: could not save {path}: {e.strerror or e}; the checkpoint saved there "
+                      f"before, if any, is intact") from None
+
+
+STALE = (".last.npz.", ".best.npz.")        # atomic_write's temporary files, left by a process killed in a save
+
+
+def _remove_stale_temporaries(out_dir):
+    """Remove the temporary checkpoint files a killed run left in ``out_dir`` (its checkpoints are intact)."""
+    for name in os.listdir(out_dir):
+        if name.startswith(STALE) and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, name))
 
 
 def _plot(metrics_path, png_path):
@@ -189,6 +205,8 @@ class _StopRequest:
         if self.requested:                       # a second one stops at once
             raise KeyboardInterrupt
         self.requested = signum
+        print(f"\nminilm train: {signal.Signals(signum).name}: stopping at the end of this iteration to save "
+              f"last.npz; press Ctrl-C again to quit without saving", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
@@ -320,6 +338,9 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     except OSError as e:
         raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} cannot be made a folder: "
                          f"{e.strerror or e}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):       # found now, not at the first evaluation's save
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a folder this user cannot write in")
+    _remove_stale_temporaries(out_dir)
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
     model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
     runner = batch_runner(model)        # forward and backward over the cores (minilm.parallel)

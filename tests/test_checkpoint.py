@@ -94,6 +94,19 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
     np.testing.assert_array_equal(ckpt.params, np.ones(3))
 
 
+def test_a_new_checkpoint_follows_the_umask_and_a_replaced_one_keeps_its_mode(tmp_path):
+    path = tmp_path / "c.npz"
+    old = os.umask(0o027)
+    try:
+        save(path, params=np.zeros(3), optimizer_state=None, meta={})
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)          # 0666 less the umask, not mkstemp's 0600
+    os.chmod(path, 0o604)                                              # the user's own choice survives a save
+    save(path, params=np.ones(3), optimizer_state=None, meta={})
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o604)
+
+
 @pytest.mark.parametrize("interruption", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, interruption):
     path = tmp_path / "c.npz"
@@ -121,6 +134,17 @@ def test_missing_file(tmp_path):
 def test_directory_is_not_a_checkpoint(tmp_path):
     with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file"):
         load(tmp_path)
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    save(path, params=np.zeros(3), optimizer_state=None, meta={})
+    import builtins
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if os.fspath(p) == str(path) else real_open(p, *a, **k))
+    with pytest.raises(OSError, match=r"checkpoint.load: '.*c.npz' cannot be read: Permission denied"):
+        load(path)
 
 
 def test_truncated_file(tmp_path):

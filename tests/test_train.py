@@ -107,6 +107,52 @@ def test_ctrl_c_saves_and_resume_continues_exactly(corpus, tmp_path, monkeypatch
     assert _evaluations(_metrics(straight)) == _evaluations(_metrics(interrupted))
 
 
+def test_a_killed_saves_temporary_file_is_removed_by_the_next_run(corpus, trained):
+    stale = trained / ".best.npz.k1ll3d.tmp"                  # what a process killed inside a save leaves
+    stale.write_bytes(b"half a checkpoint")
+    kept = trained / "notes.tmp"                               # not ours: left alone
+    kept.write_text("mine")
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy",
+                     "--no-progress"]) == 0
+    assert not stale.exists() and kept.read_text() == "mine"
+
+
+def test_an_out_folder_that_cannot_be_written_is_named_before_training(corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "locked"
+    real_access = os.access
+    monkeypatch.setattr(train.os, "access", lambda p, mode: False if os.fspath(p) == str(out) else real_access(p, mode))
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY])
+    assert f"option '--out' {str(out)!r} is a folder this user cannot write in" in err
+    assert os.listdir(out) == []
+
+
+def test_a_failed_save_names_the_file_and_keeps_the_previous_checkpoint(corpus, trained, monkeypatch, capsys):
+    before = (trained / "last.npz").read_bytes()
+
+    def full_disk(path, **kwargs):
+        raise OSError(27, "File too large")
+    monkeypatch.setattr(train.checkpoint, "save", full_disk)
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy",
+                          "--no-progress"])
+    assert f"could not save {trained / 'best.npz'}: File too large; the checkpoint saved there before, if any, is intact" in err \
+        or f"could not save {trained / 'last.npz'}: File too large" in err
+    assert (trained / "last.npz").read_bytes() == before
+
+
+def test_the_first_ctrl_c_says_what_happens_next(corpus, tmp_path, monkeypatch, capsys):
+    real_clip, calls = train.optim.clip_grad_norm, []
+
+    def clip_then_interrupt(params, max_norm):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_clip(params, max_norm)
+    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_interrupt)
+    assert _train(corpus, tmp_path / "run", "--max-iters", "12") == 130
+    assert ("SIGINT: stopping at the end of this iteration to save last.npz; press Ctrl-C again to quit without "
+            "saving") in capsys.readouterr().err
+
+
 def test_sigterm_saves_like_ctrl_c(corpus, tmp_path, monkeypatch):
     """``kill``, a job scheduler's or ``timeout``'s SIGTERM saves the run too, then exits with 143."""
     real_clip, calls = train.optim.clip_grad_norm, []
@@ -221,6 +267,14 @@ def test_a_checkpoint_whose_meta_lacks_an_entry(corpus, trained, tmp_path, comma
             if command == "resume" else [command, "--checkpoint", str(out / "last.npz"), "--backend", "numpy"])
     err = _error(capsys, argv)
     assert "has no meta entries tokenizer, which this reads; the checkpoints minilm train writes have them" in err
+
+
+def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model(trained, tmp_path, capsys):
+    saved = checkpoint.load(trained / "last.npz")
+    saved.meta["tokenizer"]["chars"] = saved.meta["tokenizer"]["chars"][:-2]       # edited by hand
+    checkpoint.save(tmp_path / "edited.npz", params=saved.params, optimizer_state=None, meta=saved.meta)
+    err = _error(capsys, ["sample", "--checkpoint", str(tmp_path / "edited.npz"), "--backend", "numpy"])
+    assert "edited.npz' holds a tokenizer of" in err and "they were not saved together" in err
 
 
 def test_resume_refuses_other_text(corpus, trained, tmp_path, capsys):
