@@ -239,6 +239,7 @@ class BatchParallel:
         split = self._split
         if split is None:
             return self.model.backward(loss_scale)
+        require_positive(f"{type(self.model).__name__}.backward", "loss_scale", loss_scale)
         if split.weights is None:
             raise RuntimeError(f"{type(self.model).__name__}.backward: call forward(idx, targets) with targets first")
         if self.model._cache is not split.model_cache:

@@ -153,6 +153,18 @@ def require_positive(op, name, value, kind=float, *, finite=True):
         raise ValueError(f"{op}: option '{name}' must be {what}, got {value!r}")
 
 
+def as_scalar_gradient(op, name, value, xp, dtype):
+    """``value`` (a real number, or a 0-d numeric array) as a 0-d array of ``dtype``: the upstream
+    gradient of a scalar loss. None or a string would become NaN or a number silently."""
+    numeric = (isinstance(value, numbers.Real) and not isinstance(value, bool)) or \
+        (hasattr(value, "dtype") and hasattr(value, "shape") and (value.dtype.kind in "fiu" or value.dtype.name == "bfloat16"))
+    if not numeric:
+        raise TypeError(f"{op}: argument '{name}' must be a real number or a 0-d array, got {type(value).__name__}")
+    value = xp.asarray(value, dtype=dtype)
+    require_shape(op, name, value, (), "() (a scalar)")
+    return value
+
+
 def require_seed(op, name, seed, *, allow_none=False):
     """An integer seed >= 0 (numpy's generators take no negative seed), or None where ``allow_none``."""
     if seed is None and allow_none:

@@ -59,8 +59,8 @@ import numbers
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import (require_float, require_ids, require_min_ndim, require_nonempty, require_probability,
-                             require_shape)
+from minilm.validate import (as_scalar_gradient, require_float, require_ids, require_min_ndim, require_nonempty,
+                             require_probability, require_shape)
 
 
 class CrossEntropyCache(NamedTuple):
@@ -132,8 +132,7 @@ def cross_entropy_backward(dloss, cache):
     """
     p, t, counted, M, eps = cache
     xp = get_array_module(p)
-    dloss = xp.asarray(dloss, dtype=p.dtype)                   # ()
-    require_shape("cross_entropy_backward", "dloss", dloss, (), "() (a scalar)")
+    dloss = as_scalar_gradient("cross_entropy_backward", "dloss", dloss, xp, p.dtype)     # ()
     V = p.shape[-1]
     onehot = (xp.arange(V) == t[..., None]).astype(p.dtype)   # (..., V)
     q = (1.0 - eps) * onehot + eps / V                         # (..., V) smoothed target distribution

@@ -124,6 +124,18 @@ def test_layernorm_equals_reference(dtype, lead, C, eps, seed, non_contiguous):
                  (x, gamma, beta), {"eps": eps}, dy, TOL[dtype])
 
 
+def test_layernorm_backward_of_a_float32_dy_on_a_float64_forward_promotes_as_the_reference():
+    rng = np.random.default_rng(0)
+    x, gamma, beta = rng.standard_normal((4, 6)), 1 + rng.standard_normal(6), rng.standard_normal(6)
+    dy = rng.standard_normal((4, 6)).astype(np.float32)
+    _, cache = ref_layernorm.layernorm_forward(x, gamma, beta)
+    expected = ref_layernorm.layernorm_backward(dy, cache)
+    got = cpu_layernorm.layernorm_backward(dy, cpu_layernorm.layernorm_forward(x, gamma, beta)[1])
+    assert [g.dtype for g in got] == [e.dtype for e in expected]      # dx, dgamma float64; dbeta float32
+    for g, e in zip(got, expected):
+        assert relative_error(g, e) <= TOL[np.float64]
+
+
 # --- GELU -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -261,6 +261,11 @@ def test_backward_rejects_a_dloss_that_is_not_a_scalar():
     _, cache = cross_entropy_forward(*example())
     with pytest.raises(ValueError, match=r"cross_entropy_backward: argument 'dloss' must have shape \(\)"):
         cross_entropy_backward(np.ones(2), cache)
+    for bad in (None, "2", True):                          # would have become NaN, 2.0 or 1.0 silently
+        with pytest.raises(TypeError, match=r"cross_entropy_backward: argument 'dloss' must be a real number "
+                                            r"or a 0-d array, got"):
+            cross_entropy_backward(bad, cache)
+    assert cross_entropy_backward(np.float32(2.0), cache)[0].dtype == cache[0].dtype
 
 
 # --- PyTorch ----------------------------------------------------------------------------------

@@ -372,6 +372,18 @@ def test_gpt_forward_rejects_bad_input():
         model.forward(idx, targets, train="no")
 
 
+@pytest.mark.parametrize("make", [lambda: GPT(GPTConfig(**GPT_TINY)), lambda: RNNLM(RNNConfig(cell="lstm", **RNN_TINY))],
+                         ids=["GPT", "RNNLM"])
+def test_backward_rejects_a_loss_scale_that_is_not_a_positive_number(make):
+    model = make()
+    idx, targets = batch()
+    model.forward(idx, targets)
+    for bad in (None, "2", 0.0, float("nan")):             # None had given a gradient of NaN
+        with pytest.raises(ValueError, match=r"(GPT|RNNLM)\.backward: option 'loss_scale' must be a positive finite "
+                                             r"number, got"):
+            model.backward(bad)
+
+
 @pytest.mark.parametrize("make", [lambda seed: GPT(GPTConfig(**GPT_TINY), seed=seed),
                                   lambda seed: RNNLM(RNNConfig(cell="gru", **RNN_TINY), seed=seed)],
                          ids=["GPT", "RNNLM"])

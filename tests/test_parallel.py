@@ -217,6 +217,9 @@ def test_bad_input_is_checked_on_the_whole_batch():
             batch_runner(MODELS["gpt"](), threads)
     with pytest.raises(ValueError, match=r"GPT\.forward: option 'train' must be True or False, got 'no'"):
         runner.forward(idx, targets, train="no")
+    runner.forward(idx, targets)
+    with pytest.raises(ValueError, match=r"GPT\.backward: option 'loss_scale' must be a positive finite number, got None"):
+        runner.backward(None)                                  # as the model's own backward says
 
 
 def test_a_backward_after_the_model_ran_a_forward_of_its_own_is_refused():

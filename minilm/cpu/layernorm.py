@@ -109,8 +109,8 @@ def layernorm_backward(dy, cache):
     """Numba ``minilm.reference.layernorm.layernorm_backward``: returns (dx, dgamma, dbeta)."""
     x_hat, rstd, gamma = cache
     require_shape("layernorm_backward", "dy", dy, x_hat.shape, "(..., C)")
-    if dy.dtype not in KERNEL_DTYPES or x_hat.dtype not in KERNEL_DTYPES:
-        return reference.layernorm_backward(dy, cache)
+    if dy.dtype not in KERNEL_DTYPES or x_hat.dtype not in KERNEL_DTYPES or dy.dtype != x_hat.dtype:
+        return reference.layernorm_backward(dy, cache)       # mixed dtypes: the reference's promotions
     N, C = math.prod(x_hat.shape[:-1]), x_hat.shape[-1]
     dy2 = np.ascontiguousarray(dy).reshape(N, C)               # (N, C)
     dx = np.empty_like(dy2)

@@ -26,7 +26,7 @@ from numba import prange
 from minilm.cpu._parallel import pick, rows_kernel
 from minilm.reference import losses as reference
 from minilm.reference.losses import CrossEntropyCache, check_cross_entropy_args
-from minilm.validate import require_shape
+from minilm.validate import as_scalar_gradient
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
@@ -99,8 +99,7 @@ def cross_entropy_backward(dloss, cache):
     p, t, counted, M, eps = cache
     if p.dtype not in KERNEL_DTYPES:
         return reference.cross_entropy_backward(dloss, cache)
-    dloss = np.asarray(dloss, dtype=p.dtype)                   # ()
-    require_shape("cross_entropy_backward", "dloss", dloss, (), "() (a scalar)")
+    dloss = as_scalar_gradient("cross_entropy_backward", "dloss", dloss, np, p.dtype)     # ()
     N, V = math.prod(p.shape[:-1]), p.shape[-1]
     w = counted.reshape(N) * (dloss / max(M, 1))               # (N,) each counted position's share
     dlogits = np.empty((N, V), dtype=p.dtype)

@@ -331,6 +331,7 @@ class GPT:
         c = self._cache
         if c is None or c.loss is None:
             raise RuntimeError("GPT.backward: call forward(idx, targets) with targets first")
+        require_positive("GPT.backward", "loss_scale", loss_scale)
         cfg, xp = self.config, self._xp()
         acc = self._accumulate
         self.params.begin_grads()

@@ -254,6 +254,7 @@ class RNNLM:
         c = self._cache
         if c is None or c.loss is None:
             raise RuntimeError("RNNLM.backward: call forward(idx, targets) with targets first")
+        require_positive("RNNLM.backward", "loss_scale", loss_scale)
         acc = self._accumulate
         self.params.begin_grads()
 
