@@ -11,6 +11,7 @@ import time
 
 from minilm import config
 from minilm.data import CharTokenizer, RandomBatches, evaluation_batches, load_text, split
+from minilm.bench.threads import limited
 
 
 def minilm_curve(cfg, data, backend_name):
@@ -127,7 +128,8 @@ def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=N
     cfg = _config(preset_name, seed, max_iters)
     results = []
     for b in backends:
-        curve = minilm_curve(cfg, data, b)
+        with limited(threads):                          # as many threads as the peer's
+            curve = minilm_curve(cfg, data, b)
         results.append({"impl": b, "curve": curve, "seconds_to_target": time_to(curve, target)})
     if torch_peer:
         curve = torch_curve(cfg, data, threads)
@@ -147,7 +149,8 @@ def replay(preset_name, data, *, backend, threads, seed=None, max_iters=None, ou
     cfg = _config(preset_name, seed, max_iters)
     weights = {}
     peer = torch_curve(cfg, data, threads, initial_weights=weights)
-    ours = minilm_curve_from(cfg, data, backend, weights)
+    with limited(threads):
+        ours = minilm_curve_from(cfg, data, backend, weights)
     out(f"\n{preset_name}, seed {cfg.seed}: minilm ({backend}) from the PyTorch peer's initial weights, "
         "on the same batches; validation loss")
     out(f"  {'iter':>6} {'minilm':>9} {'pytorch':>9} {'difference':>11}")

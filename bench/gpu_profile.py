@@ -98,7 +98,7 @@ def main(dtypes):
 
         torch.manual_seed(0)
         peer = peers.make_model(cfg, V).to("cuda")
-        peer_optimizer = peers.make_optimizer(peer, cfg, fused=True)
+        peer_optimizer = peers.make_optimizer(peer, cfg)
         amp = None if dtype == "float32" else getattr(torch, dtype)
         grad_scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
         tx, ty = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()

@@ -56,7 +56,7 @@ def run(seed=1337, data="shakespeare", gelu="none", threads=2, preset_name="shak
         return torch.stack([ids[i:i + T] for i in ix]), torch.stack([ids[i + 1:i + 1 + T] for i in ix])
 
     model = peers.TorchGPT(tokenizer.vocab_size, T, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias, cfg.dropout, gelu)
-    optimizer, schedule = peers.make_optimizer(model, cfg), make_schedule(cfg)
+    optimizer, schedule = peers.make_optimizer(model, cfg, fused=False), make_schedule(cfg)   # as nanoGPT on a CPU
 
     @torch.no_grad()
     def estimate_loss():                                  # train.py's estimate_loss

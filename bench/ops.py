@@ -3,6 +3,8 @@ import time
 
 import numpy as np
 
+from minilm.bench.threads import limited
+
 # the GPT CPU preset's shapes and the LSTM/GRU presets'
 B, T, C, NH, V = 12, 64, 128, 4, 65
 RB, RT, RD, RH = 32, 64, 128, 256
@@ -49,14 +51,15 @@ def run(backends, *, threads, repeats=20, out=print):
     for b in backends:
         minilm.use(b)
         xp = backend.xp()
-        for name, (args, kwargs) in cases.items():
-            args = tuple(xp.asarray(a) for a in args)
-            forward, backward = backend.op(f"{name}_forward"), backend.op(f"{name}_backward")
+        with limited(threads):                          # --threads, as the worker processes get it
+            for name, (args, kwargs) in cases.items():
+                args = tuple(xp.asarray(a) for a in args)
+                forward, backward = backend.op(f"{name}_forward"), backend.op(f"{name}_backward")
 
-            def step():
-                y, cache = forward(*args, **kwargs)
-                backward(xp.ones_like(y), cache)
-            rows.append({"backend": b, "op": name, "ms": _time(step, repeats)})
+                def step():
+                    y, cache = forward(*args, **kwargs)
+                    backward(xp.ones_like(y), cache)
+                rows.append({"backend": b, "op": name, "ms": _time(step, repeats)})
     out(f"\nper-op forward + backward, ms (median of {repeats}; GPT CPU preset and LSTM preset shapes, float32)")
     out(f"  {'op':<16}" + "".join(f"{b:>10}" for b in backends))
     for name in cases:

@@ -303,6 +303,8 @@ def _rounds(jobs, rounds):
         runs = [measured[r][i] for r in range(rounds)]
         row = {"job": job, "rounds": runs, "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
                "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)}
+        if all("baseline_rss_mb" in x for x in runs):   # what the steps added to the libraries and the model
+            row["steps_rss_mb"] = max(x["peak_rss_mb"] - x["baseline_rss_mb"] for x in runs)
         if "ms_per_step" in runs[0]:
             row["ms_per_step"] = statistics.median(x["ms_per_step"] for x in runs)
         gpu_mb = [x.get("gpu_pool_mb", x.get("gpu_reserved_mb")) for x in runs]
@@ -322,7 +324,9 @@ def _print_rows(out, title, rows, ms_key):
     mfu = any("mfu" in r for r in rows)
     out(f"\n{title}; medians of {n} round{'s' if n > 1 else ''}")
     vs_numpy = any("vs_numpy" in r for r in rows)
-    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9}" + (f" {'GPU MB':>8}" if gpu else "")
+    steps = any("steps_rss_mb" in r for r in rows)
+    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9}" + (f" {'+MB in steps':>12}" if steps else "")
+        + (f" {'GPU MB':>8}" if gpu else "")
         + (f" {'MFU':>6}" if mfu else "") + f" {'vs pytorch (range)':>22}" + (f" {'vs numpy (range)':>22}" if vs_numpy else ""))
 
     def ratio(v):
@@ -330,6 +334,8 @@ def _print_rows(out, title, rows, ms_key):
     for r in rows:
         ms = f"{r[ms_key]:9.2f}" if ms_key else f"{'':>9}"
         line = f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f}"
+        if steps:
+            line += f" {r['steps_rss_mb']:12.0f}" if "steps_rss_mb" in r else f" {'':>12}"
         if gpu:
             line += f" {r['gpu_mb']:8.0f}" if "gpu_mb" in r else f" {'':>8}"
         if mfu:

@@ -91,7 +91,7 @@ def torch_train(job, cfg, V):
         torch.backends.cudnn.allow_tf32 = False     # cuDNN's RNNs would take TF32 tensor cores (PyTorch's default)
     torch.manual_seed(0)
     model = peers.make_model(cfg, V).to(device)             # float32 weights, also under autocast
-    optimizer = peers.make_optimizer(model, cfg, fused=on_gpu)
+    optimizer = peers.make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     baseline = _rss_mb()
     x, y = _data(V, cfg.batch_size, cfg.block_size, job["warmup"] + job["steps"])

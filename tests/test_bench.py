@@ -84,7 +84,10 @@ def test_a_training_step_measurement_end_to_end(tmp_path, capsys):
     results = json.loads(path.read_text())
     (row,) = results["train"]
     assert row["job"]["preset"] == "shakespeare-gru" and row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
-    assert "training step, shakespeare-gru" in capsys.readouterr().out
+    (measured,) = row["rounds"]
+    assert row["steps_rss_mb"] == measured["peak_rss_mb"] - measured["baseline_rss_mb"] >= 0
+    printed = capsys.readouterr().out
+    assert "training step, shakespeare-gru" in printed and "+MB in steps" in printed
 
 
 def test_converge_with_a_negative_seed_is_a_clear_error(capsys):
@@ -371,3 +374,28 @@ def test_nanogpts_loop_trains_and_scores_the_whole_split(tmp_path, monkeypatch):
     again = nanogpt.run(seed=5, data=str(corpus), threads=1, out=lines.append)
     assert again["curve"] == result["curve"]                                        # the seed fixes everything
     assert any("nanoGPT's loop" in line for line in lines)
+
+
+def test_threads_limit_minilm_in_the_bench_process_as_the_peer_is_limited():
+    """``--threads`` reaches the benchmarks that run minilm in the bench process (ops, converge,
+    replay) as it reaches the worker processes and the PyTorch peer, and is undone afterwards."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    import minilm
+    from minilm import backend
+    from minilm.bench.threads import limited
+    from minilm.models import GPT, GPTConfig
+    from minilm.parallel import BatchParallel, batch_runner
+
+    def blas():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    minilm.use("numba")
+    model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    numba_before, blas_before = numba.get_num_threads(), blas()
+    with limited(1):
+        assert backend.current() == "numba" and numba.get_num_threads() == 1 and set(blas()) == {1}
+        assert batch_runner(model) is model                 # one thread: no slices side by side
+    assert (backend.current(), numba.get_num_threads(), blas()) == ("numba", numba_before, blas_before)
+    if numba_before > 1:
+        assert isinstance(batch_runner(model), BatchParallel)
