@@ -59,13 +59,15 @@ def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
 
 
 def run(args, out=print):
+    if args.batch_size is not None:                             # 0 is refused, not the default
+        require_positive("minilm eval", "--batch-size", args.batch_size, int)
     model, tokenizer, meta = load_model(args.checkpoint, EVAL_META)
     text, source = load_saved_text(meta, args.data, command="minilm eval", path=args.checkpoint, other_text_ok=True)
     data = args.data or meta["data"]
     train_ids, val_ids = split(tokenizer.encode(text, what=f"option '--data' {data!r}"), 0.9)
     ids = val_ids if args.split == "val" else train_ids
     cfg = meta["train_config"]
-    batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size   # 0 is refused, not the default
+    batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
     result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=batch_size,
                       what=f"the {args.split} split of --data {data!r}")
     out(f"{args.checkpoint} (iteration {meta['iter']}) on the {args.split} split of {source}, "

@@ -316,6 +316,9 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     else:
         tokenizer = CharTokenizer.from_text(text)
     ids = tokenizer.encode(text, what=f"option '--data' {data!r}")    # a resumed run's vocabulary
+    if len(ids) < 2:                                    # split's own message would not name --data
+        raise ValueError(f"minilm train: option '--data' {data!r} holds {len(ids)} character; each of its "
+                         f"training and validation splits needs one block (--block-size {cfg.block_size} + 1)")
     train_ids, val_ids = split(ids, 0.9)
     for name, part in (("training", train_ids), ("validation", val_ids)):
         if len(part) < cfg.block_size + 1:

@@ -37,7 +37,7 @@ y      (..., C)    dout (..., C)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_ids, require_ndim, require_shape
+from minilm.validate import require_float, require_ids, require_ndim, require_nonempty, require_shape
 
 
 class EmbeddingCache(NamedTuple):
@@ -60,6 +60,7 @@ def embedding_forward(ids, E):
     """
     require_float("embedding", "E", E)
     require_ndim("embedding", "E", E, 2, "(V, C)")
+    require_nonempty("embedding", "E", E, 1, "C", "(V, C)")
     V, C = E.shape
     require_ids("embedding", "ids", ids, V)
     y = E[ids]                                                 # (..., C)

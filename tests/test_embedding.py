@@ -121,6 +121,8 @@ BAD_INPUTS = [
     ("E not float", lambda ids, E: (ids, E.astype(np.int64)), TypeError, r"embedding: argument 'E' must be a floating"),
     ("E 1-d", lambda ids, E: (ids, E[:, 0]), ValueError, r"embedding: argument 'E' must have 2 dimensions \(V, C\)"),
     ("E 3-d", lambda ids, E: (ids, E[None]), ValueError, r"embedding: argument 'E' must have 2 dimensions \(V, C\)"),
+    ("E of width 0", lambda ids, E: (ids, E[:, :0]), ValueError,       # its backward had failed inside NumPy
+     r"embedding: argument 'E' must have C >= 1 in \(V, C\), got shape \(11, 0\)"),
 ]
 
 

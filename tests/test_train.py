@@ -412,7 +412,7 @@ def test_eval_and_sample(corpus, tmp_path, capsys):
 def test_eval_bad_batch_size_and_too_short_text(trained, tmp_path, capsys):
     out = trained
     err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--batch-size", "0", "--backend", "numpy"])
-    assert "evaluate: option 'batch_size' must be a positive integer, got 0" in err
+    assert "option '--batch-size' must be a positive integer, got 0" in err
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be", encoding="utf-8")    # a validation split of 2 characters: fine
     assert cli.main(["eval", "--checkpoint", str(out / "last.npz"), "--data", str(short), "--backend", "numpy"]) == 0
@@ -513,6 +513,13 @@ def test_empty_corpus(tmp_path, capsys):
     path.write_text("")
     err = _error(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "o"), *TINY])
     assert "empty" in err and str(path) in err
+
+
+def test_a_one_character_corpus_names_data(tmp_path, capsys):
+    path = tmp_path / "one.txt"
+    path.write_text("a")
+    err = _error(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "o"), *TINY])
+    assert f"option '--data' {str(path)!r} holds 1 character; each of its training and validation splits" in err
 
 
 def test_undecodable_corpus(tmp_path, capsys):
