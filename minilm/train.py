@@ -238,8 +238,9 @@ def _check_unchanged_on_resume(saved, cfg, path):
     """Refuse, naming the option, a resumed run's settings that its saved state cannot serve: another
     optimizer (the moments are the saved one's), momentum switched on or off (its buffer), another
     batching, or another batch size for contiguous batches (the carried state has one row per
-    stream). The model's shape and dtype are checked against the checkpoint's model."""
-    fixed = ["optimizer", "batching"]
+    stream), or another seed (the evaluation batches come from it: best.npz would be picked on other
+    batches). The model's shape and dtype are checked against the checkpoint's model."""
+    fixed = ["optimizer", "batching", "seed"]
     if cfg.optimizer in ("sgd", "rmsprop") and (saved.momentum == 0) != (cfg.momentum == 0):
         fixed.append("momentum")
     if cfg.batching == "contiguous":

@@ -302,6 +302,7 @@ def test_a_cut_off_last_metrics_line_does_not_block_resume(corpus, trained, caps
 
 @pytest.mark.parametrize("first, then, option", [
     ([], ["--optimizer", "sgd"], "optimizer"),
+    ([], ["--seed", "7"], "seed"),
     (["--optimizer", "sgd"], ["--momentum", "0.9"], "momentum"),
     (["--model", "lstm"], ["--batching", "contiguous"], "batching"),
     (["--model", "lstm", "--batching", "contiguous"], ["--batch-size", "2"], "batch-size"),
