@@ -85,19 +85,24 @@ def test_resumed_run_computes_the_same_losses(corpus, tmp_path, model_options):
     assert [row for row in b if row[0] != 6] == a                # bit for bit
 
 
+def _signal_in_step(monkeypatch, signum, step):
+    """Send ``signum`` to this process in the middle of training step ``step`` (inside its clipping)."""
+    real_clip, calls = train.optim.clip_grad_norm, []
+
+    def clip_then_signal(params, max_norm):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real_clip(params, max_norm)
+    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_signal)
+
+
 def test_ctrl_c_saves_and_resume_continues_exactly(corpus, tmp_path, monkeypatch):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert _train(corpus, straight, "--max-iters", "12") == 0
 
-    real_clip, calls = train.optim.clip_grad_norm, []
-
-    def clip_then_interrupt(params, max_norm):
-        calls.append(1)
-        if len(calls) == 7:
-            os.kill(os.getpid(), signal.SIGINT)                  # Ctrl-C in the middle of step 7
-        return real_clip(params, max_norm)
-
-    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_interrupt)
+    real_clip = train.optim.clip_grad_norm
+    _signal_in_step(monkeypatch, signal.SIGINT, 7)                       # Ctrl-C in the middle of step 7
     assert _train(corpus, interrupted, "--max-iters", "12") == 130
     assert checkpoint.load(interrupted / "last.npz").meta["iter"] == 7   # step 7 finished, then saved
     monkeypatch.setattr(train.optim, "clip_grad_norm", real_clip)
@@ -140,14 +145,7 @@ def test_a_failed_save_names_the_file_and_keeps_the_previous_checkpoint(corpus, 
 
 
 def test_the_first_ctrl_c_says_what_happens_next(corpus, tmp_path, monkeypatch, capsys):
-    real_clip, calls = train.optim.clip_grad_norm, []
-
-    def clip_then_interrupt(params, max_norm):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_clip(params, max_norm)
-    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_interrupt)
+    _signal_in_step(monkeypatch, signal.SIGINT, 2)
     assert _train(corpus, tmp_path / "run", "--max-iters", "12") == 130
     assert ("SIGINT: stopping at the end of this iteration to save last.npz; press Ctrl-C again to quit without "
             "saving") in capsys.readouterr().err
@@ -155,15 +153,7 @@ def test_the_first_ctrl_c_says_what_happens_next(corpus, tmp_path, monkeypatch, 
 
 def test_sigterm_saves_like_ctrl_c(corpus, tmp_path, monkeypatch):
     """``kill``, a job scheduler's or ``timeout``'s SIGTERM saves the run too, then exits with 143."""
-    real_clip, calls = train.optim.clip_grad_norm, []
-
-    def clip_then_terminate(params, max_norm):
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_clip(params, max_norm)
-
-    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_terminate)
+    _signal_in_step(monkeypatch, signal.SIGTERM, 6)
     before = signal.getsignal(signal.SIGTERM)
     assert _train(corpus, tmp_path / "run", "--max-iters", "12") == 128 + signal.SIGTERM
     assert checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 6
