@@ -9,6 +9,8 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 MODELS = ("gpt", "rnn", "lstm", "gru")
 OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "rmsprop")
 SCHEDULE_NAMES = ("cosine", "constant", "step")
@@ -105,11 +107,11 @@ def validate(cfg):
         value, kind = getattr(cfg, f.name), _type_name(f)
         option = "--" + f.name.replace("_", "-")
         wanted = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"),
-                  "bool": (bool, "True or False"), "str": (str, "a string")}[kind]
-        if not isinstance(value, wanted[0]) or (kind in ("int", "float") and isinstance(value, bool)):
+                  "bool": ((bool, np.bool_), "True or False"), "str": (str, "a string")}[kind]
+        if not isinstance(value, wanted[0]) or (kind in ("int", "float") and isinstance(value, (bool, np.bool_))):
             raise ValueError(f"minilm train: option '{option}' must be {wanted[1]}, got {value!r}")
-        if kind in ("int", "float"):
-            plain[f.name] = int(value) if kind == "int" else float(value)     # numpy scalars save as JSON too
+        if kind != "str":                                   # numpy scalars save as JSON too
+            plain[f.name] = {"int": int, "float": float, "bool": bool}[kind](value)
     cfg = dataclasses.replace(cfg, **plain)
     for f in fields(cfg):
         value = getattr(cfg, f.name)

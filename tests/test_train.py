@@ -484,12 +484,12 @@ def test_train_from_python_checks_its_config_before_writing(corpus, tmp_path, ch
 def test_train_from_python_takes_numpy_numbers_and_logs_through_log(corpus, tmp_path, capsys):
     from minilm.config import TrainConfig
     lines = []
-    cfg = TrainConfig(**dict(PY_TINY, lr=np.float32(2e-3), batch_size=np.int64(4)))
+    cfg = TrainConfig(**dict(PY_TINY, lr=np.float32(2e-3), batch_size=np.int64(4), bias=np.False_))
     train.train(cfg, data=corpus, out_dir=tmp_path / "run", progress=False, log=lines.append)
     assert capsys.readouterr().out == ""                   # every line went to log
     assert [line.split(":")[0] for line in lines if line.startswith("iter ")] == ["iter 0", "iter 2", "iter 4"]
     saved = checkpoint.load(tmp_path / "run" / "last.npz").meta["train_config"]
-    assert saved["lr"] == float(np.float32(2e-3)) and type(saved["batch_size"]) is int
+    assert saved["lr"] == float(np.float32(2e-3)) and type(saved["batch_size"]) is int and saved["bias"] is False
 
 
 # --- bad input ------------------------------------------------------------------------------
