@@ -11,6 +11,7 @@ host longest (cProfile). Wall time above device time is time the GPU waited for 
 Needs CuPy, a CUDA build of PyTorch and a GPU; ``gpu/run.sh OUTDIR profile`` runs it.
 """
 import cProfile
+import importlib.util
 import io
 import pstats
 import sys
@@ -115,4 +116,12 @@ def main(dtypes):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["float32", "bfloat16"])
+    dtypes = sys.argv[1:] or ["float32", "bfloat16"]
+    unknown = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if unknown:
+        sys.exit(f"usage: python -m minilm.bench.gpu_profile [float32] [bfloat16] [float16]; got {' '.join(unknown)}")
+    missing = [m for m in ("cupy", "torch") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"minilm.bench.gpu_profile: needs CuPy and a CUDA PyTorch on a GPU machine; "
+                 f"not installed: {', '.join(missing)}")
+    main(dtypes)

@@ -47,7 +47,7 @@ def add_options(p):
     p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach")
     p.add_argument("--converge-preset", default="shakespeare-char-cpu", choices=list(PRESETS), metavar="PRESET",
                    help="converge, replay: the preset to train")
-    p.add_argument("--data", default="shakespeare", help="converge, replay: the corpus")
+    p.add_argument("--data", default="shakespeare", help="converge, replay, nanogpt: the corpus")
     p.add_argument("--seed", type=int, default=None, help="converge, replay, nanogpt: the seed (default: the preset's)")
     p.add_argument("--max-iters", type=int, default=None,
                    help="converge, replay: training iterations (default: the preset's); the learning-rate "
@@ -325,22 +325,25 @@ def _print_rows(out, title, rows, ms_key):
     out(f"\n{title}; medians of {n} round{'s' if n > 1 else ''}")
     vs_numpy = any("vs_numpy" in r for r in rows)
     steps = any("steps_rss_mb" in r for r in rows)
-    out(f"  {'':<28} {'ms/step':>9} {'tokens/s':>10} {'peak MB':>9}" + (f" {'+MB in steps':>12}" if steps else "")
-        + (f" {'GPU MB':>8}" if gpu else "")
-        + (f" {'MFU':>6}" if mfu else "") + f" {'vs pytorch (range)':>22}" + (f" {'vs numpy (range)':>22}" if vs_numpy else ""))
+    vs_torch = any("vs_torch" in r for r in rows)          # no peer (--no-torch, no PyTorch): no column
+    out(f"  {'':<28}" + (f" {'ms/step':>9}" if ms_key else "") + f" {'tokens/s':>10} {'peak MB':>9}"
+        + (f" {'+MB in steps':>12}" if steps else "") + (f" {'GPU MB':>8}" if gpu else "")
+        + (f" {'MFU':>6}" if mfu else "") + (f" {'vs pytorch (range)':>22}" if vs_torch else "")
+        + (f" {'vs numpy (range)':>22}" if vs_numpy else ""))
 
     def ratio(v):
         return f"{v['median']:6.2f}x ({v['min']:.2f}-{v['max']:.2f})" if v else ""
     for r in rows:
-        ms = f"{r[ms_key]:9.2f}" if ms_key else f"{'':>9}"
-        line = f"  {_label(r):<28} {ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f}"
+        ms = f" {r[ms_key]:9.2f}" if ms_key else ""
+        line = f"  {_label(r):<28}{ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f}"
         if steps:
             line += f" {r['steps_rss_mb']:12.0f}" if "steps_rss_mb" in r else f" {'':>12}"
         if gpu:
             line += f" {r['gpu_mb']:8.0f}" if "gpu_mb" in r else f" {'':>8}"
         if mfu:
             line += f" {100 * r['mfu']:5.1f}%" if "mfu" in r else f" {'':>6}"
-        line += f" {ratio(r.get('vs_torch')):>22}"
+        if vs_torch:
+            line += f" {ratio(r.get('vs_torch')):>22}"
         if vs_numpy:
             line += f" {ratio(r.get('vs_numpy')):>22}"
         out(line.rstrip())

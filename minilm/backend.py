@@ -48,7 +48,7 @@ def _load(name):
             import cupy
         except ImportError as e:
             raise RuntimeError(f"backend 'cupy' needs the cupy package, which did not import ({e}); "
-                               "install it with `pip install minilm[gpu]` on a machine with an NVIDIA GPU") from None
+                               "install it with `pip install -e '.[gpu]'` in a checkout (or `pip install 'minilm[gpu]'`) on a machine with an NVIDIA GPU") from None
         try:
             n = cupy.cuda.runtime.getDeviceCount()
         except Exception as e:  # the CUDA driver is missing or broken

@@ -79,6 +79,8 @@ def _train(args):
     ignored = config.ignored_options(args, cfg)
     if args.resume and args.preset is not None:
         ignored.insert(0, "option '--preset' is ignored with --resume: the saved run's settings are the start")
+    if args.no_cuda_graph and backend.current() != "cupy":
+        ignored.append("option '--no-cuda-graph' is ignored: it is used only by --backend cupy")
     for line in ignored:
         print(f"minilm train: warning: {line}", file=sys.stderr)
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's

@@ -151,14 +151,19 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# what 0 means, for the options where it switches something off or falls back to another option
+_ZERO_MEANS = {"lr_decay_iters": "0: --max-iters", "grad_clip": "0: no clipping", "patience": "0: no early stopping"}
+
+
 def add_options(parser):
     """One option per field, defaulting to None so that only what the user gave overrides the preset."""
     parsers = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     for f in fields(TrainConfig):
         type_name = _type_name(f)
+        zero = f" ({_ZERO_MEANS[f.name]})" if f.name in _ZERO_MEANS else ""
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parsers[type_name], default=None,
                             choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else type_name.upper(),
-                            help=f"default: the preset's, else {f.default!r}; with --resume, the saved run's")
+                            help=f"default: the preset's, else {f.default!r}; with --resume, the saved run's{zero}")
 
 
 # option -> (who uses it, the settings that use it): an option given for a run that never reads it

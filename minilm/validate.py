@@ -192,7 +192,7 @@ def as_numpy_dtype(op, name, dtype):
             import ml_dtypes
         except ImportError:
             raise ValueError(f"{op}: option '{name}' bfloat16 needs the ml_dtypes package, which comes with "
-                             f"CuPy (pip install minilm[gpu])") from None
+                             f"CuPy (pip install -e '.[gpu]' in a checkout)") from None
         return np.dtype(ml_dtypes.bfloat16)
     try:
         return np.dtype(dtype)

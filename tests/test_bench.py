@@ -88,6 +88,7 @@ def test_a_training_step_measurement_end_to_end(tmp_path, capsys):
     assert row["steps_rss_mb"] == measured["peak_rss_mb"] - measured["baseline_rss_mb"] >= 0
     printed = capsys.readouterr().out
     assert "training step, shakespeare-gru" in printed and "+MB in steps" in printed
+    assert "vs pytorch" not in printed                     # --no-torch: no peer, no empty column
 
 
 def test_converge_with_a_negative_seed_is_a_clear_error(capsys):

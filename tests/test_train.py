@@ -570,10 +570,11 @@ def test_bad_option_values(option, value, message, tmp_path, capsys):
 
 def test_options_the_run_does_not_use_are_said_to_be_ignored(corpus, tmp_path, capsys):
     assert _train(corpus, tmp_path / "run", "--max-iters", "2", "--model", "lstm", "--optimizer", "sgd",
-                  "--momentum", "0.9", "--beta2", "0.95") == 0      # TINY gives --n-head as well
+                  "--momentum", "0.9", "--beta2", "0.95", "--no-cuda-graph") == 0      # TINY gives --n-head as well
     err = capsys.readouterr().err
     assert "warning: option '--n-head' is ignored: it is used only by --model gpt" in err
     assert "warning: option '--beta2' is ignored: it is used only by --optimizer adam or adamw" in err
+    assert "warning: option '--no-cuda-graph' is ignored: it is used only by --backend cupy" in err
     assert "--momentum" not in err and "--hidden-size" not in err      # both used by this run
 
 
