@@ -23,9 +23,10 @@ checkpoint intact.
 (``model_meta`` from ``minilm.models``; with these two entries ``minilm sample`` reads the file,
 and ``minilm eval`` and ``--resume`` read the further entries ``minilm train`` writes.)
 """
+import contextlib
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -82,13 +83,13 @@ def atomic_write(path, write):
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    mode = _file_mode(path)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _new_temporary(parent, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fchmod(f.fileno(), mode)     # mkstemp's 0600 would hide a run from the user's group
+            with contextlib.suppress(FileNotFoundError):   # a replaced file's permissions stay as they were
+                os.fchmod(f.fileno(), os.stat(path).st_mode & 0o7777)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -98,14 +99,16 @@ def atomic_write(path, write):
     _fsync_directory(parent)
 
 
-def _file_mode(path):
-    """The permissions a new file gets: those of the file it replaces, else 0666 less the umask."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _new_temporary(folder, name):
+    """A new file ``.NAME.XXXXXXXX.tmp`` in ``folder``, opened for writing: (fd, path). Made with mode
+    0666, which the umask reduces as for any new file (``tempfile.mkstemp`` would make it 0600, and
+    hide a run's checkpoints from the user's group)."""
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _fsync_directory(directory):

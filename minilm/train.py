@@ -230,7 +230,11 @@ def saved_config(out_dir):
     """The TrainConfig of the run saved in ``out_dir/last.npz`` (what ``--resume`` starts from)."""
     check_out_dir(out_dir)
     path = os.path.join(out_dir, "last.npz")
-    saved = checkpoint.load(path, required_meta=RUN_META)
+    return _train_config_of(checkpoint.load(path, required_meta=RUN_META))
+
+
+def _train_config_of(saved):
+    """The TrainConfig a saved run was trained with."""
     return config.TrainConfig(**saved.meta["train_config"])
 
 
@@ -307,6 +311,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                          f"or pass --overwrite to start afresh there")
     saved = checkpoint.load(last_path, required_meta=RUN_META) if resume else None
     if saved is not None:
+        _check_unchanged_on_resume(_train_config_of(saved), cfg, last_path)     # before anything is built
         text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
         data = saved.meta["data"] if data is None else data
     else:
@@ -366,7 +371,6 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
 
     if saved is not None:
         checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
-        _check_unchanged_on_resume(config.TrainConfig(**saved.meta["train_config"]), cfg, last_path)
         model.params.load(saved.params)
         optimizer.load_state_dict(saved.optimizer_state)
         batches.load_state_dict(saved.meta["batches"])
