@@ -265,6 +265,8 @@ def test_split_is_nanogpts_ninety_ten():
     train, val = split(np.arange(100))
     assert train.tolist() == list(range(90)) and val.tolist() == list(range(90, 100))
     assert train.dtype == np.int64
+    train, val = split(np.arange(15))                   # int(0.9 * 15) = int(13.5): rounded down, as nanoGPT
+    assert (len(train), len(val)) == (13, 2)
 
 
 @pytest.mark.parametrize("ids,fraction,message", [
@@ -357,6 +359,13 @@ def test_evaluation_batches_are_fixed_and_leave_training_batches_alone():
     with_eval.next_batch(), without_eval.next_batch()
     evaluation_batches(corpus, 8, 4, n_batches=3)
     np.testing.assert_array_equal(with_eval.next_batch()[0], without_eval.next_batch()[0])
+    # the seed picks the batches: those of RandomBatches with that seed (train and val use different ones)
+    expected = RandomBatches(corpus, 8, 4, seed=1)
+    for x, y in first:
+        x_want, y_want = expected.next_batch()
+        np.testing.assert_array_equal(x, x_want)
+        np.testing.assert_array_equal(y, y_want)
+    assert not np.array_equal(evaluation_batches(corpus, 8, 4, n_batches=1, seed=2)[0][0], first[0][0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,6 +184,46 @@ def test_dropout_changes_training_forward_only():
     assert not np.allclose(train_1, eval_1)
 
 
+class RecordingGenerator(np.random.Generator):
+    """A Generator that records the shape of every ``random`` draw: dropout draws its masks there."""
+
+    def __init__(self, seed):
+        super().__init__(np.random.PCG64(seed))
+        self.shapes = []
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        self.shapes.append(tuple(np.atleast_1d(size)))
+        return super().random(size, dtype, out)
+
+
+def test_gpt_dropout_sits_where_nanogpts_does():
+    """A mask on the embeddings, then per block on the attention probabilities and on the output of
+    each residual branch (attn, mlp), in that order; none at evaluation. A missing dropout passes the
+    gradient check (forward and backward lose it together), so the masks drawn are counted."""
+    cfg = GPTConfig(**GPT_TINY, dropout=0.1)
+    model = GPT(cfg, dtype=np.float64)
+    idx, targets = batch()
+    rng = RecordingGenerator(0)
+    model.forward(idx, targets, train=True, rng=rng)
+    C, NH = cfg.n_embd, cfg.n_head
+    assert rng.shapes == [(B, T, C)] + [(B, NH, T, T), (B, T, C), (B, T, C)] * cfg.n_layer
+    rng = RecordingGenerator(0)
+    model.forward(idx, targets, rng=rng)
+    assert rng.shapes == []
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_rnnlm_dropout_follows_every_recurrent_layer(cell):
+    """char-rnn's placement: on the output of each of the L layers, the last one's included (before
+    the head); none on the embeddings."""
+    cfg = RNNConfig(**RNN_TINY, cell=cell, dropout=0.25)
+    model = RNNLM(cfg, dtype=np.float64)
+    idx, targets = batch()
+    rng = RecordingGenerator(0)
+    model.forward(idx, targets, train=True, rng=rng)
+    assert rng.shapes == [(B, T, cfg.hidden_size)] * cfg.n_layer
+
+
 # --- generation APIs -----------------------------------------------------------------------------
 
 def test_gpt_kv_cache_step_equals_full_forward():
@@ -273,6 +313,8 @@ def test_gpt_parameters_and_init():
     # nanoGPT: N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 L)); 4096 draws estimate std to ~2%
     assert abs(P["h.0.mlp.W_1"].std() - 0.02) < 0.002
     assert abs(np.concatenate([P[f"h.{l}.mlp.W_2"].ravel() for l in range(3)]).std() - 0.02 / np.sqrt(6)) < 0.001
+    # both residual projections are scaled, the attention's W_o (3 x 1024 draws) as the MLP's W_2
+    assert abs(np.concatenate([P[f"h.{l}.attn.W_o"].ravel() for l in range(3)]).std() - 0.02 / np.sqrt(6)) < 0.001
     no_bias = GPT(dataclasses.replace(cfg, bias=False))
     assert not any(name.endswith(("beta", "b_qkv", "b_o", "b_1", "b_2")) for name in no_bias.params)
 
@@ -282,6 +324,8 @@ def test_rnnlm_parameters_and_init():
     P = model.params
     assert P.shape("rnn.0.W_x") == (8, 48) and P.shape("rnn.1.W_x") == (16, 48) and P.shape("rnn.1.b_h") == (48,)
     assert P.shape("lm_head.W") == (16, 11)
+    # wte is nn.Embedding's N(0, 1): 88 draws estimate the std to ~8%; U(-1/4, 1/4) would give 0.14, never beyond 1/4
+    assert abs(P["wte"].std() - 1.0) < 0.25 and np.abs(P["wte"]).max() > 1.0
     assert np.all(np.abs(P.data[P.size - P["lm_head.W"].size - 11:]) <= 0.25)   # U(-1/sqrt(H), 1/sqrt(H))
     lstm = RNNLM(RNNConfig(vocab_size=11, cell="lstm", n_layer=1, hidden_size=16, n_embd=8), dtype=np.float64)
     assert lstm.params.shape("rnn.0.b") == (64,)

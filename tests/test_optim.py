@@ -209,6 +209,17 @@ def test_clip_grad_norm_bounds_the_norm_and_keeps_the_direction(scale, max_norm,
     np.testing.assert_allclose(params.grad * np.linalg.norm(g), g * np.linalg.norm(params.grad), rtol=RTOL_F64)
 
 
+def test_clip_grad_norm_divides_by_the_norm_plus_torchs_epsilon():
+    # torch's factor max_norm / (norm + 1e-6), without torch: a norm of 2 clipped to 1 scales by
+    # 1 / (2 + 1e-6), which differs from 1 / 2 by 5e-7 relative, far above RTOL_F64
+    params = make_params()
+    params.grad[...] = 0.0
+    params.grad[0], params.grad[13] = 1.2, -1.6                 # norm 2 (1.44 + 2.56 = 4)
+    assert clip_grad_norm(params, 1.0) == pytest.approx(2.0, rel=RTOL_F64)
+    assert params.grad[0] == pytest.approx(1.2 / (2.0 + 1e-6), rel=RTOL_F64)
+    assert params.grad[13] == pytest.approx(-1.6 / (2.0 + 1e-6), rel=RTOL_F64)
+
+
 # ---------------------------------------------------------------------------------------------
 # state_dict: a resumed optimizer takes exactly the steps of an uninterrupted one
 
@@ -372,6 +383,13 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement():
     stopper = EarlyStopping(patience=3)
     assert [stopper.update(v) for v in [3.0, 2.0, 2.5, 2.4, 2.0, 2.1]] == [False, False, False, False, True, True]
     assert stopper.best == 2.0
+
+
+def test_early_stopping_counts_from_the_latest_improvement():
+    # an improvement resets the count: two bad evaluations, a new best, then patience (3) bad ones
+    stopper = EarlyStopping(patience=3)
+    assert [stopper.update(v) for v in [3.0, 3.5, 3.6, 2.0, 2.1, 2.2, 2.3]] == [False] * 6 + [True]
+    assert (stopper.best, stopper.bad_evals) == (2.0, 3)
 
 
 def test_early_stopping_min_delta_and_nan():

@@ -79,6 +79,23 @@ def test_sample_token_is_the_inverse_cdf_with_one_draw():
     assert abs(counts[1] / 4000 - 0.25) < DRAWS_TOL
 
 
+def test_top_p_of_one_keeps_every_token():
+    # exp(-40) ~ 4e-18: the mass ahead of that token rounds to 1, yet top_p = 1 must keep it
+    z = np.array([0.0, -40.0])
+    np.testing.assert_array_equal(next_token_probs(z, top_p=1.0), next_token_probs(z))
+    assert next_token_probs(z, top_p=1.0)[1] > 0
+
+
+def test_a_token_of_probability_zero_is_never_drawn():
+    # top_k = 3 of these logits leaves probabilities that sum to 1 - 2^-53 in float64, and the
+    # largest u a Generator returns is 1 - 2^-53 too: u must be scaled by the sum, or that draw
+    # falls past the last kept token onto the excluded one
+    probs = next_token_probs(np.array([0.0, 1.0, 2.0, -50.0]), top_k=3)
+    assert probs[3] == 0 and np.cumsum(probs)[-1] < 1
+    largest = types.SimpleNamespace(random=lambda: np.nextafter(1.0, 0.0))
+    assert sample_token(probs, largest) == 2
+
+
 def test_non_finite_logits_are_an_error():
     with pytest.raises(ValueError, match="non-finite logits"):
         next_token_probs(np.array([0.0, np.nan]))

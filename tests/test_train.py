@@ -492,6 +492,80 @@ def test_train_from_python_takes_numpy_numbers_and_logs_through_log(corpus, tmp_
     assert saved["lr"] == float(np.float32(2e-3)) and type(saved["batch_size"]) is int and saved["bias"] is False
 
 
+def test_each_step_takes_the_schedules_lr_and_clips_to_grad_clip(corpus, tmp_path, monkeypatch):
+    """Step i updates with schedule(i) (warm-up, then the cosine), after clipping to --grad-clip, and
+    the run ends after max_iters steps. The runs straight through and resumed would agree on a wrong
+    lr, so it is read where the optimizer gets it."""
+    from minilm.config import TrainConfig
+    cfg = TrainConfig(**dict(PY_TINY, max_iters=6, warmup_iters=2, lr_decay_iters=5, grad_clip=0.5))
+    lrs, max_norms = [], []
+    real_step, real_clip = optim.AdamW.step, train.optim.clip_grad_norm
+    monkeypatch.setattr(optim.AdamW, "step", lambda self, lr=None: lrs.append(lr) or real_step(self, lr))
+    monkeypatch.setattr(train.optim, "clip_grad_norm", lambda p, m: max_norms.append(m) or real_clip(p, m))
+    result = train.train(cfg, data=corpus, out_dir=tmp_path / "run", progress=False, log=lambda line: None)
+    schedule = optim.WarmupCosine(cfg.lr, cfg.min_lr, warmup_iters=2, decay_iters=5)
+    assert lrs == [schedule(it) for it in range(6)]          # 2 warm-up steps, the cosine, then min_lr
+    assert max_norms == [0.5] * 6
+    assert result["iter"] == 6 and checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 6
+
+
+def test_best_checkpoint_is_the_first_lowest_validation_loss(corpus, tmp_path, monkeypatch):
+    """best.npz is saved only on a strict improvement over the lowest validation loss so far: not on
+    a tie, and not on a loss lower than a worse one that came after the best."""
+    from minilm.config import TrainConfig
+    val_losses, calls = iter([3.0, 2.0, 2.0, 2.5, 2.4]), []     # evaluations at 0, 2, 4, 6, 8
+
+    def scripted(runner, batches):                              # train loss, then val loss, per evaluation
+        calls.append(1)
+        return 1.0 if len(calls) % 2 else next(val_losses)
+    monkeypatch.setattr(train, "estimate_loss", scripted)
+    cfg = TrainConfig(**dict(PY_TINY, max_iters=8))
+    train.train(cfg, data=corpus, out_dir=tmp_path / "run", progress=False, log=lambda line: None)
+    best, last = checkpoint.load(tmp_path / "run" / "best.npz"), checkpoint.load(tmp_path / "run" / "last.npz")
+    assert (best.meta["iter"], best.meta["best_val_loss"]) == (2, 2.0)
+    assert (last.meta["iter"], last.meta["best_val_loss"]) == (8, 2.0)
+
+
+@pytest.mark.parametrize("batching", ["contiguous", "random"])
+def test_the_recurrent_state_is_carried_only_by_contiguous_batches(corpus, tmp_path, monkeypatch, batching):
+    """Contiguous streams hand each step the state the step before returned (zeros, None, only when
+    the streams start over); random windows start every step from zeros."""
+    from minilm.config import TrainConfig
+    given, returned = [], []
+    real_call = train.TrainStep.__call__
+
+    def spy(self, x, y, lr, *, rng, state=None):
+        given.append(state)
+        out = real_call(self, x, y, lr, rng=rng, state=state)
+        returned.append(out[1])
+        return out
+    monkeypatch.setattr(train.TrainStep, "__call__", spy)
+    cfg = TrainConfig(**dict(PY_TINY, model="lstm", hidden_size=8, batching=batching))
+    train.train(cfg, data=corpus, out_dir=tmp_path / "run", progress=False, log=lambda line: None)
+    assert len(given) == 4 and given[0] is None                 # the corpus has far more than 4 chunks
+    if batching == "contiguous":
+        assert all(given[k] is returned[k - 1] is not None for k in range(1, 4))
+    else:
+        assert all(state is None for state in given)
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(optimizer="adamw", lr=3e-3, beta1=0.8, beta2=0.95, weight_decay=0.05),
+     {"name": "adamw", "lr": 3e-3, "betas": [0.8, 0.95], "weight_decay": 0.05}),
+    (dict(optimizer="adam", lr=3e-3, beta1=0.8, beta2=0.95), {"name": "adam", "lr": 3e-3, "betas": [0.8, 0.95]}),
+    (dict(optimizer="sgd", lr=0.2, momentum=0.5, nesterov=True),
+     {"name": "sgd", "lr": 0.2, "momentum": 0.5, "nesterov": True}),
+    (dict(optimizer="rmsprop", lr=0.02, momentum=0.3, rmsprop_alpha=0.9),
+     {"name": "rmsprop", "lr": 0.02, "momentum": 0.3, "alpha": 0.9}),
+])
+def test_the_optimizer_gets_every_option_of_the_config(options, expected):
+    from minilm.config import TrainConfig
+    from minilm.params import Params
+    optimizer = train.make_optimizer(TrainConfig(**dict(PY_TINY, **options)), Params([("W", (2, 2))]))
+    state = optimizer.state_dict()
+    assert {key: state[key] for key in expected} == expected
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def _error(capsys, argv):
