@@ -258,14 +258,15 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         else:
             directions = [xp.asarray(rng.standard_normal(x.shape)) for _ in range(n_directions)]
             gnorm = float(xp.linalg.norm(g))
-            if gnorm > 0:
+            if 0 < gnorm < float("inf"):                # g's own direction, when it has one
                 directions.append(g / gnorm)
-            err, scale = 0.0, 0.0
+            errors, scale = [], 0.0
             for d in directions:
                 d = d / float(xp.linalg.norm(d))
                 a, n = float(xp.sum(g * d)), numerical(i, d)
-                err = max(err, abs(a - n) / max(floor, abs(a) + abs(n)))
+                errors.append(abs(a - n) / max(floor, abs(a) + abs(n)))
                 scale = max(scale, abs(a) + abs(n))
+            err = float(np.max(errors))             # NaN, from a NaN or inf in g or the loss, stays NaN: a failure
             mode, checked = "directions", len(directions)
         if not bool(xp.all(xp.isfinite(x))):
             notes.append("the input holds NaN or inf")

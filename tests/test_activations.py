@@ -170,6 +170,20 @@ def test_softmax_does_not_overflow_for_large_logits():
     assert np.all(np.isfinite(dx))
 
 
+def test_softmax_normalises_each_row_with_its_own_maximum():
+    """Rows 2000 apart: each row is shifted by its own maximum, so neither overflows nor underflows
+    to 0/0. A shift by the maximum of the whole array (one constant, mathematically as good) would
+    make the low row exp(-2000) = 0 everywhere. The rows differ from the middle one by exact binary
+    offsets, so after the shift all three compute the same numbers."""
+    row = np.array([0.5, -1.25, 2.0, 0.0])
+    x = np.stack([row + 1000.0, row, row - 1000.0])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        y, _ = softmax_forward(x)
+    expected = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+    for n in range(3):
+        np.testing.assert_allclose(y[n], expected, rtol=ULP_RTOL, atol=0)
+
+
 def test_softmax_backward_by_the_jacobian():
     x = example()[0]                                          # (3, 5)
     dy = np.random.default_rng(1).standard_normal(x.shape)

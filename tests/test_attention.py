@@ -397,6 +397,44 @@ def test_self_attention_with_one_head(inputs):
     assert_close(y, np.einsum("bts,bsc->btc", att, v) @ W_o + b_o, EXACT_TOL)
 
 
+def cross_attention_directly(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, n_head, mask):
+    """Multi-head cross-attention with one explicit loop over heads: q from W_q, k from the first C
+    columns of W_kv and v from the last C, head h on columns h*hs .. (h+1)*hs - 1 of each, the
+    mask (broadcast to (B, Tq, Tk)) shared by every head."""
+    B, Tq, C = x.shape
+    Tk = memory.shape[1]
+    hs = C // n_head
+    q = x @ W_q + (0 if b_q is None else b_q)
+    kv = memory @ W_kv + (0 if b_kv is None else b_kv)
+    k, v = kv[..., :C], kv[..., C:]
+    allowed = np.broadcast_to(True if mask is None else mask, (B, Tq, Tk))
+    heads = []
+    for h in range(n_head):
+        cols = slice(h * hs, (h + 1) * hs)
+        S = np.where(allowed, q[..., cols] @ k[..., cols].transpose(0, 2, 1) / math.sqrt(hs), -np.inf)
+        att = np.exp(S - S.max(axis=-1, keepdims=True))           # every row keeps a key (random_mask)
+        heads.append(att / att.sum(axis=-1, keepdims=True) @ v[..., cols])
+    return np.concatenate(heads, axis=-1) @ W_o + (0 if b_o is None else b_o)
+
+
+@SOME
+@given(cross_attention_inputs())
+def test_cross_attention_equals_direct_computation(inputs):
+    """The layout of W_kv ([k | v]) and of the heads, checked without PyTorch: a consistent swap
+    of k and v in the forward and the backward passes every gradient check."""
+    args, kwargs = inputs
+    y, _ = cross_attention_forward(*args, **kwargs)
+    assert_close(y, cross_attention_directly(*args, **kwargs), EXACT_TOL)
+
+
+def test_self_attention_is_causal_by_default():
+    args, kwargs = CASES["self_attention"][0][1](np.random.default_rng(8), np.float64)
+    kwargs = {key: value for key, value in kwargs.items() if key != "causal"}
+    y, _ = self_attention_forward(*args, **kwargs)
+    assert_close(y, self_attention_directly(*args, n_head=kwargs["n_head"], causal=True), EXACT_TOL)
+    assert not np.allclose(y, self_attention_directly(*args, n_head=kwargs["n_head"], causal=False))
+
+
 OPS = {
     "attention": (attention_forward, attention_backward),
     "self_attention": (self_attention_forward, self_attention_backward),

@@ -9,6 +9,10 @@ from minilm import cli
 from minilm.gradcheck import DEFAULT_TOL, GradcheckError, gradcheck
 
 
+# the documented relative error of a known wrong gradient, against the stencil's ~1e-10 error
+RATIO_RTOL = 1e-6
+
+
 class ScaleCache(NamedTuple):
     x: np.ndarray
     w: np.ndarray
@@ -54,8 +58,9 @@ def test_wrong_backward_fails_and_names_the_argument(max_elements):
     report = gradcheck(scale_forward, scale_backward_wrong, args, max_elements=max_elements)
     assert not report.passed
     assert [a.name for a in report.failures] == ["w"]
-    # a 1% error shows as a relative error of about 0.01/2.01 in both modes
-    assert report.failures[0].max_rel_error > 1e-3
+    # a 1% error shows as a relative error of 0.01/2.01 in both modes: |a - n| / (|a| + |n|) in the
+    # max norm, and along every direction alike; the stencil's own error (~1e-10) moves it by far less
+    assert report.failures[0].max_rel_error == pytest.approx(0.01 / 2.01, rel=RATIO_RTOL)
     with pytest.raises(GradcheckError, match="'w'"):
         report.raise_if_failed()
 
@@ -309,3 +314,92 @@ def test_cli_checks_a_repeated_op_once(capsys):
     assert capsys.readouterr().out == once
     assert cli.main(["gradcheck", "--op", "embedding", "--backend", "numpy"]) == 0
     assert "all 1 check passed" in capsys.readouterr().out          # one argument: W
+
+
+# --- what the check itself must catch (each was a surviving mutant of minilm/gradcheck.py) --------
+
+def test_a_backward_right_only_for_a_dout_of_ones_fails():
+    """The output is contracted with a random R, not with ones: a backward that forgets to multiply
+    by dy (right only where dy = 1) must fail, element by element and along directions."""
+    def forgot_dy_backward(dy, cache):
+        return scale_backward(np.ones_like(dy), cache)
+    rng = np.random.default_rng(5)
+    args = (rng.standard_normal((3, 4)), rng.standard_normal(4))
+    for max_elements in (512, 1):
+        report = gradcheck(scale_forward, forgot_dy_backward, args, max_elements=max_elements)
+        assert [a.name for a in report.failures] == ["x", "w"], str(report)
+
+
+def identity_forward(x):
+    return x.copy(), None
+
+
+def identity_backward(dy, cache):
+    return (dy.copy(),)
+
+
+def orthogonal_error_backward(dy, cache):
+    """dy / 2 + v with v orthogonal to dy and |v| = |dy| / 2: wrong, yet along the direction of this
+    gradient g itself the check sees no error, since g.g = dy.g = |dy|^2 / 2."""
+    w = np.cos(np.arange(dy.size, dtype=float)).reshape(dy.shape)     # any vector not parallel to dy
+    v = w - np.sum(w * dy) / np.sum(dy * dy) * dy
+    return (dy / 2 + 0.5 * np.linalg.norm(dy) / np.linalg.norm(v) * v,)
+
+
+def test_random_directions_catch_an_error_the_gradients_own_direction_cannot_see():
+    x = np.random.default_rng(6).standard_normal((30, 30))           # 900 > max_elements: directions
+    right = gradcheck(identity_forward, identity_backward, (x,))
+    assert right.passed and right.arguments[0].mode == "directions"
+    assert right.arguments[0].checked == 6 + 1                        # n_directions random, and g's own
+    wrong = gradcheck(identity_forward, orthogonal_error_backward, (x,))
+    assert not wrong.passed and wrong.arguments[0].mode == "directions"
+    zero = gradcheck(identity_forward, lambda dy, cache: (np.zeros_like(dy),), (x,))
+    assert not zero.passed                                            # g = 0 has no direction of its own
+
+
+def test_a_gradient_holding_nan_fails_element_by_element():
+    def nan_backward(dy, cache):
+        dx, dw = scale_backward(dy, cache)
+        dw[1] = np.nan
+        return dx, dw
+    rng = np.random.default_rng(7)
+    report = gradcheck(scale_forward, nan_backward, (rng.standard_normal((3, 4)), rng.standard_normal(4)))
+    assert [a.name for a in report.failures] == ["w"]
+    assert report.failures[0].note == "the backward's gradient holds NaN or inf"
+
+
+def test_the_stencil_is_fourth_order():
+    """sin(K x) with K = 300: its third derivative is K^2 = 9e4 times its first, so a central
+    difference's truncation error h^2 f''' / 6 would be ~1.5e-6 relative at h = 1e-5, over the
+    1e-7 tolerance; the five-point stencil's, h^4 f^(5) / 30, is ~3e-12."""
+    K = 300.0
+
+    def sin_forward(x):
+        return np.sin(K * x), x
+
+    def sin_backward(dy, x):
+        return (K * np.cos(K * x) * dy,)
+    report = gradcheck(sin_forward, sin_backward, (np.random.default_rng(8).standard_normal((3, 4)),))
+    assert report.passed, str(report)
+
+
+def test_max_elements_is_inclusive():
+    rng = np.random.default_rng(9)
+    args = (rng.standard_normal((3, 4)), rng.standard_normal(4))      # 12 and 4 elements
+    assert [a.mode for a in gradcheck(scale_forward, scale_backward, args, max_elements=12).arguments] == \
+        ["elements", "elements"]
+    assert [a.mode for a in gradcheck(scale_forward, scale_backward, args, max_elements=11).arguments] == \
+        ["directions", "elements"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_gradient_holding_nan_or_inf_fails_along_directions(bad):
+    """Past max_elements the check compares directional derivatives; a NaN or inf in the gradient
+    makes them NaN, which must fail (Python's max() would have dropped it and passed the row)."""
+    def bad_backward(dy, cache):
+        g, = identity_backward(dy, cache)
+        g[0, 0] = bad
+        return (g,)
+    report = gradcheck(identity_forward, bad_backward, (np.random.default_rng(10).standard_normal((30, 30)),))
+    assert not report.passed and report.failures[0].mode == "directions"
+    assert report.failures[0].note == "the backward's gradient holds NaN or inf"
