@@ -1,5 +1,6 @@
 """The backend switch."""
 import importlib.util
+import os
 import re
 
 import numpy as np
@@ -157,6 +158,26 @@ def test_pick_gives_the_pool_to_large_kernels_only_where_the_rule_allows():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_in_calling_thread_gives_serial_twins_and_restores_the_rule_after_an_error():
+    """Inside, the kernels between the products get their serial twins and the optimizer keeps the
+    pool; on leaving, even by an exception (a failing slice of ``minilm.parallel``), the rule is back."""
+    from minilm.cpu import _parallel
+    kernel = _parallel.rows_kernel(lambda a: None)
+    big = _parallel.MIN_PARALLEL_WORK
+    before = (_parallel.pool_in_use(beside_blas=False), _parallel.pool_in_use())
+    try:
+        _parallel.use_pool(True, beside_blas=True)
+        with pytest.raises(RuntimeError, match="a failing slice"):
+            with _parallel.in_calling_thread():
+                assert _parallel.pick(kernel, big) is kernel.serial
+                assert _parallel.pick(kernel, big, beside_blas=False) is kernel
+                raise RuntimeError("a failing slice")
+        assert _parallel.pick(kernel, big) is kernel
+    finally:
+        _parallel.use_pool(before[0], beside_blas=before[1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
 def test_rows_kernel_takes_only_the_sums_and_fma_flags():
     from minilm.cpu import _parallel
     expected = "must be False, SUMS_IN_ANY_ORDER, FUSED_MULTIPLY_ADD or both together"
@@ -205,3 +226,7 @@ def test_the_cache_tag_changes_with_the_options_and_with_the_source(tmp_path):
     assert _jit.source_digest([tmp_path]) == before             # only .py files count
     (tmp_path / "a.py").write_text("x = 2\n")
     assert _jit.source_digest([tmp_path]) != before
+    # the tag's digest covers the kernels' folder and the reference tier, whose constants (the
+    # GELU's) and functions the kernels read: a change to either must compile them afresh
+    import minilm.reference
+    assert _jit.SOURCE_DIGEST == _jit.source_digest([os.path.dirname(_jit.__file__), *minilm.reference.__path__])

@@ -192,6 +192,20 @@ def test_parallel_forward_kernel_equals_reference(dtype):
         check_parity("attention", ref_attention, cpu_attention, (q, k, v), kwargs, dtype)
 
 
+@pytest.mark.parametrize("dtypes", [(np.float64, np.float32), (np.float32, np.float64)])
+def test_attention_backward_of_another_dtype_promotes_as_the_reference(dtypes):
+    """A gradient dy of another dtype than the forward's q, k, v: dq, dk, dv have the reference's
+    promoted dtype (float64 either way) and its values, to float32's tolerance (one operand is float32)."""
+    qkv_dtype, dy_dtype = dtypes
+    rng = np.random.default_rng(9)
+    q, k, v = (rng.standard_normal((2, 2, 5, 4)).astype(qkv_dtype) for _ in range(3))
+    dy = rng.standard_normal(q.shape).astype(dy_dtype)
+    grads_ref = ref_attention.attention_backward(dy, ref_attention.attention_forward(q, k, v, causal=True)[1])
+    grads = cpu_attention.attention_backward(dy, cpu_attention.attention_forward(q, k, v, causal=True)[1])
+    assert [g.dtype for g in grads] == [g.dtype for g in grads_ref] == [np.float64] * 3
+    assert_same_grads(grads, grads_ref, FLOAT32_TOL)
+
+
 def test_single_key_gives_exactly_zero_dq_and_dk():
     rng = np.random.default_rng(13)
     q, k, v = rng.standard_normal((2, 2, 3, 4)), rng.standard_normal((2, 2, 1, 4)), rng.standard_normal((2, 2, 1, 4))
@@ -341,6 +355,33 @@ def test_the_numba_backend_uses_the_kernels():
 def test_softmax_equals_reference(shape, dtype, scale, seed):
     x = (scale * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
     check_parity("softmax", ref_activations, cpu_activations, (x,), {}, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_of_logits_far_apart_does_not_overflow(dtype):
+    """Each row's maximum, wherever it sits (first, middle, last entry), is subtracted before the
+    exponential: entries 1e3 apart, whose e^x overflows in either dtype, give the reference's finite
+    weights (the draws above, at most ~30 apart, never reach the overflow)."""
+    x = np.array([[1000.0, 0.0, -1000.0, 10.0, 5.0],          # the maximum first,
+                  [0.0, 5.0, 1000.0, 10.0, -1000.0],          # in the middle,
+                  [-1000.0, 0.0, 5.0, 10.0, 1000.0],          # last,
+                  [998.0, 999.0, 1000.0, 997.0, 1000.0]], dtype=dtype)     # and twice
+    check_parity("softmax", ref_activations, cpu_activations, (x,), {}, dtype)
+
+
+@pytest.mark.parametrize("dtypes", [(np.float64, np.float32), (np.float32, np.float64)])
+def test_softmax_backward_of_another_dtype_promotes_as_the_reference(dtypes):
+    """A gradient dy of another dtype than the forward's y: dx has the reference's promoted dtype
+    (float64 either way) and its values."""
+    x_dtype, dy_dtype = dtypes
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 7)).astype(x_dtype)
+    dy = rng.standard_normal((3, 7)).astype(dy_dtype)
+    (dx_ref,) = ref_activations.softmax_backward(dy, ref_activations.softmax_forward(x)[1])
+    (dx,) = cpu_activations.softmax_backward(dy, cpu_activations.softmax_forward(x)[1])
+    assert dx.dtype == dx_ref.dtype == np.float64
+    # the float32 operand limits both tiers' agreement to float32's rounding
+    assert_same(dx, dx_ref, FLOAT32_TOL)
 
 
 def test_softmax_non_contiguous_gradcheck_and_checks():

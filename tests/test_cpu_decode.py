@@ -28,24 +28,26 @@ def model(dtype, bias, seed=3):
     return m
 
 
-def decode_all(name, m, tokens):
-    """Logits of every step: a 2-token prompt, then one token per step, past block_size."""
+def decode_all(name, m, tokens, prompt=2):
+    """Logits of every step: a prompt of ``prompt`` tokens, then one token per step, past block_size.
+    A one-token prompt runs the decode kernel from position 0, a softmax over one key."""
     minilm.use(name)
-    logits, cache = m.forward_step(tokens[:, :2])
+    logits, cache = m.forward_step(tokens[:, :prompt])
     steps = [logits]
-    for t in range(2, tokens.shape[1]):
+    for t in range(prompt, tokens.shape[1]):
         logits, cache = m.forward_step(tokens[:, t:t + 1], cache)
         steps.append(logits)
     return np.stack(steps), cache
 
 
+@pytest.mark.parametrize("prompt", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_decode_kernel_equals_the_reference_forward_step(dtype, bias):
+def test_decode_kernel_equals_the_reference_forward_step(dtype, bias, prompt):
     m = model(dtype, bias)
     tokens = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (3, 14))   # crops once at block_size
-    ref, ref_cache = decode_all("numpy", m, tokens)
-    cpu, cpu_cache = decode_all("numba", m, tokens)
+    ref, ref_cache = decode_all("numpy", m, tokens, prompt)
+    cpu, cpu_cache = decode_all("numba", m, tokens, prompt)
     assert cpu.dtype == ref.dtype == dtype and cpu.shape == ref.shape
     assert relative_error(cpu, ref) <= TOL[dtype]
     n = ref_cache.length

@@ -157,6 +157,21 @@ def test_gelu_equals_reference(dtype, shape, approximate, scale, seed, non_conti
                  (x,), {"approximate": approximate}, dy, TOL[dtype])
 
 
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("dtypes", [(np.float64, np.float32), (np.float32, np.float64)])
+def test_gelu_backward_of_another_dtype_promotes_as_the_reference(dtypes, approximate):
+    """A gradient dy of another dtype than the forward's x: dx has the reference's promoted dtype
+    (float64 either way) and its values, to float32's tolerance (one operand is float32)."""
+    x_dtype, dy_dtype = dtypes
+    rng = np.random.default_rng(4)
+    x = (2 * rng.standard_normal((3, 5))).astype(x_dtype)
+    dy = rng.standard_normal((3, 5)).astype(dy_dtype)
+    (dx_ref,) = ref_activations.gelu_backward(dy, ref_activations.gelu_forward(x, approximate=approximate)[1])
+    (dx,) = cpu_activations.gelu_backward(dy, cpu_activations.gelu_forward(x, approximate=approximate)[1])
+    assert dx.dtype == dx_ref.dtype == np.float64
+    assert relative_error(dx, dx_ref) <= F32_TOL
+
+
 def test_gelu_saturates_and_propagates_inf_and_nan_like_the_reference():
     x = np.array([-1e4, -30.0, -9.0, -0.75, 0.0, 9.0, 30.0, 1e4, np.inf, -np.inf, np.nan], dtype=np.float32)
     finite = np.isfinite(x)
@@ -203,6 +218,22 @@ def test_cross_entropy_equals_reference(dtype, lead, V, label_smoothing, ignore_
     check_parity(ref_losses.cross_entropy_forward, ref_losses.cross_entropy_backward,
                  cpu_losses.cross_entropy_forward, cpu_losses.cross_entropy_backward,
                  (logits, targets), kwargs, dloss, TOL[dtype], floors=(1.0, float(dloss) / M))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_of_logits_far_apart_does_not_overflow(dtype, label_smoothing):
+    """Each row's maximum logit, wherever it sits (first, middle, last entry), is subtracted before
+    the exponentials: logits 1e3 apart, whose e^z overflows in either dtype, give the reference's
+    finite loss and gradient (the draws above, at most ~40 apart, never reach the overflow)."""
+    logits = np.array([[1000.0, 0.0, -1000.0, 10.0],       # the maximum first,
+                       [0.0, 1000.0, -1000.0, 10.0],       # in the middle,
+                       [-1000.0, 0.0, 10.0, 1000.0],       # last,
+                       [999.0, 1000.0, 998.0, 1000.0]], dtype=dtype)   # and twice
+    targets = np.array([0, 3, 2, 1])                       # right and wrong predictions: losses 0 to ~2000
+    check_parity(ref_losses.cross_entropy_forward, ref_losses.cross_entropy_backward,
+                 cpu_losses.cross_entropy_forward, cpu_losses.cross_entropy_backward,
+                 (logits, targets), {"label_smoothing": label_smoothing}, dtype(1.0), TOL[dtype])
 
 
 # --- embedding --------------------------------------------------------------------------------
@@ -343,10 +374,14 @@ UPDATES = {
         p, g, b1, b2, lr=2e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, decay_mask=mask, step=step),
     "sgd": lambda m, p, g, b1, b2, mask, step: m.sgd_update(
         p, g, None, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0),
+    "sgd-decay": lambda m, p, g, b1, b2, mask, step: m.sgd_update(        # weight decay without momentum
+        p, g, None, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.01),
     "sgd-momentum": lambda m, p, g, b1, b2, mask, step: m.sgd_update(
         p, g, b1, lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.01),
     "sgd-nesterov": lambda m, p, g, b1, b2, mask, step: m.sgd_update(
         p, g, b1, lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.0),
+    "sgd-nesterov-decay": lambda m, p, g, b1, b2, mask, step: m.sgd_update(
+        p, g, b1, lr=0.05, momentum=0.5, nesterov=True, weight_decay=0.01),
     "rmsprop": lambda m, p, g, b1, b2, mask, step: m.rmsprop_update(
         p, g, b1, None, lr=0.01, alpha=0.99, eps=1e-8, momentum=0.0),
     "rmsprop-momentum": lambda m, p, g, b1, b2, mask, step: m.rmsprop_update(
