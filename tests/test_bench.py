@@ -1,6 +1,7 @@
 """`minilm bench`: the rounds, the medians and ratios it reports, one real measurement end to end, and
 the GPU tables' options, layout and MFU arithmetic (from stand-in measurements: no GPU needed)."""
 import json
+import os
 
 import pytest
 
@@ -55,6 +56,101 @@ def test_training_rows_give_the_ratio_to_the_numpy_backend_within_each_round(mon
     assert all("vs_numpy" not in row for row in bench_run._rounds(sample, 1))   # only training steps
 
 
+def test_rounds_report_the_median_speed_and_the_largest_memory(monkeypatch):
+    """tokens/s and ms/step are medians over the rounds (not means, not one round); peak memory,
+    the memory the steps added and the GPU memory are the largest over the rounds."""
+    measured = {"tokens_per_s": [100.0, 100.0, 400.0], "ms_per_step": [10.0, 40.0, 10.0],
+                "peak_rss_mb": [5.0, 9.0, 7.0], "baseline_rss_mb": [1.0, 2.0, 6.0], "gpu_pool_mb": [300.0, 500.0, 400.0]}
+    calls = []
+
+    def fake_run_job(job):
+        calls.append(job)
+        return {"job": job, **{key: values[len(calls) - 1] for key, values in measured.items()}}
+
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    (row,) = bench_run._rounds([{"impl": "minilm", "what": "train", "backend": "cupy"}], 3)
+    assert row["tokens_per_s"] == 100.0 and row["ms_per_step"] == 10.0      # medians (the means are 200, 20)
+    assert row["peak_rss_mb"] == 9.0 and row["steps_rss_mb"] == 7.0          # 9 - 2 in round 2
+    assert row["gpu_mb"] == 500.0
+    assert "vs_torch" not in row and "vs_numpy" not in row
+
+
+def test_a_workers_step_statistics():
+    from minilm.bench import worker
+    stats = worker._stats([0.1, 0.6, 0.2], tokens=64)
+    assert stats["steps"] == 3
+    assert stats["ms_per_step"] == pytest.approx(200.0) and stats["ms_per_step_min"] == pytest.approx(100.0)
+    assert stats["tokens_per_s"] == pytest.approx(64 / 0.2)                 # the tokens of a step / the median step
+
+
+def test_a_sampling_measurement_counts_its_tokens_per_second(numpy_backend):
+    import dataclasses
+    from minilm.bench import worker
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    result = worker.minilm_sample({"backend": "numpy", "cache": True, "tokens": 5}, cfg, 11)
+    assert result["tokens"] == 5 and result["seconds"] > 0
+    assert result["tokens_per_s"] * result["seconds"] == pytest.approx(5, rel=1e-12)
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_below_it():
+    from minilm.bench.converge import time_to
+    curve = [{"iter": 0, "train_seconds": 0.0, "val_loss": 4.0}, {"iter": 10, "train_seconds": 3.0, "val_loss": 2.0},
+             {"iter": 20, "train_seconds": 6.0, "val_loss": 1.5}, {"iter": 30, "train_seconds": 9.0, "val_loss": 1.9}]
+    assert time_to(curve, 2.0) == 3.0                                        # reached exactly: counts
+    assert time_to(curve, 1.9) == 6.0                                        # the first time, not the last
+    assert time_to(curve, 1.0) is None
+
+
+def test_a_minilm_curve_adds_up_the_training_time_of_each_interval(tmp_path, monkeypatch):
+    """minilm train logs, per evaluation, the tokens/s of the steps since the one before; the
+    curve's training seconds are the running sum of (steps x B x T) / (tokens/s)."""
+    import dataclasses
+    import minilm
+    from minilm import train
+    from minilm.bench import converge
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), batch_size=4, block_size=16)     # 64 tokens a step
+    rows = [{"iter": 0, "tokens_per_s": None, "val_loss": 4.0}, {"iter": 10, "tokens_per_s": 640.0, "val_loss": 3.0},
+            {"iter": 20, "tokens_per_s": 320.0, "val_loss": 2.5}, {"iter": 25, "tokens_per_s": 160.0, "val_loss": 2.4}]
+
+    def fake_train(cfg, *, data, out_dir, **kwargs):
+        with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(minilm, "use", lambda name: None)
+    monkeypatch.setattr(converge.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    curve = converge.minilm_curve(cfg, "shakespeare", "numpy")
+    assert [p["iter"] for p in curve] == [0, 10, 20, 25] and [p["val_loss"] for p in curve] == [4.0, 3.0, 2.5, 2.4]
+    # 640 tokens at 640/s, 640 at 320/s, 320 at 160/s: 1 + 2 + 2 seconds
+    assert [p["train_seconds"] for p in curve] == pytest.approx([0.0, 1.0, 3.0, 5.0], rel=1e-12)
+
+
+def test_the_peer_loop_times_only_the_steps(monkeypatch):
+    """``_loop`` evaluates at every eval_interval and at the end; its training seconds count the
+    steps alone, not the evaluations nor the fetching of batches (a stand-in clock, no timing)."""
+    import types
+    from minilm.bench import converge
+    now = [0.0]
+    monkeypatch.setattr(converge, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class Batches:
+        def next_batch(self):
+            now[0] += 100.0                                   # fetching a batch: not training time
+            return None, None
+
+    def step(it, x, y):
+        now[0] += 1.0 + it                                    # step it takes 1 + it seconds
+
+    def evaluate(val):
+        now[0] += 1000.0                                      # evaluating: not training time
+        return float(len(val))
+
+    cfg = types.SimpleNamespace(max_iters=5, eval_interval=2)
+    curve = converge._loop(cfg, Batches(), [0, 0, 0], step, evaluate)
+    assert [p["iter"] for p in curve] == [0, 2, 4, 5]
+    assert [p["train_seconds"] for p in curve] == [0.0, 3.0, 10.0, 15.0]     # 1+2, +3+4, +5
+    assert all(p["val_loss"] == 3.0 for p in curve)
+
+
 @pytest.mark.parametrize("option, value, low", [("--rounds", "0", 1), ("--rounds", "-1", 1), ("--steps", "0", 1),
                                                ("--warmup", "-1", 0), ("--tokens", "0", 1), ("--threads", "0", 1)])
 def test_bad_counts_are_clear_errors_before_anything_runs(option, value, low, capsys, monkeypatch):
@@ -78,14 +174,20 @@ def test_a_training_step_measurement_end_to_end(tmp_path, capsys):
     """One real measurement in a fresh worker process, written as JSON and as a table."""
     path = tmp_path / "bench.json"
     code = cli.main(["bench", "--what", "train", "--presets", "shakespeare-gru", "--backends", "numpy",
-                     "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1", "--no-torch",
+                     "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1", "--no-torch",
                      "--json", str(path)])
     assert code == 0
     results = json.loads(path.read_text())
     (row,) = results["train"]
     assert row["job"]["preset"] == "shakespeare-gru" and row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
     (measured,) = row["rounds"]
+    assert measured["steps"] == 1                          # the warmup step is run but not timed
+    # one timed step: tokens/s x s/step is the B x T tokens of a step (to the rounding of a division)
+    cfg = preset("shakespeare-gru")
+    assert row["tokens_per_s"] * row["ms_per_step"] / 1000 == pytest.approx(cfg.batch_size * cfg.block_size, rel=1e-9)
     assert row["steps_rss_mb"] == measured["peak_rss_mb"] - measured["baseline_rss_mb"] >= 0
+    # in MiB: a Python process with NumPy and minilm imported holds tens of MiB, not a fraction of one
+    assert 10 < measured["baseline_rss_mb"] <= measured["peak_rss_mb"] < 2 ** 20
     printed = capsys.readouterr().out
     assert "training step, shakespeare-gru" in printed and "+MB in steps" in printed
     assert "vs pytorch" not in printed                     # --no-torch: no peer, no empty column
@@ -236,6 +338,7 @@ def test_a_gpu_table_with_memory_and_mfu_columns(monkeypatch, tmp_path, capsys):
 
 
 # --- the PyTorch peer's mixed precision and dropout (on the CPU here; the worker runs them on CUDA) --
+
 
 def test_peer_train_step_under_autocast_and_a_grad_scaler():
     torch = pytest.importorskip("torch")

@@ -256,3 +256,80 @@ def test_file_is_plain_numpy_and_json(tmp_path):
         assert json.loads(str(archive["meta"])) == meta
         assert json.loads(str(archive["header"]))["format"] == checkpoint.FORMAT
         np.testing.assert_array_equal(archive["optim/v"], opt_state["v"])
+
+
+# ---------------------------------------------------------------------------------------------
+# archives with a checkpoint's four entries whose content is wrong (written by hand, not by save)
+
+def _archive(path, header=None, meta="{}", optim_json="{}", write=np.savez):
+    """An npz with the four entries a checkpoint has; ``header`` a dict (default: a valid one) or a string."""
+    if header is None:
+        header = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "minilm_version": "0"}
+    write(path, header=np.array(header if isinstance(header, str) else json.dumps(header)), meta=np.array(meta),
+          optim_json=np.array(optim_json), params=np.linspace(0.0, 1.0, 4096))
+    return path
+
+
+def test_a_hand_written_archive_with_a_valid_header_loads(tmp_path):
+    ckpt = load(_archive(tmp_path / "c.npz", meta='{"a": 1}', optim_json='{"steps": 3}'))
+    assert ckpt.meta == {"a": 1} and ckpt.optimizer_state == {"steps": 3} and ckpt.params.size == 4096
+
+
+@pytest.mark.parametrize("header, reason", [
+    ({"format": "some other format", "format_version": 1}, "no minilm checkpoint header"),
+    ({"format_version": 1}, "no minilm checkpoint header"),
+    ([checkpoint.FORMAT, 1], "no minilm checkpoint header"),
+    ("{not json", "unreadable header"),
+])
+def test_an_archive_without_a_minilm_header_is_not_a_checkpoint(tmp_path, header, reason):
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT + r" \(" + reason):
+        load(_archive(tmp_path / "c.npz", header=header))
+
+
+@pytest.mark.parametrize("version", [0, None, "1", 2])
+def test_only_the_readable_format_versions_load(tmp_path, version):
+    header = {"format": checkpoint.FORMAT, "format_version": version}
+    with pytest.raises(ValueError, match=rf"has checkpoint format version {version!r} .* reads format version 1"):
+        load(_archive(tmp_path / "c.npz", header=header))
+
+
+@pytest.mark.parametrize("entry", ["meta", "optim_json"])
+def test_unreadable_json_in_meta_or_optimizer_state_is_not_a_checkpoint(tmp_path, entry):
+    path = _archive(tmp_path / "c.npz", **{entry: '{"iter": 3'})
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT + r" \(unreadable JSON"):
+        load(path)
+
+
+def test_a_meta_that_is_not_a_dictionary_is_refused_when_entries_are_required(tmp_path):
+    path = _archive(tmp_path / "c.npz", meta="[1, 2]")
+    assert load(path).meta == [1, 2]                                       # nothing asked of it
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT + r" \(its meta is a list, not a dictionary\)"):
+        load(path, required_meta=("model",))
+
+
+def test_a_corrupted_compressed_archive_is_not_a_checkpoint(tmp_path):
+    """An archive written with np.savez_compressed whose deflate stream is damaged (zlib's error)."""
+    import zipfile
+    path = _archive(tmp_path / "c.npz", write=np.savez_compressed)
+    assert load(path).params.size == 4096                                  # readable before the damage
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("params.npy")
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + 40] ^= 0xFF        # inside the compressed params
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT):
+        load(path)
+
+
+def test_the_content_reaches_the_file_before_it_is_fsynced(tmp_path, monkeypatch):
+    """The durability promise: at the fsync the whole new content is in the file (flushed out of
+    Python's buffer), so that a crash after the rename cannot leave a short checkpoint."""
+    seen = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        seen.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    checkpoint.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x" * 1000))
+    assert seen and seen[0] == 1000                                        # the file's fsync (then the folder's)

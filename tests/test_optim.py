@@ -436,3 +436,10 @@ def test_params_bad_input_names_what_is_wrong():
         Params([("W", (-2, 3))])
     params.values["b"] = [1.0, 2.0, 3.0]                           # a view: writes land in the flat buffer
     assert params.data[6:].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_params_of_size_zero_take_no_room():
+    """Sizes >= 0 are allowed: an empty tensor is a view of length 0 and shifts nothing."""
+    params = Params([("W", (2, 3)), ("empty", (0, 3)), ("b", (3,))])
+    assert params.size == 9 and params.values["empty"].shape == (0, 3)
+    assert params.slice("b") == slice(6, 9)

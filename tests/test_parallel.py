@@ -298,6 +298,22 @@ def test_a_params_sharing_weights_sees_updates_and_keeps_its_own_gradient():
     assert not model.params.grad.any()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["full", "mixed"])
+def test_a_params_sharing_weights_starts_from_a_zero_gradient_of_its_own(dtype):
+    """Whatever the original's gradient holds, the sharing Params's starts at zero and is written
+    apart: with mixed precision both the float32 ``grad`` and the 16-bit ``compute_grad``."""
+    params = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), dtype=dtype, seed=3).params
+    params.grad[...] = 1.0
+    params.compute_grad[...] = 1.0
+    other = params.sharing_weights()
+    assert other.compute is params.compute and other.data is params.data
+    assert other.compute_grad.dtype == params.compute_grad.dtype
+    assert not other.grad.any() and not other.compute_grad.any()
+    other.grads["wte"][...] = 2.0
+    other.grad[...] = 3.0
+    assert np.all(params.compute_grad == 1.0) and np.all(params.grad == 1.0)
+
+
 def _tiny_run(tmp_path, name, *options):
     """The metrics of a tiny `minilm train` run in ``tmp_path / name``."""
     rng = np.random.default_rng(0)

@@ -114,3 +114,64 @@ def test_loading_weights_refreshes_the_compute_copy():
     model.params.load(flat)
     assert np.array_equal(model.params.data, flat)
     assert np.array_equal(model.params.compute, flat.astype(np.float16))
+
+
+def test_an_overflow_restarts_the_run_of_good_steps():
+    """The scale grows after ``growth_interval`` good steps *in a row*: an overflow in between
+    starts the count again (GradScaler's rule)."""
+    scaler = LossScaler(enabled=True, init_scale=8.0, growth_interval=3)
+    scaler.update(True)
+    scaler.update(True)
+    scaler.update(False)                                   # halved, and the run of 2 is lost
+    assert scaler.scale == 4.0 and scaler.good_steps == 0 and scaler.skipped == 1
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 4.0                             # only 2 good steps since the overflow
+    scaler.update(True)
+    assert scaler.scale == 8.0 and scaler.good_steps == 0
+
+
+def test_the_loss_scale_state_round_trips_with_its_skipped_steps():
+    scaler = LossScaler(enabled=True, init_scale=8.0, growth_interval=5)
+    for finite in (True, False, True, False, True):
+        scaler.update(finite)
+    state = scaler.state_dict()
+    assert state == {"scale": 2.0, "good_steps": 1, "skipped": 2}
+    again = LossScaler(enabled=True)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+
+
+def test_the_default_loss_scale_rule_is_pytorchs_grad_scaler():
+    """torch.amp.GradScaler's defaults: init_scale 2^16, growth_factor 2, backoff_factor 0.5,
+    growth_interval 2000 (the bench's float16 peer runs with them)."""
+    scaler = LossScaler(enabled=True)
+    assert scaler.scale == 2.0 ** 16
+    for _ in range(1999):
+        scaler.update(True)
+    assert scaler.scale == 2.0 ** 16
+    scaler.update(True)                                    # the 2000th good step in a row
+    assert scaler.scale == 2.0 ** 17
+    scaler.update(False)
+    assert scaler.scale == 2.0 ** 16
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("mixed", [True, False])
+def test_unscaling_reports_any_non_finite_gradient(bad, mixed):
+    """+inf, -inf and NaN anywhere in the gradient all mean an overflow: the step is skipped."""
+    P = Params([("W", (2, 3)), ("b", (3,))], **precision_of(np.float16 if mixed else np.float32))
+    P.compute_grad[...] = 2.0
+    assert P.unscale_grads(0.5) and np.all(P.grad == 1.0)
+    P.compute_grad[...] = 2.0
+    P.compute_grad[4] = bad
+    assert not P.unscale_grads(0.5)
+
+
+def test_the_backward_writes_a_sixteen_bit_gradient_and_same_dtype_compute_is_not_mixed():
+    """The low-precision gradient is what the GPU's backward produces; a compute dtype equal to
+    the master dtype is no mixed precision at all (one pair of buffers)."""
+    P = gpt(np.float16).params
+    assert P.compute_grad.dtype == np.float16 and P.grad.dtype == np.float32
+    same = Params([("W", (2, 3))], dtype=np.float32, compute_dtype=np.float32)
+    assert not same.mixed and same.compute is same.data and same.compute_grad is same.grad

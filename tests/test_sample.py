@@ -103,6 +103,7 @@ def test_non_finite_logits_are_an_error():
 
 # --- generate ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("options", OPTIONS)
 def test_gpt_cached_and_uncached_sampling_give_the_same_tokens(options):
     model = gpt()
@@ -130,6 +131,15 @@ def test_gpt_prompt_longer_than_block_size():
         finally:
             delattr(model, method)
         assert seen == [prompt[-window:]]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_block_size_of_one_keeps_the_newest_token(use_cache):
+    """A full context of one token shifts to the newest token, never to an empty context:
+    each token is then predicted from the one before it alone."""
+    model = GPT(GPTConfig(**{**GPT_TINY, "block_size": 1}), dtype=np.float64, seed=1)
+    tokens = list(generate(model, [2], 5, temperature=0, use_cache=use_cache))          # greedy
+    assert tokens == [int(np.argmax(model.forward(np.array([[before]]))[0][0, -1])) for before in [2] + tokens[:-1]]
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

@@ -456,6 +456,45 @@ def test_evaluate_scores_every_character_once(corpus):
             evaluate(model, ids, block_size=block_size, batch_size=3)
 
 
+@pytest.mark.parametrize("n, block_size, batch_size", [(103, 16, 3), (96, 16, 3), (96, 16, 1), (33, 8, 4), (17, 16, 2)])
+def test_evaluate_is_the_mean_loss_over_every_predicted_character(n, block_size, batch_size):
+    """Each character after the first is predicted once, from the one before it in the same window:
+    the result is the mean of a per-position loss over every (input, target) pair of the text,
+    whatever the windows and batches (a full last window, a short one, a lone one)."""
+    from minilm.evaluate import evaluate
+
+    def pair_loss(x, y):                      # a loss that differs for every (input, target) pair
+        return np.sin(1.0 + x + 0.37 * y) + 2.0
+
+    class PairLoss:
+        def forward(self, x, y):
+            assert x.shape == y.shape
+            return None, np.float64(np.mean(pair_loss(x, y)))
+
+    ids = (np.arange(n) * 7 + 3) % 11
+    result = evaluate(PairLoss(), ids, block_size=block_size, batch_size=batch_size)
+    expected = np.mean(pair_loss(ids[:-1], ids[1:]))
+    assert result["characters"] == n - 1
+    # a sum of ~100 float64 terms in two orders: equal to a few ulps
+    assert result["loss"] == pytest.approx(expected, rel=1e-12)
+    assert result["perplexity"] == pytest.approx(np.exp(expected), rel=1e-12)
+    assert result["bits_per_char"] == pytest.approx(expected / np.log(2), rel=1e-12)
+
+
+def test_eval_uses_the_given_batch_size(trained, monkeypatch, capsys):
+    from minilm import evaluate as evaluate_module
+    seen = []
+    real = evaluate_module.evaluate
+
+    def spy(model, ids, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return real(model, ids, **kwargs)
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    assert cli.main(["eval", "--checkpoint", str(trained / "last.npz"), "--batch-size", "3", "--backend", "numpy"]) == 0
+    assert cli.main(["eval", "--checkpoint", str(trained / "last.npz"), "--backend", "numpy"]) == 0
+    saved = checkpoint.load(trained / "last.npz").meta["train_config"]["batch_size"]
+    assert seen == [3, saved] and saved != 3
+
 # --- training from Python ---------------------------------------------------------------------
 
 PY_TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=4, eval_interval=2,
