@@ -152,6 +152,7 @@ def offline(monkeypatch, tmp_path):
     """No MINILM_DATA_DIR, the cache under tmp_path, and a network that fails the test if touched."""
     monkeypatch.delenv("MINILM_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))      # were XDG_CACHE_HOME not read: not the user's cache
 
     def no_network(*args, **kwargs):
         raise AssertionError("the test touched the network")
@@ -433,3 +434,13 @@ def test_contiguous_batches_on_the_minimum_corpus():
     np.testing.assert_array_equal(x, np.arange(16).reshape(4, 4))
     np.testing.assert_array_equal(y, x + 1)
     assert reset
+
+
+def test_an_empty_minilm_data_dir_counts_as_unset(offline, monkeypatch):
+    """``MINILM_DATA_DIR= minilm train ...`` (set, but to nothing) reads the cache, as when it is unset;
+    it does not look for tinyshakespeare.txt in the current folder."""
+    calls = fake_download(monkeypatch)
+    monkeypatch.setenv("MINILM_DATA_DIR", "")
+    text, source = load_text("shakespeare")
+    assert text == FAKE_CORPUS.decode() and len(calls) == 1
+    assert (offline / "xdg" / "minilm" / "tinyshakespeare.txt").read_bytes() == FAKE_CORPUS

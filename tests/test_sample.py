@@ -196,6 +196,7 @@ def test_float32_model_samples():
     (dict(prompt_ids=[[1, 2]]), ValueError, "'prompt_ids' must be a 1-D sequence"),
     (dict(prompt_ids=[1.5]), TypeError, "'prompt_ids' must hold integer token ids"),
     (dict(seed=-1), ValueError, "'seed'"),
+    (dict(seed=True), ValueError, r"'seed' must be None or an integer >= 0, got True"),   # not seed 1
     (dict(use_cache="yes"), ValueError, "'use_cache'"),
 ])
 def test_generate_rejects_bad_options_when_called(kwargs, error, match):

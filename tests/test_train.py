@@ -671,7 +671,9 @@ def test_unknown_preset_and_option(capsys):
     ("--bias", "maybe", "expected true or false"),
 ])
 def test_bad_option_values(option, value, message, tmp_path, capsys):
-    argv = ["train", "--n-head", "4", option, value, "--out", str(tmp_path / "o")]
+    # a --data that does not exist: were a check to let the value through, the run fails at once on
+    # the data instead of downloading tiny Shakespeare and training the preset
+    argv = ["train", "--n-head", "4", option, value, "--out", str(tmp_path / "o"), "--data", str(tmp_path / "none.txt")]
     try:
         status = cli.main(argv)
     except SystemExit as e:                                      # argparse rejects what it can parse
@@ -825,3 +827,144 @@ def test_eval_on_text_outside_the_vocabulary(trained, tmp_path, capsys):
     other.write_text("QUEEN: to be or not to be\n" * 20, encoding="utf-8")
     err = _error(capsys, ["eval", "--checkpoint", str(out / "last.npz"), "--data", str(other), "--backend", "numpy"])
     assert f"minilm eval: error: option '--data' {str(other)!r} has " in err and "'Q'" in err
+
+
+# --- presets, options and their checks (minilm/config.py), without training ---------------------
+
+# the recipes the presets stand for: nanoGPT's config/train_shakespeare_char.py (its CPU run, and its
+# "baby GPT" for a GPU), and the two recurrent runs; every one AdamW on a cosine from lr to min_lr
+RECIPES = {
+    "shakespeare-char-cpu": dict(model="gpt", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                                 dropout=0.0, bias=False, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
+                                 beta2=0.99, weight_decay=0.1, grad_clip=1.0, max_iters=2000),
+    "shakespeare-char": dict(model="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
+                             dropout=0.2, bias=False, lr=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9,
+                             beta2=0.99, weight_decay=0.1, grad_clip=1.0, max_iters=5000),
+    "shakespeare-lstm": dict(model="lstm", n_layer=2, hidden_size=256, n_embd=128, block_size=64, batch_size=32,
+                             lr=2e-3, min_lr=2e-4, max_iters=2000),
+    "shakespeare-gru": dict(model="gru", n_layer=2, hidden_size=256, n_embd=128, block_size=64, batch_size=32,
+                            lr=2e-3, min_lr=2e-4, max_iters=2000),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_each_preset_is_its_recipe(name):
+    from minilm import config
+    cfg = config.preset(name)
+    assert {key: getattr(cfg, key) for key in RECIPES[name]} == RECIPES[name]
+    assert (cfg.optimizer, cfg.schedule, cfg.schedule_length()) == ("adamw", "cosine", cfg.max_iters)
+    assert config.validate(cfg) == cfg                           # a preset passes its own checks
+    assert set(config.PRESETS) == set(RECIPES)
+
+
+@pytest.fixture
+def given_to_train(monkeypatch):
+    """What ``minilm train`` hands to ``train.train`` (which is not run): the config, then the keywords."""
+    calls = []
+
+    def record(cfg, **kwargs):
+        calls.append((cfg, kwargs))
+        return {"interrupted": False}
+    monkeypatch.setattr(train, "train", record)
+    return calls
+
+
+def test_train_starts_from_the_cpu_preset_and_the_options_override_it(given_to_train, capsys):
+    from minilm import config
+    assert cli.main(["train", "--backend", "numpy"]) == 0
+    cfg, kwargs = given_to_train[-1]
+    assert cfg == config.preset("shakespeare-char-cpu") and kwargs["data"] == "shakespeare"
+    # 0 and false are given values too: they override the preset's 0.2, 1.0 and True
+    assert cli.main(["train", "--preset", "shakespeare-char", "--dropout", "0", "--grad-clip", "0",
+                     "--patience", "0", "--seed", "0", "--backend", "numpy"]) == 0
+    cfg = given_to_train[-1][0]
+    assert (cfg.dropout, cfg.grad_clip, cfg.seed, cfg.n_layer) == (0.0, 0.0, 0, 6)
+    for text, value in [("True", True), ("YES", True), ("on", True), ("1", True),
+                        ("False", False), ("No", False), ("OFF", False), ("0", False)]:
+        assert cli.main(["train", "--bias", text, "--optimizer", "sgd", "--nesterov", text, "--backend", "numpy"]) == 0
+        cfg = given_to_train[-1][0]
+        assert cfg.bias is value and cfg.nesterov is value
+    assert capsys.readouterr().err == ""                       # every option given was used; no --resume
+
+
+def test_a_warning_only_for_options_the_run_does_not_use(given_to_train, capsys):
+    assert cli.main(["train", "--preset", "shakespeare-char", "--optimizer", "adam", "--beta1", "0.8",
+                     "--beta2", "0.95", "--backend", "numpy"]) == 0
+    assert capsys.readouterr().err == ""                       # adam reads both betas; --preset without --resume
+    assert cli.main(["train", "--optimizer", "sgd", "--schedule", "constant", "--beta1", "0.8",
+                     "--weight-decay", "0.05", "--min-lr", "1e-5", "--backend", "numpy"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["minilm train: warning: option '--min-lr' is ignored: it is used only by --schedule cosine",
+                   "minilm train: warning: option '--beta1' is ignored: it is used only by --optimizer adam or adamw",
+                   "minilm train: warning: option '--weight-decay' is ignored: it is used only by --optimizer adamw"]
+
+
+def test_an_error_names_the_command_once(capsys):
+    assert cli.main(["train", "--lr", "-1", "--backend", "numpy"]) == 2
+    assert capsys.readouterr().err == "minilm train: error: option '--lr' must be a finite number > 0, got -1.0\n"
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(beta1=1.0), r"'--beta1' must be in \[0, 1\), got 1.0"),
+    (dict(optimizer="rmsprop", rmsprop_alpha=1.0), r"'--rmsprop-alpha' must be in \[0, 1\), got 1.0"),
+    (dict(n_layer=True), r"'--n-layer' must be an integer, got True"),
+    (dict(lr=np.True_), r"'--lr' must be a number, got (np\.)?True"),          # NumPy's bool is no number either
+    (dict(warmup_iters=100, lr_decay_iters=100), r"'--lr-decay-iters' \(100\) must exceed '--warmup-iters' \(100\)"),
+    (dict(warmup_iters=100, lr_decay_iters=0, max_iters=100),
+     r"'--max-iters' \(100\), the schedule's length while '--lr-decay-iters' is 0, must exceed '--warmup-iters'"),
+    (dict(lr=1e-3, min_lr=1.5e-3), r"'--min-lr' \(0.0015\) must not exceed '--lr' \(0.001\)"),
+    (dict(dropout=-0.1), r"'--dropout' must be a finite number >= 0, got -0.1"),
+    (dict(lr_gamma=float("nan"), schedule="step"), r"'--lr-gamma' must be a finite number > 0, got nan"),
+])
+def test_validate_refuses_each_value_out_of_range(change, match):
+    from minilm import config
+    with pytest.raises(ValueError, match=match):
+        config.validate(config.TrainConfig(**dict(PY_TINY, **change)))
+
+
+@pytest.mark.parametrize("change", [
+    dict(seed=0, patience=0, grad_clip=0.0, weight_decay=0.0, momentum=0.0, beta1=0.0, beta2=0.0, dropout=0.0),
+    dict(min_lr=1e-3, lr=1e-3),                                  # a flat cosine: the floor may equal the peak
+    dict(lr_decay_iters=0, max_iters=5, warmup_iters=4),         # the schedule's length falls back to max_iters
+    dict(schedule="constant", warmup_iters=100, max_iters=10),   # warm-up belongs to the cosine alone
+    dict(model="lstm", n_embd=30, n_head=4),                     # n_head is the GPT's only
+    dict(n_layer=np.int64(2), lr=np.float32(0.5), bias=np.True_),
+])
+def test_validate_accepts_each_value_at_its_bound(change):
+    from minilm import config
+    cfg = config.validate(config.TrainConfig(**dict(PY_TINY, **change)))
+    defaults = config.TrainConfig()
+    for key, value in change.items():                            # NumPy numbers become Python's
+        assert getattr(cfg, key) == value and type(getattr(cfg, key)) is type(getattr(defaults, key))
+    assert cfg.schedule_length() == (cfg.lr_decay_iters or cfg.max_iters)
+
+
+@pytest.mark.parametrize("n_chars, refused", [(160, True), (170, False)])
+def test_each_split_needs_one_block_and_one_more_character(tmp_path, n_chars, refused):
+    """A split of block_size + 1 characters holds one window and its targets; one of block_size does not.
+    160 characters split 144 + 16 (refused, with --block-size 16), 170 split 153 + 17 (trained on)."""
+    from minilm.config import TrainConfig
+    path = tmp_path / "text.txt"
+    path.write_text(("to be or not " * 20)[:n_chars], encoding="utf-8")
+    cfg = TrainConfig(**dict(PY_TINY, max_iters=1, eval_interval=1))
+    run = lambda: train.train(cfg, data=str(path), out_dir=tmp_path / "run", progress=False, log=lambda line: None)
+    if refused:
+        with pytest.raises(ValueError, match=r"the validation split of --data .* has 16 characters, fewer than one "
+                                             r"block \(--block-size 16 \+ 1\)"):
+            run()
+    else:
+        assert run()["iter"] == 1
+
+
+def test_no_cuda_graph_is_passed_on_and_used_on_the_cupy_backend(given_to_train, monkeypatch, capsys):
+    """Where the backend is cupy (stood in for here: train.train is not run), --no-cuda-graph is used,
+    so there is no warning; elsewhere it is said to be ignored. Either way train gets cuda_graph=False."""
+    from minilm import backend
+    assert cli.main(["train", "--no-cuda-graph", "--backend", "numpy"]) == 0
+    assert given_to_train[-1][1]["cuda_graph"] is False
+    assert "'--no-cuda-graph' is ignored: it is used only by --backend cupy" in capsys.readouterr().err
+    monkeypatch.setattr(backend, "current", lambda: "cupy")
+    assert cli.main(["train", "--no-cuda-graph", "--backend", "numpy"]) == 0
+    assert given_to_train[-1][1]["cuda_graph"] is False and capsys.readouterr().err == ""
+    assert cli.main(["train", "--backend", "numpy"]) == 0
+    assert given_to_train[-1][1]["cuda_graph"] is True
