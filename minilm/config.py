@@ -83,7 +83,7 @@ PRESETS = {
 _CHOICES = {"model": MODELS, "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
             "batching": BATCHING, "dtype": DTYPES}
 _NON_NEGATIVE = {"dropout", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "momentum",
-                 "grad_clip", "patience", "seed", "beta1", "beta2"}
+                 "grad_clip", "patience", "seed", "beta1", "beta2", "rmsprop_alpha"}
 
 
 def preset(name):

@@ -907,6 +907,7 @@ def test_an_error_names_the_command_once(capsys):
 @pytest.mark.parametrize("change, match", [
     (dict(beta1=1.0), r"'--beta1' must be in \[0, 1\), got 1.0"),
     (dict(optimizer="rmsprop", rmsprop_alpha=1.0), r"'--rmsprop-alpha' must be in \[0, 1\), got 1.0"),
+    (dict(optimizer="rmsprop", rmsprop_alpha=-0.5), r"'--rmsprop-alpha' must be a finite number >= 0, got -0.5"),
     (dict(n_layer=True), r"'--n-layer' must be an integer, got True"),
     (dict(lr=np.True_), r"'--lr' must be a number, got (np\.)?True"),          # NumPy's bool is no number either
     (dict(warmup_iters=100, lr_decay_iters=100), r"'--lr-decay-iters' \(100\) must exceed '--warmup-iters' \(100\)"),
@@ -924,6 +925,7 @@ def test_validate_refuses_each_value_out_of_range(change, match):
 
 @pytest.mark.parametrize("change", [
     dict(seed=0, patience=0, grad_clip=0.0, weight_decay=0.0, momentum=0.0, beta1=0.0, beta2=0.0, dropout=0.0),
+    dict(optimizer="rmsprop", rmsprop_alpha=0.0),                # s = g², no running average: RMSprop's alpha range is [0, 1)
     dict(min_lr=1e-3, lr=1e-3),                                  # a flat cosine: the floor may equal the peak
     dict(lr_decay_iters=0, max_iters=5, warmup_iters=4),         # the schedule's length falls back to max_iters
     dict(schedule="constant", warmup_iters=100, max_iters=10),   # warm-up belongs to the cosine alone
