@@ -6,7 +6,8 @@ import signal
 import numpy as np
 import pytest
 
-from minilm import checkpoint, cli, optim, train
+from minilm import checkpoint, cli, config, optim, train
+from minilm.config import TrainConfig
 
 # a tiny model and run, so each training takes a fraction of a second on the numpy backend
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--hidden-size", "16", "--block-size", "16",
@@ -514,14 +515,12 @@ PY_TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_
     (dict(batching="contiguous"), r"option '--batching' contiguous is for the recurrent models"),
 ])
 def test_train_from_python_checks_its_config_before_writing(corpus, tmp_path, change, match):
-    from minilm.config import TrainConfig
     with pytest.raises(ValueError, match=match):
         train.train(TrainConfig(**dict(PY_TINY, **change)), data=corpus, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
 def test_train_from_python_takes_numpy_numbers_and_logs_through_log(corpus, tmp_path, capsys):
-    from minilm.config import TrainConfig
     lines = []
     cfg = TrainConfig(**dict(PY_TINY, lr=np.float32(2e-3), batch_size=np.int64(4), bias=np.False_))
     train.train(cfg, data=corpus, out_dir=tmp_path / "run", progress=False, log=lines.append)
@@ -535,7 +534,6 @@ def test_each_step_takes_the_schedules_lr_and_clips_to_grad_clip(corpus, tmp_pat
     """Step i updates with schedule(i) (warm-up, then the cosine), after clipping to --grad-clip, and
     the run ends after max_iters steps. The runs straight through and resumed would agree on a wrong
     lr, so it is read where the optimizer gets it."""
-    from minilm.config import TrainConfig
     cfg = TrainConfig(**dict(PY_TINY, max_iters=6, warmup_iters=2, lr_decay_iters=5, grad_clip=0.5))
     lrs, max_norms = [], []
     real_step, real_clip = optim.AdamW.step, train.optim.clip_grad_norm
@@ -551,7 +549,6 @@ def test_each_step_takes_the_schedules_lr_and_clips_to_grad_clip(corpus, tmp_pat
 def test_best_checkpoint_is_the_first_lowest_validation_loss(corpus, tmp_path, monkeypatch):
     """best.npz is saved only on a strict improvement over the lowest validation loss so far: not on
     a tie, and not on a loss lower than a worse one that came after the best."""
-    from minilm.config import TrainConfig
     val_losses, calls = iter([3.0, 2.0, 2.0, 2.5, 2.4]), []     # evaluations at 0, 2, 4, 6, 8
 
     def scripted(runner, batches):                              # train loss, then val loss, per evaluation
@@ -569,7 +566,6 @@ def test_best_checkpoint_is_the_first_lowest_validation_loss(corpus, tmp_path, m
 def test_the_recurrent_state_is_carried_only_by_contiguous_batches(corpus, tmp_path, monkeypatch, batching):
     """Contiguous streams hand each step the state the step before returned (zeros, None, only when
     the streams start over); random windows start every step from zeros."""
-    from minilm.config import TrainConfig
     given, returned = [], []
     real_call = train.TrainStep.__call__
 
@@ -598,7 +594,6 @@ def test_the_recurrent_state_is_carried_only_by_contiguous_batches(corpus, tmp_p
      {"name": "rmsprop", "lr": 0.02, "momentum": 0.3, "alpha": 0.9}),
 ])
 def test_the_optimizer_gets_every_option_of_the_config(options, expected):
-    from minilm.config import TrainConfig
     from minilm.params import Params
     optimizer = train.make_optimizer(TrainConfig(**dict(PY_TINY, **options)), Params([("W", (2, 2))]))
     state = optimizer.state_dict()
@@ -787,7 +782,6 @@ def test_running_out_of_memory_names_the_size_options(corpus, tmp_path, capsys, 
 def test_the_memory_estimate_is_below_a_measured_step_but_not_far(settings):
     import dataclasses
     import tracemalloc
-    from minilm import config
     from minilm.models import build_model
     cfg = dataclasses.replace(config.preset("shakespeare-char-cpu"), **settings)
     tracemalloc.start()                                         # NumPy reports its arrays to it
@@ -849,7 +843,6 @@ RECIPES = {
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_each_preset_is_its_recipe(name):
-    from minilm import config
     cfg = config.preset(name)
     assert {key: getattr(cfg, key) for key in RECIPES[name]} == RECIPES[name]
     assert (cfg.optimizer, cfg.schedule, cfg.schedule_length()) == ("adamw", "cosine", cfg.max_iters)
@@ -870,7 +863,6 @@ def given_to_train(monkeypatch):
 
 
 def test_train_starts_from_the_cpu_preset_and_the_options_override_it(given_to_train, capsys):
-    from minilm import config
     assert cli.main(["train", "--backend", "numpy"]) == 0
     cfg, kwargs = given_to_train[-1]
     assert cfg == config.preset("shakespeare-char-cpu") and kwargs["data"] == "shakespeare"
@@ -918,7 +910,6 @@ def test_an_error_names_the_command_once(capsys):
     (dict(lr_gamma=float("nan"), schedule="step"), r"'--lr-gamma' must be a finite number > 0, got nan"),
 ])
 def test_validate_refuses_each_value_out_of_range(change, match):
-    from minilm import config
     with pytest.raises(ValueError, match=match):
         config.validate(config.TrainConfig(**dict(PY_TINY, **change)))
 
@@ -933,7 +924,6 @@ def test_validate_refuses_each_value_out_of_range(change, match):
     dict(n_layer=np.int64(2), lr=np.float32(0.5), bias=np.True_),
 ])
 def test_validate_accepts_each_value_at_its_bound(change):
-    from minilm import config
     cfg = config.validate(config.TrainConfig(**dict(PY_TINY, **change)))
     defaults = config.TrainConfig()
     for key, value in change.items():                            # NumPy numbers become Python's
@@ -945,7 +935,6 @@ def test_validate_accepts_each_value_at_its_bound(change):
 def test_each_split_needs_one_block_and_one_more_character(tmp_path, n_chars, refused):
     """A split of block_size + 1 characters holds one window and its targets; one of block_size does not.
     160 characters split 144 + 16 (refused, with --block-size 16), 170 split 153 + 17 (trained on)."""
-    from minilm.config import TrainConfig
     path = tmp_path / "text.txt"
     path.write_text(("to be or not " * 20)[:n_chars], encoding="utf-8")
     cfg = TrainConfig(**dict(PY_TINY, max_iters=1, eval_interval=1))
