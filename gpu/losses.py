@@ -17,7 +17,7 @@ import cupy
 from minilm.gpu._core import acc_dtype, contiguous, launch_rows, row_module, scalar, supported
 from minilm.reference import losses as reference
 from minilm.reference.losses import check_cross_entropy_args
-from minilm.validate import require_shape
+from minilm.validate import as_scalar_gradient
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
@@ -53,8 +53,11 @@ __global__ void cross_entropy_forward_rows(const T* logits, const long long* tar
         A l = m + log_acc(Z);                                               // log sum_j e^{z_j}
         lse[row] = l;
         long long t = targets[row];
-        // -log p_t = lse - z_t; the mean over j of -log p_j = lse - mean(z)
-        ell[row] = (t == ignore_index) ? (A)0 : ((A)1 - eps) * (l - load(z[t])) + eps * (l - sz / V);
+        // -log p_t = lse - z_t; the mean over j of -log p_j = lse - mean(z). Without smoothing
+        // the loss is -log p_t alone: eps * (lse - mean(z)) would be 0 * inf = NaN where a logit is -inf
+        if (t == ignore_index) ell[row] = 0;
+        else if (eps == (A)0) ell[row] = l - load(z[t]);
+        else ell[row] = ((A)1 - eps) * (l - load(z[t])) + eps * (l - sz / V);
     }
 }
 
@@ -110,8 +113,7 @@ def cross_entropy_backward(dloss, cache):
         return reference.cross_entropy_backward(dloss, cache)
     z, lse, t, shape, M, ignore_index, eps = cache
     acc = lse.dtype
-    dloss = cupy.asarray(dloss, dtype=acc)
-    require_shape("cross_entropy_backward", "dloss", dloss, (), "() (a scalar)")
+    dloss = as_scalar_gradient("cross_entropy_backward", "dloss", dloss, cupy, acc)   # ()
     N, V = z.shape
     w = (dloss / cupy.maximum(M, 1)).astype(acc).reshape(1)           # each counted position's share
     dlogits = cupy.empty((N, V), dtype=z.dtype)

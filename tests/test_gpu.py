@@ -203,6 +203,35 @@ def test_cupy_backend_routes_to_the_kernels():
     assert backend.kernel("adamw_update", None).__module__ == "minilm.gpu.optim"
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cross_entropy_kernel_takes_a_minus_inf_logit_without_smoothing(dtype):
+    # as the reference and numba tiers (tests/test_losses.py): a class of logit -inf has probability
+    # 0 and, without smoothing, enters no loss term; eps * mean(-log p) would be 0 * inf = NaN
+    from minilm.gpu import losses
+    from minilm.reference import losses as reference
+    logits = np.array([[1.0, -np.inf, 0.5], [0.0, 2.0, -np.inf]], dtype=dtype)
+    targets = np.array([0, 1])
+    loss, cache = losses.cross_entropy_forward(cupy.asarray(logits), cupy.asarray(targets))
+    assert isinstance(cache, losses.FusedCrossEntropyCache)                     # the kernel ran
+    want, want_cache = reference.cross_entropy_forward(logits, targets)
+    assert relative_error(float(loss), float(want)) <= TOL[dtype]
+    dlogits, _ = losses.cross_entropy_backward(1.0, cache)
+    want_dlogits, _ = reference.cross_entropy_backward(1.0, want_cache)
+    assert relative_error(dlogits.get(), want_dlogits) <= TOL[dtype]
+    smoothed, _ = losses.cross_entropy_forward(cupy.asarray(logits), cupy.asarray(targets), label_smoothing=0.1)
+    assert float(smoothed) == np.inf                                             # as PyTorch
+
+
+def test_cross_entropy_kernel_refuses_a_dloss_that_is_not_a_number():
+    from minilm.gpu import losses
+    _, cache = losses.cross_entropy_forward(cupy.ones((2, 3)), cupy.asarray([0, 1]))
+    for bad in (None, "2", True):                          # would have become NaN, 2.0 or 1.0 silently
+        with pytest.raises(TypeError, match=r"cross_entropy_backward: argument 'dloss' must be a real number"):
+            losses.cross_entropy_backward(bad, cache)
+    with pytest.raises(ValueError, match=r"cross_entropy_backward: argument 'dloss' must have shape \(\)"):
+        losses.cross_entropy_backward(cupy.ones(2), cache)
+
+
 def test_dropout_keeps_one_minus_p_scales_and_repeats():
     minilm.use("cupy")
     x = cupy.ones((256, 1024), dtype=cupy.float32)
