@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -68,6 +69,29 @@ def test_train_writes_checkpoints_and_metrics(corpus, tmp_path):
     best, last = checkpoint.load(out / "best.npz"), checkpoint.load(out / "last.npz")
     assert last.meta["iter"] == 12
     assert best.meta["best_val_loss"] == min(r["val_loss"] for r in rows)
+
+
+def test_train_draws_the_loss_curves_when_matplotlib_is_installed(corpus, tmp_path):
+    pytest.importorskip("matplotlib", reason="loss.png is drawn only where matplotlib is installed")
+    from matplotlib import colors, image
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "12") == 0
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")   # the IHDR chunk
+    assert (width, height) == (600, 400)                             # figsize (6, 4) at 100 dpi
+    pixels = image.imread(out / "loss.png")[..., :3]
+    for curve in ("C0", "C1"):                                       # train, then validation: both drawn
+        rgb = np.array(colors.to_rgb(curve))
+        assert np.sum(np.all(np.abs(pixels - rgb) < 0.05, axis=-1)) > 100, curve
+
+
+def test_train_without_matplotlib_draws_nothing_and_still_trains(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # `import matplotlib` raises ImportError
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    assert not (out / "loss.png").exists()
+    assert [r["iter"] for r in _metrics(out)] == [0, 4]
 
 
 @pytest.mark.parametrize("model_options", [
