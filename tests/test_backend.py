@@ -2,6 +2,8 @@
 import importlib.util
 import os
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -50,6 +52,39 @@ def test_cupy_without_cupy_is_a_clear_error_not_a_fallback(capsys):
     with pytest.raises(SystemExit):
         cli.main(["gradcheck", "--backend", "cupy"])
     assert "backend 'cupy' needs the cupy package" in capsys.readouterr().err
+
+
+def _fake_cupy(get_device_count):
+    """A stand-in for an installed CuPy whose CUDA runtime answers ``get_device_count()``."""
+    runtime = types.SimpleNamespace(getDeviceCount=get_device_count)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+
+
+def _no_driver():
+    raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+
+@pytest.mark.parametrize("count, message", [
+    (lambda: 0, r"backend 'cupy' needs an NVIDIA GPU, but none was found"),
+    (_no_driver, r"backend 'cupy' needs an NVIDIA GPU, but CUDA reported: cudaErrorInsufficientDriver"),
+])
+def test_cupy_without_a_gpu_is_a_clear_error_not_a_fallback(monkeypatch, count, message):
+    minilm.use("numpy")
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(count))
+    with pytest.raises(RuntimeError, match=message):
+        minilm.use("cupy")
+    assert minilm.current() == "numpy"                       # the backend in use is kept
+
+
+def test_without_numba_the_default_is_numpy_and_asking_for_numba_is_a_clear_error(monkeypatch):
+    minilm.use("numpy")
+    monkeypatch.delenv("MINILM_BACKEND", raising=False)
+    monkeypatch.setitem(sys.modules, "numba", None)          # `import numba` raises ImportError
+    assert backend.default_backend() == "numpy"
+    with pytest.raises(RuntimeError, match=r"backend 'numba' needs the numba package, which did not import .*"
+                                           r"pip install numba` or choose --backend numpy"):
+        minilm.use("numba")
+    assert minilm.current() == "numpy"
 
 
 def test_environment_variable_picks_the_default(monkeypatch):
