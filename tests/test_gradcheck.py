@@ -403,3 +403,33 @@ def test_a_gradient_holding_nan_or_inf_fails_along_directions(bad):
     report = gradcheck(identity_forward, bad_backward, (np.random.default_rng(10).standard_normal((30, 30)),))
     assert not report.passed and report.failures[0].mode == "directions"
     assert report.failures[0].note == "the backward's gradient holds NaN or inf"
+
+
+def product_forward(*factors):
+    """y = the elementwise product of any number of arrays: a forward taking ``*args``."""
+    return np.prod(np.stack(factors), axis=0), factors
+
+
+def product_backward(dy, factors):
+    return tuple(dy * np.prod(np.stack(factors[:i] + factors[i + 1:]), axis=0) for i in range(len(factors)))
+
+
+def test_arguments_without_names_of_their_own_are_called_by_position():
+    rng = np.random.default_rng(3)
+    args = tuple(rng.standard_normal(4) for _ in range(3))
+    report = gradcheck(product_forward, product_backward, args)
+    assert report.passed and [a.name for a in report.arguments] == ["arg0", "arg1", "arg2"]
+
+    def scaled_forward(x, *rest):                    # named first, then by position
+        return product_forward(x, *rest)
+    report = gradcheck(scaled_forward, product_backward, args)
+    assert report.passed and [a.name for a in report.arguments] == ["x", "arg1", "arg2"]
+
+    class Unreadable:
+        """A callable whose signature inspect cannot read."""
+        __signature__ = "not a signature"
+
+        def __call__(self, *args):
+            return product_forward(*args)
+    report = gradcheck(Unreadable(), product_backward, args, name="product")
+    assert report.passed and [a.name for a in report.arguments] == ["arg0", "arg1", "arg2"]
