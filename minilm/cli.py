@@ -93,24 +93,15 @@ def _train(args):
 
 def _sample(args, out=None):
     out = out or sys.stdout
-    from minilm.evaluate import load_model
-    from minilm.sample import generate
-    model, tokenizer, _ = load_model(args.checkpoint)
-    if args.prompt is None:                        # the default: a newline, as at the start of a line
-        if "\n" not in tokenizer.chars:
-            raise ValueError("the model's vocabulary has no newline, the default prompt (its training text "
-                             "was one line); give the text to continue with --prompt")
-        args.prompt = "\n"
-    if not args.prompt:
-        raise ValueError("option '--prompt' must hold at least one character, got ''")
-    prompt = tokenizer.encode(args.prompt, what="option '--prompt'")
-    tokens = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
+    from minilm.sample import DEFAULT_PROMPT, _sample_text
+    pieces = _sample_text(args.checkpoint, args.prompt, args.max_new_tokens, "option '--prompt'",
+                          dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               use_cache=not args.no_cache))
     with backend.compile_notice():                 # the first token compiles the kernels on a cold cache
-        first = list(itertools.islice(tokens, 1))
-    out.write(args.prompt)                         # after the notice, so that it never splits the text
-    for token in itertools.chain(first, tokens):
-        out.write(tokenizer.decode([token]))
+        first = list(itertools.islice(pieces, 1))
+    out.write(DEFAULT_PROMPT if args.prompt is None else args.prompt)   # after the notice: never splits the text
+    for piece in itertools.chain(first, pieces):
+        out.write(piece)
         out.flush()
     out.write("\n")
     return 0

@@ -39,6 +39,10 @@ def _check_options(V, max_new_tokens, temperature, top_k, top_p, seed):
 
 
 def _check_prompt(prompt_ids, V):
+    if isinstance(prompt_ids, str):                 # text, where ids are asked for: say how to get them
+        raise TypeError("generate: argument 'prompt_ids' must be a sequence of token ids, got a str; encode "
+                        "the text with the model's tokenizer (tokenizer.encode(text)), or sample from a "
+                        "checkpoint with minilm.sample.sample_text(path, text)")
     try:
         prompt = np.asarray(prompt_ids)
     except (TypeError, ValueError):
@@ -148,3 +152,37 @@ def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
         tokens.append(token)
         new = [token]
         yield token
+
+
+DEFAULT_PROMPT = "\n"        # what a prompt of None means: a newline, as at the start of a line
+
+
+def sample_text(checkpoint_path, prompt=None, max_new_tokens=500, *, temperature=1.0, top_k=None, top_p=None,
+                seed=None, use_cache=True):
+    """Yield the text that continues ``prompt``, one character at a time, from the model saved at
+    ``checkpoint_path`` (rebuilt on the active backend): ``minilm sample`` from Python.
+
+    ``prompt`` is a non-empty string of the model's characters; None is ``DEFAULT_PROMPT``, a
+    newline. The other options are ``generate``'s. The checkpoint, the prompt and the options are
+    checked when ``sample_text`` is called, before the first character is asked for::
+
+        for piece in sample_text("out/best.npz", "ROMEO:", 200, temperature=0.8, seed=1):
+            print(piece, end="", flush=True)
+    """
+    return _sample_text(checkpoint_path, prompt, max_new_tokens, "sample_text: argument 'prompt'",
+                        dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache))
+
+
+def _sample_text(checkpoint_path, prompt, max_new_tokens, what, options):
+    """``sample_text``, with ``what`` naming the prompt in its errors (the command names --prompt)."""
+    from minilm.evaluate import load_model
+    model, tokenizer, _ = load_model(checkpoint_path)
+    if prompt is None:
+        if DEFAULT_PROMPT not in tokenizer.chars:
+            raise ValueError(f"{what} was not given, and its default, a newline, is not in the model's vocabulary "
+                             f"(its training text was one line); give the text to continue")
+        prompt = DEFAULT_PROMPT
+    if isinstance(prompt, str) and not prompt:
+        raise ValueError(f"{what} must hold at least one character, got ''")
+    tokens = generate(model, tokenizer.encode(prompt, what=what), max_new_tokens, **options)
+    return (tokenizer.decode([token]) for token in tokens)

@@ -205,3 +205,15 @@ def test_generate_rejects_bad_options_when_called(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         generate(model, args.pop("prompt_ids"), args.pop("max_new_tokens"), **args)   # before any next()
+
+
+def test_generate_given_text_says_how_to_turn_it_into_ids():
+    with pytest.raises(TypeError, match=r"generate: argument 'prompt_ids' must be a sequence of token ids, got a str; "
+                                        r"encode the text with the model's tokenizer \(tokenizer.encode\(text\)\), "
+                                        r"or sample from a checkpoint with minilm.sample.sample_text\(path, text\)"):
+        generate(gpt(), "to be", 3)
+
+
+def test_generate_given_a_ragged_prompt_names_it():
+    with pytest.raises(TypeError, match=r"generate: argument 'prompt_ids' must be a sequence of token ids, got list"):
+        generate(gpt(), [[1, 2], [3]], 3)

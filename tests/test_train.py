@@ -458,6 +458,53 @@ def test_sample_prints_the_compile_notice_before_the_prompt(corpus, tmp_path, mo
     assert terminal.getvalue().startswith("numba: compiling...\nto be")
 
 
+def test_sample_text_is_the_command_from_python(trained, capsys):
+    from minilm.evaluate import load_model
+    from minilm.sample import generate, sample_text
+    ckpt = str(trained / "last.npz")
+    options = dict(temperature=0.8, top_k=5, seed=3)
+    text = "".join(sample_text(ckpt, "to be", 40, **options))
+    assert len(text) == 40
+    assert cli.main(["sample", "--checkpoint", ckpt, "--prompt", "to be", "--max-new-tokens", "40", "--temperature",
+                     "0.8", "--top-k", "5", "--seed", "3", "--backend", "numpy"]) == 0
+    assert capsys.readouterr().out == "to be" + text + "\n"
+    model, tokenizer, _ = load_model(ckpt)                       # the same as generate on the ids
+    assert text == tokenizer.decode(list(generate(model, tokenizer.encode("to be"), 40, **options)))
+    default = "".join(sample_text(ckpt, max_new_tokens=10, seed=3))   # the corpus ends in a newline
+    assert default == "".join(sample_text(ckpt, "\n", 10, seed=3))
+    assert "".join(sample_text(ckpt, "to", 0)) == ""
+
+
+@pytest.mark.parametrize("prompt, kwargs, error, match", [
+    ("ZEBRA", {}, ValueError, r"sample_text: argument 'prompt' has 5 characters that are not in the model's vocabulary"),
+    ("", {}, ValueError, r"sample_text: argument 'prompt' must hold at least one character, got ''"),
+    ([1, 2], {}, TypeError, r"sample_text: argument 'prompt' must be a string, got list"),
+    ("to", {"temperature": -1.0}, ValueError, r"generate: option 'temperature' must be a finite number >= 0"),
+    ("to", {"max_new_tokens": -1}, ValueError, r"'max_new_tokens' must be an integer >= 0"),
+])
+def test_sample_text_checks_its_arguments_when_called(trained, prompt, kwargs, error, match):
+    from minilm.sample import sample_text
+    with pytest.raises(error, match=match):
+        sample_text(str(trained / "last.npz"), prompt, **kwargs)        # before any next()
+
+
+def test_sample_text_without_a_newline_in_the_vocabulary_asks_for_a_prompt(tmp_path):
+    from minilm.sample import sample_text
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_text("to be or not to be " * 40, encoding="utf-8")
+    assert _train(str(one_line), tmp_path / "run", "--max-iters", "1") == 0
+    with pytest.raises(ValueError, match=r"sample_text: argument 'prompt' was not given, and its default, a newline, "
+                                         r"is not in the model's vocabulary"):
+        sample_text(str(tmp_path / "run" / "last.npz"))
+    assert len("".join(sample_text(str(tmp_path / "run" / "last.npz"), "to", 5))) == 5
+
+
+def test_sample_text_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    from minilm.sample import sample_text
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        sample_text(str(tmp_path / "missing.npz"), "to")
+
+
 def test_evaluate_scores_every_character_once(corpus):
     from minilm.evaluate import evaluate
 
@@ -754,7 +801,8 @@ def test_the_default_prompt_and_an_empty_one(tmp_path, capsys):
     assert _train(str(one_line), out, "--max-iters", "1") == 0
     ckpt = str(out / "last.npz")
     err = _error(capsys, ["sample", "--checkpoint", ckpt, "--backend", "numpy"])
-    assert "the model's vocabulary has no newline, the default prompt" in err and "--prompt" in err
+    assert ("option '--prompt' was not given, and its default, a newline, is not in the model's vocabulary "
+            "(its training text was one line); give the text to continue") in err
     err = _error(capsys, ["sample", "--checkpoint", ckpt, "--prompt", "", "--backend", "numpy"])
     assert "option '--prompt' must hold at least one character, got ''" in err
     assert cli.main(["sample", "--checkpoint", ckpt, "--prompt", "to", "--max-new-tokens", "3",
