@@ -3,6 +3,7 @@ the GPU tables' options, layout and MFU arithmetic (from stand-in measurements: 
 import json
 import os
 
+import numpy as np
 import pytest
 
 from minilm import cli
@@ -503,3 +504,18 @@ def test_threads_limit_minilm_in_the_bench_process_as_the_peer_is_limited():
     assert (backend.current(), numba.get_num_threads(), blas()) == ("numba", numba_before, blas_before)
     if numba_before > 1:
         assert isinstance(batch_runner(model), BatchParallel)
+
+
+def test_the_per_op_table_times_every_op_on_every_backend():
+    from minilm.bench import ops as op_bench
+    lines = []
+    rows = op_bench.run(["numpy", "numba"], threads=1, repeats=1, out=lines.append)
+    names = list(op_bench._cases(np.random.default_rng(0)))
+    assert {"layernorm", "attention", "self_attention", "cross_entropy", "lstm", "gru"} <= set(names)
+    assert [(r["backend"], r["op"]) for r in rows] == [(b, n) for b in ("numpy", "numba") for n in names]
+    assert all(r["ms"] > 0 for r in rows)
+    assert "per-op forward + backward, ms (median of 1;" in lines[0]
+    table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
+    assert lines[1].split() == ["op", "numpy", "numba"] and list(table) == names
+    for r in rows:                                       # each row printed in its backend's column
+        assert table[r["op"]][("numpy", "numba").index(r["backend"])] == pytest.approx(r["ms"], abs=5e-4)
