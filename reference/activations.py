@@ -4,14 +4,15 @@ Forward and backward
 --------------------
 An elementwise :math:`y = \phi(x)` has :math:`\bar x = \phi'(x)\,\bar y`, where
 :math:`\bar y = \partial L / \partial y` (``dy`` in code). Each derivative is written in terms of
-whatever the forward already computed:
+whatever the forward already computed (the GELU cache keeps only x, so its backward recomputes
+:math:`\tanh u` or :math:`\Phi(x)`):
 
 * ReLU: :math:`y = \max(0, x)`, :math:`\phi'(x) = [x > 0]` (0 at the kink, as PyTorch).
 * tanh: :math:`y = \tanh x`, :math:`\phi'(x) = 1 - y^2`.
 * sigmoid: :math:`y = \sigma(x) = 1/(1 + e^{-x})`, :math:`\phi'(x) = y(1 - y)`.
 * GELU, exact: :math:`y = x\,\Phi(x)` with :math:`\Phi(x) = \tfrac12(1 + \operatorname{erf}(x/\sqrt2))`,
   so :math:`\phi'(x) = \Phi(x) + x\,\varphi(x)` with the normal density
-  :math:`\varphi(x) = e^{-x^2/2}/\sqrt{2\pi}`.
+  :math:`\varphi(x) = e^{-x^2/2}/\sqrt{2\pi}` (``pdf`` in code; not the activation :math:`\phi`).
 * GELU, tanh approximation (GPT-2): :math:`y = \tfrac12 x (1 + \tanh u)` with
   :math:`u = \sqrt{2/\pi}\,(x + 0.044715\,x^3)`. By the product rule,
 

@@ -9,12 +9,14 @@ At every position (any leading axes), with a hidden width of 4C in GPT-2 (any wi
 
 where :math:`\phi` is GELU with GPT-2's tanh approximation (``activation="gelu"``), the exact
 GELU :math:`h\,\Phi(h)` (``"gelu_exact"``), or ReLU (``"relu"``). The forward is three calls to
-the ops of ``linear.py`` and ``activations.py``, and the cache is their three caches.
+the ops of ``linear.py`` and ``activations.py`` (looked up on the active backend, so a faster
+tier's version of the same op may serve), and the cache is their three caches.
 
 Backward
 --------
 The chain rule, the forward read from the bottom up; each step is the backward of one op
-(derived in that op's file). Writing :math:`\bar y = \partial L / \partial y` (``dy`` in code):
+(derived in that op's file). Writing :math:`\bar y = \partial L / \partial y` (``dy`` in code),
+with n running over every position:
 
 .. math::
     \bar a = \bar y W_2^\top,\quad \bar W_2 = a^\top \bar y,\quad \bar b_2 = \textstyle\sum_n \bar y_n

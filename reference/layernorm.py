@@ -2,8 +2,8 @@ r"""Layer normalisation over the last axis.
 
 Forward
 -------
-Each row :math:`x \in \mathbb{R}^C` (one position n; every leading axis is a position) is
-normalised on its own, then scaled and shifted by parameters shared by every row:
+Each row :math:`x \in \mathbb{R}^C` (one position n; every index into the leading axes is a
+position) is normalised on its own, then scaled and shifted by parameters shared by every row:
 
 .. math::
     \mu = \frac1C \sum_i x_i, \qquad
@@ -15,8 +15,8 @@ normalised on its own, then scaled and shifted by parameters shared by every row
     y_i = \gamma_i \hat x_i + \beta_i .
 
 :math:`\sigma^2` is the biased (divide by C) variance, as in PyTorch. :math:`r` is ``rstd`` in code
-(llm.c's name). The cache keeps :math:`\hat x` and :math:`r`, all the backward needs besides
-:math:`\gamma` (llm.c keeps :math:`\mu` and :math:`r` and recomputes :math:`\hat x`).
+(llm.c's name). The cache keeps :math:`\hat x`, :math:`r` and :math:`\gamma`, all the backward
+needs (llm.c keeps :math:`\mu` and :math:`r` and recomputes :math:`\hat x`).
 
 Backward
 --------
