@@ -127,7 +127,7 @@ def context_start(n_tokens, start, window):
 
     A GPT sees at most ``window`` (block_size) tokens. When one more would not fit, the context
     restarts from the newest ``window // 2`` tokens (a "context shift"), so that with a key/value
-    cache the cache is rebuilt once every ``window // 2`` tokens rather than at every step, and
+    cache the cache is rebuilt about once every ``window // 2`` tokens rather than at every step, and
     the cached and the cache-less paths see exactly the same context. ``window`` None: no limit.
     """
     if window is None or n_tokens - start <= window:

@@ -47,13 +47,14 @@ Write :math:`\bar y = \partial L / \partial y` (``dy`` in code), and likewise
               \bar v_{jd} = \sum_i A_{ij}\, \bar y_{id} \;\Rightarrow\; \bar v = A^\top \bar y .
 
    With dropout on the weights (nanoGPT's ``attn_dropout``) the forward multiplies
-   :math:`D = M \odot A / (1 - p)` by v instead, M the 0/1 mask: this step then gives
-   :math:`\bar D = \bar y v^\top` and :math:`\bar v = D^\top \bar y`, and dropout's own backward
-   :math:`\bar A = M \odot \bar D / (1 - p)`.
+   :math:`\tilde A = M \odot A / (1 - p)` (``att_d``) by v instead, M the 0/1 mask: this step
+   then gives :math:`\bar{\tilde A} = \bar y v^\top` and :math:`\bar v = \tilde A^\top \bar y`, and
+   dropout's own backward :math:`\bar A = M \odot \bar{\tilde A} / (1 - p)`.
 
 2. :math:`A = \operatorname{softmax}(S)` row by row. Within row i (over the allowed keys),
-   :math:`A_{ij} = e^{S_{ij}} / \sum_l e^{S_{il}}` (the shift :math:`m_i` cancels), so by the
-   quotient rule the Jacobian is
+   :math:`A_{ij} = e^{S_{ij}} / Z` with :math:`Z = \sum_n e^{S_{in}}` (the shift :math:`m_i`
+   cancels, so it is left out here) and :math:`\partial Z / \partial S_{il} = e^{S_{il}}`, so by
+   the quotient rule the Jacobian is
 
    .. math::  \frac{\partial A_{ij}}{\partial S_{il}}
               = \frac{\delta_{jl}\, e^{S_{ij}}}{Z} - \frac{e^{S_{ij}}\, e^{S_{il}}}{Z^2}
@@ -84,10 +85,11 @@ For x of shape (B, T, C) and NH heads of size hs = C / NH:
 
 .. math::  [\,Q \mid K \mid V\,] = x W_{qkv} + b_{qkv}, \qquad
            y^{(h)} = \operatorname{attention}\big(Q^{(h)}, K^{(h)}, V^{(h)}\big), \qquad
-           y = [\,y^{(1)} \mid \dots \mid y^{(NH)}\,]\, W_o + b_o ,
+           y = [\,y^{(0)} \mid \dots \mid y^{(NH-1)}\,]\, W_o + b_o ,
 
-where :math:`Q, K, V` are the three column blocks of width C and :math:`Q^{(h)}` holds columns
-:math:`h \cdot hs \dots (h+1) \cdot hs - 1` of Q (nanoGPT's layout, transposed to ``x @ W``).
+where :math:`Q, K, V` are the three column blocks of width C and, for :math:`h = 0 \dots NH-1`,
+:math:`Q^{(h)}` holds columns :math:`h \cdot hs \dots (h+1) \cdot hs - 1` of Q (and likewise
+:math:`K^{(h)}, V^{(h)}`; nanoGPT's layout, transposed to ``x @ W``).
 In code the split into heads is a reshape (B, T, C) -> (B, T, NH, hs) and a transpose to
 (B, NH, T, hs); joining them again is the inverse transpose and reshape.
 
@@ -200,8 +202,8 @@ class AttentionCache(NamedTuple):
     v: object       # (B, NH, Tk, hs)
     att: object     # (B, NH, Tq, Tk) the probabilities A; 0 where a key is masked
     drop: object = None     # the DropoutCache of A's dropout, or None without dropout
-    causal: bool = False    # the forward's causal option (att is 0 above the diagonal then; a faster
-                            # tier's backward may skip that block, minilm.gpu.attention)
+    causal: bool = False    # the forward's causal option (att is 0 where j > i + Tk - Tq then; a
+                            # faster tier's backward may skip that block, minilm.gpu.attention)
 
 
 def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None):
@@ -248,7 +250,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
 
 
 def attention_backward(dy, cache):
-    """Gradients of y = softmax(q k^T / sqrt(hs)) v (see the module docstring for the derivation).
+    """Gradients of y = dropout(softmax(q k^T / sqrt(hs))) v (see the module docstring for the derivation).
 
     Returns
     -------
@@ -418,7 +420,7 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
     W_o : (C, C) float array; b_o : (C,) float array or None.
     n_head : int, NH; C must be divisible by it.
     mask : boolean array broadcastable to (B, Tq, Tk), True = may attend, shared by every head;
-        or None. A query with no allowed key gets attention output 0 (so y = b_o there).
+        or None. A query with no allowed key gets attention output 0 (so y = b_o there, 0 without b_o).
     attention_forward : the attention of the heads; this file's by default (see ``self_attention_forward``).
 
     Returns

@@ -12,7 +12,7 @@ Forward (one call per line in ``GPT.forward``; ``GPT.backward`` is the same list
     \text{loss} = \operatorname{cross\_entropy}(\text{logits}, \text{targets})
 
 attn is causal multi-head self-attention (``ops.self_attention``), mlp is
-linear → GELU (tanh form) → linear (``ops.ffn``), every LayerNorm is pre-norm as in GPT-2.
+linear → GELU (GPT-2's tanh form) → linear (``ops.ffn``), every LayerNorm is pre-norm as in GPT-2.
 
 Weight tying: the output head is the token embedding, so ``wte`` receives two gradients,
 one from ``logits = x_f wte^T`` and one from the lookup ``wte[idx]``; the backward adds them
@@ -22,7 +22,11 @@ Differences from nanoGPT
 ------------------------
 * Dropout sits where nanoGPT's does -- on the embeddings, on the attention probabilities
   (``attn_dropout``; the ``dropout`` option of ``ops.attention``) and on the output of each
-  residual branch (``resid_dropout``) -- but its masks come from minilm's own random streams.
+  residual branch (``resid_dropout`` in the attention, ``dropout`` in the MLP) -- but its masks
+  come from minilm's own random streams.
+* The MLP's GELU is GPT-2's tanh approximation (``activation="gelu"``); nanoGPT's ``nn.GELU()``
+  is the exact :math:`x\,\Phi(x)` (``"gelu_exact"``). They differ by at most about 5e-4.
+* Targets equal to -100 (PyTorch's default ``ignore_index``) are not counted; nanoGPT uses -1.
 * ``forward`` returns the logits of every position, also without targets.
 * ``bias=False`` removes the biases of the linears and the LayerNorms' beta from the parameters;
   the linears then get no bias (None), the LayerNorms a zero beta whose gradient is dropped.
@@ -33,10 +37,10 @@ Generation with a key/value cache
 q, k, v from ``ln_1`` (the same projection and head split as ``ops.self_attention``), writes
 k and v into the cache, and attends from the new queries over every cached key with
 ``ops.attention(..., causal=True)``, whose causal mask aligns the queries to the end of the keys.
-Its logits equal those of ``forward`` on the whole context to rounding. On the numba backend a
-step of one token per sequence (sampling's inner loop) runs as one fused kernel instead of the
-op calls (``minilm/cpu/gpt_decode.py``), because at that size the calls' overhead is most of the
-time; it computes the same forward.
+Its logits equal those of the last position of ``forward`` on the whole context, to rounding. On
+the numba backend a step of one token per sequence (sampling's inner loop) runs as one fused
+kernel instead of the op calls (``minilm/cpu/gpt_decode.py``), because at that size the calls'
+overhead is most of the time; it computes the same forward.
 
 When the context would grow past ``block_size``, nanoGPT crops it to the last ``block_size``
 tokens. Every position then shifts, so every cached key and value changes (positions enter at
@@ -44,24 +48,25 @@ the bottom of the network); reusing them would give different logits. ``forward_
 does exactly what the uncached path does: it keeps the cropped window ``(cached tokens +
 idx_new)[-block_size:]``, empties the cache and recomputes it from that window. Past
 ``block_size`` every step thus costs one full forward of the window, as without the cache.
-``minilm.sample.generate`` avoids that by shifting its context to the newest half when it is
-full (``context_start``), so the cache is rebuilt once every ``block_size // 2`` tokens.
+``minilm.sample.generate`` avoids that by shifting its context to the newest ``block_size // 2``
+tokens when it is full (``context_start``), so the cache is rebuilt, from those tokens only,
+about once every ``block_size / 2`` tokens.
 
 Parameters (names of the views in ``GPT.params``)
 -------------------------------------------------
-==========================  ===========  ==========================================
-name                        shape        init (nanoGPT)
-==========================  ===========  ==========================================
-wte                         (V, C)       N(0, 0.02²); also the output head
-wpe                         (block, C)   N(0, 0.02²)
-h.{l}.ln_1.gamma / .beta    (C,)         1 / 0
-h.{l}.attn.W_qkv / .b_qkv   (C, 3C)      N(0, 0.02²) / 0
-h.{l}.attn.W_o / .b_o       (C, C)       N(0, (0.02/√(2L))²) / 0
-h.{l}.ln_2.gamma / .beta    (C,)         1 / 0
-h.{l}.mlp.W_1 / .b_1        (C, 4C)      N(0, 0.02²) / 0
-h.{l}.mlp.W_2 / .b_2        (4C, C)      N(0, (0.02/√(2L))²) / 0
-ln_f.gamma / .beta          (C,)         1 / 0
-==========================  ===========  ==========================================
+==========================  ================  ==========================================
+name                        shape             init (nanoGPT)
+==========================  ================  ==========================================
+wte                         (V, C)            N(0, 0.02²); also the output head
+wpe                         (block_size, C)   N(0, 0.02²)
+h.{l}.ln_1.gamma / .beta    (C,) / (C,)       1 / 0
+h.{l}.attn.W_qkv / .b_qkv   (C, 3C) / (3C,)   N(0, 0.02²) / 0
+h.{l}.attn.W_o / .b_o       (C, C) / (C,)     N(0, (0.02/√(2L))²) / 0
+h.{l}.ln_2.gamma / .beta    (C,) / (C,)       1 / 0
+h.{l}.mlp.W_1 / .b_1        (C, 4C) / (4C,)   N(0, 0.02²) / 0
+h.{l}.mlp.W_2 / .b_2        (4C, C) / (C,)    N(0, (0.02/√(2L))²) / 0
+ln_f.gamma / .beta          (C,) / (C,)       1 / 0
+==========================  ================  ==========================================
 """
 import dataclasses
 import math
