@@ -2,9 +2,9 @@ r"""The gated recurrent unit (GRU) over a whole sequence, with PyTorch's equatio
 
 Forward
 -------
-The input is a batch of sequences :math:`x_1, \dots, x_T` (the rows ``x[:, t]`` of x (B, T, D))
-and an initial state :math:`h_0`. The gates are blocked in PyTorch's order
-:math:`[r \mid z \mid n]`, with separate input and hidden parts,
+The input is a batch of sequences :math:`x_1, \dots, x_T` (each :math:`x_t` the (B, D) slice
+``x[:, t]`` of x (B, T, D)) and an initial state :math:`h_0`. The gates are blocked in PyTorch's
+order :math:`[r \mid z \mid n]`, with separate input and hidden parts,
 
 .. math::
     a^x_t = x_t W_x + b_x = [\,a^x_r \mid a^x_z \mid a^x_n\,], \qquad
@@ -29,12 +29,12 @@ every t before the loop; the loop does :math:`a^h_t` and the gate arithmetic.
 Backward through time
 ---------------------
 A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
-The loss reaches :math:`h_t`
-through the output (``dh[:, t]``) and through step t+1, which uses it twice: in
-:math:`a^h_{t+1}` and directly in :math:`z \odot h_t`. Walk backwards carrying
-``dh_prev``, what step t+1 sends back to :math:`h_t`, its previous state; at the end of the sequence it
-is the gradient ``dh_T`` arriving from the next chunk, or 0. For :math:`t = T, \dots, 1`, each
-line undoing the forward line named on the right:
+The loss reaches :math:`h_t` through the output (:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t]``) and
+through step t+1, which uses it twice: in :math:`a^h_{t+1}` and directly in :math:`z \odot h_t`.
+Walk backwards carrying :math:`\bar h_t^{\,\text{next}}` (``dh_prev``), what step t+1 sends back to
+:math:`h_t`, its previous state; at the end of the sequence it is the gradient ``dh_T`` arriving
+from the next chunk, or 0. For :math:`t = T, \dots, 1`, each line undoing the forward line named
+on the right:
 
 .. math::
     \bar h_t &= \bar h_t^{\,\text{out}} + \bar h_t^{\,\text{next}}
@@ -53,7 +53,9 @@ line undoing the forward line named on the right:
     \bar h_{t-1}^{\,\text{next}} &= \bar h_t \odot z + \bar a^h_t W_h^\top
         && h_t = \dots + z \odot h_{t-1}, \text{ and } a^h_t = h_{t-1} W_h + b_h
 
-where a sum such as :math:`a^x_r + a^h_r` passes its gradient :math:`\bar a_r` to both terms, so
+where a sum passes its gradient unchanged to each term: :math:`\bar a^x_n` above is the gradient
+of the whole argument :math:`a^x_n + r \odot a^h_n`, and :math:`\bar a_r, \bar a_z` those of the sums
+:math:`a_r = a^x_r + a^h_r`, :math:`a_z = a^x_z + a^h_z`, so
 
 .. math::
     \bar a^x_t = [\,\bar a_r \mid \bar a_z \mid \bar a^x_n\,], \qquad
@@ -84,8 +86,8 @@ W_x    (D, 3H)     dW_x (D, 3H)
 W_h    (H, 3H)     dW_h (H, 3H)
 b_x    (3H,)       db_x (3H,)
 b_h    (3H,)       db_h (3H,)
-a^x_t  (B, 3H)     da_x (B, 3H)
-a^h_t  (B, 3H)     da_h (B, 3H)
+a^x_t  (B, 3H)     da^x_t (B, 3H)
+a^h_t  (B, 3H)     da^h_t (B, 3H)
 h      (B, T, H)   dh (B, T, H)
 h_T    (B, H)      dh_T (B, H)
 =====  ==========  ===============

@@ -2,9 +2,10 @@ r"""The long short-term memory (LSTM) layer over a whole sequence.
 
 Forward
 -------
-The input is a batch of sequences :math:`x_1, \dots, x_T` (the rows ``x[:, t]`` of x (B, T, D)),
-with an initial hidden state :math:`h_0` and cell state :math:`c_0`. One product makes the
-pre-activations of all four gates, blocked in PyTorch's order :math:`[i \mid f \mid g \mid o]`,
+The input is a batch of sequences :math:`x_1, \dots, x_T` (each :math:`x_t` the (B, D) slice
+``x[:, t]`` of x (B, T, D)), with an initial hidden state :math:`h_0` and cell state :math:`c_0`.
+One product makes the pre-activations of all four gates, blocked in PyTorch's order
+:math:`[i \mid f \mid g \mid o]`,
 
 .. math::
     a_t = x_t W_x + h_{t-1} W_h + b = [\,a_i \mid a_f \mid a_g \mid a_o\,],
@@ -29,14 +30,14 @@ gate arithmetic.
 Backward through time
 ---------------------
 A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
-The loss reaches :math:`h_t`
-through the output (``dh[:, t]``) and through step t+1; it reaches :math:`c_t` through
-:math:`h_t = o \odot \tanh c_t` (both of :math:`h_t`'s paths) and through :math:`c_{t+1}` (the gates
-of step t+1 read :math:`h_t`, not :math:`c_t`). So walk backwards carrying two gradients from
-step t+1 to step t, ``dh_prev`` and ``dc_prev`` (what step t+1 sends back to :math:`h_t` and
-:math:`c_t`, its previous states); at the end of the sequence they are the
-gradients ``dh_T`` and ``dc_T`` arriving from the next chunk, or 0. For
-:math:`t = T, \dots, 1`, each line undoing the forward line named on the right:
+The loss reaches :math:`h_t` through the output (:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t]``) and
+through step t+1; it reaches :math:`c_t` through :math:`h_t = o \odot \tanh c_t` (both of :math:`h_t`'s
+paths) and through :math:`c_{t+1}` (the gates of step t+1 read :math:`h_t`, not :math:`c_t`). So walk
+backwards carrying two gradients from step t+1 to step t, :math:`\bar h_t^{\,\text{next}}` and
+:math:`\bar c_t^{\,\text{next}}` (``dh_prev`` and ``dc_prev``: what step t+1 sends back to :math:`h_t`
+and :math:`c_t`, its previous states); at the end of the sequence they are the gradients ``dh_T``
+and ``dc_T`` arriving from the next chunk, or 0. For :math:`t = T, \dots, 1`, each line undoing
+the forward line named on the right:
 
 .. math::
     \bar h_t &= \bar h_t^{\,\text{out}} + \bar h_t^{\,\text{next}}
@@ -60,11 +61,11 @@ gradients ``dh_T`` and ``dc_T`` arriving from the next chunk, or 0. For
         && a_t = \dots + h_{t-1} W_h
 
 and after the loop :math:`\bar h_0 = \bar h_0^{\,\text{next}}`,
-:math:`\bar c_0 = \bar c_0^{\,\text{next}}`. The line :math:`\bar c_{t-1} = f \odot \bar c_t` is
-why an LSTM remembers: the cell's gradient passes back through a product of forget gates, with no
-squashing derivative and no weight matrix in the way. :math:`W_x, W_h, b` are shared by every
-step, so their gradients sum over all t; once every :math:`\bar a_t` is known they are big
-products after the loop,
+:math:`\bar c_0 = \bar c_0^{\,\text{next}}`. The line
+:math:`\bar c_{t-1}^{\,\text{next}} = \bar c_t \odot f` is why an LSTM remembers: the cell's gradient
+passes back through a product of forget gates, with no squashing derivative and no weight matrix
+in the way. :math:`W_x, W_h, b` are shared by every step, so their gradients sum over all t; once
+every :math:`\bar a_t` is known they are big products after the loop,
 
 .. math::
     \bar x_t = \bar a_t W_x^\top, \qquad

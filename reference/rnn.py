@@ -2,8 +2,9 @@ r"""The tanh recurrent network (Elman RNN) over a whole sequence.
 
 Forward
 -------
-The input is a batch of sequences :math:`x_1, \dots, x_T` (the rows ``x[:, t]`` of x (B, T, D))
-and an initial state :math:`h_0`. Each step mixes the new input with the previous state,
+The input is a batch of sequences :math:`x_1, \dots, x_T` (each :math:`x_t` the (B, D) slice
+``x[:, t]`` of x (B, T, D)) and an initial state :math:`h_0`. Each step mixes the new input with
+the previous state,
 
 .. math::
     a_t = x_t W_x + h_{t-1} W_h + b, \qquad h_t = \tanh(a_t), \qquad t = 1, \dots, T,
@@ -20,11 +21,11 @@ t at once, one (B·T, D) @ (D, H) product before the loop; the loop itself only 
 Backward through time
 ---------------------
 A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
-The loss reaches :math:`h_t` along two paths: through the output directly (``dh[:, t]``), and
-through :math:`h_{t+1}`, which is computed from :math:`h_t`. So walk backwards in time carrying
-:math:`\bar h_t^{\,\text{next}}`, the gradient that step t+1 sends back to :math:`h_t`, its previous
-state (``dh_prev`` in code). At the end of the sequence it is the gradient ``dh_T`` arriving from
-the next chunk, or 0. For :math:`t = T, \dots, 1`:
+The loss reaches :math:`h_t` along two paths: through the output directly
+(:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t]``), and through :math:`h_{t+1}`, which is computed from
+:math:`h_t`. So walk backwards in time carrying :math:`\bar h_t^{\,\text{next}}`, the gradient that
+step t+1 sends back to :math:`h_t`, its previous state (``dh_prev`` in code). At the end of the
+sequence it is the gradient ``dh_T`` arriving from the next chunk, or 0. For :math:`t = T, \dots, 1`:
 
 .. math::
     \bar h_t &= \bar h_t^{\,\text{out}} + \bar h_t^{\,\text{next}}

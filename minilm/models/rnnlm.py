@@ -10,6 +10,9 @@ Forward (one call per line in ``RNNLM.forward``; ``RNNLM.backward`` is the same 
     \text{logits} &= x_L W_{head} + b_{head}, \qquad
     \text{loss} = \operatorname{cross\_entropy}(\text{logits}, \text{targets})
 
+Here the subscript l counts layers, not time steps: :math:`x_l` and :math:`h_l` are whole
+(B, T, ·) sequences, and :math:`\text{state}_l` is layer l's initial state.
+
 Dropout follows Karpathy's char-rnn: on the output of every recurrent layer, so between layers
 (what PyTorch's ``nn.LSTM(dropout=p)`` does) and also on the last layer's output before the head;
 none on the embeddings.
