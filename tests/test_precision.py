@@ -8,6 +8,7 @@ import pytest
 
 from minilm import optim
 from minilm.models.gpt import GPT, GPTConfig
+from minilm.models.rnnlm import RNNConfig, RNNLM
 from minilm.params import Params, precision_of
 from minilm.precision import LossScaler
 from minilm.testing import relative_error
@@ -63,7 +64,8 @@ def test_an_update_before_the_gradient_is_unscaled_is_refused():
     model = gpt(np.float16)
     opt = optim.SGD(model.params, 0.1)
     model.forward(x, x)
-    model.backward()
+    returned = model.backward()
+    assert returned is model.params.compute_grad and returned.dtype == np.float16   # where it landed
     with pytest.raises(RuntimeError, match=r"SGD.step: with mixed precision \(float16\) the backward's gradient "
                                            r"is in params.compute_grad; call params.unscale_grads"):
         opt.step()
@@ -74,8 +76,11 @@ def test_an_update_before_the_gradient_is_unscaled_is_refused():
     assert opt.steps == 1 and not np.array_equal(model.params.data, before)
     full = gpt(np.float32)                                 # without mixed precision nothing is asked
     full.forward(x, x)
-    full.backward()
+    assert full.backward() is full.params.grad
     optim.SGD(full.params, 0.1).step()
+    rnn = RNNLM(RNNConfig(vocab_size=11, cell="gru", n_layer=1, hidden_size=8, n_embd=8), dtype=np.float16, seed=3)
+    rnn.forward(x, x)
+    assert rnn.backward() is rnn.params.compute_grad                   # the recurrent model's alike
 
 
 def test_an_overflowing_step_is_skipped_and_a_finite_one_updates_and_syncs():

@@ -330,6 +330,8 @@ class GPT:
         ``loss_scale`` multiplies the loss before the backward (float16's loss scaling); the
         gradients then come out multiplied by it too. With mixed precision they land in
         ``params.compute_grad``; ``params.unscale_grads`` moves them to ``params.grad``.
+        Returns the flat buffer they landed in: ``params.compute_grad``, which is ``params.grad``
+        unless the precision is mixed.
 
         The forward's call list reversed, line by line; dY is the gradient of the loss wrt Y.
         """
@@ -378,7 +380,7 @@ class GPT:
         _, dwte = ops.embedding_backward(demb, c.wte)                                  # tok_emb = wte[idx]
         acc("wte", dwte)                                                               # tied: the lookup's share
         self.params.end_grads()
-        return self.params.grad
+        return self.params.compute_grad
 
     # --- generation: the key/value cache ------------------------------------------------------
 

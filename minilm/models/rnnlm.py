@@ -251,6 +251,8 @@ class RNNLM:
         ``loss_scale`` multiplies the loss before the backward (float16's loss scaling); the
         gradients then come out multiplied by it too. With mixed precision they land in
         ``params.compute_grad``; ``params.unscale_grads`` moves them to ``params.grad``.
+        Returns the flat buffer they landed in: ``params.compute_grad``, which is ``params.grad``
+        unless the precision is mixed.
 
         The forward's call list reversed, line by line; dY is the gradient of the loss wrt Y.
         """
@@ -272,7 +274,7 @@ class RNNLM:
         _, dwte = ops.embedding_backward(dx, c.wte)                                    # x = wte[idx]
         acc("wte", dwte)
         self.params.end_grads()
-        return self.params.grad
+        return self.params.compute_grad
 
     # --- generation ---------------------------------------------------------------------------
 
