@@ -194,6 +194,21 @@ def test_a_training_step_measurement_end_to_end(tmp_path, capsys):
     assert "vs pytorch" not in printed                     # --no-torch: no peer, no empty column
 
 
+def test_a_sampling_measurement_end_to_end(tmp_path, capsys):
+    """Sampling with and without the key/value cache, each in a fresh worker process."""
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--what", "sample", "--backends", "numpy", "--tokens", "8", "--rounds", "1",
+                     "--threads", "1", "--no-torch", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["sample"]
+    assert [(r["job"]["backend"], r["job"]["cache"]) for r in rows] == [("numpy", True), ("numpy", False)]
+    for row in rows:
+        (measured,) = row["rounds"]
+        assert measured["tokens"] == 8 and row["tokens_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "sampling 8 tokens, shakespeare-char-cpu GPT" in printed
+    assert "numpy kv-cache" in printed and "numpy no cache" in printed and "ms/step" not in printed
+
+
 def test_converge_with_a_negative_seed_is_a_clear_error(capsys):
     assert cli.main(["bench", "--what", "converge", "--seed", "-1", "--no-torch", "--backends", "numpy"]) == 2
     err = capsys.readouterr().err
