@@ -246,6 +246,8 @@ def test_every_mismatch_is_named_with_nested_keys_dotted():
 def test_check_compatible_bad_input():
     with pytest.raises(TypeError, match=r"check_compatible: argument 'expected' must be a dict, got list"):
         check_compatible({}, [("n_layer", 4)])
+    with pytest.raises(TypeError, match=r"check_compatible: argument 'meta' must be a dict, got NoneType"):
+        check_compatible(None, {"n_layer": 4})
 
 
 def test_file_is_plain_numpy_and_json(tmp_path):

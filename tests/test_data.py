@@ -1,4 +1,5 @@
 """Tokenizer, corpus loading (network mocked), splits and batches."""
+import builtins
 import hashlib
 import io
 import json
@@ -124,6 +125,22 @@ def test_load_text_bad_files_name_the_argument_and_path(tmp_path, content, error
         load_text(str(path))
     assert "argument 'data' (--data)" in str(info.value)
     assert str(path) in str(info.value)
+
+
+def test_load_text_of_an_unreadable_file_names_it(tmp_path, monkeypatch):
+    # a file without read permission (chmod cannot show it to root, who may read anything)
+    path = tmp_path / "corpus.txt"
+    path.write_text("to be\n", encoding="utf-8")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(OSError, match=r"load_text: argument 'data' \(--data\) is '.*corpus.txt', which could not "
+                                      r"be read: Permission denied$"):
+        load_text(str(path))
 
 
 def test_load_text_drops_a_byte_order_mark(tmp_path):

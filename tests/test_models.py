@@ -495,3 +495,5 @@ def test_build_model_rejects_bad_input():
         param_count("transformer", GPT_TINY)
     with pytest.raises(ValueError, match="param_count: argument 'config_dict' has unknown field"):
         param_count("gpt", dict(GPT_TINY, n_heads=2))
+    with pytest.raises(TypeError, match="build_model: argument 'config_dict' must be a dict, got GPTConfig"):
+        build_model("gpt", GPTConfig(**GPT_TINY))

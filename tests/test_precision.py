@@ -3,6 +3,8 @@
 The GPU runs float16 and bfloat16 (``tests/test_gpu.py``); the bookkeeping around them is the same
 code on NumPy, so it is checked here with float16 NumPy arrays, where CI can run it.
 """
+import sys
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from minilm.params import Params, precision_of
 from minilm.precision import LossScaler
 from minilm.testing import relative_error
 from minilm.train import apply_gradients
+from minilm.validate import as_numpy_dtype
 
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")    # tests/conftest.py
@@ -180,3 +183,11 @@ def test_the_backward_writes_a_sixteen_bit_gradient_and_same_dtype_compute_is_no
     assert P.compute_grad.dtype == np.float16 and P.grad.dtype == np.float32
     same = Params([("W", (2, 3))], dtype=np.float32, compute_dtype=np.float32)
     assert not same.mixed and same.compute is same.data and same.compute_grad is same.grad
+
+
+def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)                 # `import ml_dtypes` raises ImportError
+    with pytest.raises(ValueError, match=r"minilm train: option '--dtype' bfloat16 needs the ml_dtypes package, "
+                                         r"which comes with CuPy \(pip install -e '.\[gpu\]' in a checkout\)"):
+        as_numpy_dtype("minilm train", "--dtype", "bfloat16")
+    assert as_numpy_dtype("minilm train", "--dtype", "float16") == np.float16

@@ -1031,3 +1031,11 @@ def test_no_cuda_graph_is_passed_on_and_used_on_the_cupy_backend(given_to_train,
     assert given_to_train[-1][1]["cuda_graph"] is False and capsys.readouterr().err == ""
     assert cli.main(["train", "--backend", "numpy"]) == 0
     assert given_to_train[-1][1]["cuda_graph"] is True
+
+
+def test_presets_and_configs_from_python_are_checked():
+    with pytest.raises(ValueError, match=r"option '--preset' must be one of shakespeare-char-cpu, shakespeare-char, "
+                                         r"shakespeare-lstm, shakespeare-gru, got 'nope'"):
+        config.preset("nope")
+    with pytest.raises(TypeError, match=r"minilm train: argument 'cfg' must be a TrainConfig, got dict"):
+        config.validate({"max_iters": 10})
