@@ -176,6 +176,24 @@ def test_the_first_ctrl_c_says_what_happens_next(corpus, tmp_path, monkeypatch, 
             "saving") in capsys.readouterr().err
 
 
+def test_a_second_ctrl_c_quits_at_once_without_saving(corpus, tmp_path, monkeypatch, capsys):
+    real_clip, calls = train.optim.clip_grad_norm, []
+
+    def clip_then_two_signals(params, max_norm):
+        calls.append(1)
+        if len(calls) == 7:                                   # two Ctrl-C in the middle of step 7
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_clip(params, max_norm)
+    monkeypatch.setattr(train.optim, "clip_grad_norm", clip_then_two_signals)
+    before = signal.getsignal(signal.SIGINT)
+    assert _train(corpus, tmp_path / "run", "--max-iters", "12") == 130
+    assert len(calls) == 7                                     # no step after the second
+    assert checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 4   # the evaluation's save, not step 7's
+    assert signal.getsignal(signal.SIGINT) == before
+    assert "minilm train: interrupted; what it trained since its last checkpoint was not saved" in capsys.readouterr().err
+
+
 def test_sigterm_saves_like_ctrl_c(corpus, tmp_path, monkeypatch):
     """``kill``, a job scheduler's or ``timeout``'s SIGTERM saves the run too, then exits with 143."""
     _signal_in_step(monkeypatch, signal.SIGTERM, 6)
