@@ -347,8 +347,8 @@ def clip_grad_norm(params, max_norm):
     -------
     float, or a 0-d array on a GPU
         The norm before clipping (inf or nan when the gradient is not finite; a nan gradient is
-        left as it is). On a GPU the factor is applied there, so the step never waits for the
-        device to read the norm back.
+        left as it is, where torch's multiplies it by nan). On a GPU the factor is applied there,
+        so the step never waits for the device to read the norm back.
     """
     _require_params("clip_grad_norm", params)
     require_positive("clip_grad_norm", "max_norm", max_norm, finite=False)     # inf: measure, never clip

@@ -1,12 +1,13 @@
 """Dynamic loss scaling for float16 training (PyTorch's ``GradScaler`` rule).
 
-float16 keeps 5 exponent bits: gradients under about 6e-8 round to zero. So the backward starts
-from ``dL = scale`` instead of 1, which multiplies every gradient by ``scale`` and lifts the small
-ones into range; ``Params.unscale_grads(1 / scale)`` divides it out again in float32. When a
-scaled gradient overflows (inf or NaN), the step is skipped and the scale halved; after
-``growth_interval`` steps in a row without overflow it is doubled, so it stays near the largest
-scale that fits. bfloat16 has float32's exponent range and needs no scaling (``enabled=False``:
-the scale stays 1).
+float16 keeps 5 exponent bits: gradients under about 6e-5 (its smallest normal number) lose
+precision, and those under about 3e-8 (half its smallest subnormal, 2^-24 ≈ 6e-8) round to zero.
+So the backward starts from ``dL = scale`` instead of 1, which multiplies every gradient by
+``scale`` and lifts the small ones into range; ``Params.unscale_grads(1 / scale)`` divides it out
+again in float32. When a scaled gradient overflows (inf or NaN), the step is skipped and the scale
+halved; after ``growth_interval`` steps in a row without overflow it is doubled, so it stays near
+the largest scale that fits. bfloat16 has float32's exponent range and needs no scaling
+(``enabled=False``: the scale stays 1).
 """
 
 

@@ -58,9 +58,10 @@ def model_settings(cfg, vocab_size):
 
 def memory_estimate(cfg, vocab_size):
     """Roughly the bytes a training run of ``cfg`` on a CPU holds (float32 or float64): the parameters four times over (weights,
-    gradients, two optimiser moments) and one step's activations (a GPT keeps about 20 arrays of
-    (B, T, C) a layer and its attention weights; a recurrent layer its gates and states a step).
-    It errs low (0.6-0.8 of a step's peak), so that a run it refuses could not have fit."""
+    gradients, two optimiser moments, as Adam's; SGD and RMSprop keep fewer) and one step's activations
+    (a GPT keeps about 20 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its
+    gates and states a step). It errs low (0.5-0.8 of a step's peak), so that a run it refuses could
+    not have fit."""
     V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
     if cfg.model == "gpt":
         activations = B * T * (L * (20 * C + cfg.n_head * T) + 2 * V)
