@@ -110,6 +110,27 @@ def test_resumed_run_computes_the_same_losses(corpus, tmp_path, model_options):
     assert [row for row in b if row[0] != 6] == a                # bit for bit
 
 
+@pytest.mark.parametrize("model_options", [
+    ["--model", "gpt", "--dropout", "0.1"],
+    ["--model", "lstm", "--batching", "contiguous", "--n-layer", "2", "--dropout", "0.1"],
+])
+def test_resumed_run_on_the_numba_backend_computes_the_same_losses(corpus, tmp_path, model_options):
+    """The default backend, where train splits each batch over the cores (minilm.parallel) and the
+    slices take their rows of the whole batch's dropout masks: resuming changes nothing there either."""
+    import numba
+    if numba.get_num_threads() < 2:
+        pytest.skip("splitting a batch over the cores needs 2 Numba threads")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    numba = ["--backend", "numba", *model_options]
+    assert _train(corpus, straight, "--max-iters", "12", *numba) == 0
+    assert _train(corpus, split, "--max-iters", "6", *numba) == 0
+    assert cli.main(["train", "--data", corpus, "--out", str(split), "--resume", "--max-iters", "12",
+                     "--backend", "numba", "--no-progress"]) == 0
+    a, b = _evaluations(_metrics(straight)), _evaluations(_metrics(split))
+    assert [row for row in b if row[0] != 6] == a                # bit for bit
+    assert len(a) == 4 and np.all(np.isfinite(np.array(a)))
+
+
 def _signal_in_step(monkeypatch, signum, step):
     """Send ``signum`` to this process in the middle of training step ``step`` (inside its clipping)."""
     real_clip, calls = train.optim.clip_grad_norm, []
