@@ -11,7 +11,8 @@ never overflowing:
     \tanh(a) = \operatorname{sign}(a)\,\frac{1 - e^{-2|a|}}{1 + e^{-2|a|}}.
 
 ``exp_nonpositive`` is within about an ulp; σ and tanh are within a few ulps of 1, absolute
-(for small :math:`|a|`, tanh's relative error is larger than NumPy's, its absolute error the same).
+(for small :math:`|a|`, tanh's relative error is much larger than NumPy's, its absolute error
+within the same bound).
 Used by the recurrent cells, GELU and the attention softmax.
 
 ``sum_in_any_order`` adds up the start of a row in float64 with its additions in any order, so
@@ -35,7 +36,7 @@ SCALAR_TYPES = {types.float32: np.float32, types.float64: np.float64}
 def exp_nonpositive(x):
     r"""e^x for x <= 0, in x's dtype, within about an ulp; 0 where e^x is below the smallest normal
     number. In a kernel: :math:`e^x = e^r\,2^n` with :math:`n = \operatorname{round}(x / \ln 2)`,
-    :math:`r = x - n \ln 2` (ln 2 in two parts, so that :math:`n \ln 2` is exact),
+    :math:`r = x - n \ln 2` (ln 2 in two parts, so that n times the leading part is exact),
     :math:`|r| \le \ln 2 / 2`, :math:`e^r` by its Taylor series and :math:`2^n` built from its bits."""
     return np.exp(x)
 

@@ -33,8 +33,8 @@ call ``exp_nonpositive``, whose argument reduction relies on the order of its su
 ``rows_kernel(fastmath=FUSED_MULTIPLY_ADD)`` (LLVM's ``contract`` flag) lets the compiler compute
 a product and the sum it feeds, ``a * b + c``, as one fused multiply-add, rounded once instead of
 twice: half the instructions in a polynomial such as the exponential's, and a result that differs
-by rounding only, with no regrouping of sums. The exponentials take it (the GELU, softmax and
-recurrent kernels): the argument reduction :math:`x - n \ln 2` stays exact, since
+by rounding only, with no regrouping of sums. The exponentials take it (the GELU, the attention
+softmax and the recurrent kernels): the argument reduction :math:`x - n \ln 2` stays exact, since
 :math:`n \ln 2_{hi}` is exact whether or not it is rounded on its own. On the GPT preset's
 shapes it makes the GELU kernels 1.2-1.4 times faster. The recurrent kernels, which have no
 parallel twin, take the same flag through ``minilm.cpu.rnn.step_kernel``.

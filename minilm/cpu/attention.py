@@ -4,13 +4,16 @@ Each function here equals the function of the same name in ``minilm.reference.at
 whose module docstring states the math and derives the backward; ``tests/test_cpu_attention.py``
 holds them to it. There are two paths, chosen by the size of the work (``FUSED_MAX_WORK``):
 
-* **Training shapes**: the four products (q k^T, A v, and in the backward their gradients) are
-  stacked matrix products that NumPy hands to BLAS, head by head, and one kernel does what lies
-  between them, one query row per ``prange`` iteration: in the forward the scaling, the causal
-  rule, the mask and the stable softmax, in place on S = q k^T, and in the backward
-  :math:`\bar S_{ij} = A_{ij}(\bar A_{ij} - \sum_l \bar A_{il} A_{il}) / \sqrt{hs}`, in place on
-  :math:`\bar A = \bar y v^T`. (At the GPT preset's shapes this took 0.9-1.2 ms per
-  forward where the fused kernel below, products included, took 1.4-2.5 ms.)
+* **Training shapes**: the products (q k^T and A v, and in the backward the four that give their
+  gradients) are stacked matrix products that NumPy hands to BLAS, head by head, and one kernel
+  does what lies between them, one (batch, head) block per ``prange`` iteration: in the forward
+  the scaling, the causal rule, the mask and the stable softmax, in place on the product q k^T
+  (which becomes S, then A), and in the backward
+  :math:`\bar S_{ij} / \sqrt{hs} = A_{ij}(\bar A_{ij} - \sum_l \bar A_{il} A_{il}) / \sqrt{hs}`,
+  in place on :math:`\bar A = \bar y v^T`, so that the products that follow are
+  :math:`\bar q = (\bar S / \sqrt{hs})\, k` and :math:`\bar k = (\bar S / \sqrt{hs})^\top q`.
+  (At the GPT preset's shapes this took 0.9-1.2 ms per forward where the fused kernel below,
+  products included, took 1.4-2.5 ms.)
 * **A decode step** (one or a few queries, ``q.size * Tk <= FUSED_MAX_WORK``): one fused kernel
   per direction does all of it, since a handful of BLAS calls per head costs more in call
   overhead than the arithmetic:
@@ -21,15 +24,17 @@ holds them to it. There are two paths, chosen by the size of the work (``FUSED_M
     :math:`\bar S_{ij} = A_{ij}(\bar A_{ij} - \sum_l \bar A_{il} A_{il})`,
     :math:`\bar q_i = \sum_j \bar S_{ij} k_j / \sqrt{hs}`, :math:`\bar k_j \mathrel{+}= \bar S_{ij} q_i / \sqrt{hs}`.
 
-The cache is the reference's ``AttentionCache`` (q, k, v, att), so the two tiers' caches
-interchange. The backward needs no mask and no causal flag: a key a query may not attend has
-:math:`A_{ij} = 0`, so it adds nothing to any gradient, and each row's loop stops after its
-last key with :math:`A_{ij} \ne 0` (for a causal row, the diagonal).
+The cache is the reference's ``AttentionCache`` (q, k, v, att, drop, causal), so the two tiers'
+caches interchange. The backward needs no mask and no causal flag: a key a query may not attend
+has :math:`A_{ij} = 0`, so it adds nothing to any gradient, and the fused backward's loop over
+keys stops after the last key with :math:`A_{ij} \ne 0` in any of its four rows (for a causal
+row i, key :math:`i + T_k - T_q` at most).
 
 The arithmetic is done in the inputs' dtype (float32 or float64), except the two row sums
-(:math:`Z_i` and :math:`\sum_l \bar A_{il} A_{il}`), which are accumulated in float64; the softmax
-kernels between the BLAS products add them up in any order, which lets them vectorise. Numba has
-no float16 arithmetic, so other float dtypes run the reference functions.
+(:math:`Z_i` and :math:`\sum_l \bar A_{il} A_{il}`), which are accumulated in float64 (the fused
+kernels also divide by :math:`Z_i` and form :math:`\bar S_{ij}` in float64, rounding once to the
+dtype); the softmax kernels between the BLAS products add them up in any order, which lets them
+vectorise. Numba has no float16 arithmetic, so other float dtypes run the reference functions.
 
 The fused kernels, without ``fastmath`` (no reordered sums), take the queries four rows at a time, so
 that each element of k and v loaded serves four rows and each short inner loop (over keys, or

@@ -17,8 +17,10 @@ parameters from the flat buffer by their offsets and the keys and values from th
     x &= x + y W_o + b_o, \qquad x = x + \operatorname{gelu}(\operatorname{ln}_2(x) W_1 + b_1) W_2 + b_2 \\
     \text{logits} &= \operatorname{ln}_f(x)\, W_{te}^\top
 
-(one block per line pair, for every block), which is ``GPT.forward_step`` for ``Tn = 1``;
-``tests/test_models.py`` holds the two to each other, and the sampled tokens to the uncached path.
+(the middle three lines are one block, run for every block in turn; :math:`K_{hj}, V_{hj}` are
+head h's cached key and value at position j, not the vocabulary size), which is
+``GPT.forward_step`` for ``Tn = 1``; ``tests/test_cpu_decode.py`` holds the two to each other, and
+the sampled tokens to the uncached path.
 The layernorms and the GELU are the ops' own kernels (``minilm.cpu.layernorm``,
 ``minilm.cpu.activations``), called on one row. Matrix-vector products run as loops over the
 weight's rows with the output in the inner loop, which the compiler vectorises; the softmax sums
@@ -74,7 +76,8 @@ def _matvec(x, W, b, out):
 
 @jit(error_model="numpy")
 def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_size):
-    """Logits (B, vocab) of the tokens (B,) at position t; K, V (L, B, NH, block, hs) get their keys and values."""
+    """Logits (B, vocab) of the tokens (B,) at position t; the key and value caches K, V
+    (L, B, NH, block_size, hs) get their keys and values."""
     L, B, NH, _, hs = K.shape
     C = NH * hs
     wte_at, wpe_at, lnf_g_at, lnf_b_at, vocab = top_offsets

@@ -5,9 +5,9 @@ kernel below names the reference function it must equal, and ``tests/test_cpu_ke
 holds it to that. The positions (every leading axis) are flattened to N rows of C channels.
 
 Forward: one row per iteration of ``prange(N)``; the row mean and variance are summed in
-float64 whatever the dtype, then ``x_hat``, ``y`` and ``rstd`` are computed and stored in the
-input's dtype. Every sum may be added up in any order (``SUMS_IN_ANY_ORDER``), which the
-compiler needs to vectorise it.
+float64 whatever the dtype, and ``rstd`` computed from them in float64; then ``x_hat`` and ``y``
+are computed in the input's dtype, and all three are stored in it. Every sum may be added up
+in any order (``SUMS_IN_ANY_ORDER``), which the compiler needs to vectorise it.
 
 Backward: ``dx`` is row-local, but ``dgamma`` and ``dbeta`` sum over every row. The rows are cut
 into blocks of ``ROWS_PER_BLOCK``; ``prange`` runs over the blocks, each block adds its rows into

@@ -4,8 +4,8 @@ The math, its derivation and the shapes are those of ``minilm.reference.losses``
 below names the reference function it must equal, and ``tests/test_cpu_kernels.py`` holds it to
 that. The positions (every leading axis) are flattened to N rows of V logits.
 
-Forward: one pass per row, ``prange(N)``. With :math:`m = \max_j z_j`, :math:`e_j = e^{z_j - m}`
-and :math:`s = \sum_j e_j`, the row needs only
+Forward: one row per iteration of ``prange(N)``. With :math:`m = \max_j z_j`,
+:math:`e_j = e^{z_j - m}` and :math:`s = \sum_j e_j`, the row needs only
 
 .. math::
     p_j = e_j / s, \qquad -\log p_t = \log s - (z_t - m), \qquad
