@@ -16,7 +16,11 @@ and compares the analytic gradient :math:`a = \partial L / \partial \text{arg}` 
 .. math::  n = \frac{8\,[L(x + h d) - L(x - h d)] - [L(x + 2h d) - L(x - 2h d)]}{12 h},
 
 whose truncation error is :math:`O(h^4)`, so that with :math:`h = 10^{-5}` in float64 what
-remains is round-off, far below the 1e-7 tolerance.
+remains is round-off, far below the 1e-7 tolerance. The points :math:`x + c h d` are rounded to
+float64, by up to :math:`u |x|` an element, which next to h is not small when |x| is large (1e-8
+of the step at |x| = 1e3); so the analytic side is taken along the direction the stencil really
+took, :math:`D = [8 (p_1 - p_{-1}) - (p_2 - p_{-2})] / 12h` with :math:`p_c` the rounded points
+(:math:`p_c - x` is exact), which is d up to those roundings: :math:`a \cdot D` against n.
 
 Small arguments (at most ``max_elements`` entries) are checked element by element
 (:math:`d` runs over the unit vectors) and their relative error is taken in the max norm,
@@ -37,14 +41,27 @@ below it says nothing about the backward: it is what a gradient that is tiny nex
 larger than it is still judged relative to the gradient's size. A gradient whose whole size is
 below that floor passes with the note "unresolved": it was not really checked.
 
+R and the random directions come from a stream of their own, seeded by ``(STREAM, seed)``, so
+that R never equals an input drawn with ``np.random.default_rng(seed)``: for a scale-invariant
+layer (RMSNorm without eps), whose :math:`J^\top x = 0`, R = x would hide every error in the
+x-gradient. The backward gets a copy of R as ``dout``; one that writes into it fails the check
+(its caller's array, which a residual's other branch also reads, would change).
+
 Each row's note says what a student needs to act on: the worst element of a failing argument
-(its index, the backward's value and the numerical one), a forward that returns float32 for
-float64 inputs (its round-off, not the backward, then dominates), NaN or inf in an input or a
-gradient, a gradient of the wrong type or shape, or a Python float argument (not checked; an
-array is). The forward is run twice on the same inputs first: finite differences of a forward
-that draws unseeded random numbers mean nothing, so it is refused.
+checked element by element (its index, the backward's value and the numerical one, and their
+difference), that an argument checked along random directions cannot point at an element, a
+forward that returns float32 for float64 inputs (its round-off, not the backward, then
+dominates), a backward that returns a narrower dtype than float64, NaN or inf in an input, the
+output or a gradient, a gradient of the wrong type or shape, a forward that is not smooth next to
+the inputs (its differences over h and 2h disagree: a kink, a branch, a random draw), inputs so
+large that the forward's own round-off may pass the tolerance, an input changed in place (that
+argument's row fails), or an argument that is not checked (a Python float, which an array would
+be; a complex array). The forward is run twice on the same inputs first, and once more at the
+end: finite differences of a forward that draws unseeded random numbers mean nothing, so it is
+refused, as is one that changes its keyword arguments in place.
 """
 import inspect
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +71,10 @@ from minilm.backend import get_array_module
 DEFAULT_TOL = 1e-7   # DESIGN's bound for float64; the stencil's own error is ~1e-10 or less
 DEFAULT_EPS = 1e-5   # step h: O(h^4) truncation ~1e-20, round-off ~1e-16 |L| / h ~ 1e-11 |L|
 ROUNDOFF_UNITS = 4 * 1.5   # the stencil's round-off, in units of u sum|out_i R_i| / h (module docstring)
+# R and the directions come from a stream of their own, (STREAM, seed), so that they never equal an
+# input a user drew with np.random.default_rng(seed): R = x would hide, for example, every error in
+# the x-gradient of a scale-invariant layer (RMSNorm without eps), whose J^T x is 0.
+STREAM = 0x67726164        # "grad"
 
 
 class GradcheckError(AssertionError):
@@ -162,29 +183,46 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     if not any(_is_float(a) for a in args):             # a check of nothing would pass, and mean nothing
         raise ValueError("gradcheck: argument 'args' must hold at least one floating-point array to check "
                          f"(integer arrays, such as token ids, get no gradient), got {_kinds(args)}")
+    for option, value in (("kwargs", kwargs), ("backward_kwargs", backward_kwargs)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"gradcheck: argument '{option}' must be a dict of keyword arguments (or None), "
+                            f"got {type(value).__name__}")
     kwargs = dict(kwargs or {})
     backward_kwargs = dict(backward_kwargs or {})
     op = name or getattr(forward, "__name__", "op").removesuffix("_forward")
     xp = get_array_module(*[a for a in args if hasattr(a, "dtype")])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([STREAM, seed])
 
     args = [a.astype(xp.float64) if _is_float(a) else a for a in args]   # float64 copies
     originals = [a.copy() if hasattr(a, "copy") else a for a in args]
     names = _argument_names(forward, len(args))
+    kwargs_given = {k: v.copy() for k, v in kwargs.items() if hasattr(v, "shape") and hasattr(v, "copy")}
 
     result = forward(*args, **kwargs)
     if not (isinstance(result, tuple) and len(result) == 2):
         got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
         raise TypeError(f"gradcheck: the forward must return (output, cache), as the op contract says; got {got}")
     out, cache = result
-    again, _ = forward(*[a.copy() if hasattr(a, "copy") else a for a in originals], **kwargs)
-    if not bool(xp.array_equal(out, again, equal_nan=True)):
-        raise ValueError(f"gradcheck: {op}: the forward gave two different outputs for the same inputs (random "
-                         f"numbers drawn without a fixed seed?); finite differences need a deterministic "
-                         f"forward: give it a fixed seed, e.g. an int in kwargs, not a Generator or np.random")
+    if not (_is_float(out) or (isinstance(out, numbers.Real) and not isinstance(out, bool))):
+        got = f"{out.dtype} array" if hasattr(out, "dtype") else type(out).__name__
+        raise TypeError(f"gradcheck: {op}: the forward's output must be one real floating-point array (the "
+                        f"contract's out), got {got}")
+    changed = [k for k, v in kwargs.items() if hasattr(v, "shape") and not bool(xp.array_equal(v, kwargs_given[k]))]
+    if changed:
+        raise ValueError(f"gradcheck: {op}: the forward modified its keyword argument(s) {', '.join(changed)} in "
+                         f"place; finite differences need the same options at every evaluation")
+
+    def deterministic():
+        again, _ = forward(*[a.copy() if hasattr(a, "copy") else a for a in originals], **kwargs)
+        if not bool(xp.array_equal(out, again, equal_nan=True)):
+            raise ValueError(f"gradcheck: {op}: the forward gave two different outputs for the same inputs (random "
+                             f"numbers drawn without a fixed seed?); finite differences need a deterministic "
+                             f"forward: give it a fixed seed, e.g. an int in kwargs, not a Generator or np.random")
+    deterministic()
     low_precision = _is_float(out) and out.dtype.itemsize < 8   # float64 in, float32 out: its round-off remains
     R = xp.asarray(rng.standard_normal(np.shape(out)))
-    grads = backward(R, cache, **backward_kwargs)
+    dout = R.copy()                                            # the backward's own: R stays as drawn
+    grads = backward(dout, cache, **backward_kwargs)
     roundoff = ROUNDOFF_UNITS * np.finfo(np.float64).eps / 2 * float(xp.sum(xp.abs(out * R))) / eps
     floor = max(1e-8, roundoff / tol)                          # see the module docstring
 
@@ -197,12 +235,24 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     args = [a.copy() if hasattr(a, "copy") else a for a in originals]
 
     def finish():
+        # a changed input's row fails and says so, with what its check (from the input as given) found
         for i in mutated:
-            report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
-                                                  "forward or backward modified this input in place"))
+            checked = [a for a in report.arguments if a.index == i]
+            found = f"; from the input as given, its gradient's rel error is {checked[0].max_rel_error:.3e}" \
+                if checked and checked[0].mode in ("elements", "directions") else ""
+            row = ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
+                                "forward or backward modified this input in place" + found)
+            report.arguments = [a for a in report.arguments if a.index != i] + [row]
+        report.arguments.sort(key=lambda a: a.index)
+        if not bool(xp.array_equal(dout, R)):
+            report.arguments.append(ArgumentCheck(
+                len(args), "dout", "error", 0, float("inf"), tol,
+                "the backward modified its incoming gradient dout in place (a caller's array: a residual's "
+                "other branch reads it too); compute the gradients into new arrays"))
+        deterministic()                                         # again, after every evaluation
         return report.raise_if_failed() if raise_on_fail else report
 
-    if not isinstance(grads, tuple) or len(grads) != len(args):
+    if not isinstance(grads, (tuple, list)) or len(grads) != len(args):
         got = (f"a {type(grads).__name__} of {len(grads)}" if isinstance(grads, (tuple, list))
                else type(grads).__name__)
         wanted = f"a tuple of {len(args)} gradient{'s' * (len(args) != 1)} (one per argument, None for integer ones)"
@@ -219,16 +269,28 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         return float(xp.sum(out * R))
 
     def numerical(i, d):
+        """The stencil's n along d, and D, the direction it really took: x + c h d is rounded, by up to
+        u |x| an element, which next to h is not small when |x| is large; D is d with those roundings
+        in (p - x is exact), so that n estimates a . D, and a . D is what it is compared with."""
         x = args[i]
+        p = {c: x + (c * eps) * d for c in (1, -1, 2, -2)}
         # grouped as differences so that a loss that does not depend on x gives exactly 0
-        near = loss(i, x + eps * d) - loss(i, x - eps * d)
-        far = loss(i, x + 2 * eps * d) - loss(i, x - 2 * eps * d)
-        return (8 * near - far) / (12 * eps)
+        near = loss(i, p[1]) - loss(i, p[-1])
+        far = loss(i, p[2]) - loss(i, p[-2])
+        D = (8 * (p[1] - p[-1]) - (p[2] - p[-2])) / (12 * eps)
+        # smooth, the difference over 4h is twice that over 2h, to O(h^2) relative; a kink, a branch or
+        # a random draw between the points breaks that (the round-off, roundoff * h, allowed for)
+        rough = abs(far - 2 * near) > 1e-3 * (abs(far) + 2 * abs(near)) + 10 * roundoff * eps
+        return (8 * near - far) / (12 * eps), D, rough
 
     for i, (x, g) in enumerate(zip(args, grads)):
         if isinstance(x, float) and not hasattr(x, "shape"):      # a NumPy scalar has a shape and is checked
             report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol,
                                                   f"a Python float is not checked; pass np.array({x!r}) to check it"))
+            continue
+        if hasattr(x, "dtype") and getattr(x.dtype, "kind", "") == "c":
+            report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol,
+                                                  f"a {x.dtype} argument is not checked; only real ones are"))
             continue
         if not _is_float(x):
             continue
@@ -240,36 +302,45 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         if x.size == 0:
             report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol, "it has no elements"))
             continue
+        narrow = _is_float(g) and g.dtype.itemsize < 8
+        notes = [f"the backward returned {g.dtype} for this float64 argument"] if narrow else []
         g = xp.asarray(g, dtype=xp.float64)
-        notes = []
         if x.size <= max_elements:
             n = xp.zeros(x.shape, dtype=x.dtype)               # C-ordered, whatever x's strides
+            a = xp.zeros(x.shape, dtype=x.dtype)               # g_j D_j: D_j is 1 up to the step's rounding
+            rough = np.zeros(x.shape, dtype=bool)
             for j in range(x.size):
                 d = xp.zeros(x.shape, dtype=x.dtype)
                 d.reshape(-1)[j] = 1.0
-                n.reshape(-1)[j] = numerical(i, d)
-            scale = float(xp.max(xp.abs(g)) + xp.max(xp.abs(n)))
-            err = float(xp.max(xp.abs(g - n))) / max(floor, scale)
-            mode, checked = "elements", int(x.size)
-            if not err <= tol and bool(xp.all(xp.isfinite(g))) and bool(xp.all(xp.isfinite(n))):
-                worst = np.unravel_index(int(xp.argmax(xp.abs(g - n))), x.shape)
-                notes.append(f"worst at index {tuple(int(k) for k in worst)}: backward {float(g[worst]):.6g}, "
-                             f"numerical {float(n[worst]):.6g}")
+                n.reshape(-1)[j], D, rough.reshape(-1)[j] = numerical(i, d)
+                a.reshape(-1)[j] = g.reshape(-1)[j] * D.reshape(-1)[j]
+            scale = float(xp.max(xp.abs(a)) + xp.max(xp.abs(n)))
+            err = float(xp.max(xp.abs(a - n))) / max(floor, scale)
+            mode, checked, worst = "elements", int(x.size), None
+            if not err <= tol and bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(n))):
+                worst = np.unravel_index(int(xp.argmax(xp.abs(a - n))), x.shape)
+                notes.append(f"worst at index {tuple(int(k) for k in worst)}: backward {float(g[worst]):.10g}, "
+                             f"numerical {float(n[worst]):.10g} (difference {float(a[worst] - n[worst]):.3g})")
+            rough = bool(rough[worst]) if worst is not None else bool(rough.any())
         else:
             directions = [xp.asarray(rng.standard_normal(x.shape)) for _ in range(n_directions)]
             gnorm = float(xp.linalg.norm(g))
             if 0 < gnorm < float("inf"):                # g's own direction, when it has one
                 directions.append(g / gnorm)
-            errors, scale = [], 0.0
+            errors, scale, rough = [], 0.0, False
             for d in directions:
-                d = d / float(xp.linalg.norm(d))
-                a, n = float(xp.sum(g * d)), numerical(i, d)
+                n, D, rough_here = numerical(i, d / float(xp.linalg.norm(d)))
+                rough = rough or rough_here
+                a = float(xp.sum(g * D))
                 errors.append(abs(a - n) / max(floor, abs(a) + abs(n)))
                 scale = max(scale, abs(a) + abs(n))
             err = float(np.max(errors))             # NaN, from a NaN or inf in g or the loss, stays NaN: a failure
             mode, checked = "directions", len(directions)
         if not bool(xp.all(xp.isfinite(x))):
             notes.append("the input holds NaN or inf")
+        elif not bool(xp.all(xp.isfinite(out))):
+            notes.append("the forward's output holds NaN or inf for these inputs, so the numerical gradient is "
+                         "undefined; choose inputs inside the forward's domain")
         elif not bool(xp.all(xp.isfinite(g))):
             notes.append("the backward's gradient holds NaN or inf")
         elif not err <= tol and low_precision:
@@ -278,6 +349,18 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         elif err <= tol and floor > max(1e-8, scale):
             notes.append("unresolved: this gradient is below the round-off of the loss's differences; check it "
                          "with a forward of its own")
+        elif not err <= tol and rough:
+            notes.append("the loss's differences over h and 2h disagree there: the forward has a kink or a branch "
+                         "next to these inputs, or draws random numbers (finite differences need a smooth, "
+                         "deterministic forward)")
+        elif not err <= tol and float(xp.max(xp.abs(x))) >= 100:
+            notes.append(f"the argument's values reach {float(xp.max(xp.abs(x))):.0e}: a forward's round-off grows "
+                         f"with its inputs (x - mean, say), which the tolerance does not allow for; if the error "
+                         f"is near it, check at inputs of size about 1")
+        elif not err <= tol and mode == "directions":
+            notes.append(f"checked along {checked} random directions (it has more than max_elements = "
+                         f"{max_elements} elements), which cannot point at an element: to see the worst one, "
+                         f"check smaller arguments or raise max_elements")
         report.arguments.append(ArgumentCheck(i, names[i], mode, checked, err, tol, "; ".join(notes)))
 
     return finish()

@@ -143,8 +143,10 @@ def test_wrong_gradient_shape_is_reported():
     as_float = gradcheck(scale_forward, lambda dy, c: (scale_backward(dy, c)[0], 0.5), (np.ones((2, 2)), np.ones(2)))
     assert "must be an array of shape (2,), got float" in as_float.failures[0].note      # no AttributeError
     as_list = gradcheck(scale_forward, lambda dy, c: list(scale_backward(dy, c)), (np.ones((2, 2)), np.ones(2)))
-    assert "must return a tuple of 2 gradients (one per argument, None for integer ones), got a list of 2" \
-        in as_list.failures[0].note
+    assert as_list.passed                                   # a list of the right gradients is as good as a tuple
+    too_few = gradcheck(scale_forward, lambda dy, c: list(scale_backward(dy, c))[:1], (np.ones((2, 2)), np.ones(2)))
+    assert "must return a tuple of 2 gradients (one per argument, None for integer ones), got a list of 1" \
+        in too_few.failures[0].note
 
 
 def test_a_failure_says_where_the_worst_element_is():
@@ -233,9 +235,13 @@ def test_a_backward_that_mutates_its_input_is_caught():
 
     rng = np.random.default_rng(0)
     report = gradcheck(scale_forward, bad_backward, (rng.standard_normal((2, 2)), rng.standard_normal(2)))
-    assert [(a.index, a.note) for a in report.failures] == [(0, "forward or backward modified this input in place")]
+    assert [a.index for a in report.arguments] == [0, 1]                     # one row an argument
+    (bad,) = report.failures
+    assert bad.index == 0 and bad.note.startswith("forward or backward modified this input in place; from the "
+                                                  "input as given, its gradient's rel error is ")
     # the rows are computed from the inputs as given, not from the zeroed x: both gradients are right
-    assert [a.passed for a in report.arguments if a.mode == "elements"] == [True, True]
+    assert float(bad.note.rsplit(" ", 1)[1]) <= DEFAULT_TOL
+    assert [a.passed for a in report.arguments if a.mode == "elements"] == [True]
 
 
 def test_a_forward_that_mutates_its_input_is_caught_and_does_not_spoil_the_rows():
@@ -247,8 +253,11 @@ def test_a_forward_that_mutates_its_input_is_caught_and_does_not_spoil_the_rows(
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 2)), rng.standard_normal(2)
     report = gradcheck(counting_forward, scale_backward, (x, w))
-    assert [(a.index, a.note) for a in report.failures] == [(1, "forward or backward modified this input in place")]
-    assert [a.passed for a in report.arguments if a.mode == "elements"] == [True, True]
+    assert [a.index for a in report.arguments] == [0, 1]
+    (bad,) = report.failures
+    assert bad.index == 1 and bad.note.startswith("forward or backward modified this input in place")
+    assert float(bad.note.rsplit(" ", 1)[1]) <= DEFAULT_TOL
+    assert [a.passed for a in report.arguments if a.mode == "elements"] == [True]
 
 
 def test_bad_arguments():
@@ -433,3 +442,140 @@ def test_arguments_without_names_of_their_own_are_called_by_position():
             return product_forward(*args)
     report = gradcheck(Unreadable(), product_backward, args, name="product")
     assert report.passed and [a.name for a in report.arguments] == ["arg0", "arg1", "arg2"]
+
+
+# --- what a student's layer gets wrong (a walk through the mistakes students make) ----------------
+
+def sigmoid_forward(x):
+    s = 1 / (1 + np.exp(-x))
+    return s, s
+
+
+def test_a_backward_that_writes_into_dout_fails_and_says_so():
+    def right_values_in_place(dy, s):
+        dy *= s * (1 - s)                          # the right gradient, written into the caller's dout
+        return (dy,)
+
+    def clips_in_place(dy, s):
+        np.clip(dy, -0.5, 0.5, out=dy)            # a wrong gradient that would also corrupt dout
+        return (dy * s * (1 - s),)
+
+    x = np.random.default_rng(4).standard_normal((3, 4))
+    right = gradcheck(sigmoid_forward, right_values_in_place, (x,))
+    assert [(a.name, a.passed) for a in right.arguments] == [("x", True), ("dout", False)]
+    assert right.failures[0].note.startswith("the backward modified its incoming gradient dout in place")
+    wrong = gradcheck(sigmoid_forward, clips_in_place, (x,))
+    assert [(a.name, a.passed) for a in wrong.arguments] == [("x", False), ("dout", False)]   # checked with R as drawn
+
+
+def test_the_contraction_array_is_not_the_draw_of_a_user_with_the_same_seed():
+    """With R = x (both from default_rng(0)), the x-gradient of a scale-invariant layer contracts to
+    J^T x = 0, and any dx that also vanishes there would pass."""
+    def rmsnorm_forward(x, g):
+        r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
+        return x * r * g, (x * r, r, g)
+
+    def rmsnorm_backward_wrong(dy, cache):
+        xh, r, g = cache
+        dxh = dy * g
+        dx = r * (dxh - xh * np.mean(dxh * xh, axis=-1, keepdims=True))
+        return -2 * dx, np.sum(dy * xh, axis=0)           # dx: wrong sign, twice too large
+
+    x = np.random.default_rng(0).standard_normal((4, 3))  # as the README's example draws
+    report = gradcheck(rmsnorm_forward, rmsnorm_backward_wrong, (x, np.ones(3)), seed=0)
+    assert [a.name for a in report.failures] == ["x"] and report.failures[0].max_rel_error > 0.1
+
+
+def mse_forward(pred, target):
+    d = pred - target
+    return np.mean(d * d), d
+
+
+def mse_backward(dloss, d):
+    g = 2 * dloss * d / d.size
+    return g, -g
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (8, 65)])          # element by element, and along directions
+def test_large_inputs_are_compared_along_the_steps_as_rounded(shape):
+    rng = np.random.default_rng(5)
+    pred, target = 1e4 + rng.standard_normal(shape), 1e4 + rng.standard_normal(shape)
+    # x + h d rounds by up to u |x| ~ 1e-12 = 1e-7 of h here: without D, a right gradient failed
+    assert gradcheck(mse_forward, mse_backward, (pred, target)).passed
+    off = gradcheck(mse_forward, lambda dl, d: tuple(1.000001 * g for g in mse_backward(dl, d)), (pred, target))
+    assert [a.name for a in off.failures] == ["pred", "target"]   # a 1e-6 error is still seen
+    assert all("the argument's values reach 1e+04" in a.note for a in off.failures if a.mode == "directions")
+
+
+def test_a_failing_element_shows_the_difference_and_a_narrow_gradient_is_named():
+    def scale_backward_f32(dy, cache):
+        return tuple(g.astype(np.float32) for g in scale_backward(dy, cache))
+
+    rng = np.random.default_rng(6)
+    args = (rng.standard_normal((3, 4)), rng.standard_normal(4))
+    narrow = gradcheck(scale_forward, scale_backward_f32, args)
+    assert all(a.note.startswith("the backward returned float32 for this float64 argument") for a in narrow.arguments)
+    tiny = gradcheck(scale_forward, lambda dy, c: (scale_backward(dy, c)[0], scale_backward(dy, c)[1] * (1 + 1e-6)),
+                     args)
+    (w,) = tiny.failures
+    a, n, diff = re.search(r"backward (\S+), numerical (\S+) \(difference (\S+)\)", w.note).groups()
+    assert a != n and float(diff) == pytest.approx(float(a) - float(n), rel=1e-2)
+
+
+def test_a_failure_along_directions_says_why_it_names_no_element():
+    def softplus_forward(x):
+        return np.logaddexp(0, x), x
+
+    def softplus_backward_wrong(dy, x):
+        g = dy / (1 + np.exp(-x))
+        g[:, -1] *= 1.01                                   # only the last time step, 1% off
+        return (g,)
+    report = gradcheck(softplus_forward, softplus_backward_wrong, (np.random.default_rng(7).standard_normal((4, 40, 16)),))
+    (x,) = report.failures
+    assert x.mode == "directions" and "random directions (it has more than max_elements = 512 elements)" in x.note
+
+
+def test_nan_from_the_forward_is_named():
+    def log_forward(x):
+        return np.log(x), x
+    with np.errstate(invalid="ignore"):
+        report = gradcheck(log_forward, lambda dy, x: (dy / x,), (np.array([[1.0, -2.0], [3.0, 4.0]]),))
+    assert not report.passed and report.failures[0].note.startswith("the forward's output holds NaN or inf")
+
+
+def test_a_kink_next_to_the_inputs_is_named():
+    def leaky_forward(x):                          # slope 1 above 0 and 2 below: a kink at 0
+        return np.where(x > 0, x, 2 * x), x
+    x = np.array([1e-6, 0.5, -0.7])                # 1e-6 is within the stencil's 2h of the kink
+    report = gradcheck(leaky_forward, lambda dy, x: (np.where(x > 0, dy, 2 * dy),), (x,))
+    (row,) = report.failures
+    assert "worst at index (0,)" in row.note and "differences over h and 2h disagree there" in row.note
+
+
+def test_outputs_and_options_the_contract_does_not_allow_are_refused():
+    x = np.random.default_rng(8).standard_normal((2, 3))
+    with pytest.raises(TypeError, match=r"gradcheck: two: the forward's output must be one real floating-point "
+                                        r"array \(the contract's out\), got tuple"):
+        gradcheck(lambda x: ((2 * x, x.sum(-1)), x), lambda d, x: (2 * d[0],), (x,), name="two")
+    with pytest.raises(TypeError, match=r"the forward's output must be one real floating-point array .*got NoneType"):
+        gradcheck(lambda x: (None, x), lambda d, x: (d,), (x,))
+    with pytest.raises(TypeError, match=r"the forward's output must be one real floating-point array .*got complex128"):
+        gradcheck(lambda x: (x * (1 + 1j), x), lambda d, x: (d.real,), (x,))
+
+    def masked_forward(x, *, mask):
+        mask[:] = np.roll(mask, 1, axis=-1)         # changes its option in place
+        return x * mask, mask.copy()
+    with pytest.raises(ValueError, match=r"the forward modified its keyword argument\(s\) mask in place"):
+        gradcheck(masked_forward, lambda d, m: (d * m,), (x,), {"mask": np.array([[1.0, 0.0, 1.0]] * 2)})
+    for option in ("kwargs", "backward_kwargs"):
+        with pytest.raises(TypeError, match=rf"gradcheck: argument '{option}' must be a dict of keyword arguments "
+                                            r"\(or None\), got tuple"):
+            gradcheck(scale_forward, scale_backward, (x, np.ones(3)), **{option: (np.ones(3),)})
+
+
+def test_a_complex_argument_gets_a_row_saying_it_is_not_checked():
+    x = np.random.default_rng(9).standard_normal((2, 3))
+    z = x + 1j
+    report = gradcheck(lambda z, w: ((z * w).real, (z, w)), lambda d, c: (None, (d * c[0]).real), (z, x))
+    assert [(a.name, a.mode) for a in report.arguments] == [("z", "skipped"), ("w", "elements")]
+    assert report.arguments[0].note == "a complex128 argument is not checked; only real ones are" and report.passed
