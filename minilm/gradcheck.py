@@ -207,7 +207,8 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         got = f"{out.dtype} array" if hasattr(out, "dtype") else type(out).__name__
         raise TypeError(f"gradcheck: {op}: the forward's output must be one real floating-point array (the "
                         f"contract's out), got {got}")
-    changed = [k for k, v in kwargs.items() if hasattr(v, "shape") and not bool(xp.array_equal(v, kwargs_given[k]))]
+    changed = [k for k, v in kwargs_given.items()
+               if not bool(xp.array_equal(kwargs[k], v, equal_nan=_is_float(v)))]
     if changed:
         raise ValueError(f"gradcheck: {op}: the forward modified its keyword argument(s) {', '.join(changed)} in "
                          f"place; finite differences need the same options at every evaluation")
