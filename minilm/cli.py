@@ -9,6 +9,7 @@ import signal
 import sys
 
 from minilm import backend
+from minilm.sample import DEFAULT_PROMPT, DEFAULT_TEMPERATURE, _sample_text
 
 
 def _add_backend(p):
@@ -58,7 +59,7 @@ def build_parser():
     p.add_argument("--prompt", default=None,
                    help="text to continue (characters must be in the model's vocabulary; default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -93,10 +94,9 @@ def _train(args):
 
 def _sample(args, out=None):
     out = out or sys.stdout
-    from minilm.sample import DEFAULT_PROMPT, _sample_text
     pieces = _sample_text(args.checkpoint, args.prompt, args.max_new_tokens, "option '--prompt'",
-                          dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                               use_cache=not args.no_cache))
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          use_cache=not args.no_cache)
     with backend.compile_notice():                 # the first token compiles the kernels on a cold cache
         first = list(itertools.islice(pieces, 1))
     out.write(DEFAULT_PROMPT if args.prompt is None else args.prompt)   # after the notice: never splits the text

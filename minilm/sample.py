@@ -155,25 +155,26 @@ def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
 
 
 DEFAULT_PROMPT = "\n"        # what a prompt of None means: a newline, as at the start of a line
+DEFAULT_TEMPERATURE = 0.8    # sample_text's and minilm sample's (nanoGPT's sample.py's)
 
 
-def sample_text(checkpoint_path, prompt=None, max_new_tokens=500, *, temperature=1.0, top_k=None, top_p=None,
-                seed=None, use_cache=True):
+def sample_text(checkpoint_path, prompt=None, max_new_tokens=500, *, temperature=DEFAULT_TEMPERATURE, top_k=None,
+                top_p=None, seed=None, use_cache=True):
     """Yield the text that continues ``prompt``, one character at a time, from the model saved at
     ``checkpoint_path`` (rebuilt on the active backend): ``minilm sample`` from Python.
 
     ``prompt`` is a non-empty string of the model's characters; None is ``DEFAULT_PROMPT``, a
-    newline. The other options are ``generate``'s. The checkpoint, the prompt and the options are
+    newline. The other options are ``generate``'s, with ``minilm sample``'s defaults. The checkpoint, the prompt and the options are
     checked when ``sample_text`` is called, before the first character is asked for::
 
         for piece in sample_text("out/best.npz", "ROMEO:", 200, temperature=0.8, seed=1):
             print(piece, end="", flush=True)
     """
     return _sample_text(checkpoint_path, prompt, max_new_tokens, "sample_text: argument 'prompt'",
-                        dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache))
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache)
 
 
-def _sample_text(checkpoint_path, prompt, max_new_tokens, what, options):
+def _sample_text(checkpoint_path, prompt, max_new_tokens, what, **options):
     """``sample_text``, with ``what`` naming the prompt in its errors (the command names --prompt)."""
     from minilm.evaluate import load_model
     model, tokenizer, _ = load_model(checkpoint_path)

@@ -94,41 +94,29 @@ def test_train_without_matplotlib_draws_nothing_and_still_trains(corpus, tmp_pat
     assert [r["iter"] for r in _metrics(out)] == [0, 4]
 
 
-@pytest.mark.parametrize("model_options", [
-    ["--model", "gpt", "--dropout", "0.1"],                      # dropout exercises the saved RNG state
-    ["--model", "lstm", "--batching", "contiguous", "--n-layer", "2"],   # carried hidden state
-    ["--model", "gru", "--optimizer", "rmsprop", "--schedule", "step", "--lr-step-size", "5"],
+@pytest.mark.parametrize("backend, model_options", [
+    ("numpy", ["--model", "gpt", "--dropout", "0.1"]),            # dropout exercises the saved RNG state
+    ("numpy", ["--model", "lstm", "--batching", "contiguous", "--n-layer", "2"]),   # carried hidden state
+    ("numpy", ["--model", "gru", "--optimizer", "rmsprop", "--schedule", "step", "--lr-step-size", "5"]),
+    # the default backend, where train splits each batch over the cores (minilm.parallel) and the
+    # slices take their rows of the whole batch's dropout masks
+    ("numba", ["--model", "gpt", "--dropout", "0.1"]),
+    ("numba", ["--model", "lstm", "--batching", "contiguous", "--n-layer", "2", "--dropout", "0.1"]),
 ])
-def test_resumed_run_computes_the_same_losses(corpus, tmp_path, model_options):
+def test_resumed_run_computes_the_same_losses(corpus, tmp_path, backend, model_options):
+    if backend == "numba":
+        import numba
+        if numba.get_num_threads() < 2:
+            pytest.skip("splitting a batch over the cores needs 2 Numba threads")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert _train(corpus, straight, "--max-iters", "12", *model_options) == 0
-    assert _train(corpus, split, "--max-iters", "6", *model_options) == 0
+    options = [*model_options, "--backend", backend]
+    assert _train(corpus, straight, "--max-iters", "12", *options) == 0
+    assert _train(corpus, split, "--max-iters", "6", *options) == 0
     assert cli.main(["train", "--data", corpus, "--out", str(split), "--resume", "--max-iters", "12",
-                     "--backend", "numpy", "--no-progress"]) == 0
+                     "--backend", backend, "--no-progress"]) == 0
     a, b = _evaluations(_metrics(straight)), _evaluations(_metrics(split))
     assert [row[0] for row in b] == [0, 4, 6, 8, 12]             # 6 is where the first part stopped
     assert [row for row in b if row[0] != 6] == a                # bit for bit
-
-
-@pytest.mark.parametrize("model_options", [
-    ["--model", "gpt", "--dropout", "0.1"],
-    ["--model", "lstm", "--batching", "contiguous", "--n-layer", "2", "--dropout", "0.1"],
-])
-def test_resumed_run_on_the_numba_backend_computes_the_same_losses(corpus, tmp_path, model_options):
-    """The default backend, where train splits each batch over the cores (minilm.parallel) and the
-    slices take their rows of the whole batch's dropout masks: resuming changes nothing there either."""
-    import numba
-    if numba.get_num_threads() < 2:
-        pytest.skip("splitting a batch over the cores needs 2 Numba threads")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    numba = ["--backend", "numba", *model_options]
-    assert _train(corpus, straight, "--max-iters", "12", *numba) == 0
-    assert _train(corpus, split, "--max-iters", "6", *numba) == 0
-    assert cli.main(["train", "--data", corpus, "--out", str(split), "--resume", "--max-iters", "12",
-                     "--backend", "numba", "--no-progress"]) == 0
-    a, b = _evaluations(_metrics(straight)), _evaluations(_metrics(split))
-    assert [row for row in b if row[0] != 6] == a                # bit for bit
-    assert len(a) == 4 and np.all(np.isfinite(np.array(a)))
 
 
 def _signal_in_step(monkeypatch, signum, step):
@@ -509,6 +497,8 @@ def test_sample_text_is_the_command_from_python(trained, capsys):
     assert capsys.readouterr().out == "to be" + text + "\n"
     model, tokenizer, _ = load_model(ckpt)                       # the same as generate on the ids
     assert text == tokenizer.decode(list(generate(model, tokenizer.encode("to be"), 40, **options)))
+    assert cli.main(["sample", "--checkpoint", ckpt, "--seed", "4", "--backend", "numpy"]) == 0
+    assert capsys.readouterr().out == "\n" + "".join(sample_text(ckpt, seed=4)) + "\n"   # the same defaults
     default = "".join(sample_text(ckpt, max_new_tokens=10, seed=3))   # the corpus ends in a newline
     assert default == "".join(sample_text(ckpt, "\n", 10, seed=3))
     assert "".join(sample_text(ckpt, "to", 0)) == ""
