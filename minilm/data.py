@@ -19,6 +19,7 @@ uninterrupted run would have seen.
 import codecs
 import hashlib
 import os
+import unicodedata
 import urllib.error
 import urllib.request
 import warnings
@@ -82,7 +83,7 @@ class CharTokenizer:
         pos = np.searchsorted(self._sorted_codes, codes).clip(0, self.vocab_size - 1)
         known = self._sorted_codes[pos] == codes
         if not known.all():
-            raise ValueError(f"{what} has {_describe_unknown(text, known)}")
+            raise ValueError(f"{what} has {_describe_unknown(text, known, self.chars)}")
         return self._order[pos].astype(np.int64)
 
     def decode(self, ids):
@@ -125,12 +126,22 @@ def _code_points(text):
     return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
 
 
-def _describe_unknown(text, known, show=5):
+def _describe_unknown(text, known, chars, show=5):
+    """Which characters of ``text`` are not among ``chars`` (``known`` marks those that are), each with
+    its code point, since look-alikes differ only there; and, when the text in another Unicode normal
+    form would be all known (an accent stored apart from its letter, or with it), which form."""
     unknown = list(dict.fromkeys(c for c, ok in zip(text, known.tolist()) if not ok))  # distinct, in order
-    listed = ", ".join(repr(str(c)) for c in unknown[:show])
+    listed = ", ".join(f"{str(c)!r} (U+{ord(c):04X})" for c in unknown[:show])
     more = f" and {len(unknown) - show} more" if len(unknown) > show else ""
-    return (f"{len(unknown)} character{'s' * (len(unknown) != 1)} that {'are' if len(unknown) != 1 else 'is'} "
-            f"not in the model's vocabulary: {listed}{more}")
+    message = (f"{len(unknown)} character{'s' * (len(unknown) != 1)} that {'are' if len(unknown) != 1 else 'is'} "
+               f"not in the model's vocabulary: {listed}{more}")
+    vocabulary = set(chars)
+    for form in ("NFC", "NFD", "NFKC", "NFKD"):
+        normal = unicodedata.normalize(form, text)
+        if normal != text and set(normal) <= vocabulary:
+            return (f"{message}; the model's text writes {'them' if len(unknown) != 1 else 'it'} in Unicode normal form {form}: "
+                    f"unicodedata.normalize({form!r}, text) gives characters it knows")
+    return message
 
 
 # ---------------------------------------------------------------------------------------------

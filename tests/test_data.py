@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import unicodedata
 import urllib.error
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_tokenizer_dict_round_trips_through_json():
 def test_encode_names_characters_outside_the_vocabulary():
     tok = CharTokenizer.from_text("abc")
     with pytest.raises(ValueError, match=r"CharTokenizer.encode: argument 'text' has 2 characters that are not "
-                                         r"in the model's vocabulary: 'é', '\\n'"):
+                                         r"in the model's vocabulary: 'é' \(U\+00E9\), '\\n' \(U\+000A\)$"):
         tok.encode("abé\nc")
     with pytest.raises(ValueError, match=r"^option '--prompt' has 1 character that is not in the model's vocabulary: 'é'"):
         tok.encode("abé", what="option '--prompt'")             # a command names its own option
@@ -70,8 +71,28 @@ def test_encode_names_characters_outside_the_vocabulary():
 
 def test_encode_shows_only_the_first_few_unknown_characters():
     tok = CharTokenizer.from_text("a")
-    with pytest.raises(ValueError, match=r"'b', 'c', 'd', 'e', 'f' and 2 more"):
+    with pytest.raises(ValueError, match=r"'b' \(U\+0062\), 'c' \(U\+0063\), 'd' \(U\+0064\), 'e' \(U\+0065\), "
+                                         r"'f' \(U\+0066\) and 2 more$"):
         tok.encode("abcdefgh")
+
+
+@pytest.mark.parametrize("stored, asked, form", [("NFD", "NFC", "NFD"), ("NFC", "NFD", "NFC")])
+def test_encode_names_the_normal_form_of_look_alike_characters(stored, asked, form):
+    """'é' is one code point (NFC) or 'e' and a combining accent (NFD): they look the same, so the
+    message gives each unknown character's code point, and says which form the model's text uses."""
+    tok = CharTokenizer.from_text(unicodedata.normalize(stored, "Café, naïve.\n"))
+    with pytest.raises(ValueError, match=rf"in the model's vocabulary: .*\(U\+0{'0E9' if asked == 'NFC' else '301'}\).*; "
+                                         rf"the model's text writes it in Unicode normal form {form}: "
+                                         rf"unicodedata.normalize\('{form}', text\) gives characters it knows$"):
+        tok.encode(unicodedata.normalize(asked, "Café"), what="option '--prompt'")
+    assert tok.decode(tok.encode(unicodedata.normalize(form, "Café"))) == unicodedata.normalize(form, "Café")
+
+
+def test_encode_gives_no_normal_form_when_none_would_do():
+    tok = CharTokenizer.from_text("Cafe\n")
+    with pytest.raises(ValueError) as raised:
+        tok.encode("Café")
+    assert str(raised.value).endswith("'é' (U+00E9)")
 
 
 @pytest.mark.parametrize("call,error,message", [
