@@ -50,19 +50,26 @@ def build_parser():
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per character of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
     p.add_argument("--data", default=None, help="the text to evaluate on (default: the checkpoint's training data)")
-    p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--split", choices=("val", "train"), default="val",
+                   help="the last 10%% of the text (val, the default) or the first 90%% (train)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows scored at once (default: the checkpoint's training batch size)")
     _add_backend(p)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint, streaming it as it is produced")
     p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
     p.add_argument("--prompt", default=None,
                    help="text to continue (characters must be in the model's vocabulary; default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate (default: 500)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"divides the logits; 0 = greedy (default: {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely characters; k >= the vocabulary keeps all (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely characters whose probabilities sum to p, in (0, 1] "
+                        "(default: all)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="an integer >= 0 for repeatable text (default: a new draw each run)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (slow; for checks)")
     _add_backend(p)
 
@@ -92,11 +99,15 @@ def _train(args):
     return 0
 
 
+_SAMPLE_OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                   "top_p": "--top-p", "seed": "--seed", "use_cache": "--no-cache"}
+
+
 def _sample(args, out=None):
     out = out or sys.stdout
-    pieces = _sample_text(args.checkpoint, args.prompt, args.max_new_tokens, "option '--prompt'",
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          use_cache=not args.no_cache)
+    pieces = _sample_text(args.checkpoint, args.prompt, args.max_new_tokens, op="minilm sample",
+                          what="option '--prompt'", names=_SAMPLE_OPTIONS, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
     with backend.compile_notice():                 # the first token compiles the kernels on a cold cache
         first = list(itertools.islice(pieces, 1))
     out.write(DEFAULT_PROMPT if args.prompt is None else args.prompt)   # after the notice: never splits the text

@@ -3,7 +3,7 @@ r"""Sampling text from a model, one token at a time.
 Each step turns the logits z of the last position into a distribution and draws one token:
 
 1. ``top_k``: keep the k largest logits (ties with the k-th are kept, as nanoGPT does), the rest
-   get probability 0.
+   get probability 0; k >= V keeps them all.
 2. temperature τ: :math:`p = \operatorname{softmax}(z / τ)`; τ = 0 is greedy, p is one-hot at argmax.
 3. ``top_p`` (nucleus): keep the smallest set of most probable tokens whose probabilities sum to
    at least ``top_p`` (always at least one), renormalise.
@@ -22,20 +22,23 @@ from minilm.backend import to_numpy
 from minilm.validate import require_bool, require_seed
 
 
-def _check_options(V, max_new_tokens, temperature, top_k, top_p, seed):
-    op = "generate"
+def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="generate", names=None):
+    """Refuse a bad sampling option, naming it as the caller knows it: ``names`` maps each keyword to
+    the name shown (``minilm sample`` shows its options, e.g. '--top-k'); default the keyword."""
+    def name(keyword):
+        return (names or {}).get(keyword, keyword)
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"{op}: argument 'max_new_tokens' must be an integer >= 0, got {max_new_tokens!r}")
+        raise ValueError(f"{op}: option '{name('max_new_tokens')}' must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) \
             or not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"{op}: option 'temperature' must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
-                              or not 1 <= top_k <= V):
-        raise ValueError(f"{op}: option 'top_k' must be None or an integer in [1, V = {V}], got {top_k!r}")
+        raise ValueError(f"{op}: option '{name('temperature')}' must be a finite number >= 0 (0 = greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"{op}: option '{name('top_k')}' must be None or an integer >= 1, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
                               or not 0 < top_p <= 1):
-        raise ValueError(f"{op}: option 'top_p' must be None or a number in (0, 1], got {top_p!r}")
-    require_seed(op, "seed", seed, allow_none=True)
+        raise ValueError(f"{op}: option '{name('top_p')}' must be None or a number in (0, 1], got {top_p!r}")
+    require_seed(op, name("seed"), seed, allow_none=True)
 
 
 def _check_prompt(prompt_ids, V):
@@ -66,7 +69,7 @@ def next_token_probs(logits, *, temperature=1.0, top_k=None, top_p=None):
     z = np.asarray(to_numpy(logits), dtype=np.float64)                  # (V,)
     if not np.all(np.isfinite(z)):
         raise ValueError("generate: the model produced non-finite logits (nan or inf)")
-    if top_k is not None:
+    if top_k is not None and top_k < len(z):                           # k >= V keeps every token
         kth = np.partition(z, -top_k)[-top_k]                            # the k-th largest logit
         z = np.where(z < kth, -np.inf, z)
     if temperature == 0:
@@ -103,7 +106,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     prompt_ids : 1-D sequence of at least one token id in [0, V).
     max_new_tokens : int >= 0.
     temperature : float >= 0; 0 is greedy (argmax).
-    top_k : None, or int in [1, V]: sample among the k most likely tokens.
+    top_k : None, or int >= 1: sample among the k most likely tokens (k >= V: all of them, as
+        nanoGPT takes min(k, V), so that one setting serves a model of any vocabulary).
     top_p : None, or float in (0, 1]: nucleus sampling.
     seed : None or int >= 0, seeds the numpy Generator (one draw per token).
     use_cache : bool. True feeds only the new token each step through ``model.forward_step``
@@ -115,7 +119,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     The options are checked when ``generate`` is called, before the first token is asked for.
     """
     V = model.config.vocab_size
-    _check_options(V, max_new_tokens, temperature, top_k, top_p, seed)
+    _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     prompt = _check_prompt(prompt_ids, V)
     require_bool("generate", "use_cache", use_cache)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -164,19 +168,25 @@ def sample_text(checkpoint_path, prompt=None, max_new_tokens=500, *, temperature
     ``checkpoint_path`` (rebuilt on the active backend): ``minilm sample`` from Python.
 
     ``prompt`` is a non-empty string of the model's characters; None is ``DEFAULT_PROMPT``, a
-    newline. The other options are ``generate``'s, with ``minilm sample``'s defaults. The checkpoint, the prompt and the options are
-    checked when ``sample_text`` is called, before the first character is asked for::
+    newline. The other options are ``generate``'s, with ``minilm sample``'s defaults. The
+    checkpoint, the prompt and the options are checked when ``sample_text`` is called, before the
+    first character is asked for::
 
         for piece in sample_text("out/best.npz", "ROMEO:", 200, temperature=0.8, seed=1):
             print(piece, end="", flush=True)
     """
-    return _sample_text(checkpoint_path, prompt, max_new_tokens, "sample_text: argument 'prompt'",
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache)
+    return _sample_text(checkpoint_path, prompt, max_new_tokens, op="sample_text",
+                        what="sample_text: argument 'prompt'", temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, use_cache=use_cache)
 
 
-def _sample_text(checkpoint_path, prompt, max_new_tokens, what, **options):
-    """``sample_text``, with ``what`` naming the prompt in its errors (the command names --prompt)."""
+def _sample_text(checkpoint_path, prompt, max_new_tokens, *, op, what, names=None, **options):
+    """``sample_text``, its errors from ``op``, with ``what`` naming the prompt and ``names`` the
+    options as the caller knows them (``minilm sample`` says '--prompt' and '--top-k')."""
     from minilm.evaluate import load_model
+    _check_options(max_new_tokens, options["temperature"], options["top_k"], options["top_p"], options["seed"],
+                   op=op, names=names)
+    require_bool(op, (names or {}).get("use_cache", "use_cache"), options["use_cache"])
     model, tokenizer, _ = load_model(checkpoint_path)
     if prompt is None:
         if DEFAULT_PROMPT not in tokenizer.chars:

@@ -54,6 +54,14 @@ def test_top_k_keeps_the_k_largest():
     assert np.allclose(next_token_probs(LOGITS, top_k=2), [0, 0.5 / 0.8, 0, 0.3 / 0.8], rtol=0, atol=PROB_TOL)
     assert np.array_equal(next_token_probs(LOGITS, top_k=1), [0, 1, 0, 0])
     assert np.allclose(next_token_probs(LOGITS, top_k=4), P, rtol=0, atol=PROB_TOL)
+    for k in (5, 40):                                   # k >= V keeps every token, as nanoGPT's min(k, V)
+        assert np.array_equal(next_token_probs(LOGITS, top_k=k), next_token_probs(LOGITS))
+
+
+def test_top_k_past_the_vocabulary_samples_as_without_it():
+    """One setting (the README's --top-k 40) serves models of any vocabulary, here V = 7."""
+    model = gpt()
+    assert list(generate(model, [1, 2], 12, top_k=40, seed=5)) == list(generate(model, [1, 2], 12, seed=5))
 
 
 @pytest.mark.parametrize("top_p, kept", [(0.1, [1]), (0.5, [1]), (0.75, [1, 3]), (0.9, [1, 3, 2]),
@@ -184,8 +192,8 @@ def test_float32_model_samples():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(temperature=-0.5), ValueError, "'temperature' must be a finite number >= 0"),
     (dict(temperature=float("inf")), ValueError, "'temperature'"),
-    (dict(top_k=0), ValueError, r"'top_k' must be None or an integer in \[1, V = 7\]"),
-    (dict(top_k=8), ValueError, "'top_k'"),
+    (dict(top_k=0), ValueError, r"generate: option 'top_k' must be None or an integer >= 1, got 0"),
+    (dict(top_k=-3), ValueError, "'top_k'"),
     (dict(top_k=2.0), ValueError, "'top_k'"),
     (dict(top_p=0.0), ValueError, r"'top_p' must be None or a number in \(0, 1\]"),
     (dict(top_p=1.5), ValueError, "'top_p'"),

@@ -508,8 +508,11 @@ def test_sample_text_is_the_command_from_python(trained, capsys):
     ("ZEBRA", {}, ValueError, r"sample_text: argument 'prompt' has 5 characters that are not in the model's vocabulary"),
     ("", {}, ValueError, r"sample_text: argument 'prompt' must hold at least one character, got ''"),
     ([1, 2], {}, TypeError, r"sample_text: argument 'prompt' must be a string, got list"),
-    ("to", {"temperature": -1.0}, ValueError, r"generate: option 'temperature' must be a finite number >= 0"),
-    ("to", {"max_new_tokens": -1}, ValueError, r"'max_new_tokens' must be an integer >= 0"),
+    ("to", {"temperature": -1.0}, ValueError, r"sample_text: option 'temperature' must be a finite number >= 0"),
+    ("to", {"max_new_tokens": -1}, ValueError, r"sample_text: option 'max_new_tokens' must be an integer >= 0"),
+    ("to", {"top_k": 0}, ValueError, r"sample_text: option 'top_k' must be None or an integer >= 1, got 0"),
+    ("to", {"seed": -1}, ValueError, r"sample_text: option 'seed' must be None or an integer >= 0, got -1"),
+    ("to", {"use_cache": "no"}, ValueError, r"sample_text: option 'use_cache' must be True or False"),
 ])
 def test_sample_text_checks_its_arguments_when_called(trained, prompt, kwargs, error, match):
     from minilm.sample import sample_text
@@ -814,6 +817,28 @@ def test_missing_truncated_and_foreign_checkpoints(corpus, tmp_path, capsys):
 def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):
     err = _error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "empty"), "--resume", *TINY])
     assert "last.npz" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--top-k", "0", "option '--top-k' must be None or an integer >= 1, got 0"),
+    ("--top-p", "1.5", "option '--top-p' must be None or a number in (0, 1], got 1.5"),
+    ("--temperature", "-1", "option '--temperature' must be a finite number >= 0 (0 = greedy), got -1.0"),
+    ("--max-new-tokens", "-2", "option '--max-new-tokens' must be an integer >= 0, got -2"),
+    ("--seed", "-1", "option '--seed' must be None or an integer >= 0, got -1"),
+])
+def test_sample_names_its_options_in_errors(trained, capsys, option, value, message):
+    err = _error(capsys, ["sample", "--checkpoint", str(trained / "last.npz"), option, value, "--backend", "numpy"])
+    assert f"minilm sample: error: {message}" in err
+
+
+def test_sample_top_k_past_the_vocabulary_is_all_of_it(trained, capsys):
+    ckpt = str(trained / "last.npz")
+    outs = []
+    for extra in (["--top-k", "1000"], []):
+        assert cli.main(["sample", "--checkpoint", ckpt, "--prompt", "to", "--max-new-tokens", "30", "--seed", "2",
+                         "--backend", "numpy", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
 
 
 def test_prompt_outside_the_vocabulary(trained, tmp_path, capsys):
