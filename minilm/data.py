@@ -139,7 +139,8 @@ def _describe_unknown(text, known, chars, show=5):
     for form in ("NFC", "NFD", "NFKC", "NFKD"):
         normal = unicodedata.normalize(form, text)
         if normal != text and set(normal) <= vocabulary:
-            return (f"{message}; the model's text writes {'them' if len(unknown) != 1 else 'it'} in Unicode normal form {form}: "
+            them = "them" if len(unknown) != 1 else "it"
+            return (f"{message}; the model's text writes {them} in Unicode normal form {form}: "
                     f"unicodedata.normalize({form!r}, text) gives characters it knows")
     return message
 
