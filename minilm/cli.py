@@ -110,11 +110,16 @@ def _sample(args, out=None):
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
     with backend.compile_notice():                 # the first token compiles the kernels on a cold cache
         first = list(itertools.islice(pieces, 1))
-    out.write(DEFAULT_PROMPT if args.prompt is None else args.prompt)   # after the notice: never splits the text
-    for piece in itertools.chain(first, pieces):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
+    try:
+        out.write(DEFAULT_PROMPT if args.prompt is None else args.prompt)   # after the notice: never splits the text
+        for piece in itertools.chain(first, pieces):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    except UnicodeEncodeError as e:                # a terminal or pipe in an encoding short of the model's text
+        encoding = getattr(out, "encoding", None) or e.encoding
+        raise ValueError(f"the output's encoding, {encoding}, cannot write {e.object[e.start:e.end]!r}; set "
+                         f"PYTHONIOENCODING=utf-8 (or a UTF-8 locale) to print the model's text") from None
     return 0
 
 

@@ -133,6 +133,8 @@ def validate(cfg):
     if cfg.batching == "contiguous" and cfg.model == "gpt":
         raise ValueError("minilm train: option '--batching' contiguous is for the recurrent models, whose state "
                          "it carries from batch to batch; a GPT ('--model gpt') trains on random batches")
+    if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        raise ValueError(f"minilm train: option '--nesterov' needs '--momentum' > 0, got --momentum {cfg.momentum}")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"minilm train: option '--min-lr' ({cfg.min_lr}) must not exceed '--lr' ({cfg.lr})")
     if cfg.schedule == "cosine" and cfg.schedule_length() <= cfg.warmup_iters:

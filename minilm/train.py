@@ -240,22 +240,33 @@ def _train_config_of(saved):
 
 
 def _check_unchanged_on_resume(saved, cfg, path):
-    """Refuse, naming the option, a resumed run's settings that its saved state cannot serve: another
-    optimizer (the moments are the saved one's), momentum switched on or off (its buffer), another
-    batching, or another batch size for contiguous batches (the carried state has one row per
-    stream), or another seed (the evaluation batches come from it: best.npz would be picked on other
-    batches). The model's shape and dtype are checked against the checkpoint's model."""
-    fixed = ["optimizer", "batching", "seed"]
+    """Refuse, naming the option, a resumed run's settings that its saved state cannot serve:
+    another model, shape or dropout (the weights and the model saved are the old one's), dtype,
+    optimizer (the moments are the saved one's), momentum switched on or off (its buffer),
+    batching, or batch size, block size, evaluation batch count or seed: the evaluation batches
+    are drawn from these four, and ``best.npz`` would then be picked on other batches than the
+    best validation loss saved (contiguous batches also carry one state row per stream, and their
+    position in the text counts blocks)."""
+    fixed = ["optimizer", "batching", "dtype", "batch_size", "block_size", "eval_iters", "seed"]
     if cfg.optimizer in ("sgd", "rmsprop") and (saved.momentum == 0) != (cfg.momentum == 0):
         fixed.append("momentum")
-    if cfg.batching == "contiguous":
-        fixed.append("batch_size")
     for name in fixed:
         before, now = getattr(saved, name), getattr(cfg, name)
         if before != now:
-            raise ValueError(f"minilm train: --resume: option '--{name.replace('_', '-')}' cannot change when a run "
-                             f"is resumed (the state saved in {path} is for {before!r}), got {now!r}; train a new "
-                             f"run in another --out for that")
+            _refuse_change(name, before, now, path)
+    if (saved.model == "gpt") != (cfg.model == "gpt"):
+        _refuse_change("model", saved.model, cfg.model, path)
+    (_, before), (_, now) = model_settings(saved, 1), model_settings(cfg, 1)
+    for name in before:                                 # the settings this kind of model is built from
+        if before[name] != now[name]:
+            option = "model" if name == "cell" else name
+            _refuse_change(option, before[name], now[name], path)
+
+
+def _refuse_change(name, before, now, path):
+    raise ValueError(f"minilm train: --resume: option '--{name.replace('_', '-')}' cannot change when a run "
+                     f"is resumed (the state saved in {path} is for {before!r}), got {now!r}; train a new "
+                     f"run in another --out for that")
 
 
 def _keep_metrics_up_to(metrics_path, last_eval_iter):
@@ -312,7 +323,14 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                          f"or pass --overwrite to start afresh there")
     saved = checkpoint.load(last_path, required_meta=RUN_META) if resume else None
     if saved is not None:
-        _check_unchanged_on_resume(_train_config_of(saved), cfg, last_path)     # before anything is built
+        saved_cfg = _train_config_of(saved)
+        _check_unchanged_on_resume(saved_cfg, cfg, last_path)     # before anything is built
+        if cfg.lr_decay_iters == 0 and saved_cfg.lr_decay_iters == 0 and cfg.max_iters != saved_cfg.max_iters:
+            # 0 made the schedule as long as the first run's --max-iters: a new --max-iters would
+            # stretch or shrink it from here on, changing learning rates the run has planned with
+            cfg = dataclasses.replace(cfg, lr_decay_iters=saved_cfg.max_iters)
+            log(f"the learning-rate schedule keeps its length of {saved_cfg.max_iters} iterations (--lr-decay-iters 0 "
+                f"took the saved run's --max-iters); give --lr-decay-iters to set another")
         text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
         data = saved.meta["data"] if data is None else data
     else:
@@ -331,6 +349,11 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         if len(part) < cfg.block_size + 1:
             raise ValueError(f"minilm train: the {name} split of --data {data!r} has {len(part)} characters, "
                              f"fewer than one block (--block-size {cfg.block_size} + 1)")
+    if cfg.model != "gpt" and cfg.batching == "contiguous" and len(train_ids) < cfg.batch_size * cfg.block_size + 1:
+        raise ValueError(f"minilm train: the training split of --data {data!r} has {len(train_ids)} characters; "
+                         f"--batching contiguous cuts it into --batch-size {cfg.batch_size} streams of at least "
+                         f"--block-size {cfg.block_size} + 1, which needs {cfg.batch_size * cfg.block_size + 1}; "
+                         f"give a smaller --batch-size or --block-size")
 
     if cfg.dtype not in ("float32", "float64") and backend.current() != "cupy":
         raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
@@ -343,14 +366,6 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                  "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
         raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
                          f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} cannot be made a folder: "
-                         f"{e.strerror or e}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):       # found now, not at the first evaluation's save
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a folder this user cannot write in")
-    _remove_stale_temporaries(out_dir)
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
     model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
     runner = batch_runner(model)        # forward and backward over the cores (minilm.parallel)
@@ -367,8 +382,17 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
     scaler = LossScaler(enabled=cfg.dtype == "float16")
     step = TrainStep(model, runner, optimizer, scaler, grad_clip=cfg.grad_clip, cuda_graph=cuda_graph)
-    it, best_val, state, last_eval_iter = 0, math.inf, None, None
+    it, best_val, state, last_eval_iter, elapsed_before = 0, math.inf, None, None, 0.0
     result = {"stopped_early": False, "interrupted": False, "last_eval": None}
+
+    try:                                                # made once everything is built: a refused run leaves none
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} cannot be made a folder: "
+                         f"{e.strerror or e}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):       # found now, not at the first evaluation's save
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a folder this user cannot write in")
+    _remove_stale_temporaries(out_dir)
 
     if saved is not None:
         checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
@@ -377,6 +401,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         batches.load_state_dict(saved.meta["batches"])
         dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
         it, best_val = saved.meta["iter"], saved.meta["best_val_loss"]
+        elapsed_before = saved.meta.get("elapsed_s", 0.0)      # the run's earlier sessions (0: saved before it was kept)
         last_eval_iter = saved.meta["last_eval_iter"]
         if saved.meta.get("loss_scaler"):
             scaler.load_state_dict(saved.meta["loss_scaler"])
@@ -408,7 +433,12 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
             "dtype": cfg.dtype, "last_eval_iter": last_eval_iter,
             "data": data if data == "shakespeare" else os.path.abspath(data), "data_sha256": digest,
             "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
+            "elapsed_s": elapsed(),
         }
+
+    def elapsed():
+        """Seconds since the run started, over all its sessions."""
+        return elapsed_before + time.perf_counter() - start
 
     log(f"{cfg.model} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "
         f"{len(train_ids):,} training / {len(val_ids):,} validation characters from {source}, "
@@ -428,7 +458,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                 val_loss = estimate_loss(runner, eval_batches["val"])
                 row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
                        "tokens_per_s": train_tokens / train_time if train_time else None,
-                       "elapsed_s": time.perf_counter() - start}
+                       "elapsed_s": elapsed()}
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
                 train_time, train_tokens = 0.0, 0

@@ -1,4 +1,5 @@
 """End to end: `minilm train`, resume, Ctrl-C, `minilm eval`, `minilm sample`, and their bad input."""
+import io
 import json
 import os
 import signal
@@ -117,6 +118,24 @@ def test_resumed_run_computes_the_same_losses(corpus, tmp_path, backend, model_o
     a, b = _evaluations(_metrics(straight)), _evaluations(_metrics(split))
     assert [row[0] for row in b] == [0, 4, 6, 8, 12]             # 6 is where the first part stopped
     assert [row for row in b if row[0] != 6] == a                # bit for bit
+    elapsed = [row["elapsed_s"] for row in _metrics(split)]
+    assert elapsed == sorted(elapsed) and elapsed[3] > elapsed[2]     # the run's time, over both sessions
+
+
+def test_resume_keeps_the_schedule_length_that_lr_decay_iters_0_gave(corpus, tmp_path, capsys):
+    """With --lr-decay-iters 0 the schedule is as long as --max-iters; a resumed run that raises
+    --max-iters keeps the first run's length, so no learning rate it planned with changes."""
+    planned, resumed = tmp_path / "planned", tmp_path / "resumed"
+    assert _train(corpus, planned, "--max-iters", "12", "--lr-decay-iters", "8") == 0
+    assert _train(corpus, resumed, "--max-iters", "8", "--lr-decay-iters", "0") == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--data", corpus, "--out", str(resumed), "--resume", "--max-iters", "12",
+                     "--backend", "numpy", "--no-progress"]) == 0
+    assert ("the learning-rate schedule keeps its length of 8 iterations (--lr-decay-iters 0 took the saved "
+            "run's --max-iters); give --lr-decay-iters to set another") in capsys.readouterr().out
+    assert [(r["iter"], r["lr"]) for r in _metrics(resumed)] == [(r["iter"], r["lr"]) for r in _metrics(planned)]
+    assert _evaluations(_metrics(resumed)) == _evaluations(_metrics(planned))
+    assert checkpoint.load(resumed / "last.npz").meta["train_config"]["lr_decay_iters"] == 8
 
 
 def _signal_in_step(monkeypatch, signum, step):
@@ -348,6 +367,19 @@ def test_a_cut_off_last_metrics_line_does_not_block_resume(corpus, trained, caps
     (["--optimizer", "sgd"], ["--momentum", "0.9"], "momentum"),
     (["--model", "lstm"], ["--batching", "contiguous"], "batching"),
     (["--model", "lstm", "--batching", "contiguous"], ["--batch-size", "2"], "batch-size"),
+    # the evaluation batches are drawn from these: best.npz would be picked on other batches
+    ([], ["--batch-size", "2"], "batch-size"),
+    ([], ["--eval-iters", "1"], "eval-iters"),
+    (["--model", "lstm"], ["--block-size", "8"], "block-size"),
+    (["--model", "lstm", "--batching", "contiguous"], ["--block-size", "8"], "block-size"),
+    # the saved model's settings, named by their options
+    ([], ["--block-size", "8"], "block-size"),
+    ([], ["--dropout", "0.1"], "dropout"),
+    ([], ["--bias", "true"], "bias"),
+    ([], ["--model", "lstm"], "model"),
+    (["--model", "lstm"], ["--model", "gru"], "model"),
+    (["--model", "lstm"], ["--hidden-size", "8"], "hidden-size"),
+    ([], ["--dtype", "float64"], "dtype"),
 ])
 def test_resume_names_an_option_that_cannot_change(corpus, tmp_path, capsys, first, then, option):
     out = tmp_path / "run"
@@ -810,8 +842,21 @@ def test_missing_truncated_and_foreign_checkpoints(corpus, tmp_path, capsys):
     # resuming with a different model is refused, naming the setting
     err = _error(capsys, ["train", "--data", corpus, "--out", str(out), "--resume", "--n-layer", "2",
                           "--backend", "numpy", "--no-progress"])
-    assert "n_layer" in err
+    assert "--resume: option '--n-layer' cannot change when a run is resumed" in err and "is for 1), got 2" in err
     assert checkpoint.load(out / "last.npz").meta["iter"] == 4     # the saved run is untouched
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--optimizer", "sgd", "--nesterov", "true"], "option '--nesterov' needs '--momentum' > 0, got --momentum 0.0"),
+    (["--model", "lstm", "--batching", "contiguous", "--batch-size", "1000"],
+     "--batching contiguous cuts it into --batch-size 1000 streams of at least --block-size 16 + 1, which needs "
+     "16001; give a smaller --batch-size or --block-size"),
+])
+def test_a_refused_run_names_its_options_and_leaves_no_folder(corpus, tmp_path, capsys, options, message):
+    out = tmp_path / "refused"
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "2", *options])
+    assert message in err
+    assert not out.exists()
 
 
 def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):
@@ -829,6 +874,18 @@ def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):
 def test_sample_names_its_options_in_errors(trained, capsys, option, value, message):
     err = _error(capsys, ["sample", "--checkpoint", str(trained / "last.npz"), option, value, "--backend", "numpy"])
     assert f"minilm sample: error: {message}" in err
+
+
+def test_sample_into_an_output_that_cannot_encode_the_text_says_how_to_fix_it(tmp_path, capsys, monkeypatch):
+    arrows = tmp_path / "arrows.txt"
+    arrows.write_text("to → be → or → not\n" * 60, encoding="utf-8")
+    assert _train(str(arrows), tmp_path / "run", "--max-iters", "1") == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="latin-1"))
+    assert cli.main(["sample", "--checkpoint", str(tmp_path / "run" / "last.npz"), "--prompt", "to →",
+                     "--max-new-tokens", "3", "--backend", "numpy"]) == 2
+    assert ("minilm sample: error: the output's encoding, latin-1, cannot write '→'; "
+            "set PYTHONIOENCODING=utf-8 (or a UTF-8 locale) to print the model's text") in capsys.readouterr().err
 
 
 def test_sample_top_k_past_the_vocabulary_is_all_of_it(trained, capsys):
@@ -999,7 +1056,8 @@ def test_train_starts_from_the_cpu_preset_and_the_options_override_it(given_to_t
     assert (cfg.dropout, cfg.grad_clip, cfg.seed, cfg.n_layer) == (0.0, 0.0, 0, 6)
     for text, value in [("True", True), ("YES", True), ("on", True), ("1", True),
                         ("False", False), ("No", False), ("OFF", False), ("0", False)]:
-        assert cli.main(["train", "--bias", text, "--optimizer", "sgd", "--nesterov", text, "--backend", "numpy"]) == 0
+        assert cli.main(["train", "--bias", text, "--optimizer", "sgd", "--momentum", "0.9", "--nesterov", text,
+                         "--backend", "numpy"]) == 0
         cfg = given_to_train[-1][0]
         assert cfg.bias is value and cfg.nesterov is value
     assert capsys.readouterr().err == ""                       # every option given was used; no --resume
