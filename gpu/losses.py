@@ -88,7 +88,7 @@ _kernel = row_module(_SOURCE, ["cross_entropy_forward_rows", "cross_entropy_back
 def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing=0.0):
     """CuPy ``minilm.reference.losses.cross_entropy_forward`` (fused; see the module docstring)."""
     counted = check_cross_entropy_args(logits, targets, ignore_index, label_smoothing)
-    if not supported(logits) or logits.shape[-1] == 0:
+    if not supported(logits):                              # (V = 0 was refused by the check above)
         return reference.cross_entropy_forward(logits, targets, ignore_index=ignore_index,
                                                label_smoothing=label_smoothing)
     V = logits.shape[-1]

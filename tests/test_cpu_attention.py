@@ -237,6 +237,29 @@ def test_rows_with_no_allowed_key_give_zeros_without_nan(dtype):
     assert np.all(y[:, :, :4] == 0) and np.all(dq[:, :, :4] == 0) and np.all(y[:, :, 4:] != 0)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_key_spreads_as_in_the_reference(bad):
+    """A NaN or inf in one key makes its score non-finite: the reference's rows through it come out
+    NaN, weights and gradients alike, and the kernels' must be NaN in the same places (a row whose
+    sum Z is NaN had been left unnormalised, so dv lost most of its NaNs)."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 2, 8, 4)) for _ in range(3))
+    k[0, 1, 2, 0] = bad
+    dy = rng.standard_normal((1, 2, 8, 4))
+    with np.errstate(all="ignore"):
+        y, cache = cpu_attention.attention_forward(q, k, v, causal=True)
+        grads = cpu_attention.attention_backward(dy, cache)
+        y_ref, cache_ref = ref_attention.attention_forward(q, k, v, causal=True)
+        grads_ref = ref_attention.attention_backward(dy, cache_ref)
+    allowed = np.tril(np.ones((8, 8), dtype=bool))     # the kernels leave the weights past the diagonal 0
+    pairs = [("y", y, y_ref), ("att", cache.att[..., allowed], cache_ref.att[..., allowed]),
+             *zip(("dq", "dk", "dv"), grads, grads_ref)]
+    for name, a, e in pairs:
+        assert np.array_equal(np.isnan(a), np.isnan(e)), name
+        finite = np.isfinite(e)
+        assert np.any(np.isnan(e)) and np.allclose(a[finite], e[finite], rtol=0, atol=EXACT_TOL), name
+
+
 def test_non_contiguous_inputs():
     """Strided views, as the KV-cache path passes (K[:, :, :t]) and as split heads are."""
     rng = np.random.default_rng(2)

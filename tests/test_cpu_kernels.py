@@ -240,11 +240,13 @@ def test_cross_entropy_of_logits_far_apart_does_not_overflow(dtype, label_smooth
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
-@given(lead=lead_shapes, V=st.integers(1, 12), C=st.integers(1, 40), seed=seeds, non_contiguous=st.booleans())
-def test_embedding_backward_equals_reference(dtype, lead, V, C, seed, non_contiguous):
-    # the forward is the reference's (a NumPy gather), so only the backward has a kernel
+@given(lead=lead_shapes, V=st.integers(1, 12), C=st.integers(1, 40), seed=seeds, non_contiguous=st.booleans(),
+       ids_dtype=st.sampled_from([np.int64, np.uint8, np.dtype(">u2"), np.dtype(">i8")]))
+def test_embedding_backward_equals_reference(dtype, lead, V, C, seed, non_contiguous, ids_dtype):
+    # the forward is the reference's (a NumPy gather), so only the backward has a kernel; ids may
+    # be of any integer dtype, big-endian too (read with np.frombuffer from a file written elsewhere)
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, V, lead)                             # small V: repeated ids are common
+    ids = rng.integers(0, V, lead).astype(ids_dtype)           # small V: repeated ids are common
     _, cache = ref_embedding.embedding_forward(ids, rng.standard_normal((V, C)).astype(dtype))
     dout = rng.standard_normal(lead + (C,)).astype(dtype)
     if non_contiguous:

@@ -295,7 +295,7 @@ def _scores_to_weights_kernel(S, mask, masked, causal, scale):
             A = block[i]
             n = max(0, min(Tk, i + Tk - Tq + 1)) if causal else Tk
             Z = A.dtype.type(sum_in_any_order(A, n))           # Z_i >= 1 (the max's term is 1), or 0 for no key
-            if Z > 0:
+            if Z != 0:                                          # a NaN Z too: the row is NaN, as the reference's
                 for j in range(n):
                     A[j] = A[j] / Z                             # A_ij = e^{S_ij - m_i} / Z_i
 

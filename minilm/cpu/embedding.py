@@ -50,5 +50,6 @@ def embedding_backward(dout, cache):
         return reference.embedding_backward(dout, cache)
     N = math.prod(ids.shape)
     dE = np.zeros((V, C), dtype=dout.dtype)                    # (V, C)
-    pick(_scatter_add_rows, N * C)(np.ascontiguousarray(ids).reshape(N), np.ascontiguousarray(dout).reshape(N, C), dE)
+    ids = np.ascontiguousarray(ids, dtype=ids.dtype.newbyteorder("="))   # Numba takes native byte order only
+    pick(_scatter_add_rows, N * C)(ids.reshape(N), np.ascontiguousarray(dout).reshape(N, C), dE)
     return None, dE

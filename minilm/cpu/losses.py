@@ -80,7 +80,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     """Numba ``minilm.reference.losses.cross_entropy_forward``: same arguments, checks, outputs and cache."""
     counted = check_cross_entropy_args(logits, targets, ignore_index, label_smoothing)   # (...)
     N, V = math.prod(logits.shape[:-1]), logits.shape[-1]
-    if V == 0 or logits.dtype not in KERNEL_DTYPES:            # V = 0: the reference's own error
+    if logits.dtype not in KERNEL_DTYPES:                      # (V = 0 was refused by the check above)
         return reference.cross_entropy_forward(logits, targets, ignore_index=ignore_index,
                                                label_smoothing=label_smoothing)
     eps = float(label_smoothing)
