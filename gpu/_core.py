@@ -9,13 +9,13 @@ Two kinds of kernel live in ``minilm.gpu``:
   ``bfloat16``); the body computes in ``acc_t<T>::type`` -- ``double`` for double, ``float``
   for everything else -- and rounds once when it stores.
 * **row** kernels (softmax, layernorm, the attention softmax, the fused cross-entropy) are
-  templates in one CUDA source per family, compiled with ``cupy.RawModule`` for each dtype by
-  ``row_module``. One warp (32 threads) owns one row: it reads the row, adds up its sums with
-  warp shuffles, and writes the row. ``ROW_PREAMBLE`` defines the 16-bit storage types for them
-  (``half16``, ``bf16``) with conversions written as single PTX instructions, so the sources
-  need no CUDA headers. **Element** kernels (the tanh GELU, dropout) are built the same way, but
-  a thread takes four elements a grid apart instead of a warp taking a row
-  (``FOR_THREAD_ELEMENTS``, ``launch_elems``).
+  templates in one CUDA source per family, compiled with ``cupy.RawModule`` for each dtype, when
+  it is first used, by ``row_module``. One warp (32 threads) owns one row: it reads the row, adds
+  up its sums with warp shuffles, and writes the row. ``ROW_PREAMBLE`` defines the 16-bit storage
+  types for them (``half16``, ``bf16``) with conversions written as PTX instructions or bit
+  operations, so the sources need no CUDA headers and compile for any GPU CuPy supports.
+  **Element** kernels (the tanh GELU, dropout) are built the same way, but a thread takes four
+  elements a grid apart instead of a warp taking a row (``FOR_THREAD_ELEMENTS``, ``launch_elems``).
 
 Every kernel computes in float32 for float16 and bfloat16 data (and in float64 for float64):
 the low precision is the storage format, not the arithmetic.
@@ -108,9 +108,15 @@ template <> __device__ inline half16 store<half16>(float v) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
     return h;
 }
+// bfloat16 is float32's high 16 bits. Rounded to nearest even on the bits, as cvt.rn.bf16.f32 rounds,
+// which only sm_80 and later accept: add half of bfloat16's last place (0x7fff, and one more when
+// the kept part is odd, so that a tie goes to even), then keep the high half; a NaN stays a quiet
+// NaN (its exponent all ones and a mantissa bit set), never rounded into inf.
 template <> __device__ inline bf16 store<bf16>(float v) {
+    unsigned int u = __float_as_uint(v);
     bf16 h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    h.bits = (unsigned short)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u
+                                                              : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     return h;
 }
 
@@ -152,20 +158,22 @@ def elementwise(in_params, out_params, body, name):
     return cupy.ElementwiseKernel(in_params, out_params, body, name, preamble=PREAMBLE)
 
 
-def row_module(source, kernels, dtypes=FLOAT_DTYPES):
-    """A compiled ``RawModule`` of ``source`` with each template in ``kernels`` instantiated per dtype.
+def row_module(source, kernels):
+    """The kernels ``kernels`` of ``source`` (templates over the data's C type) for each dtype.
 
     ``source`` may use ``ROW_PREAMBLE``. Returns a function ``get(kernel, dtype)`` that gives the
-    kernel's instance for data of that dtype.
+    kernel's instance for data of that dtype. Each dtype's instances are compiled into a
+    ``RawModule`` of their own when that dtype is first asked for, so that float32 and float64 never
+    wait for, or depend on, the 16-bit instances.
     """
-    names = [f"{k}<{ROW_CTYPES[d]}>" for k in kernels for d in dtypes]
-
     @functools.cache
-    def _module():
+    def _module(ctype):
+        names = [f"{k}<{ctype}>" for k in kernels]
         return cupy.RawModule(code=ROW_PREAMBLE + source, options=("--std=c++14",), name_expressions=names)
 
     def get(kernel, dtype):
-        return _module().get_function(f"{kernel}<{ROW_CTYPES[np.dtype(dtype)]}>")
+        ctype = ROW_CTYPES[np.dtype(dtype)]
+        return _module(ctype).get_function(f"{kernel}<{ctype}>")
     return get
 
 

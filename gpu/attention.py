@@ -62,10 +62,11 @@ __global__ void softmax_dropout_rows(typename acc_t<D>::type* att, D* att_d, boo
     A m = neg_inf<A>();
     for (int j = lane; j <= last; j += 32) m = max(m, s[j] * scale);
     m = warp_max(m);
-    A Z = 0;
+    if (m == neg_inf<A>()) m = 0;            // no key allowed, or every allowed score -inf: as the reference,
+    A Z = 0;                                 // m = 0, Z = 0 -> 1 and att = 0 (exp(-inf - -inf) would be NaN)
     for (int j = lane; j <= last; j += 32) Z += exp_acc(s[j] * scale - m);   // exponents <= 0
     Z = warp_sum(Z);
-    if (last < 0) Z = 1;                                             // no key allowed: att = 0
+    if (Z == 0) Z = 1;
     for (int j = lane; j < Tk; j += 32) {
         long long i = (long long)row * Tk + j;
         A a = j <= last ? exp_acc(s[j] * scale - m) / Z : (A)0;
