@@ -237,6 +237,28 @@ def test_rows_with_no_allowed_key_give_zeros_without_nan(dtype):
     assert np.all(y[:, :, :4] == 0) and np.all(dq[:, :, :4] == 0) and np.all(y[:, :, 4:] != 0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("top", ["first", "middle", "last"])
+def test_scores_far_apart_do_not_overflow(causal, top):
+    """Scores 800 apart (e^800 overflows even float64) with the row's largest first, in the middle
+    or last: only a softmax that subtracts each row's true maximum stays finite and equals the
+    reference. Random draws stay far from overflow, so they cannot tell a max that misses a key.
+    (At 2000 apart a missed maximum went unseen: e^2000 by exponent bits comes out as a huge
+    finite number, which normalises to the same weights.)"""
+    rng = np.random.default_rng(3)
+    T, hs = 6, 4
+    q = np.zeros((1, 2, T, hs))
+    q[..., 0] = 1.0
+    k, v, dy = (rng.standard_normal((1, 2, T, hs)) for _ in range(3))
+    k[..., 0] = -800.0                                   # scores q.k / sqrt(hs) = -400 ...
+    k[..., {"first": 0, "middle": T // 2, "last": T - 1}[top], 0] = 800.0      # ... and one of +400
+    y, cache = cpu_attention.attention_forward(q, k, v, causal=causal)
+    grads = cpu_attention.attention_backward(dy, cache)
+    y_ref, cache_ref = ref_attention.attention_forward(q, k, v, causal=causal)
+    assert_same(y, y_ref, EXACT_TOL, "y")
+    assert_same_grads(grads, ref_attention.attention_backward(dy, cache_ref), EXACT_TOL)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_non_finite_key_spreads_as_in_the_reference(bad):
     """A NaN or inf in one key makes its score non-finite: the reference's rows through it come out

@@ -23,6 +23,7 @@ from minilm.cpu import embedding as cpu_embedding
 from minilm.cpu import layernorm as cpu_layernorm
 from minilm.cpu import losses as cpu_losses
 from minilm.cpu import optim as cpu_optim
+from minilm.cpu import _parallel
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.models.gpt import GPT, GPTConfig
 from minilm.models.rnnlm import RNNLM, RNNConfig
@@ -304,6 +305,58 @@ def test_reductions_do_not_depend_on_the_thread_count():
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_forcing_a_twin_gives_that_twin(kernel_twins):
+    """The kernel_twins fixture (tests/conftest.py) runs every parity test on each twin by forcing
+    it; if forcing gave the serial twin both times, the parallel twins would go untested unseen."""
+    kernel = cpu_layernorm._forward_rows
+    expected = kernel if kernel_twins == "parallel" else kernel.serial
+    assert _parallel.pick(kernel, 0) is expected and _parallel.pick(kernel, 10 ** 9) is expected
+    assert kernel.jit_options["parallel"] is True and "parallel" not in kernel.serial.jit_options
+
+
+RACE_ROWS, RACE_REPEATS = 65536, 10     # B·T of a small run, and tries: a race must overlap two threads
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 or more Numba threads")
+def test_parallel_reductions_have_no_race_at_training_sizes(kernel_twins):
+    """The parallel twins of the embedding's scatter-add and layernorm's gamma/beta sums give each
+    thread rows or columns of its own. At the parity tests' sizes a thread's share takes
+    microseconds, so two threads writing one row would seldom overlap; at 65536 rows a race loses
+    a large part of the gradient (measured: 30-55%), while the kernels as written give the same
+    bits every time. The rows repeat 3 ids, so nearly every position adds into a shared row."""
+    if kernel_twins != "parallel":
+        pytest.skip("the serial twins run on one thread")
+    rng = np.random.default_rng(0)
+    C = 128
+    ids, dout = rng.integers(0, 3, RACE_ROWS), rng.standard_normal((RACE_ROWS, C))
+    _, c_emb = ref_embedding.embedding_forward(ids, np.zeros((3, C)))
+    dE_ref = ref_embedding.embedding_backward(dout, c_emb)[1]
+    _, c_ln = cpu_layernorm.layernorm_forward(rng.standard_normal((RACE_ROWS, C)), 1 + rng.standard_normal(C),
+                                              np.zeros(C))
+    try:
+        _parallel.force("serial")
+        serial = cpu_layernorm.layernorm_backward(dout, c_ln)
+    finally:
+        _parallel.force("parallel")                        # the fixture's twin again
+    for _ in range(RACE_REPEATS):
+        np.testing.assert_array_equal(cpu_embedding.embedding_backward(dout, c_emb)[1], dE_ref)
+        for a, b in zip(cpu_layernorm.layernorm_backward(dout, c_ln), serial):
+            np.testing.assert_array_equal(a, b)            # the same bits for either twin (DESIGN)
+
+
+def test_layernorm_float32_sums_in_float64():
+    """The kernel adds up a float32 row's mean and variance in float64; the reference sums in
+    float32. At C = 4096 with a mean far from 0 the kernel must be at least as close to the
+    float64 result as the reference is (measured: 8.3e-6 against 1.5e-5; a float32 sum in the
+    kernel gives 3.2e-5). The parity tests draw C <= 40, where both sums are exact enough to agree."""
+    x = (100 + 0.1 * np.random.default_rng(0).standard_normal((64, 4096))).astype(np.float32)
+    gamma, beta = np.ones(4096, np.float32), np.zeros(4096, np.float32)
+    truth = ref_layernorm.layernorm_forward(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64))[0]
+    y = cpu_layernorm.layernorm_forward(x, gamma, beta)[0]            # the twin the module's fixture forces
+    y_ref = ref_layernorm.layernorm_forward(x, gamma, beta)[0]
+    assert relative_error(y, truth) <= relative_error(y_ref, truth)
 
 
 @pytest.mark.parametrize("op", list(NUMBA))
