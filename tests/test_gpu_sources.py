@@ -44,9 +44,13 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def sources():
-    """{family.name: [ROW_PREAMBLE + source, its kernels' names]}, read in a child process."""
-    done = subprocess.run([sys.executable, "-c", SOURCES], capture_output=True, text=True, check=True)
+def sources(tmp_path_factory):
+    """{family.name: [ROW_PREAMBLE + source, its kernels' names]}, read in a child process. It runs
+    in an empty folder: from a checkout's root, `python -c` would import the source tree's minilm,
+    whose gpu package is mapped in only by the install (pyproject's package-dir)."""
+    done = subprocess.run([sys.executable, "-c", SOURCES], capture_output=True, text=True,
+                          cwd=tmp_path_factory.mktemp("sources"))
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
