@@ -95,8 +95,10 @@ def _handle(device):
 def _gemm(trans_a, trans_b, m, n, k, a, lda, stride_a, b, ldb, stride_b, out, ldc, stride_c, batch):
     """out (batch, m, n) = op(a) op(b), row-major, through the column-major call described above."""
     lib = _library()
-    handle, _ = _handle(cupy.cuda.Device().id)
+    handle, workspace = _handle(cupy.cuda.Device().id)
     _check(lib.cublasSetStream_v2(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream")
+    # cublasSetStream puts the handle back on cuBLAS's default workspace pool: give it ours again
+    _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, _WORKSPACE_BYTES), "cublasSetWorkspace")
     wide = a.dtype == np.float64
     one, zero = _ONE_ZERO[wide]
     _check(lib.cublasGemmStridedBatchedEx(

@@ -92,7 +92,7 @@ def dropout_seed(rng):
     ``draw_seed(rng)`` and the slot -1; inside one, a slot of the capture's table (rng is not drawn)."""
     if _recording is not None:
         return _recording.seeds, cupy.int32(_recording.slot()), cupy.uint64(0)
-    return _no_table(), cupy.int32(-1), cupy.uint64(draw_seed(rng))
+    return _no_table(), cupy.int32(-1), cupy.uint64(draw_seed(rng) % 2 ** 64)   # an int seed may pass 2^64
 
 
 def no_seed():
