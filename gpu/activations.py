@@ -15,7 +15,7 @@ import cupy
 from minilm.gpu._core import contiguous, elementwise, launch_elems, launch_rows, row_module, supported
 from minilm.reference import activations as reference
 from minilm.reference.activations import GeluCache, SoftmaxCache, check_gelu_args, check_softmax_args
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = ["gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward"]
 
@@ -81,7 +81,7 @@ def gelu_forward(x, *, approximate="tanh"):
 def gelu_backward(dy, cache):
     """CuPy ``minilm.reference.activations.gelu_backward``. Returns (dx,)."""
     x, approximate = cache.x, cache.approximate
-    require_shape("gelu_backward", "dy", dy, x.shape, "(same as x)")
+    require_gradient("gelu_backward", "dy", dy, x.shape, "(same as x)")
     if not supported(x, dy) or dy.dtype != x.dtype:
         return reference.gelu_backward(dy, cache)
     if approximate != "tanh":
@@ -144,7 +144,7 @@ def softmax_forward(x):
 def softmax_backward(dy, cache):
     """CuPy ``minilm.reference.activations.softmax_backward``. Returns (dx,)."""
     y = cache.y
-    require_shape("softmax_backward", "dy", dy, y.shape, "(same as x)")
+    require_gradient("softmax_backward", "dy", dy, y.shape, "(same as x)")
     if not supported(dy, y) or dy.dtype != y.dtype or y.shape[-1] == 0:
         return reference.softmax_backward(dy, cache)
     V = y.shape[-1]

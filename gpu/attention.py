@@ -37,7 +37,7 @@ from minilm.reference.attention import (AttentionCache, SelfAttentionCache, chec
                                         check_self_attention_args, merge_heads, split_heads)
 from minilm.reference.dropout import DropoutCache, _require_rng
 from minilm.gpu.linear import linear_backward, linear_forward
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = ["attention_forward", "attention_backward",
            "self_attention_forward", "self_attention_backward",
@@ -150,7 +150,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
 
     Dropout of the weights draws this tier's masks (``minilm.gpu.dropout``'s random stream).
     """
-    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout, rng)
     if mask is not None or not supported(q, k, v) or Tq == 0:
         return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
     if dropout:
@@ -191,7 +191,7 @@ def attention_backward(dy, cache):
 def _backward(dy, cache, out=None):
     """attention_backward, writing (dq, dk, dv) into ``out`` (three arrays of q's shape) when given."""
     q, k, v, att, drop, causal = cache
-    require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
+    require_gradient("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     dtype, acc = q.dtype, acc_dtype(q.dtype)
     if (not supported(dy, q, k, v, att) or dy.dtype != dtype or att.dtype != acc or att.size == 0
             or (drop is not None and drop.mask is None)):
@@ -241,7 +241,7 @@ def _backward(dy, cache, out=None):
 def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None):
     """``minilm.reference.attention.self_attention_forward``: the same composition and cache, with the
     heads split by one copy and this file's attention."""
-    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal)
+    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout, rng)
     if not supported(x):
         return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
                                                 dropout=dropout, rng=rng, attention_forward=attention_forward)
@@ -258,7 +258,7 @@ def self_attention_backward(dy, cache):
     and gathered into dqkv by one copy."""
     qkv_cache, att_cache, o_cache = cache
     B, NH, T, hs = att_cache.q.shape
-    require_shape("self_attention_backward", "dy", dy, (B, T, NH * hs), "(B, T, C)")
+    require_gradient("self_attention_backward", "dy", dy, (B, T, NH * hs), "(B, T, C)")
     if not supported(dy):
         return reference.self_attention_backward(dy, cache, attention_backward=attention_backward)
     datty, dW_o, db_o = linear_backward(dy, o_cache)                   # y = atty @ W_o + b_o

@@ -23,7 +23,7 @@ import numpy as np
 from minilm.gpu._core import contiguous, launch_elems, row_module, supported
 from minilm.reference import dropout as reference
 from minilm.reference.dropout import DropoutCache, _require_rng, draw_seed
-from minilm.validate import require_float, require_probability, require_shape
+from minilm.validate import require_float, require_gradient, require_probability
 
 __all__ = ["dropout_forward", "dropout_backward"]
 
@@ -124,7 +124,7 @@ def dropout_forward(x, *, p, rng):
 def dropout_backward(dy, cache):
     """CuPy ``minilm.reference.dropout.dropout_backward``. Returns (dx,)."""
     mask, scale, shape = cache
-    require_shape("dropout_backward", "dy", dy, shape, "(same as x)")
+    require_gradient("dropout_backward", "dy", dy, shape, "(same as x)")
     if mask is None or not supported(dy):
         return reference.dropout_backward(dy, cache)
     dy = contiguous(dy)

@@ -9,7 +9,7 @@ import cupy
 
 from minilm.gpu._core import acc_dtype, supported
 from minilm.reference import embedding as reference
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = ["embedding_backward"]
 
@@ -17,7 +17,7 @@ __all__ = ["embedding_backward"]
 def embedding_backward(dout, cache):
     """CuPy ``minilm.reference.embedding.embedding_backward``. Returns (None, dE)."""
     ids, V, C = cache
-    require_shape("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
+    require_gradient("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
     if not supported(dout):
         return reference.embedding_backward(dout, cache)
     acc = acc_dtype(dout.dtype)

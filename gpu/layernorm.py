@@ -21,7 +21,7 @@ import cupy
 from minilm.gpu._core import acc_dtype, contiguous, launch_rows, row_module, scalar, supported
 from minilm.reference import layernorm as reference
 from minilm.reference.layernorm import LayernormCache, check_layernorm_args
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
 
@@ -124,7 +124,7 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
 def layernorm_backward(dy, cache):
     """CuPy ``minilm.reference.layernorm.layernorm_backward``: returns (dx, dgamma, dbeta)."""
     x_hat, rstd, gamma = cache
-    require_shape("layernorm_backward", "dy", dy, x_hat.shape, "(..., C)")
+    require_gradient("layernorm_backward", "dy", dy, x_hat.shape, "(..., C)")
     if not supported(dy, x_hat, gamma) or dy.dtype != x_hat.dtype or rstd.dtype != acc_dtype(dy.dtype) \
             or dy.size == 0:
         return reference.layernorm_backward(dy, cache)

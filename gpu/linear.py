@@ -7,13 +7,15 @@ go through this tier's own cuBLAS handle because CuPy's refuses to run inside a 
 (``minilm.gpu.graph``). The cache is the reference's ``LinearCache``; a dtype the products are not
 checked for runs the reference.
 """
+import math
+
 import cupy
 
 from minilm.gpu import _blas
 from minilm.gpu._core import supported
 from minilm.reference import linear as reference
 from minilm.reference.linear import LinearCache, check_linear_args
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = ["linear_forward", "linear_backward"]
 
@@ -27,7 +29,7 @@ def linear_forward(x, W, b):
     check_linear_args(x, W, b)
     if not _ready(x, W):
         return reference.linear_forward(x, W, b)
-    y = _blas.matmul(x.reshape(-1, x.shape[-1]), W)            # (N, C), N = all leading positions
+    y = _blas.matmul(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), W)   # (N, C), N = all leading positions
     if b is not None:
         y += b
     return y.reshape(x.shape[:-1] + (W.shape[1],)), LinearCache(x, W, b is not None)
@@ -36,11 +38,12 @@ def linear_forward(x, W, b):
 def linear_backward(dy, cache):
     """CuPy ``minilm.reference.linear.linear_backward``. Returns (dx, dW, db)."""
     x, W, has_bias = cache
-    require_shape("linear_backward", "dy", dy, x.shape[:-1] + (W.shape[1],), "(..., C)")
+    require_gradient("linear_backward", "dy", dy, x.shape[:-1] + (W.shape[1],), "(..., C)")
     if not _ready(dy, x, W) or dy.dtype != x.dtype:
         return reference.linear_backward(dy, cache)
-    x2 = x.reshape(-1, x.shape[-1])                            # (N, D)
-    dy2 = dy.reshape(-1, dy.shape[-1])                         # (N, C)
+    N = math.prod(x.shape[:-1])
+    x2 = x.reshape(N, x.shape[-1])                             # (N, D)
+    dy2 = dy.reshape(N, dy.shape[-1])                          # (N, C)
     dx = _blas.matmul(dy2, W.T).reshape(x.shape)               # (..., D)  from y = x W
     dW = _blas.matmul(x2.T, dy2)                               # (D, C)    W is shared by every n
     db = cupy.sum(dy2, axis=0) if has_bias else None           # (C,)

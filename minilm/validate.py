@@ -73,12 +73,23 @@ def require_shape(op, name, x, shape, dims):
         raise ValueError(f"{op}: argument '{name}' must have shape {dims} = {shape}, got {tuple(x.shape)}")
 
 
+def require_gradient(op, name, d, shape, dims):
+    """An upstream gradient (a backward's dy, dout, dh, dh_T, ...): a float array of ``shape``.
+    An int, bool or complex one would flow through NumPy's promotions into gradients of its own
+    dtype. (A float of another width than the forward's is taken: the gradients follow NumPy's
+    promotion, as the tiers' parity tests check.)"""
+    if isinstance(d, np.ndarray) and d.dtype.kind == "f" and d.shape == tuple(shape):     # the common case
+        return
+    require_float(op, name, d)
+    require_shape(op, name, d, shape, dims)
+
+
 def require_same_dtype(op, **arrays):
     """All the named float arrays share one dtype (a silent float32/float64 mix is an error)."""
     named = [(k, v) for k, v in arrays.items() if v is not None]
     first_name, first = named[0]
-    for name, x in named[1:]:
-        if x.dtype != first.dtype:
+    for name, x in named[1:]:       # (the byte order may differ: '>f8' is float64 read from another machine's file)
+        if x.dtype != first.dtype and x.dtype.newbyteorder("=") != first.dtype.newbyteorder("="):
             raise TypeError(
                 f"{op}: argument '{name}' must have the same dtype as '{first_name}' "
                 f"({first.dtype}), got {x.dtype}"

@@ -139,10 +139,11 @@ from typing import NamedTuple
 import numpy as np
 
 from minilm.backend import get_array_module
-from minilm.reference.dropout import dropout_backward, dropout_forward
+from minilm.reference.dropout import _require_rng, dropout_backward, dropout_forward
 from minilm.reference.linear import linear_backward, linear_forward
-from minilm.validate import (require_array, require_choice, require_divisible, require_float, require_ndim,
-                             require_nonempty, require_positive, require_probability, require_same_dtype, require_shape)
+from minilm.validate import (require_array, require_bool, require_divisible, require_float,
+                             require_gradient, require_ndim, require_nonempty, require_positive, require_probability,
+                             require_same_dtype, require_shape)
 
 
 # --- argument checks --------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def _require_heads(op, C, n_head):
     require_divisible(op, "C", C, "n_head", n_head)
 
 
-def check_attention_args(q, k, v, causal, mask, dropout=0.0):
+def check_attention_args(q, k, v, causal, mask, dropout=0.0, rng=None):
     """The argument checks of ``attention_forward`` (also run by the kernels that replace it).
 
     Returns the dimensions (B, NH, Tq, Tk, hs).
@@ -187,10 +188,12 @@ def check_attention_args(q, k, v, causal, mask, dropout=0.0):
     require_float("attention", "v", v)
     require_shape("attention", "v", v, (B, NH, Tk, hs), "(B, NH, Tk, hs)")
     require_same_dtype("attention", q=q, k=k, v=v)
-    require_choice("attention", "causal", causal, (True, False))
+    require_bool("attention", "causal", causal)
     if mask is not None:
         _require_mask("attention", mask, (B, NH, Tq, Tk), "(B, NH, Tq, Tk)")
     require_probability("attention", "dropout", dropout)
+    if dropout > 0:
+        _require_rng("attention", rng)
     return B, NH, Tq, Tk, hs
 
 
@@ -225,7 +228,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     -------
     y : (B, NH, Tq, hs) array, and the cache for ``attention_backward``.
     """
-    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout, rng)
     xp = get_array_module(q, k, v)
 
     allowed = xp.asarray(mask) if mask is not None else None          # broadcasts to (B, NH, Tq, Tk)
@@ -257,7 +260,7 @@ def attention_backward(dy, cache):
     (dq, dk, dv): shapes of q, k, v. A query with no allowed key receives 0.
     """
     q, k, v, att, drop, _ = cache                                      # causal: att is 0 where masked
-    require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
+    require_gradient("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     xp = get_array_module(dy, q)
     hs = q.shape[-1]
     # forward: y = att_d @ v, att_d = dropout(att) (att itself without dropout)
@@ -328,7 +331,7 @@ class SelfAttentionCache(NamedTuple):
     o_cache: object         # LinearCache of y = atty @ W_o + b_o
 
 
-def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal):
+def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout=0.0, rng=None):
     """The argument checks of ``self_attention_forward``, shared with the other tiers. Returns C."""
     op = "self_attention"
     require_float(op, "x", x)
@@ -342,7 +345,10 @@ def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal):
     _require_param(op, "W_o", W_o, (C, C), "(C, C)")
     _require_param(op, "b_o", b_o, (C,), "(C,)", optional=True)
     require_same_dtype(op, x=x, W_qkv=W_qkv, b_qkv=b_qkv, W_o=W_o, b_o=b_o)
-    require_choice(op, "causal", causal, (True, False))
+    require_bool(op, "causal", causal)
+    require_probability(op, "dropout", dropout)
+    if dropout > 0:
+        _require_rng(op, rng)
     return C
 
 
@@ -367,7 +373,7 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dr
     -------
     y : (B, T, C) array, and the cache for ``self_attention_backward``.
     """
-    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal)
+    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout, rng)
     qkv, qkv_cache = linear_forward(x, W_qkv, b_qkv)                   # (B, T, 3C)
     q = split_heads(qkv[..., 0 * C:1 * C], n_head)                     # (B, NH, T, hs)
     k = split_heads(qkv[..., 1 * C:2 * C], n_head)                     # (B, NH, T, hs)
@@ -389,7 +395,7 @@ def self_attention_backward(dy, cache, *, attention_backward=attention_backward)
     """
     qkv_cache, att_cache, o_cache = cache
     B, NH, T, hs = att_cache.q.shape
-    require_shape("self_attention_backward", "dy", dy, (B, T, NH * hs), "(B, T, C)")
+    require_gradient("self_attention_backward", "dy", dy, (B, T, NH * hs), "(B, T, C)")
     datty, dW_o, db_o = linear_backward(dy, o_cache)                   # y = atty @ W_o + b_o
     dy_heads = split_heads(datty, NH)                                  # (B, NH, T, hs)  atty = merge_heads(y_heads)
     dq, dk, dv = attention_backward(dy_heads, att_cache)               # y_heads = attention(q, k, v)
@@ -474,7 +480,7 @@ def cross_attention_backward(dy, cache, *, attention_backward=attention_backward
     """
     q_cache, kv_cache, att_cache, o_cache = cache
     B, NH, Tq, hs = att_cache.q.shape
-    require_shape("cross_attention_backward", "dy", dy, (B, Tq, NH * hs), "(B, Tq, C)")
+    require_gradient("cross_attention_backward", "dy", dy, (B, Tq, NH * hs), "(B, Tq, C)")
     datty, dW_o, db_o = linear_backward(dy, o_cache)                   # y = atty @ W_o + b_o
     dy_heads = split_heads(datty, NH)                                  # (B, NH, Tq, hs)  atty = merge_heads(y_heads)
     dq, dk, dv = attention_backward(dy_heads, att_cache)               # y_heads = attention(q, k, v)

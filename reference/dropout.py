@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_probability, require_shape
+from minilm.validate import require_float, require_gradient, require_probability
 
 
 class DropoutCache(NamedTuple):
@@ -103,7 +103,7 @@ def dropout_forward(x, *, p, rng):
 def dropout_backward(dy, cache):
     """dx = mask * dy / (1 - p). Returns (dx,)."""
     mask, scale, shape = cache
-    require_shape("dropout_backward", "dy", dy, shape, "(same as x)")
+    require_gradient("dropout_backward", "dy", dy, shape, "(same as x)")
     if mask is None:
         return (dy.copy(),)                                    # p = 0: y = x
     return (dy * mask * scale,)                                # from y = x * mask * scale

@@ -37,7 +37,7 @@ y      (..., C)    dout (..., C)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_ids, require_ndim, require_nonempty, require_shape
+from minilm.validate import require_float, require_gradient, require_ids, require_ndim, require_nonempty
 
 
 class EmbeddingCache(NamedTuple):
@@ -75,7 +75,7 @@ def embedding_backward(dout, cache):
     (None, dE): no gradient for the integer ids; dE has the shape (V, C) of E.
     """
     ids, V, C = cache
-    require_shape("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
+    require_gradient("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
     xp = get_array_module(dout)
     dE = xp.zeros((V, C), dtype=dout.dtype)                    # (V, C)
     # from y = E[ids]: scatter every row of dout back to its id; repeated ids accumulate

@@ -50,8 +50,8 @@ is then None.
 from typing import NamedTuple
 
 from minilm import backend
-from minilm.validate import (require_choice, require_float, require_min_ndim, require_ndim, require_same_dtype,
-                             require_shape)
+from minilm.validate import (require_choice, require_float, require_gradient, require_min_ndim, require_ndim,
+                             require_same_dtype, require_shape)
 
 # activation option -> (op, its options). The ops -- the activation and the linears -- are looked
 # up on the active backend when the block runs, so a faster tier's GELU (minilm.cpu, minilm.gpu)
@@ -121,7 +121,7 @@ def ffn_backward(dy, cache):
     """
     linear_1, act, linear_2, activation = cache
     C = linear_2.W.shape[1]
-    require_shape("ffn_backward", "dy", dy, linear_1.x.shape[:-1] + (C,), "(..., C)")
+    require_gradient("ffn_backward", "dy", dy, linear_1.x.shape[:-1] + (C,), "(..., C)")
     phi, _ = ACTIVATIONS[activation]
     da, dW_2, db_2 = backend.op("linear_backward")(dy, linear_2)   # (..., 4C)  from y = a W_2 + b_2
     (dh,) = backend.op(f"{phi}_backward")(da, act)             # (..., 4C)  from a = phi(h)

@@ -31,10 +31,12 @@ b      (C,)       db (C,)
 y      (..., C)   dy (..., C)
 =====  =========  ===========
 """
+import math
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_min_ndim, require_ndim, require_same_dtype, require_shape
+from minilm.validate import (require_float, require_gradient, require_min_ndim, require_ndim, require_same_dtype,
+                             require_shape)
 
 
 class LinearCache(NamedTuple):
@@ -70,8 +72,9 @@ def linear_forward(x, W, b):
     y : (..., C) array, and the cache for ``linear_backward``.
     """
     check_linear_args(x, W, b)
+    N, D = math.prod(x.shape[:-1]), x.shape[-1]                # N = all leading positions
     # NumPy multiplies a 2-D (N, D) matrix in one BLAS call, a (..., T, D) stack in many
-    y = (x.reshape(-1, x.shape[-1]) @ W).reshape(x.shape[:-1] + (W.shape[1],))   # (..., C)
+    y = (x.reshape(N, D) @ W).reshape(x.shape[:-1] + (W.shape[1],))   # (..., C)
     if b is not None:
         y = y + b
     return y, LinearCache(x, W, b is not None)
@@ -85,10 +88,11 @@ def linear_backward(dy, cache):
     (dx, dW, db): shapes of x, W, b; db is None when the forward had no bias.
     """
     x, W, has_bias = cache
-    require_shape("linear_backward", "dy", dy, x.shape[:-1] + (W.shape[1],), "(..., C)")
+    require_gradient("linear_backward", "dy", dy, x.shape[:-1] + (W.shape[1],), "(..., C)")
     xp = get_array_module(dy)
-    x2 = x.reshape(-1, x.shape[-1])                            # (N, D), N = all leading positions
-    dy2 = dy.reshape(-1, dy.shape[-1])                         # (N, C)
+    N = math.prod(x.shape[:-1])                                # all leading positions
+    x2 = x.reshape(N, x.shape[-1])                             # (N, D)
+    dy2 = dy.reshape(N, dy.shape[-1])                          # (N, C)
     dx = (dy2 @ W.T).reshape(x.shape)                          # (..., D)  from y = x W
     dW = x2.T @ dy2                                            # (D, C)    W is shared by every n
     db = xp.sum(dy2, axis=0) if has_bias else None             # (C,)

@@ -69,7 +69,7 @@ This file also holds the argument checks and the sigmoid that ``lstm`` and ``gru
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_ndim, require_same_dtype, require_shape
+from minilm.validate import require_float, require_gradient, require_ndim, require_same_dtype, require_shape
 
 
 # --- shared by rnn, lstm and gru --------------------------------------------------------------
@@ -115,10 +115,10 @@ def check_backward_args(op, dh, h, **state_gradients):
     (B, T, H), and each gradient for a final state (``dh_T=...``, ``dc_T=...``) None or (B, H).
     Returns (B, T, H)."""
     B, T, H = h.shape
-    require_shape(op, "dh", dh, (B, T, H), "(B, T, H)")
+    require_gradient(op, "dh", dh, (B, T, H), "(B, T, H)")
     for name, d in state_gradients.items():
         if d is not None:
-            require_shape(op, name, d, (B, H), "(B, H)")
+            require_gradient(op, name, d, (B, H), "(B, H)")
     return B, T, H
 
 

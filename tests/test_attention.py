@@ -603,7 +603,7 @@ BAD = {
         ("v-int", _set("v", i64), TypeError, "argument 'v' must be a floating"),
         ("v-length", _set("v", _grow(2)), ValueError, "argument 'v' " + SHAPE_4D),
         ("k-dtype-mix", _set("k", f32), TypeError, "argument 'k' must have the same dtype as 'q'"),
-        ("causal-not-bool", _set("causal", lambda _: "yes"), ValueError, "option 'causal' must be one of True, False"),
+        ("causal-not-bool", _set("causal", lambda _: "yes"), ValueError, "option 'causal' must be True or False"),
         ("mask-not-array", _set("mask", lambda _: [[True]]), TypeError, "argument 'mask' must be an array"),
         ("mask-not-bool", _set("mask", lambda _: np.ones((3, 5))), TypeError, "argument 'mask' must be a boolean"),
         ("mask-shape", _set("mask", lambda _: np.ones((3, 4), dtype=bool)), ValueError,
@@ -627,7 +627,7 @@ BAD = {
         ("W_o-shape", _set("W_o", lambda a: a[:4]), ValueError, r"argument 'W_o' must have shape \(C, C\)"),
         ("b_o-shape", _set("b_o", lambda a: a[:4]), ValueError, r"argument 'b_o' must have shape \(C,\)"),
         ("W_o-dtype-mix", _set("W_o", f32), TypeError, "argument 'W_o' must have the same dtype as 'x'"),
-        ("causal-not-bool", _set("causal", lambda _: None), ValueError, "option 'causal' must be one of True, False"),
+        ("causal-not-bool", _set("causal", lambda _: None), ValueError, "option 'causal' must be True or False"),
     ],
     "cross_attention": [
         ("x-int", _set("x", i64), TypeError, "argument 'x' must be a floating"),

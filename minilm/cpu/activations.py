@@ -14,7 +14,7 @@ from minilm.cpu._math import exp_nonpositive
 from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, pick, rows_kernel
 from minilm.reference import activations as reference
 from minilm.reference.activations import SoftmaxCache, check_softmax_args
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = []
 
@@ -87,7 +87,7 @@ def softmax_forward(x):
 def softmax_backward(dy, cache):
     """Equals ``minilm.reference.activations.softmax_backward``. Returns (dx,)."""
     y = cache.y
-    require_shape("softmax_backward", "dy", dy, y.shape, "(same as x)")
+    require_gradient("softmax_backward", "dy", dy, y.shape, "(same as x)")
     dtype = np.result_type(dy.dtype, y.dtype)                  # as the reference's products promote
     if dtype not in KERNEL_DTYPES:
         return reference.softmax_backward(dy, cache)
@@ -185,7 +185,7 @@ def gelu_backward(dy, cache):
     """Equals ``minilm.reference.activations.gelu_backward``. Returns (dx,). Takes this tier's cache
     or the reference's."""
     x, approximate = cache.x, cache.approximate
-    require_shape("gelu_backward", "dy", dy, x.shape, "(same as x)")
+    require_gradient("gelu_backward", "dy", dy, x.shape, "(same as x)")
     dtype = np.result_type(dy.dtype, x.dtype)                  # as the reference's products promote
     if dtype not in KERNEL_DTYPES:
         return reference.gelu_backward(dy, cache)

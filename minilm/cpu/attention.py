@@ -57,7 +57,7 @@ from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, SUMS_IN_ANY_ORDER, pick, ro
 from minilm.reference import attention as reference
 from minilm.reference.attention import AttentionCache, check_attention_args
 from minilm.reference.dropout import dropout_backward, dropout_forward
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = ["attention_forward", "attention_backward",
            "self_attention_forward", "self_attention_backward",
@@ -330,7 +330,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     reference's ``dropout_forward`` (the same masks for the same rng) between the kernel and the
     second product; with dropout, small sizes take the BLAS path too.
     """
-    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout)
+    B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout, rng)
     if q.dtype not in KERNEL_DTYPES:
         return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
     masked = mask is not None
@@ -353,7 +353,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
 def attention_backward(dy, cache):
     """Equals ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
     q, k, v, att, drop, _ = cache                              # causal: att is 0 where masked
-    require_shape("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
+    require_gradient("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     dtype = np.result_type(dy.dtype, q.dtype)                  # as the reference's products promote
     if dtype not in KERNEL_DTYPES:
         return reference.attention_backward(dy, cache)

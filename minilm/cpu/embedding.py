@@ -21,7 +21,7 @@ from numba import prange
 
 from minilm.cpu._parallel import pick, rows_kernel
 from minilm.reference import embedding as reference
-from minilm.validate import require_shape
+from minilm.validate import require_gradient
 
 __all__ = ["embedding_backward"]
 
@@ -45,7 +45,7 @@ def _scatter_add_rows(ids, dout, dE):
 def embedding_backward(dout, cache):
     """Numba ``minilm.reference.embedding.embedding_backward``: returns (None, dE)."""
     ids, V, C = cache
-    require_shape("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
+    require_gradient("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
     if dout.dtype not in KERNEL_DTYPES:
         return reference.embedding_backward(dout, cache)
     N = math.prod(ids.shape)

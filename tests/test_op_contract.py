@@ -1,0 +1,96 @@
+"""The op contract's bad input that every op shares, on the numpy and numba tiers: the upstream
+gradient a backward is given must be a float array (an int, bool or complex one had flowed through
+NumPy's promotions into gradients of its dtype), and the checks that composite ops make of their
+own options name the composite op."""
+import numpy as np
+import pytest
+
+import minilm
+from minilm import ops
+from minilm.opcases import CASES
+
+BACKENDS = ["numpy", "numba"]
+UPSTREAM = {op: "dh" if op in ("rnn", "lstm", "gru") else "dout" if op == "embedding" else "dy"
+            for op in CASES if op != "cross_entropy"}      # cross_entropy's dloss: validate.as_scalar_gradient
+
+
+@pytest.fixture(params=BACKENDS)
+def tier(request):
+    before = minilm.backend.current()
+    minilm.use(request.param)
+    yield request.param
+    minilm.use(before)
+
+
+@pytest.mark.parametrize("bad", [np.int64, np.bool_, np.complex128])
+@pytest.mark.parametrize("op", list(UPSTREAM))
+def test_a_backward_refuses_an_upstream_gradient_that_is_not_float(tier, op, bad):
+    args, kwargs = CASES[op][0][1](np.random.default_rng(0), np.float64)
+    out, cache = getattr(ops, f"{op}_forward")(*args, **kwargs)
+    with pytest.raises(TypeError, match=rf"^{op}_backward: argument '{UPSTREAM[op]}' must be a floating-point "
+                                        rf"array \(float32 or float64\), got dtype {np.dtype(bad)}$"):
+        getattr(ops, f"{op}_backward")(np.ones(out.shape, dtype=bad), cache)
+
+
+@pytest.mark.parametrize("name", ["dh_T", "dc_T"])
+def test_a_recurrent_backward_refuses_a_final_state_gradient_that_is_not_float(tier, name):
+    args, kwargs = CASES["lstm"][0][1](np.random.default_rng(0), np.float64)
+    out, cache = ops.lstm_forward(*args, **kwargs)
+    B, H = out.shape[0], out.shape[2]
+    with pytest.raises(TypeError, match=rf"^lstm_backward: argument '{name}' must be a floating-point array"):
+        ops.lstm_backward(np.ones_like(out), cache, **{name: np.ones((B, H), dtype=np.complex128)})
+
+
+def _self_attention_args(dtype=np.float64):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8)).astype(dtype)
+    return (x, rng.standard_normal((8, 24)).astype(dtype), None, rng.standard_normal((8, 8)).astype(dtype), None)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(dropout=1.0), ValueError, r"^self_attention: option 'dropout' must be"),
+    (dict(dropout=0.1), TypeError, r"^self_attention: option 'rng' must be a numpy.random.Generator"),
+    (dict(dropout=0.1, rng="seed"), TypeError, r"^self_attention: option 'rng' must be"),
+    (dict(causal=np.array([True, False])), ValueError, r"^self_attention: option 'causal' must be True or False"),
+    (dict(causal=1), ValueError, r"^self_attention: option 'causal' must be True or False, got 1"),
+])
+def test_self_attention_names_itself_for_its_own_options(tier, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ops.self_attention_forward(*_self_attention_args(), n_head=2, **kwargs)
+
+
+def test_attention_names_itself_for_a_missing_rng(tier):
+    q = np.random.default_rng(0).standard_normal((1, 2, 3, 4))
+    with pytest.raises(TypeError, match=r"^attention: option 'rng' must be a numpy.random.Generator"):
+        ops.attention_forward(q, q, q, dropout=0.5)
+    with pytest.raises(ValueError, match=r"^attention: option 'causal' must be True or False"):
+        ops.attention_forward(q, q, q, causal=np.array([True]))
+
+
+def test_composite_ops_take_big_endian_arguments(tier):
+    """Arrays of another byte order (np.load of a file written on a big-endian machine) are the
+    same float64: the ops take them, and give what they give for native ones."""
+    args = _self_attention_args()
+    swapped = tuple(None if a is None else a.astype(a.dtype.newbyteorder()) for a in args)
+    y, _ = ops.self_attention_forward(*args, n_head=2)
+    y_swapped, _ = ops.self_attention_forward(*swapped, n_head=2)
+    np.testing.assert_array_equal(y_swapped, y)
+    rng = np.random.default_rng(1)
+    x, W = rng.standard_normal((3, 4)), rng.standard_normal((4, 5))
+    y, _ = ops.linear_forward(x, W.astype(">f8"), None)
+    np.testing.assert_array_equal(y, x @ W)
+
+
+@pytest.mark.parametrize("D, C", [(0, 5), (4, 0)])
+def test_linear_with_an_empty_width(tier, D, C):
+    """y = x W + b with no inputs (D = 0) is b; with no outputs (C = 0) it is empty, and so are
+    the gradients of that width."""
+    rng = np.random.default_rng(0)
+    x, W, b = rng.standard_normal((2, 3, D)), rng.standard_normal((D, C)), rng.standard_normal(C)
+    y, cache = ops.linear_forward(x, W, b)
+    assert y.shape == (2, 3, C)
+    np.testing.assert_array_equal(y, np.broadcast_to(b, (2, 3, C)))
+    dx, dW, db = ops.linear_backward(np.ones((2, 3, C)), cache)
+    assert dx.shape == x.shape and dW.shape == (D, C) and db.shape == (C,)
+    np.testing.assert_array_equal(db, np.full(C, 6.0))
+    np.testing.assert_array_equal(dx, np.zeros_like(x) if C == 0 else np.ones((2, 3, 0)))
