@@ -84,6 +84,16 @@ def require_gradient(op, name, d, shape, dims):
     require_shape(op, name, d, shape, dims)
 
 
+def require_cache(op, cache, name):
+    """``cache`` is what the op's forward returned: a NamedTuple of class ``name`` (each tier may
+    define its own class of that name). Another op's cache, None or a tuple of one's own would
+    otherwise fail deep in the backward, or be computed with."""
+    if type(cache).__name__ != name:
+        forward = op.removesuffix("_backward") + "_forward"
+        raise TypeError(f"{op}: argument 'cache' must be the {name} that {forward} returned, "
+                        f"got {type(cache).__name__}")
+
+
 def require_same_dtype(op, **arrays):
     """All the named float arrays share one dtype (a silent float32/float64 mix is an error)."""
     named = [(k, v) for k, v in arrays.items() if v is not None]

@@ -36,7 +36,8 @@ import math
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_choice, require_float, require_gradient, require_min_ndim, require_nonempty
+from minilm.validate import (require_cache, require_choice, require_float, require_gradient, require_min_ndim,
+                             require_nonempty)
 
 GELU_APPROXIMATIONS = ("tanh", "none")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -68,6 +69,7 @@ def relu_forward(x):
 
 def relu_backward(dy, cache):
     """dx = dy where x > 0, else 0. Returns (dx,)."""
+    require_cache("relu_backward", cache, "ActivationCache")
     require_gradient("relu_backward", "dy", dy, cache.x.shape, "(same as x)")
     return (dy * (cache.x > 0),)
 
@@ -84,6 +86,7 @@ def tanh_forward(x):
 
 def tanh_backward(dy, cache):
     """dx = (1 - y²) dy. Returns (dx,)."""
+    require_cache("tanh_backward", cache, "ActivationCache")
     require_gradient("tanh_backward", "dy", dy, cache.y.shape, "(same as x)")
     y = cache.y
     return ((1 - y * y) * dy,)
@@ -104,6 +107,7 @@ def sigmoid_forward(x):
 
 def sigmoid_backward(dy, cache):
     """dx = y (1 - y) dy. Returns (dx,)."""
+    require_cache("sigmoid_backward", cache, "ActivationCache")
     require_gradient("sigmoid_backward", "dy", dy, cache.y.shape, "(same as x)")
     y = cache.y
     return (y * (1 - y) * dy,)
@@ -136,6 +140,7 @@ def gelu_forward(x, *, approximate="tanh"):
 
 def gelu_backward(dy, cache):
     """dx = φ'(x) dy with the derivative of the chosen form (see the module docstring). Returns (dx,)."""
+    require_cache("gelu_backward", cache, "GeluCache")
     x, approximate = cache.x, cache.approximate                # any tier's cache (the numba tier's also keeps e)
     require_gradient("gelu_backward", "dy", dy, x.shape, "(same as x)")
     xp = get_array_module(x)
@@ -174,6 +179,7 @@ def softmax_forward(x):
 
 def softmax_backward(dy, cache):
     """dx_i = y_i (dy_i - sum_j dy_j y_j). Returns (dx,)."""
+    require_cache("softmax_backward", cache, "SoftmaxCache")
     y = cache.y
     require_gradient("softmax_backward", "dy", dy, y.shape, "(same as x)")
     xp = get_array_module(y)

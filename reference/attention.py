@@ -141,7 +141,7 @@ import numpy as np
 from minilm.backend import get_array_module
 from minilm.reference.dropout import _require_rng, dropout_backward, dropout_forward
 from minilm.reference.linear import linear_backward, linear_forward
-from minilm.validate import (require_array, require_bool, require_divisible, require_float,
+from minilm.validate import (require_array, require_bool, require_cache, require_divisible, require_float,
                              require_gradient, require_ndim, require_nonempty, require_positive, require_probability,
                              require_same_dtype, require_shape)
 
@@ -259,6 +259,7 @@ def attention_backward(dy, cache):
     -------
     (dq, dk, dv): shapes of q, k, v. A query with no allowed key receives 0.
     """
+    require_cache("attention_backward", cache, "AttentionCache")
     q, k, v, att, drop, _ = cache                                      # causal: att is 0 where masked
     require_gradient("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     xp = get_array_module(dy, q)
@@ -393,6 +394,7 @@ def self_attention_backward(dy, cache, *, attention_backward=attention_backward)
     -------
     (dx, dW_qkv, db_qkv, dW_o, db_o); a bias gradient is None when the forward had no bias.
     """
+    require_cache("self_attention_backward", cache, "SelfAttentionCache")
     qkv_cache, att_cache, o_cache = cache
     B, NH, T, hs = att_cache.q.shape
     require_gradient("self_attention_backward", "dy", dy, (B, T, NH * hs), "(B, T, C)")
@@ -478,6 +480,7 @@ def cross_attention_backward(dy, cache, *, attention_backward=attention_backward
     (dx, dmemory, dW_q, db_q, dW_kv, db_kv, dW_o, db_o); a bias gradient is None when the
     forward had no bias.
     """
+    require_cache("cross_attention_backward", cache, "CrossAttentionCache")
     q_cache, kv_cache, att_cache, o_cache = cache
     B, NH, Tq, hs = att_cache.q.shape
     require_gradient("cross_attention_backward", "dy", dy, (B, Tq, NH * hs), "(B, Tq, C)")

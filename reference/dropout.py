@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_gradient, require_probability
+from minilm.validate import require_cache, require_float, require_gradient, require_probability
 
 
 class DropoutCache(NamedTuple):
@@ -102,6 +102,7 @@ def dropout_forward(x, *, p, rng):
 
 def dropout_backward(dy, cache):
     """dx = mask * dy / (1 - p). Returns (dx,)."""
+    require_cache("dropout_backward", cache, "DropoutCache")
     mask, scale, shape = cache
     require_gradient("dropout_backward", "dy", dy, shape, "(same as x)")
     if mask is None:

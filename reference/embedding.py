@@ -37,7 +37,7 @@ y      (..., C)    dout (..., C)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_gradient, require_ids, require_ndim, require_nonempty
+from minilm.validate import require_cache, require_float, require_gradient, require_ids, require_ndim, require_nonempty
 
 
 class EmbeddingCache(NamedTuple):
@@ -74,6 +74,7 @@ def embedding_backward(dout, cache):
     -------
     (None, dE): no gradient for the integer ids; dE has the shape (V, C) of E.
     """
+    require_cache("embedding_backward", cache, "EmbeddingCache")
     ids, V, C = cache
     require_gradient("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
     xp = get_array_module(dout)

@@ -50,8 +50,8 @@ is then None.
 from typing import NamedTuple
 
 from minilm import backend
-from minilm.validate import (require_choice, require_float, require_gradient, require_min_ndim, require_ndim,
-                             require_same_dtype, require_shape)
+from minilm.validate import (require_cache, require_choice, require_float, require_gradient, require_min_ndim,
+                             require_ndim, require_same_dtype, require_shape)
 
 # activation option -> (op, its options). The ops -- the activation and the linears -- are looked
 # up on the active backend when the block runs, so a faster tier's GELU (minilm.cpu, minilm.gpu)
@@ -119,6 +119,7 @@ def ffn_backward(dy, cache):
     -------
     (dx, dW_1, db_1, dW_2, db_2) with the shapes of the forward's arguments.
     """
+    require_cache("ffn_backward", cache, "FfnCache")
     linear_1, act, linear_2, activation = cache
     C = linear_2.W.shape[1]
     require_gradient("ffn_backward", "dy", dy, linear_1.x.shape[:-1] + (C,), "(..., C)")

@@ -97,7 +97,7 @@ from typing import NamedTuple
 from minilm.backend import get_array_module
 from minilm.reference.rnn import (check_backward_args, check_sequence, check_vector, check_weights,
                                   shifted_states, sigmoid)
-from minilm.validate import require_same_dtype
+from minilm.validate import require_cache, require_same_dtype
 
 
 class GRUCache(NamedTuple):
@@ -182,6 +182,7 @@ def gru_backward(dh, cache, *, dh_T=None):
     -------
     (dx, dh0, dW_x, dW_h, db_x, db_h), the shapes of x, h0, W_x, W_h, b_x, b_h.
     """
+    require_cache("gru_backward", cache, "GRUCache")
     x, h0, W_x, W_h, gates, a_hn, h = cache
     B, T, H = check_backward_args("gru_backward", dh, h, dh_T=dh_T)
     D = x.shape[2]

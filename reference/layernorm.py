@@ -75,8 +75,8 @@ rstd     (..., 1)   (cache)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import (require_float, require_gradient, require_min_ndim, require_nonempty, require_positive,
-                             require_same_dtype, require_shape)
+from minilm.validate import (require_cache, require_float, require_gradient, require_min_ndim, require_nonempty,
+                             require_positive, require_same_dtype, require_shape)
 
 
 class LayernormCache(NamedTuple):
@@ -132,6 +132,7 @@ def layernorm_backward(dy, cache):
     -------
     (dx, dgamma, dbeta) with the shapes of x, gamma, beta.
     """
+    require_cache("layernorm_backward", cache, "LayernormCache")
     x_hat, rstd, gamma = cache
     require_gradient("layernorm_backward", "dy", dy, x_hat.shape, "(..., C)")
     xp = get_array_module(dy)

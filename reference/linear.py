@@ -35,8 +35,8 @@ import math
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import (require_float, require_gradient, require_min_ndim, require_ndim, require_same_dtype,
-                             require_shape)
+from minilm.validate import (require_cache, require_float, require_gradient, require_min_ndim, require_ndim,
+                             require_same_dtype, require_shape)
 
 
 class LinearCache(NamedTuple):
@@ -87,6 +87,7 @@ def linear_backward(dy, cache):
     -------
     (dx, dW, db): shapes of x, W, b; db is None when the forward had no bias.
     """
+    require_cache("linear_backward", cache, "LinearCache")
     x, W, has_bias = cache
     require_gradient("linear_backward", "dy", dy, x.shape[:-1] + (W.shape[1],), "(..., C)")
     xp = get_array_module(dy)

@@ -59,8 +59,8 @@ import numbers
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import (as_scalar_gradient, require_float, require_ids, require_min_ndim, require_nonempty,
-                             require_probability, require_shape)
+from minilm.validate import (as_scalar_gradient, require_cache, require_float, require_ids, require_min_ndim,
+                             require_nonempty, require_probability, require_shape)
 
 
 class CrossEntropyCache(NamedTuple):
@@ -130,6 +130,7 @@ def cross_entropy_backward(dloss, cache):
     -------
     (dlogits, None): dlogits has the shape of logits; the integer targets get no gradient.
     """
+    require_cache("cross_entropy_backward", cache, "CrossEntropyCache")
     p, t, counted, M, eps = cache
     xp = get_array_module(p)
     dloss = as_scalar_gradient("cross_entropy_backward", "dloss", dloss, xp, p.dtype)     # ()

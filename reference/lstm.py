@@ -98,7 +98,7 @@ from typing import NamedTuple
 from minilm.backend import get_array_module
 from minilm.reference.rnn import (check_sequence, check_backward_args, check_state, check_vector, check_weights,
                                   shifted_states, sigmoid)
-from minilm.validate import require_same_dtype
+from minilm.validate import require_cache, require_same_dtype
 
 
 class LSTMCache(NamedTuple):
@@ -196,6 +196,7 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     -------
     (dx, dh0, dc0, dW_x, dW_h, db), the shapes of x, h0, c0, W_x, W_h, b.
     """
+    require_cache("lstm_backward", cache, "LSTMCache")
     x, h0, c0, W_x, W_h, gates, c, tanh_c, h = cache
     B, T, H = check_backward_args("lstm_backward", dh, h, dh_T=dh_T, dc_T=dc_T)
     D = x.shape[2]

@@ -69,7 +69,8 @@ This file also holds the argument checks and the sigmoid that ``lstm`` and ``gru
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
-from minilm.validate import require_float, require_gradient, require_ndim, require_same_dtype, require_shape
+from minilm.validate import (require_cache, require_float, require_gradient, require_ndim, require_same_dtype,
+                             require_shape)
 
 
 # --- shared by rnn, lstm and gru --------------------------------------------------------------
@@ -221,6 +222,7 @@ def rnn_backward(dh, cache, *, dh_T=None):
     -------
     (dx, dh0, dW_x, dW_h, db), the shapes of x, h0, W_x, W_h, b.
     """
+    require_cache("rnn_backward", cache, "RNNCache")
     x, h0, W_x, W_h, h = cache
     B, T, H = check_backward_args("rnn_backward", dh, h, dh_T=dh_T)
     D = x.shape[2]

@@ -1,7 +1,7 @@
 """The op contract's bad input that every op shares, on the numpy and numba tiers: the upstream
 gradient a backward is given must be a float array (an int, bool or complex one had flowed through
-NumPy's promotions into gradients of its dtype), and the checks that composite ops make of their
-own options name the composite op."""
+NumPy's promotions into gradients of its dtype), its cache must be the one its forward returned,
+and the checks that composite ops make of their own options name the composite op."""
 import numpy as np
 import pytest
 
@@ -39,6 +39,24 @@ def test_a_recurrent_backward_refuses_a_final_state_gradient_that_is_not_float(t
     B, H = out.shape[0], out.shape[2]
     with pytest.raises(TypeError, match=rf"^lstm_backward: argument '{name}' must be a floating-point array"):
         ops.lstm_backward(np.ones_like(out), cache, **{name: np.ones((B, H), dtype=np.complex128)})
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_a_backward_refuses_a_cache_that_its_forward_did_not_return(tier, op):
+    """A model's backward list written by hand can hand an op another op's cache: it is refused by
+    name, rather than failing deep inside ("not enough values to unpack") or, for a cache of the
+    same length, being computed with (relu_backward took a linear's cache)."""
+    args, kwargs = CASES[op][0][1](np.random.default_rng(0), np.float64)
+    out, cache = getattr(ops, f"{op}_forward")(*args, **kwargs)
+    other = "layernorm" if op == "linear" else "linear"
+    other_args, other_kwargs = CASES[other][0][1](np.random.default_rng(0), np.float64)
+    _, other_cache = getattr(ops, f"{other}_forward")(*other_args, **other_kwargs)
+    dout = np.ones((), dtype=out.dtype) if op == "cross_entropy" else np.ones_like(out)
+    for wrong in (None, {"x": args[0]}, tuple(cache), other_cache):
+        with pytest.raises(TypeError, match=rf"^{op}_backward: argument 'cache' must be the {type(cache).__name__} "
+                                            rf"that {op}_forward returned, got {type(wrong).__name__}$"):
+            getattr(ops, f"{op}_backward")(dout, wrong)
+    getattr(ops, f"{op}_backward")(dout, cache)                 # the forward's own cache is taken
 
 
 def _self_attention_args(dtype=np.float64):

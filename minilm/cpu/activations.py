@@ -14,7 +14,7 @@ from minilm.cpu._math import exp_nonpositive
 from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, pick, rows_kernel
 from minilm.reference import activations as reference
 from minilm.reference.activations import SoftmaxCache, check_softmax_args
-from minilm.validate import require_gradient
+from minilm.validate import require_cache, require_gradient
 
 __all__ = []
 
@@ -86,6 +86,7 @@ def softmax_forward(x):
 
 def softmax_backward(dy, cache):
     """Equals ``minilm.reference.activations.softmax_backward``. Returns (dx,)."""
+    require_cache("softmax_backward", cache, "SoftmaxCache")
     y = cache.y
     require_gradient("softmax_backward", "dy", dy, y.shape, "(same as x)")
     dtype = np.result_type(dy.dtype, y.dtype)                  # as the reference's products promote
@@ -184,6 +185,7 @@ def gelu_forward(x, *, approximate="tanh"):
 def gelu_backward(dy, cache):
     """Equals ``minilm.reference.activations.gelu_backward``. Returns (dx,). Takes this tier's cache
     or the reference's."""
+    require_cache("gelu_backward", cache, "GeluCache")
     x, approximate = cache.x, cache.approximate
     require_gradient("gelu_backward", "dy", dy, x.shape, "(same as x)")
     dtype = np.result_type(dy.dtype, x.dtype)                  # as the reference's products promote

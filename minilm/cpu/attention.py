@@ -57,7 +57,7 @@ from minilm.cpu._parallel import FUSED_MULTIPLY_ADD, SUMS_IN_ANY_ORDER, pick, ro
 from minilm.reference import attention as reference
 from minilm.reference.attention import AttentionCache, check_attention_args
 from minilm.reference.dropout import dropout_backward, dropout_forward
-from minilm.validate import require_gradient
+from minilm.validate import require_cache, require_gradient
 
 __all__ = ["attention_forward", "attention_backward",
            "self_attention_forward", "self_attention_backward",
@@ -352,6 +352,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
 
 def attention_backward(dy, cache):
     """Equals ``minilm.reference.attention.attention_backward``. Returns (dq, dk, dv)."""
+    require_cache("attention_backward", cache, "AttentionCache")
     q, k, v, att, drop, _ = cache                              # causal: att is 0 where masked
     require_gradient("attention_backward", "dy", dy, q.shape, "(B, NH, Tq, hs)")
     dtype = np.result_type(dy.dtype, q.dtype)                  # as the reference's products promote
@@ -402,6 +403,7 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dr
 
 def self_attention_backward(dy, cache):
     """Equals ``minilm.reference.attention.self_attention_backward``, with the attention kernel above."""
+    require_cache("self_attention_backward", cache, "SelfAttentionCache")
     return reference.self_attention_backward(dy, cache, attention_backward=attention_backward)
 
 
@@ -413,4 +415,5 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
 
 def cross_attention_backward(dy, cache):
     """Equals ``minilm.reference.attention.cross_attention_backward``, with the attention kernel above."""
+    require_cache("cross_attention_backward", cache, "CrossAttentionCache")
     return reference.cross_attention_backward(dy, cache, attention_backward=attention_backward)

@@ -21,7 +21,7 @@ from numba import prange
 
 from minilm.cpu._parallel import pick, rows_kernel
 from minilm.reference import embedding as reference
-from minilm.validate import require_gradient
+from minilm.validate import require_cache, require_gradient
 
 __all__ = ["embedding_backward"]
 
@@ -44,6 +44,7 @@ def _scatter_add_rows(ids, dout, dE):
 
 def embedding_backward(dout, cache):
     """Numba ``minilm.reference.embedding.embedding_backward``: returns (None, dE)."""
+    require_cache("embedding_backward", cache, "EmbeddingCache")
     ids, V, C = cache
     require_gradient("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
     if dout.dtype not in KERNEL_DTYPES:

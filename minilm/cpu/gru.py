@@ -20,6 +20,7 @@ from minilm.reference import gru as reference
 from minilm.reference.gru import check_gru_args
 from minilm.reference.gru import GRUCache
 from minilm.reference.rnn import check_backward_args
+from minilm.validate import require_cache
 
 __all__ = ["gru_forward", "gru_backward"]
 
@@ -106,6 +107,7 @@ def gru_forward(x, h0, W_x, W_h, b_x, b_h):
 
 def gru_backward(dh, cache, *, dh_T=None):
     """Equals ``minilm.reference.gru.gru_backward``. Returns (dx, dh0, dW_x, dW_h, db_x, db_h)."""
+    require_cache("gru_backward", cache, "GRUCache")
     x, h0, W_x, W_h, gates, a_hn, h = cache
     B, T, H = check_backward_args("gru_backward", dh, h, dh_T=dh_T)
     dtype = kernel_dtype(dh, dh_T, h)

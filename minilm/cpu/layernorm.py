@@ -25,7 +25,7 @@ from minilm.cpu._parallel import SUMS_IN_ANY_ORDER, pick, rows_kernel
 
 from minilm.reference import layernorm as reference
 from minilm.reference.layernorm import LayernormCache, check_layernorm_args
-from minilm.validate import require_gradient
+from minilm.validate import require_cache, require_gradient
 
 __all__ = ["layernorm_forward", "layernorm_backward"]
 
@@ -107,6 +107,7 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
 
 def layernorm_backward(dy, cache):
     """Numba ``minilm.reference.layernorm.layernorm_backward``: returns (dx, dgamma, dbeta)."""
+    require_cache("layernorm_backward", cache, "LayernormCache")
     x_hat, rstd, gamma = cache
     require_gradient("layernorm_backward", "dy", dy, x_hat.shape, "(..., C)")
     if dy.dtype not in KERNEL_DTYPES or x_hat.dtype not in KERNEL_DTYPES or dy.dtype != x_hat.dtype:

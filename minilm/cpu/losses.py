@@ -26,7 +26,7 @@ from numba import prange
 from minilm.cpu._parallel import pick, rows_kernel
 from minilm.reference import losses as reference
 from minilm.reference.losses import CrossEntropyCache, check_cross_entropy_args
-from minilm.validate import as_scalar_gradient
+from minilm.validate import as_scalar_gradient, require_cache
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
@@ -96,6 +96,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
 
 def cross_entropy_backward(dloss, cache):
     """Numba ``minilm.reference.losses.cross_entropy_backward``: returns (dlogits, None)."""
+    require_cache("cross_entropy_backward", cache, "CrossEntropyCache")
     p, t, counted, M, eps = cache
     if p.dtype not in KERNEL_DTYPES:
         return reference.cross_entropy_backward(dloss, cache)

@@ -20,6 +20,7 @@ from minilm.reference import lstm as reference
 from minilm.reference.lstm import check_lstm_args
 from minilm.reference.lstm import LSTMCache
 from minilm.reference.rnn import check_backward_args
+from minilm.validate import require_cache
 
 __all__ = ["lstm_forward", "lstm_backward"]
 
@@ -105,6 +106,7 @@ def lstm_forward(x, h0, c0, W_x, W_h, b):
 
 def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     """Equals ``minilm.reference.lstm.lstm_backward``. Returns (dx, dh0, dc0, dW_x, dW_h, db)."""
+    require_cache("lstm_backward", cache, "LSTMCache")
     x, h0, c0, W_x, W_h, gates, c, tanh_c, h = cache
     B, T, H = check_backward_args("lstm_backward", dh, h, dh_T=dh_T, dc_T=dc_T)
     dtype = kernel_dtype(dh, dh_T, dc_T, h)

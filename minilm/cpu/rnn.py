@@ -44,6 +44,7 @@ from minilm.cpu._math import sigmoid, tanh
 from minilm.cpu._parallel import FUSED_MULTIPLY_ADD
 from minilm.reference import rnn as reference
 from minilm.reference.rnn import RNNCache, check_backward_args, check_rnn_args, input_and_weight_gradients
+from minilm.validate import require_cache
 
 __all__ = ["rnn_forward", "rnn_backward"]
 
@@ -166,6 +167,7 @@ def rnn_forward(x, h0, W_x, W_h, b):
 
 def rnn_backward(dh, cache, *, dh_T=None):
     """Equals ``minilm.reference.rnn.rnn_backward``. Returns (dx, dh0, dW_x, dW_h, db)."""
+    require_cache("rnn_backward", cache, "RNNCache")
     x, h0, W_x, W_h, h = cache
     B, T, H = check_backward_args("rnn_backward", dh, h, dh_T=dh_T)
     dtype = kernel_dtype(dh, dh_T, h)
