@@ -31,8 +31,6 @@ try:                                   # CuPy takes bfloat16 from ml_dtypes (CuP
 except ImportError:                    # pragma: no cover - ml_dtypes comes with recent CuPy
     BFLOAT16 = None
 
-FLOAT_DTYPES = tuple(d for d in (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
-                     if d is not None)
 LOW_PRECISION = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
 
 # the C type of each dtype in the row kernels' templates

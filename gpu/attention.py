@@ -35,7 +35,7 @@ from minilm.gpu.dropout import dropout_seed, no_seed
 from minilm.reference import attention as reference
 from minilm.reference.attention import (AttentionCache, SelfAttentionCache, check_attention_args,
                                         check_self_attention_args, merge_heads, split_heads)
-from minilm.reference.dropout import DropoutCache, _require_rng
+from minilm.reference.dropout import DropoutCache
 from minilm.gpu.linear import linear_backward, linear_forward
 from minilm.validate import require_gradient
 
@@ -153,8 +153,6 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     B, NH, Tq, Tk, hs = check_attention_args(q, k, v, causal, mask, dropout, rng)
     if mask is not None or not supported(q, k, v) or Tq == 0:
         return reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout, rng=rng)
-    if dropout:
-        _require_rng("dropout", rng)
     dtype, acc = q.dtype, acc_dtype(q.dtype)
     h = _causal_half(Tq, Tk, causal, dtype)
     if h:                                                            # (see CAUSAL_SPLIT_MIN_T)
