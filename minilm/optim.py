@@ -202,8 +202,23 @@ class Optimizer:
             raise RuntimeError(f"{type(self).__name__}.step: with mixed precision ({self.params.compute_dtype}) the "
                                f"backward's gradient is in params.compute_grad; call "
                                f"params.unscale_grads(1 / loss_scale) first, which moves it to params.grad")
+        self._require_buffers_like_params()
         self.steps += 1
         self._update(float(lr))
+
+    def _arrays(self):
+        """The optimizer's own arrays, which must match ``params.data`` in dtype and array module."""
+        return {key: getattr(self, key) for key in self.buffers if getattr(self, key) is not None}
+
+    def _require_buffers_like_params(self):
+        data = self.params.data
+        for key, buffer in self._arrays().items():
+            if buffer.dtype != data.dtype or type(buffer) is not type(data):
+                raise RuntimeError(
+                    f"{type(self).__name__}.step: its {key!r} is a {type(buffer).__module__}.{type(buffer).__name__} of "
+                    f"{buffer.dtype}, params.data a {type(data).__module__}.{type(data).__name__} of {data.dtype}: the "
+                    f"parameters were moved (params.to) after this optimizer was built; build it after the move, "
+                    f"or move it too with opt.load_state_dict(opt.state_dict())")
 
     def state_dict(self):
         """``{"name", "steps", options..., buffer name -> numpy array}``: JSON-able scalars and numpy arrays."""
@@ -280,7 +295,18 @@ class AdamW(Optimizer):
         _require_nonnegative(op, "weight_decay", weight_decay)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.m, self.v = self._zeros(), self._zeros()
-        self.decay_mask = params.mask(lambda name, shape: len(shape) >= 2) if weight_decay else None
+        self.decay_mask = self._decay_mask()
+
+    def _decay_mask(self):
+        """1 on the 2-D and larger weights, which decay (nanoGPT's rule), 0 on biases and gains."""
+        return self.params.mask(lambda name, shape: len(shape) >= 2) if self.weight_decay else None
+
+    def _arrays(self):
+        return {**super()._arrays(), **({} if self.decay_mask is None else {"decay_mask": self.decay_mask})}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.decay_mask = self._decay_mask()                   # on the parameters' module and dtype
 
     def options(self):
         return {"lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps, "weight_decay": self.weight_decay}

@@ -1,7 +1,8 @@
 """Parameters in one flat buffer with named, reshaped views (llm.c's layout).
 
     params = Params([("wte", (V, C)), ("wpe", (T, C)), ...], dtype=np.float32)
-    params["wte"]          # a (V, C) view into params.data
+    params["wte"]          # the (V, C) view the forward reads (into params.data without mixed precision)
+    params.values["wte"]   # the (V, C) view into params.data, the master weights: initialise through it
     params.grads["wte"]    # the (V, C) view of the same parameter's gradient in params.grad
 
 Gradients and optimizer moments use the same layout, so the optimizer, gradient clipping,
@@ -46,13 +47,31 @@ class _Views:
         return view
 
     def __setitem__(self, name, value):
-        self[name][...] = value
+        view = self[name]
+        _require_value(name, view, value, scalar_ok=True)
+        view[...] = value
 
     def __iter__(self):
         return iter(self._layout)
 
     def items(self):
         return ((name, self[name]) for name in self._layout)
+
+
+def _require_value(name, view, value, *, scalar_ok):
+    """A value written into parameter ``name``'s view is real and has its shape (or, where
+    ``scalar_ok``, is one number): NumPy would write NaN for None and broadcast a bias into a weight."""
+    if value is None:
+        raise TypeError(f"Params: parameter {name!r} takes an array of shape {view.shape}, got None (a backward "
+                        f"returns None for integer inputs such as token ids: check the order of the unpacked "
+                        f"gradients)")
+    kind = value.dtype.kind if hasattr(value, "dtype") else np.asarray(value).dtype.kind
+    if kind not in "fiub":
+        raise TypeError(f"Params: parameter {name!r} takes real numbers, got "
+                        f"{value.dtype if hasattr(value, 'dtype') else type(value).__name__}")
+    shape = tuple(np.shape(value))
+    if shape != tuple(view.shape) and not (scalar_ok and shape == ()):
+        raise ValueError(f"Params: parameter {name!r} has shape {tuple(view.shape)}, got an array of shape {shape}")
 
 
 class Params:
@@ -169,6 +188,7 @@ class Params:
     def add_grad(self, name, grad):
         """grads[name] += grad, since ``begin_grads``: a copy for the parameter's first gradient."""
         view = self.grads[name]
+        _require_value(name, view, grad, scalar_ok=False)
         if name in self._pending:
             view[...] = grad
             self._pending.discard(name)
@@ -193,7 +213,12 @@ class Params:
         self.sync()
 
     def to(self, xp=np, dtype=None):
-        """Move the buffers to another array module (numpy <-> cupy) and/or dtype, in place."""
+        """Move the buffers to another array module (numpy <-> cupy) and/or dtype.
+
+        The arrays are replaced, not converted in place: views taken before, and an optimizer
+        built before (its moments), still hold the old ones. Take views and build optimizers after
+        the move (an optimizer moves too with ``opt.load_state_dict(opt.state_dict())``).
+        """
         dtype = dtype or self.data.dtype
         host = (lambda a: a.get()) if hasattr(self.data, "get") and not isinstance(self.data, np.ndarray) else (lambda a: a)
         self.data = xp.asarray(host(self.data), dtype=dtype)

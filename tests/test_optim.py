@@ -139,6 +139,28 @@ def test_float32_params_keep_float32_buffers(name):
     assert all(a.dtype == np.float32 for a in arrays)
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_an_optimizer_built_before_params_to_is_refused_until_it_moves_too(name):
+    """``Params.to`` replaces the arrays: the optimizer's float32 moments would update float64
+    weights (numpy and numba rounding them differently), so its step refuses, naming the fix,
+    and ``load_state_dict(state_dict())`` moves the moments (and AdamW's decay mask) over."""
+    moved, straight = make_params(np.float32), make_params(np.float32)
+    opt = OPTIMIZERS[name](moved, lr=0.01, **({"momentum": 0.9} if name in ("sgd", "rmsprop") else {}))
+    moved.to(dtype=np.float64)
+    moved.grad[...] = 1.0
+    with pytest.raises(RuntimeError, match=r"params.to\) after this optimizer was built.*load_state_dict"):
+        opt.step()
+    assert moved.data.tolist() == make_params(np.float32).data.astype(np.float64).tolist()   # nothing stepped
+    opt.load_state_dict(opt.state_dict())
+    grads = gradients(moved.size, n=3)
+    run(opt, moved, grads)
+    straight.to(dtype=np.float64)
+    expected = run(OPTIMIZERS[name](straight, lr=0.01, **({"momentum": 0.9} if name in ("sgd", "rmsprop") else {})),
+                   straight, grads)
+    assert np.array_equal(moved.data, expected)
+    assert all(a.dtype == np.float64 for a in opt._arrays().values())
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.optim as the oracle
 
@@ -436,6 +458,27 @@ def test_params_bad_input_names_what_is_wrong():
         Params([("W", (-2, 3))])
     params.values["b"] = [1.0, 2.0, 3.0]                           # a view: writes land in the flat buffer
     assert params.data[6:].tolist() == [1.0, 2.0, 3.0]
+    params.grads["W"] = 0.0                                        # one number fills the view
+    assert not params.grad[:6].any()
+
+
+def test_params_refuse_a_gradient_that_numpy_would_turn_into_nan_or_broadcast():
+    """``embedding_backward`` returns (None, dE): unpacked the wrong way round, None would be
+    written as NaN; a bias's gradient written into a weight would broadcast. Both name the parameter."""
+    params = Params([("W", (2, 3)), ("b", (3,))])
+    before = params.grad.copy()
+    with pytest.raises(TypeError, match=r"parameter 'W' takes an array of shape \(2, 3\), got None .*order"):
+        params.grads["W"] = None
+    with pytest.raises(ValueError, match=r"parameter 'W' has shape \(2, 3\), got an array of shape \(3,\)"):
+        params.grads["W"] = np.ones(3)
+    with pytest.raises(TypeError, match="parameter 'b' takes real numbers, got complex128"):
+        params.grads["b"] = np.ones(3, dtype=complex)
+    params.begin_grads()
+    with pytest.raises(TypeError, match="parameter 'b' takes an array of shape"):
+        params.add_grad("b", None)
+    with pytest.raises(ValueError, match=r"parameter 'W' has shape \(2, 3\), got an array of shape \(\)"):
+        params.add_grad("W", np.float64(1.0))                      # a whole gradient, not one number
+    assert np.array_equal(params.grad, before)
 
 
 def test_params_of_size_zero_take_no_room():
