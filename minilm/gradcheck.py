@@ -52,8 +52,9 @@ checked element by element (its index, the backward's value and the numerical on
 difference), that an argument checked along random directions cannot point at an element, a
 forward that returns float32 for float64 inputs (its round-off, not the backward, then
 dominates), a backward that returns a narrower dtype than float64, NaN or inf in an input, the
-output or a gradient, a gradient of the wrong type or shape, a forward that is not smooth next to
-the inputs (its differences over h and 2h disagree: a kink, a branch, a random draw), inputs so
+output or a gradient, a gradient of the wrong type or shape, a forward that is not smooth at or
+next to the inputs (its differences over h and 2h do not scale as a smooth function's: a kink, a
+ReLU at 0 among them, a branch, a random draw), inputs so
 large that the forward's own round-off may pass the tolerance, an input changed in place (that
 argument's row fails), or an argument that is not checked (a Python float, which an array would
 be; a complex array). The forward is run twice on the same inputs first, and once more at the
@@ -224,6 +225,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     R = xp.asarray(rng.standard_normal(np.shape(out)))
     dout = R.copy()                                            # the backward's own: R stays as drawn
     grads = backward(dout, cache, **backward_kwargs)
+    L0 = float(xp.sum(out * R))                                # the loss at the inputs themselves
     roundoff = ROUNDOFF_UNITS * np.finfo(np.float64).eps / 2 * float(xp.sum(xp.abs(out * R))) / eps
     floor = max(1e-8, roundoff / tol)                          # see the module docstring
 
@@ -275,13 +277,17 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         in (p - x is exact), so that n estimates a . D, and a . D is what it is compared with."""
         x = args[i]
         p = {c: x + (c * eps) * d for c in (1, -1, 2, -2)}
+        L = {c: loss(i, p[c]) for c in p}
         # grouped as differences so that a loss that does not depend on x gives exactly 0
-        near = loss(i, p[1]) - loss(i, p[-1])
-        far = loss(i, p[2]) - loss(i, p[-2])
+        near, far = L[1] - L[-1], L[2] - L[-2]
         D = (8 * (p[1] - p[-1]) - (p[2] - p[-2])) / (12 * eps)
         # smooth, the difference over 4h is twice that over 2h, to O(h^2) relative; a kink, a branch or
         # a random draw between the points breaks that (the round-off, roundoff * h, allowed for)
         rough = abs(far - 2 * near) > 1e-3 * (abs(far) + 2 * abs(near)) + 10 * roundoff * eps
+        # a kink at x itself (a ReLU at 0) keeps that ratio 2; the second differences tell it: smooth,
+        # h^2 L'' and 4 h^2 L'' (ratio 4); a kink with a jump J in the slope, J h and 2 J h (ratio 2)
+        bend, bend2 = L[1] - 2 * L0 + L[-1], L[2] - 2 * L0 + L[-2]
+        rough = rough or abs(bend2 - 4 * bend) > 0.25 * abs(bend2) + 10 * roundoff * eps
         return (8 * near - far) / (12 * eps), D, rough
 
     for i, (x, g) in enumerate(zip(args, grads)):
@@ -351,9 +357,9 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             notes.append("unresolved: this gradient is below the round-off of the loss's differences; check it "
                          "with a forward of its own")
         elif not err <= tol and rough:
-            notes.append("the loss's differences over h and 2h disagree there: the forward has a kink or a branch "
-                         "next to these inputs, or draws random numbers (finite differences need a smooth, "
-                         "deterministic forward)")
+            notes.append("the loss's differences over h and 2h do not scale as a smooth function's: the forward "
+                         "has a kink or a branch at or next to these inputs (a ReLU at 0, say), or draws random "
+                         "numbers (finite differences need a smooth, deterministic forward)")
         elif not err <= tol and float(xp.max(xp.abs(x))) >= 100:
             notes.append(f"the argument's values reach {float(xp.max(xp.abs(x))):.0e}: a forward's round-off grows "
                          f"with its inputs (x - mean, say), which the tolerance does not allow for; if the error "

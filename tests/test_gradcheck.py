@@ -5,7 +5,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from minilm import cli
+from minilm import cli, ops
 from minilm.gradcheck import DEFAULT_TOL, GradcheckError, gradcheck
 
 
@@ -549,7 +549,19 @@ def test_a_kink_next_to_the_inputs_is_named():
     x = np.array([1e-6, 0.5, -0.7])                # 1e-6 is within the stencil's 2h of the kink
     report = gradcheck(leaky_forward, lambda dy, x: (np.where(x > 0, dy, 2 * dy),), (x,))
     (row,) = report.failures
-    assert "worst at index (0,)" in row.note and "differences over h and 2h disagree there" in row.note
+    assert "worst at index (0,)" in row.note and "kink or a branch at or next to these inputs" in row.note
+
+
+def test_a_kink_at_the_input_itself_is_named_and_a_smooth_stationary_point_is_not():
+    """At x = 0 a ReLU's differences over h and 2h are in the smooth ratio 2 (both h/2 a side);
+    only the second differences, J h and 2 J h rather than 1 : 4, tell the kink. A wrong backward
+    of x^2 at its stationary point 0 fails without that note: there the forward is smooth."""
+    relu = gradcheck(ops.relu_forward, ops.relu_backward, (np.array([[0.0, 1.0, -1.0]]),))
+    (row,) = relu.failures
+    assert "worst at index (0, 0)" in row.note and "(a ReLU at 0, say)" in row.note
+    square = gradcheck(lambda x: (x * x, x), lambda dy, x: (2 * dy * x + 1e-3,), (np.array([0.0, 0.5]),))
+    (row,) = square.failures
+    assert "kink" not in row.note
 
 
 def test_outputs_and_options_the_contract_does_not_allow_are_refused():
