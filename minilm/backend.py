@@ -173,6 +173,12 @@ def op(name):
     fn = _ops_found.get(name)               # filled only once a backend is chosen
     if fn is not None:
         return fn
+    from minilm import reference
+    if name not in reference.__all__:       # a tier's module or helper is not an op
+        family = f"{name}_forward" in reference.__all__
+        raise AttributeError(f"minilm: no op called {name!r}" + (
+            f"; an op is a pair of functions: {name}_forward and {name}_backward" if family else
+            "; the ops are " + ", ".join(f"{op}_forward/_backward" for op in reference.OPS)))
     current()
     for tier in _tiers:
         fn = getattr(tier, name, None)

@@ -95,8 +95,22 @@ def test_environment_variable_picks_the_default(monkeypatch):
 
 
 def test_unknown_op_is_an_error():
-    with pytest.raises(AttributeError, match="no op called 'conv_forward'"):
+    with pytest.raises(AttributeError, match="no op called 'conv_forward'; the ops are linear_forward/_backward, "):
         ops.conv_forward
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_ops_holds_the_op_functions_only(backend_name):
+    """A tier's family module (``layernorm``, once imported) or helper is not an op: ``ops.layernorm(x, ...)``
+    had failed with "'module' object is not callable"."""
+    minilm.use(backend_name)                        # the autouse fixture restores the backend
+    ops.layernorm_forward(np.ones((1, 2)), np.ones(2), np.zeros(2))
+    for name in ("layernorm", "attention", "sys", "split_heads"):
+        with pytest.raises(AttributeError, match=f"no op called '{name}'"):
+            getattr(ops, name)
+    with pytest.raises(AttributeError, match="an op is a pair of functions: layernorm_forward and layernorm_backward"):
+        ops.layernorm
+    assert "gru_backward" in dir(ops) and "layernorm" not in dir(ops)
 
 
 def test_array_module():
