@@ -236,12 +236,12 @@ def _backward(dy, cache, out=None):
     return dq, dk, dv
 
 
-def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None):
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, mask=None, dropout=0.0, rng=None):
     """``minilm.reference.attention.self_attention_forward``: the same composition and cache, with the
-    heads split by one copy and this file's attention."""
-    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout, rng)
-    if not supported(x):
-        return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
+    heads split by one copy and this file's attention (the reference's composition with a mask)."""
+    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout, rng, mask)
+    if mask is not None or not supported(x):
+        return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal, mask=mask,
                                                 dropout=dropout, rng=rng, attention_forward=attention_forward)
     B, T, _ = x.shape
     qkv, qkv_cache = linear_forward(x, W_qkv, b_qkv)                   # (B, T, 3C)

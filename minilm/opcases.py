@@ -74,6 +74,14 @@ def _self_attention(rng, dtype):
             _normal(rng, dtype, C, C, scale=s), _normal(rng, dtype, C, scale=0.1)), {"n_head": NH, "causal": True}
 
 
+def _self_attention_masked(rng, dtype):
+    """Causal, with the last two positions of the second sequence padding: a (B, 1, T) mask."""
+    args, kwargs = _self_attention(rng, dtype)
+    mask = np.ones((B, 1, T), dtype=bool)
+    mask[1, :, T - 2:] = False
+    return args, {**kwargs, "mask": mask}
+
+
 def _cross_attention(rng, dtype):
     s, Tk = 1 / np.sqrt(C), T + 2
     mask = rng.random((B, T, Tk)) < 0.7
@@ -128,7 +136,7 @@ CASES = {
     "dropout": [("", _dropout)],
     "layernorm": [("", _layernorm)],
     "attention": [("causal", _attention), ("mask", _attention_masked), ("dropout", _attention_dropout)],
-    "self_attention": [("", _self_attention)],
+    "self_attention": [("", _self_attention), ("mask", _self_attention_masked)],
     "cross_attention": [("", _cross_attention)],
     "ffn": [("", _ffn)],
     "rnn": [("", _rnn)],

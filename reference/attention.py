@@ -148,11 +148,19 @@ from minilm.validate import (require_array, require_bool, require_cache, require
 
 # --- argument checks --------------------------------------------------------------------------
 
-def _require_mask(op, mask, shape, dims):
-    """A boolean array that broadcasts to ``shape`` (numpy's rules: align on the right, 1 stretches)."""
+def _require_mask(op, mask, shape, dims, *, keys=None):
+    """A boolean array that broadcasts to ``shape`` (numpy's rules: align on the right, 1 stretches).
+
+    With ``keys`` (the keys' letter) it must also have every dimension of ``shape``: a padding mask
+    (B, Tk) would otherwise be read as (Tq, Tk) whenever B == Tq, each batch row's padding applied to
+    one query of every batch row."""
     require_array(op, "mask", mask)
     if str(mask.dtype) != "bool":
         raise TypeError(f"{op}: argument 'mask' must be a boolean array (True = may attend), got dtype {mask.dtype}")
+    if keys is not None and mask.ndim != len(shape):
+        raise ValueError(f"{op}: argument 'mask' must have the {len(shape)} dimensions of {dims} (1 where shared), "
+                         f"got shape {tuple(mask.shape)}; a padding mask over the keys is mask[:, None, :], shape "
+                         f"(B, 1, {keys}), and one for every batch row mask[None], shape (1, Tq, {keys})")
     fits = mask.ndim <= len(shape) and all(m in (1, s) for m, s in zip(mask.shape[::-1], shape[::-1]))
     if not fits:
         raise ValueError(f"{op}: argument 'mask' must broadcast to {dims} = {tuple(shape)}, got {tuple(mask.shape)}")
@@ -169,6 +177,13 @@ def _require_param(op, name, a, shape, dims, *, optional=False):
 def _require_heads(op, C, n_head):
     require_positive(op, "n_head", n_head, int)
     require_divisible(op, "C", C, "n_head", n_head)
+
+
+def _heads_share(mask, x):
+    """A (B | 1, Tq | 1, Tk) mask as the (B, 1, Tq, Tk) one that every head of x's batch shares."""
+    xp = get_array_module(x)
+    B, Tq = x.shape[:2]
+    return xp.broadcast_to(xp.asarray(mask), (B, Tq, mask.shape[-1]))[:, None]
 
 
 def check_attention_args(q, k, v, causal, mask, dropout=0.0, rng=None):
@@ -332,7 +347,7 @@ class SelfAttentionCache(NamedTuple):
     o_cache: object         # LinearCache of y = atty @ W_o + b_o
 
 
-def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout=0.0, rng=None):
+def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout=0.0, rng=None, mask=None):
     """The argument checks of ``self_attention_forward``, shared with the other tiers. Returns C."""
     op = "self_attention"
     require_float(op, "x", x)
@@ -347,13 +362,15 @@ def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout
     _require_param(op, "b_o", b_o, (C,), "(C,)", optional=True)
     require_same_dtype(op, x=x, W_qkv=W_qkv, b_qkv=b_qkv, W_o=W_o, b_o=b_o)
     require_bool(op, "causal", causal)
+    if mask is not None:
+        _require_mask(op, mask, (x.shape[0], x.shape[1], x.shape[1]), "(B, T, T)", keys="T")
     require_probability(op, "dropout", dropout)
     if dropout > 0:
         _require_rng(op, rng)
     return C
 
 
-def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None,
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, mask=None, dropout=0.0, rng=None,
                            attention_forward=attention_forward):
     """Multi-head self-attention: qkv projection, attention per head, output projection.
 
@@ -366,6 +383,9 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dr
     b_o : (C,) float array, or None.
     n_head : int, NH; C must be divisible by it.
     causal : bool, position t attends positions <= t.
+    mask : boolean array of 3 dimensions broadcastable to (B, T, T), True = may attend, shared by
+        every head (and with ``causal``, both must allow a key); or None. An encoder over padded
+        sequences masks its padding keys with ``mask[:, None, :]`` of a (B, T) mask.
     dropout, rng : dropout of the attention weights while training (see ``attention_forward``).
     attention_forward : the attention of the heads; this file's by default. The numba tier
         passes its kernel here, so the composition is written once.
@@ -374,12 +394,15 @@ def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dr
     -------
     y : (B, T, C) array, and the cache for ``self_attention_backward``.
     """
-    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout, rng)
+    C = check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout, rng, mask)
     qkv, qkv_cache = linear_forward(x, W_qkv, b_qkv)                   # (B, T, 3C)
     q = split_heads(qkv[..., 0 * C:1 * C], n_head)                     # (B, NH, T, hs)
     k = split_heads(qkv[..., 1 * C:2 * C], n_head)                     # (B, NH, T, hs)
     v = split_heads(qkv[..., 2 * C:3 * C], n_head)                     # (B, NH, T, hs)
-    y_heads, att_cache = attention_forward(q, k, v, causal=causal, dropout=dropout, rng=rng)  # (B, NH, T, hs)
+    if mask is not None:
+        mask = _heads_share(mask, x)                                   # (B, 1, T, T)
+    y_heads, att_cache = attention_forward(q, k, v, causal=causal, mask=mask, dropout=dropout,
+                                           rng=rng)                    # (B, NH, T, hs)
     atty = merge_heads(y_heads)                                        # (B, T, C)
     y, o_cache = linear_forward(atty, W_o, b_o)                        # (B, T, C)
     return y, SelfAttentionCache(qkv_cache, att_cache, o_cache)
@@ -427,8 +450,9 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
     W_kv : (C, 2C) float array, columns [k | v]; b_kv : (2C,) float array or None.
     W_o : (C, C) float array; b_o : (C,) float array or None.
     n_head : int, NH; C must be divisible by it.
-    mask : boolean array broadcastable to (B, Tq, Tk), True = may attend, shared by every head;
-        or None. A query with no allowed key gets attention output 0 (so y = b_o there, 0 without b_o).
+    mask : boolean array of 3 dimensions broadcastable to (B, Tq, Tk), True = may attend, shared by
+        every head; or None. A padding mask over the memory's keys is ``mask[:, None, :]`` of a (B, Tk)
+        one. A query with no allowed key gets attention output 0 (so y = b_o there, 0 without b_o).
     attention_forward : the attention of the heads; this file's by default (see ``self_attention_forward``).
 
     Returns
@@ -454,8 +478,7 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
     _require_param(op, "b_o", b_o, (C,), "(C,)", optional=True)
     require_same_dtype(op, x=x, memory=memory, W_q=W_q, b_q=b_q, W_kv=W_kv, b_kv=b_kv, W_o=W_o, b_o=b_o)
     if mask is not None:
-        _require_mask(op, mask, (B, Tq, Tk), "(B, Tq, Tk)")
-    xp = get_array_module(x, memory)
+        _require_mask(op, mask, (B, Tq, Tk), "(B, Tq, Tk)", keys="Tk")
 
     q, q_cache = linear_forward(x, W_q, b_q)                           # (B, Tq, C)
     kv, kv_cache = linear_forward(memory, W_kv, b_kv)                  # (B, Tk, 2C)
@@ -463,7 +486,7 @@ def cross_attention_forward(x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o, *, n_head
     k = split_heads(kv[..., 0 * C:1 * C], n_head)                      # (B, NH, Tk, hs)
     v = split_heads(kv[..., 1 * C:2 * C], n_head)                      # (B, NH, Tk, hs)
     if mask is not None:
-        mask = xp.broadcast_to(xp.asarray(mask), (B, Tq, Tk))[:, None]  # (B, 1, Tq, Tk) shared by the heads
+        mask = _heads_share(mask, x)                                   # (B, 1, Tq, Tk)
     y_heads, att_cache = attention_forward(q, k, v, mask=mask)         # (B, NH, Tq, hs)
     atty = merge_heads(y_heads)                                        # (B, Tq, C)
     y, o_cache = linear_forward(atty, W_o, b_o)                        # (B, Tq, C)

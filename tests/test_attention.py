@@ -89,14 +89,16 @@ def _params(rng, C, widths, biases):
 
 @st.composite
 def self_attention_inputs(draw, causal=None):
-    """((x, W_qkv, b_qkv, W_o, b_o), {"n_head", "causal"}) with B <= 2, T <= 5, NH <= 3, hs <= 4."""
+    """((x, W_qkv, b_qkv, W_o, b_o), {"n_head", "causal", "mask"}) with B <= 2, T <= 5, NH <= 3, hs <= 4."""
     B, T, NH, hs = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     causal = draw(st.booleans()) if causal is None else causal
+    mask_shape = draw(st.sampled_from([None, (B, T, T), (1, T, T), (B, 1, T)]))
     biases = draw(st.booleans())
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     C = NH * hs
     (W_qkv, W_o), (b_qkv, b_o) = _params(rng, C, (3 * C, C), biases)
-    return (rng.standard_normal((B, T, C)), W_qkv, b_qkv, W_o, b_o), {"n_head": NH, "causal": causal}
+    mask = None if mask_shape is None else random_mask(rng, mask_shape, T, T, causal)
+    return (rng.standard_normal((B, T, C)), W_qkv, b_qkv, W_o, b_o), {"n_head": NH, "causal": causal, "mask": mask}
 
 
 @st.composite
@@ -104,7 +106,7 @@ def cross_attention_inputs(draw, masked=None):
     """((x, memory, W_q, b_q, W_kv, b_kv, W_o, b_o), {"n_head", "mask"})."""
     B, NH, hs = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     Tq, Tk = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    shapes = [(B, Tq, Tk), (Tq, Tk), (B, 1, Tk)]
+    shapes = [(B, Tq, Tk), (1, Tq, Tk), (B, 1, Tk)]
     if masked is None:
         mask_shape = draw(st.sampled_from([None] + shapes))
     else:
@@ -157,6 +159,8 @@ def test_attention_gradcheck(inputs):
 @given(self_attention_inputs())
 def test_self_attention_gradcheck(inputs):
     args, kwargs = inputs
+    (B, T, _) = args[0].shape
+    assume_some_query_sees_two_keys(allowed_keys(T, T, kwargs["causal"], kwargs["mask"], (B, T, T)))
     report = gradcheck(self_attention_forward, self_attention_backward, args, kwargs, tol=GRAD_TOL,
                        raise_on_fail=True)
     assert report.passed and len(report.arguments) == sum(a is not None for a in args)
@@ -310,6 +314,43 @@ def test_cross_attention_ignores_masked_memory(inputs, data):
     assert_close(y2, y, EXACT_TOL)
 
 
+def test_a_padding_mask_of_two_dimensions_is_refused_even_where_it_would_broadcast():
+    """With B == Tq a (B, Tk) padding mask broadcasts to (B, Tq, Tk) as (Tq, Tk): batch row b's padding
+    would close keys to query b of every row. Three dimensions are required, and the error says how."""
+    args, kwargs = CASES["cross_attention"][0][1](np.random.default_rng(3), np.float64)
+    x, memory = args[0][:, :2], args[1]                               # B = Tq = 2, Tk = 7
+    padding = np.ones((2, 7), dtype=bool)
+    padding[1, 4:] = False
+    with pytest.raises(ValueError, match=r"cross_attention: argument 'mask' must have the 3 dimensions"):
+        cross_attention_forward(x, memory, *args[2:], n_head=kwargs["n_head"], mask=padding)
+    y, _ = cross_attention_forward(x, memory, *args[2:], n_head=kwargs["n_head"], mask=padding[:, None, :])
+    row, _ = cross_attention_forward(x[1:], memory[1:, :4], *args[2:], n_head=kwargs["n_head"])
+    assert_close(y[1:], row, EXACT_TOL)                               # the padding is as good as absent
+
+
+@FEW
+@given(self_attention_inputs(), st.data())
+def test_self_attention_ignores_padding_keys(inputs, data):
+    """An encoder's padding: keys closed to every query by a (B, 1, T) mask leave the output of the
+    queries that are not padding unchanged, whatever the padding positions hold."""
+    args, kwargs = inputs
+    x = args[0]
+    B, T, C = x.shape
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    lengths = rng.integers(1, T + 1, size=B)
+    padding = (np.arange(T)[None, :] < lengths[:, None])[:, None, :]  # (B, 1, T)
+    options = {**kwargs, "mask": padding, "causal": kwargs["causal"]}
+    y, _ = self_attention_forward(*args, **options)
+    x2 = x.copy()
+    x2[~padding[:, 0, :]] = 10 * rng.standard_normal((int((~padding).sum()), C))
+    y2, _ = self_attention_forward(x2, *args[1:], **options)
+    for b in range(B):
+        assert_close(y2[b, :lengths[b]], y[b, :lengths[b]], EXACT_TOL)
+        alone, _ = self_attention_forward(x[b:b + 1, :lengths[b]], *args[1:], n_head=kwargs["n_head"],
+                                          causal=kwargs["causal"])
+        assert_close(y[b:b + 1, :lengths[b]], alone, EXACT_TOL)
+
+
 def attention_by_loops(q, k, v, causal, mask):
     """Attention one (b, h, i) at a time, straight from the definition, in Python floats."""
     B, NH, Tq, hs = q.shape
@@ -353,8 +394,9 @@ def test_decode_steps_equal_rows_of_full_causal_attention(inputs):
         assert_close(y_tail, y[..., t:, :], EXACT_TOL)
 
 
-def self_attention_directly(x, W_qkv, b_qkv, W_o, b_o, n_head, causal):
-    """Multi-head self-attention with one explicit loop over heads and column slices of W_qkv."""
+def self_attention_directly(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, mask=None):
+    """Multi-head self-attention with one explicit loop over heads and column slices of W_qkv, the
+    mask (broadcast to (B, T, T)) shared by every head."""
     B, T, C = x.shape
     hs = C // n_head
     qkv = x @ W_qkv + (0 if b_qkv is None else b_qkv)
@@ -365,6 +407,8 @@ def self_attention_directly(x, W_qkv, b_qkv, W_o, b_o, n_head, causal):
         S = q @ k.transpose(0, 2, 1) / math.sqrt(hs)
         if causal:
             S = np.where(np.tril(np.ones((T, T), dtype=bool)), S, -np.inf)
+        if mask is not None:
+            S = np.where(mask, S, -np.inf)                          # every row keeps a key (random_mask)
         att = np.exp(S - S.max(axis=-1, keepdims=True))
         heads.append(att / att.sum(axis=-1, keepdims=True) @ v)
     return np.concatenate(heads, axis=-1) @ W_o + (0 if b_o is None else b_o)
@@ -506,7 +550,7 @@ def test_self_attention_matches_torch(inputs):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     args, kwargs = inputs
-    n_head, causal = kwargs["n_head"], kwargs["causal"]
+    n_head, causal, mask = kwargs["n_head"], kwargs["causal"], kwargs["mask"]
     y, cache = self_attention_forward(*args, **kwargs)
     dy = np.random.default_rng(8).standard_normal(y.shape)
     grads = self_attention_backward(dy, cache)
@@ -519,7 +563,12 @@ def test_self_attention_matches_torch(inputs):
     q = q.view(B, T, n_head, C // n_head).transpose(1, 2)    # (B, NH, T, hs), as nanoGPT
     k = k.view(B, T, n_head, C // n_head).transpose(1, 2)    # (B, NH, T, hs)
     v = v.view(B, T, n_head, C // n_head).transpose(1, 2)    # (B, NH, T, hs)
-    atty = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, T, C)
+    if mask is None:
+        atty = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:                                                    # PyTorch takes the causal rule inside attn_mask then
+        allowed = torch.from_numpy(allowed_keys(T, T, causal, mask, (B, T, T))[:, None])
+        atty = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    atty = atty.transpose(1, 2).reshape(B, T, C)
     ty = atty @ W_o + (0 if b_o is None else b_o)
     assert_same_as_torch(torch, y, grads, ty, dy, leaves)
 
@@ -628,6 +677,12 @@ BAD = {
         ("b_o-shape", _set("b_o", lambda a: a[:4]), ValueError, r"argument 'b_o' must have shape \(C,\)"),
         ("W_o-dtype-mix", _set("W_o", f32), TypeError, "argument 'W_o' must have the same dtype as 'x'"),
         ("causal-not-bool", _set("causal", lambda _: None), ValueError, "option 'causal' must be True or False"),
+        ("mask-not-bool", _set("mask", lambda _: np.ones((2, 1, 5))), TypeError, "argument 'mask' must be a boolean"),
+        ("mask-padding-2d", _set("mask", lambda _: np.ones((2, 5), dtype=bool)), ValueError,
+         r"argument 'mask' must have the 3 dimensions of \(B, T, T\) \(1 where shared\), got shape \(2, 5\); "
+         r"a padding mask over the keys is mask\[:, None, :\], shape \(B, 1, T\)"),
+        ("mask-shape", _set("mask", lambda _: np.ones((2, 1, 4), dtype=bool)), ValueError,
+         r"argument 'mask' must broadcast to \(B, T, T\) = \(2, 5, 5\), got \(2, 1, 4\)"),
     ],
     "cross_attention": [
         ("x-int", _set("x", i64), TypeError, "argument 'x' must be a floating"),
@@ -653,6 +708,11 @@ BAD = {
         ("mask-not-bool", _set("mask", lambda m: m.astype(np.int8)), TypeError, "argument 'mask' must be a boolean"),
         ("mask-shape", _set("mask", lambda m: m[..., :6]), ValueError,
          r"argument 'mask' must broadcast to \(B, Tq, Tk\) = \(2, 5, 7\), got \(2, 5, 6\)"),
+        ("mask-padding-2d", _set("mask", lambda m: m[:, 0, :]), ValueError,
+         r"argument 'mask' must have the 3 dimensions of \(B, Tq, Tk\) \(1 where shared\), got shape \(2, 7\); "
+         r"a padding mask over the keys is mask\[:, None, :\], shape \(B, 1, Tk\)"),
+        ("mask-2d", _set("mask", lambda m: m[0]), ValueError,
+         r"argument 'mask' must have the 3 dimensions of \(B, Tq, Tk\).*mask\[None\], shape \(1, Tq, Tk\)"),
     ],
 }
 VALID = {"attention": _attention_args, "self_attention": _self_attention_args, "cross_attention": _cross_attention_args}

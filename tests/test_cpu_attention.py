@@ -115,15 +115,17 @@ def _params(rng, C, widths, biases, dtype):
 
 @st.composite
 def self_attention_inputs(draw):
-    """((x, W_qkv, b_qkv, W_o, b_o), {"n_head", "causal"}) with B, NH <= 3, T <= 9, hs <= 8."""
+    """((x, W_qkv, b_qkv, W_o, b_o), {"n_head", "causal", "mask"}) with B, NH <= 3, T <= 9, hs <= 8."""
     B, T, NH, hs = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 3)), draw(st.integers(1, 8))
     dtype = draw(st.sampled_from([np.float64, np.float32]))
     biases, causal = draw(st.booleans()), draw(st.booleans())
+    mask_shape = draw(st.sampled_from([None, (B, T, T), (1, T, T), (B, 1, T)]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     C = NH * hs
     (W_qkv, W_o), (b_qkv, b_o) = _params(rng, C, (3 * C, C), biases, dtype)
     x = rng.standard_normal((B, T, C)).astype(dtype)
-    return (x, W_qkv, b_qkv, W_o, b_o), {"n_head": NH, "causal": causal}
+    mask = None if mask_shape is None else random_mask(rng, mask_shape)
+    return (x, W_qkv, b_qkv, W_o, b_o), {"n_head": NH, "causal": causal, "mask": mask}
 
 
 @st.composite
@@ -132,7 +134,7 @@ def cross_attention_inputs(draw):
     B, NH, hs = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 8))
     Tq, Tk = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     dtype = draw(st.sampled_from([np.float64, np.float32]))
-    mask_shape = draw(st.sampled_from([None, (B, Tq, Tk), (Tq, Tk), (B, 1, Tk)]))
+    mask_shape = draw(st.sampled_from([None, (B, Tq, Tk), (1, Tq, Tk), (B, 1, Tk)]))
     biases = draw(st.booleans())
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     C = NH * hs

@@ -395,9 +395,9 @@ def _heads_of(out, n, n_head):
 
 # --- multi-head self- and cross-attention: the reference's composition around the kernels -----
 
-def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, dropout=0.0, rng=None):
+def self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, *, n_head, causal=True, mask=None, dropout=0.0, rng=None):
     """Equals ``minilm.reference.attention.self_attention_forward``, with the attention kernel above."""
-    return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal,
+    return reference.self_attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_head=n_head, causal=causal, mask=mask,
                                             dropout=dropout, rng=rng, attention_forward=attention_forward)
 
 
