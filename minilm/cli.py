@@ -66,8 +66,8 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=None,
                    help="sample among the k most likely characters; k >= the vocabulary keeps all (default: all)")
     p.add_argument("--top-p", type=float, default=None,
-                   help="sample among the most likely characters whose probabilities sum to p, in (0, 1] "
-                        "(default: all)")
+                   help="sample among the fewest most likely characters whose probabilities sum to at least p, "
+                        "in (0, 1] (default: all)")
     p.add_argument("--seed", type=int, default=None,
                    help="an integer >= 0 for repeatable text (default: a new draw each run)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (slow; for checks)")

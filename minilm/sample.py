@@ -6,7 +6,8 @@ Each step turns the logits z of the last position into a distribution and draws 
    get probability 0; k >= V keeps them all.
 2. temperature τ: :math:`p = \operatorname{softmax}(z / τ)`; τ = 0 is greedy, p is one-hot at argmax.
 3. ``top_p`` (nucleus): keep the smallest set of most probable tokens whose probabilities sum to
-   at least ``top_p`` (always at least one), renormalise.
+   at least ``top_p`` (always at least one), renormalise. Tokens of equal probability are taken
+   lowest id first, so a tie at the boundary keeps the lower ids (``top_k`` keeps every tie).
 4. Draw :math:`u \sim U[0, 1)` and take the first token whose cumulative probability exceeds
    :math:`u` (inverse-CDF sampling).
 
@@ -27,6 +28,8 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="gener
     the name shown (``minilm sample`` shows its options, e.g. '--top-k'); default the keyword."""
     def name(keyword):
         return (names or {}).get(keyword, keyword)
+    # a command line cannot say None: there an option is left out instead
+    none, all_tokens = ("", " (leave it out for every token)") if names else ("None or ", "")
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"{op}: option '{name('max_new_tokens')}' must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) \
@@ -34,11 +37,12 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="gener
         raise ValueError(f"{op}: option '{name('temperature')}' must be a finite number >= 0 (0 = greedy), "
                          f"got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"{op}: option '{name('top_k')}' must be None or an integer >= 1, got {top_k!r}")
+        raise ValueError(f"{op}: option '{name('top_k')}' must be {none}an integer >= 1{all_tokens}, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
                               or not 0 < top_p <= 1):
-        raise ValueError(f"{op}: option '{name('top_p')}' must be None or a number in (0, 1], got {top_p!r}")
-    require_seed(op, name("seed"), seed, allow_none=True)
+        raise ValueError(f"{op}: option '{name('top_p')}' must be {none}a number in (0, 1]{all_tokens}, got {top_p!r}")
+    if seed is not None or not names:                # a command line leaves it out rather than say None
+        require_seed(op, name("seed"), seed, allow_none=not names)
 
 
 def _check_prompt(prompt_ids, V):
@@ -65,10 +69,21 @@ def _check_prompt(prompt_ids, V):
 
 
 def next_token_probs(logits, *, temperature=1.0, top_k=None, top_p=None):
-    """The distribution (float64, sums to 1) that the next token is drawn from, given (V,) logits."""
+    """The distribution (float64, sums to 1) that the next token is drawn from, given (V,) logits.
+
+    A logit of -inf is a banned token: probability 0, as in nanoGPT's top-k. The options are those
+    of ``generate``, checked here too.
+    """
+    _check_options(0, temperature, top_k, top_p, None, op="next_token_probs")
+    return _probs(logits, temperature, top_k, top_p, op="next_token_probs", what="argument 'logits'")
+
+
+def _probs(logits, temperature, top_k, top_p, *, op="generate", what="the model's logits"):
+    """``next_token_probs`` without the option checks, which ``generate`` makes once."""
     z = np.asarray(to_numpy(logits), dtype=np.float64)                  # (V,)
-    if not np.all(np.isfinite(z)):
-        raise ValueError("generate: the model produced non-finite logits (nan or inf)")
+    if np.isnan(z).any() or (z == np.inf).any() or not np.isfinite(z).any():
+        raise ValueError(f"{op}: {what} must be finite or -inf (a banned token), with at least one finite, "
+                         f"got {'nan' if np.isnan(z).any() else '+inf' if (z == np.inf).any() else 'all -inf'}")
     if top_k is not None and top_k < len(z):                           # k >= V keeps every token
         kth = np.partition(z, -top_k)[-top_k]                            # the k-th largest logit
         z = np.where(z < kth, -np.inf, z)
@@ -152,7 +167,7 @@ def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
             logits, state = model.forward_step(np.asarray([new]), state)  # (1, V)
         else:
             logits = model.forward(np.asarray([tokens[start:]]))[0][:, -1]  # (1, V)
-        token = sample_token(next_token_probs(logits[0], **options), rng)
+        token = sample_token(_probs(logits[0], **options), rng)
         tokens.append(token)
         new = [token]
         yield token

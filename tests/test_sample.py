@@ -104,9 +104,35 @@ def test_a_token_of_probability_zero_is_never_drawn():
     assert sample_token(probs, largest) == 2
 
 
-def test_non_finite_logits_are_an_error():
-    with pytest.raises(ValueError, match="non-finite logits"):
-        next_token_probs(np.array([0.0, np.nan]))
+@pytest.mark.parametrize("logits, got", [([0.0, np.nan], "nan"), ([0.0, np.inf], r"\+inf"),
+                                         ([-np.inf, -np.inf], "all -inf")])
+def test_nan_plus_inf_or_no_finite_logit_is_an_error_naming_the_caller(logits, got):
+    with pytest.raises(ValueError, match=rf"^next_token_probs: argument 'logits' must be finite or -inf .*got {got}$"):
+        next_token_probs(np.array(logits))
+
+
+@pytest.mark.parametrize("options", [{}, {"top_k": 2}, {"top_p": 0.9}, {"temperature": 0}, {"temperature": 0.5}])
+def test_a_logit_of_minus_inf_is_a_banned_token(options):
+    """-inf is how a caller bans a token (nanoGPT's top-k writes it): probability 0, the others as
+    if the token were not in the vocabulary."""
+    probs = next_token_probs(np.array([0.5, -np.inf, 1.0, -0.3]), **options)
+    without = next_token_probs(np.array([0.5, 1.0, -0.3]), **options)
+    assert probs[1] == 0.0 and np.allclose(probs[[0, 2, 3]], without, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("options, name", [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"),
+                                           ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
+                                           ({"top_p": 1.5}, "top_p")])
+def test_next_token_probs_checks_its_options(options, name):
+    """Unchecked, temperature -1 inverted the distribution, top_k -1 dropped one token, top_p 0 gave NaN."""
+    with pytest.raises(ValueError, match=f"^next_token_probs: option '{name}' must be"):
+        next_token_probs(LOGITS, **options)
+
+
+def test_a_top_p_tie_at_the_boundary_keeps_the_lower_ids():
+    """As the module docstring says: equal probabilities are taken lowest id first (top_k keeps ties)."""
+    assert next_token_probs(np.zeros(4), top_p=0.5).tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert next_token_probs(np.zeros(4), top_k=2).tolist() == [0.25] * 4
 
 
 # --- generate ---------------------------------------------------------------------------------------

@@ -865,11 +865,11 @@ def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--top-k", "0", "option '--top-k' must be None or an integer >= 1, got 0"),
-    ("--top-p", "1.5", "option '--top-p' must be None or a number in (0, 1], got 1.5"),
+    ("--top-k", "0", "option '--top-k' must be an integer >= 1 (leave it out for every token), got 0"),
+    ("--top-p", "1.5", "option '--top-p' must be a number in (0, 1] (leave it out for every token), got 1.5"),
     ("--temperature", "-1", "option '--temperature' must be a finite number >= 0 (0 = greedy), got -1.0"),
     ("--max-new-tokens", "-2", "option '--max-new-tokens' must be an integer >= 0, got -2"),
-    ("--seed", "-1", "option '--seed' must be None or an integer >= 0, got -1"),
+    ("--seed", "-1", "option '--seed' must be an integer >= 0, got -1"),
 ])
 def test_sample_names_its_options_in_errors(trained, capsys, option, value, message):
     err = _error(capsys, ["sample", "--checkpoint", str(trained / "last.npz"), option, value, "--backend", "numpy"])
