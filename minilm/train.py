@@ -139,6 +139,14 @@ class TrainStep:
         return loss, state
 
 
+def _diverged(what, it, last_path, lr):
+    """The message of a run stopped by a loss that is not finite: the weights have diverged, so
+    nothing of this iteration is saved, and last.npz keeps the last evaluation's state."""
+    kept = (f"{last_path} keeps iteration {checkpoint.load(last_path).meta['iter']}" if os.path.exists(last_path)
+            else "nothing was saved")
+    return f"minilm train: {what} at iteration {it}; {kept}; try a smaller --lr (now {lr})"
+
+
 def estimate_loss(model, batches):
     """Mean loss over a fixed list of batches (the same batches at every evaluation)."""
     return float(np.mean([float(model.forward(backend.to_backend(x), backend.to_backend(y))[1]) for x, y in batches]))
@@ -456,6 +464,9 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter:
                 train_loss = estimate_loss(runner, eval_batches["train"])
                 val_loss = estimate_loss(runner, eval_batches["val"])
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):   # before anything is written
+                    raise FloatingPointError(_diverged(f"the evaluation loss became {val_loss} (train "
+                                                       f"{train_loss})", it, last_path, cfg.lr))
                 row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
                        "tokens_per_s": train_tokens / train_time if train_time else None,
                        "elapsed_s": elapsed()}
@@ -498,8 +509,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
             first_step = False
             loss = float(loss)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"minilm train: the training loss became {loss} at iteration {it}; "
-                                         f"try a smaller --lr (now {cfg.lr})")
+                raise FloatingPointError(_diverged(f"the training loss became {loss}", it, last_path, cfg.lr))
             it += 1
             dt = time.perf_counter() - t0
             train_time += dt

@@ -422,6 +422,21 @@ def test_a_diverged_loss_is_a_clear_error_and_keeps_the_checkpoints(corpus, tmp_
     assert "minilm train: error: the training loss became nan at iteration" in err and "smaller --lr" in err
     assert "Traceback" not in err
     assert checkpoint.load(out / "last.npz").meta["iter"] == 0         # saved at the first evaluation, intact
+    assert f"{out / 'last.npz'} keeps iteration 0" in err
+
+
+def test_a_loss_that_diverges_at_an_evaluation_keeps_the_checkpoints(corpus, tmp_path, capsys, monkeypatch):
+    """Weights an update has just blown up show first in an evaluation: it must stop the run before
+    metrics.jsonl gets NaN (not JSON) and before last.npz, which --resume needs, gets the weights."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "8") == 0
+    saved = {name: (out / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
+    monkeypatch.setattr(train, "estimate_loss", lambda model, batches: float("nan"))
+    err = _error(capsys, ["train", "--out", str(out), "--resume", "--max-iters", "12", "--eval-interval", "1",
+                          "--no-progress"])
+    assert (f"minilm train: error: the evaluation loss became nan (train nan) at iteration 9; "
+            f"{out / 'last.npz'} keeps iteration 8; try a smaller --lr") in err
+    assert {name: (out / name).read_bytes() for name in saved} == saved
 
 
 def test_early_stopping(corpus, tmp_path):
