@@ -113,6 +113,23 @@ def test_float32_in_float32_out():
     assert all(g.dtype == np.float32 for g in layernorm_backward(np.ones_like(y), cache))
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_constant_row_normalises_to_zero_however_large_its_value(backend_name, dtype):
+    """x - mean is 0 on a constant row: the float32 mean of 384 copies of 10000.1 summed in float32
+    came out an ulp off, and x_hat = ±ulp / sqrt(eps) was 0.3 (PyTorch and the kernels: 0). Summed
+    in float64 it is exact for float32 rows; a float64 row's own mean may still be an ulp off
+    (1.8e-12 at 1e4), which gamma / sqrt(eps) makes ~1e-9: hence 1e-8 there."""
+    import minilm
+    from minilm import ops
+    minilm.use(backend_name)                                   # the autouse fixture restores the backend
+    x = np.full((3, 384), 10000.1, dtype=dtype)
+    x[1] = -3e4
+    beta = np.linspace(-1, 1, 384).astype(dtype)
+    y, _ = ops.layernorm_forward(x, np.full(384, 2.0, dtype=dtype), beta)
+    np.testing.assert_allclose(y, np.broadcast_to(beta, x.shape), rtol=0, atol=0 if dtype == np.float32 else 1e-8)
+
+
 def test_backward_does_not_mutate_its_inputs_or_the_cache():
     y, cache = layernorm_forward(*example())
     dy = np.ones_like(y)
