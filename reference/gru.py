@@ -95,8 +95,9 @@ h_T    (B, H)      dh_T (B, H)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
+from minilm.reference.activations import sigmoid
 from minilm.reference.rnn import (check_backward_args, check_sequence, check_vector, check_weights,
-                                  shifted_states, sigmoid)
+                                  shifted_states)
 from minilm.validate import require_cache, require_same_dtype
 
 

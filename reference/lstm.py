@@ -96,8 +96,9 @@ c_T      (B, H)      dc_T (B, H)
 from typing import NamedTuple
 
 from minilm.backend import get_array_module
+from minilm.reference.activations import sigmoid
 from minilm.reference.rnn import (check_sequence, check_backward_args, check_state, check_vector, check_weights,
-                                  shifted_states, sigmoid)
+                                  shifted_states)
 from minilm.validate import require_cache, require_same_dtype
 
 

@@ -64,7 +64,7 @@ h      (B, T, H)   dh (B, T, H)
 h_T    (B, H)      dh_T (B, H)
 =====  ==========  ==============
 
-This file also holds the argument checks and the sigmoid that ``lstm`` and ``gru`` share.
+This file also holds the argument checks that ``lstm`` and ``gru`` share.
 """
 from typing import NamedTuple
 
@@ -121,16 +121,6 @@ def check_backward_args(op, dh, h, **state_gradients):
         if d is not None:
             require_gradient(op, name, d, (B, H), "(B, H)")
     return B, T, H
-
-
-def sigmoid(xp, a, out=None):
-    r"""σ(a) = ½(1 + tanh(a/2)), into ``out`` when given: an identity that never overflows as
-    1/(1 + e^{-a}) does for a << 0 (its absolute error stays within an ulp of 1; where σ → 0 the
-    relative error grows, and it is 0 from a ≈ -38 in float64, -20 in float32)."""
-    out = xp.tanh(0.5 * a, out=out)
-    out += 1
-    out *= 0.5
-    return out
 
 
 def shifted_states(h0, h):

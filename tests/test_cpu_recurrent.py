@@ -279,7 +279,7 @@ def test_python_versions_of_the_helpers():
     """Outside a kernel the helpers are NumPy's functions (what the overloads stand in for)."""
     a = np.linspace(-5, 5, 11)
     np.testing.assert_allclose(cpu_math.exp_nonpositive(-np.abs(a)), np.exp(-np.abs(a)))
-    np.testing.assert_allclose(cpu_math.sigmoid(a), 1 / (1 + np.exp(-a)), rtol=EXACT_TOL)   # ½(1 + tanh(a/2)): an ulp or two
+    np.testing.assert_allclose(cpu_math.sigmoid(a), 1 / (1 + np.exp(-a)), rtol=EXACT_TOL)   # the same two forms: an ulp or two
     np.testing.assert_allclose(cpu_math.tanh(a), np.tanh(a))
 
 

@@ -25,7 +25,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from minilm.cpu._jit import jit
-from minilm.reference import rnn as reference
+from minilm.reference import activations as reference
 
 SCALAR_TYPES = {types.float32: np.float32, types.float64: np.float64}
 
