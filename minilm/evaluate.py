@@ -7,7 +7,7 @@ from minilm import backend, checkpoint
 from minilm.data import CharTokenizer, load_saved_text, split
 from minilm.models import model_from_meta
 from minilm.parallel import batch_runner
-from minilm.validate import require_positive
+from minilm.validate import require_bool, require_positive
 
 
 MODEL_META = ("model", "tokenizer")                          # what rebuilding the model reads
@@ -27,19 +27,31 @@ def load_model(path, required_meta=MODEL_META):
     return model, tokenizer, saved.meta
 
 
-def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
-    """Mean cross-entropy (nats per character) over ``ids`` cut into non-overlapping windows.
+def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="argument 'ids'"):
+    """Mean cross-entropy (nats per character) over ``ids``; every character after the first is
+    predicted exactly once.
 
-    Every character after the first is predicted exactly once (windows start at 0, T, 2T, ...;
-    a shorter last window is scored too), each window from an empty context. ``what`` names
-    ``ids`` in an error message (a command names the text they come from).
+    By default ``ids`` is cut into non-overlapping windows (starting at 0, T, 2T, ...; a shorter
+    last window is scored too), each scored from an empty context, as a model trained on random
+    windows saw them. With ``carry_state`` (a recurrent model trained with contiguous batches,
+    which carries its state from one chunk to the next) ``ids`` is cut into ``batch_size`` streams
+    instead, as ``ContiguousBatches`` cuts a corpus, and each stream is scored chunk by chunk with
+    the state carried, so that every character is predicted from all of its stream's history
+    (with ``batch_size`` 1: one pass over the whole text). ``what`` names ``ids`` in an error
+    message (a command names the text they come from).
     """
     require_positive("evaluate", "block_size", block_size, int)
     require_positive("evaluate", "batch_size", batch_size, int)
+    require_bool("evaluate", "carry_state", carry_state)
     if len(ids) < 2:
         raise ValueError(f"evaluate: {what} must hold at least 2 characters (one to predict from, one to "
                          f"predict), got {len(ids)}")
     runner = batch_runner(model)                                # the batch's rows over the cores
+    if carry_state:
+        if getattr(model, "kind", None) != "rnn":
+            raise ValueError(f"evaluate: option 'carry_state' is for recurrent models, which carry a state; "
+                             f"got a {type(model).__name__}")
+        return _result(*stream_loss(runner, np.asarray(ids), block_size, batch_size))
     starts = list(range(0, len(ids) - 1, block_size))
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
@@ -54,8 +66,40 @@ def evaluate(model, ids, *, block_size, batch_size, what="argument 'ids'"):
             loss = float(runner.forward(backend.to_backend(x), backend.to_backend(y))[1])
             total += loss * y.size
             count += y.size
-    mean = total / count
+    return _result(total / count, count)
+
+
+def _result(mean, count):
     return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": mean / math.log(2), "characters": count}
+
+
+def stream_loss(model, ids, block_size, batch_size):
+    """(mean loss, characters) of a recurrent ``model`` over ``ids`` cut into streams, the state
+    carried from chunk to chunk (``evaluate(..., carry_state=True)``).
+
+    The B = min(batch_size, len(ids) - 1) streams have L = (len(ids) - 1) // B predictions each,
+    stream b those of ids[b L + 1 : (b + 1) L + 1]; the r < B predictions left over follow the last
+    stream's, so they are scored last, from its final state.
+    """
+    n = len(ids) - 1                                            # characters to predict
+    B = min(batch_size, n)
+    L = n // B
+    x, y = ids[:B * L].reshape(B, L), ids[1:B * L + 1].reshape(B, L)    # (B, L): stream b is row b
+    total, state = 0.0, None
+
+    def chunk(xc, yc, state):
+        _, loss, state = model.forward(backend.to_backend(xc), backend.to_backend(yc), state=state)
+        return float(loss) * yc.size, state
+
+    for t in range(0, L, block_size):                           # the B streams side by side
+        loss, state = chunk(x[:, t:t + block_size], y[:, t:t + block_size], state)
+        total += loss
+    state = tuple(tuple(s[-1:] for s in layer) for layer in state)      # the last stream's, for the rest
+    for t in range(B * L, n, block_size):
+        end = min(t + block_size, n)
+        loss, state = chunk(ids[None, t:end], ids[None, t + 1:end + 1], state)
+        total += loss
+    return total / n, n
 
 
 def run(args, out=print):
@@ -68,10 +112,13 @@ def run(args, out=print):
     ids = val_ids if args.split == "val" else train_ids
     cfg = meta["train_config"]
     batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
-    result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=batch_size,
+    carry = model.kind == "rnn" and cfg.get("batching") == "contiguous"    # scored as it was trained
+    result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=batch_size, carry_state=carry,
                       what=f"the {args.split} split of --data {data!r}")
+    how = (f"{min(batch_size, len(ids) - 1)} streams, the state carried (trained with --batching contiguous)"
+           if carry else f"windows of {cfg['block_size']}, each from an empty context")
     out(f"{args.checkpoint} (iteration {meta['iter']}) on the {args.split} split of {source}, "
-        f"{result['characters']:,} characters:")
+        f"{result['characters']:,} characters in {how}:")
     out(f"  loss {result['loss']:.4f} nats/char, perplexity {result['perplexity']:.3f}, "
         f"{result['bits_per_char']:.4f} bits/char")
     return 0

@@ -27,6 +27,7 @@ from minilm.data import (CharTokenizer, ContiguousBatches, RandomBatches, evalua
                          load_text, split, text_digest)
 from minilm.models import build_model, model_meta, param_count
 from minilm.models.rnnlm import GATES
+from minilm.evaluate import stream_loss
 from minilm.parallel import batch_runner
 
 def make_optimizer(cfg, params):
@@ -385,8 +386,20 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     else:
         batches = RandomBatches(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed)
     dropout_rng = np.random.default_rng(cfg.seed + 1)
-    eval_batches = {"train": evaluation_batches(train_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 2),
-                    "val": evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=cfg.seed + 3)}
+    if recurrent and cfg.batching == "contiguous":     # scored as it is trained: streams, the state carried
+        n = cfg.eval_iters * cfg.batch_size * cfg.block_size + 1     # as many characters as the random batches
+        eval_texts = {"train": train_ids[:n], "val": val_ids[:n]}
+
+        def split_loss(name):
+            return stream_loss(runner, eval_texts[name], cfg.block_size, cfg.batch_size)[0]
+    else:
+        eval_batches = {"train": evaluation_batches(train_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters,
+                                                    seed=cfg.seed + 2),
+                        "val": evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters,
+                                                  seed=cfg.seed + 3)}
+
+        def split_loss(name):
+            return estimate_loss(runner, eval_batches[name])
     stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
     scaler = LossScaler(enabled=cfg.dtype == "float16")
     step = TrainStep(model, runner, optimizer, scaler, grad_clip=cfg.grad_clip, cuda_graph=cuda_graph)
@@ -462,8 +475,7 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
         while True:
             # evaluate at every eval_interval and at the end (not again right after resuming there)
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter:
-                train_loss = estimate_loss(runner, eval_batches["train"])
-                val_loss = estimate_loss(runner, eval_batches["val"])
+                train_loss, val_loss = split_loss("train"), split_loss("val")
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):   # before anything is written
                     raise FloatingPointError(_diverged(f"the evaluation loss became {val_loss} (train "
                                                        f"{train_loss})", it, last_path, cfg.lr))

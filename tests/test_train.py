@@ -632,6 +632,54 @@ def test_evaluate_is_the_mean_loss_over_every_predicted_character(n, block_size,
     assert result["bits_per_char"] == pytest.approx(expected / np.log(2), rel=1e-12)
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_evaluate_with_the_state_carried_is_one_pass_over_each_stream(cell, backend_name):
+    """carry_state: one stream is one forward over the whole text; three streams of 66 predictions
+    (200 = 3 x 66 + 2) are three forwards, the 2 left over continuing the last stream. float64:
+    the same sums in another grouping, equal to 1e-12."""
+    import minilm
+    from minilm.evaluate import evaluate
+    from minilm.models import RNNLM, GPT, GPTConfig, RNNConfig
+    minilm.use(backend_name)                                    # the autouse fixture restores the backend
+    model = RNNLM(RNNConfig(vocab_size=11, cell=cell, n_layer=2, hidden_size=16, n_embd=8), dtype=np.float64, seed=0)
+    ids = np.random.default_rng(0).integers(0, 11, 201)
+
+    def loss_of(a, b):                                          # predictions a+1 .. b, in one pass
+        return float(model.forward(ids[None, a:b], ids[None, a + 1:b + 1])[1]) * (b - a)
+
+    one = evaluate(model, ids, block_size=8, batch_size=1, carry_state=True)
+    assert one["characters"] == 200 and one["loss"] == pytest.approx(loss_of(0, 200) / 200, rel=1e-12)
+    three = evaluate(model, ids, block_size=8, batch_size=3, carry_state=True)
+    assert three["loss"] == pytest.approx((loss_of(0, 66) + loss_of(66, 132) + loss_of(132, 200)) / 200, rel=1e-12)
+    assert evaluate(model, ids[:3], block_size=8, batch_size=5, carry_state=True)["characters"] == 2
+    windows = evaluate(model, ids, block_size=8, batch_size=1)["loss"]
+    assert abs(windows - one["loss"]) > 1e-6                   # each window from zeros is another number
+    with pytest.raises(ValueError, match="evaluate: option 'carry_state' is for recurrent models.*got a GPT"):
+        evaluate(GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=4)), ids, block_size=8,
+                 batch_size=1, carry_state=True)
+
+
+def test_a_contiguous_run_is_evaluated_with_its_state_carried(corpus, tmp_path, capsys):
+    """char-rnn's batches train the model to use its history: the run's evaluations (the first
+    eval_iters x batch_size x block_size characters of each split) and minilm eval (the whole split)
+    score it with the state carried, and say so."""
+    from minilm.data import CharTokenizer, split
+    from minilm.evaluate import evaluate, load_model, stream_loss
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--model", "lstm", "--batching", "contiguous", "--max-iters", "8") == 0
+    model, tokenizer, meta = load_model(str(out / "last.npz"))
+    train_ids, val_ids = split(tokenizer.encode(open(corpus, encoding="utf-8").read()), 0.9)
+    n = 2 * 4 * 16 + 1                                          # --eval-iters x --batch-size x --block-size + 1
+    assert _metrics(out)[-1]["val_loss"] == pytest.approx(stream_loss(model, val_ids[:n], 16, 4)[0], rel=1e-6)
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out / "last.npz"), "--backend", "numpy"]) == 0
+    said = capsys.readouterr().out
+    whole = evaluate(model, val_ids, block_size=16, batch_size=4, carry_state=True)["loss"]
+    assert "in 4 streams, the state carried (trained with --batching contiguous)" in said
+    assert f"loss {whole:.4f} nats/char" in said
+
+
 def test_eval_uses_the_given_batch_size(trained, monkeypatch, capsys):
     from minilm import evaluate as evaluate_module
     seen = []
