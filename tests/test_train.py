@@ -664,7 +664,7 @@ def test_a_contiguous_run_is_evaluated_with_its_state_carried(corpus, tmp_path, 
     """char-rnn's batches train the model to use its history: the run's evaluations (the first
     eval_iters x batch_size x block_size characters of each split) and minilm eval (the whole split)
     score it with the state carried, and say so."""
-    from minilm.data import CharTokenizer, split
+    from minilm.data import split
     from minilm.evaluate import evaluate, load_model, stream_loss
     out = tmp_path / "run"
     assert _train(corpus, out, "--model", "lstm", "--batching", "contiguous", "--max-iters", "8") == 0
