@@ -89,6 +89,9 @@ def _train(args):
         ignored.insert(0, "option '--preset' is ignored with --resume: the saved run's settings are the start")
     if args.no_cuda_graph and backend.current() != "cupy":
         ignored.append("option '--no-cuda-graph' is ignored: it is used only by --backend cupy")
+    elif args.no_cuda_graph and (cfg.model != "gpt" or cfg.dtype == "float16"):   # TrainStep's rule
+        ignored.append("option '--no-cuda-graph' is ignored: only a GPT's step, in float32 or bfloat16, is "
+                       "replayed as a CUDA graph; this run goes op by op anyway")
     for line in ignored:
         print(f"minilm train: warning: {line}", file=sys.stderr)
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's

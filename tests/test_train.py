@@ -1206,6 +1206,9 @@ def test_no_cuda_graph_is_passed_on_and_used_on_the_cupy_backend(given_to_train,
     assert given_to_train[-1][1]["cuda_graph"] is False and capsys.readouterr().err == ""
     assert cli.main(["train", "--backend", "numpy"]) == 0
     assert given_to_train[-1][1]["cuda_graph"] is True
+    for other in (["--model", "lstm"], ["--dtype", "float16"]):     # never a graph: said to be ignored
+        assert cli.main(["train", "--no-cuda-graph", "--backend", "numpy", *other]) == 0
+        assert "'--no-cuda-graph' is ignored: only a GPT's step, in float32 or bfloat16" in capsys.readouterr().err
 
 
 def test_presets_and_configs_from_python_are_checked():
