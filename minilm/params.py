@@ -117,6 +117,11 @@ class Params:
         """The weights the forward computes with: a view of ``compute`` (``data`` without mixed precision)."""
         return self._weights[name]
 
+    def __setitem__(self, name, value):
+        """``params[name] = value`` sets the master weights (``values[name]``), then the compute copy."""
+        self.values[name] = value
+        self.sync()
+
     def sync(self):
         """Copy the master weights into the low-precision ``compute`` copy (after an update or a load)."""
         if self.mixed:

@@ -460,6 +460,8 @@ def test_params_bad_input_names_what_is_wrong():
     assert params.data[6:].tolist() == [1.0, 2.0, 3.0]
     params.grads["W"] = 0.0                                        # one number fills the view
     assert not params.grad[:6].any()
+    params["b"] = np.array([4.0, 5.0, 6.0])                        # what the forward reads, and the master weights
+    assert params.data[6:].tolist() == params["b"].tolist() == [4.0, 5.0, 6.0]
 
 
 def test_params_refuse_a_gradient_that_numpy_would_turn_into_nan_or_broadcast():

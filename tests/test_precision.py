@@ -35,6 +35,8 @@ def test_sixteen_bit_models_keep_float32_master_weights_and_a_rounded_copy():
     assert np.array_equal(P.compute, P.data.astype(np.float16))
     assert P["wte"].dtype == np.float16 and P.values["wte"].dtype == np.float32
     assert np.shares_memory(P["wte"], P.compute) and np.shares_memory(P.grads["wte"], P.compute_grad)
+    P["wte"] = 1 / 3                                        # sets the master weights, then their float16 copy
+    assert np.all(P.values["wte"] == np.float32(1 / 3)) and np.all(P["wte"] == np.float16(1 / 3))
 
 
 def test_full_precision_params_have_one_pair_of_buffers():
