@@ -43,11 +43,11 @@ def add_options(p):
                    help="'all' is train, sample and ops; 'converge' (long) times training to --target; "
                         "'replay' (long) trains minilm from the PyTorch peer's initial weights on the same "
                         "batches as the peer; 'nanogpt' (long) trains the peer with nanoGPT's own loop and "
-                        "PyTorch's random numbers")
-    p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach")
+                        "PyTorch's random numbers (default: all)")
+    p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach (default: 1.90)")
     p.add_argument("--converge-preset", default="shakespeare-char-cpu", choices=list(PRESETS), metavar="PRESET",
-                   help="converge, replay: the preset to train")
-    p.add_argument("--data", default="shakespeare", help="converge, replay, nanogpt: the corpus")
+                   help="converge, replay: the preset to train (default: shakespeare-char-cpu)")
+    p.add_argument("--data", default="shakespeare", help="converge, replay, nanogpt: the corpus (default: shakespeare)")
     p.add_argument("--seed", type=int, default=None, help="converge, replay, nanogpt: the seed (default: the preset's)")
     p.add_argument("--max-iters", type=int, default=None,
                    help="converge, replay: training iterations (default: the preset's); the learning-rate "
@@ -58,16 +58,16 @@ def add_options(p):
                    help=f"train: the presets to time, among {', '.join(PRESETS)}; default: {' '.join(TRAIN_PRESETS)}")
     p.add_argument("--backends", nargs="+", default=None, choices=BACKENDS, metavar="BACKEND",
                    help=f"among {', '.join(BACKENDS)}; default: numpy and numba (and cupy when a GPU is present)")
-    p.add_argument("--steps", type=int, default=30, help="timed training steps per configuration")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT compilation, caches)")
-    p.add_argument("--tokens", type=int, default=500, help="tokens to sample")
-    p.add_argument("--rounds", type=int, default=3, help="times each table is measured, in turn (medians reported)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for Numba, BLAS and PyTorch")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per configuration (default: 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT compilation, caches; default: 5)")
+    p.add_argument("--tokens", type=int, default=500, help="tokens to sample (default: 500)")
+    p.add_argument("--rounds", type=int, default=3, help="times each table is measured, in turn (medians reported; default: 3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for Numba, BLAS and PyTorch (default: the machine's cores)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=GPU_DTYPES, metavar="DTYPE",
                    help="train: the dtypes of the GPU (cupy) tables, one table each, among "
-                        f"{', '.join(GPU_DTYPES)} (16-bit = mixed precision); CPU backends train in float32")
+                        f"{', '.join(GPU_DTYPES)} (16-bit = mixed precision; default: float32); CPU backends train in float32")
     p.add_argument("--batch-size", type=int, default=None, help="train: override the presets' batch size")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's peak TFLOPS for the MFU column (default: H100 SXM dense peak of the dtype)")

@@ -36,7 +36,7 @@ def build_parser():
     p.add_argument("--data", default=None,
                    help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once; the default) "
                         "or a UTF-8 text file; with --resume: the saved run's")
-    p.add_argument("--out", default="out", help="folder for checkpoints, metrics.jsonl and loss.png")
+    p.add_argument("--out", default="out", help="folder for checkpoints, metrics.jsonl and loss.png (default: out)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last.npz")
     start.add_argument("--overwrite", action="store_true",

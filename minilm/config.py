@@ -154,7 +154,43 @@ def _parse_bool(text):
 
 
 # what 0 means, for the options where it switches something off or falls back to another option
-_ZERO_MEANS = {"lr_decay_iters": "0: --max-iters", "grad_clip": "0: no clipping", "patience": "0: no early stopping"}
+# what each option does, for --help (the defaults are added to it)
+MEANING = {
+    "model": "the model: a GPT, or a language model of rnn, lstm or gru layers",
+    "n_layer": "layers (GPT blocks, or stacked recurrent layers)",
+    "n_head": "attention heads per block (gpt); must divide --n-embd",
+    "n_embd": "the GPT's width C, or a recurrent model's embedding size",
+    "hidden_size": "the hidden size H of each recurrent layer",
+    "block_size": "characters per training sequence T (the GPT's context)",
+    "dropout": "dropout probability while training (GPT: the embeddings, the attention weights, each residual "
+               "branch; recurrent: each layer's output)",
+    "bias": "gpt: biases in the linear layers and layernorms",
+    "optimizer": "the optimizer",
+    "lr": "the learning rate (the cosine schedule's peak)",
+    "min_lr": "the cosine schedule's floor",
+    "schedule": "the learning rate over the run: linear warm-up then cosine decay to --min-lr, constant, or "
+                "multiplied by --lr-gamma every --lr-step-size iterations",
+    "warmup_iters": "iterations of linear warm-up (cosine)",
+    "lr_decay_iters": "the cosine schedule's length, after which it stays at --min-lr (0: --max-iters)",
+    "lr_step_size": "the step schedule's interval",
+    "lr_gamma": "the step schedule's factor",
+    "beta1": "Adam's first-moment decay",
+    "beta2": "Adam's second-moment decay",
+    "weight_decay": "adamw's decoupled weight decay, on the 2-D weights only (nanoGPT's rule)",
+    "momentum": "sgd's or rmsprop's momentum",
+    "nesterov": "sgd: Nesterov momentum (needs --momentum)",
+    "rmsprop_alpha": "rmsprop's decay of the squared gradients",
+    "grad_clip": "clip the gradient's global norm to this (0: no clipping)",
+    "batch_size": "sequences per batch B",
+    "batching": "random windows, or (recurrent) contiguous streams that carry the state from batch to batch, "
+                "as char-rnn",
+    "max_iters": "iterations to run (the run stops there; the schedule's length is --lr-decay-iters)",
+    "eval_interval": "iterations between evaluations (and checkpoints)",
+    "eval_iters": "batches per loss estimate at each evaluation",
+    "patience": "early stopping: evaluations without a better validation loss (0: no early stopping)",
+    "seed": "seeds the initial weights, the batches and dropout",
+    "dtype": "float32 to train; float64 for checks; float16 and bfloat16 on a GPU, with float32 master weights",
+}
 
 
 def add_options(parser):
@@ -162,10 +198,10 @@ def add_options(parser):
     parsers = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     for f in fields(TrainConfig):
         type_name = _type_name(f)
-        zero = f" ({_ZERO_MEANS[f.name]})" if f.name in _ZERO_MEANS else ""
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parsers[type_name], default=None,
                             choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else type_name.upper(),
-                            help=f"default: the preset's, else {f.default!r}; with --resume, the saved run's{zero}")
+                            help=f"{MEANING[f.name]}; default: the preset's, else {f.default!r}; with --resume, "
+                                 f"the saved run's")
 
 
 # option -> (who uses it, the settings that use it): an option given for a run that never reads it

@@ -1,4 +1,5 @@
 """End to end: `minilm train`, resume, Ctrl-C, `minilm eval`, `minilm sample`, and their bad input."""
+import dataclasses
 import io
 import json
 import os
@@ -1209,6 +1210,26 @@ def test_no_cuda_graph_is_passed_on_and_used_on_the_cupy_backend(given_to_train,
     for other in (["--model", "lstm"], ["--dtype", "float16"]):     # never a graph: said to be ignored
         assert cli.main(["train", "--no-cuda-graph", "--backend", "numpy", *other]) == 0
         assert "'--no-cuda-graph' is ignored: only a GPT's step, in float32 or bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "gradcheck", "bench"])
+def test_help_says_what_every_option_does_and_its_default(command, capsys):
+    """--help is where a user learns the options: each says what it does, and each that has a
+    default says it (train's: the preset's, else the config's)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())            # argparse wraps the lines
+    if command == "train":
+        for f in dataclasses.fields(TrainConfig):
+            meaning = " ".join(config.MEANING[f.name].split())
+            assert f"{meaning}; default: the preset's, else {f.default!r}" in text, f.name
+    import argparse
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        assert action.help and len(action.help.split()) >= 2, f"{command}: {action.option_strings} has no help"
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            assert "default" in action.help, f"{command}: {action.option_strings} does not give its default"
 
 
 def test_presets_and_configs_from_python_are_checked():
