@@ -88,8 +88,9 @@ def atomic_write(path, write):
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            with contextlib.suppress(FileNotFoundError):   # a replaced file's permissions stay as they were
-                os.fchmod(f.fileno(), os.stat(path).st_mode & 0o7777)
+            if hasattr(os, "fchmod"):                  # not on Windows before Python 3.13
+                with contextlib.suppress(FileNotFoundError):   # a replaced file's permissions stay as they were
+                    os.fchmod(f.fileno(), os.stat(path).st_mode & 0o7777)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
