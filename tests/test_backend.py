@@ -279,3 +279,21 @@ def test_the_cache_tag_changes_with_the_options_and_with_the_source(tmp_path):
     # GELU's) and functions the kernels read: a change to either must compile them afresh
     import minilm.reference
     assert _jit.SOURCE_DIGEST == _jit.source_digest([os.path.dirname(_jit.__file__), *minilm.reference.__path__])
+
+
+def test_python_started_in_the_checkout_finds_the_mapped_packages():
+    """In a checkout, ``python`` imports its minilm/ folder ahead of an installed copy (after a plain
+    ``pip install .``), without the packaging's mapping of reference/, gpu/ and bench/ into it: the
+    package finds them itself. The editable install's finder is taken away to show that."""
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if 'editable' not in getattr(f, '__name__', type(f).__name__).lower()]; "
+            "import minilm.reference, minilm.bench; import minilm; minilm.use('numpy'); "
+            "from minilm.models import GPT; print(minilm.reference.__file__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert pathlib.Path(done.stdout.strip()) == root / "reference" / "__init__.py"
+
