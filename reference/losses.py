@@ -137,6 +137,7 @@ def cross_entropy_backward(dloss, cache):
     V = p.shape[-1]
     onehot = (xp.arange(V) == t[..., None]).astype(p.dtype)   # (..., V)
     q = (1.0 - eps) * onehot + eps / V                         # (..., V) smoothed target distribution
-    w = counted.astype(p.dtype) * (dloss / max(M, 1))          # (...) each counted position's share
+    share = xp.asarray(dloss / max(M, 1), dtype=p.dtype)       # () (NumPy 1 makes float32 / int float64)
+    w = counted.astype(p.dtype) * share                        # (...) each counted position's share
     dlogits = (p - q) * w[..., None]                           # (..., V)
     return dlogits, None

@@ -120,6 +120,18 @@ def test_loss_is_a_0d_array_of_the_logits_dtype():
         assert isinstance(loss, np.ndarray) and loss.shape == () and loss.dtype == dtype
 
 
+@pytest.mark.parametrize("shape", [(4,), (1,), (2, 4)])
+def test_the_gradient_has_the_logits_dtype_for_every_shape(shape):
+    """Unbatched logits make every factor 0-d, where NumPy 1's value-based promotion turned a
+    float32 dloss / M into float64 (and float64 dlogits); the share is cast to the logits' dtype."""
+    logits = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    targets = np.zeros(shape[:-1], dtype=np.int64)
+    _, cache = cross_entropy_forward(logits, targets)
+    for dloss in (1.0, np.float32(1.0), np.array(1.0)):
+        dlogits, _ = cross_entropy_backward(dloss, cache)
+        assert dlogits.dtype == np.float32 and dlogits.shape == shape
+
+
 def test_no_overflow_for_large_logits():
     logits = np.array([[1000.0, 0.0, -1000.0], [1000.0, 0.0, -1000.0]])
     with np.errstate(over="raise", invalid="raise"):              # exp(1000) would overflow
