@@ -42,7 +42,14 @@ def _load(name):
         except ImportError as e:
             raise RuntimeError(f"backend 'numba' needs the numba package, which did not import ({e}); "
                                "install it with `pip install numba` or choose --backend numpy") from None
-        return (importlib.import_module("minilm.cpu"), reference)
+        try:
+            return (importlib.import_module("minilm.cpu"), reference)
+        except RuntimeError as e:               # Numba's, when no folder it may cache in is writable
+            if "cannot cache function" not in str(e):
+                raise
+            raise RuntimeError(f"backend 'numba' cannot cache its compiled kernels: neither the install folder "
+                               f"nor Numba's user cache folder is writable ({e}); set NUMBA_CACHE_DIR to a "
+                               f"writable folder, or choose --backend numpy") from None
     if name == "cupy":
         try:
             import cupy

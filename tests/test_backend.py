@@ -297,3 +297,20 @@ def test_python_started_in_the_checkout_finds_the_mapped_packages():
     assert done.returncode == 0, done.stderr
     assert pathlib.Path(done.stdout.strip()) == root / "reference" / "__init__.py"
 
+
+def test_no_writable_cache_folder_for_numba_says_what_to_set(tmp_path):
+    """A read-only install and a read-only home (a container run as another user): Numba refuses
+    every cached kernel; the backend says how to give it a folder. (Numba's own message names
+    neither NUMBA_CACHE_DIR nor --backend numpy.)"""
+    import subprocess
+    import sys
+    code = ("import numba.core.caching as caching\n"
+            "(getattr(caching, 'CacheImpl', None) or caching._CacheImpl)._locator_classes = []\n"
+            "import minilm\n"
+            "try:\n    minilm.use('numba')\nexcept RuntimeError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "NUMBA_CACHE_DIR": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("backend 'numba' cannot cache its compiled kernels") and \
+        "set NUMBA_CACHE_DIR to a writable folder, or choose --backend numpy" in done.stdout
+
