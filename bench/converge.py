@@ -18,12 +18,13 @@ def minilm_curve(cfg, data, backend_name):
     import minilm
     from minilm import train
     minilm.use(backend_name)
-    out = tempfile.mkdtemp(prefix="minilm-converge-")
-    train.train(cfg, data=data, out_dir=out, progress=False, log=lambda *a: None)
+    with tempfile.TemporaryDirectory(prefix="minilm-converge-") as out:     # its checkpoints are not kept
+        train.train(cfg, data=data, out_dir=out, progress=False, log=lambda *a: None)
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
     curve, seconds, prev = [], 0.0, 0
     tokens_per_step = cfg.batch_size * cfg.block_size
-    for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8"):
-        r = json.loads(line)
+    for r in rows:
         if r["tokens_per_s"]:
             seconds += (r["iter"] - prev) * tokens_per_step / r["tokens_per_s"]
         prev = r["iter"]

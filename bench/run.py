@@ -301,9 +301,10 @@ def _rounds(jobs, rounds):
     rows = []
     for i, job in enumerate(jobs):
         runs = [measured[r][i] for r in range(rounds)]
+        peaks = [x["peak_rss_mb"] for x in runs]
         row = {"job": job, "rounds": runs, "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
-               "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)}
-        if all("baseline_rss_mb" in x for x in runs):   # what the steps added to the libraries and the model
+               "peak_rss_mb": None if None in peaks else max(peaks)}       # None: not readable (Windows)
+        if None not in peaks and all("baseline_rss_mb" in x for x in runs):   # what the steps added
             row["steps_rss_mb"] = max(x["peak_rss_mb"] - x["baseline_rss_mb"] for x in runs)
         if "ms_per_step" in runs[0]:
             row["ms_per_step"] = statistics.median(x["ms_per_step"] for x in runs)
@@ -335,7 +336,8 @@ def _print_rows(out, title, rows, ms_key):
         return f"{v['median']:6.2f}x ({v['min']:.2f}-{v['max']:.2f})" if v else ""
     for r in rows:
         ms = f" {r[ms_key]:9.2f}" if ms_key else ""
-        line = f"  {_label(r):<28}{ms} {r['tokens_per_s']:10.0f} {r['peak_rss_mb']:9.0f}"
+        peak = f"{r['peak_rss_mb']:9.0f}" if r["peak_rss_mb"] is not None else f"{'n/a':>9}"
+        line = f"  {_label(r):<28}{ms} {r['tokens_per_s']:10.0f} {peak}"
         if steps:
             line += f" {r['steps_rss_mb']:12.0f}" if "steps_rss_mb" in r else f" {'':>12}"
         if gpu:

@@ -7,15 +7,23 @@ allocator never warms another's. Prints one JSON object.
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 
 import numpy as np
 
+try:
+    import resource
+except ImportError:                         # Windows: no getrusage, and no peak memory column
+    resource = None
+
 
 def _rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
+    """The process's peak resident memory in MB (None where it cannot be read: Windows)."""
+    if resource is None:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10     # bytes on macOS, KiB on Linux
 
 
 def _stats(times, tokens):

@@ -76,6 +76,27 @@ def test_rounds_report_the_median_speed_and_the_largest_memory(monkeypatch):
     assert "vs_torch" not in row and "vs_numpy" not in row
 
 
+def test_peak_memory_is_read_in_each_systems_unit_and_left_out_where_it_cannot_be(monkeypatch, capsys):
+    """getrusage's ru_maxrss is KiB on Linux and bytes on macOS; Windows has no resource module, and
+    there the column says n/a instead of the worker failing at its import."""
+    import types
+    from minilm.bench import worker
+    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=2**30))
+    monkeypatch.setattr(worker, "resource", fake)
+    monkeypatch.setattr(worker.sys, "platform", "linux")
+    assert worker._rss_mb() == 2**20
+    monkeypatch.setattr(worker.sys, "platform", "darwin")
+    assert worker._rss_mb() == 1024
+    monkeypatch.setattr(worker, "resource", None)
+    assert worker._rss_mb() is None
+    monkeypatch.setattr(bench_run, "run_job", lambda job: {"job": job, "tokens_per_s": 10.0, "ms_per_step": 1.0,
+                                                           "peak_rss_mb": None, "baseline_rss_mb": None})
+    (row,) = bench_run._rounds([{"impl": "minilm", "what": "train", "backend": "numpy"}], 2)
+    assert row["peak_rss_mb"] is None and "steps_rss_mb" not in row
+    bench_run._print_rows(print, "training step", [row], "ms_per_step")
+    assert "n/a" in capsys.readouterr().out
+
+
 def test_a_workers_step_statistics():
     from minilm.bench import worker
     stats = worker._stats([0.1, 0.6, 0.2], tokens=64)
@@ -118,8 +139,9 @@ def test_a_minilm_curve_adds_up_the_training_time_of_each_interval(tmp_path, mon
             f.writelines(json.dumps(r) + "\n" for r in rows)
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(minilm, "use", lambda name: None)
-    monkeypatch.setattr(converge.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    monkeypatch.setattr(converge.tempfile, "tempdir", str(tmp_path))
     curve = converge.minilm_curve(cfg, "shakespeare", "numpy")
+    assert list(tmp_path.iterdir()) == []                     # the run's folder is not left behind
     assert [p["iter"] for p in curve] == [0, 10, 20, 25] and [p["val_loss"] for p in curve] == [4.0, 3.0, 2.5, 2.4]
     # 640 tokens at 640/s, 640 at 320/s, 320 at 160/s: 1 + 2 + 2 seconds
     assert [p["train_seconds"] for p in curve] == pytest.approx([0.0, 1.0, 3.0, 5.0], rel=1e-12)
