@@ -153,7 +153,6 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-# what 0 means, for the options where it switches something off or falls back to another option
 # what each option does, for --help (the defaults are added to it)
 MEANING = {
     "model": "the model: a GPT, or a language model of rnn, lstm or gru layers",
