@@ -65,10 +65,9 @@ def _require_value(name, view, value, *, scalar_ok):
         raise TypeError(f"Params: parameter {name!r} takes an array of shape {view.shape}, got None (a backward "
                         f"returns None for integer inputs such as token ids: check the order of the unpacked "
                         f"gradients)")
-    kind = value.dtype.kind if hasattr(value, "dtype") else np.asarray(value).dtype.kind
-    if kind not in "fiub":
-        raise TypeError(f"Params: parameter {name!r} takes real numbers, got "
-                        f"{value.dtype if hasattr(value, 'dtype') else type(value).__name__}")
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    if dtype.kind not in "fiub" and dtype.name != "bfloat16":      # ml_dtypes' bfloat16 is of kind 'V'
+        raise TypeError(f"Params: parameter {name!r} takes real numbers, got {dtype}")
     shape = tuple(np.shape(value))
     if shape != tuple(view.shape) and not (scalar_ok and shape == ()):
         raise ValueError(f"Params: parameter {name!r} has shape {tuple(view.shape)}, got an array of shape {shape}")

@@ -148,7 +148,7 @@ from minilm.validate import (require_array, require_bool, require_cache, require
 
 # --- argument checks --------------------------------------------------------------------------
 
-def _require_mask(op, mask, shape, dims, *, keys=None):
+def _require_mask(op, mask, shape, dims, *, keys=None, queries="Tq"):
     """A boolean array that broadcasts to ``shape`` (numpy's rules: align on the right, 1 stretches).
 
     With ``keys`` (the keys' letter) it must also have every dimension of ``shape``: a padding mask
@@ -160,7 +160,7 @@ def _require_mask(op, mask, shape, dims, *, keys=None):
     if keys is not None and mask.ndim != len(shape):
         raise ValueError(f"{op}: argument 'mask' must have the {len(shape)} dimensions of {dims} (1 where shared), "
                          f"got shape {tuple(mask.shape)}; a padding mask over the keys is mask[:, None, :], shape "
-                         f"(B, 1, {keys}), and one for every batch row mask[None], shape (1, Tq, {keys})")
+                         f"(B, 1, {keys}), and one for every batch row mask[None], shape (1, {queries}, {keys})")
     fits = mask.ndim <= len(shape) and all(m in (1, s) for m, s in zip(mask.shape[::-1], shape[::-1]))
     if not fits:
         raise ValueError(f"{op}: argument 'mask' must broadcast to {dims} = {tuple(shape)}, got {tuple(mask.shape)}")
@@ -363,7 +363,7 @@ def check_self_attention_args(x, W_qkv, b_qkv, W_o, b_o, n_head, causal, dropout
     require_same_dtype(op, x=x, W_qkv=W_qkv, b_qkv=b_qkv, W_o=W_o, b_o=b_o)
     require_bool(op, "causal", causal)
     if mask is not None:
-        _require_mask(op, mask, (x.shape[0], x.shape[1], x.shape[1]), "(B, T, T)", keys="T")
+        _require_mask(op, mask, (x.shape[0], x.shape[1], x.shape[1]), "(B, T, T)", keys="T", queries="T")
     require_probability(op, "dropout", dropout)
     if dropout > 0:
         _require_rng(op, rng)

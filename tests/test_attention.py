@@ -680,7 +680,8 @@ BAD = {
         ("mask-not-bool", _set("mask", lambda _: np.ones((2, 1, 5))), TypeError, "argument 'mask' must be a boolean"),
         ("mask-padding-2d", _set("mask", lambda _: np.ones((2, 5), dtype=bool)), ValueError,
          r"argument 'mask' must have the 3 dimensions of \(B, T, T\) \(1 where shared\), got shape \(2, 5\); "
-         r"a padding mask over the keys is mask\[:, None, :\], shape \(B, 1, T\)"),
+         r"a padding mask over the keys is mask\[:, None, :\], shape \(B, 1, T\), and one for every batch row "
+         r"mask\[None\], shape \(1, T, T\)$"),
         ("mask-shape", _set("mask", lambda _: np.ones((2, 1, 4), dtype=bool)), ValueError,
          r"argument 'mask' must broadcast to \(B, T, T\) = \(2, 5, 5\), got \(2, 1, 4\)"),
     ],

@@ -123,7 +123,8 @@ def test_loss_is_a_0d_array_of_the_logits_dtype():
 @pytest.mark.parametrize("shape", [(4,), (1,), (2, 4)])
 def test_the_gradient_has_the_logits_dtype_for_every_shape(shape):
     """Unbatched logits make every factor 0-d, where NumPy 1's value-based promotion turned a
-    float32 dloss / M into float64 (and float64 dlogits); the share is cast to the logits' dtype."""
+    float32 dloss / M into float64 (and float64 dlogits); the share is cast to the logits' dtype.
+    This guards the declared floor, numpy>=1.24: under NumPy 2 (NEP 50) the old code passed too."""
     logits = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     targets = np.zeros(shape[:-1], dtype=np.int64)
     _, cache = cross_entropy_forward(logits, targets)

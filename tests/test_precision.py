@@ -187,6 +187,20 @@ def test_the_backward_writes_a_sixteen_bit_gradient_and_same_dtype_compute_is_no
     assert not same.mixed and same.compute is same.data and same.compute_grad is same.grad
 
 
+def test_a_bfloat16_compute_copy_takes_its_gradients():
+    """ml_dtypes' bfloat16 is of dtype kind 'V', not 'f': the check of a gradient written into a
+    view had refused it, so every bfloat16 backward failed at its first add_grad."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    P = Params([("W", (2, 3)), ("b", (3,))], dtype=np.float32, compute_dtype=ml_dtypes.bfloat16)
+    P.begin_grads()
+    P.add_grad("W", np.ones((2, 3), dtype=ml_dtypes.bfloat16))
+    P.add_grad("b", np.full(3, 2.0, dtype=ml_dtypes.bfloat16))
+    P.end_grads()
+    assert P.unscale_grads(0.5) and P.grad.tolist() == [0.5] * 6 + [1.0] * 3
+    P.grads["b"] = np.full(3, 4.0, dtype=ml_dtypes.bfloat16)          # a view written directly
+    assert P.compute_grad[6:].astype(np.float32).tolist() == [4.0] * 3
+
+
 def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)                 # `import ml_dtypes` raises ImportError
     with pytest.raises(ValueError, match=r"minilm train: option '--dtype' bfloat16 needs the ml_dtypes package, "
