@@ -30,11 +30,26 @@ def require_array(op, name, x):
 def require_float(op, name, x):
     """x is an array of a floating dtype (float16/32/64, bfloat16)."""
     require_array(op, name, x)
-    if x.dtype.kind != "f" and x.dtype.name != "bfloat16":        # dtype.kind is cheap; str(dtype) is not
-        raise TypeError(
-            f"{op}: argument '{name}' must be a floating-point array "
-            f"(float32 or float64), got dtype {x.dtype}"
-        )
+    if x.dtype.kind != "f":                                       # dtype.kind is cheap; str(dtype) is not
+        if x.dtype.name != "bfloat16":
+            raise TypeError(
+                f"{op}: argument '{name}' must be a floating-point array "
+                f"(float32 or float64), got dtype {x.dtype}"
+            )
+        if isinstance(x, np.ndarray):                            # NumPy, unlike CuPy, promotes it to float32
+            raise TypeError(f"{op}: argument '{name}' has dtype bfloat16, which {_BFLOAT16_ON_CPU}")
+
+
+_BFLOAT16_ON_CPU = ("the numpy and numba backends do not run (NumPy computes a bfloat16 product, or one "
+                    "with a Python float, in float32); expected float16, float32 or float64 there, or the "
+                    "cupy backend for bfloat16")
+
+
+def require_backend_dtype(op, name, dtype, backend_name):
+    """A model's ``dtype`` that ``backend_name`` runs: bfloat16 on the cupy backend only."""
+    if dtype.name == "bfloat16" and backend_name != "cupy":
+        raise ValueError(f"{op}: argument '{name}' bfloat16, which {_BFLOAT16_ON_CPU}; "
+                         f"the backend is {backend_name}")
 
 
 def require_ndim(op, name, x, ndim, dims):

@@ -133,11 +133,13 @@ def cross_entropy_backward(dloss, cache):
     require_cache("cross_entropy_backward", cache, "CrossEntropyCache")
     p, t, counted, M, eps = cache
     xp = get_array_module(p)
-    dloss = as_scalar_gradient("cross_entropy_backward", "dloss", dloss, xp, p.dtype)     # ()
+    # 16-bit logits take dloss and the shares in float32: a loss scale of 2^16 is inf in float16
+    acc = xp.float32 if p.dtype.itemsize < 4 else p.dtype
+    dloss = as_scalar_gradient("cross_entropy_backward", "dloss", dloss, xp, acc)         # ()
     V = p.shape[-1]
     onehot = (xp.arange(V) == t[..., None]).astype(p.dtype)   # (..., V)
     q = (1.0 - eps) * onehot + eps / V                         # (..., V) smoothed target distribution
-    share = xp.asarray(dloss / max(M, 1), dtype=p.dtype)       # () (NumPy 1 makes float32 / int float64)
-    w = counted.astype(p.dtype) * share                        # (...) each counted position's share
-    dlogits = (p - q) * w[..., None]                           # (..., V)
+    share = xp.asarray(dloss / max(M, 1), dtype=acc)           # () (NumPy 1 makes float32 / int float64)
+    w = counted.astype(acc) * share                            # (...) each counted position's share
+    dlogits = ((p - q) * w[..., None]).astype(p.dtype, copy=False)     # (..., V)
     return dlogits, None

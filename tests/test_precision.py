@@ -46,13 +46,18 @@ def test_full_precision_params_have_one_pair_of_buffers():
     assert P.unscale_grads(0.5) and np.all(P.grad == 1.0)
 
 
-def test_the_scaled_float16_backward_unscales_to_the_float32_gradient():
+@pytest.mark.filterwarnings("error")       # an overflow in a cast or a product is a failure here
+@pytest.mark.parametrize("scale", [1024.0, LossScaler(enabled=True).scale])
+def test_the_scaled_float16_backward_unscales_to_the_float32_gradient(scale):
+    """At the LossScaler's first scale too, 2^16, which float16 cannot hold (its largest value is
+    65504): the cross-entropy's backward once cast that upstream gradient to float16, so every
+    float16 run on a CPU backend skipped its first step as an overflow."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 11, (2, 8)), rng.integers(0, 11, (2, 8))
     model, reference = gpt(np.float16), gpt(np.float32)
     model.forward(x, y)
-    model.backward(loss_scale=1024.0)
-    assert model.params.unscale_grads(1 / 1024.0)
+    model.backward(loss_scale=scale)
+    assert model.params.unscale_grads(1 / scale)
     reference.forward(x, y)
     reference.backward()
     assert model.params.grad.dtype == np.float32
@@ -207,3 +212,29 @@ def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
                                          r"which comes with CuPy \(pip install -e '.\[gpu\]' in a checkout\)"):
         as_numpy_dtype("minilm train", "--dtype", "bfloat16")
     assert as_numpy_dtype("minilm train", "--dtype", "float16") == np.float16
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_bfloat16_is_refused_on_the_cpu_backends_naming_the_argument(backend_name):
+    """NumPy computes a bfloat16 product, or one with a Python float, in float32: a bfloat16 model
+    on a CPU backend had failed at its first forward over an argument the user never passed (GPT),
+    or quietly run in float32 (RNNLM). The models and the ops now refuse it by name."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import minilm
+    from minilm import backend, ops
+    before = backend.current()
+    minilm.use(backend_name)
+    try:
+        with pytest.raises(ValueError, match=rf"GPT: argument 'dtype' bfloat16, which the numpy and numba backends "
+                                             rf"do not run .* the backend is {backend_name}"):
+            gpt("bfloat16")
+        with pytest.raises(ValueError, match=r"RNNLM: argument 'dtype' bfloat16, which the numpy and numba"):
+            RNNLM(RNNConfig(vocab_size=5, cell="lstm", n_layer=1, hidden_size=4, n_embd=4), dtype="bfloat16")
+        bf = ml_dtypes.bfloat16
+        with pytest.raises(TypeError, match=r"linear: argument 'x' has dtype bfloat16, which the numpy and numba "
+                                            r"backends do not run .* expected float16, float32 or float64"):
+            ops.linear_forward(np.ones((2, 3), bf), np.ones((3, 4), bf), np.zeros(4, bf))
+        with pytest.raises(TypeError, match=r"layernorm: argument 'x' has dtype bfloat16"):
+            ops.layernorm_forward(np.ones((2, 3), bf), np.ones(3, bf), np.zeros(3, bf))
+    finally:
+        minilm.use(before)

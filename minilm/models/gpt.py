@@ -77,8 +77,8 @@ import numpy as np
 from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.params import Params, precision_of
-from minilm.validate import (as_float_dtype, require_bool, require_divisible, require_ids, require_ndim,
-                             require_positive, require_probability, require_seed)
+from minilm.validate import (as_float_dtype, require_backend_dtype, require_bool, require_divisible, require_ids,
+                             require_ndim, require_positive, require_probability, require_seed)
 
 IGNORE_INDEX = -100     # targets equal to this are not counted by the loss (cross_entropy's default)
 
@@ -203,6 +203,7 @@ class GPT:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT: argument 'config' must be a GPTConfig, got {type(config).__name__}")
         dtype = as_float_dtype("GPT", "dtype", dtype)
+        require_backend_dtype("GPT", "dtype", dtype, backend.current())
         self.config = cfg = config
         self._bias_shapes = {name: shape for name, shape in self.param_specs(cfg, all_biases=True) if _is_bias(name)}
         self.params = Params(self.param_specs(cfg), **precision_of(dtype))      # 16-bit: float32 master weights

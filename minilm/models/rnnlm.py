@@ -55,8 +55,8 @@ from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_backward, dropout_forward, dropout_rng
 from minilm.params import Params, precision_of
-from minilm.validate import (as_float_dtype, require_bool, require_choice, require_positive, require_probability,
-                             require_seed)
+from minilm.validate import (as_float_dtype, require_backend_dtype, require_bool, require_choice, require_positive,
+                             require_probability, require_seed)
 
 CELLS = ("rnn", "lstm", "gru")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -102,6 +102,7 @@ class RNNLM:
         if not isinstance(config, RNNConfig):
             raise TypeError(f"RNNLM: argument 'config' must be an RNNConfig, got {type(config).__name__}")
         dtype = as_float_dtype("RNNLM", "dtype", dtype)
+        require_backend_dtype("RNNLM", "dtype", dtype, backend.current())
         self.config = cfg = config
         self.params = Params(self.param_specs(cfg), **precision_of(dtype))      # 16-bit: float32 master weights
 
