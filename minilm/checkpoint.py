@@ -284,6 +284,36 @@ def load(path, *, required_meta=()):
 _MISSING = object()
 
 
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# what a meta entry must be, for check_meta: (test, what it is called)
+COUNT = (_is_count, "an integer >= 0")
+POSITIVE_COUNT = (lambda v: _is_count(v) and v > 0, "a positive integer")
+NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+TEXT = (lambda v: isinstance(v, str), "a string")
+DICT = (lambda v: isinstance(v, dict), "a dictionary")
+
+
+def check_meta(meta, path, kinds):
+    """Check the meta entries a caller reads: ``kinds`` maps an entry's name (``"a.b"`` for
+    ``meta["a"]["b"]``) to a kind above, or to a kind and ``None`` allowed. An edited or
+    hand-written checkpoint then gets an error naming the file and the entry, where it would get
+    a ``KeyError`` or a ``TypeError`` from deep inside the code that reads it."""
+    for name, kind in kinds.items():
+        (test, what), none_ok = (kind[0], True) if len(kind) == 2 and kind[1] is None else (kind, False)
+        value = meta
+        for part in name.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            raise ValueError(f"checkpoint.load: '{path}' has no meta entry '{name}', which this reads; the "
+                             f"checkpoints minilm train writes have it (was this one saved another way, or edited?)")
+        if not (test(value) or (none_ok and value is None)):
+            raise ValueError(f"checkpoint.load: '{path}' meta entry '{name}' must be {what}"
+                             f"{' or null' if none_ok else ''}, got {value!r}")
+
+
 def _as_json_value(value):
     """The value as it reads back from JSON (tuples become lists), for comparison."""
     return json.loads(json.dumps(value))

@@ -53,7 +53,9 @@ def build_parser():
     p.add_argument("--split", choices=("val", "train"), default="val",
                    help="the last 10%% of the text (val, the default) or the first 90%% (train)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="windows scored at once (default: the checkpoint's training batch size)")
+                   help="windows scored at once; for a model trained with --batching contiguous, the number of "
+                        "streams the split is cut into, which changes the score (1: the whole split in one pass) "
+                        "(default: the checkpoint's training batch size)")
     _add_backend(p)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint, streaming it as it is produced")
@@ -83,7 +85,7 @@ def _train(args):
     from minilm import config, train
     # a resumed run starts from its own saved settings; options given now override them
     base = train.saved_config(args.out) if args.resume else config.preset(args.preset or "shakespeare-char-cpu")
-    cfg = config.from_args(args, base)
+    cfg = config.from_args(args, base, check=not args.resume)    # a resumed run is checked by train()
     ignored = config.ignored_options(args, cfg)
     if args.resume and args.preset is not None:
         ignored.insert(0, "option '--preset' is ignored with --resume: the saved run's settings are the start")

@@ -35,7 +35,7 @@ class TrainConfig:
     min_lr: float = 1e-4             # floor of the cosine schedule
     schedule: str = "cosine"         # cosine (with linear warm-up) | constant | step
     warmup_iters: int = 100
-    lr_decay_iters: int = 0          # length of the schedule; 0 = max_iters of the preset
+    lr_decay_iters: int = 0          # length of the schedule; 0 = max_iters (a resumed run: its first run's)
     lr_step_size: int = 1000         # step schedule: multiply lr by lr_gamma every this many iterations
     lr_gamma: float = 0.5
     beta1: float = 0.9
@@ -125,7 +125,7 @@ def validate(cfg):
                 raise ValueError(f"minilm train: option '{option}' must be a finite number {bound}, got {value!r}")
     if not cfg.dropout < 1:
         raise ValueError(f"minilm train: option '--dropout' must be in [0, 1), got {cfg.dropout!r}")
-    for name in ("beta1", "beta2", "rmsprop_alpha"):
+    for name in ("beta1", "beta2", "rmsprop_alpha", "momentum"):
         if not getattr(cfg, name) < 1:
             raise ValueError(f"minilm train: option '--{name.replace('_', '-')}' must be in [0, 1), got {getattr(cfg, name)!r}")
     if cfg.model == "gpt" and cfg.n_embd % cfg.n_head:
@@ -135,7 +135,7 @@ def validate(cfg):
                          "it carries from batch to batch; a GPT ('--model gpt') trains on random batches")
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
         raise ValueError(f"minilm train: option '--nesterov' needs '--momentum' > 0, got --momentum {cfg.momentum}")
-    if cfg.min_lr > cfg.lr:
+    if cfg.schedule == "cosine" and cfg.min_lr > cfg.lr:          # the floor only the cosine decays to
         raise ValueError(f"minilm train: option '--min-lr' ({cfg.min_lr}) must not exceed '--lr' ({cfg.lr})")
     if cfg.schedule == "cosine" and cfg.schedule_length() <= cfg.warmup_iters:
         length = (f"'--lr-decay-iters' ({cfg.lr_decay_iters})" if cfg.lr_decay_iters else
@@ -229,7 +229,10 @@ def ignored_options(args, cfg):
             for name, (user, uses) in _USED_BY.items() if getattr(args, name, None) is not None and not uses(cfg)]
 
 
-def from_args(args, base):
-    """``base`` with every option the user gave on the command line replaced."""
+def from_args(args, base, *, check=True):
+    """``base`` with every option the user gave on the command line replaced; checked by
+    ``validate`` unless ``check`` is False (a resumed run, which ``train`` checks once it has
+    its saved settings)."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    return validate(dataclasses.replace(base, **given))
+    cfg = dataclasses.replace(base, **given)
+    return validate(cfg) if check else cfg

@@ -1,5 +1,6 @@
 """`minilm eval`: validation loss, perplexity and bits per character of a checkpoint."""
 import math
+import sys
 
 import numpy as np
 
@@ -70,7 +71,9 @@ def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="arg
 
 
 def _result(mean, count):
-    return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": mean / math.log(2), "characters": count}
+    # e^mean overflows a float past ~709.8 nats (a diverged model's loss can be finite and that large)
+    perplexity = math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
+    return {"loss": mean, "perplexity": perplexity, "bits_per_char": mean / math.log(2), "characters": count}
 
 
 def stream_loss(model, ids, block_size, batch_size):
@@ -106,6 +109,9 @@ def run(args, out=print):
     if args.batch_size is not None:                             # 0 is refused, not the default
         require_positive("minilm eval", "--batch-size", args.batch_size, int)
     model, tokenizer, meta = load_model(args.checkpoint, EVAL_META)
+    checkpoint.check_meta(meta, args.checkpoint, {"data": checkpoint.TEXT, "iter": checkpoint.COUNT,
+                                                  "train_config.block_size": checkpoint.POSITIVE_COUNT,
+                                                  "train_config.batch_size": checkpoint.POSITIVE_COUNT})
     text, source = load_saved_text(meta, args.data, command="minilm eval", path=args.checkpoint, other_text_ok=True)
     data = args.data or meta["data"]
     train_ids, val_ids = split(tokenizer.encode(text, what=f"option '--data' {data!r}"), 0.9)
@@ -115,7 +121,8 @@ def run(args, out=print):
     carry = model.kind == "rnn" and cfg.get("batching") == "contiguous"    # scored as it was trained
     result = evaluate(model, ids, block_size=cfg["block_size"], batch_size=batch_size, carry_state=carry,
                       what=f"the {args.split} split of --data {data!r}")
-    how = (f"{min(batch_size, len(ids) - 1)} streams, the state carried (trained with --batching contiguous)"
+    streams = min(batch_size, len(ids) - 1)
+    how = (f"{streams} stream{'s' if streams > 1 else ''}, the state carried (trained with --batching contiguous)"
            if carry else f"windows of {cfg['block_size']}, each from an empty context")
     out(f"{args.checkpoint} (iteration {meta['iter']}) on the {args.split} split of {source}, "
         f"{result['characters']:,} characters in {how}:")

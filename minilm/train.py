@@ -20,6 +20,11 @@ import warnings
 
 import numpy as np
 
+try:
+    import fcntl                    # the folder's lock; Windows has none
+except ImportError:
+    fcntl = None
+
 from minilm import backend, checkpoint, config, optim
 from minilm.precision import LossScaler
 from minilm.validate import as_numpy_dtype
@@ -162,11 +167,12 @@ def _save(path, model, optimizer, meta):
                       f"before, if any, is intact") from None
 
 
-STALE = (".last.npz.", ".best.npz.")        # atomic_write's temporary files, left by a process killed in a save
+STALE = (".last.npz.", ".best.npz.", ".loss.png.")     # atomic_write's temporary files, left by a process killed in a save
 
 
 def _remove_stale_temporaries(out_dir):
-    """Remove the temporary checkpoint files a killed run left in ``out_dir`` (its checkpoints are intact)."""
+    """Remove the temporary files a run killed inside a save left in ``out_dir`` (the files it was
+    replacing are intact)."""
     for name in os.listdir(out_dir):
         if name.startswith(STALE) and name.endswith(".tmp"):
             with contextlib.suppress(OSError):
@@ -174,24 +180,30 @@ def _remove_stale_temporaries(out_dir):
 
 
 def _plot(metrics_path, png_path):
-    """A loss-curve PNG from metrics.jsonl, when matplotlib is installed."""
+    """A loss-curve PNG from metrics.jsonl, when matplotlib is installed, written atomically. A PNG
+    that cannot be written is no reason to stop a run: that error is returned, not raised."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8")]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train")
-    ax.plot([r["iter"] for r in rows], [r["val_loss"] for r in rows], label="validation")
+    marker = "o" if len(rows) == 1 else None           # one evaluation so far: a line of one point draws nothing
+    ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train", marker=marker)
+    ax.plot([r["iter"] for r in rows], [r["val_loss"] for r in rows], label="validation", marker=marker)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats per character)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return True
+    try:
+        checkpoint.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    except OSError as e:
+        return e
+    finally:
+        plt.close(fig)
+    return None
 
 
 class _StopRequest:
@@ -228,6 +240,92 @@ RUN_META = ("model", "tokenizer", "train_config", "data", "iter", "best_val_loss
             "last_eval_iter")
 
 
+class _RunFolder:
+    """The ``--out`` folder of a run, held by this process from ``hold()`` until the run ends.
+
+    A second ``minilm train`` on a held folder is refused: two runs would replace each other's
+    checkpoints and interleave their metrics. The hold is the system's advisory lock on the folder
+    (``flock``), which ends with the process however it ends, so none is ever left behind. Windows
+    has no ``flock``: there the folder is not held.
+    """
+
+    def __init__(self, path):
+        self.path, self._fd = path, None
+
+    def hold(self):
+        """Make the folder if it is missing (once the run's settings are checked, so that a refused
+        run leaves none), check it can be written in, and hold it."""
+        if self._fd is not None:
+            return
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"minilm train: option '--out' {os.fspath(self.path)!r} cannot be made a folder: "
+                             f"{e.strerror or e}") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):      # found now, not at the first evaluation's save
+            raise ValueError(f"minilm train: option '--out' {os.fspath(self.path)!r} is a folder this user "
+                             f"cannot write in")
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:                                      # held by another process
+            os.close(fd)
+            raise ValueError(f"minilm train: option '--out' {os.fspath(self.path)!r} is in use by another "
+                             f"minilm train that is still running; wait for it to end, or train into "
+                             f"another --out") from None
+        self._fd = fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)                               # which ends the hold
+            self._fd = None
+
+
+def _refuse_a_held_run(out_dir, paths):
+    """A new run never replaces another run's files unasked."""
+    held = [os.path.basename(p) for p in paths if os.path.exists(p)]
+    if not held:
+        return
+    hint = _resume_from_best(out_dir)
+    if "last.npz" in held:
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
+                         f"({', '.join(held)}); continue it with --resume, train into another --out, "
+                         f"or pass --overwrite to start afresh there")
+    raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
+                     f"({', '.join(held)}) with no last.npz to continue from; {hint + '; or ' if hint else ''}"
+                     f"train into another --out, or pass --overwrite to start afresh there (which replaces "
+                     f"best.npz)")
+
+
+def _resume_from_best(out_dir):
+    """A hint: the run's best.npz is a whole resume point too, when it is readable."""
+    best = os.path.join(out_dir, "best.npz")
+    try:
+        meta = checkpoint.load(best, required_meta=RUN_META).meta
+    except (OSError, ValueError):
+        return ""
+    return (f"{best} holds iteration {meta['iter']} of the run (validation loss {meta['best_val_loss']:.4f}): "
+            f"copy it to last.npz to continue from there with --resume (metrics.jsonl's lines after it are "
+            f"dropped then)")
+
+
+def _load_last(out_dir):
+    """The saved run ``--resume`` continues: ``out_dir/last.npz``, or an error that says what else there is."""
+    path = os.path.join(out_dir, "last.npz")
+    try:
+        return checkpoint.load(path, required_meta=RUN_META)
+    except (OSError, ValueError) as e:
+        hint = _resume_from_best(out_dir)
+        if not hint:
+            raise
+        raise type(e)(f"{e}; {hint}") from None
+
+
 def check_out_dir(out_dir):
     """Refuse an ``--out`` that cannot be a folder: empty, or an existing file."""
     if not os.fspath(out_dir):
@@ -239,13 +337,24 @@ def check_out_dir(out_dir):
 def saved_config(out_dir):
     """The TrainConfig of the run saved in ``out_dir/last.npz`` (what ``--resume`` starts from)."""
     check_out_dir(out_dir)
-    path = os.path.join(out_dir, "last.npz")
-    return _train_config_of(checkpoint.load(path, required_meta=RUN_META))
+    return _train_config_of(_load_last(out_dir), os.path.join(out_dir, "last.npz"))
 
 
-def _train_config_of(saved):
-    """The TrainConfig a saved run was trained with."""
-    return config.TrainConfig(**saved.meta["train_config"])
+def _train_config_of(saved, path):
+    """The TrainConfig a saved run was trained with (every setting: a run resumes on all of them)."""
+    c = checkpoint
+    c.check_meta(saved.meta, path, {"train_config": c.DICT, "iter": c.COUNT, "last_eval_iter": (c.COUNT, None),
+                                    "best_val_loss": c.NUMBER, "batches": c.DICT, "dropout_rng": c.DICT})
+    settings, names = saved.meta["train_config"], [f.name for f in dataclasses.fields(config.TrainConfig)]
+    missing, unknown = [n for n in names if n not in settings], [n for n in settings if n not in names]
+    if missing or unknown:
+        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' must hold minilm train's settings; "
+                         + "; ".join(f"{what}: {', '.join(map(repr, keys))}" for what, keys in
+                                     (("missing", missing), ("unknown", unknown)) if keys))
+    try:
+        return config.validate(config.TrainConfig(**settings))
+    except ValueError as e:
+        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' holds a setting minilm train refuses ({e})") from None
 
 
 def _check_unchanged_on_resume(saved, cfg, path):
@@ -321,25 +430,40 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     ``stopped_early``, and ``interrupted``: False, or the name of the signal that stopped the run
     ("SIGINT" for Ctrl-C, "SIGTERM"), after it saved ``last.npz``.
     """
-    cfg = config.validate(cfg)
     check_out_dir(out_dir)
+    with _RunFolder(out_dir) as folder:                 # held by this run until it ends
+        return _train(cfg, data, folder, resume=resume, overwrite=overwrite, progress=progress,
+                      cuda_graph=cuda_graph, log=log)
+
+
+def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
+    out_dir = folder.path
+    if os.path.isdir(out_dir):                          # a run's folder is held before its files are read
+        folder.hold()
     last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    held = [os.path.basename(p) for p in (last_path, best_path, metrics_path) if os.path.exists(p)]
-    if held and not resume and not overwrite:          # a run's files are never replaced unasked
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
-                         f"({', '.join(held)}); continue it with --resume, train into another --out, "
-                         f"or pass --overwrite to start afresh there")
-    saved = checkpoint.load(last_path, required_meta=RUN_META) if resume else None
+    saved = _load_last(out_dir) if resume else None
     if saved is not None:
-        saved_cfg = _train_config_of(saved)
-        _check_unchanged_on_resume(saved_cfg, cfg, last_path)     # before anything is built
+        saved_cfg = _train_config_of(saved, last_path)
         if cfg.lr_decay_iters == 0 and saved_cfg.lr_decay_iters == 0 and cfg.max_iters != saved_cfg.max_iters:
             # 0 made the schedule as long as the first run's --max-iters: a new --max-iters would
-            # stretch or shrink it from here on, changing learning rates the run has planned with
+            # stretch or shrink it from here on, changing learning rates the run has planned with.
+            # Done before the checks, which would otherwise take the new --max-iters for its length.
             cfg = dataclasses.replace(cfg, lr_decay_iters=saved_cfg.max_iters)
             log(f"the learning-rate schedule keeps its length of {saved_cfg.max_iters} iterations (--lr-decay-iters 0 "
                 f"took the saved run's --max-iters); give --lr-decay-iters to set another")
+    cfg = config.validate(cfg)
+    if not resume and not overwrite:
+        _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
+    if cfg.dtype not in ("float32", "float64") and backend.current() != "cupy":     # before the corpus is read
+        if saved is not None and saved_cfg.dtype == cfg.dtype:    # which cannot change: float32 is no way out
+            raise ValueError(f"minilm train: --resume: the run in {os.fspath(out_dir)!r} trains in {cfg.dtype}, "
+                             f"which only the cupy backend runs; continue it with --backend cupy on a GPU "
+                             f"(minilm eval and minilm sample read its checkpoints on any backend)")
+        raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
+                         f"on a CPU use float32 or float64")
+    if saved is not None:
+        _check_unchanged_on_resume(saved_cfg, cfg, last_path)     # before anything is built
         text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
         data = saved.meta["data"] if data is None else data
     else:
@@ -364,9 +488,6 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                          f"--block-size {cfg.block_size} + 1, which needs {cfg.batch_size * cfg.block_size + 1}; "
                          f"give a smaller --batch-size or --block-size")
 
-    if cfg.dtype not in ("float32", "float64") and backend.current() != "cupy":
-        raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
-                         f"on a CPU use float32 or float64")
     dtype = as_numpy_dtype("minilm train", "--dtype", cfg.dtype)
     on_cpu = backend.current() != "cupy"                # a GPU's memory is its own; CuPy says when it is full
     need, have = (memory_estimate(cfg, tokenizer.vocab_size), _physical_memory()) if on_cpu else (0, None)
@@ -406,13 +527,9 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     it, best_val, state, last_eval_iter, elapsed_before = 0, math.inf, None, None, 0.0
     result = {"stopped_early": False, "interrupted": False, "last_eval": None}
 
-    try:                                                # made once everything is built: a refused run leaves none
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} cannot be made a folder: "
-                         f"{e.strerror or e}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):       # found now, not at the first evaluation's save
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a folder this user cannot write in")
+    folder.hold()                                       # made once everything is built: a refused run leaves none
+    if not resume and not overwrite:                    # again: another run may have written there since
+        _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
     _remove_stale_temporaries(out_dir)
 
     if saved is not None:
@@ -428,6 +545,8 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
             scaler.load_state_dict(saved.meta["loss_scaler"])
         if stopper is not None and saved.meta.get("early_stopping"):
             stopper.load_state_dict(saved.meta["early_stopping"])
+        elif stopper is not None and math.isfinite(best_val):     # --patience given only now: from the run's best
+            stopper.best = best_val
         if saved.meta.get("rnn_state") is not None:
             state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
                      for layer in saved.meta["rnn_state"]]
@@ -467,9 +586,10 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
     say = bar.write if progress and log is print else log      # printed above the bar, or to the caller's log
+    warn = (lambda line: bar.write(line, file=sys.stderr)) if log is print else log
     train_time, train_tokens, start = 0.0, 0, time.perf_counter()
     tokens_per_step = cfg.batch_size * cfg.block_size
-    first_step = True
+    first_step, png_failed = True, False
 
     with _StopRequest() as stop:
         while True:
@@ -482,8 +602,14 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                 row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
                        "tokens_per_s": train_tokens / train_time if train_time else None,
                        "elapsed_s": elapsed()}
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                try:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+                except OSError as e:
+                    kept = "nothing was saved yet" if last_eval_iter is None else \
+                        f"{last_path} keeps iteration {last_eval_iter}"
+                    raise OSError(f"minilm train: could not append to {metrics_path}: {e.strerror or e}; "
+                                  f"{kept}") from None
                 train_time, train_tokens = 0.0, 0
                 result["last_eval"] = row
                 improved = val_loss < best_val
@@ -493,7 +619,11 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
                 if improved:
                     _save(best_path, model, optimizer, meta())
                 _save(last_path, model, optimizer, meta())
-                _plot(metrics_path, os.path.join(out_dir, "loss.png"))
+                png_error = _plot(metrics_path, os.path.join(out_dir, "loss.png"))
+                if png_error is not None and not png_failed:            # said once
+                    warn(f"minilm train: warning: could not write {os.path.join(out_dir, 'loss.png')}: "
+                         f"{png_error.strerror or png_error}; training goes on without the loss curve")
+                png_failed = png_error is not None
                 say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")   # once saved
                 if stop_early:
                     say(f"stopping early: no improvement in {cfg.patience} evaluations")
@@ -518,14 +648,15 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
             with backend.compile_notice() if first_step else contextlib.nullcontext():
                 loss, state = step(x, y, lr, rng=dropout_rng,
                                    state=state if recurrent and cfg.batching == "contiguous" else None)
-            first_step = False
+            compiled, first_step = first_step, False
             loss = float(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(_diverged(f"the training loss became {loss}", it, last_path, cfg.lr))
             it += 1
             dt = time.perf_counter() - t0
-            train_time += dt
-            train_tokens += tokens_per_step
+            if not compiled:                # the process's first step, which compiles Numba's kernels, is not timed
+                train_time += dt
+                train_tokens += tokens_per_step
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
             bar.update(1)
     bar.close()

@@ -3,6 +3,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import sys
 
@@ -1238,3 +1239,218 @@ def test_presets_and_configs_from_python_are_checked():
         config.preset("nope")
     with pytest.raises(TypeError, match=r"minilm train: argument 'cfg' must be a TrainConfig, got dict"):
         config.validate({"max_iters": 10})
+
+
+# --- options and resume: the interplay ---------------------------------------------------------
+
+def test_min_lr_holds_back_no_schedule_that_does_not_use_it(corpus, tmp_path, capsys):
+    """--min-lr is the cosine's floor alone: a constant or step run whose --lr is under the preset's
+    floor (1e-4) had been refused over an option the user never gave."""
+    for schedule in (["--schedule", "constant"], ["--schedule", "step", "--lr-step-size", "100"]):
+        out = tmp_path / schedule[1]
+        assert _train(corpus, out, "--max-iters", "4", *schedule, "--lr", "5e-5", "--min-lr", "1e-3") == 0
+        assert "option '--min-lr' is ignored: it is used only by --schedule cosine" in capsys.readouterr().err
+        assert {r["lr"] for r in _metrics(out)} == {5e-5}
+
+
+def test_a_resume_keeps_its_schedule_length_before_the_schedule_is_checked(corpus, tmp_path, monkeypatch, capsys):
+    """With --lr-decay-iters 0 a resumed run keeps its first run's schedule length (12): a new
+    --max-iters of 6, inside the warm-up of 8, had been refused as a schedule too short for it."""
+    out = tmp_path / "run"
+    first = ["--max-iters", "12", "--warmup-iters", "8", "--lr-decay-iters", "0", "--eval-interval", "2"]
+    _signal_in_step(monkeypatch, signal.SIGINT, 3)
+    assert _train(corpus, out, *first) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "6", "--backend", "numpy",
+                     "--no-progress"]) == 0
+    assert "the learning-rate schedule keeps its length of 12 iterations" in capsys.readouterr().out
+    schedule = optim.WarmupCosine(1e-3, 1e-4, 8, 12)
+    assert [(r["iter"], r["lr"]) for r in _metrics(out)] == [(i, schedule(i)) for i in (0, 2, 4, 6)]
+
+
+def test_patience_given_at_resume_counts_from_the_runs_best(trained, capsys):
+    """The run's best validation loss (iteration 4) is where a --patience first given at --resume
+    counts from: with a learning rate too small to move a weight, the next evaluation is no better
+    and stops the run. It had counted from an infinite best, so that evaluation was an improvement."""
+    best = checkpoint.load(trained / "last.npz").meta["best_val_loss"]
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "16", "--patience", "1",
+                     "--lr", "1e-30", "--min-lr", "1e-30", "--backend", "numpy", "--no-progress"]) == 0
+    assert "stopping early: no improvement in 1 evaluations" in capsys.readouterr().out
+    last = checkpoint.load(trained / "last.npz").meta
+    assert last["iter"] == 8 and last["early_stopping"] == {"best": best, "bad_evals": 1}
+
+
+def test_tokens_per_s_leaves_out_the_step_that_compiles(corpus, tmp_path, monkeypatch):
+    """The process's first step runs under compile_notice, where Numba compiles its kernels (a
+    minute on a cold cache). Here that step is made to take 1000 s on the clock: it must not count,
+    or the first row would read about 0.26 tokens/s (256 tokens in 1000 s)."""
+    import contextlib
+    import time
+    offset, real = [0.0], time.perf_counter
+    monkeypatch.setattr(train.time, "perf_counter", lambda: real() + offset[0])
+
+    @contextlib.contextmanager
+    def compiling():
+        offset[0] += 1000.0
+        yield
+    monkeypatch.setattr(train.backend, "compile_notice", compiling)
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "8") == 0
+    rows = _metrics(out)
+    assert rows[0]["tokens_per_s"] is None and rows[1]["tokens_per_s"] > 1 and rows[2]["tokens_per_s"] > 1
+    assert rows[1]["elapsed_s"] > 1000                          # the step itself was run and timed
+
+
+def test_the_loss_curve_of_one_evaluation_is_drawn(tmp_path, monkeypatch):
+    """A run stopped before its second evaluation has curves of one point each, which a line alone
+    does not draw (the PNG showed only the legend): they get markers."""
+    plt = pytest.importorskip("matplotlib.pyplot", reason="loss.png is drawn only where matplotlib is installed")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"iter": 0, "train_loss": 3.3, "val_loss": 3.31}) + "\n", encoding="utf-8")
+    made, real = [], plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    assert train._plot(str(metrics), str(tmp_path / "loss.png")) is None
+    ((fig, ax),) = made
+    assert [line.get_marker() for line in ax.lines] == ["o", "o"]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_gives_an_infinite_perplexity_for_a_huge_finite_loss(trained, capsys):
+    """e^loss overflows a float past ~709.8 nats: a diverging run can save such a checkpoint (only a
+    loss that is not finite stops it), and minilm eval had failed with 'math range error'."""
+    saved = checkpoint.load(trained / "last.npz")
+    path = trained / "huge.npz"
+    checkpoint.save(path, params=saved.params * 1e3, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    assert cli.main(["eval", "--checkpoint", str(path), "--backend", "numpy"]) == 0
+    said = capsys.readouterr().out
+    loss = float(said.split("loss ")[1].split(" nats")[0])
+    assert loss > 710 and "perplexity inf," in said
+
+
+def test_eval_of_a_contiguous_run_in_one_stream_says_one_stream(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--model", "lstm", "--batching", "contiguous", "--max-iters", "4") == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out / "last.npz"), "--batch-size", "1", "--backend", "numpy"]) == 0
+    assert "in 1 stream, the state carried" in capsys.readouterr().out
+
+
+def test_momentum_out_of_range_is_refused_as_an_option(corpus, tmp_path, capsys):
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "o"), *TINY,
+                          "--optimizer", "rmsprop", "--momentum", "1.5"])
+    assert "minilm train: error: option '--momentum' must be in [0, 1), got 1.5" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_16_bit_run_resumed_on_a_cpu_is_told_where_it_can_go_on(trained, capsys):
+    """A float16 run (trained on a GPU) cannot go on on a CPU backend, nor change its --dtype: the
+    message says so, rather than advising float32, which --resume then refuses."""
+    saved = checkpoint.load(trained / "last.npz")
+    saved.meta["train_config"]["dtype"] = "float16"
+    checkpoint.save(trained / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy"])
+    assert (f"--resume: the run in {str(trained)!r} trains in float16, which only the cupy backend runs; "
+            f"continue it with --backend cupy on a GPU") in err
+    assert "use float32" not in err
+
+
+# --- the run's folder ----------------------------------------------------------------------------
+
+@pytest.mark.skipif(train.fcntl is None, reason="a run's folder is held with flock, which Windows has not")
+def test_a_folder_in_use_by_another_run_is_refused(corpus, trained, capsys):
+    """Two runs in one --out replace each other's checkpoints and interleave their metrics: while one
+    holds the folder (another process, or here another hold in this one), a fresh run, a --resume
+    and an --overwrite are all refused, and the files stay as they were."""
+    files = {name: (trained / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
+    with train._RunFolder(trained) as held:
+        held.hold()
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            err = _error(capsys, ["train", "--data", corpus, "--out", str(trained), *TINY, "--max-iters", "8", *extra])
+            assert f"option '--out' {str(trained)!r} is in use by another minilm train that is still running" in err
+    assert files == {name: (trained / name).read_bytes() for name in files}
+    assert _train(corpus, trained, "--max-iters", "8", "--resume") == 0     # free again once the hold ends
+
+
+def test_a_missing_or_broken_last_npz_points_at_best_npz(corpus, trained, capsys):
+    """best.npz is a whole resume point too: with last.npz gone or truncated, --resume and a fresh
+    run's refusal say so, and the fresh run's refusal no longer offers --resume, which had just
+    failed, nor --overwrite without saying that it replaces best.npz."""
+    (trained / "last.npz").unlink()
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy"])
+    assert "last.npz' does not exist" in err
+    assert f"{trained / 'best.npz'} holds iteration 4 of the run" in err and "copy it to last.npz" in err
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(trained), *TINY, "--max-iters", "8"])
+    assert "with no last.npz to continue from" in err and "continue it with --resume" not in err
+    assert "copy it to last.npz" in err and "--overwrite to start afresh there (which replaces best.npz)" in err
+    (trained / "last.npz").write_bytes((trained / "best.npz").read_bytes()[:100])
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy"])
+    assert "is truncated or is not a minilm checkpoint" in err and "holds iteration 4 of the run" in err
+    (trained / "last.npz").write_bytes((trained / "best.npz").read_bytes())
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy",
+                     "--no-progress"]) == 0
+
+
+def test_a_loss_curve_that_cannot_be_written_stops_nothing(corpus, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib", reason="loss.png is drawn only where matplotlib is installed")
+    from matplotlib.figure import Figure
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Figure, "savefig", refuse)
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "12") == 0
+    assert [r["iter"] for r in _metrics(out)] == [0, 4, 8, 12]
+    err = capsys.readouterr().err
+    assert err.count(f"warning: could not write {out / 'loss.png'}: Permission denied; training goes on") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["best.npz", "last.npz", "metrics.jsonl"]   # no temporary left
+
+
+def test_a_metrics_file_that_cannot_be_appended_to_is_named(corpus, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if os.fspath(path).endswith("metrics.jsonl") and mode == "a":
+            raise OSError(28, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(train, "open", full_disk, raising=False)      # found before the builtin
+    out = tmp_path / "run"
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "4"])
+    assert f"could not append to {out / 'metrics.jsonl'}: No space left on device; nothing was saved yet" in err
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["train_config"].pop("block_size"), r"has no meta entry 'train_config.block_size'"),
+    (lambda m: m.update(train_config=None), r"has no meta entry 'train_config.block_size'"),
+    (lambda m: m["train_config"].update(batch_size=0), r"meta entry 'train_config.batch_size' must be a positive integer, got 0"),
+    (lambda m: m.update(data=None), r"meta entry 'data' must be a string, got None"),
+])
+def test_eval_of_an_edited_checkpoint_names_the_file_and_the_entry(trained, capsys, edit, match):
+    saved = checkpoint.load(trained / "last.npz")
+    edit(saved.meta)
+    path = trained / "edited.npz"
+    checkpoint.save(path, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    err = _error(capsys, ["eval", "--checkpoint", str(path), "--backend", "numpy"])
+    assert f"'{path}'" in err and "Traceback" not in err
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["train_config"].update(lr_warmup=10), r"meta entry 'train_config' must hold minilm train's settings; "
+                                                       r"unknown: 'lr_warmup'"),
+    (lambda m: m["train_config"].pop("batch_size"), r"missing: 'batch_size'"),
+    (lambda m: m["train_config"].update(lr=-1.0), r"meta entry 'train_config' holds a setting minilm train refuses "
+                                                  r"\(minilm train: option '--lr' must be a finite number > 0"),
+    (lambda m: m.update(iter="4"), r"meta entry 'iter' must be an integer >= 0, got '4'"),
+    (lambda m: m.update(best_val_loss=None), r"meta entry 'best_val_loss' must be a number, got None"),
+    (lambda m: m.update(dropout_rng="x"), r"meta entry 'dropout_rng' must be a dictionary, got 'x'"),
+])
+def test_resume_of_an_edited_checkpoint_names_the_file_and_the_entry(trained, capsys, edit, match):
+    saved = checkpoint.load(trained / "last.npz")
+    edit(saved.meta)
+    checkpoint.save(trained / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    metrics = (trained / "metrics.jsonl").read_bytes()
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy"])
+    assert f"'{trained / 'last.npz'}'" in err and "Traceback" not in err
+    assert re.search(match, err), err
+    assert (trained / "metrics.jsonl").read_bytes() == metrics
