@@ -18,6 +18,7 @@ uninterrupted run would have seen.
 """
 import codecs
 import hashlib
+import http.client
 import os
 import unicodedata
 import urllib.error
@@ -180,20 +181,30 @@ def load_text(data, *, cache_dir=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"load_text: MINILM_DATA_DIR is set to '{data_dir}', but it holds no "
                                     f"{SHAKESPEARE_FILE}; put the file there or unset MINILM_DATA_DIR")
-        text = _read_text_file(path)
+        where = f"load_text: MINILM_DATA_DIR is set to '{data_dir}', and its {SHAKESPEARE_FILE}"
+        try:
+            text = _read_text_file(path, where=where)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{e}; replace it with tiny Shakespeare ({SHAKESPEARE_URL}) or unset "
+                          f"MINILM_DATA_DIR") from None
         if text_digest(text) == SHAKESPEARE_SHA256:
             return text, f"tiny Shakespeare, {path}"
         warnings.warn(f"load_text: {path} (from MINILM_DATA_DIR) is not tiny Shakespeare as published: its "
                       f"SHA-256 is not {SHAKESPEARE_SHA256}; training on it anyway", stacklevel=2)
         return text, f"{path} (not the published tiny Shakespeare)"
     path = os.path.join(os.fspath(cache_dir or default_cache_dir()), SHAKESPEARE_FILE)
+    damaged = None
     if os.path.isfile(path):
-        text = _read_text_file(path)
+        try:                                   # an empty or undecodable copy is a damaged one: fetched again
+            text = _read_text_file(path, where=f"load_text: the cached {path}")
+        except (OSError, ValueError):
+            text = ""
         if text_digest(text) == SHAKESPEARE_SHA256:
             return text, f"tiny Shakespeare, {path}"
         warnings.warn(f"load_text: the cached {path} does not have tiny Shakespeare's SHA-256 (cut short or "
                       f"changed); downloading it again", stacklevel=2)
-    raw = download_shakespeare()
+        damaged = path
+    raw = download_shakespeare(damaged_copy=damaged)
     saved = _save_to_cache(path, raw)
     return _decode(raw, path), f"tiny Shakespeare, downloaded from {SHAKESPEARE_URL}" + (f" to {path}" if saved else "")
 
@@ -241,8 +252,9 @@ def _fetch(url, timeout):
         return response.read()
 
 
-def download_shakespeare(url=SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S):
-    """Download tiny Shakespeare and check its SHA-256; return the bytes.
+def download_shakespeare(url=SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S, *, damaged_copy=None):
+    """Download tiny Shakespeare and check its SHA-256; return the bytes. ``damaged_copy``: the
+    cached copy this replaces, for the message of a failed download (None: there is none).
 
     Raises
     ------
@@ -254,9 +266,10 @@ def download_shakespeare(url=SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S):
                f"to a folder holding {SHAKESPEARE_FILE}")
     try:
         raw = _fetch(url, timeout)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise RuntimeError(f"load_text: could not download tiny Shakespeare from {url} ({e}), "
-                           f"and there is no cached copy; {instead}") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:   # cut off: IncompleteRead
+        have = "there is no cached copy" if damaged_copy is None else f"the cached copy {damaged_copy} is damaged"
+        raise RuntimeError(f"load_text: could not download tiny Shakespeare from {url} ({e}), and {have}; "
+                           f"{instead}") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != SHAKESPEARE_SHA256:
         raise RuntimeError(f"load_text: the file downloaded from {url} has SHA-256 {digest}, expected "
@@ -275,8 +288,8 @@ def _save_to_cache(path, raw):
     return True
 
 
-def _read_text_file(path):
-    where = f"load_text: argument 'data' (--data) is '{path}'"
+def _read_text_file(path, where=None):
+    where = where or f"load_text: argument 'data' (--data) is '{path}'"
     if not os.path.exists(path):
         raise FileNotFoundError(f"{where}, which does not exist; give a UTF-8 text file or 'shakespeare'")
     if os.path.isdir(path):
@@ -286,22 +299,37 @@ def _read_text_file(path):
             raw = f.read()
     except OSError as e:
         raise OSError(f"{where}, which could not be read: {e.strerror or e}") from None
-    return _decode(raw, path)
+    return _decode(raw, path, where)
 
 
-def _decode(raw, path):
+def _decode(raw, path, where=None):
     """The text of a UTF-8 file; a byte-order mark that an editor put first is not part of it."""
-    where = f"load_text: argument 'data' (--data) is '{path}'"
+    where = where or f"load_text: argument 'data' (--data) is '{path}'"
     mark = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     if len(raw) == mark:
         raise ValueError(f"{where}, which is empty; a corpus needs some text")
     try:
-        return raw[mark:].decode("utf-8")
+        text = raw[mark:].decode("utf-8")
     except UnicodeDecodeError as e:
         at = mark + e.start                                    # offset in the file
         line = raw.count(b"\n", 0, at) + 1
         raise ValueError(f"{where}, which is not UTF-8 text: byte 0x{raw[at]:02x} at offset {at} "
-                         f"(line {line}) cannot be decoded ({e.reason})") from None
+                         f"(line {line}) cannot be decoded ({e.reason}); {_what_to_do(raw)}") from None
+    if text.count("\0") * 10 >= len(text):                     # UTF-16 without a byte-order mark decodes so
+        warnings.warn(f"{where}, which is {text.count(chr(0)) / len(text):.0%} NUL characters: if it is UTF-16 "
+                      f"text, convert it to UTF-8 first (for example iconv -f UTF-16 -t UTF-8)", stacklevel=3)
+    return text
+
+
+def _what_to_do(raw):
+    """How to make UTF-8 text of a file that is not: what its first bytes say it is."""
+    if raw.startswith(b"\x1f\x8b"):
+        return "it is a gzip file: decompress it first (gunzip -k FILE)"
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if raw.startswith(bom):
+            return f"it is {name} text: convert it to UTF-8 first (iconv -f {name} -t UTF-8 FILE)"
+    return "convert it to UTF-8 first (iconv -f ENCODING -t UTF-8 FILE, ENCODING being latin1 for example)"
 
 
 def split(ids, train_fraction=0.9):

@@ -135,6 +135,10 @@ def test_real_corpus_has_the_expected_checksum():
     (b"\xef\xbb\xbf", ValueError, r"which is empty"),             # a byte-order mark alone
     (b"\xef\xbb\xbfline one\nbad \xff", ValueError, r"byte 0xff at offset 16 \(line 2\)"),   # offsets in the file
     (b"line one\nbad \xff byte", ValueError, r"not UTF-8 text: byte 0xff at offset 13 \(line 2\)"),
+    # what the file is and what to do, from its first bytes
+    (b"\x1f\x8b\x08\x00 compressed", ValueError, r"cannot be decoded .*; it is a gzip file: decompress it first"),
+    ("ab".encode("utf-16"), ValueError, r"; it is UTF-16 text: convert it to UTF-8 first \(iconv -f UTF-16"),
+    ("caf\u00e9 au lait".encode("latin-1"), ValueError, r"; convert it to UTF-8 first \(iconv -f ENCODING"),
 ])
 def test_load_text_bad_files_name_the_argument_and_path(tmp_path, content, error, message):
     path = tmp_path / "corpus.txt"
@@ -482,3 +486,61 @@ def test_an_empty_minilm_data_dir_counts_as_unset(offline, monkeypatch):
     text, source = load_text("shakespeare")
     assert text == FAKE_CORPUS.decode() and len(calls) == 1
     assert (offline / "xdg" / "minilm" / "tinyshakespeare.txt").read_bytes() == FAKE_CORPUS
+
+
+def test_utf16_text_without_a_byte_order_mark_is_warned_about(tmp_path):
+    """ASCII in UTF-16 with no byte-order mark is valid UTF-8, every other character a NUL: it had
+    trained silently on a NUL between every two characters."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("to be or not to be\n".encode("utf-16-le"))
+    with pytest.warns(UserWarning, match=r"which is 50% NUL characters: if it is UTF-16 text, convert it to UTF-8"):
+        load_text(str(path))
+
+
+@pytest.mark.parametrize("damaged", [b"", b"\xff\xfe garbage"])
+def test_an_empty_or_undecodable_cached_copy_is_downloaded_again(offline, monkeypatch, damaged):
+    """A failed `wget -O` leaves an empty file: a damaged cached copy, fetched again like one cut
+    short, where it had stopped the run with a message about a --data the user never gave."""
+    calls = fake_download(monkeypatch)
+    cached = offline / "xdg" / "minilm" / "tinyshakespeare.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(damaged)
+    with pytest.warns(UserWarning, match=r"the cached .* downloading it again"):
+        text, _ = load_text("shakespeare")
+    assert text == FAKE_CORPUS.decode() and len(calls) == 1 and cached.read_bytes() == FAKE_CORPUS
+
+
+def test_a_failed_download_over_a_damaged_copy_says_so(offline, monkeypatch):
+    cached = offline / "xdg" / "minilm" / "tinyshakespeare.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+
+    def fail(url, timeout=None):
+        raise data.urllib.error.URLError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", fail)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=rf"and the cached copy {cached} is damaged; "
+                                                                      rf"use a local copy instead"):
+        load_text("shakespeare")
+
+
+@pytest.mark.parametrize("damaged, reason", [(b"", "empty"), (b"\xff\xfe", "not UTF-8")])
+def test_a_damaged_file_in_minilm_data_dir_names_the_variable_not_data(offline, monkeypatch, damaged, reason):
+    (offline / "tinyshakespeare.txt").write_bytes(damaged)
+    monkeypatch.setenv("MINILM_DATA_DIR", str(offline))
+    with pytest.raises(ValueError, match=reason) as info:
+        load_text("shakespeare")
+    assert f"MINILM_DATA_DIR is set to '{offline}'" in str(info.value) and "--data" not in str(info.value)
+    assert str(info.value).endswith("or unset MINILM_DATA_DIR")
+
+
+def test_a_download_cut_off_part_way_says_how_to_use_a_local_file(offline, monkeypatch):
+    """http.client's IncompleteRead (the connection dropped mid-file) is no OSError: it had come
+    through as a traceback."""
+    import http.client
+
+    class Response(io.BytesIO):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"First", 1000)
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout=None: Response())
+    with pytest.raises(RuntimeError, match=r"could not download tiny Shakespeare.*IncompleteRead.*--data PATH"):
+        load_text("shakespeare", cache_dir=offline / "cache")

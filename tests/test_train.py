@@ -1454,3 +1454,11 @@ def test_resume_of_an_edited_checkpoint_names_the_file_and_the_entry(trained, ca
     assert f"'{trained / 'last.npz'}'" in err and "Traceback" not in err
     assert re.search(match, err), err
     assert (trained / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_eval_of_a_one_character_text_names_data(trained, tmp_path, capsys):
+    one = tmp_path / "one.txt"
+    one.write_text("t", encoding="utf-8")
+    err = _error(capsys, ["eval", "--checkpoint", str(trained / "last.npz"), "--data", str(one), "--backend", "numpy"])
+    assert f"minilm eval: error: option '--data' {str(one)!r} holds 1 character; it needs 2 or more" in err
+    assert "train_fraction" not in err
