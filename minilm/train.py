@@ -326,6 +326,17 @@ def _load_last(out_dir):
         raise type(e)(f"{e}; {hint}") from None
 
 
+def _require_dtype_runs_here(dtype, *, resumed, out_dir):
+    """16-bit training runs on the cupy backend only (checked before the corpus is read)."""
+    if dtype in ("float32", "float64") or backend.current() == "cupy":
+        return
+    if resumed:                                         # its --dtype cannot change: float32 is no way out
+        raise ValueError(f"minilm train: --resume: the run in {os.fspath(out_dir)!r} trains in {dtype}, "
+                         f"which only the cupy backend runs; continue it with --backend cupy on a GPU "
+                         f"(minilm eval and minilm sample read its checkpoints on any backend)")
+    raise ValueError(f"minilm train: option '--dtype' {dtype} needs the cupy backend; on a CPU use float32 or float64")
+
+
 def check_out_dir(out_dir):
     """Refuse an ``--out`` that cannot be a folder: empty, or an existing file."""
     if not os.fspath(out_dir):
@@ -455,13 +466,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     cfg = config.validate(cfg)
     if not resume and not overwrite:
         _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
-    if cfg.dtype not in ("float32", "float64") and backend.current() != "cupy":     # before the corpus is read
-        if saved is not None and saved_cfg.dtype == cfg.dtype:    # which cannot change: float32 is no way out
-            raise ValueError(f"minilm train: --resume: the run in {os.fspath(out_dir)!r} trains in {cfg.dtype}, "
-                             f"which only the cupy backend runs; continue it with --backend cupy on a GPU "
-                             f"(minilm eval and minilm sample read its checkpoints on any backend)")
-        raise ValueError(f"minilm train: option '--dtype' {cfg.dtype} needs the cupy backend; "
-                         f"on a CPU use float32 or float64")
+    _require_dtype_runs_here(cfg.dtype, resumed=saved is not None and saved_cfg.dtype == cfg.dtype, out_dir=out_dir)
     if saved is not None:
         _check_unchanged_on_resume(saved_cfg, cfg, last_path)     # before anything is built
         text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
@@ -589,7 +594,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     warn = (lambda line: bar.write(line, file=sys.stderr)) if log is print else log
     train_time, train_tokens, start = 0.0, 0, time.perf_counter()
     tokens_per_step = cfg.batch_size * cfg.block_size
-    first_step, png_failed = True, False
+    first_step, png_failed, skipped_before = True, False, scaler.skipped
 
     with _StopRequest() as stop:
         while True:
@@ -602,6 +607,8 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                 row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
                        "tokens_per_s": train_tokens / train_time if train_time else None,
                        "elapsed_s": elapsed()}
+                if scaler.enabled:                      # float16: the loss scale, and the steps it skipped
+                    row.update(loss_scale=scaler.scale, skipped_steps=scaler.skipped)
                 try:
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
@@ -624,7 +631,11 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                     warn(f"minilm train: warning: could not write {os.path.join(out_dir, 'loss.png')}: "
                          f"{png_error.strerror or png_error}; training goes on without the loss curve")
                 png_failed = png_error is not None
-                say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")   # once saved
+                skipped = scaler.skipped - skipped_before
+                say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"     # once saved
+                    + (f", {skipped} step{'s' * (skipped > 1)} skipped (float16 overflow; loss scale now "
+                       f"{scaler.scale:g})" if skipped else ""))
+                skipped_before = scaler.skipped
                 if stop_early:
                     say(f"stopping early: no improvement in {cfg.patience} evaluations")
                     result["stopped_early"] = True

@@ -1462,3 +1462,25 @@ def test_eval_of_a_one_character_text_names_data(trained, tmp_path, capsys):
     err = _error(capsys, ["eval", "--checkpoint", str(trained / "last.npz"), "--data", str(one), "--backend", "numpy"])
     assert f"minilm eval: error: option '--data' {str(one)!r} holds 1 character; it needs 2 or more" in err
     assert "train_fraction" not in err
+
+
+def test_a_float16_run_reports_its_skipped_steps_and_loss_scale(corpus, tmp_path, monkeypatch, capsys):
+    """A float16 run skips a step whose gradients overflowed and halves its loss scale: metrics.jsonl
+    and the log now say so (they had said nothing; only the checkpoint held the count). float16
+    trains on the GPU only; the check that says so is lifted here to run the same loop on NumPy."""
+    from minilm.params import Params
+    monkeypatch.setattr(train, "_require_dtype_runs_here", lambda *args, **kwargs: None)
+    real, calls = Params.unscale_grads, []
+
+    def overflow_once(self, factor):
+        calls.append(1)
+        return False if len(calls) == 2 else real(self, factor)     # step 2's gradients overflow
+    monkeypatch.setattr(Params, "unscale_grads", overflow_once)
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "8", "--dtype", "float16") == 0
+    rows = _metrics(out)
+    assert [(r["iter"], r["skipped_steps"], r["loss_scale"]) for r in rows] == [(0, 0, 2.0 ** 16), (4, 1, 2.0 ** 15),
+                                                                                 (8, 1, 2.0 ** 15)]
+    said = capsys.readouterr().out
+    assert "iter 4: train loss" in said and ", 1 step skipped (float16 overflow; loss scale now 32768)" in said
+    assert said.count("skipped") == 1
