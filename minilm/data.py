@@ -196,7 +196,7 @@ def load_text(data, *, cache_dir=None):
     damaged = None
     if os.path.isfile(path):
         try:                                   # an empty or undecodable copy is a damaged one: fetched again
-            text = _read_text_file(path, where=f"load_text: the cached {path}")
+            text = _read_text_file(path, where=f"load_text: the cached {path}", nul_warning=False)
         except (OSError, ValueError):
             text = ""
         if text_digest(text) == SHAKESPEARE_SHA256:
@@ -288,7 +288,7 @@ def _save_to_cache(path, raw):
     return True
 
 
-def _read_text_file(path, where=None):
+def _read_text_file(path, where=None, nul_warning=True):
     where = where or f"load_text: argument 'data' (--data) is '{path}'"
     if not os.path.exists(path):
         raise FileNotFoundError(f"{where}, which does not exist; give a UTF-8 text file or 'shakespeare'")
@@ -299,11 +299,12 @@ def _read_text_file(path, where=None):
             raw = f.read()
     except OSError as e:
         raise OSError(f"{where}, which could not be read: {e.strerror or e}") from None
-    return _decode(raw, path, where)
+    return _decode(raw, path, where, nul_warning)
 
 
-def _decode(raw, path, where=None):
-    """The text of a UTF-8 file; a byte-order mark that an editor put first is not part of it."""
+def _decode(raw, path, where=None, nul_warning=True):
+    """The text of a UTF-8 file; a byte-order mark that an editor put first is not part of it.
+    ``nul_warning``: warn when the text is mostly NUL characters (UTF-16 read as UTF-8)."""
     where = where or f"load_text: argument 'data' (--data) is '{path}'"
     mark = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     if len(raw) == mark:
@@ -315,7 +316,7 @@ def _decode(raw, path, where=None):
         line = raw.count(b"\n", 0, at) + 1
         raise ValueError(f"{where}, which is not UTF-8 text: byte 0x{raw[at]:02x} at offset {at} "
                          f"(line {line}) cannot be decoded ({e.reason}); {_what_to_do(raw)}") from None
-    if text.count("\0") * 10 >= len(text):                     # UTF-16 without a byte-order mark decodes so
+    if nul_warning and text.count("\0") * 10 >= len(text):     # UTF-16 without a byte-order mark decodes so
         warnings.warn(f"{where}, which is {text.count(chr(0)) / len(text):.0%} NUL characters: if it is UTF-16 "
                       f"text, convert it to UTF-8 first (for example iconv -f UTF-16 -t UTF-8)", stacklevel=3)
     return text

@@ -188,7 +188,8 @@ def _plot(metrics_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8")]
+    with open(metrics_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
     fig, ax = plt.subplots(figsize=(6, 4))
     marker = "o" if len(rows) == 1 else None           # one evaluation so far: a line of one point draws nothing
     ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train", marker=marker)
@@ -246,16 +247,17 @@ class _RunFolder:
     A second ``minilm train`` on a held folder is refused: two runs would replace each other's
     checkpoints and interleave their metrics. The hold is the system's advisory lock on the folder
     (``flock``), which ends with the process however it ends, so none is ever left behind. Windows
-    has no ``flock``: there the folder is not held.
+    has no ``flock``, and some filesystems (NFS, Lustre) lock no folder: there the folder is not
+    held (on those, with a warning).
     """
 
     def __init__(self, path):
-        self.path, self._fd = path, None
+        self.path, self._fd, self._tried = path, None, False
 
     def hold(self):
         """Make the folder if it is missing (once the run's settings are checked, so that a refused
         run leaves none), check it can be written in, and hold it."""
-        if self._fd is not None:
+        if self._tried:
             return
         try:
             os.makedirs(self.path, exist_ok=True)
@@ -265,16 +267,23 @@ class _RunFolder:
         if not os.access(self.path, os.W_OK | os.X_OK):      # found now, not at the first evaluation's save
             raise ValueError(f"minilm train: option '--out' {os.fspath(self.path)!r} is a folder this user "
                              f"cannot write in")
+        self._tried = True
         if fcntl is None:
             return
         fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:                                      # held by another process
+        except BlockingIOError:                              # held by another process
             os.close(fd)
             raise ValueError(f"minilm train: option '--out' {os.fspath(self.path)!r} is in use by another "
                              f"minilm train that is still running; wait for it to end, or train into "
                              f"another --out") from None
+        except OSError as e:                                 # NFS, Lustre, some FUSE mounts: no lock on a folder
+            os.close(fd)
+            warnings.warn(f"minilm train: option '--out' {os.fspath(self.path)!r} cannot be held on this "
+                          f"filesystem ({e.strerror or e}): a second minilm train there would not be refused",
+                          stacklevel=3)
+            return
         self._fd = fd
 
     def __enter__(self):
@@ -292,14 +301,14 @@ def _refuse_a_held_run(out_dir, paths):
     if not held:
         return
     hint = _resume_from_best(out_dir)
+    replaces = " (which replaces best.npz)" if "best.npz" in held else ""
     if "last.npz" in held:
         raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
                          f"({', '.join(held)}); continue it with --resume, train into another --out, "
                          f"or pass --overwrite to start afresh there")
     raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
                      f"({', '.join(held)}) with no last.npz to continue from; {hint + '; or ' if hint else ''}"
-                     f"train into another --out, or pass --overwrite to start afresh there (which replaces "
-                     f"best.npz)")
+                     f"train into another --out, or pass --overwrite to start afresh there{replaces}")
 
 
 def _resume_from_best(out_dir):
@@ -453,17 +462,21 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
         folder.hold()
     last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    saved = _load_last(out_dir) if resume else None
+    if not isinstance(cfg, config.TrainConfig):
+        config.validate(cfg)                            # which says what cfg must be
+    saved, kept_length = _load_last(out_dir) if resume else None, None
     if saved is not None:
         saved_cfg = _train_config_of(saved, last_path)
-        if cfg.lr_decay_iters == 0 and saved_cfg.lr_decay_iters == 0 and cfg.max_iters != saved_cfg.max_iters:
+        if (cfg.schedule == "cosine" and cfg.lr_decay_iters == 0 and saved_cfg.lr_decay_iters == 0
+                and cfg.max_iters != saved_cfg.max_iters):
             # 0 made the schedule as long as the first run's --max-iters: a new --max-iters would
             # stretch or shrink it from here on, changing learning rates the run has planned with.
             # Done before the checks, which would otherwise take the new --max-iters for its length.
-            cfg = dataclasses.replace(cfg, lr_decay_iters=saved_cfg.max_iters)
-            log(f"the learning-rate schedule keeps its length of {saved_cfg.max_iters} iterations (--lr-decay-iters 0 "
-                f"took the saved run's --max-iters); give --lr-decay-iters to set another")
+            cfg = kept_length = dataclasses.replace(cfg, lr_decay_iters=saved_cfg.max_iters)
     cfg = config.validate(cfg)
+    if kept_length is not None:
+        log(f"the learning-rate schedule keeps its length of {cfg.lr_decay_iters} iterations (--lr-decay-iters 0 "
+            f"took the saved run's --max-iters); give --lr-decay-iters to set another")
     if not resume and not overwrite:
         _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
     _require_dtype_runs_here(cfg.dtype, resumed=saved is not None and saved_cfg.dtype == cfg.dtype, out_dir=out_dir)

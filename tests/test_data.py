@@ -544,3 +544,16 @@ def test_a_download_cut_off_part_way_says_how_to_use_a_local_file(offline, monke
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout=None: Response())
     with pytest.raises(RuntimeError, match=r"could not download tiny Shakespeare.*IncompleteRead.*--data PATH"):
         load_text("shakespeare", cache_dir=offline / "cache")
+
+
+def test_a_cached_copy_of_nul_bytes_is_fetched_again_without_the_utf16_advice(offline, monkeypatch, recwarn):
+    """A download cut off into a file of zeros is a damaged copy: downloaded again, and the user,
+    who never made that file, is not told to convert it from UTF-16."""
+    fake_download(monkeypatch)
+    cached = offline / "xdg" / "minilm" / "tinyshakespeare.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\0" * 1000)
+    text, _ = load_text("shakespeare")
+    assert text == FAKE_CORPUS.decode()
+    said = [str(w.message) for w in recwarn]
+    assert len(said) == 1 and "downloading it again" in said[0]

@@ -1484,3 +1484,45 @@ def test_a_float16_run_reports_its_skipped_steps_and_loss_scale(corpus, tmp_path
     said = capsys.readouterr().out
     assert "iter 4: train loss" in said and ", 1 step skipped (float16 overflow; loss scale now 32768)" in said
     assert said.count("skipped") == 1
+
+
+@pytest.mark.skipif(train.fcntl is None, reason="a run's folder is held with flock, which Windows has not")
+def test_a_filesystem_that_locks_no_folder_trains_with_a_warning(corpus, tmp_path, monkeypatch):
+    """NFS, Lustre and some FUSE mounts fail flock on a folder with another error than 'held'
+    (EWOULDBLOCK): there the run goes on unheld, and says so, rather than blaming another run."""
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"cannot be held on this filesystem \(No locks available\): a second "
+                                         r"minilm train there would not be refused") as caught:
+        assert _train(corpus, out, "--max-iters", "4") == 0
+    assert len([w for w in caught if "cannot be held" in str(w.message)]) == 1 and [r["iter"] for r in _metrics(out)] == [0, 4]
+
+
+def test_a_resume_with_a_bad_option_says_only_the_error(trained, capsys):
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "-5", "--backend", "numpy"])
+    assert "'--max-iters' must be a finite number > 0, got -5" in err
+    assert "keeps its length" not in capsys.readouterr().out
+    with pytest.raises(TypeError, match=r"argument 'cfg' must be a TrainConfig, got dict"):
+        train.train(dict(PY_TINY), data=None, out_dir=trained, resume=True, log=lambda line: None)
+
+
+def test_a_resumed_schedule_without_a_length_says_nothing_of_its_length(corpus, tmp_path, capsys):
+    """Only the cosine schedule has a length: a constant run resumed with a new --max-iters is told nothing of it."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4", "--schedule", "constant", "--lr-decay-iters", "0") == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "8", "--backend", "numpy",
+                     "--no-progress"]) == 0
+    assert "keeps its length" not in capsys.readouterr().out
+
+
+def test_a_folder_of_metrics_alone_is_refused_without_naming_best_npz(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("", encoding="utf-8")
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "4"])
+    assert "already holds a run (metrics.jsonl) with no last.npz" in err and "best.npz" not in err
