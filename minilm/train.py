@@ -365,6 +365,8 @@ def _train_config_of(saved, path):
     c = checkpoint
     c.check_meta(saved.meta, path, {"train_config": c.DICT, "iter": c.COUNT, "last_eval_iter": (c.COUNT, None),
                                     "best_val_loss": c.NUMBER, "batches": c.DICT, "dropout_rng": c.DICT})
+    # every TrainConfig field dates from the first checkpoints: a field added later must be given its
+    # old behaviour's value here for the checkpoints saved without it, rather than be called missing
     settings, names = saved.meta["train_config"], [f.name for f in dataclasses.fields(config.TrainConfig)]
     missing, unknown = [n for n in names if n not in settings], [n for n in settings if n not in names]
     if missing or unknown:
