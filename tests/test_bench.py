@@ -512,7 +512,10 @@ def test_nanogpts_loop_trains_and_scores_the_whole_split(tmp_path, monkeypatch):
     result = nanogpt.run(seed=5, data=str(corpus), threads=1, out=lines.append)
     assert [p["iter"] for p in result["curve"]] == [0, 10, 20]
     assert result["curve"][-1]["val"] < result["curve"][0]["val"] - 0.1            # it trained
-    assert abs(result["val_loss_whole_split"] - result["val_loss_20_batches"]) < 0.3  # two estimates of one loss
+    # two estimates of one loss: 20 batches x 4 x 16 = 1,280 targets of a per-target loss with a
+    # spread of ~1 give a standard error of ~0.03 (measured gap 0.009 on this seed); 0.1 is 3 of them
+    WHOLE_VS_SAMPLED_TOL = 0.1
+    assert abs(result["val_loss_whole_split"] - result["val_loss_20_batches"]) < WHOLE_VS_SAMPLED_TOL
     again = nanogpt.run(seed=5, data=str(corpus), threads=1, out=lines.append)
     assert again["curve"] == result["curve"]                                        # the seed fixes everything
     assert any("nanoGPT's loop" in line for line in lines)
@@ -555,4 +558,4 @@ def test_the_per_op_table_times_every_op_on_every_backend():
     table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
     assert lines[1].split() == ["op", "numpy", "numba"] and list(table) == names
     for r in rows:                                       # each row printed in its backend's column
-        assert table[r["op"]][("numpy", "numba").index(r["backend"])] == pytest.approx(r["ms"], abs=5e-4)
+        assert table[r["op"]][("numpy", "numba").index(r["backend"])] == pytest.approx(r["ms"], abs=5e-4)   # .3f

@@ -493,8 +493,11 @@ def test_eval_and_sample(corpus, tmp_path, capsys):
     loss = float(text.split("loss ")[1].split()[0])
     perplexity = float(text.split("perplexity ")[1].split(",")[0])
     bits = float(text.split("nats/char, perplexity")[1].split(", ")[1].split()[0])
-    assert perplexity == pytest.approx(np.exp(loss), rel=1e-3)   # printed to 4 decimals
-    assert bits == pytest.approx(loss / np.log(2), rel=1e-3)
+    # the loss is printed to 4 decimals (an error of 5e-5, and so 5e-5 relative in e^loss), the
+    # perplexity (>= 1) to 3 and the bits to 4: within PRINTED_RTOL of what the printed loss gives
+    PRINTED_RTOL = 2e-4
+    assert perplexity == pytest.approx(np.exp(loss), rel=PRINTED_RTOL)
+    assert bits == pytest.approx(loss / np.log(2), rel=PRINTED_RTOL)
     assert cli.main(["sample", "--checkpoint", str(out / "best.npz"), "--prompt", "to be", "--max-new-tokens", "30",
                      "--seed", "1", "--backend", "numpy"]) == 0
     sampled = capsys.readouterr().out
@@ -598,7 +601,7 @@ def test_evaluate_scores_every_character_once(corpus):
     ids = np.arange(103) % 5
     result = evaluate(model, ids, block_size=16, batch_size=3)
     assert result["characters"] == 102 == model.seen
-    assert result["perplexity"] == pytest.approx(5.0)
+    assert result["perplexity"] == pytest.approx(5.0, rel=1e-12)          # e^(ln 5): a few float64 roundings
     assert evaluate(model, ids[:2], block_size=16, batch_size=3)["characters"] == 1
     with pytest.raises(ValueError, match=r"evaluate: argument 'ids' must hold at least 2 characters .*got 1"):
         evaluate(model, ids[:1], block_size=16, batch_size=3)
@@ -673,7 +676,7 @@ def test_a_contiguous_run_is_evaluated_with_its_state_carried(corpus, tmp_path, 
     model, tokenizer, meta = load_model(str(out / "last.npz"))
     train_ids, val_ids = split(tokenizer.encode(open(corpus, encoding="utf-8").read()), 0.9)
     n = 2 * 4 * 16 + 1                                          # --eval-iters x --batch-size x --block-size + 1
-    assert _metrics(out)[-1]["val_loss"] == pytest.approx(stream_loss(model, val_ids[:n], 16, 4)[0], rel=1e-6)
+    assert _metrics(out)[-1]["val_loss"] == stream_loss(model, val_ids[:n], 16, 4)[0]    # the same float32 forward
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(out / "last.npz"), "--backend", "numpy"]) == 0
     said = capsys.readouterr().out
