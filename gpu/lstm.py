@@ -55,13 +55,13 @@ _lstm_step_forward = elementwise(
 
 # dc holds what step t+1 sends back to c_t, and is overwritten with what step t sends to c_{t-1}.
 _lstm_step_backward = elementwise(
-    "T dh, T dh_prev, raw T gates, T c_prev, T tanh_c, int32 H", "raw T da, T dc",
+    "T dh, T dh_next, raw T gates, T c_prev, T tanh_c, int32 H", "raw T da, T dc",
     r"""
     typedef acc_t<T>::type A;
     const ptrdiff_t k = i / H, j = i % H, e = k * 4 * H + j;
     A i_t = (A)gates[e], f_t = (A)gates[e + H], g_t = (A)gates[e + 2 * H], o_t = (A)gates[e + 3 * H];
     A tanh_c_t = (A)tanh_c;
-    A dh_t = (A)dh + (A)dh_prev;                                      // h_t feeds the output and step t+1
+    A dh_t = (A)dh + (A)dh_next;                                      // h_t feeds the output and step t+1
     A dc_t = (A)dc + dh_t * o_t * (1 - tanh_c_t * tanh_c_t);          // h_t = o * tanh(c_t); c_t also feeds step t+1
     da[e] = (T)(dc_t * g_t * i_t * (1 - i_t));                        // c_t = f * c_prev + i * g; i = σ(a_i)
     da[e + H] = (T)(dc_t * (A)c_prev * f_t * (1 - f_t));              // same line; f = σ(a_f)
@@ -103,13 +103,13 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
         return reference.lstm_backward(dh, cache, dh_T=dh_T, dc_T=dc_T)
 
     da = cupy.empty((B, T, 4 * H), dtype=dtype)                # (B, T, 4H) gradient of every a_t
-    dh_prev = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) what step t+1 sends to h_t (read only)
-    dc_prev = state_buffer(dc_T, B, H, dtype)                  # (B, H) what step t+1 sends to c_t (overwritten)
+    dh_next = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) what step t+1 sends to h_t (read only)
+    dc_next = state_buffer(dc_T, B, H, dtype)                  # (B, H) what step t+1 sends to c_t (overwritten)
     for t in reversed(range(T)):
         c_prev = c[:, t - 1] if t > 0 else c0
-        _lstm_step_backward(dh[:, t], dh_prev, gates[:, t], c_prev, tanh_c[:, t], H, da[:, t], dc_prev)
-        dh_prev = da[:, t] @ W_h.T                             # a_t = ... + h_{t-1} W_h
-    dh0, dc0 = dh_prev, dc_prev
+        _lstm_step_backward(dh[:, t], dh_next, gates[:, t], c_prev, tanh_c[:, t], H, da[:, t], dc_next)
+        dh_next = da[:, t] @ W_h.T                             # a_t = ... + h_{t-1} W_h
+    dh0, dc0 = dh_next, dc_next
 
     dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
     db = bias_gradient(da)                                     # (4H,)

@@ -40,10 +40,10 @@ _rnn_step_forward = elementwise(
     "minilm_rnn_step_forward")
 
 _rnn_step_backward = elementwise(
-    "T dh, T dh_prev, T h", "T da",
+    "T dh, T dh_next, T h", "T da",
     r"""
     typedef acc_t<T>::type A;
-    A dh_t = (A)dh + (A)dh_prev;                     // h_t feeds the output and step t+1
+    A dh_t = (A)dh + (A)dh_next;                     // h_t feeds the output and step t+1
     A h_t = (A)h;
     da = (T)((1 - h_t * h_t) * dh_t);                // h_t = tanh(a_t)
     """,
@@ -108,11 +108,11 @@ def rnn_backward(dh, cache, *, dh_T=None):
         return reference.rnn_backward(dh, cache, dh_T=dh_T)
 
     da = cupy.empty((B, T, H), dtype=dtype)                    # (B, T, H) gradient of every a_t
-    dh_prev = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) what step t+1 sends to h_t (read only)
+    dh_next = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) what step t+1 sends to h_t (read only)
     for t in reversed(range(T)):
-        _rnn_step_backward(dh[:, t], dh_prev, h[:, t], da[:, t])
-        dh_prev = da[:, t] @ W_h.T                             # a_t = ... + h_{t-1} W_h
-    dh0 = dh_prev
+        _rnn_step_backward(dh[:, t], dh_next, h[:, t], da[:, t])
+        dh_next = da[:, t] @ W_h.T                             # a_t = ... + h_{t-1} W_h
+    dh0 = dh_next
 
     dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
     db = bias_gradient(da)                                     # (H,)

@@ -47,9 +47,10 @@ Write :math:`\bar y = \partial L / \partial y` (``dy`` in code), and likewise
               \bar v_{jd} = \sum_i A_{ij}\, \bar y_{id} \;\Rightarrow\; \bar v = A^\top \bar y .
 
    With dropout on the weights (nanoGPT's ``attn_dropout``) the forward multiplies
-   :math:`\tilde A = M \odot A / (1 - p)` (``att_d``) by v instead, M the 0/1 mask: this step
-   then gives :math:`\bar{\tilde A} = \bar y v^\top` and :math:`\bar v = \tilde A^\top \bar y`, and
-   dropout's own backward :math:`\bar A = M \odot \bar{\tilde A} / (1 - p)`.
+   :math:`\tilde A = m \odot A / (1 - p)` (``att_d``) by v instead, with m dropout's 0/1 mask
+   (``drop.mask`` in the cache; not the attention ``mask``): this step then gives
+   :math:`\bar{\tilde A} = \bar y v^\top` (``datt_d``) and :math:`\bar v = \tilde A^\top \bar y`, and
+   dropout's own backward :math:`\bar A = m \odot \bar{\tilde A} / (1 - p)` (``datt``).
 
 2. :math:`A = \operatorname{softmax}(S)` row by row. Within row i (over the allowed keys),
    :math:`A_{ij} = e^{S_{ij}} / Z` with :math:`Z = \sum_n e^{S_{in}}` (the shift :math:`m_i`
@@ -69,7 +70,7 @@ Write :math:`\bar y = \partial L / \partial y` (``dy`` in code), and likewise
    so its true gradient is 0; and the formula gives 0 there by itself, because its factor
    :math:`A_{il}` is 0. A row with no allowed key has :math:`A_{i\cdot} = 0`, so
    :math:`\bar S_{i\cdot} = 0` as well. This is why the cache keeps the probabilities
-   :math:`A` (``att``, as llm.c does) and no mask.
+   :math:`A` (``att``, as llm.c does) and not the attention mask.
 
 3. :math:`S = q k^\top / \sqrt{hs}`, i.e. :math:`S_{ij} = \sum_d q_{id} k_{jd} / \sqrt{hs}`:
 
@@ -91,7 +92,8 @@ where :math:`Q, K, V` are the three column blocks of width C and, for :math:`h =
 :math:`Q^{(h)}` holds columns :math:`h \cdot hs \dots (h+1) \cdot hs - 1` of Q (and likewise
 :math:`K^{(h)}, V^{(h)}`; nanoGPT's layout, transposed to ``x @ W``).
 In code the split into heads is a reshape (B, T, C) -> (B, T, NH, hs) and a transpose to
-(B, NH, T, hs); joining them again is the inverse transpose and reshape.
+(B, NH, T, hs); joining them again is the inverse transpose and reshape. The joined heads
+:math:`[\,y^{(0)} \mid \dots \mid y^{(NH-1)}\,]` are ``atty`` in code (llm.c's name).
 
 Its backward is the forward read in reverse: the linear layer's backward (see ``linear.py``)
 gives the gradient of the joined heads; splitting that gradient into heads undoes the join
@@ -260,10 +262,8 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
     Z = xp.sum(e, axis=-1, keepdims=True)                              # (B, NH, Tq, 1) >= 1, or 0 for an empty row
     Z[Z == 0] = 1                                                      # empty row: att = 0 / 1 = 0, not 0 / 0
     att = e / Z                                                        # (B, NH, Tq, Tk)
-    drop = None
-    if dropout:
-        att_d, drop = dropout_forward(att, p=dropout, rng=rng)          # (B, NH, Tq, Tk) A with weights dropped
-    y = (att_d if dropout else att) @ v                                # (B, NH, Tq, hs)
+    att_d, drop = dropout_forward(att, p=dropout, rng=rng) if dropout else (att, None)   # Ã = dropout(A)
+    y = att_d @ v                                                      # (B, NH, Tq, hs)
     return y, AttentionCache(q, k, v, att, drop, bool(causal))
 
 
@@ -280,11 +280,10 @@ def attention_backward(dy, cache):
     xp = get_array_module(dy, q)
     hs = q.shape[-1]
     # forward: y = att_d @ v, att_d = dropout(att) (att itself without dropout)
-    att_d = att if drop is None else dropout_backward(att, drop)[0]    # mask * att / (1 - p), as the forward's
-    datt = dy @ xp.swapaxes(v, -1, -2)                                 # (B, NH, Tq, Tk) gradient wrt att_d
-    dv = xp.swapaxes(att_d, -1, -2) @ dy                               # (B, NH, Tk, hs)
-    if drop is not None:
-        datt, = dropout_backward(datt, drop)                           # gradient wrt att
+    att_d = att if drop is None else att * drop.mask * drop.scale      # Ã = m ⊙ A / (1 - p), the forward's mask
+    datt_d = dy @ xp.swapaxes(v, -1, -2)                               # (B, NH, Tq, Tk)  y = Ã v
+    dv = xp.swapaxes(att_d, -1, -2) @ dy                               # (B, NH, Tk, hs)  y = Ã v
+    datt = datt_d if drop is None else dropout_backward(datt_d, drop)[0]   # (B, NH, Tq, Tk)  Ã = dropout(A)
     # forward: att = softmax(S) over each row; att = 0 at masked keys, so dS = 0 there too
     dS = att * (datt - xp.sum(datt * att, axis=-1, keepdims=True))     # (B, NH, Tq, Tk)
     # forward: S = q @ k^T / sqrt(hs)
@@ -308,11 +307,12 @@ def merge_heads(a):
 
 
 def merge_heads_side_by_side(parts):
-    """Each (B, NH, T, hs) array of ``parts`` merged, the results side by side: (B, T, n·C), as
-    ``concatenate([merge_heads(p) for p in parts], axis=-1)``, written in one pass. The gradient
-    of qkv in front of ``q, k, v = split_heads(qkv[..., i*C:(i+1)*C])``. Parts that are already
-    those heads of one (B, T, n·C) NumPy array (the numba tier's attention backward writes them
-    so) give that array itself, with no copy."""
+    """``concatenate([merge_heads(p) for p in parts], axis=-1)``: (B, T, n·C) from n arrays
+    (B, NH, T, hs). It turns the gradients of the heads q, k, v (n = 3) or k, v (n = 2) into the
+    gradient of qkv or kv, undoing ``split_heads(qkv[..., i*C:(i+1)*C])``. Read it as that
+    concatenation; the body only saves a copy: it writes the blocks in one pass, and parts that
+    are already those heads of one NumPy array (the numba tier's attention backward writes them
+    so) give that array itself."""
     B, NH, T, hs = parts[0].shape
     C = NH * hs
     xp = get_array_module(parts[0])
@@ -424,7 +424,7 @@ def self_attention_backward(dy, cache, *, attention_backward=attention_backward)
     datty, dW_o, db_o = linear_backward(dy, o_cache)                   # y = atty @ W_o + b_o
     dy_heads = split_heads(datty, NH)                                  # (B, NH, T, hs)  atty = merge_heads(y_heads)
     dq, dk, dv = attention_backward(dy_heads, att_cache)               # y_heads = attention(q, k, v)
-    dqkv = merge_heads_side_by_side([dq, dk, dv])                      # (B, T, 3C)  q, k, v = qkv
+    dqkv = merge_heads_side_by_side([dq, dk, dv])                      # (B, T, 3C)  q, k, v = split(qkv)
     dx, dW_qkv, db_qkv = linear_backward(dqkv, qkv_cache)              # qkv = x @ W_qkv + b_qkv
     return dx, dW_qkv, db_qkv, dW_o, db_o
 

@@ -2,9 +2,12 @@ r"""The gated recurrent unit (GRU) over a whole sequence, with PyTorch's equatio
 
 Forward
 -------
-The input is a batch of sequences :math:`x_1, \dots, x_T` (each :math:`x_t` the (B, D) slice
-``x[:, t]`` of x (B, T, D)) and an initial state :math:`h_0`. The gates are blocked in PyTorch's
-order :math:`[r \mid z \mid n]`, with separate input and hidden parts,
+The input is a batch of sequences :math:`x_1, \dots, x_T` and an initial state :math:`h_0`. The
+equations count steps from 1 and the arrays from 0: :math:`x_t` is the (B, D) slice ``x[:, t-1]``
+of x (B, T, D) and :math:`h_t` is ``h[:, t-1]``. The code's loops and comments use the array index
+instead: there step ``t`` computes ``h[:, t]`` from ``x[:, t]`` and ``h_prev`` (``h0`` at t = 0).
+The gates are blocked in PyTorch's order :math:`[r \mid z \mid n]`, with separate input and hidden
+parts,
 
 .. math::
     a^x_t = x_t W_x + b_x = [\,a^x_r \mid a^x_z \mid a^x_n\,], \qquad
@@ -29,9 +32,9 @@ every t before the loop; the loop does :math:`a^h_t` and the gate arithmetic.
 Backward through time
 ---------------------
 A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
-The loss reaches :math:`h_t` through the output (:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t]``) and
+The loss reaches :math:`h_t` through the output (:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t-1]``) and
 through step t+1, which uses it twice: in :math:`a^h_{t+1}` and directly in :math:`z \odot h_t`.
-Walk backwards carrying :math:`\bar h_t^{\,\text{next}}` (``dh_prev``), what step t+1 sends back to
+Walk backwards carrying :math:`\bar h_t^{\,\text{next}}` (``dh_next``), what step t+1 sends back to
 :math:`h_t`, its previous state; at the end of the sequence it is the gradient ``dh_T`` arriving
 from the next chunk, or 0. For :math:`t = T, \dots, 1`, each line undoing the forward line named
 on the right:
@@ -107,7 +110,7 @@ class GRUCache(NamedTuple):
     W_x: object     # (D, 3H)
     W_h: object     # (H, 3H)
     gates: object   # (B, T, 3H) [r | z | n] of every step, after their nonlinearities
-    a_hn: object    # (B, T, H) h_{t-1} W_hn + b_hn, the part the reset gate multiplies
+    a_hn: object    # (B, T, H) a^h_n of every step, the n block of h_{t-1} W_h + b_h (r multiplies it)
     h: object       # (B, T, H) every hidden state h_1 … h_T (the output)
 
     @property
@@ -159,11 +162,12 @@ def gru_forward(x, h0, W_x, W_h, b_x, b_h):
     for t in range(T):
         a_xr, a_xz, a_xn = _split(a_x[:, t], H)                    # each (B, H)
         a_h = h_prev @ W_h + b_h                                   # (B, 3H) [a_hr | a_hz | a_hn]
-        a_hr, a_hz, a_hn[:, t] = _split(a_h, H)                    # a_hn is kept for the backward
+        a_hr, a_hz, a_hn_t = _split(a_h, H)                        # each (B, H)
+        a_hn[:, t] = a_hn_t                                        # kept: the backward's dr = da_xn * a_hn
         r, z, n = _split(gates[:, t], H)                           # views to fill, each (B, H)
         sigmoid(xp, a_xr + a_hr, out=r)
         sigmoid(xp, a_xz + a_hz, out=z)
-        xp.tanh(a_xn + r * a_hn[:, t], out=n)
+        xp.tanh(a_xn + r * a_hn_t, out=n)
         h[:, t] = (1 - z) * n + z * h_prev
         h_prev = h[:, t]
     return h, GRUCache(x, h0, W_x, W_h, gates, a_hn, h)
@@ -191,13 +195,13 @@ def gru_backward(dh, cache, *, dh_T=None):
 
     da_x = xp.empty((B, T, 3 * H), dtype=h.dtype)                  # (B, T, 3H) gradient of every a^x_t
     da_h = xp.empty((B, T, 3 * H), dtype=h.dtype)                  # (B, T, 3H) gradient of every a^h_t
-    dh_prev = xp.zeros_like(h0) if dh_T is None else dh_T          # (B, H) what step t+1 sends to h_t
+    dh_next = xp.zeros_like(h0) if dh_T is None else dh_T          # (B, H) what step t+1 sends to h_t
     for t in reversed(range(T)):
         r, z, n = _split(gates[:, t], H)                           # each (B, H)
         h_prev = h[:, t - 1] if t > 0 else h0
         da_xr, da_xz, da_xn = _split(da_x[:, t], H)                # views to fill
         da_hr, da_hz, da_hn = _split(da_h[:, t], H)
-        dh_t = dh[:, t] + dh_prev                                  # h_t feeds the output and step t+1
+        dh_t = dh[:, t] + dh_next                                  # h_t feeds the output and step t+1
         dn = dh_t * (1 - z)                                        # h_t = (1 - z) * n + z * h_prev
         dz = dh_t * (h_prev - n)                                   # same line
         da_xn[...] = dn * (1 - n * n)                              # n = tanh(a_xn + r * a_hn)
@@ -205,8 +209,9 @@ def gru_backward(dh, cache, *, dh_T=None):
         da_hn[...] = da_xn * r                                     # same line, the product r * a_hn
         da_xr[...] = da_hr[...] = dr * r * (1 - r)                 # r = σ(a_xr + a_hr)
         da_xz[...] = da_hz[...] = dz * z * (1 - z)                 # z = σ(a_xz + a_hz)
-        dh_prev = dh_t * z + da_h[:, t] @ W_h.T                    # h_t = ... + z * h_prev; a_h = h_prev W_h + b_h
-    dh0 = dh_prev
+        dh_next = dh_t * z + da_h[:, t] @ W_h.T                    # to step t-1: h_t = ... + z * h_prev;
+                                                                   #   a_h = h_prev W_h + b_h
+    dh0 = dh_next
 
     da_x2 = da_x.reshape(B * T, 3 * H)                             # (B·T, 3H)
     da_h2 = da_h.reshape(B * T, 3 * H)                             # (B·T, 3H)

@@ -2,8 +2,11 @@ r"""The long short-term memory (LSTM) layer over a whole sequence.
 
 Forward
 -------
-The input is a batch of sequences :math:`x_1, \dots, x_T` (each :math:`x_t` the (B, D) slice
-``x[:, t]`` of x (B, T, D)), with an initial hidden state :math:`h_0` and cell state :math:`c_0`.
+The input is a batch of sequences :math:`x_1, \dots, x_T`, with an initial hidden state :math:`h_0`
+and cell state :math:`c_0`. The equations count steps from 1 and the arrays from 0: :math:`x_t` is
+the (B, D) slice ``x[:, t-1]`` of x (B, T, D), :math:`h_t` is ``h[:, t-1]`` and :math:`c_t` is
+``c[:, t-1]``. The code's loops and comments use the array index instead: there step ``t`` computes
+``c[:, t]`` and ``h[:, t]`` from ``x[:, t]``, ``h_prev`` and ``c_prev`` (``h0``, ``c0`` at t = 0).
 One product makes the pre-activations of all four gates, blocked in PyTorch's order
 :math:`[i \mid f \mid g \mid o]`,
 
@@ -30,11 +33,11 @@ gate arithmetic.
 Backward through time
 ---------------------
 A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
-The loss reaches :math:`h_t` through the output (:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t]``) and
+The loss reaches :math:`h_t` through the output (:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t-1]``) and
 through step t+1; it reaches :math:`c_t` through :math:`h_t = o \odot \tanh c_t` (both of :math:`h_t`'s
 paths) and through :math:`c_{t+1}` (the gates of step t+1 read :math:`h_t`, not :math:`c_t`). So walk
 backwards carrying two gradients from step t+1 to step t, :math:`\bar h_t^{\,\text{next}}` and
-:math:`\bar c_t^{\,\text{next}}` (``dh_prev`` and ``dc_prev``: what step t+1 sends back to :math:`h_t`
+:math:`\bar c_t^{\,\text{next}}` (``dh_next`` and ``dc_next``: what step t+1 sends back to :math:`h_t`
 and :math:`c_t`, its previous states); at the end of the sequence they are the gradients ``dh_T``
 and ``dc_T`` arriving from the next chunk, or 0. For :math:`t = T, \dots, 1`, each line undoing
 the forward line named on the right:
@@ -204,23 +207,23 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     xp = get_array_module(dh, h)
 
     da = xp.empty((B, T, 4 * H), dtype=h.dtype)                    # (B, T, 4H) gradient of every a_t
-    dh_prev = xp.zeros_like(h0) if dh_T is None else dh_T          # (B, H) what step t+1 sends to h_t
-    dc_prev = xp.zeros_like(c0) if dc_T is None else dc_T          # (B, H) what step t+1 sends to c_t
+    dh_next = xp.zeros_like(h0) if dh_T is None else dh_T          # (B, H) what step t+1 sends to h_t
+    dc_next = xp.zeros_like(c0) if dc_T is None else dc_T          # (B, H) what step t+1 sends to c_t
     for t in reversed(range(T)):
         i, f, g, o = _split(gates[:, t], H)                        # each (B, H)
         c_prev = c[:, t - 1] if t > 0 else c0
         da_i, da_f, da_g, da_o = _split(da[:, t], H)               # views to fill
-        dh_t = dh[:, t] + dh_prev                                  # h_t feeds the output and step t+1
+        dh_t = dh[:, t] + dh_next                                  # h_t feeds the output and step t+1
         do = dh_t * tanh_c[:, t]                                   # h_t = o * tanh(c_t)
-        dc_t = dc_prev + dh_t * o * (1 - tanh_c[:, t] ** 2)        # same line; c_t also feeds step t+1
+        dc_t = dc_next + dh_t * o * (1 - tanh_c[:, t] ** 2)        # same line; c_t also feeds step t+1
         di, dg, df = dc_t * g, dc_t * i, dc_t * c_prev             # c_t = f * c_prev + i * g
-        dc_prev = dc_t * f                                         # same line, the c_prev term
+        dc_next = dc_t * f                                         # same line, the c_prev term; to step t-1
         da_i[...] = di * i * (1 - i)                               # i = σ(a_i)
         da_f[...] = df * f * (1 - f)                               # f = σ(a_f)
         da_g[...] = dg * (1 - g * g)                               # g = tanh(a_g)
         da_o[...] = do * o * (1 - o)                               # o = σ(a_o)
-        dh_prev = da[:, t] @ W_h.T                                 # a_t = ... + h_{t-1} W_h
-    dh0, dc0 = dh_prev, dc_prev
+        dh_next = da[:, t] @ W_h.T                                 # a_t = ... + h_{t-1} W_h; to step t-1
+    dh0, dc0 = dh_next, dc_next
 
     da2 = da.reshape(B * T, 4 * H)                                 # (B·T, 4H)
     dx = (da2 @ W_x.T).reshape(B, T, D)                            # (B, T, D)  a_t = x_t W_x + ...

@@ -2,9 +2,11 @@ r"""The tanh recurrent network (Elman RNN) over a whole sequence.
 
 Forward
 -------
-The input is a batch of sequences :math:`x_1, \dots, x_T` (each :math:`x_t` the (B, D) slice
-``x[:, t]`` of x (B, T, D)) and an initial state :math:`h_0`. Each step mixes the new input with
-the previous state,
+The input is a batch of sequences :math:`x_1, \dots, x_T` and an initial state :math:`h_0`. The
+equations count steps from 1 and the arrays from 0: :math:`x_t` is the (B, D) slice ``x[:, t-1]``
+of x (B, T, D) and :math:`h_t` is ``h[:, t-1]``. The code's loops and comments use the array index
+instead: there step ``t`` computes ``h[:, t]`` from ``x[:, t]`` and ``h_prev`` (``h0`` at t = 0).
+Each step mixes the new input with the previous state,
 
 .. math::
     a_t = x_t W_x + h_{t-1} W_h + b, \qquad h_t = \tanh(a_t), \qquad t = 1, \dots, T,
@@ -22,9 +24,9 @@ Backward through time
 ---------------------
 A bar marks a gradient of the loss, :math:`\bar h_t = \partial L / \partial h_t`.
 The loss reaches :math:`h_t` along two paths: through the output directly
-(:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t]``), and through :math:`h_{t+1}`, which is computed from
+(:math:`\bar h_t^{\,\text{out}}`, ``dh[:, t-1]``), and through :math:`h_{t+1}`, which is computed from
 :math:`h_t`. So walk backwards in time carrying :math:`\bar h_t^{\,\text{next}}`, the gradient that
-step t+1 sends back to :math:`h_t`, its previous state (``dh_prev`` in code). At the end of the
+step t+1 sends back to :math:`h_t`, its previous state (``dh_next`` in code). At the end of the
 sequence it is the gradient ``dh_T`` arriving from the next chunk, or 0. For :math:`t = T, \dots, 1`:
 
 .. math::
@@ -219,12 +221,12 @@ def rnn_backward(dh, cache, *, dh_T=None):
     xp = get_array_module(dh, h)
 
     da = xp.empty((B, T, H), dtype=h.dtype)                        # (B, T, H) gradient of every a_t
-    dh_prev = xp.zeros_like(h0) if dh_T is None else dh_T          # (B, H) what step t+1 sends to h_t
+    dh_next = xp.zeros_like(h0) if dh_T is None else dh_T          # (B, H) what step t+1 sends to h_t
     for t in reversed(range(T)):
-        dh_t = dh[:, t] + dh_prev                                  # h_t feeds the output and step t+1
+        dh_t = dh[:, t] + dh_next                                  # h_t feeds the output and step t+1
         da[:, t] = (1 - h[:, t] * h[:, t]) * dh_t                  # h_t = tanh(a_t)
-        dh_prev = da[:, t] @ W_h.T                                 # a_t = ... + h_{t-1} W_h
-    dh0 = dh_prev
+        dh_next = da[:, t] @ W_h.T                                 # a_t = ... + h_{t-1} W_h; to step t-1
+    dh0 = dh_next
 
     da2 = da.reshape(B * T, H)                                     # (B·T, H)
     dx = (da2 @ W_x.T).reshape(B, T, D)                            # (B, T, D)  a_t = x_t W_x + ...

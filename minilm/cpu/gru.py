@@ -52,17 +52,17 @@ def _gru_step_forward(xW_x, b_x, hW_h, b_h, t, h0, h_state, gates, a_hn, h):
 
 
 @step_kernel
-def _gru_step_backward(dh, dh_prev_z, dh_prev_W, gates, a_hn, h, h0, t, da_x, da_h):
+def _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h, h0, t, da_x, da_h):
     """Step t of ``reference.gru_backward``'s loop, before its product da_h_t W_h^T.
 
-    What step t+1 sends back to h_t is dh_prev_z + dh_prev_W (B, H) (its dh_{t+1} z and its
-    product); dh_prev_z is overwritten with this step's dh_t z. Writes da_x[:, t] and da_h[:, t]
+    What step t+1 sends back to h_t is dh_next_z + dh_next_W (B, H) (its dh_{t+1} z and its
+    product); dh_next_z is overwritten with this step's dh_t z. Writes da_x[:, t] and da_h[:, t]
     (B, T, 3H).
     """
     one = gates.dtype.type(1)
-    H = dh_prev_z.shape[1]
-    for k in range(dh_prev_z.shape[0]):
-        dh_t, dh_W, dh_out, a_hn_t = dh_prev_z[k], dh_prev_W[k], dh[k, t], a_hn[k, t]   # (H,) each
+    H = dh_next_z.shape[1]
+    for k in range(dh_next_z.shape[0]):
+        dh_t, dh_W, dh_out, a_hn_t = dh_next_z[k], dh_next_W[k], dh[k, t], a_hn[k, t]   # (H,) each
         h_prev = h[k, t - 1] if t > 0 else h0[k]                               # (H,)
         r, z, n = gates[k, t, :H], gates[k, t, H:2 * H], gates[k, t, 2 * H:]
         da_xr, da_xz, da_xn = da_x[k, t, :H], da_x[k, t, H:2 * H], da_x[k, t, 2 * H:]
@@ -118,12 +118,12 @@ def gru_backward(dh, cache, *, dh_T=None):
     W_h_T = np.ascontiguousarray(W_h).T                        # (3H, H)
     da_x = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^x_t
     da_h = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^h_t
-    dh_prev_z = state_buffer(dh_T, B, H, dtype)                # (B, H) step t+1's dh z part (dh_T at the end)
-    dh_prev_W = np.zeros((B, H), dtype=dtype)                  # (B, H) step t+1's da_h W_h^T part
+    dh_next_z = state_buffer(dh_T, B, H, dtype)                # (B, H) step t+1's dh z part (dh_T at the end)
+    dh_next_W = np.zeros((B, H), dtype=dtype)                  # (B, H) step t+1's da_h W_h^T part
     for t in reversed(range(T)):
-        _gru_step_backward(dh, dh_prev_z, dh_prev_W, gates, a_hn, h_c, h0_c, t, da_x, da_h)
-        np.matmul(da_h[:, t], W_h_T, out=dh_prev_W)            # a_h = h_prev W_h + b_h
-    dh0 = dh_prev_z + dh_prev_W                                # h_t = ... + z * h_prev; a_h = h_prev W_h + b_h
+        _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h_c, h0_c, t, da_x, da_h)
+        np.matmul(da_h[:, t], W_h_T, out=dh_next_W)            # a_h = h_prev W_h + b_h
+    dh0 = dh_next_z + dh_next_W                                # h_t = ... + z * h_prev; a_h = h_prev W_h + b_h
 
     dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da_x, da_h)
     db_x = np.sum(da_x.reshape(B * T, 3 * H), axis=0)          # (3H,)

@@ -51,17 +51,17 @@ def _lstm_step_forward(xW_x, b, a_h, t, c0, h_state, gates, c, tanh_c, h):
 
 
 @step_kernel
-def _lstm_step_backward(dh, dh_prev, dc_prev, gates, c, c0, tanh_c, t, da):
+def _lstm_step_backward(dh, dh_next, dc_next, gates, c, c0, tanh_c, t, da):
     """Step t of ``reference.lstm_backward``'s loop, before its product da_t W_h^T.
 
-    dh_prev (B, H) is what step t+1 sends back to h_t (overwritten with dh_t); dc_prev (B, H)
+    dh_next (B, H) is what step t+1 sends back to h_t (overwritten with dh_t); dc_next (B, H)
     holds what it sends to c_t and is overwritten with what step t sends to c_{t-1}; writes
     da_t (B, 4H) into da[:, t].
     """
     one = gates.dtype.type(1)
-    H = dh_prev.shape[1]
-    for k in range(dh_prev.shape[0]):
-        dh_t, dc_t, tanh_c_t = dh_prev[k], dc_prev[k], tanh_c[k, t]           # (H,) each
+    H = dh_next.shape[1]
+    for k in range(dh_next.shape[0]):
+        dh_t, dc_t, tanh_c_t = dh_next[k], dc_next[k], tanh_c[k, t]           # (H,) each
         c_prev = c[k, t - 1] if t > 0 else c0[k]                               # (H,)
         i, f, g, o = gates[k, t, :H], gates[k, t, H:2 * H], gates[k, t, 2 * H:3 * H], gates[k, t, 3 * H:]
         da_i, da_f, da_g, da_o = da[k, t, :H], da[k, t, H:2 * H], da[k, t, 2 * H:3 * H], da[k, t, 3 * H:]
@@ -116,12 +116,12 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     dh, gates, c, c0_c, tanh_c = (np.ascontiguousarray(a) for a in (dh, gates, c, c0, tanh_c))
     W_h_T = np.ascontiguousarray(W_h).T                        # (4H, H)
     da = np.empty((B, T, 4 * H), dtype=dtype)                  # (B, T, 4H) gradient of every a_t
-    dh_prev = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
-    dc_prev = state_buffer(dc_T, B, H, dtype)                  # (B, H) what step t+1 sends to c_t
+    dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
+    dc_next = state_buffer(dc_T, B, H, dtype)                  # (B, H) what step t+1 sends to c_t
     for t in reversed(range(T)):
-        _lstm_step_backward(dh, dh_prev, dc_prev, gates, c, c0_c, tanh_c, t, da)
-        np.matmul(da[:, t], W_h_T, out=dh_prev)                # a_t = ... + h_{t-1} W_h
-    dh0, dc0 = dh_prev, dc_prev
+        _lstm_step_backward(dh, dh_next, dc_next, gates, c, c0_c, tanh_c, t, da)
+        np.matmul(da[:, t], W_h_T, out=dh_next)                # a_t = ... + h_{t-1} W_h
+    dh0, dc0 = dh_next, dc_next
 
     dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
     db = np.sum(da.reshape(B * T, 4 * H), axis=0)              # (4H,)

@@ -131,15 +131,15 @@ def _rnn_step_forward(xW_x, b, a_h, t, h_state, h):
 
 
 @step_kernel
-def _rnn_step_backward(dh, dh_prev, h, t, da):
+def _rnn_step_backward(dh, dh_next, h, t, da):
     """Step t of ``reference.rnn_backward``'s loop, before its product da_t W_h^T.
 
-    dh_prev (B, H) is what step t+1 sends back to h_t (overwritten with dh_t); writes da_t into
+    dh_next (B, H) is what step t+1 sends back to h_t (overwritten with dh_t); writes da_t into
     da[:, t] (B, T, H).
     """
     one = h.dtype.type(1)
-    for k in range(dh_prev.shape[0]):
-        dh_t, h_t, da_t_k = dh_prev[k], h[k, t], da[k, t]          # (H,) each
+    for k in range(dh_next.shape[0]):
+        dh_t, h_t, da_t_k = dh_next[k], h[k, t], da[k, t]          # (H,) each
         add(dh[k, t], dh_t, dh_t)                                  # h_t feeds the output and step t+1
         for j in range(h_t.shape[0]):
             da_t_k[j] = (one - h_t[j] * h_t[j]) * dh_t[j]          # h_t = tanh(a_t)
@@ -178,11 +178,11 @@ def rnn_backward(dh, cache, *, dh_T=None):
     h = np.ascontiguousarray(h)                                # (B, T, H)
     W_h_T = np.ascontiguousarray(W_h).T                        # (H, H)
     da = np.empty((B, T, H), dtype=dtype)                      # (B, T, H) gradient of every a_t
-    dh_prev = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
+    dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t
     for t in reversed(range(T)):
-        _rnn_step_backward(dh, dh_prev, h, t, da)
-        np.matmul(da[:, t], W_h_T, out=dh_prev)                # a_t = ... + h_{t-1} W_h
-    dh0 = dh_prev
+        _rnn_step_backward(dh, dh_next, h, t, da)
+        np.matmul(da[:, t], W_h_T, out=dh_next)                # a_t = ... + h_{t-1} W_h
+    dh0 = dh_next
 
     dx, dW_x, dW_h = input_and_weight_gradients(x, h0, h, W_x, da, da)
     db = np.sum(da.reshape(B * T, H), axis=0)                  # (H,)
