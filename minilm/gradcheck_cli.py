@@ -1,8 +1,10 @@
 """`minilm gradcheck`: check every op's backward on the chosen backend and print a table."""
+import os
 import sys
 
 import numpy as np
 
+import minilm.reference
 from minilm import backend
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.opcases import CASES
@@ -30,7 +32,9 @@ def run(args, out=None):
     if args.seed < 0:
         raise ValueError(f"minilm gradcheck: option '--seed' must be an integer >= 0, got {args.seed}")
     reports = check_ops(ops, seed=args.seed)
-    print(f"backend {backend.current()}, float64, tolerance {DEFAULT_TOL:.0e} relative", file=out)
+    reference_from = os.path.dirname(os.path.abspath(minilm.reference.__file__))   # a checkout, or an installed copy
+    print(f"backend {backend.current()}, float64, tolerance {DEFAULT_TOL:.0e} relative, the reference from "
+          f"{reference_from}", file=out)
     print(f"{'op':<24} {'argument':<10} {'max rel error':>13}  result", file=out)
     failed = []
     for report in reports:

@@ -298,6 +298,23 @@ def test_python_started_in_the_checkout_finds_the_mapped_packages():
     assert pathlib.Path(done.stdout.strip()) == root / "reference" / "__init__.py"
 
 
+def test_an_installed_copy_caches_its_kernels_outside_its_package(monkeypatch):
+    """Kernels cached beside an installed copy's sources are files pip does not know: a later
+    `pip install -e .` left site-packages/minilm behind, which then hid the editable install. An
+    installed copy caches in Numba's user-wide folder; a checkout, and other code, as before."""
+    from minilm.cpu import _jit, activations
+    locator = _jit.INSTALLED_COPY_LOCATOR
+    assert locator is not None                                  # this Numba has the hook
+    kernel = activations._softmax_forward_kernel.py_func
+    path = kernel.__code__.co_filename
+    monkeypatch.setattr(_jit, "_INSTALLED", False)              # a checkout: Numba's next locator
+    assert locator.from_function(kernel, path) is None
+    monkeypatch.setattr(_jit, "_INSTALLED", True)
+    where = os.path.abspath(locator.from_function(kernel, path).get_cache_path())
+    assert not where.startswith(_jit._PACKAGE + os.sep) and "numba" in where
+    assert locator.from_function(np.sum, np.__file__) is None    # not minilm's: not ours to place
+
+
 def test_no_writable_cache_folder_for_numba_says_what_to_set(tmp_path):
     """A read-only install and a read-only home (a container run as another user): Numba refuses
     every cached kernel; the backend says how to give it a folder. (Numba's own message names

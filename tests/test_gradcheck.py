@@ -275,6 +275,9 @@ def test_cli_passes_every_op(capsys):
     assert cli.main(["gradcheck", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "checks passed" in out
+    import os
+    import minilm.reference                         # the copy checked is named (a checkout's edits need -e)
+    assert out.splitlines()[0].endswith(f"the reference from {os.path.dirname(minilm.reference.__file__)}")
     from minilm.reference import OPS
     for op in OPS:
         assert f"\n{op}" in out

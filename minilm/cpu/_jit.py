@@ -25,6 +25,38 @@ import minilm.reference
 
 __all__ = ["jit", "SOURCE_DIGEST"]
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))          # .../minilm
+# a checkout (Python started in it, or an editable install) has the project file beside the package
+_INSTALLED = not os.path.isfile(os.path.join(os.path.dirname(_PACKAGE), "pyproject.toml"))
+
+
+def _installed_copy_locator():
+    """Numba caches a kernel beside its source file when that folder is writable. For an installed
+    copy that is site-packages/minilm/cpu/__pycache__, whose files pip's RECORD does not list: a
+    ``pip uninstall`` (which ``pip install -e .`` runs first) leaves that folder behind, and the
+    leftover ``site-packages/minilm`` then hides the editable install (``import minilm`` finds an
+    empty package). So an installed copy caches its kernels in Numba's user-wide folder instead
+    (``~/.cache/numba``), as Numba itself does for a read-only install; ``NUMBA_CACHE_DIR`` still
+    comes first. The hook is Numba's list of cache locators; a Numba without it keeps its default."""
+    from numba.core import caching
+    impl, user_wide = getattr(caching, "CacheImpl", None), getattr(caching, "UserWideCacheLocator", None)
+    if impl is None or user_wide is None or not isinstance(getattr(impl, "_locator_classes", None), list):
+        return None
+
+    class InstalledCopyLocator(user_wide):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if not (_INSTALLED and os.path.abspath(py_file).startswith(_PACKAGE + os.sep)):
+                return None                                 # a checkout, or not minilm's: the next locator
+            return super().from_function(py_func, py_file)
+
+    if not any(c.__name__ == "InstalledCopyLocator" for c in impl._locator_classes):
+        impl._locator_classes.insert(1, InstalledCopyLocator)     # after NUMBA_CACHE_DIR's, before in-tree
+    return next(c for c in impl._locator_classes if c.__name__ == "InstalledCopyLocator")
+
+
+INSTALLED_COPY_LOCATOR = _installed_copy_locator()
+
 DEFAULTS = {"cache": True, "nogil": True}    # every kernel: cached on disk, lets go of the interpreter lock
 
 
