@@ -14,12 +14,17 @@ from minilm.data import CharTokenizer, RandomBatches, evaluation_batches, load_t
 from minilm.bench.threads import limited
 
 
-def minilm_curve(cfg, data, backend_name):
+def _silent(line):
+    pass
+
+
+def minilm_curve(cfg, data, backend_name, say=_silent):
+    """minilm train's curve; ``say`` gets each evaluation's line as it is made."""
     import minilm
     from minilm import train
     minilm.use(backend_name)
     with tempfile.TemporaryDirectory(prefix="minilm-converge-") as out:     # its checkpoints are not kept
-        train.train(cfg, data=data, out_dir=out, progress=False, log=lambda *a: None)
+        train.train(cfg, data=data, out_dir=out, progress=False, log=lambda line: say(f"  {backend_name}: {line}"))
         with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
     curve, seconds, prev = [], 0.0, 0
@@ -42,13 +47,14 @@ def _corpus(cfg, data):
     return tokenizer.vocab_size, batches, val
 
 
-def _loop(cfg, batches, val, step, evaluate):
+def _loop(cfg, batches, val, step, evaluate, say=_silent):
     """max_iters training steps ``step(it, x, y)``, the validation loss ``evaluate(val)`` every
-    eval_interval and at the end; training seconds exclude evaluation."""
+    eval_interval and at the end (each said as it is made); training seconds exclude evaluation."""
     curve, seconds = [], 0.0
     for it in range(cfg.max_iters + 1):
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             curve.append({"iter": it, "train_seconds": seconds, "val_loss": evaluate(val)})
+            say(f"iter {it}: val loss {curve[-1]['val_loss']:.4f}")
         if it == cfg.max_iters:
             break
         x, y = batches.next_batch()
@@ -58,7 +64,7 @@ def _loop(cfg, batches, val, step, evaluate):
     return curve
 
 
-def torch_curve(cfg, data, threads, initial_weights=None):
+def torch_curve(cfg, data, threads, initial_weights=None, say=_silent):
     """The PyTorch peer's curve; ``initial_weights`` (a dict) receives its initial weights in
     minilm's names and layout (``peers.minilm_arrays``)."""
     import torch
@@ -76,10 +82,11 @@ def torch_curve(cfg, data, threads, initial_weights=None):
 
     def step(it, x, y):
         peers.train_step(model, optimizer, torch.from_numpy(x), torch.from_numpy(y), schedule(it), cfg.grad_clip)
-    return _loop(cfg, batches, val, step, lambda batches: peers.estimate_loss(model, batches))
+    return _loop(cfg, batches, val, step, lambda batches: peers.estimate_loss(model, batches),
+                 say=lambda line: say(f"  pytorch: {line}"))
 
 
-def minilm_curve_from(cfg, data, backend_name, weights):
+def minilm_curve_from(cfg, data, backend_name, weights, say=_silent):
     """minilm's curve from the given initial weights, with the peer's loop: the same batches,
     random ones for recurrent models too, each starting from a zero state."""
     import numpy as np
@@ -105,7 +112,7 @@ def minilm_curve_from(cfg, data, backend_name, weights):
 
     def evaluate(batches):
         return float(np.mean([float(runner.forward(x, y, **state)[1]) for x, y in batches]))
-    return _loop(cfg, batches, val, step, evaluate)
+    return _loop(cfg, batches, val, step, evaluate, say=lambda line: say(f"  {backend_name}: {line}"))
 
 
 def time_to(curve, target):
@@ -130,10 +137,10 @@ def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=N
     results = []
     for b in backends:
         with limited(threads):                          # as many threads as the peer's
-            curve = minilm_curve(cfg, data, b)
+            curve = minilm_curve(cfg, data, b, say=out)
         results.append({"impl": b, "curve": curve, "seconds_to_target": time_to(curve, target)})
     if torch_peer:
-        curve = torch_curve(cfg, data, threads)
+        curve = torch_curve(cfg, data, threads, say=out)
         results.append({"impl": "pytorch", "curve": curve, "seconds_to_target": time_to(curve, target)})
     out(f"\ntime to validation loss {target} on {preset_name}, seed {cfg.seed} (training time, evaluation excluded)")
     out(f"  {'':<10} {'final val loss':>15} {'seconds to target':>18} {'total seconds':>14}")
@@ -149,9 +156,9 @@ def replay(preset_name, data, *, backend, threads, seed=None, max_iters=None, ou
     the same batches and evaluation batches: what is left between the two is the implementations."""
     cfg = _config(preset_name, seed, max_iters)
     weights = {}
-    peer = torch_curve(cfg, data, threads, initial_weights=weights)
+    peer = torch_curve(cfg, data, threads, initial_weights=weights, say=out)
     with limited(threads):
-        ours = minilm_curve_from(cfg, data, backend, weights)
+        ours = minilm_curve_from(cfg, data, backend, weights, say=out)
     out(f"\n{preset_name}, seed {cfg.seed}: minilm ({backend}) from the PyTorch peer's initial weights, "
         "on the same batches; validation loss")
     out(f"  {'iter':>6} {'minilm':>9} {'pytorch':>9} {'difference':>11}")

@@ -12,6 +12,7 @@ command's, and the GELU is nanoGPT's exact ``nn.GELU()`` unless ``gelu="tanh"`` 
 At the end the model is also scored on the whole validation split, as ``minilm eval`` scores a
 checkpoint.
 """
+import dataclasses
 import time
 
 import numpy as np
@@ -37,11 +38,15 @@ class _Scorer:
         return self.model(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)))
 
 
-def run(seed=1337, data="shakespeare", gelu="none", threads=2, preset_name="shakespeare-char-cpu", out=print):
-    """Train as nanoGPT's loop does; returns the curve (nanoGPT's estimates) and the final losses."""
+def run(seed=1337, data="shakespeare", gelu="none", threads=2, preset_name="shakespeare-char-cpu", out=print,
+        max_iters=None):
+    """Train as nanoGPT's loop does; returns the curve (nanoGPT's estimates) and the final losses.
+    ``max_iters`` stops it early (the learning-rate schedule keeps the preset's length)."""
     if not (isinstance(seed, int) and seed >= 0):
         raise ValueError(f"minilm bench: option '--seed' must be an integer >= 0, got {seed!r}")
     cfg = preset(preset_name)
+    if max_iters is not None:
+        cfg = dataclasses.replace(cfg, max_iters=max_iters)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     text, _ = load_text(data)
@@ -70,8 +75,9 @@ def run(seed=1337, data="shakespeare", gelu="none", threads=2, preset_name="shak
     x, y = get_batch("train")
     for it in range(cfg.max_iters + 1):
         lr = schedule(it)
-        if it % cfg.eval_interval == 0:
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             curve.append({"iter": it, **estimate_loss()})
+            out(f"  nanoGPT's loop: iter {it}: train loss {curve[-1]['train']:.4f}, val loss {curve[-1]['val']:.4f}")
         if it == cfg.max_iters:
             break
         for group in optimizer.param_groups:

@@ -50,7 +50,7 @@ def add_options(p):
     p.add_argument("--data", default="shakespeare", help="converge, replay, nanogpt: the corpus (default: shakespeare)")
     p.add_argument("--seed", type=int, default=None, help="converge, replay, nanogpt: the seed (default: the preset's)")
     p.add_argument("--max-iters", type=int, default=None,
-                   help="converge, replay: training iterations (default: the preset's); the learning-rate "
+                   help="converge, replay, nanogpt: training iterations (default: the preset's); the learning-rate "
                         "schedule keeps the preset's length, so past it the rate stays at its floor")
     p.add_argument("--gelu", choices=("none", "tanh"), default="none",
                    help="nanogpt: the peer's GELU, nanoGPT's exact one ('none', the default) or minilm's tanh form")
@@ -225,7 +225,7 @@ def benchmark(args, out=print):
         from minilm.bench import nanogpt
         from minilm.config import preset
         seed = preset("shakespeare-char-cpu").seed if args.seed is None else args.seed
-        results["nanogpt"] = nanogpt.run(seed, args.data, args.gelu, args.threads, out=out)
+        results["nanogpt"] = nanogpt.run(seed, args.data, args.gelu, args.threads, out=out, max_iters=args.max_iters)
     if args.what == "replay":
         from minilm.bench import converge
         if not torch:

@@ -50,6 +50,12 @@ cd "$pkg"
                 "available:", torch.cuda.is_available())' || true
 } 2>&1 | tee "$out/versions.txt"
 
+# every GPU test skips without CuPy and a GPU: a run here would say "exit code 0" and check nothing
+if ! gpu_error="$(python3 -c 'import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0, "no GPU"' 2>&1)"; then
+    echo "gpu/run.sh: CuPy with a GPU is needed, and here: ${gpu_error##*$'\n'}" >&2
+    exit 2
+fi
+
 tests=0
 if [[ $parts == *" tests "* ]]; then
     echo "== GPU tests -> $out/gpu-tests.log"

@@ -572,9 +572,6 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                      for layer in saved.meta["rnn_state"]]
         _keep_metrics_up_to(metrics_path, last_eval_iter)
         log(f"resuming {last_path} at iteration {it}")
-        if it >= cfg.max_iters:
-            log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
-                f"give a larger --max-iters to train on")
         if stopper is not None and stopper.stopped:                 # the saved run had stopped here
             log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
                 f"evaluations; give a larger --patience (or 0) to train on")
@@ -603,6 +600,9 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     log(f"{cfg.model} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "
         f"{len(train_ids):,} training / {len(val_ids):,} validation characters from {source}, "
         f"backend {backend.current()}, {cfg.dtype}")
+    if saved is not None and it >= cfg.max_iters:           # said after the summary, which reads as a start
+        log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
+            f"give a larger --max-iters to train on")
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
     say = bar.write if progress and log is print else log      # printed above the bar, or to the caller's log

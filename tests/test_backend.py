@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import re
+import shutil
 import sys
 import types
 
@@ -331,3 +332,17 @@ def test_no_writable_cache_folder_for_numba_says_what_to_set(tmp_path):
     assert done.stdout.startswith("backend 'numba' cannot cache its compiled kernels") and \
         "set NUMBA_CACHE_DIR to a writable folder, or choose --backend numpy" in done.stdout
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="with CuPy the script runs the GPU suite")
+@pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="gpu/run.sh is a bash script")
+def test_the_gpu_script_stops_where_there_is_no_gpu(tmp_path):
+    """Every GPU test skips without CuPy and a GPU: gpu/run.sh had said 'GPU tests: exit code 0'
+    there, having checked nothing."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    done = subprocess.run(["bash", os.path.join(root, "gpu", "run.sh"), str(tmp_path / "out"), "tests"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "gpu/run.sh: CuPy with a GPU is needed" in done.stderr
+    assert not (tmp_path / "out" / "gpu-tests.log").exists()

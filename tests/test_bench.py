@@ -466,6 +466,9 @@ def test_replay_trains_minilm_from_the_peers_weights_to_the_peers_curve(preset_n
     for a, b in zip(ours, peer):
         assert abs(a["val_loss"] - b["val_loss"]) <= REPLAY_TOL, (a, b)
     assert any("from the PyTorch peer's initial weights" in line for line in lines)
+    # each evaluation is said as it is made, the peer's first: minutes of silence otherwise
+    assert lines.index("  pytorch: iter 20: val loss %.4f" % peer[-1]["val_loss"]) < lines.index(
+        "  numpy: iter 0: val loss %.4f" % ours[0]["val_loss"])
 
 
 def test_converge_past_the_presets_iterations_keeps_its_schedule(tmp_path, monkeypatch):
@@ -483,9 +486,12 @@ def test_converge_past_the_presets_iterations_keeps_its_schedule(tmp_path, monke
     short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=20, eval_interval=10, eval_iters=2,
                                 block_size=16, batch_size=4, warmup_iters=5, lr_decay_iters=0)
     monkeypatch.setattr(converge.config, "preset", lambda name: short)
+    lines = []
     (result,) = converge.run("shakespeare-char-cpu", str(corpus), backends=["numpy"], threads=1, target=0.0,
-                             torch_peer=False, max_iters=30, out=lambda *a: None)
+                             torch_peer=False, max_iters=30, out=lines.append)
     assert [p["iter"] for p in result["curve"]] == [0, 10, 20, 30] and result["seconds_to_target"] is None
+    assert [line.split(":")[1] for line in lines if line.startswith("  numpy: iter")] == [" iter 0", " iter 10",
+                                                                                          " iter 20", " iter 30"]
     assert converge._config("shakespeare-char-cpu", None, 30).lr_decay_iters == 20   # 0 meant the preset's 20
 
 
@@ -519,6 +525,10 @@ def test_nanogpts_loop_trains_and_scores_the_whole_split(tmp_path, monkeypatch):
     again = nanogpt.run(seed=5, data=str(corpus), threads=1, out=lines.append)
     assert again["curve"] == result["curve"]                                        # the seed fixes everything
     assert any("nanoGPT's loop" in line for line in lines)
+    assert "  nanoGPT's loop: iter 10: train loss %.4f, val loss %.4f" % (result["curve"][1]["train"],
+                                                                        result["curve"][1]["val"]) in lines
+    shorter = nanogpt.run(seed=5, data=str(corpus), threads=1, out=lines.append, max_iters=5)   # --max-iters
+    assert [p["iter"] for p in shorter["curve"]] == [0, 5]
 
 
 def test_threads_limit_minilm_in_the_bench_process_as_the_peer_is_limited():

@@ -481,6 +481,7 @@ def test_early_stopping_resumes_with_its_count(corpus, tmp_path, capsys):
     assert cli.main([*resume, "--max-iters", "4", "--patience", "0", "--preset", "shakespeare-lstm"]) == 0
     captured = capsys.readouterr()
     assert "--max-iters is 4: nothing to train" in captured.out
+    assert captured.out.index(" parameters, vocabulary ") < captured.out.index("nothing to train")   # summary first
     assert "warning: option '--preset' is ignored with --resume" in captured.err
 
 
