@@ -153,7 +153,26 @@ def train_tables(args, backends, torch):
     return tables
 
 
+# the --what values each option is for (as its help says); given with another, it is said to be ignored
+_USED_BY = {"target": ("converge",), "converge_preset": ("converge", "replay"), "gelu": ("nanogpt",),
+            "data": ("converge", "replay", "nanogpt"), "seed": ("converge", "replay", "nanogpt"),
+            "max_iters": ("converge", "replay", "nanogpt"), "presets": ("train", "all"),
+            "dtypes": ("train", "all"), "batch_size": ("train", "all")}
+
+
+def ignored_options(args):
+    """A warning for each option given a value other than its default that ``args.what`` does not use."""
+    import argparse
+    defaults = argparse.ArgumentParser()
+    add_options(defaults)
+    defaults = vars(defaults.parse_args([]))
+    return [f"option '--{name.replace('_', '-')}' is ignored: it is used only by --what {' or '.join(whats)}"
+            for name, whats in _USED_BY.items() if args.what not in whats and getattr(args, name) != defaults[name]]
+
+
 def benchmark(args, out=print):
+    for line in ignored_options(args):
+        print(f"minilm bench: warning: {line}", file=sys.stderr)
     backends = args.backends or _available_backends()
     torch = not args.no_torch and _torch_installed()
     for option, low in (("steps", 1), ("warmup", 0), ("tokens", 1), ("rounds", 1), ("threads", 1), ("batch_size", 1),

@@ -569,3 +569,14 @@ def test_the_per_op_table_times_every_op_on_every_backend():
     assert lines[1].split() == ["op", "numpy", "numba"] and list(table) == names
     for r in rows:                                       # each row printed in its backend's column
         assert table[r["op"]][("numpy", "numba").index(r["backend"])] == pytest.approx(r["ms"], abs=5e-4)   # .3f
+
+
+def test_an_option_the_chosen_run_does_not_use_is_said_to_be_ignored():
+    """--max-iters with --what train, --target with nanogpt: dropped without a word, a user who
+    shortened a run that way waited for the whole of it."""
+    assert bench_run.ignored_options(_bench_args(["--what", "train", "--max-iters", "20", "--target", "1.5"])) == [
+        "option '--target' is ignored: it is used only by --what converge",
+        "option '--max-iters' is ignored: it is used only by --what converge or replay or nanogpt"]
+    assert bench_run.ignored_options(_bench_args(["--what", "nanogpt", "--max-iters", "20", "--seed", "3"])) == []
+    assert bench_run.ignored_options(_bench_args(["--what", "converge", "--presets", "shakespeare-lstm"])) == [
+        "option '--presets' is ignored: it is used only by --what train or all"]
