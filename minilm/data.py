@@ -17,6 +17,7 @@ Both have ``state_dict()`` / ``load_state_dict()``, so a resumed run sees exactl
 uninterrupted run would have seen.
 """
 import codecs
+import collections
 import hashlib
 import http.client
 import os
@@ -52,7 +53,9 @@ class CharTokenizer:
     def __init__(self, chars):
         _require_text("CharTokenizer", "chars", chars)
         if len(set(chars)) != len(chars):
-            raise ValueError("CharTokenizer: argument 'chars' must not repeat a character")
+            repeated = [c for c, n in collections.Counter(chars).items() if n > 1]
+            raise ValueError(f"CharTokenizer: argument 'chars' must not repeat a character, got "
+                             f"{', '.join(map(repr, repeated))} more than once")
         self.chars = chars
         codes = _code_points(chars)
         self._order = np.argsort(codes, kind="stable")      # (V,) ids sorted by code point

@@ -177,8 +177,9 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     -------
     GradcheckReport with one ``ArgumentCheck`` per float argument.
     """
-    if not callable(forward) or not callable(backward):
-        raise TypeError("gradcheck: arguments 'forward' and 'backward' must be callables")
+    for which, fn in (("forward", forward), ("backward", backward)):
+        if not callable(fn):
+            raise TypeError(f"gradcheck: argument '{which}' must be a callable, got {type(fn).__name__}")
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"gradcheck: argument 'args' must be a tuple of the forward's arguments, got {type(args).__name__}")
     if not any(_is_float(a) for a in args):             # a check of nothing would pass, and mean nothing

@@ -346,3 +346,16 @@ def test_the_gpu_script_stops_where_there_is_no_gpu(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "gpu/run.sh: CuPy with a GPU is needed" in done.stderr
     assert not (tmp_path / "out" / "gpu-tests.log").exists()
+
+
+def test_numba_backend_passes_on_an_import_error_that_is_not_about_its_cache(monkeypatch):
+    real = backend.importlib.import_module
+
+    def import_module(name, *args):
+        if name == "minilm.cpu":
+            raise RuntimeError("numba: some other failure")
+        return real(name, *args)
+
+    monkeypatch.setattr(backend.importlib, "import_module", import_module)
+    with pytest.raises(RuntimeError, match=r"^numba: some other failure$"):
+        backend.use("numba")

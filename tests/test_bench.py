@@ -580,3 +580,19 @@ def test_an_option_the_chosen_run_does_not_use_is_said_to_be_ignored():
     assert bench_run.ignored_options(_bench_args(["--what", "nanogpt", "--max-iters", "20", "--seed", "3"])) == []
     assert bench_run.ignored_options(_bench_args(["--what", "converge", "--presets", "shakespeare-lstm"])) == [
         "option '--presets' is ignored: it is used only by --what train or all"]
+
+
+def test_a_failed_measurement_names_its_job_and_passes_on_the_workers_error():
+    """run_job's one error: a worker that exits non-zero (here, a preset it does not know)."""
+    job = {"impl": "minilm", "what": "train", "backend": "numpy", "preset": "no-such-preset", "threads": 1,
+           "steps": 1, "warmup": 0}
+    with pytest.raises(RuntimeError, match=r"(?s)^minilm bench: the measurement \{.*'preset': 'no-such-preset'.*\} "
+                                           r"failed:\n.*option '--preset' must be one of .*, got 'no-such-preset'"):
+        bench_run.run_job(job)
+
+
+@pytest.mark.parametrize("rounds", [0, 1.5, None])
+def test_rounds_takes_only_a_positive_integer(rounds, monkeypatch):
+    monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
+    with pytest.raises(ValueError, match=rf"^minilm bench: option '--rounds' must be an integer >= 1, got {rounds!r}$"):
+        bench_run._rounds([{"impl": "torch"}], rounds)

@@ -516,3 +516,8 @@ def test_optimizer_classes_use_the_kernels_on_numba():
             opts[step].step()
         results.append(params.data.copy())
     np.testing.assert_array_equal(*results)
+
+
+def test_force_takes_only_a_twin_or_none():
+    with pytest.raises(ValueError, match=r"^force: argument 'twin' must be None, 'serial' or 'parallel', got 'both'$"):
+        _parallel.force("both")

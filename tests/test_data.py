@@ -98,7 +98,8 @@ def test_encode_gives_no_normal_form_when_none_would_do():
 @pytest.mark.parametrize("call,error,message", [
     (lambda: CharTokenizer.from_text(""), ValueError, r"from_text: argument 'text' must be a non-empty string"),
     (lambda: CharTokenizer.from_text(["a"]), TypeError, r"from_text: argument 'text' must be a string, got list"),
-    (lambda: CharTokenizer("aba"), ValueError, r"argument 'chars' must not repeat a character"),
+    (lambda: CharTokenizer("abca"), ValueError, r"^CharTokenizer: argument 'chars' must not repeat a character, "
+                                                 r"got 'a' more than once$"),
     (lambda: CharTokenizer.from_dict({"kind": "bpe"}), ValueError, r"from_dict: argument 'd' must be a dict"),
     (lambda: CharTokenizer("ab").encode(b"ab"), TypeError, r"encode: argument 'text' must be a string, got bytes"),
     (lambda: CharTokenizer("ab").decode([0, 2]), ValueError, r"decode: argument 'ids' must hold ids in \[0, 2\)"),
@@ -557,3 +558,10 @@ def test_a_cached_copy_of_nul_bytes_is_fetched_again_without_the_utf16_advice(of
     assert text == FAKE_CORPUS.decode()
     said = [str(w.message) for w in recwarn]
     assert len(said) == 1 and "downloading it again" in said[0]
+
+
+@pytest.mark.parametrize("n_batches", [0, -1, 2.0, None])
+def test_evaluation_batches_takes_a_positive_integer_count(n_batches):
+    with pytest.raises(ValueError, match=rf"^evaluation_batches: option 'n_batches' must be a positive integer, "
+                                         rf"got {n_batches!r}$"):
+        evaluation_batches(np.arange(300), 8, 4, n_batches=n_batches)

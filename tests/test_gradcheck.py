@@ -263,8 +263,10 @@ def test_a_forward_that_mutates_its_input_is_caught_and_does_not_spoil_the_rows(
 def test_bad_arguments():
     with pytest.raises(TypeError, match="gradcheck: argument 'args'"):
         gradcheck(scale_forward, scale_backward, np.ones(3))
-    with pytest.raises(TypeError, match="'forward' and 'backward' must be callables"):
+    with pytest.raises(TypeError, match=r"^gradcheck: argument 'forward' must be a callable, got NoneType$"):
         gradcheck(None, scale_backward, (np.ones(3),))
+    with pytest.raises(TypeError, match=r"^gradcheck: argument 'backward' must be a callable, got str$"):
+        gradcheck(scale_forward, "scale_backward", (np.ones(3),))
     with pytest.raises(ValueError, match=r"must hold at least one floating-point array .* got \(int64 array \(3,\), NoneType\)"):
         gradcheck(scale_forward, scale_backward, (np.arange(3), None))     # nothing to check: no vacuous pass
     with pytest.raises(TypeError, match=r"the forward must return \(output, cache\).*got ndarray"):

@@ -466,7 +466,8 @@ def test_gpt_forward_step_rejects_bad_input():
 def test_rnnlm_rejects_bad_input():
     model = RNNLM(RNNConfig(**RNN_TINY, cell="lstm"), dtype=np.float64)
     idx, targets = batch()
-    with pytest.raises(ValueError, match="'state' must be a tuple of 2 per-layer tuples"):
+    with pytest.raises(ValueError, match=r"'state' must be a tuple of 2 per-layer tuples \(h, c\), as returned by "
+                                         r"forward or init_state, got a tuple of 1 \(a tuple of 2\)$"):
         model.forward(idx, state=model.init_state(B)[:1])
     with pytest.raises(ValueError, match="'state' of layer 0 must hold"):
         model.forward(idx, state=model.init_state(B + 1))
@@ -482,6 +483,10 @@ def test_rnnlm_rejects_bad_input():
         model.forward_step(idx, "s")
     with pytest.raises(ValueError, match=r"RNNLM.forward: option 'train' must be True or False, got 1"):
         model.forward(idx, targets, train=1)
+    with pytest.raises(TypeError, match=r"^RNNLM: argument 'config' must be an RNNConfig, got GPTConfig$"):
+        RNNLM(GPTConfig(**GPT_TINY))
+    with pytest.raises(ValueError, match=r"^RNNLM.init_state: option 'batch' must be a positive integer, got 0$"):
+        model.init_state(0)
 
 
 def test_build_model_rejects_bad_input():

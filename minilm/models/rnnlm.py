@@ -161,8 +161,14 @@ class RNNLM:
         what = "(h, c)" if n == 2 else "(h,)"
         if not isinstance(state, (tuple, list)) or len(state) != cfg.n_layer \
                 or any(not isinstance(s, (tuple, list)) or len(s) != n for s in state):
+            if isinstance(state, (tuple, list)):            # what each layer's entry was
+                layers = ", ".join(f"a tuple of {len(s)}" if isinstance(s, (tuple, list)) else type(s).__name__
+                                   for s in state)
+                got = f"a {type(state).__name__} of {len(state)} ({layers})"
+            else:
+                got = type(state).__name__
             raise ValueError(f"{op}: argument 'state' must be a tuple of {cfg.n_layer} per-layer tuples {what}, "
-                             "as returned by forward or init_state")
+                             f"as returned by forward or init_state, got {got}")
         for l, s in enumerate(state):
             for a in s:
                 if not hasattr(a, "shape") or tuple(a.shape) != (B, cfg.hidden_size) \
