@@ -1,7 +1,14 @@
 """The models: nanoGPT's GPT and a recurrent language model (RNN, LSTM, GRU).
 
 Both expose ``.params`` (a flat ``Params``), ``.config`` (a frozen dataclass), ``.kind``
-("gpt" or "rnn"), ``config_dict()``, ``forward``, ``backward`` and ``forward_step`` for generation.
+("gpt" or "rnn"), ``config_dict()`` and ``backward()``; ``forward`` and ``forward_step`` (for
+generation) differ by the state a recurrent model carries:
+
+    logits, loss = gpt.forward(idx, targets)
+    logits, loss, state = rnn.forward(idx, targets, state=state)
+    logits, kv_cache = gpt.forward_step(idx_new, kv_cache)        # logits (B, V) of the last position
+    logits, state = rnn.forward_step(idx_new, state)
+
 A checkpoint stores ``model_meta(model)`` beside the flat parameters, and ``model_from_meta``
 rebuilds the same architecture from it:
 
@@ -55,7 +62,9 @@ def build_model(kind, config_dict, dtype=np.float32, seed=0):
 
 
 def model_meta(model):
-    """What ``model_from_meta`` needs to rebuild ``model``: its kind, config and dtype."""
+    """What ``model_from_meta`` needs to rebuild ``model``: its kind, config and the dtype of its
+    master weights (float32 for a float16 or bfloat16 model, which is therefore rebuilt in float32:
+    a checkpoint trained on a GPU in 16 bits evaluates and samples on a CPU)."""
     return {"kind": model.kind, "config": model.config_dict(), "dtype": str(model.params.data.dtype)}
 
 

@@ -77,6 +77,7 @@ import numpy as np
 from minilm import backend, ops
 from minilm.backend import get_array_module
 from minilm.params import Params, precision_of
+from minilm.reference.attention import merge_heads, split_heads
 from minilm.validate import (as_float_dtype, require_backend_dtype, require_bool, require_divisible, require_ids,
                              require_ndim, require_positive, require_probability, require_seed)
 
@@ -308,21 +309,23 @@ class GPT:
             a, c_attn = ops.self_attention_forward(ln1, P[h + "attn.W_qkv"], self._bias(h + "attn.b_qkv"),
                                                    P[h + "attn.W_o"], self._bias(h + "attn.b_o"),
                                                    n_head=cfg.n_head, causal=True, dropout=p, rng=rng)
-            a, c_drop_attn = dropout_forward(a, p, rng)
-            x = x + a
+            a_drop, c_drop_attn = dropout_forward(a, p, rng)                           # resid_dropout
+            x = x + a_drop
             ln2, c_ln2 = ops.layernorm_forward(x, P[h + "ln_2.gamma"], self._bias(h + "ln_2.beta"))
             m, c_mlp = ops.ffn_forward(ln2, P[h + "mlp.W_1"], self._bias(h + "mlp.b_1"),
                                        P[h + "mlp.W_2"], self._bias(h + "mlp.b_2"), activation="gelu")
-            m, c_drop_mlp = dropout_forward(m, p, rng)
-            x = x + m
-            blocks.append(BlockCache(c_ln1, c_attn, c_drop_attn, c_ln2, c_mlp, c_drop_mlp))
+            m_drop, c_drop_mlp = dropout_forward(m, p, rng)
+            x = x + m_drop
+            blocks.append(BlockCache(ln_1=c_ln1, attn=c_attn, drop_attn=c_drop_attn,
+                                     ln_2=c_ln2, mlp=c_mlp, drop_mlp=c_drop_mlp))
         xf, c_ln_f = ops.layernorm_forward(x, P["ln_f.gamma"], self._bias("ln_f.beta"))  # (B, T, C)
         logits, c_lm_head = ops.linear_forward(xf, P["wte"].T, None)                   # (B, T, V) tied head
         loss, c_loss = None, None
         if targets is not None:
             loss, c_loss = ops.cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX)  # ()
 
-        self._cache = GPTCache(c_wte, c_wpe, c_drop_emb, blocks, c_ln_f, c_lm_head, c_loss)
+        self._cache = GPTCache(wte=c_wte, wpe=c_wpe, drop_emb=c_drop_emb, blocks=blocks,
+                               ln_f=c_ln_f, lm_head=c_lm_head, loss=c_loss)
         return logits, loss
 
     def backward(self, loss_scale=1.0):
@@ -353,8 +356,8 @@ class GPT:
         acc("ln_f.beta", dbeta)
         for l in reversed(range(cfg.n_layer)):
             h, bc = f"h.{l}.", c.blocks[l]
-            # x = x + m: dx flows on unchanged and into the MLP branch
-            dm, = dropout_backward(dx, bc.drop_mlp)                                    # m = dropout(m)
+            # x = x + m_drop: dx flows on unchanged, and dm_drop = dx into the MLP branch
+            dm, = dropout_backward(dx, bc.drop_mlp)                                    # m_drop = dropout(m)
             dln2, dW_1, db_1, dW_2, db_2 = ops.ffn_backward(dm, bc.mlp)                # m = mlp(ln2)
             acc(h + "mlp.W_1", dW_1)
             acc(h + "mlp.b_1", db_1)
@@ -364,8 +367,8 @@ class GPT:
             acc(h + "ln_2.gamma", dgamma)
             acc(h + "ln_2.beta", dbeta)
             dx = dx + dx_ln2
-            # x = x + a: the same for the attention branch
-            da, = dropout_backward(dx, bc.drop_attn)                                   # a = dropout(a)
+            # x = x + a_drop: the same for the attention branch
+            da, = dropout_backward(dx, bc.drop_attn)                                   # a_drop = dropout(a)
             dln1, dW_qkv, db_qkv, dW_o, db_o = ops.self_attention_backward(da, bc.attn)  # a = attn(ln1)
             acc(h + "attn.W_qkv", dW_qkv)
             acc(h + "attn.b_qkv", db_qkv)
@@ -376,7 +379,8 @@ class GPT:
             acc(h + "ln_1.beta", dbeta)
             dx = dx + dx_ln1
         demb, = dropout_backward(dx, c.drop_emb)                                       # x = dropout(tok + pos)
-        _, dwpe = ops.embedding_backward(xp.sum(demb, axis=0), c.wpe)                  # pos broadcast over B
+        dpos_emb = xp.sum(demb, axis=0)               # (T, C) tok_emb + pos_emb broadcast pos_emb over B
+        _, dwpe = ops.embedding_backward(dpos_emb, c.wpe)                              # pos_emb = wpe[pos]
         acc("wpe", dwpe)
         _, dwte = ops.embedding_backward(demb, c.wte)                                  # tok_emb = wte[idx]
         acc("wte", dwte)                                                               # tied: the lookup's share
@@ -427,7 +431,8 @@ class GPT:
         C, NH = cfg.n_embd, cfg.n_head
         kv_cache.tokens[:, t0:t1] = idx_new
         if Tn == 1:                                        # one token per sequence: a fused kernel, if any
-            decode = backend.kernel("gpt_decode_step", None)
+            decode = backend.kernel("gpt_decode_step", None)     # numba's; None on numpy and cupy
+            # the kernel returns None for a dtype it has no code for: the op calls below run instead
             logits = None if decode is None else decode(self, idx_new[:, 0], kv_cache, t0)
             if logits is not None:
                 kv_cache.length = t1
@@ -440,12 +445,13 @@ class GPT:
             h, K, Vc = f"h.{l}.", kv_cache.k[l], kv_cache.v[l]
             ln1, _ = ops.layernorm_forward(x, P[h + "ln_1.gamma"], self._bias(h + "ln_1.beta"))
             qkv, _ = ops.linear_forward(ln1, P[h + "attn.W_qkv"], self._bias(h + "attn.b_qkv"))  # (B, Tn, 3C)
-            q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, Tn, NH, C // NH).transpose(0, 2, 1, 3)
-                       for i in range(3))                                              # (B, NH, Tn, hs) each
+            q = split_heads(qkv[..., 0 * C:1 * C], NH)                                 # (B, NH, Tn, hs)
+            k = split_heads(qkv[..., 1 * C:2 * C], NH)                                 # (B, NH, Tn, hs)
+            v = split_heads(qkv[..., 2 * C:3 * C], NH)                                 # (B, NH, Tn, hs)
             K[:, :, t0:t1] = k
             Vc[:, :, t0:t1] = v
             y, _ = ops.attention_forward(q, K[:, :, :t1], Vc[:, :, :t1], causal=True)  # (B, NH, Tn, hs)
-            y = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)                              # (B, Tn, C)
+            y = merge_heads(y)                                                         # (B, Tn, C)
             a, _ = ops.linear_forward(y, P[h + "attn.W_o"], self._bias(h + "attn.b_o"))
             x = x + a
             ln2, _ = ops.layernorm_forward(x, P[h + "ln_2.gamma"], self._bias(h + "ln_2.beta"))

@@ -5,13 +5,14 @@ Forward (one call per line in ``RNNLM.forward``; ``RNNLM.backward`` is the same 
 .. math::
 
     x_0 &= W_{te}[\text{idx}] \\
-    h_l &= \operatorname{cell}_l(x_{l-1}, \text{state}_l), \qquad
-    x_l = \operatorname{dropout}(h_l) \qquad l = 1 \ldots L \\
+    h_l &= \operatorname{cell}_l(x_l, \text{state}_l), \qquad
+    x_{l+1} = \operatorname{dropout}(h_l) \qquad l = 0 \ldots L-1 \\
     \text{logits} &= x_L W_{head} + b_{head}, \qquad
     \text{loss} = \operatorname{cross\_entropy}(\text{logits}, \text{targets})
 
-Here the subscript l counts layers, not time steps: :math:`x_l` and :math:`h_l` are whole
-(B, T, ·) sequences, and :math:`\text{state}_l` is layer l's initial state.
+Here the subscript l counts layers, not time steps, from 0 as in ``rnn.{l}.*`` and ``state[l]``:
+:math:`x_l` and :math:`h_l` are whole (B, T, ·) sequences, and :math:`\text{state}_l` is layer
+l's initial state.
 
 Dropout follows Karpathy's char-rnn: on the output of every recurrent layer, so between layers
 (what PyTorch's ``nn.LSTM(dropout=p)`` does) and also on the last layer's output before the head;
@@ -86,7 +87,7 @@ class LayerCache(NamedTuple):
     drop: object        # the dropout's cache
 
 
-class RNNCache(NamedTuple):
+class RNNLMCache(NamedTuple):
     wte: object
     layers: list        # one LayerCache per layer
     lm_head: object
@@ -240,16 +241,16 @@ class RNNLM:
         x, c_wte = ops.embedding_forward(idx, P["wte"])                                # (B, T, n_embd)
         layers, new_state = [], []
         for l in range(cfg.n_layer):
-            h, c_rec, state_l = self._recurrent_forward(l, x, state[l])               # (B, T, H)
+            h, c_rec, final_l = self._recurrent_forward(l, x, state[l])               # (B, T, H)
             x, c_drop = dropout_forward(h, p, rng)                                     # (B, T, H)
-            layers.append(LayerCache(c_rec, c_drop))
-            new_state.append(state_l)
+            layers.append(LayerCache(rec=c_rec, drop=c_drop))
+            new_state.append(final_l)
         logits, c_lm_head = ops.linear_forward(x, P["lm_head.W"], P["lm_head.b"])      # (B, T, V)
         loss, c_loss = None, None
         if targets is not None:
             loss, c_loss = ops.cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX)  # ()
 
-        self._cache = RNNCache(c_wte, layers, c_lm_head, c_loss)
+        self._cache = RNNLMCache(wte=c_wte, layers=layers, lm_head=c_lm_head, loss=c_loss)
         return logits, loss, tuple(new_state)
 
     def backward(self, loss_scale=1.0):
