@@ -154,10 +154,15 @@ def train_tables(args, backends, torch):
 
 
 # the --what values each option is for (as its help says); given with another, it is said to be ignored
+# (--what itself, --threads and --json are used by every run)
 _USED_BY = {"target": ("converge",), "converge_preset": ("converge", "replay"), "gelu": ("nanogpt",),
             "data": ("converge", "replay", "nanogpt"), "seed": ("converge", "replay", "nanogpt"),
             "max_iters": ("converge", "replay", "nanogpt"), "presets": ("train", "all"),
-            "dtypes": ("train", "all"), "batch_size": ("train", "all")}
+            "dtypes": ("train", "all"), "batch_size": ("train", "all"), "steps": ("train", "all"),
+            "warmup": ("train", "all"), "peak_tflops": ("train", "all"), "tokens": ("sample", "all"),
+            "rounds": ("train", "sample", "all"), "backends": ("train", "sample", "ops", "all", "converge", "replay"),
+            "no_torch": ("train", "sample", "all", "converge", "replay", "nanogpt")}
+EVERY_RUN = ("what", "threads", "json")
 
 
 def ignored_options(args):

@@ -1,4 +1,5 @@
 """`minilm gradcheck`: check every op's backward on the chosen backend and print a table."""
+import importlib
 import os
 import sys
 
@@ -25,6 +26,18 @@ def check_ops(ops, *, seed=0, tol=DEFAULT_TOL):
     return reports
 
 
+def _code_checked():
+    """Where the checked code comes from: a checkout, or an installed copy (which a checkout's
+    edits do not reach), and which tier's files (numba's and cupy's kernels, not reference/)."""
+    def folder(module):
+        return os.path.dirname(os.path.abspath(module.__file__))
+    tier = backend.current()
+    if tier == "numpy":
+        return f"the reference from {folder(minilm.reference)}"
+    kernels = importlib.import_module("minilm.cpu" if tier == "numba" else "minilm.gpu")
+    return f"the {tier} kernels from {folder(kernels)} (the reference's ops where they have none)"
+
+
 def run(args, out=None):
     """Entry point of the subcommand; returns the exit status."""
     out = out or sys.stdout
@@ -32,9 +45,7 @@ def run(args, out=None):
     if args.seed < 0:
         raise ValueError(f"minilm gradcheck: option '--seed' must be an integer >= 0, got {args.seed}")
     reports = check_ops(ops, seed=args.seed)
-    reference_from = os.path.dirname(os.path.abspath(minilm.reference.__file__))   # a checkout, or an installed copy
-    print(f"backend {backend.current()}, float64, tolerance {DEFAULT_TOL:.0e} relative, the reference from "
-          f"{reference_from}", file=out)
+    print(f"backend {backend.current()}, float64, tolerance {DEFAULT_TOL:.0e} relative, {_code_checked()}", file=out)
     print(f"{'op':<24} {'argument':<10} {'max rel error':>13}  result", file=out)
     failed = []
     for report in reports:

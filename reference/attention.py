@@ -280,10 +280,11 @@ def attention_backward(dy, cache):
     xp = get_array_module(dy, q)
     hs = q.shape[-1]
     # forward: y = att_d @ v, att_d = dropout(att) (att itself without dropout)
-    att_d = att if drop is None else att * drop.mask * drop.scale      # Ã = m ⊙ A / (1 - p), the forward's mask
+    dropped = drop is not None and drop.mask is not None               # (a cache of dropout p = 0 has no mask)
+    att_d = att * drop.mask * drop.scale if dropped else att           # Ã = m ⊙ A / (1 - p), the forward's mask
     datt_d = dy @ xp.swapaxes(v, -1, -2)                               # (B, NH, Tq, Tk)  y = Ã v
     dv = xp.swapaxes(att_d, -1, -2) @ dy                               # (B, NH, Tk, hs)  y = Ã v
-    datt = datt_d if drop is None else dropout_backward(datt_d, drop)[0]   # (B, NH, Tq, Tk)  Ã = dropout(A)
+    datt = dropout_backward(datt_d, drop)[0] if dropped else datt_d    # (B, NH, Tq, Tk)  Ã = dropout(A)
     # forward: att = softmax(S) over each row; att = 0 at masked keys, so dS = 0 there too
     dS = att * (datt - xp.sum(datt * att, axis=-1, keepdims=True))     # (B, NH, Tq, Tk)
     # forward: S = q @ k^T / sqrt(hs)

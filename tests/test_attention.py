@@ -761,6 +761,13 @@ def test_attention_dropout_drops_weights_and_the_backward_follows_the_mask():
     dy = rng.standard_normal(y.shape)
     dq, dk, dv = attention_backward(dy, cache)
     assert np.allclose(dv, np.swapaxes(mask * plain.att / 0.7, -1, -2) @ dy, rtol=ROUNDING_TOL, atol=ROUNDING_TOL)
+    # a dropout cache of p = 0 holds no mask (dropout_forward's own; the GPU tier hands such a cache
+    # to this backward): it is the backward of no dropout
+    from minilm.reference.dropout import dropout_forward
+    no_mask = plain._replace(drop=dropout_forward(plain.att, p=0.0, rng=9)[1])
+    assert no_mask.drop.mask is None
+    for a, b in zip(attention_backward(dy, no_mask), attention_backward(dy, plain)):
+        assert np.array_equal(a, b)
 
 
 def test_attention_dropout_must_be_a_probability():

@@ -299,20 +299,25 @@ def test_python_started_in_the_checkout_finds_the_mapped_packages():
     assert pathlib.Path(done.stdout.strip()) == root / "reference" / "__init__.py"
 
 
-def test_an_installed_copy_caches_its_kernels_outside_its_package(monkeypatch):
+def test_an_installed_copy_caches_its_kernels_outside_its_package(monkeypatch, tmp_path):
     """Kernels cached beside an installed copy's sources are files pip does not know: a later
     `pip install -e .` left site-packages/minilm behind, which then hid the editable install. An
-    installed copy caches in Numba's user-wide folder; a checkout, and other code, as before."""
+    installed copy caches in Numba's user-wide folder, and never beside its sources, even where
+    that folder cannot be written; a checkout, and other code, as before."""
+    from numba.core import caching
     from minilm.cpu import _jit, activations
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))   # Numba's user-wide folder, here
     locator = _jit.INSTALLED_COPY_LOCATOR
     assert locator is not None                                  # this Numba has the hook
+    in_tree = next(c for c in caching.CacheImpl._locator_classes if c.__name__ == "InTreeUnlessInstalled")
     kernel = activations._softmax_forward_kernel.py_func
     path = kernel.__code__.co_filename
-    monkeypatch.setattr(_jit, "_INSTALLED", False)              # a checkout: Numba's next locator
-    assert locator.from_function(kernel, path) is None
+    monkeypatch.setattr(_jit, "_INSTALLED", False)              # a checkout: Numba's next locator, in the tree
+    assert locator.from_function(kernel, path) is None and in_tree.from_function(kernel, path) is not None
     monkeypatch.setattr(_jit, "_INSTALLED", True)
     where = os.path.abspath(locator.from_function(kernel, path).get_cache_path())
-    assert not where.startswith(_jit._PACKAGE + os.sep) and "numba" in where
+    assert where.startswith(str(tmp_path / "cache" / "numba")) and not where.startswith(_jit._PACKAGE + os.sep)
+    assert in_tree.from_function(kernel, path) is None          # never beside an installed copy's sources
     assert locator.from_function(np.sum, np.__file__) is None    # not minilm's: not ours to place
 
 

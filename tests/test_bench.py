@@ -596,3 +596,13 @@ def test_rounds_takes_only_a_positive_integer(rounds, monkeypatch):
     monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
     with pytest.raises(ValueError, match=rf"^minilm bench: option '--rounds' must be an integer >= 1, got {rounds!r}$"):
         bench_run._rounds([{"impl": "torch"}], rounds)
+
+
+def test_every_bench_option_is_for_every_run_or_says_which():
+    """An option left out of the table is never said to be ignored: --steps with converge trained
+    the preset's 2000 iterations without a word."""
+    options = set(vars(_bench_args([])))
+    assert options == set(bench_run._USED_BY) | set(bench_run.EVERY_RUN)
+    assert bench_run.ignored_options(_bench_args(["--what", "converge", "--steps", "100", "--rounds", "2"])) == [
+        "option '--steps' is ignored: it is used only by --what train or all",
+        "option '--rounds' is ignored: it is used only by --what train or sample or all"]

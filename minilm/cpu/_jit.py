@@ -37,22 +37,34 @@ def _installed_copy_locator():
     leftover ``site-packages/minilm`` then hides the editable install (``import minilm`` finds an
     empty package). So an installed copy caches its kernels in Numba's user-wide folder instead
     (``~/.cache/numba``), as Numba itself does for a read-only install; ``NUMBA_CACHE_DIR`` still
-    comes first. The hook is Numba's list of cache locators; a Numba without it keeps its default."""
+    comes first, and where neither can be written the kernels are not cached beside the installed
+    sources either (``minilm.backend`` then says to set ``NUMBA_CACHE_DIR``). The hook is Numba's
+    list of cache locators; a Numba without it keeps its default."""
     from numba.core import caching
     impl, user_wide = getattr(caching, "CacheImpl", None), getattr(caching, "UserWideCacheLocator", None)
-    if impl is None or user_wide is None or not isinstance(getattr(impl, "_locator_classes", None), list):
+    in_tree = getattr(caching, "InTreeCacheLocator", None)
+    classes = getattr(impl, "_locator_classes", None)
+    if user_wide is None or in_tree is None or not isinstance(classes, list) or in_tree not in classes:
         return None
+
+    def installed_copy_of_minilm(py_file):
+        return _INSTALLED and os.path.abspath(py_file).startswith(_PACKAGE + os.sep)
 
     class InstalledCopyLocator(user_wide):
         @classmethod
         def from_function(cls, py_func, py_file):
-            if not (_INSTALLED and os.path.abspath(py_file).startswith(_PACKAGE + os.sep)):
+            if not installed_copy_of_minilm(py_file):
                 return None                                 # a checkout, or not minilm's: the next locator
             return super().from_function(py_func, py_file)
 
-    if not any(c.__name__ == "InstalledCopyLocator" for c in impl._locator_classes):
-        impl._locator_classes.insert(1, InstalledCopyLocator)     # after NUMBA_CACHE_DIR's, before in-tree
-    return next(c for c in impl._locator_classes if c.__name__ == "InstalledCopyLocator")
+    class InTreeUnlessInstalled(in_tree):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            return None if installed_copy_of_minilm(py_file) else super().from_function(py_func, py_file)
+
+    classes[classes.index(in_tree)] = InTreeUnlessInstalled
+    classes.insert(1, InstalledCopyLocator)                 # after NUMBA_CACHE_DIR's, before in-tree
+    return InstalledCopyLocator
 
 
 INSTALLED_COPY_LOCATOR = _installed_copy_locator()

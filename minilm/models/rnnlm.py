@@ -163,8 +163,8 @@ class RNNLM:
         if not isinstance(state, (tuple, list)) or len(state) != cfg.n_layer \
                 or any(not isinstance(s, (tuple, list)) or len(s) != n for s in state):
             if isinstance(state, (tuple, list)):            # what each layer's entry was
-                layers = ", ".join(f"a tuple of {len(s)}" if isinstance(s, (tuple, list)) else type(s).__name__
-                                   for s in state)
+                layers = ", ".join(f"a {type(s).__name__} of {len(s)}" if isinstance(s, (tuple, list))
+                                   else type(s).__name__ for s in state)
                 got = f"a {type(state).__name__} of {len(state)} ({layers})"
             else:
                 got = type(state).__name__
