@@ -47,9 +47,9 @@ def _load(name):
         except RuntimeError as e:               # Numba's, when no folder it may cache in is writable
             if "cannot cache function" not in str(e):
                 raise
-            raise RuntimeError(f"backend 'numba' cannot cache its compiled kernels: neither the install folder "
-                               f"nor Numba's user cache folder is writable ({e}); set NUMBA_CACHE_DIR to a "
-                               f"writable folder, or choose --backend numpy") from None
+            raise RuntimeError(f"backend 'numba' cannot cache its compiled kernels: Numba's user cache folder "
+                               f"(~/.cache/numba) is not writable, nor, for a checkout, the checkout ({e}); set "
+                               f"NUMBA_CACHE_DIR to a writable folder, or choose --backend numpy") from None
     if name == "cupy":
         try:
             import cupy
