@@ -1,4 +1,4 @@
-"""`minilm train`: the training loop, one flat function you can read top to bottom.
+"""`minilm train`: the training loop, one flat function you can read top to bottom (``_train``).
 
     minilm train --preset shakespeare-char-cpu --data shakespeare --out out/shakespeare
 
@@ -6,6 +6,11 @@ writes into ``--out``: ``last.npz`` and ``best.npz`` (checkpoints, written atomi
 ``metrics.jsonl`` (one JSON object per evaluation) and ``loss.png`` (when matplotlib is
 installed). ``--resume`` continues from ``last.npz`` so that it computes exactly the losses
 the uninterrupted run would have; Ctrl-C (or a SIGTERM) saves ``last.npz`` before exiting.
+
+Read in this order: the pieces of one step (optimiser, schedule, ``TrainStep``), then ``_train``:
+the settings and the corpus, the model and its batches, the saved run's state, then the loop
+(evaluate and save every ``eval_interval``; one step). The functions after it refuse bad runs,
+hold the ``--out`` folder, and save and resume; none is needed to follow the loop.
 """
 import contextlib
 import dataclasses
@@ -35,6 +40,10 @@ from minilm.models.rnnlm import GATES
 from minilm.evaluate import stream_loss
 from minilm.parallel import batch_runner
 
+
+# The pieces of a training step: the optimiser, the learning-rate schedule, the model's settings,
+# one step (forward, backward, update) and the evaluation loss.
+
 def make_optimizer(cfg, params):
     if cfg.optimizer == "adamw":
         return optim.AdamW(params, cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -60,30 +69,6 @@ def model_settings(cfg, vocab_size):
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     return "rnn", dict(vocab_size=vocab_size, cell=cfg.model, n_layer=cfg.n_layer,
                        hidden_size=cfg.hidden_size, n_embd=cfg.n_embd, dropout=cfg.dropout)
-
-
-def memory_estimate(cfg, vocab_size):
-    """Roughly the bytes a training run of ``cfg`` on a CPU holds (float32 or float64): the parameters four times over (weights,
-    gradients, two optimiser moments, as Adam's; SGD and RMSprop keep fewer) and one step's activations
-    (a GPT keeps about 20 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its
-    gates and states a step). It errs low (0.5-0.8 of a step's peak), so that a run it refuses could
-    not have fit."""
-    V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
-    if cfg.model == "gpt":
-        activations = B * T * (L * (20 * C + cfg.n_head * T) + 2 * V)
-    else:
-        G = GATES[cfg.model]
-        activations = B * T * (C + L * (G + 3) * H + 2 * V)
-    n_params = param_count(*model_settings(cfg, vocab_size))
-    return (4 * n_params + activations) * as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
-
-
-def _physical_memory():
-    """This machine's memory in bytes, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def apply_gradients(model, optimizer, lr, *, grad_clip, scaler, finite=None):
@@ -125,15 +110,9 @@ class TrainStep:
             self.captured, self._capture_error = CapturedStep(model), CaptureError
 
     def __call__(self, x, y, lr, *, rng, state=None):
-        if self.captured is not None:
-            try:
-                loss, finite = self.captured(x, y, rng)
-            except self._capture_error as e:                # nothing ran and nothing was drawn: go on op by op
-                warnings.warn(f"{e}; running every step op by op", RuntimeWarning, stacklevel=2)
-                self.captured = None
-            else:
-                apply_gradients(self.model, self.optimizer, lr, grad_clip=self.grad_clip, scaler=self.scaler,
-                                finite=True if finite is None else bool(finite))
+        if self.captured is not None:                       # the cupy backend's CUDA graph
+            loss = self._replay(x, y, lr, rng)
+            if loss is not None:
                 return loss, state
         x, y = backend.to_backend(x), backend.to_backend(y)
         if self.model.kind == "rnn":
@@ -144,13 +123,18 @@ class TrainStep:
         apply_gradients(self.model, self.optimizer, lr, grad_clip=self.grad_clip, scaler=self.scaler)
         return loss, state
 
-
-def _diverged(what, it, last_path, lr):
-    """The message of a run stopped by a loss that is not finite: the weights have diverged, so
-    nothing of this iteration is saved, and last.npz keeps the last evaluation's state."""
-    kept = (f"{last_path} keeps iteration {checkpoint.load(last_path).meta['iter']}" if os.path.exists(last_path)
-            else "nothing was saved")
-    return f"minilm train: {what} at iteration {it}; {kept}; try a smaller --lr (now {lr})"
+    def _replay(self, x, y, lr, rng):
+        """The step as the captured CUDA graph; None when it cannot be captured (nothing ran and
+        nothing was drawn), and every step from then on runs op by op."""
+        try:
+            loss, finite = self.captured(x, y, rng)
+        except self._capture_error as e:
+            warnings.warn(f"{e}; running every step op by op", RuntimeWarning, stacklevel=3)
+            self.captured = None
+            return None
+        apply_gradients(self.model, self.optimizer, lr, grad_clip=self.grad_clip, scaler=self.scaler,
+                        finite=True if finite is None else bool(finite))
+        return loss
 
 
 def estimate_loss(model, batches):
@@ -158,87 +142,425 @@ def estimate_loss(model, batches):
     return float(np.mean([float(model.forward(backend.to_backend(x), backend.to_backend(y))[1]) for x, y in batches]))
 
 
-def _save(path, model, optimizer, meta):
-    try:
-        checkpoint.save(path, params=backend.to_numpy(model.params.data), optimizer_state=optimizer.state_dict(),
-                        meta=meta)
-    except OSError as e:                    # a full disk, a file-size limit, a folder made read-only
-        raise OSError(f"minilm train: could not save {path}: {e.strerror or e}; the checkpoint saved there "
-                      f"before, if any, is intact") from None
+def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, cuda_graph=True, log=print):
+    """Train a model as ``cfg`` says on the text ``data``; write checkpoints and metrics to ``out_dir``.
+
+    With ``resume``, the model, optimiser, data order and random states come from
+    ``out_dir/last.npz``; ``cfg`` must describe the same model (start from ``saved_config``).
+    ``data`` None then means the saved run's text, and any other ``data`` must hold that same
+    text (a resumed run computes the losses the uninterrupted one would have). Without it, an
+    ``out_dir`` that already holds a run's checkpoints is refused unless ``overwrite``.
+    ``cuda_graph`` False runs every step op by op on the cupy backend (``TrainStep``).
+
+    Returns a dict with the final iteration (``iter``), the last evaluation (``last_eval``),
+    ``stopped_early``, and ``interrupted``: False, or the name of the signal that stopped the run
+    ("SIGINT" for Ctrl-C, "SIGTERM"), after it saved ``last.npz``.
+    """
+    check_out_dir(out_dir)
+    with _RunFolder(out_dir) as folder:                 # held by this run until it ends
+        return _train(cfg, data, folder, resume=resume, overwrite=overwrite, progress=progress,
+                      cuda_graph=cuda_graph, log=log)
 
 
-STALE = (".last.npz.", ".best.npz.", ".loss.png.")     # atomic_write's temporary files, left by a process killed in a save
+def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
+    out_dir = folder.path
+    if os.path.isdir(out_dir):                          # a run's folder is held before its files are read
+        folder.hold()
+    last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    # 1. the settings (checked) and the corpus, split 90/10 into training and validation ids
+    cfg, saved = _run_settings(cfg, out_dir, resume=resume, overwrite=overwrite, log=log)
+    if saved is not None:
+        text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
+        data = saved.meta["data"] if data is None else data
+        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
+    else:
+        text, source = load_text(data)
+        tokenizer = CharTokenizer.from_text(text)
+    digest = text_digest(text)
+    ids = tokenizer.encode(text, what=f"option '--data' {data!r}")    # a resumed run's vocabulary
+    train_ids, val_ids = _split_checked(ids, cfg, data)
+    dtype = as_numpy_dtype("minilm train", "--dtype", cfg.dtype)
+    _check_memory(cfg, tokenizer.vocab_size)
+
+    # 2. the model, its optimiser and schedule, the training batches and the evaluation loss
+    kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
+    model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
+    runner = batch_runner(model)        # forward and backward over the cores (minilm.parallel)
+    optimizer = make_optimizer(cfg, model.params)
+    schedule = make_schedule(cfg)
+    dropout_rng = np.random.default_rng(cfg.seed + 1)
+    # a recurrent model on contiguous batches carries its state from one batch to the next
+    # (truncated backpropagation through time), and is scored the same way
+    carry_state = kind == "rnn" and cfg.batching == "contiguous"
+    if carry_state:
+        batches = ContiguousBatches(train_ids, cfg.block_size, cfg.batch_size)
+        n = cfg.eval_iters * cfg.batch_size * cfg.block_size + 1     # as many characters as the random batches
+        eval_texts = {"train": train_ids[:n], "val": val_ids[:n]}
+
+        def split_loss(name):
+            return stream_loss(runner, eval_texts[name], cfg.block_size, cfg.batch_size)[0]
+    else:
+        batches = RandomBatches(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed)
+        eval_batches = {"train": evaluation_batches(train_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters,
+                                                    seed=cfg.seed + 2),
+                        "val": evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters,
+                                                  seed=cfg.seed + 3)}
+
+        def split_loss(name):
+            return estimate_loss(runner, eval_batches[name])
+    stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
+    scaler = LossScaler(enabled=cfg.dtype == "float16")
+    step = TrainStep(model, runner, optimizer, scaler, grad_clip=cfg.grad_clip, cuda_graph=cuda_graph)
+    it, best_val, state, last_eval_iter, elapsed_before = 0, math.inf, None, None, 0.0
+    result = {"stopped_early": False, "interrupted": False, "last_eval": None}
+
+    # 3. the --out folder, and with --resume the saved run's weights, moments, data order and rngs
+    folder.hold()                                       # made once everything is built: a refused run leaves none
+    if not resume and not overwrite:                    # again: another run may have written there since
+        _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
+    _remove_stale_temporaries(out_dir)
+
+    if saved is not None:
+        checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
+        model.params.load(saved.params)
+        optimizer.load_state_dict(saved.optimizer_state)
+        batches.load_state_dict(saved.meta["batches"])
+        dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
+        it, best_val = saved.meta["iter"], saved.meta["best_val_loss"]
+        elapsed_before = saved.meta.get("elapsed_s", 0.0)      # the run's earlier sessions (0: saved before it was kept)
+        last_eval_iter = saved.meta["last_eval_iter"]
+        if saved.meta.get("loss_scaler"):
+            scaler.load_state_dict(saved.meta["loss_scaler"])
+        if stopper is not None and saved.meta.get("early_stopping"):
+            stopper.load_state_dict(saved.meta["early_stopping"])
+        elif stopper is not None and math.isfinite(best_val):     # --patience given only now: from the run's best
+            stopper.best = best_val
+        if saved.meta.get("rnn_state") is not None:
+            state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
+                     for layer in saved.meta["rnn_state"]]
+        _keep_metrics_up_to(metrics_path, last_eval_iter)
+        log(f"resuming {last_path} at iteration {it}")
+        if stopper is not None and stopper.stopped:                 # the saved run had stopped here
+            log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
+                f"evaluations; give a larger --patience (or 0) to train on")
+            result.update(stopped_early=True, iter=it)
+            return result
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)              # a fresh run starts a fresh metrics file
+
+    # 4. the loop: evaluate (and save) every eval_interval and at the end, then one step
+    log(f"{cfg.model} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "
+        f"{len(train_ids):,} training / {len(val_ids):,} validation characters from {source}, "
+        f"backend {backend.current()}, {cfg.dtype}")
+    if saved is not None and it >= cfg.max_iters:           # said after the summary, which reads as a start
+        log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
+            f"give a larger --max-iters to train on")
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
+    say = bar.write if progress and log is print else log      # printed above the bar, or to the caller's log
+    warn = (lambda line: bar.write(line, file=sys.stderr)) if log is print else log
+    train_time, train_tokens, start = 0.0, 0, time.perf_counter()
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    first_step, png_failed, skipped_before = True, False, scaler.skipped
+
+    def elapsed():
+        """Seconds since the run started, over all its sessions."""
+        return elapsed_before + time.perf_counter() - start
+
+    # what a checkpoint holds beside the weights and the optimiser's moments: all that --resume
+    # needs to compute exactly the losses the uninterrupted run would have
+    def meta():
+        return {
+            "model": model_meta(model),
+            "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.to_dict(), "iter": it,
+            "best_val_loss": best_val, "batches": batches.state_dict(), "dropout_rng": dropout_rng.bit_generator.state,
+            "early_stopping": stopper.state_dict() if stopper else None, "backend": backend.current(),
+            "loss_scaler": scaler.state_dict(),
+            "dtype": cfg.dtype, "last_eval_iter": last_eval_iter,
+            "data": data if data == "shakespeare" else os.path.abspath(data), "data_sha256": digest,
+            "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
+            "elapsed_s": elapsed(),
+        }
+
+    with _StopRequest() as stop:
+        while True:
+            # evaluate at every eval_interval and at the end (not again right after resuming there)
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter:
+                train_loss, val_loss = split_loss("train"), split_loss("val")
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):   # before anything is written
+                    raise FloatingPointError(_diverged(f"the evaluation loss became {val_loss} (train "
+                                                       f"{train_loss})", it, last_path, cfg.lr))
+                row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
+                       "tokens_per_s": train_tokens / train_time if train_time else None,
+                       "elapsed_s": elapsed()}
+                if scaler.enabled:                      # float16: the loss scale, and the steps it skipped
+                    row.update(loss_scale=scaler.scale, skipped_steps=scaler.skipped)
+                train_time, train_tokens = 0.0, 0                   # tokens_per_s: since this evaluation
+                _append_metrics(metrics_path, row, last_path, last_eval_iter)
+                result["last_eval"] = row
+                improved = val_loss < best_val
+                best_val = min(best_val, val_loss)
+                last_eval_iter = it
+                stop_early = stopper is not None and stopper.update(val_loss)   # counted before it is saved
+                if improved:
+                    _save(best_path, model, optimizer, meta())
+                _save(last_path, model, optimizer, meta())
+                png_error = _plot(metrics_path, os.path.join(out_dir, "loss.png"))
+                if png_error is not None and not png_failed:            # said once
+                    warn(f"minilm train: warning: could not write {os.path.join(out_dir, 'loss.png')}: "
+                         f"{png_error.strerror or png_error}; training goes on without the loss curve")
+                png_failed = png_error is not None
+                skipped = scaler.skipped - skipped_before
+                say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"     # once saved
+                    + (f", {skipped} step{'s' * (skipped > 1)} skipped (float16 overflow; loss scale now "
+                       f"{scaler.scale:g})" if skipped else ""))
+                skipped_before = scaler.skipped
+                if stop_early:
+                    say(f"stopping early: no improvement in {cfg.patience} evaluations")
+                    result["stopped_early"] = True
+                    break
+            if it >= cfg.max_iters:
+                break
+            if stop.requested:
+                _save(last_path, model, optimizer, meta())
+                say(f"interrupted: saved iteration {it} to {last_path}; continue with --resume")
+                result["interrupted"] = signal.Signals(stop.requested).name
+                break
+
+            # one training step: batch, forward, backward, clip, update
+            t0 = time.perf_counter()
+            if carry_state:
+                x, y, reset = batches.next_batch()
+                state = None if reset else state         # the streams begin the text again: from zeros
+            else:
+                x, y = batches.next_batch()
+            lr = schedule(it)
+            with backend.compile_notice() if first_step else contextlib.nullcontext():
+                loss, state = step(x, y, lr, rng=dropout_rng, state=state if carry_state else None)
+            state = state if carry_state else None      # random batches start from zeros: nothing to keep or save
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(_diverged(f"the training loss became {loss}", it, last_path, cfg.lr))
+            it += 1
+            dt = time.perf_counter() - t0
+            if not first_step:              # the process's first step, which compiles Numba's kernels, is not timed
+                train_time += dt
+                train_tokens += tokens_per_step
+            first_step = False
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update(1)
+    bar.close()
+    result["iter"] = it
+    return result
 
 
-def _remove_stale_temporaries(out_dir):
-    """Remove the temporary files a run killed inside a save left in ``out_dir`` (the files it was
-    replacing are intact)."""
-    for name in os.listdir(out_dir):
-        if name.startswith(STALE) and name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(out_dir, name))
+# What train() calls to refuse a run it cannot do, hold its --out folder, and save and resume it
+# without losing what a user saved: none of it is needed to follow the loop.
 
-
-def _plot(metrics_path, png_path):
-    """A loss-curve PNG from metrics.jsonl, when matplotlib is installed, written atomically. A PNG
-    that cannot be written is no reason to stop a run: that error is returned, not raised."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    with open(metrics_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    marker = "o" if len(rows) == 1 else None           # one evaluation so far: a line of one point draws nothing
-    ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train", marker=marker)
-    ax.plot([r["iter"] for r in rows], [r["val_loss"] for r in rows], label="validation", marker=marker)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats per character)")
-    ax.legend()
-    fig.tight_layout()
-    try:
-        checkpoint.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
-    except OSError as e:
-        return e
-    finally:
-        plt.close(fig)
-    return None
-
-
-class _StopRequest:
-    """Turns the first Ctrl-C (SIGINT), or a SIGTERM (``kill``, a job scheduler, ``timeout``), into a
-    request to stop at the end of the current iteration, which then saves. Signal handlers can only
-    be set in the main thread; a run in another thread stops on them as Python does by default."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = None                    # the signal's number, once one came
-
-    def __enter__(self):
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:                       # a second one stops at once
-            raise KeyboardInterrupt
-        self.requested = signum
-        print(f"\nminilm train: {signal.Signals(signum).name}: stopping at the end of this iteration to save "
-              f"last.npz; press Ctrl-C again to quit without saving", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+def _run_settings(cfg, out_dir, *, resume, overwrite, log):
+    """The settings this run trains with and, with ``resume``, the saved run it continues (else None):
+    every refusal that needs no corpus, made before anything is read or built."""
+    last_path = os.path.join(out_dir, "last.npz")
+    if not isinstance(cfg, config.TrainConfig):
+        config.validate(cfg)                            # which says what cfg must be
+    saved = _load_last(out_dir) if resume else None
+    schedule_kept = False                               # the saved run's schedule length kept (below)
+    if saved is not None:
+        saved_cfg = _train_config_of(saved, last_path)
+        if (cfg.schedule == "cosine" and cfg.lr_decay_iters == 0 and saved_cfg.lr_decay_iters == 0
+                and cfg.max_iters != saved_cfg.max_iters):
+            # 0 made the schedule as long as the first run's --max-iters: a new --max-iters would
+            # stretch or shrink it from here on, changing learning rates the run has planned with.
+            # Done before the checks, which would otherwise take the new --max-iters for its length.
+            cfg = dataclasses.replace(cfg, lr_decay_iters=saved_cfg.max_iters)
+            schedule_kept = True
+    cfg = config.validate(cfg)
+    if schedule_kept:
+        log(f"the learning-rate schedule keeps its length of {cfg.lr_decay_iters} iterations (--lr-decay-iters 0 "
+            f"took the saved run's --max-iters); give --lr-decay-iters to set another")
+    if not resume and not overwrite:
+        _refuse_a_held_run(out_dir, [os.path.join(out_dir, name) for name in ("last.npz", "best.npz", "metrics.jsonl")])
+    _require_dtype_runs_here(cfg.dtype, resumed=saved is not None and saved_cfg.dtype == cfg.dtype, out_dir=out_dir)
+    if saved is not None:
+        _check_unchanged_on_resume(saved_cfg, cfg, last_path)     # before anything is built
+    return cfg, saved
 
 
 # what a checkpoint's meta must hold for --resume (the other entries are optional: older runs lack them)
 RUN_META = ("model", "tokenizer", "train_config", "data", "iter", "best_val_loss", "batches", "dropout_rng",
             "last_eval_iter")
+
+
+def _load_last(out_dir):
+    """The saved run ``--resume`` continues: ``out_dir/last.npz``, or an error that says what else there is."""
+    path = os.path.join(out_dir, "last.npz")
+    try:
+        return checkpoint.load(path, required_meta=RUN_META)
+    except (OSError, ValueError) as e:
+        hint = _resume_from_best(out_dir)
+        if not hint:
+            raise
+        raise type(e)(f"{e}; {hint}") from None
+
+
+def _resume_from_best(out_dir):
+    """A hint: the run's best.npz is a whole resume point too, when it is readable."""
+    best = os.path.join(out_dir, "best.npz")
+    try:
+        meta = checkpoint.load(best, required_meta=RUN_META).meta
+    except (OSError, ValueError):
+        return ""
+    return (f"{best} holds iteration {meta['iter']} of the run (validation loss {meta['best_val_loss']:.4f}): "
+            f"copy it to last.npz to continue from there with --resume (metrics.jsonl's lines after it are "
+            f"dropped then)")
+
+
+def _train_config_of(saved, path):
+    """The TrainConfig a saved run was trained with (every setting: a run resumes on all of them)."""
+    c = checkpoint
+    c.check_meta(saved.meta, path, {"train_config": c.DICT, "iter": c.COUNT, "last_eval_iter": (c.COUNT, None),
+                                    "best_val_loss": c.NUMBER, "batches": c.DICT, "dropout_rng": c.DICT})
+    # every TrainConfig field dates from the first checkpoints: a field added later must be given its
+    # old behaviour's value here for the checkpoints saved without it, rather than be called missing
+    settings, names = saved.meta["train_config"], [f.name for f in dataclasses.fields(config.TrainConfig)]
+    missing, unknown = [n for n in names if n not in settings], [n for n in settings if n not in names]
+    if missing or unknown:
+        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' must hold minilm train's settings; "
+                         + "; ".join(f"{what}: {', '.join(map(repr, keys))}" for what, keys in
+                                     (("missing", missing), ("unknown", unknown)) if keys))
+    try:
+        return config.validate(config.TrainConfig(**settings))
+    except ValueError as e:
+        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' holds a setting minilm train refuses ({e})") from None
+
+
+def _refuse_a_held_run(out_dir, paths):
+    """A new run never replaces another run's files unasked."""
+    held = [os.path.basename(p) for p in paths if os.path.exists(p)]
+    if not held:
+        return
+    hint = _resume_from_best(out_dir)
+    replaces = " (which replaces best.npz)" if "best.npz" in held else ""
+    if "last.npz" in held:
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
+                         f"({', '.join(held)}); continue it with --resume, train into another --out, "
+                         f"or pass --overwrite to start afresh there")
+    raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
+                     f"({', '.join(held)}) with no last.npz to continue from; {hint + '; or ' if hint else ''}"
+                     f"train into another --out, or pass --overwrite to start afresh there{replaces}")
+
+
+def _require_dtype_runs_here(dtype, *, resumed, out_dir):
+    """16-bit training runs on the cupy backend only (checked before the corpus is read)."""
+    if dtype in ("float32", "float64") or backend.current() == "cupy":
+        return
+    if resumed:                                         # its --dtype cannot change: float32 is no way out
+        raise ValueError(f"minilm train: --resume: the run in {os.fspath(out_dir)!r} trains in {dtype}, "
+                         f"which only the cupy backend runs; continue it with --backend cupy on a GPU "
+                         f"(minilm eval and minilm sample read its checkpoints on any backend)")
+    raise ValueError(f"minilm train: option '--dtype' {dtype} needs the cupy backend; on a CPU use float32 or float64")
+
+
+def _check_unchanged_on_resume(saved, cfg, path):
+    """Refuse, naming the option, a resumed run's settings that its saved state cannot serve:
+    another model, shape or dropout (the weights and the model saved are the old one's), dtype,
+    optimizer (the moments are the saved one's), momentum switched on or off (its buffer),
+    batching, or batch size, block size, evaluation batch count or seed: the evaluation batches
+    are drawn from these four, and ``best.npz`` would then be picked on other batches than the
+    best validation loss saved (contiguous batches also carry one state row per stream, and their
+    position in the text counts blocks)."""
+    fixed = ["optimizer", "batching", "dtype", "batch_size", "block_size", "eval_iters", "seed"]
+    if cfg.optimizer in ("sgd", "rmsprop") and (saved.momentum == 0) != (cfg.momentum == 0):
+        fixed.append("momentum")
+    for name in fixed:
+        before, now = getattr(saved, name), getattr(cfg, name)
+        if before != now:
+            _refuse_change(name, before, now, path)
+    if (saved.model == "gpt") != (cfg.model == "gpt"):
+        _refuse_change("model", saved.model, cfg.model, path)
+    (_, before), (_, now) = model_settings(saved, 1), model_settings(cfg, 1)
+    for name in before:                                 # the settings this kind of model is built from
+        if before[name] != now[name]:
+            option = "model" if name == "cell" else name
+            _refuse_change(option, before[name], now[name], path)
+
+
+def _refuse_change(name, before, now, path):
+    raise ValueError(f"minilm train: --resume: option '--{name.replace('_', '-')}' cannot change when a run "
+                     f"is resumed (the state saved in {path} is for {before!r}), got {now!r}; train a new "
+                     f"run in another --out for that")
+
+
+def check_out_dir(out_dir):
+    """Refuse an ``--out`` that cannot be a folder: empty, or an existing file."""
+    if not os.fspath(out_dir):
+        raise ValueError("minilm train: option '--out' must name a folder, got ''")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a file, not a folder")
+
+
+def saved_config(out_dir):
+    """The TrainConfig of the run saved in ``out_dir/last.npz`` (what ``--resume`` starts from)."""
+    check_out_dir(out_dir)
+    return _train_config_of(_load_last(out_dir), os.path.join(out_dir, "last.npz"))
+
+
+def _split_checked(ids, cfg, data):
+    """The 90/10 training and validation split of the corpus ``ids``, refused where a split is
+    shorter than one block (or, for --batching contiguous, than one block per stream)."""
+    if len(ids) < 2:                                    # split's own message would not name --data
+        raise ValueError(f"minilm train: option '--data' {data!r} holds {len(ids)} character; each of its "
+                         f"training and validation splits needs one block (--block-size {cfg.block_size} + 1)")
+    train_ids, val_ids = split(ids, 0.9)
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if len(part) < cfg.block_size + 1:
+            raise ValueError(f"minilm train: the {name} split of --data {data!r} has {len(part)} characters, "
+                             f"fewer than one block (--block-size {cfg.block_size} + 1)")
+    if cfg.model != "gpt" and cfg.batching == "contiguous" and len(train_ids) < cfg.batch_size * cfg.block_size + 1:
+        raise ValueError(f"minilm train: the training split of --data {data!r} has {len(train_ids)} characters; "
+                         f"--batching contiguous cuts it into --batch-size {cfg.batch_size} streams of at least "
+                         f"--block-size {cfg.block_size} + 1, which needs {cfg.batch_size * cfg.block_size + 1}; "
+                         f"give a smaller --batch-size or --block-size")
+    return train_ids, val_ids
+
+
+def _check_memory(cfg, vocab_size):
+    """Refuse, before any file is written, a run this machine's memory cannot hold (on a CPU: a GPU's
+    memory is its own, and CuPy says when it is full)."""
+    if backend.current() == "cupy":
+        return
+    need, have = memory_estimate(cfg, vocab_size), _physical_memory()
+    if have is not None and need > have:
+        sizes = ("--n-layer, --n-embd, --n-head, --block-size or --batch-size" if cfg.model == "gpt" else
+                 "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
+        raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
+                         f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}")
+
+
+def memory_estimate(cfg, vocab_size):
+    """Roughly the bytes a training run of ``cfg`` on a CPU holds (float32 or float64): the parameters four times over (weights,
+    gradients, two optimiser moments, as Adam's; SGD and RMSprop keep fewer) and one step's activations
+    (a GPT keeps about 20 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its
+    gates and states a step). It errs low (0.5-0.8 of a step's peak), so that a run it refuses could
+    not have fit."""
+    V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
+    if cfg.model == "gpt":
+        activations = B * T * (L * (20 * C + cfg.n_head * T) + 2 * V)
+    else:
+        G = GATES[cfg.model]
+        activations = B * T * (C + L * (G + 3) * H + 2 * V)
+    n_params = param_count(*model_settings(cfg, vocab_size))
+    return (4 * n_params + activations) * as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
+
+
+def _physical_memory():
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class _RunFolder:
@@ -295,118 +617,16 @@ class _RunFolder:
             self._fd = None
 
 
-def _refuse_a_held_run(out_dir, paths):
-    """A new run never replaces another run's files unasked."""
-    held = [os.path.basename(p) for p in paths if os.path.exists(p)]
-    if not held:
-        return
-    hint = _resume_from_best(out_dir)
-    replaces = " (which replaces best.npz)" if "best.npz" in held else ""
-    if "last.npz" in held:
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
-                         f"({', '.join(held)}); continue it with --resume, train into another --out, "
-                         f"or pass --overwrite to start afresh there")
-    raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
-                     f"({', '.join(held)}) with no last.npz to continue from; {hint + '; or ' if hint else ''}"
-                     f"train into another --out, or pass --overwrite to start afresh there{replaces}")
+STALE = (".last.npz.", ".best.npz.", ".loss.png.")     # atomic_write's temporary files, left by a process killed in a save
 
 
-def _resume_from_best(out_dir):
-    """A hint: the run's best.npz is a whole resume point too, when it is readable."""
-    best = os.path.join(out_dir, "best.npz")
-    try:
-        meta = checkpoint.load(best, required_meta=RUN_META).meta
-    except (OSError, ValueError):
-        return ""
-    return (f"{best} holds iteration {meta['iter']} of the run (validation loss {meta['best_val_loss']:.4f}): "
-            f"copy it to last.npz to continue from there with --resume (metrics.jsonl's lines after it are "
-            f"dropped then)")
-
-
-def _load_last(out_dir):
-    """The saved run ``--resume`` continues: ``out_dir/last.npz``, or an error that says what else there is."""
-    path = os.path.join(out_dir, "last.npz")
-    try:
-        return checkpoint.load(path, required_meta=RUN_META)
-    except (OSError, ValueError) as e:
-        hint = _resume_from_best(out_dir)
-        if not hint:
-            raise
-        raise type(e)(f"{e}; {hint}") from None
-
-
-def _require_dtype_runs_here(dtype, *, resumed, out_dir):
-    """16-bit training runs on the cupy backend only (checked before the corpus is read)."""
-    if dtype in ("float32", "float64") or backend.current() == "cupy":
-        return
-    if resumed:                                         # its --dtype cannot change: float32 is no way out
-        raise ValueError(f"minilm train: --resume: the run in {os.fspath(out_dir)!r} trains in {dtype}, "
-                         f"which only the cupy backend runs; continue it with --backend cupy on a GPU "
-                         f"(minilm eval and minilm sample read its checkpoints on any backend)")
-    raise ValueError(f"minilm train: option '--dtype' {dtype} needs the cupy backend; on a CPU use float32 or float64")
-
-
-def check_out_dir(out_dir):
-    """Refuse an ``--out`` that cannot be a folder: empty, or an existing file."""
-    if not os.fspath(out_dir):
-        raise ValueError("minilm train: option '--out' must name a folder, got ''")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a file, not a folder")
-
-
-def saved_config(out_dir):
-    """The TrainConfig of the run saved in ``out_dir/last.npz`` (what ``--resume`` starts from)."""
-    check_out_dir(out_dir)
-    return _train_config_of(_load_last(out_dir), os.path.join(out_dir, "last.npz"))
-
-
-def _train_config_of(saved, path):
-    """The TrainConfig a saved run was trained with (every setting: a run resumes on all of them)."""
-    c = checkpoint
-    c.check_meta(saved.meta, path, {"train_config": c.DICT, "iter": c.COUNT, "last_eval_iter": (c.COUNT, None),
-                                    "best_val_loss": c.NUMBER, "batches": c.DICT, "dropout_rng": c.DICT})
-    # every TrainConfig field dates from the first checkpoints: a field added later must be given its
-    # old behaviour's value here for the checkpoints saved without it, rather than be called missing
-    settings, names = saved.meta["train_config"], [f.name for f in dataclasses.fields(config.TrainConfig)]
-    missing, unknown = [n for n in names if n not in settings], [n for n in settings if n not in names]
-    if missing or unknown:
-        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' must hold minilm train's settings; "
-                         + "; ".join(f"{what}: {', '.join(map(repr, keys))}" for what, keys in
-                                     (("missing", missing), ("unknown", unknown)) if keys))
-    try:
-        return config.validate(config.TrainConfig(**settings))
-    except ValueError as e:
-        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' holds a setting minilm train refuses ({e})") from None
-
-
-def _check_unchanged_on_resume(saved, cfg, path):
-    """Refuse, naming the option, a resumed run's settings that its saved state cannot serve:
-    another model, shape or dropout (the weights and the model saved are the old one's), dtype,
-    optimizer (the moments are the saved one's), momentum switched on or off (its buffer),
-    batching, or batch size, block size, evaluation batch count or seed: the evaluation batches
-    are drawn from these four, and ``best.npz`` would then be picked on other batches than the
-    best validation loss saved (contiguous batches also carry one state row per stream, and their
-    position in the text counts blocks)."""
-    fixed = ["optimizer", "batching", "dtype", "batch_size", "block_size", "eval_iters", "seed"]
-    if cfg.optimizer in ("sgd", "rmsprop") and (saved.momentum == 0) != (cfg.momentum == 0):
-        fixed.append("momentum")
-    for name in fixed:
-        before, now = getattr(saved, name), getattr(cfg, name)
-        if before != now:
-            _refuse_change(name, before, now, path)
-    if (saved.model == "gpt") != (cfg.model == "gpt"):
-        _refuse_change("model", saved.model, cfg.model, path)
-    (_, before), (_, now) = model_settings(saved, 1), model_settings(cfg, 1)
-    for name in before:                                 # the settings this kind of model is built from
-        if before[name] != now[name]:
-            option = "model" if name == "cell" else name
-            _refuse_change(option, before[name], now[name], path)
-
-
-def _refuse_change(name, before, now, path):
-    raise ValueError(f"minilm train: --resume: option '--{name.replace('_', '-')}' cannot change when a run "
-                     f"is resumed (the state saved in {path} is for {before!r}), got {now!r}; train a new "
-                     f"run in another --out for that")
+def _remove_stale_temporaries(out_dir):
+    """Remove the temporary files a run killed inside a save left in ``out_dir`` (the files it was
+    replacing are intact)."""
+    for name in os.listdir(out_dir):
+        if name.startswith(STALE) and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, name))
 
 
 def _keep_metrics_up_to(metrics_path, last_eval_iter):
@@ -438,253 +658,86 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
         os.replace(metrics_path + ".tmp", metrics_path)
 
 
-def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, cuda_graph=True, log=print):
-    """Train a model as ``cfg`` says on the text ``data``; write checkpoints and metrics to ``out_dir``.
+class _StopRequest:
+    """Turns the first Ctrl-C (SIGINT), or a SIGTERM (``kill``, a job scheduler, ``timeout``), into a
+    request to stop at the end of the current iteration, which then saves. Signal handlers can only
+    be set in the main thread; a run in another thread stops on them as Python does by default."""
 
-    With ``resume``, the model, optimiser, data order and random states come from
-    ``out_dir/last.npz``; ``cfg`` must describe the same model (start from ``saved_config``).
-    ``data`` None then means the saved run's text, and any other ``data`` must hold that same
-    text (a resumed run computes the losses the uninterrupted one would have). Without it, an
-    ``out_dir`` that already holds a run's checkpoints is refused unless ``overwrite``.
-    ``cuda_graph`` False runs every step op by op on the cupy backend (``TrainStep``).
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    Returns a dict with the final iteration (``iter``), the last evaluation (``last_eval``),
-    ``stopped_early``, and ``interrupted``: False, or the name of the signal that stopped the run
-    ("SIGINT" for Ctrl-C, "SIGTERM"), after it saved ``last.npz``.
-    """
-    check_out_dir(out_dir)
-    with _RunFolder(out_dir) as folder:                 # held by this run until it ends
-        return _train(cfg, data, folder, resume=resume, overwrite=overwrite, progress=progress,
-                      cuda_graph=cuda_graph, log=log)
+    def __init__(self):
+        self.requested = None                    # the signal's number, once one came
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:                       # a second one stops at once
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\nminilm train: {signal.Signals(signum).name}: stopping at the end of this iteration to save "
+              f"last.npz; press Ctrl-C again to quit without saving", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
-def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
-    out_dir = folder.path
-    if os.path.isdir(out_dir):                          # a run's folder is held before its files are read
-        folder.hold()
-    last_path, best_path = os.path.join(out_dir, "last.npz"), os.path.join(out_dir, "best.npz")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if not isinstance(cfg, config.TrainConfig):
-        config.validate(cfg)                            # which says what cfg must be
-    saved, kept_length = _load_last(out_dir) if resume else None, None
-    if saved is not None:
-        saved_cfg = _train_config_of(saved, last_path)
-        if (cfg.schedule == "cosine" and cfg.lr_decay_iters == 0 and saved_cfg.lr_decay_iters == 0
-                and cfg.max_iters != saved_cfg.max_iters):
-            # 0 made the schedule as long as the first run's --max-iters: a new --max-iters would
-            # stretch or shrink it from here on, changing learning rates the run has planned with.
-            # Done before the checks, which would otherwise take the new --max-iters for its length.
-            cfg = kept_length = dataclasses.replace(cfg, lr_decay_iters=saved_cfg.max_iters)
-    cfg = config.validate(cfg)
-    if kept_length is not None:
-        log(f"the learning-rate schedule keeps its length of {cfg.lr_decay_iters} iterations (--lr-decay-iters 0 "
-            f"took the saved run's --max-iters); give --lr-decay-iters to set another")
-    if not resume and not overwrite:
-        _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
-    _require_dtype_runs_here(cfg.dtype, resumed=saved is not None and saved_cfg.dtype == cfg.dtype, out_dir=out_dir)
-    if saved is not None:
-        _check_unchanged_on_resume(saved_cfg, cfg, last_path)     # before anything is built
-        text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
-        data = saved.meta["data"] if data is None else data
-    else:
-        text, source = load_text(data)
-    digest = text_digest(text)
-    if saved is not None:
-        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
-    else:
-        tokenizer = CharTokenizer.from_text(text)
-    ids = tokenizer.encode(text, what=f"option '--data' {data!r}")    # a resumed run's vocabulary
-    if len(ids) < 2:                                    # split's own message would not name --data
-        raise ValueError(f"minilm train: option '--data' {data!r} holds {len(ids)} character; each of its "
-                         f"training and validation splits needs one block (--block-size {cfg.block_size} + 1)")
-    train_ids, val_ids = split(ids, 0.9)
-    for name, part in (("training", train_ids), ("validation", val_ids)):
-        if len(part) < cfg.block_size + 1:
-            raise ValueError(f"minilm train: the {name} split of --data {data!r} has {len(part)} characters, "
-                             f"fewer than one block (--block-size {cfg.block_size} + 1)")
-    if cfg.model != "gpt" and cfg.batching == "contiguous" and len(train_ids) < cfg.batch_size * cfg.block_size + 1:
-        raise ValueError(f"minilm train: the training split of --data {data!r} has {len(train_ids)} characters; "
-                         f"--batching contiguous cuts it into --batch-size {cfg.batch_size} streams of at least "
-                         f"--block-size {cfg.block_size} + 1, which needs {cfg.batch_size * cfg.block_size + 1}; "
-                         f"give a smaller --batch-size or --block-size")
+def _append_metrics(metrics_path, row, last_path, last_eval_iter):
+    """Append one evaluation's ``row`` to metrics.jsonl, or say what is saved when it cannot."""
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        kept = ("nothing was saved yet" if last_eval_iter is None else
+                f"{last_path} keeps iteration {last_eval_iter}")
+        raise OSError(f"minilm train: could not append to {metrics_path}: {e.strerror or e}; {kept}") from None
 
-    dtype = as_numpy_dtype("minilm train", "--dtype", cfg.dtype)
-    on_cpu = backend.current() != "cupy"                # a GPU's memory is its own; CuPy says when it is full
-    need, have = (memory_estimate(cfg, tokenizer.vocab_size), _physical_memory()) if on_cpu else (0, None)
-    if have is not None and need > have:                 # refused before any file is written
-        sizes = ("--n-layer, --n-embd, --n-head, --block-size or --batch-size" if cfg.model == "gpt" else
-                 "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
-        raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
-                         f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}")
-    kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
-    model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
-    runner = batch_runner(model)        # forward and backward over the cores (minilm.parallel)
-    optimizer = make_optimizer(cfg, model.params)
-    schedule = make_schedule(cfg)
-    recurrent = kind == "rnn"
-    if recurrent and cfg.batching == "contiguous":
-        batches = ContiguousBatches(train_ids, cfg.block_size, cfg.batch_size)
-    else:
-        batches = RandomBatches(train_ids, cfg.block_size, cfg.batch_size, seed=cfg.seed)
-    dropout_rng = np.random.default_rng(cfg.seed + 1)
-    if recurrent and cfg.batching == "contiguous":     # scored as it is trained: streams, the state carried
-        n = cfg.eval_iters * cfg.batch_size * cfg.block_size + 1     # as many characters as the random batches
-        eval_texts = {"train": train_ids[:n], "val": val_ids[:n]}
 
-        def split_loss(name):
-            return stream_loss(runner, eval_texts[name], cfg.block_size, cfg.batch_size)[0]
-    else:
-        eval_batches = {"train": evaluation_batches(train_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters,
-                                                    seed=cfg.seed + 2),
-                        "val": evaluation_batches(val_ids, cfg.block_size, cfg.batch_size, cfg.eval_iters,
-                                                  seed=cfg.seed + 3)}
+def _save(path, model, optimizer, meta):
+    try:
+        checkpoint.save(path, params=backend.to_numpy(model.params.data), optimizer_state=optimizer.state_dict(),
+                        meta=meta)
+    except OSError as e:                    # a full disk, a file-size limit, a folder made read-only
+        raise OSError(f"minilm train: could not save {path}: {e.strerror or e}; the checkpoint saved there "
+                      f"before, if any, is intact") from None
 
-        def split_loss(name):
-            return estimate_loss(runner, eval_batches[name])
-    stopper = optim.EarlyStopping(cfg.patience) if cfg.patience else None
-    scaler = LossScaler(enabled=cfg.dtype == "float16")
-    step = TrainStep(model, runner, optimizer, scaler, grad_clip=cfg.grad_clip, cuda_graph=cuda_graph)
-    it, best_val, state, last_eval_iter, elapsed_before = 0, math.inf, None, None, 0.0
-    result = {"stopped_early": False, "interrupted": False, "last_eval": None}
 
-    folder.hold()                                       # made once everything is built: a refused run leaves none
-    if not resume and not overwrite:                    # again: another run may have written there since
-        _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
-    _remove_stale_temporaries(out_dir)
+def _plot(metrics_path, png_path):
+    """A loss-curve PNG from metrics.jsonl, when matplotlib is installed, written atomically. A PNG
+    that cannot be written is no reason to stop a run: that error is returned, not raised."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(metrics_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    marker = "o" if len(rows) == 1 else None           # one evaluation so far: a line of one point draws nothing
+    ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train", marker=marker)
+    ax.plot([r["iter"] for r in rows], [r["val_loss"] for r in rows], label="validation", marker=marker)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats per character)")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        checkpoint.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    except OSError as e:
+        return e
+    finally:
+        plt.close(fig)
+    return None
 
-    if saved is not None:
-        checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
-        model.params.load(saved.params)
-        optimizer.load_state_dict(saved.optimizer_state)
-        batches.load_state_dict(saved.meta["batches"])
-        dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
-        it, best_val = saved.meta["iter"], saved.meta["best_val_loss"]
-        elapsed_before = saved.meta.get("elapsed_s", 0.0)      # the run's earlier sessions (0: saved before it was kept)
-        last_eval_iter = saved.meta["last_eval_iter"]
-        if saved.meta.get("loss_scaler"):
-            scaler.load_state_dict(saved.meta["loss_scaler"])
-        if stopper is not None and saved.meta.get("early_stopping"):
-            stopper.load_state_dict(saved.meta["early_stopping"])
-        elif stopper is not None and math.isfinite(best_val):     # --patience given only now: from the run's best
-            stopper.best = best_val
-        if saved.meta.get("rnn_state") is not None:
-            state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
-                     for layer in saved.meta["rnn_state"]]
-        _keep_metrics_up_to(metrics_path, last_eval_iter)
-        log(f"resuming {last_path} at iteration {it}")
-        if stopper is not None and stopper.stopped:                 # the saved run had stopped here
-            log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
-                f"evaluations; give a larger --patience (or 0) to train on")
-            result.update(stopped_early=True, iter=it)
-            return result
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)              # a fresh run starts a fresh metrics file
 
-    def meta():
-        return {
-            "model": model_meta(model),
-            "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.to_dict(), "iter": it,
-            "best_val_loss": best_val, "batches": batches.state_dict(), "dropout_rng": dropout_rng.bit_generator.state,
-            "early_stopping": stopper.state_dict() if stopper else None, "backend": backend.current(),
-            "loss_scaler": scaler.state_dict(),
-            "dtype": cfg.dtype, "last_eval_iter": last_eval_iter,
-            "data": data if data == "shakespeare" else os.path.abspath(data), "data_sha256": digest,
-            "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
-            "elapsed_s": elapsed(),
-        }
-
-    def elapsed():
-        """Seconds since the run started, over all its sessions."""
-        return elapsed_before + time.perf_counter() - start
-
-    log(f"{cfg.model} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "
-        f"{len(train_ids):,} training / {len(val_ids):,} validation characters from {source}, "
-        f"backend {backend.current()}, {cfg.dtype}")
-    if saved is not None and it >= cfg.max_iters:           # said after the summary, which reads as a start
-        log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
-            f"give a larger --max-iters to train on")
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
-    say = bar.write if progress and log is print else log      # printed above the bar, or to the caller's log
-    warn = (lambda line: bar.write(line, file=sys.stderr)) if log is print else log
-    train_time, train_tokens, start = 0.0, 0, time.perf_counter()
-    tokens_per_step = cfg.batch_size * cfg.block_size
-    first_step, png_failed, skipped_before = True, False, scaler.skipped
-
-    with _StopRequest() as stop:
-        while True:
-            # evaluate at every eval_interval and at the end (not again right after resuming there)
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter:
-                train_loss, val_loss = split_loss("train"), split_loss("val")
-                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):   # before anything is written
-                    raise FloatingPointError(_diverged(f"the evaluation loss became {val_loss} (train "
-                                                       f"{train_loss})", it, last_path, cfg.lr))
-                row = {"iter": it, "train_loss": train_loss, "val_loss": val_loss, "lr": schedule(it),
-                       "tokens_per_s": train_tokens / train_time if train_time else None,
-                       "elapsed_s": elapsed()}
-                if scaler.enabled:                      # float16: the loss scale, and the steps it skipped
-                    row.update(loss_scale=scaler.scale, skipped_steps=scaler.skipped)
-                try:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
-                except OSError as e:
-                    kept = "nothing was saved yet" if last_eval_iter is None else \
-                        f"{last_path} keeps iteration {last_eval_iter}"
-                    raise OSError(f"minilm train: could not append to {metrics_path}: {e.strerror or e}; "
-                                  f"{kept}") from None
-                train_time, train_tokens = 0.0, 0
-                result["last_eval"] = row
-                improved = val_loss < best_val
-                best_val = min(best_val, val_loss)
-                last_eval_iter = it
-                stop_early = stopper is not None and stopper.update(val_loss)   # counted before it is saved
-                if improved:
-                    _save(best_path, model, optimizer, meta())
-                _save(last_path, model, optimizer, meta())
-                png_error = _plot(metrics_path, os.path.join(out_dir, "loss.png"))
-                if png_error is not None and not png_failed:            # said once
-                    warn(f"minilm train: warning: could not write {os.path.join(out_dir, 'loss.png')}: "
-                         f"{png_error.strerror or png_error}; training goes on without the loss curve")
-                png_failed = png_error is not None
-                skipped = scaler.skipped - skipped_before
-                say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"     # once saved
-                    + (f", {skipped} step{'s' * (skipped > 1)} skipped (float16 overflow; loss scale now "
-                       f"{scaler.scale:g})" if skipped else ""))
-                skipped_before = scaler.skipped
-                if stop_early:
-                    say(f"stopping early: no improvement in {cfg.patience} evaluations")
-                    result["stopped_early"] = True
-                    break
-            if it >= cfg.max_iters:
-                break
-            if stop.requested:
-                _save(last_path, model, optimizer, meta())
-                say(f"interrupted: saved iteration {it} to {last_path}; continue with --resume")
-                result["interrupted"] = signal.Signals(stop.requested).name
-                break
-
-            # one training step: batch, forward, backward, clip, update
-            t0 = time.perf_counter()
-            if isinstance(batches, ContiguousBatches):
-                x, y, reset = batches.next_batch()
-                state = None if reset else state
-            else:
-                x, y = batches.next_batch()
-            lr = schedule(it)
-            with backend.compile_notice() if first_step else contextlib.nullcontext():
-                loss, state = step(x, y, lr, rng=dropout_rng,
-                                   state=state if recurrent and cfg.batching == "contiguous" else None)
-            compiled, first_step = first_step, False
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(_diverged(f"the training loss became {loss}", it, last_path, cfg.lr))
-            it += 1
-            dt = time.perf_counter() - t0
-            if not compiled:                # the process's first step, which compiles Numba's kernels, is not timed
-                train_time += dt
-                train_tokens += tokens_per_step
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-            bar.update(1)
-    bar.close()
-    result["iter"] = it
-    return result
+def _diverged(what, it, last_path, lr):
+    """The message of a run stopped by a loss that is not finite: the weights have diverged, so
+    nothing of this iteration is saved, and last.npz keeps the last evaluation's state."""
+    kept = (f"{last_path} keeps iteration {checkpoint.load(last_path).meta['iter']}" if os.path.exists(last_path)
+            else "nothing was saved")
+    return f"minilm train: {what} at iteration {it}; {kept}; try a smaller --lr (now {lr})"

@@ -1530,3 +1530,12 @@ def test_a_folder_of_metrics_alone_is_refused_without_naming_best_npz(corpus, tm
     (out / "metrics.jsonl").write_text("", encoding="utf-8")
     err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "4"])
     assert "already holds a run (metrics.jsonl) with no last.npz" in err and "best.npz" not in err
+
+
+def test_only_a_contiguous_run_saves_a_recurrent_state(corpus, tmp_path):
+    """Random batches start every window from zeros: the last batch's final state is nothing a
+    resumed run uses, and had been saved (and loaded) all the same."""
+    for batching, kept in (("random", False), ("contiguous", True)):
+        out = tmp_path / batching
+        assert _train(corpus, out, "--model", "lstm", "--batching", batching, "--max-iters", "4") == 0
+        assert (checkpoint.load(out / "last.npz").meta["rnn_state"] is not None) == kept, batching
