@@ -48,8 +48,8 @@ def _load(name):
             if "cannot cache function" not in str(e):
                 raise
             raise RuntimeError(f"backend 'numba' cannot cache its compiled kernels: Numba's user cache folder "
-                               f"(~/.cache/numba) is not writable, nor, for a checkout, the checkout ({e}); set "
-                               f"NUMBA_CACHE_DIR to a writable folder, or choose --backend numpy") from None
+                               f"({_numba_user_cache()}) is not writable, nor, for a checkout, the checkout ({e}); "
+                               f"set NUMBA_CACHE_DIR to a writable folder, or choose --backend numpy") from None
     if name == "cupy":
         try:
             import cupy
@@ -123,6 +123,16 @@ def one_core_per_thread():
         for lib, n in libs:
             lib.set_num_threads(n)
 
+
+
+def _numba_user_cache():
+    """The folder Numba caches in when nothing else is set (it follows XDG_CACHE_HOME, and macOS's and
+    Windows' own places)."""
+    try:
+        from numba.misc.appdirs import AppDirs
+        return AppDirs(appname="numba", appauthor=False).user_cache_dir
+    except (ImportError, AttributeError):
+        return "~/.cache/numba on Linux"
 
 def use(name):
     """Select the backend ``name`` ('numpy', 'numba' or 'cupy') for every later op call."""

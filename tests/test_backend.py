@@ -332,10 +332,12 @@ def test_no_writable_cache_folder_for_numba_says_what_to_set(tmp_path):
             "import minilm\n"
             "try:\n    minilm.use('numba')\nexcept RuntimeError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "NUMBA_CACHE_DIR": ""})
+                          env={**__import__("os").environ, "NUMBA_CACHE_DIR": "", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("backend 'numba' cannot cache its compiled kernels") and \
         "set NUMBA_CACHE_DIR to a writable folder, or choose --backend numpy" in done.stdout
+    if sys.platform.startswith("linux"):                    # the folder Numba tried, which follows XDG_CACHE_HOME
+        assert f"Numba's user cache folder ({tmp_path / 'xdg' / 'numba'}) is not writable" in done.stdout
 
 
 
