@@ -237,7 +237,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             stopper.load_state_dict(saved.meta["early_stopping"])
         elif stopper is not None and math.isfinite(best_val):     # --patience given only now: from the run's best
             stopper.best = best_val
-        if saved.meta.get("rnn_state") is not None:
+        if carry_state and saved.meta.get("rnn_state") is not None:     # (older random-batched runs saved one too)
             state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
                      for layer in saved.meta["rnn_state"]]
         _keep_metrics_up_to(metrics_path, last_eval_iter)
