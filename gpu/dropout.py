@@ -110,7 +110,8 @@ def dropout_forward(x, *, p, rng):
     """CuPy ``minilm.reference.dropout.dropout_forward`` (its own random stream; see the module docstring)."""
     require_float("dropout", "x", x)
     require_probability("dropout", "p", p)
-    _require_rng("dropout", rng)
+    if not (p == 0 and rng is None):                           # p = 0 is the identity: it needs no rng
+        _require_rng("dropout", rng)
     if p == 0 or not supported(x):
         return reference.dropout_forward(x, p=p, rng=rng)
     scale = 1.0 / (1.0 - float(p))

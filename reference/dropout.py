@@ -82,7 +82,8 @@ def dropout_forward(x, *, p, rng):
     ----------
     x : float array of any shape.
     p : float in [0, 1), the probability of dropping an element.
-    rng : numpy.random.Generator, or a non-negative int seed (deterministic mask).
+    rng : numpy.random.Generator, or a non-negative int seed (deterministic mask); None at p = 0,
+        which draws nothing.
 
     Returns
     -------
@@ -90,7 +91,8 @@ def dropout_forward(x, *, p, rng):
     """
     require_float("dropout", "x", x)
     require_probability("dropout", "p", p)
-    _require_rng("dropout", rng)
+    if not (p == 0 and rng is None):                           # p = 0 is the identity: it needs no rng
+        _require_rng("dropout", rng)
     xp = get_array_module(x)
     if p == 0:
         return x.copy(), DropoutCache(None, 1.0, x.shape)

@@ -126,7 +126,7 @@ def _split(gates, H):
 
 def check_gru_args(x, h0, W_x, W_h, b_x, b_h):
     """The argument checks of ``gru_forward``, shared with the kernels of the other tiers; returns (B, T, D, H)."""
-    B, T, D, H = check_sequence("gru", x, h0)
+    B, T, D, H = check_sequence("gru", x, h0, W_h, 3)
     check_weights("gru", W_x, W_h, D, H, 3)
     check_vector("gru", "b_x", b_x, 3, H)
     check_vector("gru", "b_h", b_h, 3, H)

@@ -142,7 +142,7 @@ def _activate(xp, a, H, out):
 
 def check_lstm_args(x, h0, c0, W_x, W_h, b):
     """The argument checks of ``lstm_forward``, shared with the kernels of the other tiers; returns (B, T, D, H)."""
-    B, T, D, H = check_sequence("lstm", x, h0)
+    B, T, D, H = check_sequence("lstm", x, h0, W_h, 4)
     check_state("lstm", "c0", c0, B, H)
     check_weights("lstm", W_x, W_h, D, H, 4)
     check_vector("lstm", "b", b, 4, H)

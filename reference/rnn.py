@@ -77,8 +77,9 @@ from minilm.validate import (require_cache, require_float, require_gradient, req
 
 # --- shared by rnn, lstm and gru --------------------------------------------------------------
 
-def check_sequence(op, x, h0):
-    """x is a float (B, T, D) with T >= 1 and h0 a float (B, H) of the same B; returns (B, T, D, H)."""
+def check_sequence(op, x, h0, W_h=None, n_gates=1):
+    """x is a float (B, T, D) with T >= 1 and h0 a float (B, H) of the same B; returns (B, T, D, H).
+    H is read from W_h (H, n_gates·H) when its two dimensions agree, so a wrong h0 is the one named."""
     require_float(op, "x", x)
     require_ndim(op, "x", x, 3, "(B, T, D)")
     if x.shape[1] < 1:
@@ -87,8 +88,11 @@ def check_sequence(op, x, h0):
     B, T, D = x.shape
     require_float(op, "h0", h0)
     require_ndim(op, "h0", h0, 2, "(B, H)")
-    require_shape(op, "h0", h0, (B, h0.shape[1]), "(B, H)")
-    return B, T, D, h0.shape[1]
+    H = h0.shape[1]
+    if getattr(W_h, "ndim", 0) == 2 and W_h.shape[1] == n_gates * W_h.shape[0]:
+        H = W_h.shape[0]                     # W_h is self-consistent: trust its H over h0's
+    require_shape(op, "h0", h0, (B, H), "(B, H)")
+    return B, T, D, H
 
 
 def check_state(op, name, s, B, H):
@@ -165,7 +169,7 @@ class RNNCache(NamedTuple):
 
 def check_rnn_args(x, h0, W_x, W_h, b):
     """The argument checks of ``rnn_forward``, shared with the kernels of the other tiers; returns (B, T, D, H)."""
-    B, T, D, H = check_sequence("rnn", x, h0)
+    B, T, D, H = check_sequence("rnn", x, h0, W_h, 1)
     check_weights("rnn", W_x, W_h, D, H, 1)
     check_vector("rnn", "b", b, 1, H)
     require_same_dtype("rnn", x=x, h0=h0, W_x=W_x, W_h=W_h, b=b)

@@ -160,3 +160,17 @@ def test_backward_rejects_dy_of_the_wrong_shape():
     y, cache = dropout_forward(example(), p=0.5, rng=0)
     with pytest.raises(ValueError, match=r"dropout_backward: argument 'dy' must have shape"):
         dropout_backward(y[0], cache)
+
+
+def test_p_zero_is_the_identity_and_needs_no_rng():
+    """As attention's dropout=0.0 needs none: a model built from the ops at p = 0 passes no generator.
+    A value that is given is still checked."""
+    x = np.arange(6.0).reshape(2, 3)
+    y, cache = dropout_forward(x, p=0.0, rng=None)
+    assert np.array_equal(y, x) and not np.shares_memory(y, x)
+    (dx,) = dropout_backward(np.ones_like(x), cache)
+    assert np.array_equal(dx, np.ones_like(x))
+    with pytest.raises(TypeError, match=r"option 'rng' must be a numpy.random.Generator .* got 'seed'"):
+        dropout_forward(x, p=0.0, rng="seed")
+    with pytest.raises(TypeError, match=r"option 'rng' must be a numpy.random.Generator .* got None"):
+        dropout_forward(x, p=0.5, rng=None)

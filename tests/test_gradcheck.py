@@ -604,3 +604,26 @@ def test_a_complex_argument_gets_a_row_saying_it_is_not_checked():
     report = gradcheck(lambda z, w: ((z * w).real, (z, w)), lambda d, c: (None, (d * c[0]).real), (z, x))
     assert [(a.name, a.mode) for a in report.arguments] == [("z", "skipped"), ("w", "elements")]
     assert report.arguments[0].note == "a complex128 argument is not checked; only real ones are" and report.passed
+
+
+class ExpCache(NamedTuple):
+    x: np.ndarray
+    y: np.ndarray
+
+
+def test_a_wrong_gradient_of_a_small_element_fails():
+    """The relative error is taken element by element (DESIGN): a backward that drops exp's gradient
+    where it is ~1e-8 of the largest (a clamp at x < -9) had passed, its error measured against the
+    argument's largest gradient; the failing element is the one named."""
+    def exp_forward(x):
+        y = np.exp(x)
+        return y, ExpCache(x, y)
+
+    def exp_backward_clamped(dy, cache):
+        return (np.where(cache.x < -9, 0.0, dy * cache.y),)
+
+    x = np.linspace(-10.0, 8.0, 20)
+    report = gradcheck(exp_forward, exp_backward_clamped, (x,))
+    (failure,) = report.failures
+    assert failure.max_rel_error > 100 * failure.tol and "worst at index (0,)" in failure.note
+    assert gradcheck(exp_forward, lambda dy, c: (dy * c.y,), (x,)).passed

@@ -280,6 +280,7 @@ BAD_FORWARD = [   # (argument, how it is spoiled, error)
     ("h0", lambda a: a.astype(np.int32), TypeError),
     ("h0", lambda a: a[0], ValueError),                              # rank 1, not (B, H)
     ("h0", lambda a: a[:1], ValueError),                             # batch differs from x's
+    ("h0", lambda a: a[:, :-1], ValueError),                         # H differs from W_h's: h0 is named
     ("W_x", lambda a: a.astype(np.int64), TypeError),
     ("W_x", lambda a: a[:-1], ValueError),                           # D differs from x's
     ("W_x", lambda a: a[:, :-1], ValueError),                        # not G·H columns
