@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("kernel_twins")     # every test on both tw
 @pytest.fixture(scope="module", autouse=True, params=["blas", "fused"])
 def attention_path(request):
     """Every test runs on both paths of the attention, whatever the input's size: BLAS products
-    around the softmax kernels (training shapes) and the fused kernels (decode steps)."""
+    around the softmax kernels (training shapes) and the fused kernels (short prompts, tiny batches)."""
     saved = cpu_attention.FUSED_MAX_WORK
     cpu_attention.FUSED_MAX_WORK = -1 if request.param == "blas" else 2 ** 62
     yield request.param

@@ -14,9 +14,10 @@ holds them to it. There are two paths, chosen by the size of the work (``FUSED_M
   :math:`\bar q = (\bar S / \sqrt{hs})\, k` and :math:`\bar k = (\bar S / \sqrt{hs})^\top q`.
   (At the GPT preset's shapes this took 0.9-1.2 ms per forward where the fused kernel below,
   products included, took 1.4-2.5 ms.)
-* **A decode step** (one or a few queries, ``q.size * Tk <= FUSED_MAX_WORK``): one fused kernel
-  per direction does all of it, since a handful of BLAS calls per head costs more in call
-  overhead than the arithmetic:
+* **Small work** (``q.size * Tk <= FUSED_MAX_WORK``: a prompt of a few tokens given to
+  ``GPT.forward_step``, a tiny model's batch; a GPT's one-token decode step does not come here on
+  this backend, ``minilm.cpu.gpt_decode`` runs it whole): one fused kernel per direction does all
+  of it, since a handful of BLAS calls per head costs more in call overhead than the arithmetic:
 
   - forward, query row i: the scores :math:`S_{ij} = q_i \cdot k_j / \sqrt{hs}` of the keys
     that pass the causal rule, the mask, the stable softmax :math:`A_{ij}` and :math:`y_i = \sum_j A_{ij} v_j`;
@@ -28,7 +29,10 @@ The cache is the reference's ``AttentionCache`` (q, k, v, att, drop, causal), so
 caches interchange. The backward needs no mask and no causal flag: a key a query may not attend
 has :math:`A_{ij} = 0`, so it adds nothing to any gradient, and the fused backward's loop over
 keys stops after the last key with :math:`A_{ij} \ne 0` in any of its four rows (for a causal
-row i, key :math:`i + T_k - T_q` at most).
+row i, key :math:`i + T_k - T_q` at most). (The one difference this makes: an inf or NaN in v at
+a key that row i may not attend makes row i NaN in the reference and the BLAS path, as
+:math:`0 \cdot \infty`, but in the fused kernels only when a row among the same four queries
+attends that key or a later one.)
 
 The arithmetic is done in the inputs' dtype (float32 or float64), except the two row sums
 (:math:`Z_i` and :math:`\sum_l \bar A_{il} A_{il}`), which are accumulated in float64 (the fused
@@ -64,7 +68,7 @@ __all__ = ["attention_forward", "attention_backward",
            "cross_attention_forward", "cross_attention_backward"]
 
 KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run the reference
-FUSED_MAX_WORK = 8192     # q.size * Tk up to which one fused kernel beats BLAS products (decode steps)
+FUSED_MAX_WORK = 8192     # q.size * Tk up to which one fused kernel beats BLAS products (short prompts, tiny batches)
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -198,13 +202,13 @@ def _attention_backward_kernel(dy, q, k, v, att, scale):
             # forward: y_i = sum_j A_ij v_j, so datt_ij = dy_i . v_j ...
             _zero(dA4, n4)
             for d in range(hs):
-                g0, g1, g2, g3 = dy4[0, d], dy4[1, d], dy4[2, d], dy4[3, d]
+                dy0, dy1, dy2, dy3 = dy4[0, d], dy4[1, d], dy4[2, d], dy4[3, d]
                 for j in range(n4):
                     v_jd = vT[d, j]
-                    dA4[0, j] += g0 * v_jd
-                    dA4[1, j] += g1 * v_jd
-                    dA4[2, j] += g2 * v_jd
-                    dA4[3, j] += g3 * v_jd
+                    dA4[0, j] += dy0 * v_jd
+                    dA4[1, j] += dy1 * v_jd
+                    dA4[2, j] += dy2 * v_jd
+                    dA4[3, j] += dy3 * v_jd
             # ... and dv_j += A_ij dy_i, row after row
             for j in range(n4):
                 a0, a1, a2, a3 = A4[0, j], A4[1, j], A4[2, j], A4[3, j]
@@ -223,18 +227,18 @@ def _attention_backward_kernel(dy, q, k, v, att, scale):
             # forward: S_ij = q_i . k_j / sqrt(hs), so dq_i = sum_j dS_ij k_j / sqrt(hs) and dk_j += dS_ij q_i / sqrt(hs)
             _zero(dq4, hs)
             for j in range(n4):
-                g0, g1, g2, g3 = dA4[0, j], dA4[1, j], dA4[2, j], dA4[3, j]
+                dS0, dS1, dS2, dS3 = dA4[0, j], dA4[1, j], dA4[2, j], dA4[3, j]
                 for d in range(hs):
                     k_jd = k[b, h, j, d]
-                    dq4[0, d] += g0 * k_jd
-                    dq4[1, d] += g1 * k_jd
-                    dq4[2, d] += g2 * k_jd
-                    dq4[3, d] += g3 * k_jd
+                    dq4[0, d] += dS0 * k_jd
+                    dq4[1, d] += dS1 * k_jd
+                    dq4[2, d] += dS2 * k_jd
+                    dq4[3, d] += dS3 * k_jd
                 for d in range(hs):
-                    dk[b, h, j, d] += g0 * q4[0, d]
-                    dk[b, h, j, d] += g1 * q4[1, d]
-                    dk[b, h, j, d] += g2 * q4[2, d]
-                    dk[b, h, j, d] += g3 * q4[3, d]
+                    dk[b, h, j, d] += dS0 * q4[0, d]
+                    dk[b, h, j, d] += dS1 * q4[1, d]
+                    dk[b, h, j, d] += dS2 * q4[2, d]
+                    dk[b, h, j, d] += dS3 * q4[3, d]
             for r in range(rows):
                 for d in range(hs):
                     dq[b, h, i0 + r, d] = dq4[r, d] * scale
@@ -302,10 +306,11 @@ def _scores_to_weights_kernel(S, mask, masked, causal, scale):
 
 @rows_kernel(fastmath=SUMS_IN_ANY_ORDER)
 def _weights_backward_kernel(datt, att, scale):
-    """In place, datt (B, NH, Tq, Tk) to dS / sqrt(hs), dS_ij = A_ij (datt_ij - sum_l datt_il A_il);
-    the sum in float64, its additions in any order. One (batch, head) block per iteration, its
-    rows in a nested loop (32 µs where one flat index split by division took 46 µs at the GPT CPU
-    preset's slice, the same results bit for bit)."""
+    """In place, datt (B, NH, Tq, Tk) to dS / sqrt(hs): the softmax line of
+    ``reference.attention_backward``, dS = att * (datt - sum(datt * att, axis=-1)), with the
+    1/sqrt(hs) of its next two lines folded in; the sum in float64, its additions in any order.
+    One (batch, head) block per iteration, its rows in a nested loop (32 µs where one flat index
+    split by division took 46 µs at the GPT CPU preset's slice, the same results bit for bit)."""
     B, NH, Tq, Tk = att.shape
     for bh in prange(B * NH):
         b, h = bh // NH, bh % NH
@@ -324,9 +329,9 @@ def _weights_backward_kernel(datt, att, scale):
 def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None):
     """Equals ``minilm.reference.attention.attention_forward``: y = softmax(q k^T / sqrt(hs)) v.
 
-    Parameters, returns, errors and cache are the reference's; any strides are accepted. Below
-    ``FUSED_MAX_WORK`` (a decode step) one fused kernel does everything; above it the two
-    products run in BLAS around the fused softmax kernel. Dropout of the weights is the
+    Parameters, returns, errors and cache are the reference's; any strides are accepted. Up to
+    ``FUSED_MAX_WORK`` (a short prompt, a tiny batch) one fused kernel does everything; above it
+    the two products run in BLAS around the fused softmax kernel. Dropout of the weights is the
     reference's ``dropout_forward`` (the same masks for the same rng) between the kernel and the
     second product; with dropout, small sizes take the BLAS path too.
     """

@@ -75,7 +75,7 @@ def _gru_step_backward(dh, dh_next_z, dh_next_W, gates, a_hn, h, h0, t, da_x, da
             da_hn[j] = da_xn[j] * r[j]
         for j in range(H):                                                     # same line; r = σ(a_xr + a_hr)
             da_xr[j] = da_xn[j] * a_hn_t[j] * r[j] * (one - r[j])
-        for j in range(H):                                                     # h_t = ... + z * h_prev; z = σ(...)
+        for j in range(H):                                                     # h_t = (1 - z) n + z h_prev; z = σ(...)
             da_xz[j] = dh_t[j] * (h_prev[j] - n[j]) * z[j] * (one - z[j])
         for j in range(H):                                                     # same line: what h_prev gets
             dh_t[j] = dh_t[j] * z[j]

@@ -10,11 +10,12 @@ How the work is split, in all three cells:
 * the matrix products stay in BLAS (numpy's ``@``): :math:`x_t W_x` for every t in one (B·T, D)
   product before the loop, the per-step :math:`h_{t-1} W_h` (forward) and
   :math:`\bar a_t W_h^\top` (backward), and the big gradient products after the backward loop;
-* one kernel (``step_kernel``) per step does every elementwise line of that step: the forward kernel
-  adds the bias and the two products (in the reference's order) and turns the sum into the
-  gates, the new state(s) and the cache entries; the backward kernel turns dh, the gradients
-  carried from step t+1 and the cached gates into every pre-activation gradient and the
-  gradients carried to step t-1.
+* one kernel per step (``_rnn_step_forward`` and ``_rnn_step_backward`` here, ``_lstm_step_*``
+  and ``_gru_step_*`` beside it, all compiled by ``step_kernel``) does every elementwise line of
+  that step: the forward kernel adds the bias and the two products (in the reference's order)
+  and turns the sum into the gates, the new state(s) and the cache entries; the backward kernel
+  turns dh, the gradients carried from step t+1 and the cached gates into every pre-activation
+  gradient and the gradients carried to step t-1.
 
 The forward's per-step product reads a small contiguous (B, H) buffer that the kernel fills (the
 state). The backward's reads the step's gate gradients where the kernel wrote them, the slice
@@ -53,7 +54,7 @@ KERNEL_DTYPES = (np.float32, np.float64)     # the kernels' dtypes; others run t
 step_kernel = jit(error_model="numpy", fastmath=set(FUSED_MULTIPLY_ADD))
 
 
-# exp, σ and tanh: ``minilm.cpu._math`` (imported above, and used by the kernels below).
+# σ and tanh: ``minilm.cpu._math`` (imported above, and used by the kernels below).
 
 
 # --- shared by rnn, lstm and gru --------------------------------------------------------------
