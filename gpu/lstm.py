@@ -103,7 +103,7 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
         return reference.lstm_backward(dh, cache, dh_T=dh_T, dc_T=dc_T)
 
     da = cupy.empty((B, T, 4 * H), dtype=dtype)                # (B, T, 4H) gradient of every a_t
-    dh_next = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) what step t+1 sends to h_t (read only)
+    dh_next = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) step t+1's to h_t (read only)
     dc_next = state_buffer(dc_T, B, H, dtype)                  # (B, H) what step t+1 sends to c_t (overwritten)
     for t in reversed(range(T)):
         c_prev = c[:, t - 1] if t > 0 else c0

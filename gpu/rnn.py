@@ -108,7 +108,7 @@ def rnn_backward(dh, cache, *, dh_T=None):
         return reference.rnn_backward(dh, cache, dh_T=dh_T)
 
     da = cupy.empty((B, T, H), dtype=dtype)                    # (B, T, H) gradient of every a_t
-    dh_next = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) what step t+1 sends to h_t (read only)
+    dh_next = cupy.zeros((B, H), dtype=dtype) if dh_T is None else dh_T   # (B, H) step t+1's to h_t (read only)
     for t in reversed(range(T)):
         _rnn_step_backward(dh[:, t], dh_next, h[:, t], da[:, t])
         dh_next = da[:, t] @ W_h.T                             # a_t = ... + h_{t-1} W_h

@@ -336,8 +336,9 @@ def _what_to_do(raw):
     return "convert it to UTF-8 first (iconv -f ENCODING -t UTF-8 FILE, ENCODING being latin1 for example)"
 
 
-def split(ids, train_fraction=0.9):
-    """The first ``train_fraction`` of ``ids`` for training, the rest for validation.
+def split(ids, train_fraction=0.9, *, what="the corpus"):
+    """The first ``train_fraction`` of ``ids`` for training, the rest for validation. ``what``
+    names ``ids`` in the error for too few of them (a command names the text they come from).
 
     Returns
     -------
@@ -349,8 +350,8 @@ def split(ids, train_fraction=0.9):
     ids = _as_corpus("split", "ids", ids)
     n = int(train_fraction * len(ids))
     if n == 0 or n == len(ids):
-        raise ValueError(f"split: the corpus has {len(ids)} tokens, too few to split with train_fraction = "
-                         f"{train_fraction} into two non-empty parts")
+        raise ValueError(f"split: {what} has {len(ids)} tokens, too few to split into two non-empty parts, "
+                         f"{train_fraction:g} for training and the rest for validation")
     return ids[:n], ids[n:]
 
 

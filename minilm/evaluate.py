@@ -114,11 +114,8 @@ def run(args, out=print):
                                                   "train_config.batch_size": checkpoint.POSITIVE_COUNT})
     text, source = load_saved_text(meta, args.data, command="minilm eval", path=args.checkpoint, other_text_ok=True)
     data = args.data or meta["data"]
-    ids = tokenizer.encode(text, what=f"option '--data' {data!r}")
-    if len(ids) < 2:                                            # split's own message would not name --data
-        raise ValueError(f"minilm eval: option '--data' {data!r} holds {len(ids)} character; it needs 2 or more "
-                         f"to be split into training and validation text")
-    train_ids, val_ids = split(ids, 0.9)
+    train_ids, val_ids = split(tokenizer.encode(text, what=f"option '--data' {data!r}"), 0.9,
+                               what=f"option '--data' {data!r}")
     ids = val_ids if args.split == "val" else train_ids
     cfg = meta["train_config"]
     batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size

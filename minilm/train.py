@@ -219,7 +219,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     # 3. the --out folder, and with --resume the saved run's weights, moments, data order and rngs
     folder.hold()                                       # made once everything is built: a refused run leaves none
     if not resume and not overwrite:                    # again: another run may have written there since
-        _refuse_a_held_run(out_dir, (last_path, best_path, metrics_path))
+        _refuse_a_held_run(out_dir)
     _remove_stale_temporaries(out_dir)
 
     if saved is not None:
@@ -381,7 +381,7 @@ def _run_settings(cfg, out_dir, *, resume, overwrite, log):
         log(f"the learning-rate schedule keeps its length of {cfg.lr_decay_iters} iterations (--lr-decay-iters 0 "
             f"took the saved run's --max-iters); give --lr-decay-iters to set another")
     if not resume and not overwrite:
-        _refuse_a_held_run(out_dir, [os.path.join(out_dir, name) for name in ("last.npz", "best.npz", "metrics.jsonl")])
+        _refuse_a_held_run(out_dir)
     _require_dtype_runs_here(cfg.dtype, resumed=saved is not None and saved_cfg.dtype == cfg.dtype, out_dir=out_dir)
     if saved is not None:
         _check_unchanged_on_resume(saved_cfg, cfg, last_path)     # before anything is built
@@ -433,20 +433,21 @@ def _train_config_of(saved, path):
     try:
         return config.validate(config.TrainConfig(**settings))
     except ValueError as e:
-        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' holds a setting minilm train refuses ({e})") from None
+        raise ValueError(f"checkpoint.load: '{path}' meta entry 'train_config' holds a setting minilm train "
+                         f"refuses ({e})") from None
 
 
-def _refuse_a_held_run(out_dir, paths):
+def _refuse_a_held_run(out_dir):
     """A new run never replaces another run's files unasked."""
-    held = [os.path.basename(p) for p in paths if os.path.exists(p)]
+    held = [name for name in ("last.npz", "best.npz", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
     if not held:
         return
-    hint = _resume_from_best(out_dir)
-    replaces = " (which replaces best.npz)" if "best.npz" in held else ""
     if "last.npz" in held:
         raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
                          f"({', '.join(held)}); continue it with --resume, train into another --out, "
                          f"or pass --overwrite to start afresh there")
+    hint = _resume_from_best(out_dir)
+    replaces = " (which replaces best.npz)" if "best.npz" in held else ""
     raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "
                      f"({', '.join(held)}) with no last.npz to continue from; {hint + '; or ' if hint else ''}"
                      f"train into another --out, or pass --overwrite to start afresh there{replaces}")
@@ -617,7 +618,8 @@ class _RunFolder:
             self._fd = None
 
 
-STALE = (".last.npz.", ".best.npz.", ".loss.png.")     # atomic_write's temporary files, left by a process killed in a save
+# atomic_write's temporary files, left by a process killed in a save
+STALE = (".last.npz.", ".best.npz.", ".loss.png.")
 
 
 def _remove_stale_temporaries(out_dir):

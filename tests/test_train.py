@@ -1464,7 +1464,7 @@ def test_eval_of_a_one_character_text_names_data(trained, tmp_path, capsys):
     one = tmp_path / "one.txt"
     one.write_text("t", encoding="utf-8")
     err = _error(capsys, ["eval", "--checkpoint", str(trained / "last.npz"), "--data", str(one), "--backend", "numpy"])
-    assert f"minilm eval: error: option '--data' {str(one)!r} holds 1 character; it needs 2 or more" in err
+    assert f"split: option '--data' {str(one)!r} has 1 tokens, too few to split" in err
     assert "train_fraction" not in err
 
 

@@ -36,9 +36,9 @@ def _installed_copy_locator():
     ``pip uninstall`` (which ``pip install -e .`` runs first) leaves that folder behind, and the
     leftover ``site-packages/minilm`` then hides the editable install (``import minilm`` finds an
     empty package). So an installed copy caches its kernels in Numba's user-wide folder instead
-    (``~/.cache/numba`` on Linux, ``$XDG_CACHE_HOME/numba`` where that is set), as Numba itself does for a read-only install; ``NUMBA_CACHE_DIR`` still
-    comes first, and where neither can be written the kernels are not cached beside the installed
-    sources either (``minilm.backend`` then says to set ``NUMBA_CACHE_DIR``). The hook is Numba's
+    (``~/.cache/numba`` on Linux, ``$XDG_CACHE_HOME/numba`` where that is set), as Numba itself
+    does for a read-only install; ``NUMBA_CACHE_DIR`` still comes first, and where neither can be
+    written the kernels are not cached beside the installed sources either (``minilm.backend`` then says to set ``NUMBA_CACHE_DIR``). The hook is Numba's
     list of cache locators; a Numba without it keeps its default."""
     from numba.core import caching
     impl, user_wide = getattr(caching, "CacheImpl", None), getattr(caching, "UserWideCacheLocator", None)
