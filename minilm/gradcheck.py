@@ -41,6 +41,16 @@ below it says nothing about the backward: it is what a gradient that is tiny nex
 larger than it is still judged relative to the gradient's size. A gradient whose whole size is
 below that floor passes with the note "unresolved": it was not really checked.
 
+That prediction takes the loss's round-off from the output's size, and it falls short where the
+forward subtracts terms much larger than its output: a confident cross-entropy's loss,
+:math:`\log \sum_j e^{x_j} - x_t \approx 10^{-4}`, comes from terms near 10, whose round-off is
+10^5 times larger. So where an argument fails, the round-off is also measured: :math:`\sigma`, the
+error of one loss, from the fourth differences of L at ``NOISE_POINTS`` exactly equally spaced
+points a hundredth of h apart (Moré and Wild's ECnoise), and the argument is judged again with
+:math:`\sigma` in place of :math:`u \sum_i |\text{out}_i R_i|` where it is larger; the note says
+how much larger. The numerical side does not depend on the backward, so no error of the
+backward's can widen the floor; a forward that computes in float32 widens it, and is named.
+
 R and the random directions come from a stream of their own, seeded by ``(STREAM, seed)``, so
 that R never equals an input drawn with ``np.random.default_rng(seed)``: for a scale-invariant
 layer (RMSNorm without eps), whose :math:`J^\top x = 0`, R = x would hide every error in the
@@ -54,9 +64,9 @@ forward that returns float32 for float64 inputs (its round-off, not the backward
 dominates), a backward that returns a narrower dtype than float64, NaN or inf in an input, the
 output or a gradient, a gradient of the wrong type or shape, a forward that is not smooth at or
 next to the inputs (its differences over h and 2h do not scale as a smooth function's: a kink, a
-ReLU at 0 among them, a branch, a random draw), inputs so
-large that the forward's own round-off may pass the tolerance, an input changed in place (that
-argument's row fails), or an argument that is not checked (a Python float, which an array would
+ReLU at 0 among them, a branch, a random draw, float32 inside the forward), inputs so large that
+the forward's own round-off may pass the tolerance, an input changed in place (that argument's row
+fails), a backward that changes the output its cache holds (a row "out" fails), or an argument that is not checked (a Python float, which an array would
 be; a complex array). The forward is run twice on the same inputs first, and once more at the
 end: finite differences of a forward that draws unseeded random numbers mean nothing, so it is
 refused, as is one that changes its keyword arguments in place.
@@ -76,6 +86,10 @@ ROUNDOFF_UNITS = 4 * 1.5   # the stencil's round-off, in units of u sum|out_i R_
 # input a user drew with np.random.default_rng(seed): R = x would hide, for example, every error in
 # the x-gradient of a scale-invariant layer (RMSNorm without eps), whose J^T x is 0.
 STREAM = 0x67726164        # "grad"
+# Where a failure may be the loss's round-off, larger than predicted, it is measured from this many
+# losses: NOISE_POINTS - 4 fourth differences, with which sigma comes out under half its value about
+# once in 75 (drawn from Gaussian or uniform errors); that costs a false alarm, never a false pass
+NOISE_POINTS = 24
 
 
 class GradcheckError(AssertionError):
@@ -194,6 +208,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     op = name or getattr(forward, "__name__", "op").removesuffix("_forward")
     xp = get_array_module(*[a for a in args if hasattr(a, "dtype")])
     rng = np.random.default_rng([STREAM, seed])
+    noise_rng = np.random.default_rng([STREAM, seed, 1])   # its own, so a measurement moves no direction
 
     args = [a.astype(xp.float64) if _is_float(a) else a for a in args]   # float64 copies
     originals = [a.copy() if hasattr(a, "copy") else a for a in args]
@@ -225,10 +240,13 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     low_precision = _is_float(out) and out.dtype.itemsize < 8   # float64 in, float32 out: its round-off remains
     R = xp.asarray(rng.standard_normal(np.shape(out)))
     dout = R.copy()                                            # the backward's own: R stays as drawn
+    given = out.copy() if hasattr(out, "copy") else out        # the cache may hold out itself
     grads = backward(dout, cache, **backward_kwargs)
+    out_changed = hasattr(out, "shape") and not bool(xp.array_equal(out, given, equal_nan=True))
+    out = given
     L0 = float(xp.sum(out * R))                                # the loss at the inputs themselves
+    # the stencil's round-off, predicted (the module docstring); an argument's floor is max(1e-8, it / tol)
     roundoff = ROUNDOFF_UNITS * np.finfo(np.float64).eps / 2 * float(xp.sum(xp.abs(out * R))) / eps
-    floor = max(1e-8, roundoff / tol)                          # see the module docstring
 
     report = GradcheckReport(op)
     # An input the forward or backward changed in place is reported, and the finite differences
@@ -248,6 +266,11 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                                 "forward or backward modified this input in place" + found)
             report.arguments = [a for a in report.arguments if a.index != i] + [row]
         report.arguments.sort(key=lambda a: a.index)
+        if out_changed:
+            report.arguments.append(ArgumentCheck(
+                len(args), "out", "error", 0, float("inf"), tol,
+                "the backward modified the forward's output in place, through the cache, which holds it; the "
+                "next layer's input is that array too: compute into new arrays, and leave the cache as it was"))
         if not bool(xp.array_equal(dout, R)):
             report.arguments.append(ArgumentCheck(
                 len(args), "dout", "error", 0, float("inf"), tol,
@@ -273,9 +296,10 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         return float(xp.sum(out * R))
 
     def numerical(i, d):
-        """The stencil's n along d, and D, the direction it really took: x + c h d is rounded, by up to
+        """The stencil's n along d; D, the direction it really took: x + c h d is rounded, by up to
         u |x| an element, which next to h is not small when |x| is large; D is d with those roundings
-        in (p - x is exact), so that n estimates a . D, and a . D is what it is compared with."""
+        in (p - x is exact), so that n estimates a . D, and a . D is what it is compared with; and
+        how far the loss is from smooth there, beyond a smooth function's own O(h^2) (``rough``)."""
         x = args[i]
         p = {c: x + (c * eps) * d for c in (1, -1, 2, -2)}
         L = {c: loss(i, p[c]) for c in p}
@@ -283,13 +307,39 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         near, far = L[1] - L[-1], L[2] - L[-2]
         D = (8 * (p[1] - p[-1]) - (p[2] - p[-2])) / (12 * eps)
         # smooth, the difference over 4h is twice that over 2h, to O(h^2) relative; a kink, a branch or
-        # a random draw between the points breaks that (the round-off, roundoff * h, allowed for)
-        rough = abs(far - 2 * near) > 1e-3 * (abs(far) + 2 * abs(near)) + 10 * roundoff * eps
+        # a random draw between the points breaks that
+        excess = abs(far - 2 * near) - 1e-3 * (abs(far) + 2 * abs(near))
         # a kink at x itself (a ReLU at 0) keeps that ratio 2; the second differences tell it: smooth,
         # h^2 L'' and 4 h^2 L'' (ratio 4); a kink with a jump J in the slope, J h and 2 J h (ratio 2)
         bend, bend2 = L[1] - 2 * L0 + L[-1], L[2] - 2 * L0 + L[-2]
-        rough = rough or abs(bend2 - 4 * bend) > 0.25 * abs(bend2) + 10 * roundoff * eps
-        return (8 * near - far) / (12 * eps), D, rough
+        excess = max(excess, abs(bend2 - 4 * bend) - 0.25 * abs(bend2))
+        return (8 * near - far) / (12 * eps), D, excess
+
+    def rough(excess, roundoff):
+        """Not smooth: the excess is more than the loss's round-off (roundoff * h a loss) explains."""
+        return excess > 10 * roundoff * eps
+
+    def measured_roundoff(i):
+        """The stencil's round-off on argument i, from the loss's own round-off measured near x rather
+        than predicted from the output's size: sigma, the error of one loss, from the fourth differences
+        of L at x + k s, k = 0 .. NOISE_POINTS - 1, with s a random step of length h / 100, so short that
+        L's smooth part there is a cubic in k to far below round-off. Errors of size sigma, independent
+        from point to point, give a fourth difference the variance C(8, 4) sigma^2 = 70 sigma^2. sigma
+        then stands where u sum|out_i R_i| stands in the prediction. The points are exact (an element
+        whose x + k s would round is left where it is), so that the differences hold the loss's round-off
+        alone, not the rounding of the points, which the stencil allows for in D."""
+        x = args[i]
+        d = xp.asarray(noise_rng.standard_normal(x.shape))
+        d = d / float(xp.linalg.norm(d))
+        k = xp.arange(NOISE_POINTS, dtype=x.dtype).reshape((-1,) + (1,) * x.ndim)
+        for length in (eps / 100, eps, 100 * eps):   # longer only where L did not change at all: a loss
+            s = (x + length * d) - x                 # rounded to a coarse grid (lse - x_t at a margin of 30)
+            s = xp.where(xp.all((x + k * s) - x == k * s, axis=0), s, 0)   # x, x + s close: s has few bits
+            L = np.array([loss(i, x + j * s) for j in range(NOISE_POINTS)])
+            if np.any(L != L[0]):
+                break
+        sigma = float(np.sqrt(np.mean(np.diff(L, 4) ** 2) / 70))
+        return ROUNDOFF_UNITS * sigma / eps
 
     for i, (x, g) in enumerate(zip(args, grads)):
         if isinstance(x, float) and not hasattr(x, "shape"):      # a NumPy scalar has a shape and is checked
@@ -316,37 +366,55 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         if x.size <= max_elements:
             n = xp.zeros(x.shape, dtype=x.dtype)               # C-ordered, whatever x's strides
             a = xp.zeros(x.shape, dtype=x.dtype)               # g_j D_j: D_j is 1 up to the step's rounding
-            rough = np.zeros(x.shape, dtype=bool)
+            excess = np.zeros(x.shape)
             for j in range(x.size):
                 d = xp.zeros(x.shape, dtype=x.dtype)
                 d.reshape(-1)[j] = 1.0
-                n.reshape(-1)[j], D, rough.reshape(-1)[j] = numerical(i, d)
+                n.reshape(-1)[j], D, excess.reshape(-1)[j] = numerical(i, d)
                 a.reshape(-1)[j] = g.reshape(-1)[j] * D.reshape(-1)[j]
-            # element by element (a wrong small element must not hide under the argument's largest);
-            # the floor keeps the stencil's round-off from failing an element finite differences cannot resolve
-            errors = xp.abs(a - n) / xp.maximum(floor, xp.abs(a) + xp.abs(n))
-            err = float(xp.max(errors))
             scale = float(xp.max(xp.abs(a)) + xp.max(xp.abs(n)))
-            mode, checked, worst = "elements", int(x.size), None
-            if not err <= tol and bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(n))):
-                worst = np.unravel_index(int(xp.argmax(errors)), x.shape)
-                notes.append(f"worst at index {tuple(int(k) for k in worst)}: backward {float(g[worst]):.10g}, "
-                             f"numerical {float(n[worst]):.10g} (difference {float(a[worst] - n[worst]):.3g})")
-            rough = bool(rough[worst]) if worst is not None else bool(rough.any())
+            mode, checked = "elements", int(x.size)
         else:
             directions = [xp.asarray(rng.standard_normal(x.shape)) for _ in range(n_directions)]
             gnorm = float(xp.linalg.norm(g))
             if 0 < gnorm < float("inf"):                # g's own direction, when it has one
                 directions.append(g / gnorm)
-            errors, scale, rough = [], 0.0, False
-            for d in directions:
-                n, D, rough_here = numerical(i, d / float(xp.linalg.norm(d)))
-                rough = rough or rough_here
-                a = float(xp.sum(g * D))
-                errors.append(abs(a - n) / max(floor, abs(a) + abs(n)))
-                scale = max(scale, abs(a) + abs(n))
-            err = float(np.max(errors))             # NaN, from a NaN or inf in g or the loss, stays NaN: a failure
+            n, a, excess = np.zeros(len(directions)), np.zeros(len(directions)), np.zeros(len(directions))
+            for k, d in enumerate(directions):
+                n[k], D, excess[k] = numerical(i, d / float(xp.linalg.norm(d)))
+                a[k] = float(xp.sum(g * D))
+            scale = float(np.max(np.abs(a) + np.abs(n)))
             mode, checked = "directions", len(directions)
+        # element by element, or direction by direction (a wrong small element must not hide under the
+        # argument's largest); the floor keeps the stencil's round-off from failing a difference that
+        # finite differences cannot resolve
+        def judge(roundoff):
+            floor = max(1e-8, roundoff / tol)
+            with np.errstate(invalid="ignore"):                     # inf - inf: NaN, a failure
+                errors = abs(a - n) / get_array_module(a).maximum(floor, abs(a) + abs(n))
+            return errors, float(errors.max()), floor     # NaN, from a NaN or inf in g or the loss, stays NaN
+        roundoff_i = roundoff
+        errors, err, floor_i = judge(roundoff_i)
+        measured_note = None
+        if err > tol and not low_precision:
+            # The prediction of the round-off from the output's size falls short where the forward
+            # subtracts terms much larger than its output (a confident cross-entropy's lse - x_t, ~1e-4
+            # from terms ~10): measure it, and judge again by what finite differences can resolve.
+            # n does not depend on the backward, so no error of the backward's can widen this floor.
+            measured = measured_roundoff(i)
+            if measured > roundoff_i:
+                roundoff_i = measured
+                errors, err, floor_i = judge(roundoff_i)
+                measured_note = (f"the loss's round-off, measured, is {measured / roundoff:.2g} times what the "
+                                 f"output's size predicts (a forward that subtracts terms much larger than its "
+                                 f"output, as a confident cross-entropy does, or computes in float32), so "
+                                 f"differences below {roundoff_i:.1e} were not judged")
+        worst = None
+        if not err <= tol and mode == "elements" and bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(n))):
+            worst = np.unravel_index(int(xp.argmax(errors)), x.shape)
+            notes.append(f"worst at index {tuple(int(k) for k in worst)}: backward {float(g[worst]):.10g}, "
+                         f"numerical {float(n[worst]):.10g} (difference {float(a[worst] - n[worst]):.3g})")
+        rough_i = bool(rough(excess[worst], roundoff_i)) if worst is not None else bool(rough(excess, roundoff_i).any())
         if not bool(xp.all(xp.isfinite(x))):
             notes.append("the input holds NaN or inf")
         elif not bool(xp.all(xp.isfinite(out))):
@@ -357,13 +425,16 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         elif not err <= tol and low_precision:
             notes.append(f"the forward returns {out.dtype} for float64 inputs, so the differences carry its "
                          f"round-off; compute in the input's dtype (or try eps=1e-3, tol=1e-3)")
-        elif err <= tol and floor > max(1e-8, scale):
-            notes.append("unresolved: this gradient is below the round-off of the loss's differences; check it "
-                         "with a forward of its own")
-        elif not err <= tol and rough:
+        elif err <= tol and floor_i > max(1e-8, scale):
+            notes.append(f"unresolved: this gradient (up to {scale:.1e}) is below the round-off of the loss's "
+                         f"differences ({roundoff_i:.1e}): only larger errors were caught; to check it closely, "
+                         f"choose inputs that make it larger next to the output, or shrink the arguments that "
+                         f"dominate the output")
+        elif not err <= tol and rough_i:
             notes.append("the loss's differences over h and 2h do not scale as a smooth function's: the forward "
-                         "has a kink or a branch at or next to these inputs (a ReLU at 0, say), or draws random "
-                         "numbers (finite differences need a smooth, deterministic forward)")
+                         "has a kink or a branch at or next to these inputs (a ReLU at 0, say), draws random "
+                         "numbers, or computes part of its work in float32 (finite differences need a smooth, "
+                         "deterministic forward in float64)")
         elif not err <= tol and float(xp.max(xp.abs(x))) >= 100:
             notes.append(f"the argument's values reach {float(xp.max(xp.abs(x))):.0e}: a forward's round-off grows "
                          f"with its inputs (x - mean, say), which the tolerance does not allow for; if the error "
@@ -372,6 +443,8 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             notes.append(f"checked along {checked} random directions (it has more than max_elements = "
                          f"{max_elements} elements), which cannot point at an element: to see the worst one, "
                          f"check smaller arguments or raise max_elements")
+        if measured_note:
+            notes.append(measured_note)
         report.arguments.append(ArgumentCheck(i, names[i], mode, checked, err, tol, "; ".join(notes)))
 
     return finish()
