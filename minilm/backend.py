@@ -246,18 +246,20 @@ def to_backend(a):
 
 
 @contextlib.contextmanager
-def compile_notice(seconds=2.0, stream=None):
+def compile_notice(seconds=2.0, stream=None, write=None):
     """Around a first call: if it takes longer than ``seconds`` on the numba backend, say it is compiling.
 
     Numba compiles each kernel on first use and caches it on disk, so a cold first run spends
     its first step compiling; this says so instead of looking hung. A warm cache prints nothing.
+    The line goes to ``write`` (a progress bar's, so that it lands above the bar) or else ``stream``.
     """
     if current() != "numba":
         yield
         return
     stream = stream or sys.stderr
-    timer = threading.Timer(seconds, lambda: print(
-        "numba: compiling kernels on first use (cached on disk; later runs start at once)...", file=stream, flush=True))
+    write = write or (lambda line: print(line, file=stream, flush=True))
+    timer = threading.Timer(seconds, lambda: write(
+        "numba: compiling kernels on first use (cached on disk; later runs start at once)..."))
     timer.daemon = True
     timer.start()
     try:

@@ -1,8 +1,13 @@
 """The `minilm` command: gradcheck, train, eval, sample, bench.
 
-Every subcommand takes ``--backend numpy|numba|cupy``.
+gradcheck, train, eval and sample take ``--backend numpy|numba|cupy``; bench measures the backends
+its ``--backends`` names. Exit codes: 0 done; 1 a gradient check failed; 2 an error (a usage error
+or one found at run time), said in one line on stderr; 130 and 143 interrupted (Ctrl-C, SIGTERM),
+train having saved first; 141 the output's reader closed the pipe.
 """
 import argparse
+import difflib
+import importlib.metadata
 import itertools
 import os
 import signal
@@ -20,19 +25,25 @@ def _add_backend(p):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="minilm", description="Small language models, every layer by hand.")
+    parser.add_argument("--version", action="version", version=f"minilm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = sub.choices
+
+    def add_parser(name, what):                     # what it does, in `minilm --help` and its own --help
+        return sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
 
     from minilm.opcases import CASES
-    p = sub.add_parser("gradcheck", help="check every op's backward against numerical gradients")
+    p = add_parser("gradcheck", "check every op's backward against numerical gradients")
     p.add_argument("--op", action="append", choices=list(CASES), metavar="NAME",
                    help=f"check only this op (repeatable); one of: {', '.join(CASES)}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default: 0)")
     _add_backend(p)
 
     from minilm import config
-    p = sub.add_parser("train", help="train a model; every model and optimiser setting is an option")
+    p = add_parser("train", "train a model; every model and optimiser setting is an option")
     p.add_argument("--preset", default=None, choices=list(config.PRESETS),
-                   help="the settings to start from (default: shakespeare-char-cpu; with --resume: the saved run's)")
+                   help=f"the settings to start from (default: {config.DEFAULT_PRESET}; with --resume: the saved "
+                        f"run's)")
     p.add_argument("--data", default=None,
                    help="'shakespeare' (tiny Shakespeare: $MINILM_DATA_DIR, else downloaded once; the default) "
                         "or a UTF-8 text file; with --resume: the saved run's")
@@ -41,13 +52,14 @@ def build_parser():
     start.add_argument("--resume", action="store_true", help="continue the run saved in OUT/last.npz")
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an OUT that holds a run, replacing its checkpoints and metrics")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway where stderr is not a terminal)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="cupy backend: run every step op by op instead of replaying a GPT's step as a CUDA graph")
     config.add_options(p)
     _add_backend(p)
 
-    p = sub.add_parser("eval", help="validation loss, perplexity and bits per character of a checkpoint")
+    p = add_parser("eval", "validation loss, perplexity and bits per character of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
     p.add_argument("--data", default=None, help="the text to evaluate on (default: the checkpoint's training data)")
     p.add_argument("--split", choices=("val", "train"), default="val",
@@ -58,10 +70,11 @@ def build_parser():
                         "(default: the checkpoint's training batch size)")
     _add_backend(p)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint, streaming it as it is produced")
+    p = add_parser("sample", "generate text from a checkpoint, streaming it as it is produced")
     p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
     p.add_argument("--prompt", default=None,
-                   help="text to continue (characters must be in the model's vocabulary; default: a newline)")
+                   help="text to continue (characters must be in the model's vocabulary; default: a newline); "
+                        "one that starts with '-' is given as --prompt=-TEXT")
     p.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate (default: 500)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help=f"divides the logits; 0 = greedy (default: {DEFAULT_TEMPERATURE})")
@@ -76,7 +89,7 @@ def build_parser():
     _add_backend(p)
 
     from minilm.bench import run as bench_run
-    p = sub.add_parser("bench", help="training and sampling speed per backend, side by side with PyTorch")
+    p = add_parser("bench", "training and sampling speed per backend, side by side with PyTorch")
     bench_run.add_options(p)
     return parser
 
@@ -84,7 +97,7 @@ def build_parser():
 def _train(args):
     from minilm import config, train
     # a resumed run starts from its own saved settings; options given now override them
-    base = train.saved_config(args.out) if args.resume else config.preset(args.preset or "shakespeare-char-cpu")
+    base = train.saved_config(args.out) if args.resume else config.preset(args.preset or config.DEFAULT_PRESET)
     cfg = config.from_args(args, base, check=not args.resume)    # a resumed run is checked by train()
     ignored = config.ignored_options(args, cfg)
     if args.resume and args.preset is not None:
@@ -134,6 +147,13 @@ _MEMORY_HINTS = {
 }
 
 
+def _version():
+    try:
+        return importlib.metadata.version("minilm")
+    except importlib.metadata.PackageNotFoundError:          # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _silence_stdout():
     """Point stdout at the null device, so that Python's flush at exit finds no closed pipe."""
     try:
@@ -143,14 +163,28 @@ def _silence_stdout():
         pass
 
 
+def _parse(parser, argv):
+    """parse_args, but an unknown option is reported by its subcommand, with the nearest option."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = parser.subcommands[args.command]
+        near = difflib.get_close_matches(extras[0].split("=")[0], list(sub._option_string_actions), n=1)
+        sub.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {near[0]}?)" if near else ""))
+    for name in ("out", "checkpoint", "data", "json"):       # '--out=~/x': the shell leaves '~' to us
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    return args
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
-        backend.use(getattr(args, "backend", None) or backend.default_backend())
-    except (RuntimeError, ValueError) as e:
-        parser.error(str(e))
-    try:
+        try:                                        # bench starts each backend it measures itself:
+            backend.use("numpy" if args.command == "bench"       # $MINILM_BACKEND is not one of them
+                        else getattr(args, "backend", None) or backend.default_backend())
+        except (RuntimeError, ValueError) as e:
+            parser.subcommands[args.command].error(str(e))
         if args.command == "gradcheck":
             from minilm import gradcheck_cli
             return gradcheck_cli.run(args)

@@ -79,6 +79,7 @@ PRESETS = {
                             weight_decay=0.1, grad_clip=1.0, max_iters=2000, lr_decay_iters=2000,
                             eval_interval=250, eval_iters=100),
 }
+DEFAULT_PRESET = "shakespeare-char-cpu"
 
 _CHOICES = {"model": MODELS, "optimizer": OPTIMIZER_NAMES, "schedule": SCHEDULE_NAMES,
             "batching": BATCHING, "dtype": DTYPES}
@@ -195,12 +196,13 @@ MEANING = {
 def add_options(parser):
     """One option per field, defaulting to None so that only what the user gave overrides the preset."""
     parsers = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+    base = preset(DEFAULT_PRESET)                   # a preset always applies: its values are the defaults
     for f in fields(TrainConfig):
         type_name = _type_name(f)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parsers[type_name], default=None,
                             choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else type_name.upper(),
-                            help=f"{MEANING[f.name]}; default: the preset's, else {f.default!r}; with --resume, "
-                                 f"the saved run's")
+                            help=f"{MEANING[f.name]}; default: the preset's ({DEFAULT_PRESET}'s: "
+                                 f"{getattr(base, f.name)!r}); with --resume, the saved run's")
 
 
 # option -> (who uses it, the settings that use it): an option given for a run that never reads it

@@ -135,7 +135,9 @@ def _describe_unknown(text, known, chars, show=5):
     its code point, since look-alikes differ only there; and, when the text in another Unicode normal
     form would be all known (an accent stored apart from its letter, or with it), which form."""
     unknown = list(dict.fromkeys(c for c, ok in zip(text, known.tolist()) if not ok))  # distinct, in order
-    listed = ", ".join(f"{str(c)!r} (U+{ord(c):04X})" for c in unknown[:show])
+    # a byte that is not UTF-8, from a command line or a file name, arrives as a lone surrogate U+DC80..U+DCFF
+    listed = ", ".join(f"byte 0x{ord(c) - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= ord(c) <= 0xDCFF
+                       else f"{str(c)!r} (U+{ord(c):04X})" for c in unknown[:show])
     more = f" and {len(unknown) - show} more" if len(unknown) > show else ""
     message = (f"{len(unknown)} character{'s' * (len(unknown) != 1)} that {'are' if len(unknown) != 1 else 'is'} "
                f"not in the model's vocabulary: {listed}{more}")

@@ -19,9 +19,12 @@ def load_model(path, required_meta=MODEL_META):
     """The model saved in the checkpoint at ``path``, on the active backend, its tokenizer and the
     checkpoint's meta, which must hold ``required_meta``."""
     saved = checkpoint.load(path, required_meta=required_meta)
-    model = model_from_meta(saved.meta["model"])
-    model.params.load(saved.params)
-    tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
+    try:
+        model = model_from_meta(saved.meta["model"])
+        model.params.load(saved.params)
+        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
+    except (ValueError, TypeError) as e:        # an edited file's entries: the file is named, then the entry
+        raise type(e)(f"load_model: '{path}': {e}") from None
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"load_model: '{path}' holds a tokenizer of {tokenizer.vocab_size} characters for a model "
                          f"of vocab_size {model.config.vocab_size}; they were not saved together")
@@ -72,7 +75,7 @@ def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="arg
 
 def _result(mean, count):
     # e^mean overflows a float past ~709.8 nats (a diverged model's loss can be finite and that large)
-    perplexity = math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
+    perplexity = math.exp(mean) if not mean > math.log(sys.float_info.max) else math.inf
     return {"loss": mean, "perplexity": perplexity, "bits_per_char": mean / math.log(2), "characters": count}
 
 

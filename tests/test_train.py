@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1218,22 +1219,29 @@ def test_no_cuda_graph_is_passed_on_and_used_on_the_cupy_backend(given_to_train,
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "sample", "gradcheck", "bench"])
-def test_help_says_what_every_option_does_and_its_default(command, capsys):
+def test_help_says_what_every_option_does_and_its_default(command, capsys, monkeypatch):
     """--help is where a user learns the options: each says what it does, and each that has a
-    default says it (train's: the preset's, else the config's)."""
+    default says it (train's: the default preset's, which applies when no --preset is given);
+    the command's own help says what it does."""
+    monkeypatch.setenv("COLUMNS", "10000")                      # no line breaks inside hyphenated names
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())            # argparse wraps the lines
     if command == "train":
+        base = config.preset(config.DEFAULT_PRESET)
         for f in dataclasses.fields(TrainConfig):
             meaning = " ".join(config.MEANING[f.name].split())
-            assert f"{meaning}; default: the preset's, else {f.default!r}" in text, f.name
+            value = getattr(base, f.name)
+            assert f"{meaning}; default: the preset's ({config.DEFAULT_PRESET}'s: {value!r})" in text, f.name
     import argparse
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sub.choices[command].description.rstrip(".").lower() in text.lower()
     for action in sub.choices[command]._actions:
         assert action.help and len(action.help.split()) >= 2, f"{command}: {action.option_strings} has no help"
-        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+        # `is not`: a default of 0 equals False, and must be said too
+        if (action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+                and action.option_strings):
             assert "default" in action.help, f"{command}: {action.option_strings} does not give its default"
 
 
@@ -1295,7 +1303,7 @@ def test_tokens_per_s_leaves_out_the_step_that_compiles(corpus, tmp_path, monkey
     monkeypatch.setattr(train.time, "perf_counter", lambda: real() + offset[0])
 
     @contextlib.contextmanager
-    def compiling():
+    def compiling(**options):
         offset[0] += 1000.0
         yield
     monkeypatch.setattr(train.backend, "compile_notice", compiling)
@@ -1539,3 +1547,90 @@ def test_only_a_contiguous_run_saves_a_recurrent_state(corpus, tmp_path):
         out = tmp_path / batching
         assert _train(corpus, out, "--model", "lstm", "--batching", batching, "--max-iters", "4") == 0
         assert (checkpoint.load(out / "last.npz").meta["rnn_state"] is not None) == kept, batching
+
+
+def test_a_log_file_gets_no_progress_bar(corpus, tmp_path, capsys):
+    argv = ["train", "--data", corpus, "--out", str(tmp_path / "run"), "--max-iters", "4",
+            *[a for a in TINY if a != "--no-progress"]]
+    assert cli.main(argv) == 0
+    assert "\r" not in capsys.readouterr().err              # capsys's stderr, like a log file, is not a terminal
+
+
+def test_a_misspelt_option_is_named_by_its_command_with_the_nearest(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--max-itres", "5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: minilm train") and "did you mean --max-iters?" in err
+
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(trained, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(trained))                 # the shell expands ~/x, not --checkpoint=~/x
+    assert cli.main(["sample", "--checkpoint=~/last.npz", "--prompt", "to", "--max-new-tokens", "3",
+                     "--backend", "numpy"]) == 0
+
+
+def test_ctrl_c_while_the_backend_loads_stops_without_a_traceback(monkeypatch, capsys):
+    from minilm import backend
+
+    def interrupted(name):
+        raise KeyboardInterrupt                                  # Ctrl-C while Numba imports
+    monkeypatch.setattr(backend, "use", interrupted)
+    assert cli.main(["eval", "--checkpoint", "x.npz"]) == 130
+    assert capsys.readouterr().err.strip() == "minilm eval: interrupted"
+
+
+def test_a_nan_loss_has_a_nan_perplexity():
+    import math
+    from minilm.evaluate import _result
+    assert math.isnan(_result(math.nan, 10)["perplexity"])
+
+
+def test_version_names_the_installed_minilm(capsys):
+    import importlib.metadata
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"minilm {importlib.metadata.version('minilm')}"
+
+
+def test_bench_does_not_start_the_environments_backend(monkeypatch):
+    """bench measures the backends its --backends names; MINILM_BACKEND=cupy on a machine without
+    CuPy had refused `minilm bench --backends numpy` before it began."""
+    from minilm import backend
+    from minilm.bench import run as bench_run
+    started = []
+    monkeypatch.setattr(backend, "use", lambda name: started.append(name))
+    monkeypatch.setattr(bench_run, "benchmark", lambda args: None)
+    monkeypatch.setenv("MINILM_BACKEND", "cupy")
+    assert cli.main(["bench", "--backends", "numpy"]) == 0
+    assert "cupy" not in started
+
+
+def test_the_compile_notice_goes_where_it_is_told(monkeypatch):
+    """train passes its progress bar's write, so that the notice lands above the bar, not inside it."""
+    from minilm import backend
+    monkeypatch.setattr(backend, "current", lambda: "numba")
+    lines = []
+    with backend.compile_notice(seconds=0.01, write=lines.append):
+        time.sleep(0.5)                           # longer than the notice's delay: it is said
+    assert lines == ["numba: compiling kernels on first use (cached on disk; later runs start at once)..."]
+
+
+def test_an_edited_checkpoint_that_cannot_be_rebuilt_is_named(trained, tmp_path, capsys):
+    """A checkpoint's entries are checked as a model is rebuilt from them; the message had named only
+    the check (`Params.load: argument 'flat' ...`), not the file it came from."""
+    saved = checkpoint.load(trained / "last.npz")
+    path = tmp_path / "edited.npz"
+    checkpoint.save(path, params=saved.params[:-1], optimizer_state=None, meta=saved.meta)
+    assert cli.main(["sample", "--checkpoint", str(path), "--max-new-tokens", "2", "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert f"load_model: '{path}': Params.load: argument 'flat' must have shape" in err
+
+
+def test_a_prompt_byte_that_is_not_utf8_is_named_as_a_byte(trained, capsys):
+    """A shell passes a byte that is not UTF-8 as a lone surrogate (U+DCFF for 0xff): it is named as the byte."""
+    prompt = b"to\xff".decode("utf-8", errors="surrogateescape")
+    assert cli.main(["sample", "--checkpoint", str(trained / "last.npz"), "--prompt", prompt,
+                     "--max-new-tokens", "2", "--backend", "numpy"]) == 2
+    assert "byte 0xff, which is not UTF-8" in capsys.readouterr().err
