@@ -111,7 +111,7 @@ def _train(args):
         print(f"minilm train: warning: {line}", file=sys.stderr)
     data = args.data if args.data is not None or args.resume else "shakespeare"   # None: the saved run's
     result = train.train(cfg, data=data, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
+                         progress=not args.no_progress and _is_terminal(sys.stderr), cuda_graph=not args.no_cuda_graph)
     if result["interrupted"]:                     # 128 + the signal's number, as a shell reports it
         return 128 + int(signal.Signals[result["interrupted"]])
     return 0
@@ -145,6 +145,14 @@ _MEMORY_HINTS = {
     "train": "; give smaller sizes: --n-layer, --n-embd, --hidden-size, --block-size or --batch-size",
     "eval": "; give a smaller --batch-size",
 }
+
+
+def _is_terminal(stream):
+    """A log file or a pipe gets no progress bar: its redraws would pile up on one line."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):                    # no such method, or a closed stream
+        return False
 
 
 def _version():

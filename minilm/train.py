@@ -258,7 +258,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
         log(f"the saved run is at iteration {it} already, --max-iters is {cfg.max_iters}: nothing to train; "
             f"give a larger --max-iters to train on")
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=None if progress else True, unit="it", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
     say = bar.write if progress and log is print else log      # printed above the bar, or to the caller's log
     warn = (lambda line: bar.write(line, file=sys.stderr)) if log is print else log
     train_time, train_tokens, start = 0.0, 0, time.perf_counter()

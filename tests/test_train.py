@@ -1549,11 +1549,14 @@ def test_only_a_contiguous_run_saves_a_recurrent_state(corpus, tmp_path):
         assert (checkpoint.load(out / "last.npz").meta["rnn_state"] is not None) == kept, batching
 
 
-def test_a_log_file_gets_no_progress_bar(corpus, tmp_path, capsys):
+def test_a_log_file_gets_no_progress_bar(corpus, tmp_path, capsys, monkeypatch):
     argv = ["train", "--data", corpus, "--out", str(tmp_path / "run"), "--max-iters", "4",
             *[a for a in TINY if a != "--no-progress"]]
     assert cli.main(argv) == 0
     assert "\r" not in capsys.readouterr().err              # capsys's stderr, like a log file, is not a terminal
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
+    assert cli.main(argv + ["--overwrite"]) == 0
+    assert "\r" in capsys.readouterr().err                  # on a terminal, the bar is drawn
 
 
 def test_a_misspelt_option_is_named_by_its_command_with_the_nearest(capsys):
