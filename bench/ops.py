@@ -4,6 +4,7 @@ import time
 import numpy as np
 
 from minilm.bench.threads import limited
+from minilm.bench.worker import _cupy_sync
 
 # the GPT CPU preset's shapes and the LSTM/GRU presets'
 B, T, C, NH, V = 12, 64, 128, 4, 65
@@ -33,12 +34,21 @@ def _cases(rng):
     }
 
 
-def _time(fn, repeats):
+def _no_sync():
+    pass
+
+
+def _time(fn, repeats, sync=_no_sync):
+    """The median ms of ``repeats`` calls of ``fn`` after one untimed call. ``sync`` waits for the
+    device: CuPy only queues its kernels, so each clock read comes after one (else the time is the
+    launches' alone)."""
     fn()                                   # compile / warm up
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 
@@ -51,6 +61,7 @@ def run(backends, *, threads, repeats=20, out=print):
     for b in backends:
         minilm.use(b)
         xp = backend.xp()
+        sync = _cupy_sync() if b == "cupy" else _no_sync
         with limited(threads):                          # --threads, as the worker processes get it
             for name, (args, kwargs) in cases.items():
                 args = tuple(xp.asarray(a) for a in args)
@@ -59,7 +70,7 @@ def run(backends, *, threads, repeats=20, out=print):
                 def step():
                     y, cache = forward(*args, **kwargs)
                     backward(xp.ones_like(y), cache)
-                rows.append({"backend": b, "op": name, "ms": _time(step, repeats)})
+                rows.append({"backend": b, "op": name, "ms": _time(step, repeats, sync)})
     out(f"\nper-op forward + backward, ms (median of {repeats}; GPT CPU preset and LSTM preset shapes, float32)")
     out(f"  {'op':<16}" + "".join(f"{b:>10}" for b in backends))
     for name in cases:

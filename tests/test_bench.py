@@ -606,3 +606,32 @@ def test_every_bench_option_is_for_every_run_or_says_which():
     assert bench_run.ignored_options(_bench_args(["--what", "converge", "--steps", "100", "--rounds", "2"])) == [
         "option '--steps' is ignored: it is used only by --what train or all",
         "option '--rounds' is ignored: it is used only by --what train or sample or all"]
+
+
+def test_the_per_op_table_waits_for_the_device_before_each_clock_read(monkeypatch):
+    """On cupy an op returns once its kernels are queued: the clock is read only after a device
+    synchronisation, else the cupy column times the launches (stand-in backend, no GPU)."""
+    import contextlib
+    import types
+    import minilm
+    from minilm import backend
+    from minilm.bench import ops as op_bench
+    pending, reads = [False], []
+
+    def queued(*args, **kwargs):                          # an op that only queues device work
+        pending[0] = True
+        return np.zeros(1), None
+
+    def clock():
+        reads.append(pending[0])
+        return float(len(reads))
+
+    monkeypatch.setattr(minilm, "use", lambda name: None)
+    monkeypatch.setattr(backend, "xp", lambda: np)
+    monkeypatch.setattr(backend, "op", lambda name: queued)
+    monkeypatch.setattr(op_bench, "limited", lambda threads: contextlib.nullcontext())
+    monkeypatch.setattr(op_bench, "_cupy_sync", lambda: lambda: pending.__setitem__(0, False), raising=False)
+    monkeypatch.setattr(op_bench, "time", types.SimpleNamespace(perf_counter=clock))
+    rows = op_bench.run(["cupy"], threads=1, repeats=3, out=lambda line: None)
+    assert len(rows) == len(op_bench._cases(np.random.default_rng(0)))
+    assert len(reads) == 2 * 3 * len(rows) and not any(reads)     # every read after the device's work
