@@ -102,11 +102,11 @@ def main(dtypes):
         peer_optimizer = peers.make_optimizer(peer, cfg)
         amp = None if dtype == "float32" else getattr(torch, dtype)
         grad_scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
-        tx, ty = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
 
-        def peer_step(i):
-            return peers.train_step(peer, peer_optimizer, tx[i % 8], ty[i % 8], cfg.lr, cfg.grad_clip,
-                                    amp_dtype=amp, scaler=grad_scaler)
+        def peer_step(i):           # copies its batch to the device, as minilm's step copies it from NumPy
+            return peers.train_step(peer, peer_optimizer, tx[i % 8].to("cuda"), ty[i % 8].to("cuda"), cfg.lr,
+                                    cfg.grad_clip, amp_dtype=amp, scaler=grad_scaler)
         summary.append((f"pytorch {dtype}",) + _measure(peer_step, torch.cuda.synchronize, f"pytorch {dtype}", False))
         peer = peer_optimizer = peer_step = None
         torch.cuda.empty_cache()

@@ -635,3 +635,30 @@ def test_the_per_op_table_waits_for_the_device_before_each_clock_read(monkeypatc
     rows = op_bench.run(["cupy"], threads=1, repeats=3, out=lambda line: None)
     assert len(rows) == len(op_bench._cases(np.random.default_rng(0)))
     assert len(reads) == 2 * 3 * len(rows) and not any(reads)     # every read after the device's work
+
+
+def test_the_peers_batch_copy_to_the_device_is_inside_its_timer(monkeypatch):
+    """minilm's step copies its batch to the device inside the timer; the peer's copy (``.to``) is
+    timed too (on the CPU here, where it returns the tensor itself; stand-in clock and step)."""
+    torch = pytest.importorskip("torch")
+    import dataclasses
+    import types
+    from minilm.bench import peers, worker
+    events, to = [], torch.Tensor.to
+
+    def copy(self, *args, **kwargs):
+        events.append("copy")
+        return to(self, *args, **kwargs)
+
+    def step(*args, **kwargs):
+        events.append("step")
+        return 1.0
+    monkeypatch.setattr(torch.Tensor, "to", copy)
+    monkeypatch.setattr(peers, "train_step", step)
+    monkeypatch.setattr(worker, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events)))
+    cfg = dataclasses.replace(preset("shakespeare-gru"), n_layer=1, n_embd=4, hidden_size=4, batch_size=2,
+                              block_size=3)
+    worker.torch_train({"impl": "torch", "what": "train", "steps": 2, "warmup": 1}, cfg, 7)
+    steps = events[events.index("clock"):]                 # (the model's own .to(device) comes before)
+    warmup, timed = ["clock", "copy", "copy", "step"], ["clock", "copy", "copy", "step", "clock"]
+    assert steps == warmup + timed * 2                     # the warm-up step's end is not read
