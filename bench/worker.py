@@ -45,6 +45,10 @@ def _cupy_sync():
     return cupy.cuda.Device().synchronize
 
 
+def _no_sync():
+    pass
+
+
 def minilm_train(job, cfg, V):
     import minilm
     from minilm.models import build_model
@@ -54,14 +58,14 @@ def minilm_train(job, cfg, V):
     minilm.use(job["backend"])
     dtype = job.get("dtype", "float32")
     on_gpu = job["backend"] == "cupy"
-    sync = _cupy_sync() if on_gpu else (lambda: None)
+    sync = _cupy_sync() if on_gpu else _no_sync
+    baseline = _rss_mb()            # before the model, as the peer's (see torch_train)
     kind, model_cfg = model_settings(cfg, V)
     model = build_model(kind, model_cfg, dtype=dtype, seed=0)          # 16-bit: mixed precision
     runner = batch_runner(model)        # as minilm train runs it: on numba, the batch over the cores
     optimizer, schedule = make_optimizer(cfg, model.params), make_schedule(cfg)
     scaler = LossScaler(enabled=dtype == "float16")
     step = TrainStep(model, runner, optimizer, scaler, grad_clip=cfg.grad_clip, cuda_graph=job.get("cuda_graph", True))
-    baseline = _rss_mb()
     x, y = _data(V, cfg.batch_size, cfg.block_size, job["warmup"] + job["steps"])
     rng = np.random.default_rng(1)
     times = []
@@ -91,17 +95,19 @@ def torch_train(job, cfg, V):
     from minilm.bench import peers
     device, dtype = job.get("device", "cpu"), job.get("dtype", "float32")
     on_gpu = device == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync = torch.cuda.synchronize if on_gpu else _no_sync
     amp_dtype = None if dtype == "float32" else getattr(torch, dtype)       # torch.bfloat16, torch.float16
     if amp_dtype is not None and not on_gpu:
         raise ValueError(f"minilm bench: the PyTorch peer runs {dtype} only on cuda, got device {device!r}")
     if on_gpu and dtype == "float32":
         torch.backends.cudnn.allow_tf32 = False     # cuDNN's RNNs would take TF32 tensor cores (PyTorch's default)
     torch.manual_seed(0)
+    # the baseline before the model on both sides: PyTorch allocates its gradients and AdamW's moments
+    # at the first step, minilm with the model and optimizer; from here, +MB holds them on both
+    baseline = _rss_mb()
     model = peers.make_model(cfg, V).to(device)             # float32 weights, also under autocast
     optimizer = peers.make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
-    baseline = _rss_mb()
     x, y = _data(V, cfg.batch_size, cfg.block_size, job["warmup"] + job["steps"])
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     times, skipped = [], 0
@@ -136,13 +142,19 @@ def minilm_sample(job, cfg, V):
     from minilm.sample import generate
     from minilm.train import model_settings
     minilm.use(job["backend"])
+    sync = _cupy_sync() if job["backend"] == "cupy" else _no_sync
+    baseline = _rss_mb()                                # before the model, as in training
     kind, model_cfg = model_settings(cfg, V)
     model = build_model(kind, model_cfg, dtype=np.float32, seed=0)
     prompt = np.array([1])
-    list(generate(model, prompt, 8, seed=0, use_cache=job["cache"]))          # compile / warm up
-    baseline = _rss_mb()
+
+    def sample():
+        return len(list(generate(model, prompt, job["tokens"], seed=0, use_cache=job["cache"])))
+    sample()            # warm-up: the timed run itself, so that its context shifts' prefills have run once too
+    sync()
     t0 = time.perf_counter()
-    n = len(list(generate(model, prompt, job["tokens"], seed=0, use_cache=job["cache"])))
+    n = sample()
+    sync()
     dt = time.perf_counter() - t0
     return {"tokens_per_s": n / dt, "seconds": dt, "tokens": n, "baseline_rss_mb": baseline}
 
@@ -150,16 +162,23 @@ def minilm_sample(job, cfg, V):
 def torch_sample(job, cfg, V):
     import torch
     from minilm.bench import peers
+    device = job.get("device", "cpu")                   # "cuda": the peer of the cupy rows
+    sync = torch.cuda.synchronize if device == "cuda" else _no_sync
     torch.manual_seed(0)
-    model = peers.make_model(cfg, V).eval()
-    idx = torch.ones((1, 1), dtype=torch.long)
-    model.generate(idx, 8)
     baseline = _rss_mb()
+    model = peers.make_model(cfg, V).to(device).eval()
+    idx = torch.ones((1, 1), dtype=torch.long, device=device)
+    model.generate(idx, job["tokens"])                  # warm-up: the timed run itself, as minilm's
+    sync()
     t0 = time.perf_counter()
     out = model.generate(idx, job["tokens"])
+    sync()
     dt = time.perf_counter() - t0
     n = out.shape[1] - 1
-    return {"tokens_per_s": n / dt, "seconds": dt, "tokens": n, "baseline_rss_mb": baseline}
+    result = {"tokens_per_s": n / dt, "seconds": dt, "tokens": n, "baseline_rss_mb": baseline}
+    if device == "cuda":
+        result.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, torch_cuda=torch.version.cuda)
+    return result
 
 
 def main(argv):

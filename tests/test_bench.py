@@ -662,3 +662,96 @@ def test_the_peers_batch_copy_to_the_device_is_inside_its_timer(monkeypatch):
     steps = events[events.index("clock"):]                 # (the model's own .to(device) comes before)
     warmup, timed = ["clock", "copy", "copy", "step"], ["clock", "copy", "copy", "step", "clock"]
     assert steps == warmup + timed * 2                     # the warm-up step's end is not read
+
+
+def test_sampling_warms_up_with_the_timed_run_itself_on_both_sides(monkeypatch, numpy_backend):
+    """The warm-up takes every path the timed run takes: at block 16, 20 tokens shift the context at
+    token 16, a prefill of 8 tokens (``forward_step`` with T = 8) whose first call costs extra; the
+    peer warms up the same way (stand-in clock)."""
+    import dataclasses
+    import types
+    import minilm.models
+    from minilm.bench import worker
+    events = []
+    monkeypatch.setattr(worker, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events)))
+    build = minilm.models.build_model
+
+    def build_recording(*args, **kwargs):
+        model = build(*args, **kwargs)
+        forward_step = model.forward_step
+
+        def recorded(x, state):
+            events.append(np.shape(x)[1])                          # T of each call
+            return forward_step(x, state)
+        model.forward_step = recorded
+        return model
+    monkeypatch.setattr(minilm.models, "build_model", build_recording)
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    worker.minilm_sample({"backend": "numpy", "cache": True, "tokens": 20}, cfg, 11)
+    start, end = events.index("clock"), len(events) - 1
+    warmup, timed = events[:start], events[start + 1:end]
+    assert events[end] == "clock" and 16 // 2 in timed             # the context shift's prefill, timed
+    assert warmup == timed                                         # ... and run once before
+    pytest.importorskip("torch")
+    from minilm.bench import peers
+    generate, events[:] = peers.TorchGPT.generate, []
+    monkeypatch.setattr(peers.TorchGPT, "generate", lambda self, idx, n: events.append(n) or generate(self, idx, n))
+    result = worker.torch_sample({"tokens": 20}, cfg, 11)
+    assert events == [20, "clock", 20, "clock"] and result["tokens"] == 20
+
+
+def test_the_memory_a_run_adds_counts_from_before_the_model_on_both_sides(monkeypatch, numpy_backend):
+    """PyTorch allocates its gradients and AdamW's moments at its first step, minilm with the model
+    and optimizer: each side reads the baseline of the +MB column before it builds its model, so that
+    the column holds them on both sides, in training and in sampling."""
+    import dataclasses
+    import importlib.util
+    import minilm.models
+    from minilm.bench import worker
+    events = []
+    monkeypatch.setattr(worker, "_rss_mb", lambda: events.append("baseline") or 1.0)
+    build = minilm.models.build_model
+    monkeypatch.setattr(minilm.models, "build_model", lambda *a, **k: events.append("model") or build(*a, **k))
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), n_layer=1, n_head=2, n_embd=16, block_size=8,
+                              batch_size=2)
+    runs = [lambda: worker.minilm_train({"backend": "numpy", "steps": 1, "warmup": 1}, cfg, 11),
+            lambda: worker.minilm_sample({"backend": "numpy", "cache": True, "tokens": 2}, cfg, 11)]
+    if importlib.util.find_spec("torch") is not None:
+        from minilm.bench import peers
+        make = peers.make_model
+        monkeypatch.setattr(peers, "make_model", lambda *a: events.append("model") or make(*a))
+        runs += [lambda: worker.torch_train({"steps": 1, "warmup": 1}, cfg, 11),
+                 lambda: worker.torch_sample({"tokens": 2}, cfg, 11)]
+    for run in runs:
+        events.clear()
+        assert run()["baseline_rss_mb"] == 1.0 and events == ["baseline", "model"]
+
+
+def test_a_cuda_sampling_peer_puts_its_model_and_prompt_on_the_device_and_waits_for_it(monkeypatch):
+    """The peer of the cupy sampling rows: model and prompt on CUDA, the device synchronised before
+    each clock read (stand-ins for the model, the device and the clock: no GPU here)."""
+    torch = pytest.importorskip("torch")
+    import types
+    from minilm.bench import peers, worker
+    events = []
+
+    class Model:
+        def to(self, device):
+            events.append(("model", device))
+            return self
+
+        def eval(self):
+            return self
+
+        def generate(self, idx, n):
+            events.append("generate")
+            return torch.zeros((1, n + 1), dtype=torch.long)
+    ones = torch.ones
+    monkeypatch.setattr(peers, "make_model", lambda cfg, V: Model())
+    monkeypatch.setattr(torch, "ones", lambda *a, device=None, **k: events.append(("prompt", device)) or ones(*a, **k))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "H100")
+    monkeypatch.setattr(worker, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events)))
+    result = worker.torch_sample({"tokens": 5, "device": "cuda"}, preset("shakespeare-char-cpu"), 11)
+    assert events == [("model", "cuda"), ("prompt", "cuda"), "generate", "sync", "clock", "generate", "sync", "clock"]
+    assert result["tokens"] == 5 and result["gpu"] == "H100"
