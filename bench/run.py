@@ -6,8 +6,9 @@ peak resident memory, and each backend's speed relative to PyTorch's in the same
 
 Timings on a shared machine drift by tens of percent over minutes. So each table is measured
 ``--rounds`` times, every configuration once per round in turn (minilm, then PyTorch, then
-minilm again...), and the table gives the medians; the ratio to PyTorch is the median of the
-ratios within each round, with their range, so that a drift hits both sides of a ratio alike.
+minilm again...); a row gives its median round (``_median_round``), and the ratio to PyTorch is
+the median of the ratios within each round, with their range, so that a drift hits both sides
+of a ratio alike.
 
 On a GPU (the cupy backend) each ``--dtypes`` entry gets its own table, minilm against PyTorch
 eager on CUDA in the same dtype (16-bit: mixed precision on both sides), with the GPU memory
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -153,6 +155,25 @@ def train_tables(args, backends, torch):
     return tables
 
 
+def sample_tables(args, backends, torch):
+    """The sampling tables, as (title, jobs) pairs: the CPU backends against PyTorch on the CPU, then
+    the GPU backends against PyTorch on CUDA (no peer without a CUDA build of PyTorch)."""
+    common = {"what": "sample", "preset": "shakespeare-char-cpu", "tokens": args.tokens, "threads": args.threads}
+    title = f"sampling {args.tokens} tokens, shakespeare-char-cpu GPT"
+    tables = []
+    for on_gpu in (False, True):
+        group = [b for b in backends if (b in GPU_BACKENDS) == on_gpu]
+        if not group:
+            continue
+        jobs = [{"impl": "minilm", "backend": b, "cache": cache, **common} for b in group for cache in (True, False)]
+        if torch and not on_gpu:
+            jobs.append({"impl": "torch", **common})
+        elif torch and _torch_has_cuda():
+            jobs.append({"impl": "torch", "device": "cuda", **common})
+        tables.append((title + (" on the GPU" if on_gpu else ""), jobs))
+    return tables
+
+
 # the --what values each option is for (as its help says); given with another, it is said to be ignored
 # (--what itself, --threads and --json are used by every run)
 _USED_BY = {"target": ("converge",), "converge_preset": ("converge", "replay"), "gelu": ("nanogpt",),
@@ -165,20 +186,105 @@ _USED_BY = {"target": ("converge",), "converge_preset": ("converge", "replay"), 
 EVERY_RUN = ("what", "threads", "json")
 
 
-def ignored_options(args):
-    """A warning for each option given a value other than its default that ``args.what`` does not use."""
+def ignored_options(args, backends=None):
+    """A warning for each option given a value other than its default that ``args.what`` does not use,
+    or, for the GPU tables' options, that no GPU backend among ``backends`` (default: ``--backends``,
+    else those available) uses."""
     import argparse
     defaults = argparse.ArgumentParser()
     add_options(defaults)
     defaults = vars(defaults.parse_args([]))
-    return [f"option '--{name.replace('_', '-')}' is ignored: it is used only by --what {' or '.join(whats)}"
-            for name, whats in _USED_BY.items() if args.what not in whats and getattr(args, name) != defaults[name]]
+    given = [name for name in _USED_BY if getattr(args, name) != defaults[name]]
+    lines = [f"option '--{name.replace('_', '-')}' is ignored: it is used only by --what {' or '.join(_USED_BY[name])}"
+             for name in given if args.what not in _USED_BY[name]]
+    backends = backends or args.backends or _available_backends()
+    if args.what in ("train", "all") and not any(b in GPU_BACKENDS for b in backends):
+        lines += [f"option '--{name.replace('_', '-')}' is ignored: it applies to the GPU (cupy) backend's "
+                  f"tables, and none is measured (CPU backends train in float32)"
+                  for name in ("dtypes", "peak_tflops") if name in given]
+    return lines
+
+
+def _check_backends(backends):
+    """Each backend asked for can run here (its packages import, a GPU for cupy), checked before any
+    measurement: a worker would fail only after the tables before it, with its whole traceback."""
+    from minilm import backend
+    for b in backends:
+        try:
+            backend._load(b)                    # what minilm.use(b) imports, without switching to it
+        except RuntimeError as e:
+            raise ValueError(f"minilm bench: option '--backends': {e}") from None
+
+
+def _check_writable(path):
+    """``--json``'s file can be written: opened for appending (a file that was not there is removed
+    again), so that minutes of measurements are not lost at the end."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise ValueError(f"minilm bench: option '--json' {path!r} cannot be written ({e.strerror or e}; "
+                         f"checked first, so that minutes of measurements are not lost at the end)") from None
+    if not existed:
+        os.remove(path)
+
+
+def _git_commit():
+    """The commit of the checkout minilm runs from ('-dirty' added when tracked files changed), or
+    None where it is not a git checkout (an installed package) or git cannot say."""
+    import minilm
+    root = os.path.dirname(os.path.dirname(os.path.abspath(minilm.__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        head, status = (subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, timeout=30)
+                        for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if status.returncode == 0 and status.stdout.strip() else "")
+
+
+def _versions(backends, torch):
+    """The versions of the libraries measured: NumPy, Numba, CuPy (when a GPU backend is measured),
+    PyTorch (when the peer runs) and the BLAS libraries NumPy loaded (threadpoolctl, where installed)."""
+    import importlib.metadata
+    import numpy
+    versions = {"numpy": numpy.__version__}
+    names = ["numba"] + ["cupy" for b in backends if b in GPU_BACKENDS][:1] + (["torch"] if torch else [])
+    for name in names:
+        if importlib.util.find_spec(name) is not None:
+            try:
+                versions[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:     # CuPy's wheels are cupy-cuda12x, ...
+                versions[name] = importlib.import_module(name).__version__
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return versions
+    versions["blas"] = [{key: lib.get(key) for key in ("internal_api", "version", "threading_layer", "architecture",
+                                                       "filepath")}
+                        for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return versions
+
+
+def _measured(title, jobs, rounds, out, failed):
+    """A table's rows (``_rounds``), or None when a measurement failed: then it is reported and added
+    to ``failed``, and the other tables (say, beside a failed GPU peer's) are still measured."""
+    try:
+        return _rounds(jobs, rounds)
+    except RuntimeError as e:
+        out(f"\n{title}: failed\n{e}")
+        failed.append({"table": title, "error": str(e)})
+        return None
 
 
 def benchmark(args, out=print):
-    for line in ignored_options(args):
-        print(f"minilm bench: warning: {line}", file=sys.stderr)
     backends = args.backends or _available_backends()
+    for line in ignored_options(args, backends):
+        print(f"minilm bench: warning: {line}", file=sys.stderr)
     torch = not args.no_torch and _torch_installed()
     for option, low in (("steps", 1), ("warmup", 0), ("tokens", 1), ("rounds", 1), ("threads", 1), ("batch_size", 1),
                        ("max_iters", 1)):
@@ -192,21 +298,25 @@ def benchmark(args, out=print):
     if args.json is not None and os.path.isdir(args.json):
         raise ValueError(f"minilm bench: option '--json' {args.json!r} is a folder; give a file path in it "
                          f"(checked first, so that minutes of measurements are not lost at the end)")
+    if args.json is not None:
+        _check_writable(args.json)
     for option in ("peak_tflops", "target"):
         value = getattr(args, option)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ValueError(f"minilm bench: option '--{option.replace('_', '-')}' must be a finite number > 0, "
                              f"got {value}")
-    results = {"date": datetime.date.today().isoformat(), "machine": _machine(), "threads": args.threads,
-               "command": "minilm bench " + " ".join(sys.argv[2:]), "train": [], "sample": [], "ops": []}
+    if args.what in _USED_BY["backends"]:
+        _check_backends(backends)
+    results = {"date": datetime.date.today().isoformat(),
+               "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "git_commit": _git_commit(), "versions": _versions(backends, torch), "machine": _machine(),
+               "threads": args.threads, "command": shlex.join(["minilm", "bench", *sys.argv[2:]]),
+               "train": [], "sample": [], "ops": []}
     failed = []
     if args.what in ("train", "all"):
         for title, jobs in train_tables(args, backends, torch):
-            try:
-                rows = _rounds(jobs, args.rounds)
-            except RuntimeError as e:           # a failed table (say, a GPU peer) does not lose the others
-                out(f"\n{title}: failed\n{e}")
-                failed.append({"table": title, "error": str(e)})
+            rows = _measured(title, jobs, args.rounds, out, failed)
+            if rows is None:
                 continue
             for row in rows:
                 add_mfu(row, args.peak_tflops)
@@ -223,18 +333,15 @@ def benchmark(args, out=print):
                     + ", ".join(f"{label} {n}" for label, n in skipped.items()))
         results["mfu_peak_flops"] = {"source": "NVIDIA H100 SXM datasheet, dense", **H100_SXM_PEAK_FLOPS,
                                      "override_tflops": args.peak_tflops}
-        gpus = {x["gpu"] for row in results["train"] for x in row["rounds"] if "gpu" in x}
-        if gpus:
-            results["machine"]["gpu"] = ", ".join(sorted(gpus))
     if args.what in ("sample", "all"):
-        jobs = [{"impl": "minilm", "what": "sample", "backend": b, "cache": cache, "preset": "shakespeare-char-cpu",
-                 "tokens": args.tokens, "threads": args.threads} for b in backends for cache in (True, False)]
-        if torch:
-            jobs.append({"impl": "torch", "what": "sample", "preset": "shakespeare-char-cpu",
-                         "tokens": args.tokens, "threads": args.threads})
-        rows = _rounds(jobs, args.rounds)
-        results["sample"] = rows
-        _print_rows(out, f"sampling {args.tokens} tokens, shakespeare-char-cpu GPT", rows, None)
+        for title, jobs in sample_tables(args, backends, torch):
+            rows = _measured(title, jobs, args.rounds, out, failed)
+            if rows is not None:
+                results["sample"] += rows
+                _print_rows(out, title, rows, None)
+    gpus = {x["gpu"] for row in results["train"] + results["sample"] for x in row["rounds"] if "gpu" in x}
+    if gpus:
+        results["machine"]["gpu"] = ", ".join(sorted(gpus))
     if args.what in ("ops", "all"):
         from minilm.bench import ops as op_bench
         results["ops"] = op_bench.run(backends, threads=args.threads, out=out)
@@ -299,17 +406,27 @@ def add_mfu(row, peak_tflops=None):
 def _label(row):
     job = row["job"]
     if job["impl"] == "torch":
-        if job.get("device") == "cuda":
-            return "pytorch eager" + ("" if job.get("dtype", "float32") == "float32" else " autocast")
-        return "pytorch" + (" (generate, no cache)" if job["what"] == "sample" else "")
+        name = "pytorch eager" if job.get("device") == "cuda" else "pytorch"
+        if job["what"] == "sample":
+            return name + " (generate, no cache)"
+        return name + ("" if job.get("dtype", "float32") == "float32" else " autocast")
     if job["what"] == "train":
         return job["backend"] + {True: " CUDA graph", False: " op by op"}.get(job.get("cuda_graph"), "")
     return job["backend"] + (" kv-cache" if job["cache"] else " no cache")
 
 
+def _median_round(runs):
+    """The index of the round of median speed; of an even count, the slower of the middle two. A row
+    gives this one round's tokens/s and ms/step, so that they agree (tokens/s = B·T / ms/step): the
+    medians of each taken apart would not, for an even count (the mean of the middle two)."""
+    by_speed = sorted(range(len(runs)), key=lambda r: runs[r]["tokens_per_s"])
+    return by_speed[(len(runs) - 1) // 2]
+
+
 def _rounds(jobs, rounds):
-    """Each job measured ``rounds`` times, in turn; one row per job with the medians, every round's
-    result (``rounds``) and, when a PyTorch job is among them, the ratio to it within each round
+    """Each job measured ``rounds`` times, in turn; one row per job with its median round's speed
+    (``_median_round``), the largest memory of the rounds, every round's result (``rounds``) and,
+    when a PyTorch job is among them, the median (and range) of the ratio to it within each round
     (``vs_torch``); for training, the same ratio to the numpy backend's step when it was measured
     (``vs_numpy``)."""
     if not (isinstance(rounds, int) and rounds >= 1):
@@ -325,13 +442,14 @@ def _rounds(jobs, rounds):
     rows = []
     for i, job in enumerate(jobs):
         runs = [measured[r][i] for r in range(rounds)]
+        median = _median_round(runs)
         peaks = [x["peak_rss_mb"] for x in runs]
-        row = {"job": job, "rounds": runs, "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
+        row = {"job": job, "rounds": runs, "median_round": median, "tokens_per_s": runs[median]["tokens_per_s"],
                "peak_rss_mb": None if None in peaks else max(peaks)}       # None: not readable (Windows)
-        if None not in peaks and all("baseline_rss_mb" in x for x in runs):   # what the steps added
-            row["steps_rss_mb"] = max(x["peak_rss_mb"] - x["baseline_rss_mb"] for x in runs)
-        if "ms_per_step" in runs[0]:
-            row["ms_per_step"] = statistics.median(x["ms_per_step"] for x in runs)
+        if None not in peaks and all("baseline_rss_mb" in x for x in runs):   # what the model and run added
+            row["run_rss_mb"] = max(x["peak_rss_mb"] - x["baseline_rss_mb"] for x in runs)
+        if "ms_per_step" in runs[median]:
+            row["ms_per_step"] = runs[median]["ms_per_step"]
         gpu_mb = [x.get("gpu_pool_mb", x.get("gpu_reserved_mb")) for x in runs]
         if None not in gpu_mb:
             row["gpu_mb"] = max(gpu_mb)
@@ -347,12 +465,14 @@ def _print_rows(out, title, rows, ms_key):
     n = len(rows[0]["rounds"])
     gpu = any("gpu_mb" in r for r in rows)
     mfu = any("mfu" in r for r in rows)
-    out(f"\n{title}; medians of {n} round{'s' if n > 1 else ''}")
+    out(f"\n{title}; " + ("1 round" if n == 1 else f"the median round of {n}"
+                            + (" (of an even count, the slower middle one)" if n % 2 == 0 else "")
+                            + ", memory: the largest of the rounds"))
     vs_numpy = any("vs_numpy" in r for r in rows)
-    steps = any("steps_rss_mb" in r for r in rows)
+    steps = any("run_rss_mb" in r for r in rows)
     vs_torch = any("vs_torch" in r for r in rows)          # no peer (--no-torch, no PyTorch): no column
     out(f"  {'':<28}" + (f" {'ms/step':>9}" if ms_key else "") + f" {'tokens/s':>10} {'peak MB':>9}"
-        + (f" {'+MB in steps':>12}" if steps else "") + (f" {'GPU MB':>8}" if gpu else "")
+        + (f" {'+MB model+run':>13}" if steps else "") + (f" {'GPU MB':>8}" if gpu else "")
         + (f" {'MFU':>6}" if mfu else "") + (f" {'vs pytorch (range)':>22}" if vs_torch else "")
         + (f" {'vs numpy (range)':>22}" if vs_numpy else ""))
 
@@ -363,7 +483,7 @@ def _print_rows(out, title, rows, ms_key):
         peak = f"{r['peak_rss_mb']:9.0f}" if r["peak_rss_mb"] is not None else f"{'n/a':>9}"
         line = f"  {_label(r):<28}{ms} {r['tokens_per_s']:10.0f} {peak}"
         if steps:
-            line += f" {r['steps_rss_mb']:12.0f}" if "steps_rss_mb" in r else f" {'':>12}"
+            line += f" {r['run_rss_mb']:13.0f}" if "run_rss_mb" in r else f" {'':>13}"
         if gpu:
             line += f" {r['gpu_mb']:8.0f}" if "gpu_mb" in r else f" {'':>8}"
         if mfu:

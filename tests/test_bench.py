@@ -58,9 +58,9 @@ def test_training_rows_give_the_ratio_to_the_numpy_backend_within_each_round(mon
 
 
 def test_rounds_report_the_median_speed_and_the_largest_memory(monkeypatch):
-    """tokens/s and ms/step are medians over the rounds (not means, not one round); peak memory,
-    the memory the steps added and the GPU memory are the largest over the rounds."""
-    measured = {"tokens_per_s": [100.0, 100.0, 400.0], "ms_per_step": [10.0, 40.0, 10.0],
+    """tokens/s and ms/step are the median round's (not means); peak memory, the memory the model
+    and its run added and the GPU memory are the largest over the rounds."""
+    measured = {"tokens_per_s": [100.0, 400.0, 200.0], "ms_per_step": [10.0, 2.5, 5.0],
                 "peak_rss_mb": [5.0, 9.0, 7.0], "baseline_rss_mb": [1.0, 2.0, 6.0], "gpu_pool_mb": [300.0, 500.0, 400.0]}
     calls = []
 
@@ -70,8 +70,9 @@ def test_rounds_report_the_median_speed_and_the_largest_memory(monkeypatch):
 
     monkeypatch.setattr(bench_run, "run_job", fake_run_job)
     (row,) = bench_run._rounds([{"impl": "minilm", "what": "train", "backend": "cupy"}], 3)
-    assert row["tokens_per_s"] == 100.0 and row["ms_per_step"] == 10.0      # medians (the means are 200, 20)
-    assert row["peak_rss_mb"] == 9.0 and row["steps_rss_mb"] == 7.0          # 9 - 2 in round 2
+    assert row["tokens_per_s"] == 200.0 and row["ms_per_step"] == 5.0        # medians (the means are 233, 5.8)
+    assert row["median_round"] == 2
+    assert row["peak_rss_mb"] == 9.0 and row["run_rss_mb"] == 7.0            # 9 - 2 in round 2
     assert row["gpu_mb"] == 500.0
     assert "vs_torch" not in row and "vs_numpy" not in row
 
@@ -92,7 +93,7 @@ def test_peak_memory_is_read_in_each_systems_unit_and_left_out_where_it_cannot_b
     monkeypatch.setattr(bench_run, "run_job", lambda job: {"job": job, "tokens_per_s": 10.0, "ms_per_step": 1.0,
                                                            "peak_rss_mb": None, "baseline_rss_mb": None})
     (row,) = bench_run._rounds([{"impl": "minilm", "what": "train", "backend": "numpy"}], 2)
-    assert row["peak_rss_mb"] is None and "steps_rss_mb" not in row
+    assert row["peak_rss_mb"] is None and "run_rss_mb" not in row
     bench_run._print_rows(print, "training step", [row], "ms_per_step")
     assert "n/a" in capsys.readouterr().out
 
@@ -208,11 +209,11 @@ def test_a_training_step_measurement_end_to_end(tmp_path, capsys):
     # one timed step: tokens/s x s/step is the B x T tokens of a step (to the rounding of a division)
     cfg = preset("shakespeare-gru")
     assert row["tokens_per_s"] * row["ms_per_step"] / 1000 == pytest.approx(cfg.batch_size * cfg.block_size, rel=1e-9)
-    assert row["steps_rss_mb"] == measured["peak_rss_mb"] - measured["baseline_rss_mb"] >= 0
+    assert row["run_rss_mb"] == measured["peak_rss_mb"] - measured["baseline_rss_mb"] >= 0
     # in MiB: a Python process with NumPy and minilm imported holds tens of MiB, not a fraction of one
     assert 10 < measured["baseline_rss_mb"] <= measured["peak_rss_mb"] < 2 ** 20
     printed = capsys.readouterr().out
-    assert "training step, shakespeare-gru" in printed and "+MB in steps" in printed
+    assert "training step, shakespeare-gru" in printed and "+MB model+run" in printed
     assert "vs pytorch" not in printed                     # --no-torch: no peer, no empty column
 
 
@@ -361,6 +362,7 @@ def test_a_gpu_table_with_memory_and_mfu_columns(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench_run, "run_job", fake_run_job)
     monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: True)
     monkeypatch.setattr(bench_run, "_torch_installed", lambda: True)
+    monkeypatch.setattr(bench_run, "_check_backends", lambda backends: None)      # a GPU machine, stood in
     path = tmp_path / "gpu.json"
     assert cli.main(["bench", "--what", "train", "--presets", "shakespeare-char", "--backends", "cupy",
                      "--dtypes", "bfloat16", "--rounds", "1", "--json", str(path)]) == 0
@@ -423,6 +425,7 @@ def test_a_failed_table_does_not_lose_the_others(monkeypatch, tmp_path, capsys):
         return {"job": job, "tokens_per_s": 1e5, "ms_per_step": 10.0, "peak_rss_mb": 1.0, "gpu_pool_mb": 1.0}
 
     monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    monkeypatch.setattr(bench_run, "_check_backends", lambda backends: None)      # a GPU machine, stood in
     path = tmp_path / "gpu.json"
     assert cli.main(["bench", "--what", "train", "--presets", "shakespeare-gru", "--backends", "cupy", "--no-torch",
                      "--dtypes", "float16", "bfloat16", "--rounds", "1", "--json", str(path)]) == 2
@@ -755,3 +758,133 @@ def test_a_cuda_sampling_peer_puts_its_model_and_prompt_on_the_device_and_waits_
     result = worker.torch_sample({"tokens": 5, "device": "cuda"}, preset("shakespeare-char-cpu"), 11)
     assert events == [("model", "cuda"), ("prompt", "cuda"), "generate", "sync", "clock", "generate", "sync", "clock"]
     assert result["tokens"] == 5 and result["gpu"] == "H100"
+
+
+def _captured_jobs(monkeypatch):
+    """run_job replaced by a stand-in that records each job and answers at once."""
+    jobs = []
+
+    def fake_run_job(job):
+        jobs.append(job)
+        return {"job": job, "tokens_per_s": 100.0, "peak_rss_mb": 1.0, "baseline_rss_mb": 0.5}
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    monkeypatch.setattr(bench_run, "_torch_installed", lambda: True)
+    monkeypatch.setattr(bench_run, "_check_backends", lambda backends: None, raising=False)   # a GPU machine
+    return jobs
+
+
+@pytest.mark.parametrize("cuda_torch", [True, False])
+def test_sampling_compares_each_backend_with_a_peer_on_its_own_device(cuda_torch, monkeypatch, capsys):
+    """The cupy rows get their own table against PyTorch on CUDA (none without a CUDA PyTorch), the
+    CPU rows theirs against PyTorch on the CPU."""
+    jobs = _captured_jobs(monkeypatch)
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: cuda_torch)
+    results = bench_run.benchmark(_bench_args(["--what", "sample", "--backends", "numba", "cupy", "--rounds", "1",
+                                               "--tokens", "5"]), out=print)
+    rows = {(r["job"]["impl"], r["job"].get("backend"), r["job"].get("device")) for r in results["sample"]}
+    peers = {("torch", None, None)} | ({("torch", None, "cuda")} if cuda_torch else set())
+    assert rows == {("minilm", b, None) for b in ("numba", "cupy")} | peers and len(jobs) == 4 + len(peers)
+    out = capsys.readouterr().out
+    cpu, gpu = out.split("sampling 5 tokens, shakespeare-char-cpu GPT on the GPU")
+    assert "numba kv-cache" in cpu and "pytorch (generate, no cache)" in cpu and "cupy" not in cpu
+    assert "cupy kv-cache" in gpu and "numba" not in gpu and "pytorch (generate" not in gpu
+    assert ("pytorch eager (generate, no cache)" in gpu) == cuda_torch and ("vs pytorch" in gpu) == cuda_torch
+
+
+def test_a_row_gives_one_rounds_numbers_also_for_an_even_count_of_rounds(monkeypatch):
+    """With 2 rounds the medians of ms/step and of tokens/s taken apart are each the mean of two and
+    disagree (numba at 30 and 60 ms: 45 ms but 19,200 tokens/s, not B·T / 45 ms = 17,067). A row
+    gives its median round's: for an even count the slower middle one."""
+    tokens = 12 * 64
+    ms = {"numba": [30.0, 60.0], "torch": [40.0, 45.0]}
+    seen = {name: 0 for name in ms}
+
+    def fake_run_job(job):
+        name = job.get("backend", "torch")
+        step = ms[name][seen[name]]
+        seen[name] += 1
+        return {"job": job, "ms_per_step": step, "tokens_per_s": tokens * 1000 / step, "peak_rss_mb": 1.0}
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    rows = bench_run._rounds([{"impl": "minilm", "what": "train", "backend": "numba"}, {"impl": "torch", "what": "train"}], 2)
+    for row in rows:
+        assert row["tokens_per_s"] * row["ms_per_step"] / 1000 == pytest.approx(tokens, rel=1e-12)   # rounding
+    assert [row["ms_per_step"] for row in rows] == [60.0, 45.0]                   # the slower middle rounds
+    assert rows[0]["vs_torch"] == {"median": pytest.approx((40 / 30 + 45 / 60) / 2), "min": 0.75, "max": 40 / 30}
+    lines = []
+    bench_run._print_rows(lines.append, "training step", rows, "ms_per_step")
+    assert lines[0].endswith("the median round of 2 (of an even count, the slower middle one), "
+                             "memory: the largest of the rounds")
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys):
+    """A folder that exists but cannot be written (here a stand-in ``open`` that refuses the path:
+    the tests may run as root, which any folder lets write)."""
+    path = str(tmp_path / "out.json")
+
+    def refusing_open(file, *args, **kwargs):
+        if os.fspath(file) == path:
+            raise PermissionError(13, "Permission denied", path)
+        return open(file, *args, **kwargs)
+    monkeypatch.setattr(bench_run, "open", refusing_open, raising=False)
+    monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
+    assert cli.main(["bench", "--what", "train", "--no-torch", "--backends", "numpy", "--json", path]) == 2
+    err = capsys.readouterr().err
+    assert f"'--json' {path!r} cannot be written (Permission denied" in err
+    monkeypatch.undo()
+    bench_run._check_writable(path)                          # a path that can be written: not left behind
+    assert os.listdir(tmp_path) == []
+
+
+def test_gpu_options_without_a_gpu_backend_are_said_to_be_ignored():
+    """--dtypes float16 on CPU backends trained in float32 without a word."""
+    for option in (["--dtypes", "float16"], ["--peak-tflops", "100"]):
+        assert bench_run.ignored_options(_bench_args(["--what", "train", "--backends", "numpy", *option])) == [
+            f"option '{option[0]}' is ignored: it applies to the GPU (cupy) backend's tables, and none is "
+            f"measured (CPU backends train in float32)"]
+        assert bench_run.ignored_options(_bench_args(["--what", "all", "--backends", "numpy", "cupy", *option])) == []
+
+
+def test_a_backend_that_cannot_run_here_is_refused_before_any_measurement(monkeypatch, capsys):
+    """--backends cupy without CuPy: one clear error up front, not a worker's traceback in the table."""
+    import sys
+    monkeypatch.setitem(sys.modules, "cupy", None)           # import cupy fails, as where it is not installed
+    monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
+    assert cli.main(["bench", "--what", "train", "--no-torch", "--backends", "numpy", "cupy"]) == 2
+    captured = capsys.readouterr()
+    assert "option '--backends': backend 'cupy' needs the cupy package" in captured.err
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_the_json_records_when_with_what_and_by_which_command(monkeypatch, tmp_path):
+    """UTC time, the checkout's commit, the libraries' versions and the command, quoted as a shell
+    would need it."""
+    import datetime
+    import importlib.util
+    import shlex
+    import subprocess
+    import sys
+    import numba
+    import minilm
+    _captured_jobs(monkeypatch)
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: False)
+    path = tmp_path / "a b.json"
+    argv = ["bench", "--what", "sample", "--backends", "numpy", "--rounds", "1", "--json", str(path)]
+    monkeypatch.setattr(sys, "argv", ["minilm", *argv])
+    assert cli.main(argv) == 0
+    results = json.loads(path.read_text())
+    assert results["command"] == "minilm " + shlex.join(argv) and shlex.split(results["command"])[1:] == argv
+    when = datetime.datetime.fromisoformat(results["time_utc"])
+    assert when.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - when) < datetime.timedelta(hours=1)
+    versions = results["versions"]
+    assert versions["numpy"] == np.__version__ and versions["numba"] == numba.__version__ and "cupy" not in versions
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        assert any(lib["internal_api"] for lib in versions["blas"])
+    if importlib.util.find_spec("torch") is not None:            # the peer ran (a stand-in here)
+        assert versions["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(minilm.__file__)))
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if os.path.exists(os.path.join(root, ".git")) and head.returncode == 0:
+        assert results["git_commit"].removesuffix("-dirty") == head.stdout.strip()
+    else:
+        assert results["git_commit"] is None
