@@ -103,7 +103,10 @@ def torch_train(job, cfg, V):
         torch.backends.cudnn.allow_tf32 = False     # cuDNN's RNNs would take TF32 tensor cores (PyTorch's default)
     torch.manual_seed(0)
     # the baseline before the model on both sides: PyTorch allocates its gradients and AdamW's moments
-    # at the first step, minilm with the model and optimizer; from here, +MB holds them on both
+    # at the first step, minilm with the model and optimizer; from here, +MB holds them on both. The
+    # first optimizer PyTorch makes imports some 800 modules (dynamo, sympy: ~70 MB of library, no
+    # state): a scratch one, made first, puts them in the baseline with the other libraries
+    peers.make_optimizer(torch.nn.Linear(1, 1), cfg)
     baseline = _rss_mb()
     model = peers.make_model(cfg, V).to(device)             # float32 weights, also under autocast
     optimizer = peers.make_optimizer(model, cfg)

@@ -706,28 +706,36 @@ def test_sampling_warms_up_with_the_timed_run_itself_on_both_sides(monkeypatch, 
 def test_the_memory_a_run_adds_counts_from_before_the_model_on_both_sides(monkeypatch, numpy_backend):
     """PyTorch allocates its gradients and AdamW's moments at its first step, minilm with the model
     and optimizer: each side reads the baseline of the +MB column before it builds its model, so that
-    the column holds them on both sides, in training and in sampling."""
+    the column holds them on both sides, in training and in sampling. The peer makes a scratch
+    optimizer first, whose imports (~70 MB of library) then fall in the baseline."""
     import dataclasses
     import importlib.util
     import minilm.models
+    import minilm.train
     from minilm.bench import worker
     events = []
+
+    def recording(name, fn):
+        return lambda *a, **k: events.append(name) or fn(*a, **k)
     monkeypatch.setattr(worker, "_rss_mb", lambda: events.append("baseline") or 1.0)
-    build = minilm.models.build_model
-    monkeypatch.setattr(minilm.models, "build_model", lambda *a, **k: events.append("model") or build(*a, **k))
+    monkeypatch.setattr(minilm.models, "build_model", recording("model", minilm.models.build_model))
+    monkeypatch.setattr(minilm.train, "make_optimizer", recording("optimizer", minilm.train.make_optimizer))
     cfg = dataclasses.replace(preset("shakespeare-char-cpu"), n_layer=1, n_head=2, n_embd=16, block_size=8,
                               batch_size=2)
-    runs = [lambda: worker.minilm_train({"backend": "numpy", "steps": 1, "warmup": 1}, cfg, 11),
-            lambda: worker.minilm_sample({"backend": "numpy", "cache": True, "tokens": 2}, cfg, 11)]
+    runs = [(lambda: worker.minilm_train({"backend": "numpy", "steps": 1, "warmup": 1}, cfg, 11),
+             ["baseline", "model", "optimizer"]),
+            (lambda: worker.minilm_sample({"backend": "numpy", "cache": True, "tokens": 2}, cfg, 11),
+             ["baseline", "model"])]
     if importlib.util.find_spec("torch") is not None:
         from minilm.bench import peers
-        make = peers.make_model
-        monkeypatch.setattr(peers, "make_model", lambda *a: events.append("model") or make(*a))
-        runs += [lambda: worker.torch_train({"steps": 1, "warmup": 1}, cfg, 11),
-                 lambda: worker.torch_sample({"tokens": 2}, cfg, 11)]
-    for run in runs:
+        monkeypatch.setattr(peers, "make_model", recording("model", peers.make_model))
+        monkeypatch.setattr(peers, "make_optimizer", recording("optimizer", peers.make_optimizer))
+        runs += [(lambda: worker.torch_train({"steps": 1, "warmup": 1}, cfg, 11),
+                  ["optimizer", "baseline", "model", "optimizer"]),              # the scratch one first
+                 (lambda: worker.torch_sample({"tokens": 2}, cfg, 11), ["baseline", "model"])]
+    for run, expected in runs:
         events.clear()
-        assert run()["baseline_rss_mb"] == 1.0 and events == ["baseline", "model"]
+        assert run()["baseline_rss_mb"] == 1.0 and events == expected
 
 
 def test_a_cuda_sampling_peer_puts_its_model_and_prompt_on_the_device_and_waits_for_it(monkeypatch):
