@@ -156,7 +156,8 @@ def run(preset_name, data, *, backends, threads, target, torch_peer=True, seed=N
     if torch_peer:
         curve = torch_curve(cfg, data, threads, say=out)
         results.append({"impl": "pytorch", "curve": curve, "seconds_to_target": time_to(curve, target)})
-    out(f"\ntime to validation loss {target} on {preset_name}, seed {cfg.seed} (training time, evaluation excluded)")
+    out(f"\ntime to validation loss {target} on {preset_name}, seed {cfg.seed} (training time as minilm train "
+        "counts it: evaluation excluded, the first step billed at the others' average)")
     out(f"  {'':<10} {'final val loss':>15} {'seconds to target':>18} {'total seconds':>14}")
     for r in results:
         t = r["seconds_to_target"]
