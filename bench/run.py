@@ -63,7 +63,9 @@ def add_options(p):
     p.add_argument("--steps", type=int, default=30, help="timed training steps per configuration (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT compilation, caches; default: 5)")
     p.add_argument("--tokens", type=int, default=500, help="tokens to sample (default: 500)")
-    p.add_argument("--rounds", type=int, default=3, help="times each training and sampling table is measured, in turn (each row: its median round; default: 3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="times each training and sampling table is measured, in turn (each row: its median round; "
+                        "default: 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for Numba, BLAS and PyTorch (default: the machine's cores)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")

@@ -688,7 +688,8 @@ def test_the_peers_batch_copy_to_the_device_is_inside_its_timer(monkeypatch):
         return 1.0
     monkeypatch.setattr(torch.Tensor, "to", copy)
     monkeypatch.setattr(peers, "train_step", step)
-    monkeypatch.setattr(worker, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events)))
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events))   # stand-in
+    monkeypatch.setattr(worker, "time", clock)
     cfg = dataclasses.replace(preset("shakespeare-gru"), n_layer=1, n_embd=4, hidden_size=4, batch_size=2,
                               block_size=3)
     worker.torch_train({"impl": "torch", "what": "train", "steps": 2, "warmup": 1}, cfg, 7)
@@ -706,7 +707,8 @@ def test_sampling_warms_up_with_the_timed_run_itself_on_both_sides(monkeypatch, 
     import minilm.models
     from minilm.bench import worker
     events = []
-    monkeypatch.setattr(worker, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events)))
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events))   # stand-in
+    monkeypatch.setattr(worker, "time", clock)
     build = minilm.models.build_model
 
     def build_recording(*args, **kwargs):
@@ -792,7 +794,8 @@ def test_a_cuda_sampling_peer_puts_its_model_and_prompt_on_the_device_and_waits_
     monkeypatch.setattr(torch, "ones", lambda *a, device=None, **k: events.append(("prompt", device)) or ones(*a, **k))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("sync"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "H100")
-    monkeypatch.setattr(worker, "time", types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events)))
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events))   # stand-in
+    monkeypatch.setattr(worker, "time", clock)
     result = worker.torch_sample({"tokens": 5, "device": "cuda"}, preset("shakespeare-char-cpu"), 11)
     assert events == [("model", "cuda"), ("prompt", "cuda"), "generate", "sync", "clock", "generate", "sync", "clock"]
     assert result["tokens"] == 5 and result["gpu"] == "H100"
@@ -843,7 +846,8 @@ def test_a_row_gives_one_rounds_numbers_also_for_an_even_count_of_rounds(monkeyp
         seen[name] += 1
         return {"job": job, "ms_per_step": step, "tokens_per_s": tokens * 1000 / step, "peak_rss_mb": 1.0}
     monkeypatch.setattr(bench_run, "run_job", fake_run_job)
-    rows = bench_run._rounds([{"impl": "minilm", "what": "train", "backend": "numba"}, {"impl": "torch", "what": "train"}], 2)
+    jobs = [{"impl": "minilm", "what": "train", "backend": "numba"}, {"impl": "torch", "what": "train"}]
+    rows = bench_run._rounds(jobs, 2)
     for row in rows:
         assert row["tokens_per_s"] * row["ms_per_step"] / 1000 == pytest.approx(tokens, rel=1e-12)   # rounding
     assert [row["ms_per_step"] for row in rows] == [60.0, 45.0]                   # the slower middle rounds
