@@ -17,7 +17,8 @@ from minilm.data import (
     CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_text, split,
 )
 
-REAL_CORPUS = "/work/shared/data/tinyshakespeare.txt"
+# the real corpus where $MINILM_DATA_DIR holds it (as minilm's --data shakespeare reads it)
+REAL_CORPUS = os.path.join(os.environ.get("MINILM_DATA_DIR", ""), "tinyshakespeare.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_load_text_reads_a_utf8_file(tmp_path):
 
 def test_real_corpus_has_the_expected_checksum():
     if not os.path.exists(REAL_CORPUS):
-        pytest.skip(f"{REAL_CORPUS} is not present")
+        pytest.skip(f"{REAL_CORPUS} is not present (set MINILM_DATA_DIR to a folder that holds it)")
     with open(REAL_CORPUS, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == data.SHAKESPEARE_SHA256
 
