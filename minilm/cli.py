@@ -173,10 +173,14 @@ def _silence_stdout():
 
 def _parse(parser, argv):
     """parse_args, but an unknown option is reported by its subcommand, with the nearest option."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extras = parser.parse_known_args(argv)
+    if extras and argv.index(args.command) > argv.index(extras[0]):     # `minilm --bogus train`: minilm's own
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if extras:
         sub = parser.subcommands[args.command]
-        near = difflib.get_close_matches(extras[0].split("=")[0], list(sub._option_string_actions), n=1)
+        near = difflib.get_close_matches(extras[0].split("=")[0], list(sub._option_string_actions), n=1,
+                                          cutoff=0.75)
         sub.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {near[0]}?)" if near else ""))
     for name in ("out", "checkpoint", "data", "json"):       # '--out=~/x': the shell leaves '~' to us
         if isinstance(getattr(args, name, None), str):

@@ -46,10 +46,13 @@ forward subtracts terms much larger than its output: a confident cross-entropy's
 :math:`\log \sum_j e^{x_j} - x_t \approx 10^{-4}`, comes from terms near 10, whose round-off is
 10^5 times larger. So where an argument fails, the round-off is also measured: :math:`\sigma`, the
 error of one loss, from the fourth differences of L at ``NOISE_POINTS`` exactly equally spaced
-points a hundredth of h apart (Moré and Wild's ECnoise), and the argument is judged again with
-:math:`\sigma` in place of :math:`u \sum_i |\text{out}_i R_i|` where it is larger; the note says
-how much larger. The numerical side does not depend on the backward, so no error of the
-backward's can widen the floor; a forward that computes in float32 widens it, and is named.
+points a hundredth of h apart and h apart (Moré and Wild's ECnoise), and the argument is judged
+again with :math:`\sigma` in place of :math:`u \sum_i |\text{out}_i R_i|` where it is larger; the
+note says how much larger. The numerical side does not depend on the backward, so no error of the
+backward's can widen the floor. But a forward that rounds through float32 or float16 inside
+widens it as far as its own rounding, which could hide any error; so the measured floor passes a
+row only where it still resolves the argument's largest gradient to ``MEASURED_LIMIT`` times the
+tolerance (1e-4), and otherwise the row fails as not checkable at these inputs, saying why.
 
 R and the random directions come from a stream of their own, seeded by ``(STREAM, seed)``, so
 that R never equals an input drawn with ``np.random.default_rng(seed)``: for a scale-invariant
@@ -87,9 +90,13 @@ ROUNDOFF_UNITS = 4 * 1.5   # the stencil's round-off, in units of u sum|out_i R_
 # the x-gradient of a scale-invariant layer (RMSNorm without eps), whose J^T x is 0.
 STREAM = 0x67726164        # "grad"
 # Where a failure may be the loss's round-off, larger than predicted, it is measured from this many
-# losses: NOISE_POINTS - 4 fourth differences, with which sigma comes out under half its value about
-# once in 75 (drawn from Gaussian or uniform errors); that costs a false alarm, never a false pass
+# losses at each of two spacings: NOISE_POINTS - 4 fourth differences, with which sigma comes out
+# under half its value about once in 75 (drawn from Gaussian or uniform errors): a false alarm
 NOISE_POINTS = 24
+# A measured round-off may pass a row only where it resolves the argument's largest gradient to this
+# many tolerances (1e-4 at the default tol): beyond, the row fails as not checkable here, since a
+# wrong backward would pass too (a forward rounding through float16 inside: any backward at all)
+MEASURED_LIMIT = 1e3
 
 
 class GradcheckError(AssertionError):
@@ -332,14 +339,17 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         d = xp.asarray(noise_rng.standard_normal(x.shape))
         d = d / float(xp.linalg.norm(d))
         k = xp.arange(NOISE_POINTS, dtype=x.dtype).reshape((-1,) + (1,) * x.ndim)
-        for length in (eps / 100, eps, 100 * eps):   # longer only where L did not change at all: a loss
-            s = (x + length * d) - x                 # rounded to a coarse grid (lse - x_t at a margin of 30)
-            s = xp.where(xp.all((x + k * s) - x == k * s, axis=0), s, 0)   # x, x + s close: s has few bits
-            L = np.array([loss(i, x + j * s) for j in range(NOISE_POINTS)])
-            if np.any(L != L[0]):
+        sigmas = []
+        # at h / 100 and at h, the larger: a loss rounded to a coarse grid (lse - x_t at a margin of 25)
+        # takes a few values only at the short spacing, which reads low; 100 h where both are flat
+        for length in (eps / 100, eps, 100 * eps):
+            if length == 100 * eps and any(sigmas):
                 break
-        sigma = float(np.sqrt(np.mean(np.diff(L, 4) ** 2) / 70))
-        return ROUNDOFF_UNITS * sigma / eps
+            s = (x + length * d) - x                                        # exact: x and x + s are close
+            s = xp.where(xp.all((x + k * s) - x == k * s, axis=0), s, 0)   # so s has few bits: k s exact
+            L = np.array([loss(i, x + j * s) for j in range(NOISE_POINTS)])
+            sigmas.append(float(np.sqrt(np.mean(np.diff(L, 4) ** 2) / 70)))
+        return ROUNDOFF_UNITS * max(sigmas) / eps
 
     for i, (x, g) in enumerate(zip(args, grads)):
         if isinstance(x, float) and not hasattr(x, "shape"):      # a NumPy scalar has a shape and is checked
@@ -400,15 +410,23 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             # The prediction of the round-off from the output's size falls short where the forward
             # subtracts terms much larger than its output (a confident cross-entropy's lse - x_t, ~1e-4
             # from terms ~10): measure it, and judge again by what finite differences can resolve.
-            # n does not depend on the backward, so no error of the backward's can widen this floor.
+            # n does not depend on the backward, so no error of the backward's can widen this floor;
+            # and it may pass the row only where it still resolves the largest gradient closely.
             measured = measured_roundoff(i)
             if measured > roundoff_i:
                 roundoff_i = measured
                 errors, err, floor_i = judge(roundoff_i)
-                measured_note = (f"the loss's round-off, measured, is {measured / roundoff:.2g} times what the "
-                                 f"output's size predicts (a forward that subtracts terms much larger than its "
-                                 f"output, as a confident cross-entropy does, or computes in float32), so "
-                                 f"differences below {roundoff_i:.1e} were not judged")
+                why = (f"the loss's round-off, measured, is {measured / roundoff:.2g} times what the output's size "
+                       f"predicts (the forward subtracts terms much larger than its output, as a confident "
+                       f"cross-entropy does, or rounds through float32 or float16 inside)")
+                if err <= tol and not roundoff_i <= MEASURED_LIMIT * tol * scale:
+                    report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
+                        notes + [f"cannot be checked by finite differences at these inputs: {why}, so only "
+                                 f"differences above {roundoff_i:.1e} show, against gradients up to {scale:.1e}; "
+                                 f"compute the forward in float64 throughout, or check it at inputs where the loss "
+                                 f"is not a small difference of large terms (a cross-entropy: smaller logits)"])))
+                    continue
+                measured_note = f"{why}, so differences below {roundoff_i:.1e} were not judged"
         worst = None
         if not err <= tol and mode == "elements" and bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(n))):
             worst = np.unravel_index(int(xp.argmax(errors)), x.shape)

@@ -1565,6 +1565,10 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_nearest(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: minilm train") and "did you mean --max-iters?" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--bogus", "train"])                  # before the command: minilm's, with nothing to suggest
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: minilm [") and "did you mean" not in err
 
 
 def test_a_tilde_after_an_equals_sign_is_the_home_folder(trained, monkeypatch, capsys):
