@@ -11,7 +11,17 @@ from minilm.optim import (
     OPTIMIZERS, SCHEDULES, SGD, Adam, AdamW, Constant, EarlyStopping, RMSprop, Step, WarmupCosine,
     clip_grad_norm,
 )
+from minilm import backend
 from minilm.params import Params
+
+
+@pytest.fixture(autouse=True, params=["numpy", "numba"])
+def tier(request, restore_backend):
+    """Every test on both CPU tiers: the readable updates a student reads (minilm/optim.py, numpy)
+    and the kernels (minilm/cpu/optim.py, numba). On numba alone, a wrong bias correction or
+    Nesterov step in the readable code had passed this file."""
+    backend.use(request.param)
+    return request.param
 
 # float64 updates computed in a different but mathematically equal order (textbook Adam vs
 # torch's √v/√(1-β2^t) + ε) agree to a few ulps per step; 1e-12 leaves room for 5 steps.
@@ -488,3 +498,14 @@ def test_params_of_size_zero_take_no_room():
     params = Params([("W", (2, 3)), ("empty", (0, 3)), ("b", (3,))])
     assert params.size == 9 and params.values["empty"].shape == (0, 3)
     assert params.slice("b") == slice(6, 9)
+
+
+def test_adamw_defaults_are_torchs():
+    """AdamW(params, lr) decays the 2-D weights by torch.optim.AdamW's default, weight_decay=0.01,
+    with its default betas and eps; every other test passes them explicitly."""
+    params = make_params()
+    p, grads = params.data.copy(), gradients(params.size)
+    mask = np.r_[np.ones(12), np.zeros(3)]
+    got = run(AdamW(params, lr=0.01), params, grads)
+    want = hand_adamw(p, grads, 0.01, 0.9, 0.999, 1e-8, 0.01, mask)
+    np.testing.assert_allclose(got, want, rtol=RTOL_F64, atol=ATOL_F64)

@@ -1641,3 +1641,46 @@ def test_a_prompt_byte_that_is_not_utf8_is_named_as_a_byte(trained, capsys):
     assert cli.main(["sample", "--checkpoint", str(trained / "last.npz"), "--prompt", prompt,
                      "--max-new-tokens", "2", "--backend", "numpy"]) == 2
     assert "byte 0xff, which is not UTF-8" in capsys.readouterr().err
+
+
+def test_a_float16_run_resumes_with_its_loss_scale(corpus, tmp_path, monkeypatch):
+    """A resumed float16 run goes on with the loss scale and skip count it saved, not 2^16 and 0."""
+    from minilm.params import Params
+    monkeypatch.setattr(train, "_require_dtype_runs_here", lambda *args, **kwargs: None)
+    real, calls = Params.unscale_grads, []
+
+    def overflow_once(self, factor):
+        calls.append(1)
+        return False if len(calls) == 2 else real(self, factor)     # step 2's gradients overflow
+    monkeypatch.setattr(Params, "unscale_grads", overflow_once)
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4", "--dtype", "float16") == 0
+    assert _train(corpus, out, "--max-iters", "8", "--dtype", "float16", "--resume") == 0
+    rows = _metrics(out)
+    assert [(r["iter"], r["skipped_steps"], r["loss_scale"]) for r in rows] == [(0, 0, 2.0 ** 16), (4, 1, 2.0 ** 15),
+                                                                                 (8, 1, 2.0 ** 15)]
+
+
+def test_a_recurrent_run_starts_from_zeros_when_the_streams_begin_the_text_again(corpus, tmp_path, monkeypatch):
+    """Contiguous batches wrap to the start of the text every n_chunks steps: the carried state is
+    dropped there (it belongs to the text's end), and only there."""
+    real, starts = train.TrainStep.__call__, []
+
+    def record(self, x, y, lr, *, rng, state=None):
+        starts.append(state is None)
+        return real(self, x, y, lr, rng=rng, state=state)
+    monkeypatch.setattr(train.TrainStep, "__call__", record)
+    from minilm.data import ContiguousBatches
+    seen = []
+    real_init = ContiguousBatches.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append(self)
+    monkeypatch.setattr(ContiguousBatches, "__init__", keep)
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--model", "lstm", "--batching", "contiguous", "--batch-size", "16",
+                  "--block-size", "64", "--max-iters", "14", "--eval-interval", "14") == 0
+    n_chunks = seen[0].n_chunks
+    assert 1 < n_chunks < 14
+    assert starts == [i % n_chunks == 0 for i in range(14)]
