@@ -1476,18 +1476,24 @@ def test_eval_of_a_one_character_text_names_data(trained, tmp_path, capsys):
     assert "train_fraction" not in err
 
 
-def test_a_float16_run_reports_its_skipped_steps_and_loss_scale(corpus, tmp_path, monkeypatch, capsys):
-    """A float16 run skips a step whose gradients overflowed and halves its loss scale: metrics.jsonl
-    and the log now say so (they had said nothing; only the checkpoint held the count). float16
-    trains on the GPU only; the check that says so is lifted here to run the same loop on NumPy."""
+def _overflow_at_step_2(monkeypatch):
+    """float16 on NumPy (it trains on the GPU only; the check that says so is lifted), with the
+    gradients of the process's second step made to overflow."""
     from minilm.params import Params
     monkeypatch.setattr(train, "_require_dtype_runs_here", lambda *args, **kwargs: None)
     real, calls = Params.unscale_grads, []
 
     def overflow_once(self, factor):
         calls.append(1)
-        return False if len(calls) == 2 else real(self, factor)     # step 2's gradients overflow
+        return False if len(calls) == 2 else real(self, factor)
     monkeypatch.setattr(Params, "unscale_grads", overflow_once)
+
+
+def test_a_float16_run_reports_its_skipped_steps_and_loss_scale(corpus, tmp_path, monkeypatch, capsys):
+    """A float16 run skips a step whose gradients overflowed and halves its loss scale: metrics.jsonl
+    and the log now say so (they had said nothing; only the checkpoint held the count). float16
+    trains on the GPU only; the check that says so is lifted here to run the same loop on NumPy."""
+    _overflow_at_step_2(monkeypatch)
     out = tmp_path / "run"
     assert _train(corpus, out, "--max-iters", "8", "--dtype", "float16") == 0
     rows = _metrics(out)
@@ -1645,14 +1651,7 @@ def test_a_prompt_byte_that_is_not_utf8_is_named_as_a_byte(trained, capsys):
 
 def test_a_float16_run_resumes_with_its_loss_scale(corpus, tmp_path, monkeypatch):
     """A resumed float16 run goes on with the loss scale and skip count it saved, not 2^16 and 0."""
-    from minilm.params import Params
-    monkeypatch.setattr(train, "_require_dtype_runs_here", lambda *args, **kwargs: None)
-    real, calls = Params.unscale_grads, []
-
-    def overflow_once(self, factor):
-        calls.append(1)
-        return False if len(calls) == 2 else real(self, factor)     # step 2's gradients overflow
-    monkeypatch.setattr(Params, "unscale_grads", overflow_once)
+    _overflow_at_step_2(monkeypatch)
     out = tmp_path / "run"
     assert _train(corpus, out, "--max-iters", "4", "--dtype", "float16") == 0
     assert _train(corpus, out, "--max-iters", "8", "--dtype", "float16", "--resume") == 0
