@@ -52,7 +52,10 @@ note says how much larger. The numerical side does not depend on the backward, s
 backward's can widen the floor. But a forward that rounds through float32 or float16 inside
 widens it as far as its own rounding, which could hide any error; so the measured floor passes a
 row only where it still resolves the argument's largest gradient to ``MEASURED_LIMIT`` times the
-tolerance (1e-4), and otherwise the row fails as not checkable at these inputs, saying why.
+tolerance (1e-4); otherwise the row fails as not checkable at these inputs, saying why, and a row
+that fails anyway says that its failure may be that round-off. The round-off is measured too
+where the numerical gradient is exactly 0 throughout (a loss that never moved at the stencil's
+steps), so that a backward of zeros does not pass a loss rounded to a coarse grid.
 
 R and the random directions come from a stream of their own, seeded by ``(STREAM, seed)``, so
 that R never equals an input drawn with ``np.random.default_rng(seed)``: for a scale-invariant
@@ -406,7 +409,8 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         roundoff_i = roundoff
         errors, err, floor_i = judge(roundoff_i)
         measured_note = None
-        if err > tol and not low_precision:
+        flat = not bool((n != 0).any())                 # the loss never moved: its steps may be below its grid
+        if (err > tol or flat) and not low_precision:
             # The prediction of the round-off from the output's size falls short where the forward
             # subtracts terms much larger than its output (a confident cross-entropy's lse - x_t, ~1e-4
             # from terms ~10): measure it, and judge again by what finite differences can resolve.
@@ -419,14 +423,18 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                 why = (f"the loss's round-off, measured, is {measured / roundoff:.2g} times what the output's size "
                        f"predicts (the forward subtracts terms much larger than its output, as a confident "
                        f"cross-entropy does, or rounds through float32 or float16 inside)")
-                if err <= tol and not roundoff_i <= MEASURED_LIMIT * tol * scale:
+                resolved = roundoff_i <= MEASURED_LIMIT * tol * scale
+                if err <= tol and not resolved:                 # a wrong backward would pass as well
                     report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
                         notes + [f"cannot be checked by finite differences at these inputs: {why}, so only "
                                  f"differences above {roundoff_i:.1e} show, against gradients up to {scale:.1e}; "
                                  f"compute the forward in float64 throughout, or check it at inputs where the loss "
                                  f"is not a small difference of large terms (a cross-entropy: smaller logits)"])))
                     continue
-                measured_note = f"{why}, so differences below {roundoff_i:.1e} were not judged"
+                measured_note = f"{why}, so differences below {roundoff_i:.1e} were not judged" + (
+                    "" if resolved else f"; that is {roundoff_i / scale:.1e} of the largest gradient, so this "
+                                        f"failure may be that round-off: compute the forward in float64, or check it "
+                                        f"at other inputs")
         worst = None
         if not err <= tol and mode == "elements" and bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(n))):
             worst = np.unravel_index(int(xp.argmax(errors)), x.shape)
@@ -443,11 +451,18 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         elif not err <= tol and low_precision:
             notes.append(f"the forward returns {out.dtype} for float64 inputs, so the differences carry its "
                          f"round-off; compute in the input's dtype (or try eps=1e-3, tol=1e-3)")
-        elif err <= tol and floor_i > max(1e-8, scale):
-            notes.append(f"unresolved: this gradient (up to {scale:.1e}) is below the round-off of the loss's "
-                         f"differences ({roundoff_i:.1e}): only larger errors were caught; to check it closely, "
-                         f"choose inputs that make it larger next to the output, or shrink the arguments that "
-                         f"dominate the output")
+        elif err <= tol and (floor_i > max(1e-8, scale) or 0 < scale < 1e-8):
+            resolution = tol * floor_i                  # the difference an element may show and pass
+            what = f", {resolution / scale:.1e} of it," if scale > 0 else ""
+            notes.append(f"unresolved: finite differences of this loss resolve this gradient (up to {scale:.1e}) only "
+                         f"to {resolution:.1e}{what} short of the tolerance: only larger errors were "
+                         f"caught" + ("" if measured_note else "; to check it closely, choose inputs that make it "
+                                      "larger next to the output, or shrink the arguments that dominate the output"))
+        elif not err <= tol and worst is not None and float(n[worst]) == 0 and float(g[worst]) != 0:
+            notes.append("the loss did not change at all over the stencil's steps along this element: either it "
+                         "does not depend on it (and the backward's value is wrong), or the forward rounds so small "
+                         "a change away (float16 inside, or a loss far below the round-off of the terms it is "
+                         "computed from)")
         elif not err <= tol and rough_i:
             notes.append("the loss's differences over h and 2h do not scale as a smooth function's: the forward "
                          "has a kink or a branch at or next to these inputs (a ReLU at 0, say), draws random "
