@@ -31,6 +31,20 @@ def load_model(path, required_meta=MODEL_META):
     return model, tokenizer, saved.meta
 
 
+def _noticed(forward):
+    """``forward`` with ``backend.compile_notice`` around its first call: on a cold cache that call
+    compiles Numba's kernels, and a wait of seconds is said to be that, not a hang."""
+    called = []
+
+    def call(*args, **kwargs):
+        if called:
+            return forward(*args, **kwargs)
+        called.append(True)
+        with backend.compile_notice():
+            return forward(*args, **kwargs)
+    return call
+
+
 def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="argument 'ids'"):
     """Mean cross-entropy (nats per character) over ``ids``; every character after the first is
     predicted exactly once.
@@ -51,6 +65,7 @@ def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="arg
         raise ValueError(f"evaluate: {what} must hold at least 2 characters (one to predict from, one to "
                          f"predict), got {len(ids)}")
     runner = batch_runner(model)                                # the batch's rows over the cores
+    forward = _noticed(runner.forward)
     if carry_state:
         if getattr(model, "kind", None) != "rnn":
             raise ValueError(f"evaluate: option 'carry_state' is for recurrent models, which carry a state; "
@@ -67,7 +82,7 @@ def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="arg
                 continue
             x = np.stack([ids[s:s + length] for s in windows])
             y = np.stack([ids[s + 1:s + 1 + length] for s in windows])
-            loss = float(runner.forward(backend.to_backend(x), backend.to_backend(y))[1])
+            loss = float(forward(backend.to_backend(x), backend.to_backend(y))[1])
             total += loss * y.size
             count += y.size
     return _result(total / count, count)
@@ -92,9 +107,10 @@ def stream_loss(model, ids, block_size, batch_size):
     L = n // B
     x, y = ids[:B * L].reshape(B, L), ids[1:B * L + 1].reshape(B, L)    # (B, L): stream b is row b
     total, state = 0.0, None
+    forward = _noticed(model.forward)
 
     def chunk(xc, yc, state):
-        _, loss, state = model.forward(backend.to_backend(xc), backend.to_backend(yc), state=state)
+        _, loss, state = forward(backend.to_backend(xc), backend.to_backend(yc), state=state)
         return float(loss) * yc.size, state
 
     for t in range(0, L, block_size):                           # the B streams side by side

@@ -591,6 +591,32 @@ def test_sample_text_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
         sample_text(str(tmp_path / "missing.npz"), "to")
 
 
+@pytest.mark.parametrize("carry_state", [False, True])
+def test_evaluate_says_it_compiles_around_its_first_batch_alone(monkeypatch, carry_state):
+    """On a cold cache the first batch compiles Numba's kernels (seconds of silence in `minilm eval`):
+    the notice is around that batch only, since a whole evaluation may take longer than its delay."""
+    import contextlib
+    from minilm import evaluate as evaluate_module
+
+    class Uniform:
+        kind = "rnn"
+
+        def forward(self, x, y, state=None):
+            calls.append(noticing[0])
+            return None, np.float64(np.log(5.0)), state or ((np.zeros((len(x), 1)),),)
+
+    calls, noticing = [], [False]
+
+    @contextlib.contextmanager
+    def notice(**options):
+        noticing[0] = True
+        yield
+        noticing[0] = False
+    monkeypatch.setattr(evaluate_module.backend, "compile_notice", notice)
+    evaluate_module.evaluate(Uniform(), np.arange(103) % 5, block_size=16, batch_size=2, carry_state=carry_state)
+    assert len(calls) > 2 and calls == [True] + [False] * (len(calls) - 1)
+
+
 def test_evaluate_scores_every_character_once(corpus):
     from minilm.evaluate import evaluate
 
