@@ -72,8 +72,8 @@ output or a gradient, a gradient of the wrong type or shape, a forward that is n
 next to the inputs (its differences over h and 2h do not scale as a smooth function's: a kink, a
 ReLU at 0 among them, a branch, a random draw, float32 inside the forward), inputs so large that
 the forward's own round-off may pass the tolerance, an input changed in place (that argument's row
-fails), a backward that changes the output its cache holds (a row "out" fails), or an argument that is not checked (a Python float, which an array would
-be; a complex array). The forward is run twice on the same inputs first, and once more at the
+fails), a backward that changes the output its cache holds (a row "out" fails), or an argument
+that is not checked (a Python float, which an array would be; a complex array). The forward is run twice on the same inputs first, and once more at the
 end: finite differences of a forward that draws unseeded random numbers mean nothing, so it is
 refused, as is one that changes its keyword arguments in place.
 """
@@ -332,12 +332,12 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     def measured_roundoff(i):
         """The stencil's round-off on argument i, from the loss's own round-off measured near x rather
         than predicted from the output's size: sigma, the error of one loss, from the fourth differences
-        of L at x + k s, k = 0 .. NOISE_POINTS - 1, with s a random step of length h / 100, so short that
-        L's smooth part there is a cubic in k to far below round-off. Errors of size sigma, independent
-        from point to point, give a fourth difference the variance C(8, 4) sigma^2 = 70 sigma^2. sigma
-        then stands where u sum|out_i R_i| stands in the prediction. The points are exact (an element
-        whose x + k s would round is left where it is), so that the differences hold the loss's round-off
-        alone, not the rounding of the points, which the stencil allows for in D."""
+        of L at x + k s, k = 0 .. NOISE_POINTS - 1, with s a random step of length h / 100 and of h, so
+        short that L's smooth part there is a cubic in k to far below round-off. Errors of size sigma,
+        independent from point to point, give a fourth difference the variance C(8, 4) sigma^2 = 70
+        sigma^2. sigma then stands where u sum|out_i R_i| stands in the prediction. The points are exact
+        (an element whose x + k s would round is left where it is), so that the differences hold the
+        loss's round-off alone, not the rounding of the points, which the stencil allows for in D."""
         x = args[i]
         d = xp.asarray(noise_rng.standard_normal(x.shape))
         d = d / float(xp.linalg.norm(d))
