@@ -49,6 +49,19 @@ def _no_sync():
     pass
 
 
+def _start_cuda(torch=None):
+    """Create the CUDA context (CuPy's, or ``torch``'s) before a memory baseline: its host memory,
+    hundreds of MB, belongs with the libraries', not in +MB model+run (on a GPU the model's own
+    memory is in the GPU MB column)."""
+    if torch is not None:
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+    else:
+        import cupy
+        cupy.zeros(1)
+        cupy.cuda.Device().synchronize()
+
+
 def minilm_train(job, cfg, V):
     import minilm
     from minilm.models import build_model
@@ -59,6 +72,8 @@ def minilm_train(job, cfg, V):
     dtype = job.get("dtype", "float32")
     on_gpu = job["backend"] == "cupy"
     sync = _cupy_sync() if on_gpu else _no_sync
+    if on_gpu:
+        _start_cuda()
     baseline = _rss_mb()            # before the model, as the peer's (see torch_train)
     kind, model_cfg = model_settings(cfg, V)
     model = build_model(kind, model_cfg, dtype=dtype, seed=0)          # 16-bit: mixed precision
@@ -107,6 +122,8 @@ def torch_train(job, cfg, V):
     # first optimizer PyTorch makes imports some 800 modules (dynamo, sympy: ~70 MB of library, no
     # state): a scratch one, made first, puts them in the baseline with the other libraries
     peers.make_optimizer(torch.nn.Linear(1, 1), cfg)
+    if on_gpu:
+        _start_cuda(torch)
     baseline = _rss_mb()
     model = peers.make_model(cfg, V).to(device)             # float32 weights, also under autocast
     optimizer = peers.make_optimizer(model, cfg)
@@ -146,6 +163,8 @@ def minilm_sample(job, cfg, V):
     from minilm.train import model_settings
     minilm.use(job["backend"])
     sync = _cupy_sync() if job["backend"] == "cupy" else _no_sync
+    if job["backend"] == "cupy":
+        _start_cuda()
     baseline = _rss_mb()                                # before the model, as in training
     kind, model_cfg = model_settings(cfg, V)
     model = build_model(kind, model_cfg, dtype=np.float32, seed=0)
@@ -168,6 +187,8 @@ def torch_sample(job, cfg, V):
     device = job.get("device", "cpu")                   # "cuda": the peer of the cupy rows
     sync = torch.cuda.synchronize if device == "cuda" else _no_sync
     torch.manual_seed(0)
+    if device == "cuda":
+        _start_cuda(torch)
     baseline = _rss_mb()
     model = peers.make_model(cfg, V).to(device).eval()
     idx = torch.ones((1, 1), dtype=torch.long, device=device)

@@ -796,8 +796,12 @@ def test_a_cuda_sampling_peer_puts_its_model_and_prompt_on_the_device_and_waits_
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "H100")
     clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or len(events))   # stand-in
     monkeypatch.setattr(worker, "time", clock)
+    monkeypatch.setattr(worker, "_start_cuda", lambda torch=None: events.append("context"))
+    monkeypatch.setattr(worker, "_rss_mb", lambda: events.append("baseline") or 0.0)
     result = worker.torch_sample({"tokens": 5, "device": "cuda"}, preset("shakespeare-char-cpu"), 11)
-    assert events == [("model", "cuda"), ("prompt", "cuda"), "generate", "sync", "clock", "generate", "sync", "clock"]
+    # the CUDA context before the memory baseline: its host memory is the libraries', not the model's
+    assert events == ["context", "baseline", ("model", "cuda"), ("prompt", "cuda"), "generate", "sync", "clock",
+                      "generate", "sync", "clock"]
     assert result["tokens"] == 5 and result["gpu"] == "H100"
 
 

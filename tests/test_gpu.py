@@ -99,9 +99,9 @@ def test_every_backward_equals_the_numerical_gradient(op, label, case):
     assert report.arguments and report.passed, str(report)
 
 
-# Rows wider than a warp and not a multiple of 32, so that every lane of the row kernels (one warp a
-# row, striding by 32) takes a second and third pass, as the presets' rows do (C = 128, V = 65); the
-# op cases' rows are at most 16 wide.
+# Rows wider than a warp and not a multiple of 32, so that the lanes of the row kernels (one warp a
+# row, striding by 32) take a second pass and some a third, as the presets' rows need (C = 128,
+# V = 65); the op cases' rows are at most 16 wide.
 def _wide_layernorm(rng, dtype):
     C = 67
     return (rng.standard_normal((3, 7, C)).astype(dtype), (1 + 0.1 * rng.standard_normal(C)).astype(dtype),
@@ -131,6 +131,7 @@ def test_row_kernels_equal_the_reference_on_rows_wider_than_a_warp(op, dtype):
     for i, (g, r) in enumerate(zip(grads_gpu, grads_ref)):
         assert (g is None) == (r is None), f"gradient {i}"
         if r is not None:
+            assert g.shape == r.shape and g.dtype == r.dtype, f"gradient {i}"
             assert relative_error(g, r, floor=1.0) <= TOL[dtype], f"gradient {i}"
 
 
