@@ -39,7 +39,9 @@ combines :math:`(8 + 8 + 1 + 1) / 12 = 1.5` of them per :math:`h`, so
 below it says nothing about the backward: it is what a gradient that is tiny next to the loss
 (a saturated GELU's output feeding a weight, say) shows even when it is exact. Any difference
 larger than it is still judged relative to the gradient's size. A gradient whose whole size is
-below that floor passes with the note "unresolved": it was not really checked.
+below that floor passes with the note "unresolved", saying how closely it was checked, where the
+floor is at most ``RESOLUTION_LIMIT`` tolerances of it (1e-3); below that, it was not really
+checked, and the row fails as not checkable at these inputs.
 
 That prediction takes the loss's round-off from the output's size, and it falls short where the
 forward subtracts terms much larger than its output: a confident cross-entropy's loss,
@@ -51,9 +53,11 @@ again with :math:`\sigma` in place of :math:`u \sum_i |\text{out}_i R_i|` where 
 note says how much larger. The numerical side does not depend on the backward, so no error of the
 backward's can widen the floor. But a forward that rounds through float32 or float16 inside
 widens it as far as its own rounding, which could hide any error; so the measured floor passes a
-row only where it still resolves the argument's largest gradient to ``MEASURED_LIMIT`` times the
-tolerance (1e-4); otherwise the row fails as not checkable at these inputs, saying why, and a row
-that fails anyway says that its failure may be that round-off. The round-off is measured too
+row only where it still resolves the argument's largest gradient to ``RESOLUTION_LIMIT`` times the
+tolerance (1e-3); otherwise the row fails as not checkable at these inputs, saying why, and a row
+that fails anyway says that its failure may be that round-off. The same limit holds for the
+predicted floor: a gradient so tiny next to the output that not even that is resolved fails as
+not checkable, rather than passing with the note "unresolved". The round-off is measured too
 where the numerical gradient is exactly 0 throughout (a loss that never moved at the stencil's
 steps), so that a backward of zeros does not pass a loss rounded to a coarse grid.
 
@@ -96,10 +100,11 @@ STREAM = 0x67726164        # "grad"
 # losses at each of two spacings: NOISE_POINTS - 4 fourth differences, with which sigma comes out
 # under half its value about once in 75 (drawn from Gaussian or uniform errors): a false alarm
 NOISE_POINTS = 24
-# A measured round-off may pass a row only where it resolves the argument's largest gradient to this
-# many tolerances (1e-4 at the default tol): beyond, the row fails as not checkable here, since a
-# wrong backward would pass too (a forward rounding through float16 inside: any backward at all)
-MEASURED_LIMIT = 1e3
+# A row passes only where finite differences resolve the argument's largest gradient to this many
+# tolerances (1e-3 at the default tol: an error of 0.1% in it is still caught): beyond, it fails as
+# not checkable at these inputs, since a wrong backward would pass too (a forward rounding through
+# float16 inside: any backward at all; through float32: errors of ~1%)
+RESOLUTION_LIMIT = 1e4
 
 
 class GradcheckError(AssertionError):
@@ -423,7 +428,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                 why = (f"the loss's round-off, measured, is {measured / roundoff:.2g} times what the output's size "
                        f"predicts (the forward subtracts terms much larger than its output, as a confident "
                        f"cross-entropy does, or rounds through float32 or float16 inside)")
-                resolved = roundoff_i <= MEASURED_LIMIT * tol * scale
+                resolved = tol * floor_i <= RESOLUTION_LIMIT * tol * scale
                 if err <= tol and not resolved:                 # a wrong backward would pass as well
                     report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
                         notes + [f"cannot be checked by finite differences at these inputs: {why}, so only "
@@ -441,6 +446,15 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             notes.append(f"worst at index {tuple(int(k) for k in worst)}: backward {float(g[worst]):.10g}, "
                          f"numerical {float(n[worst]):.10g} (difference {float(a[worst] - n[worst]):.3g})")
         rough_i = bool(rough(excess[worst], roundoff_i)) if worst is not None else bool(rough(excess, roundoff_i).any())
+        resolution = tol * floor_i                      # the difference an element may show and pass
+        if err <= tol and scale > 0 and resolution > RESOLUTION_LIMIT * tol * scale and measured_note is None:
+            report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
+                notes + [f"cannot be checked by finite differences at these inputs: this gradient (up to "
+                         f"{scale:.1e}) is below what differences of this loss resolve ({resolution:.1e}; the "
+                         f"output's other terms are far larger), so a wrong value would pass too: choose inputs "
+                         f"that make it larger next to the output (inputs of size about 1 usually do), or shrink "
+                         f"the arguments that dominate the output"])))
+            continue
         if not bool(xp.all(xp.isfinite(x))):
             notes.append("the input holds NaN or inf")
         elif not bool(xp.all(xp.isfinite(out))):
@@ -452,7 +466,6 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             notes.append(f"the forward returns {out.dtype} for float64 inputs, so the differences carry its "
                          f"round-off; compute in the input's dtype (or try eps=1e-3, tol=1e-3)")
         elif err <= tol and (floor_i > max(1e-8, scale) or 0 < scale < 1e-8):
-            resolution = tol * floor_i                  # the difference an element may show and pass
             what = f", {resolution / scale:.1e} of it," if scale > 0 else ""
             notes.append(f"unresolved: finite differences of this loss resolve this gradient (up to {scale:.1e}) only "
                          f"to {resolution:.1e}{what} short of the tolerance: only larger errors were "

@@ -211,20 +211,31 @@ def test_a_forward_that_draws_unseeded_random_numbers_is_refused():
         gradcheck(noisy_forward, lambda dy, mask: (dy * mask,), (np.ones(8),))
 
 
-def test_a_gradient_below_the_round_off_is_said_to_be_unresolved():
-    """A wrong sign on w's gradient that the loss's round-off hides (the large 1e3 x terms): the
-    check cannot resolve it, and says so rather than passing it silently."""
-    def two_forward(x, w):
-        return np.concatenate([1e3 * x, w ** 3]), w
+def two_forward(x, w):
+    """1e3 x beside w^3: the large terms' round-off is far above w's gradient when w is small."""
+    return np.concatenate([1e3 * x, w ** 3]), w
 
-    def two_backward_wrong_sign(dy, w):
-        n = dy.shape[0] - w.shape[0]
-        return 1e3 * dy[:n], -3 * w ** 2 * dy[n:]
+
+def two_backward(dy, w, sign=1):
+    n = dy.shape[0] - w.shape[0]
+    return 1e3 * dy[:n], sign * 3 * w ** 2 * dy[n:]
+
+
+def test_a_gradient_below_the_round_off_is_said_to_be_unresolved_or_not_checkable():
+    """w's gradient next to the round-off of the large 1e3 x terms: resolved to 1e-5 of it (w ~ 0.5),
+    the row passes, saying how closely it was checked, and a wrong sign still fails; resolved to no
+    better than its own size (w ~ 5e-4), a wrong sign would pass too, so the row fails as not
+    checkable (it had passed as 'unresolved', the wrong sign with it)."""
     rng = np.random.default_rng(0)
-    report = gradcheck(two_forward, two_backward_wrong_sign, (rng.standard_normal(256), 5e-4 * rng.standard_normal(3)))
-    w = report.arguments[1]
-    assert w.passed and w.note.startswith("unresolved: finite differences of this loss resolve this gradient")
+    x, w = rng.standard_normal(256), rng.standard_normal(3)
+    report = gradcheck(two_forward, two_backward, (x, 0.5 * w))
+    row = report.arguments[1]
+    assert row.passed and row.note.startswith("unresolved: finite differences of this loss resolve this gradient")
     assert report.arguments[0].note == ""
+    assert not gradcheck(two_forward, lambda dy, w: two_backward(dy, w, sign=-1), (x, 0.5 * w)).passed
+    for backward in (two_backward, lambda dy, w: two_backward(dy, w, sign=-1)):
+        row = gradcheck(two_forward, backward, (x, 5e-4 * w)).arguments[1]
+        assert not row.passed and row.note.startswith("cannot be checked by finite differences at these inputs")
 
 
 def test_a_backward_that_mutates_its_input_is_caught():
