@@ -100,8 +100,9 @@ STREAM = 0x67726164        # "grad"
 # losses at each of two spacings: NOISE_POINTS - 4 fourth differences, with which sigma comes out
 # under half its value about once in 75 (drawn from Gaussian or uniform errors): a false alarm
 NOISE_POINTS = 24
-# A row passes only where finite differences resolve the argument's largest gradient to this many
-# tolerances (1e-3 at the default tol: an error of 0.1% in it is still caught): beyond, it fails as
+# A row passes only where finite differences resolve the argument's largest gradient (along random
+# directions: its largest directional derivative) to this many tolerances (1e-3 at the default tol:
+# an error of 0.1% in it is still caught): beyond, it fails as
 # not checkable at these inputs, since a wrong backward would pass too (a forward rounding through
 # float16 inside: any backward at all; through float32: errors of ~1%)
 RESOLUTION_LIMIT = 1e4
@@ -328,6 +329,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         # h^2 L'' and 4 h^2 L'' (ratio 4); a kink with a jump J in the slope, J h and 2 J h (ratio 2)
         bend, bend2 = L[1] - 2 * L0 + L[-1], L[2] - 2 * L0 + L[-2]
         excess = max(excess, abs(bend2 - 4 * bend) - 0.25 * abs(bend2))
+        moved.append(any(L[c] != L0 for c in L))
         return (8 * near - far) / (12 * eps), D, excess
 
     def rough(excess, roundoff):
@@ -378,6 +380,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         if x.size == 0:
             report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol, "it has no elements"))
             continue
+        moved = []                                      # did the loss change at any of the stencil's points
         narrow = _is_float(g) and g.dtype.itemsize < 8
         notes = [f"the backward returned {g.dtype} for this float64 argument"] if narrow else []
         g = xp.asarray(g, dtype=xp.float64)
@@ -447,13 +450,17 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                          f"numerical {float(n[worst]):.10g} (difference {float(a[worst] - n[worst]):.3g})")
         rough_i = bool(rough(excess[worst], roundoff_i)) if worst is not None else bool(rough(excess, roundoff_i).any())
         resolution = tol * floor_i                      # the difference an element may show and pass
+        cannot = None
         if err <= tol and scale > 0 and resolution > RESOLUTION_LIMIT * tol * scale and measured_note is None:
+            why = ("the check's absolute floor, 1e-8 of the relative error's scale" if floor_i == 1e-8 else
+                   "the output's other terms are far larger")
+            cannot = (f"this gradient (up to {scale:.1e}) is below what differences of this loss resolve "
+                      f"({resolution:.1e}; {why}), so a wrong value would pass too: choose inputs that make it "
+                      f"larger next to the output (inputs of size about 1 usually do), or shrink the arguments that "
+                      f"dominate the output")
+        if cannot:
             report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
-                notes + [f"cannot be checked by finite differences at these inputs: this gradient (up to "
-                         f"{scale:.1e}) is below what differences of this loss resolve ({resolution:.1e}; the "
-                         f"output's other terms are far larger), so a wrong value would pass too: choose inputs "
-                         f"that make it larger next to the output (inputs of size about 1 usually do), or shrink "
-                         f"the arguments that dominate the output"])))
+                notes + [f"cannot be checked by finite differences at these inputs: {cannot}"])))
             continue
         if not bool(xp.all(xp.isfinite(x))):
             notes.append("the input holds NaN or inf")
@@ -465,6 +472,13 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         elif not err <= tol and low_precision:
             notes.append(f"the forward returns {out.dtype} for float64 inputs, so the differences carry its "
                          f"round-off; compute in the input's dtype (or try eps=1e-3, tol=1e-3)")
+        elif err <= tol and scale == 0 and not any(moved):
+            # a loss constant here (a ReLU's negative side, a softmax of one class, every target ignored)
+            # or one that rounds so small a change away: finite differences cannot tell the two apart
+            notes.append(f"the loss did not move at all at the stencil's steps along this argument: a gradient of "
+                         f"zeros agrees with that, as would any other below {resolution:.1e}; if the output should "
+                         f"depend on it here, choose inputs where it moves (a forward saturated there, or rounding "
+                         f"through float16 inside, hides it)")
         elif err <= tol and (floor_i > max(1e-8, scale) or 0 < scale < 1e-8):
             what = f", {resolution / scale:.1e} of it," if scale > 0 else ""
             notes.append(f"unresolved: finite differences of this loss resolve this gradient (up to {scale:.1e}) only "

@@ -236,6 +236,17 @@ def test_a_gradient_below_the_round_off_is_said_to_be_unresolved_or_not_checkabl
     for backward in (two_backward, lambda dy, w: two_backward(dy, w, sign=-1)):
         row = gradcheck(two_forward, backward, (x, 5e-4 * w)).arguments[1]
         assert not row.passed and row.note.startswith("cannot be checked by finite differences at these inputs")
+    # at w ~ 1e-6 the loss does not move at all along w: a backward of zeros agrees with that, and the
+    # row says how little that shows (finite differences cannot tell it from a loss constant there)
+    row = gradcheck(two_forward, lambda dy, w: two_backward(dy, w, sign=0), (x, 1e-6 * w)).arguments[1]
+    assert "the loss did not move at all at the stencil's steps" in row.note
+
+
+def test_a_gradient_below_the_absolute_floor_is_not_checkable_and_says_why():
+    """exp at -100: a gradient of 1e-44, below the check's absolute floor (no other terms to blame)."""
+    x = np.full(3, -100.0)
+    (row,) = gradcheck(lambda x: (np.exp(x), x), lambda dy, x: (dy * np.exp(x),), (x,)).arguments
+    assert not row.passed and "the check's absolute floor" in row.note
 
 
 def test_a_backward_that_mutates_its_input_is_caught():
