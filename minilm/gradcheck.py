@@ -450,17 +450,14 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                          f"numerical {float(n[worst]):.10g} (difference {float(a[worst] - n[worst]):.3g})")
         rough_i = bool(rough(excess[worst], roundoff_i)) if worst is not None else bool(rough(excess, roundoff_i).any())
         resolution = tol * floor_i                      # the difference an element may show and pass
-        cannot = None
         if err <= tol and scale > 0 and resolution > RESOLUTION_LIMIT * tol * scale and measured_note is None:
             why = ("the check's absolute floor, 1e-8 of the relative error's scale" if floor_i == 1e-8 else
                    "the output's other terms are far larger")
-            cannot = (f"this gradient (up to {scale:.1e}) is below what differences of this loss resolve "
-                      f"({resolution:.1e}; {why}), so a wrong value would pass too: choose inputs that make it "
-                      f"larger next to the output (inputs of size about 1 usually do), or shrink the arguments that "
-                      f"dominate the output")
-        if cannot:
             report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
-                notes + [f"cannot be checked by finite differences at these inputs: {cannot}"])))
+                notes + [f"cannot be checked by finite differences at these inputs: this gradient (up to "
+                         f"{scale:.1e}) is below what differences of this loss resolve ({resolution:.1e}; {why}), "
+                         f"so a wrong value would pass too: choose inputs that make it larger next to the output "
+                         f"(inputs of size about 1 usually do), or shrink the arguments that dominate the output"])))
             continue
         if not bool(xp.all(xp.isfinite(x))):
             notes.append("the input holds NaN or inf")
