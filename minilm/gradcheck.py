@@ -336,6 +336,11 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         """Not smooth: the excess is more than the loss's round-off (roundoff * h a loss) explains."""
         return excess > 10 * roundoff * eps
 
+    def not_checkable(i, checked, notes, why):
+        """Argument i's row fails: finite differences cannot tell a right gradient from a wrong one here."""
+        report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
+            notes + [f"cannot be checked by finite differences at these inputs: {why}"])))
+
     def measured_roundoff(i):
         """The stencil's round-off on argument i, from the loss's own round-off measured near x rather
         than predicted from the output's size: sigma, the error of one loss, from the fourth differences
@@ -433,11 +438,10 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                        f"cross-entropy does, or rounds through float32 or float16 inside)")
                 resolved = tol * floor_i <= RESOLUTION_LIMIT * tol * scale
                 if err <= tol and not resolved:                 # a wrong backward would pass as well
-                    report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
-                        notes + [f"cannot be checked by finite differences at these inputs: {why}, so only "
-                                 f"differences above {roundoff_i:.1e} show, against gradients up to {scale:.1e}; "
-                                 f"compute the forward in float64 throughout, or check it at inputs where the loss "
-                                 f"is not a small difference of large terms (a cross-entropy: smaller logits)"])))
+                    not_checkable(i, checked, notes, f"{why}, so only differences above {roundoff_i:.1e} show, against "
+                                  f"gradients up to {scale:.1e}; compute the forward in float64 throughout, or check "
+                                  f"it at inputs where the loss is not a small difference of large terms (a "
+                                  f"cross-entropy: smaller logits)")
                     continue
                 measured_note = f"{why}, so differences below {roundoff_i:.1e} were not judged" + (
                     "" if resolved else f"; that is {roundoff_i / scale:.1e} of the largest gradient, so this "
@@ -453,11 +457,10 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         if err <= tol and scale > 0 and resolution > RESOLUTION_LIMIT * tol * scale and measured_note is None:
             why = ("the check's absolute floor, 1e-8 of the relative error's scale" if floor_i == 1e-8 else
                    "the output's other terms are far larger")
-            report.arguments.append(ArgumentCheck(i, names[i], "error", checked, float("inf"), tol, "; ".join(
-                notes + [f"cannot be checked by finite differences at these inputs: this gradient (up to "
-                         f"{scale:.1e}) is below what differences of this loss resolve ({resolution:.1e}; {why}), "
-                         f"so a wrong value would pass too: choose inputs that make it larger next to the output "
-                         f"(inputs of size about 1 usually do), or shrink the arguments that dominate the output"])))
+            not_checkable(i, checked, notes, f"this gradient (up to {scale:.1e}) is below what differences of this loss "
+                          f"resolve ({resolution:.1e}; {why}), so a wrong value would pass too: choose inputs that "
+                          f"make it larger next to the output (inputs of size about 1 usually do), or shrink the "
+                          f"arguments that dominate the output")
             continue
         if not bool(xp.all(xp.isfinite(x))):
             notes.append("the input holds NaN or inf")
