@@ -4,7 +4,7 @@ import time
 import numpy as np
 
 from minilm.bench.threads import limited
-from minilm.bench.worker import _cupy_sync
+from minilm.bench.worker import _cupy_sync, _no_sync
 
 # the GPT CPU preset's shapes and the LSTM/GRU presets'
 B, T, C, NH, V = 12, 64, 128, 4, 65
@@ -32,10 +32,6 @@ def _cases(rng):
         "gru": ((n(RB, RT, RD), np.zeros((RB, RH), f), n(RD, 3 * RH, scale=0.06), n(RH, 3 * RH, scale=0.06),
                  np.zeros(3 * RH, f), np.zeros(3 * RH, f)), {}),
     }
-
-
-def _no_sync():
-    pass
 
 
 def _time(fn, repeats, sync=_no_sync):
