@@ -18,8 +18,20 @@ except ImportError:                         # Windows: no getrusage, and no peak
     resource = None
 
 
+# Linux's own count of this process's peak resident memory. getrusage's ru_maxrss is carried over
+# fork and exec there (getrusage(2)), so a worker's would start at the bench process's peak.
+PROC_STATUS = "/proc/self/status"
+
+
 def _rss_mb():
     """The process's peak resident memory in MB (None where it cannot be read: Windows)."""
+    try:
+        with open(PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):                  # "VmHWM:   43256 kB"
+                    return int(line.split()[1]) / 2**10
+    except OSError:                                            # not Linux
+        pass
     if resource is None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

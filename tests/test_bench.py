@@ -77,11 +77,17 @@ def test_rounds_report_the_median_speed_and_the_largest_memory(monkeypatch):
     assert "vs_torch" not in row and "vs_numpy" not in row
 
 
-def test_peak_memory_is_read_in_each_systems_unit_and_left_out_where_it_cannot_be(monkeypatch, capsys):
-    """getrusage's ru_maxrss is KiB on Linux and bytes on macOS; Windows has no resource module, and
-    there the column says n/a instead of the worker failing at its import."""
+def test_peak_memory_is_read_in_each_systems_unit_and_left_out_where_it_cannot_be(monkeypatch, capsys, tmp_path):
+    """Linux's /proc/self/status gives VmHWM in kB; without it, getrusage's ru_maxrss is KiB on Linux
+    and bytes on macOS; Windows has neither, and there the column says n/a instead of the worker
+    failing at its import."""
     import types
     from minilm.bench import worker
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t   43008 kB\nVmRSS:\t   40000 kB\n")
+    monkeypatch.setattr(worker, "PROC_STATUS", str(status))
+    assert worker._rss_mb() == 42.0
+    monkeypatch.setattr(worker, "PROC_STATUS", str(tmp_path / "missing"))     # not Linux
     fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=2**30))
     monkeypatch.setattr(worker, "resource", fake)
     monkeypatch.setattr(worker.sys, "platform", "linux")
@@ -96,6 +102,21 @@ def test_peak_memory_is_read_in_each_systems_unit_and_left_out_where_it_cannot_b
     assert row["peak_rss_mb"] is None and "run_rss_mb" not in row
     bench_run._print_rows(print, "training step", [row], "ms_per_step")
     assert "n/a" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's /proc gives a process's own peak")
+def test_a_workers_peak_memory_is_its_own_not_the_bench_processes():
+    """A bench process holding 400 MB (as one that has loaded numba holds ~100) must neither raise a
+    worker's peak MB nor hide its +MB model+run: getrusage's ru_maxrss is carried over fork and exec."""
+    job = {"impl": "minilm", "backend": "numpy", "cache": True, "what": "sample",
+           "preset": "shakespeare-char-cpu", "tokens": 2, "threads": 1}
+    alone = bench_run.run_job(job)
+    ballast = np.ones(400 * 2**20 // 8)                         # 400 MB resident in this process
+    beside = bench_run.run_job(job)
+    del ballast
+    # 50 MB: far above two runs' own difference (a few MB), far below the 400 MB ballast
+    assert beside["peak_rss_mb"] < alone["peak_rss_mb"] + 50
+    assert beside["peak_rss_mb"] - beside["baseline_rss_mb"] > 2      # the model alone is 3.2 MB
 
 
 def test_a_workers_step_statistics():
