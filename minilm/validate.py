@@ -34,7 +34,7 @@ def require_float(op, name, x):
         if x.dtype.name != "bfloat16":
             raise TypeError(
                 f"{op}: argument '{name}' must be a floating-point array "
-                f"(float32 or float64), got dtype {x.dtype}"
+                f"(float16, float32 or float64; bfloat16 on the cupy backend), got dtype {x.dtype}"
             )
         if isinstance(x, np.ndarray):                            # NumPy, unlike CuPy, promotes it to float32
             raise TypeError(f"{op}: argument '{name}' has dtype bfloat16, which {_BFLOAT16_ON_CPU}")

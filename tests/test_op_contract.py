@@ -28,7 +28,8 @@ def test_a_backward_refuses_an_upstream_gradient_that_is_not_float(tier, op, bad
     args, kwargs = CASES[op][0][1](np.random.default_rng(0), np.float64)
     out, cache = getattr(ops, f"{op}_forward")(*args, **kwargs)
     with pytest.raises(TypeError, match=rf"^{op}_backward: argument '{UPSTREAM[op]}' must be a floating-point "
-                                        rf"array \(float32 or float64\), got dtype {np.dtype(bad)}$"):
+                                        rf"array \(float16, float32 or float64; bfloat16 on the cupy backend\), "
+                                        rf"got dtype {np.dtype(bad)}$"):
         getattr(ops, f"{op}_backward")(np.ones(out.shape, dtype=bad), cache)
 
 
