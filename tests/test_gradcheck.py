@@ -58,8 +58,8 @@ def test_wrong_backward_fails_and_names_the_argument(max_elements):
     report = gradcheck(scale_forward, scale_backward_wrong, args, max_elements=max_elements)
     assert not report.passed
     assert [a.name for a in report.failures] == ["w"]
-    # a 1% error shows as a relative error of 0.01/2.01 in both modes: |a - n| / (|a| + |n|) in the
-    # max norm, and along every direction alike; the stencil's own error (~1e-10) moves it by far less
+    # a 1% error shows as a relative error of 0.01/2.01 in both modes: |a - n| / (|a| + |n|) at every
+    # element, and along every direction alike; the stencil's own error (~1e-10) moves it by far less
     assert report.failures[0].max_rel_error == pytest.approx(0.01 / 2.01, rel=RATIO_RTOL)
     with pytest.raises(GradcheckError, match="'w'"):
         report.raise_if_failed()
@@ -785,3 +785,32 @@ def test_a_forward_computing_part_of_its_work_in_float32_is_named():
     assert "rounds through float32 or float16 inside" in row.note and "compute the forward in float64" in row.note
     x = np.random.default_rng(0).standard_normal((3, 5))
     assert gradcheck(rmsnorm_forward, rmsnorm_backward, (x,), {"narrow": False}).passed
+
+
+def test_the_resolution_limit_is_taken_against_the_largest_gradient():
+    """RESOLUTION_LIMIT: a row passes only where the floor resolves the largest gradient to 1e-3. At
+    w ~ 0.12 w0 it resolves it to 1.8e-3: judged against |a| + |n| (twice the gradient), the right
+    backward and one 0.15% off both passed as 'unresolved', the note saying 8.9e-4 of 1.2e-2."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(256), 0.1243 * rng.standard_normal(3)
+    for factor in (1.0, 1.0015):
+        row = gradcheck(two_forward, lambda dy, w: (two_backward(dy, w)[0], factor * two_backward(dy, w)[1]),
+                        (x, w)).arguments[1]
+        assert not row.passed and "cannot be checked by finite differences" in row.note
+        assert "this gradient (up to 6.1e-03)" in row.note
+
+
+def test_a_float32_output_that_rounds_the_steps_away_passes_no_backward_of_zeros():
+    """y = x (1 + 1e-6 w) returned in float32: steps of h in w round away, so n is 0 along w. A
+    backward of zeros for w had passed ('the loss did not move at all'), the right one failed."""
+    def gain_forward(x, w):
+        return (x * (1 + 1e-6 * w)).astype(np.float32), (x, w)
+
+    def gain_backward(dy, cache, zeros=False):
+        x, w = cache
+        return dy * (1 + 1e-6 * w), np.zeros_like(w) if zeros else np.sum(dy * x * 1e-6, axis=0)
+
+    rng = np.random.default_rng(0)
+    args = (rng.standard_normal((4, 3)), rng.standard_normal(3))
+    row = gradcheck(gain_forward, lambda dy, c: gain_backward(dy, c, zeros=True), args).arguments[1]
+    assert not row.passed and "float32 for float64 inputs" in row.note
