@@ -346,3 +346,24 @@ def test_the_content_reaches_the_file_before_it_is_fsynced(tmp_path, monkeypatch
     monkeypatch.setattr(os, "fsync", fsync)
     checkpoint.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x" * 1000))
     assert seen and seen[0] == 1000                                        # the file's fsync (then the folder's)
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_unread(tmp_path):
+    """Loading never unpickles (np.load's allow_pickle=False): a crafted object array could run code."""
+    header = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "minilm_version": "0"}
+    path = tmp_path / "evil.npz"
+    np.savez(path, header=np.array(json.dumps(header)), meta=np.array("{}"), optim_json=np.array("{}"),
+             params=np.zeros(3), **{"optim/m": np.array([{"a": 1}], dtype=object)})     # savez pickles it
+    with pytest.raises(ValueError, match="is truncated or is not a minilm checkpoint"):
+        load(path)
+
+
+def test_a_count_in_the_meta_is_not_a_boolean():
+    with pytest.raises(ValueError, match="meta entry 'iter' must be an integer >= 0, got True"):
+        checkpoint.check_meta({"iter": True}, "x.npz", {"iter": checkpoint.COUNT})
+
+
+def test_an_entry_allowed_to_be_null_may_be_null():
+    checkpoint.check_meta({"last_eval_iter": None}, "x.npz", {"last_eval_iter": (checkpoint.COUNT, None)})
+    with pytest.raises(ValueError, match="must be an integer >= 0 or null, got -1"):
+        checkpoint.check_meta({"last_eval_iter": -1}, "x.npz", {"last_eval_iter": (checkpoint.COUNT, None)})

@@ -24,6 +24,24 @@ REAL_CORPUS = os.path.join(os.environ.get("MINILM_DATA_DIR", ""), "tinyshakespea
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 
+def test_the_vocabulary_is_sorted_by_code_point_upper_case_first():
+    assert CharTokenizer.from_text("baBA").chars == "ABab"            # nanoGPT's sorted(set(text))
+
+
+def test_tokenizers_are_equal_only_with_the_same_characters():
+    assert CharTokenizer("ab") == CharTokenizer("ab") and CharTokenizer("ab") != CharTokenizer("ba")
+
+
+def test_decoding_no_ids_is_the_empty_string():
+    tok = CharTokenizer("ab")
+    assert tok.decode([]) == "" and tok.decode(np.zeros(0, dtype=np.int64)) == ""
+
+
+def test_a_tokenizer_of_another_kind_is_refused():
+    with pytest.raises(ValueError, match="CharTokenizer.from_dict: argument 'd' must be a dict"):
+        CharTokenizer.from_dict({"kind": "bpe", "chars": "ab"})
+
+
 
 def test_tokenizer_vocabulary_is_the_sorted_distinct_characters():
     tok = CharTokenizer.from_text("hello world")

@@ -252,3 +252,36 @@ def test_generate_given_text_says_how_to_turn_it_into_ids():
 def test_generate_given_a_ragged_prompt_names_it():
     with pytest.raises(TypeError, match=r"generate: argument 'prompt_ids' must be a sequence of token ids, got list"):
         generate(gpt(), [[1, 2], [3]], 3)
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    assert next_token_probs(np.log([0.2, 0.4, 0.4]), temperature=0).tolist() == [0, 1, 0]
+
+
+def test_a_top_p_tie_among_many_tokens_keeps_the_lowest_ids():
+    """Two tokens of 0.3, then eight of 0.05: top_p = 0.65 keeps the two and the lowest-id 0.05 token
+    (NumPy's default sort is not stable at this size: the order must be asked for)."""
+    p = np.array([0.05, 0.3, 0.05, 0.05, 0.3, 0.05, 0.05, 0.05, 0.05, 0.05])
+    assert np.flatnonzero(next_token_probs(np.log(p), top_p=0.65)).tolist() == [0, 1, 4]
+
+
+def test_a_small_temperature_is_not_greedy():
+    # 1e-12: the float64 softmax of two logits is exact to a few units of 1e-16
+    assert np.allclose(next_token_probs(np.array([0.0, 1e-3]), temperature=0.01),
+                       np.exp([0, 0.1]) / np.sum(np.exp([0, 0.1])), rtol=0, atol=1e-12)
+
+
+def test_generate_streams_its_tokens():
+    model = gpt()
+    calls = []
+    step = model.forward_step
+    model.forward_step = lambda *a, **k: calls.append(1) or step(*a, **k)
+    stream = generate(model, [1], 10_000, seed=7)
+    next(stream)
+    assert len(calls) == 1                   # the first token is computed alone, not the 10,000
+
+
+def test_an_odd_block_size_shifts_to_its_newest_half_rounded_down():
+    from minilm.sample import context_start
+    assert [context_start(n, 0, 5) for n in (5, 6)] == [0, 6 - 5 // 2]
+    assert context_start(2, 0, 1) == 1                   # block_size 1: the newest token alone

@@ -1709,3 +1709,25 @@ def test_a_recurrent_run_starts_from_zeros_when_the_streams_begin_the_text_again
     n_chunks = seen[0].n_chunks
     assert 1 < n_chunks < 14
     assert starts == [i % n_chunks == 0 for i in range(14)]
+
+
+def test_eval_scores_the_split_asked_for(corpus, trained, capsys):
+    from minilm.data import CharTokenizer, split
+    text = open(corpus, encoding="utf-8").read()
+    train_ids, val_ids = split(CharTokenizer.from_text(text).encode(text), 0.9)
+    for which, ids in (("train", train_ids), ("val", val_ids)):
+        assert cli.main(["eval", "--checkpoint", str(trained / "last.npz"), "--split", which,
+                         "--backend", "numpy"]) == 0
+        out = capsys.readouterr().out
+        assert f"on the {which} split" in out and f"{len(ids) - 1:,} characters" in out, out
+
+
+def test_sample_text_and_minilm_sample_default_to_temperature_0_8(trained, capsys):
+    from minilm.sample import sample_text
+    path = str(trained / "last.npz")
+    default = "".join(sample_text(path, "to", 40, seed=1))
+    assert default == "".join(sample_text(path, "to", 40, seed=1, temperature=0.8))
+    assert default != "".join(sample_text(path, "to", 40, seed=1, temperature=1.0))
+    assert cli.main(["sample", "--checkpoint", path, "--prompt", "to", "--max-new-tokens", "40", "--seed", "1",
+                     "--backend", "numpy"]) == 0
+    assert capsys.readouterr().out == "to" + default + "\n"
