@@ -192,11 +192,9 @@ def main(argv=None):
     parser = build_parser()
     args = _parse(parser, argv)
     try:
-        try:                                        # bench starts each backend it measures itself:
-            backend.use("numpy" if args.command == "bench"       # $MINILM_BACKEND is not one of them
-                        else getattr(args, "backend", None) or backend.default_backend())
-        except (RuntimeError, ValueError) as e:
-            parser.subcommands[args.command].error(str(e))
+        # a backend that cannot start here is one line below, not under the command's usage; bench
+        # starts each backend it measures itself: $MINILM_BACKEND is not one of them
+        backend.use("numpy" if args.command == "bench" else getattr(args, "backend", None) or backend.default_backend())
         if args.command == "gradcheck":
             from minilm import gradcheck_cli
             return gradcheck_cli.run(args)

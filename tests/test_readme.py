@@ -32,3 +32,11 @@ def test_readme_example_runs(code, tmp_path, monkeypatch, capsys):
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
     if CHECKPOINT in code:
         assert len(capsys.readouterr().out) == 300
+
+
+def test_the_reference_readme_checks_the_reference_files():
+    """reference/README.md is read beside the files a student edits: its `minilm gradcheck` must check
+    them (--backend numpy), not the numba kernels, where a broken reference backward passes."""
+    text = (README.parent / "reference" / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"minilm gradcheck[^`\n]*", text)
+    assert commands and all("--backend numpy" in c for c in commands), commands
