@@ -11,7 +11,6 @@ with ``torch.autocast`` around the forward and the loss (and a ``GradScaler`` fo
 """
 import contextlib
 import math
-import time
 
 import numpy as np
 import torch
@@ -212,9 +211,3 @@ def estimate_loss(model, batches):
     losses = [model(x, y)[1].item() for x, y in batches]
     model.train()
     return sum(losses) / len(losses)
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - t0
