@@ -550,8 +550,9 @@ def test_converge_past_the_presets_iterations_keeps_its_schedule(tmp_path, monke
 
 
 def test_nanogpt_without_pytorch_or_with_a_negative_seed_is_a_clear_error(capsys):
-    assert cli.main(["bench", "--what", "nanogpt", "--no-torch", "--backends", "numpy"]) == 2
-    assert "--what nanogpt" in capsys.readouterr().err
+    for what in ("nanogpt", "replay"):                      # both are PyTorch's runs
+        assert cli.main(["bench", "--what", what, "--no-torch", "--backends", "numpy"]) == 2
+        assert f"--what {what}" in capsys.readouterr().err
     pytest.importorskip("torch")
     assert cli.main(["bench", "--what", "nanogpt", "--seed", "-3", "--backends", "numpy"]) == 2
     err = capsys.readouterr().err
@@ -955,3 +956,34 @@ def test_the_json_records_when_with_what_and_by_which_command(monkeypatch, tmp_p
         assert results["git_commit"].removesuffix("-dirty") == head.stdout.strip()
     else:
         assert results["git_commit"] is None
+
+
+def test_the_ops_table_through_the_command(tmp_path, capsys):
+    """`minilm bench --what ops`: each op of the issue's list timed on the backend asked for, in the
+    table and in the JSON."""
+    path = tmp_path / "ops.json"
+    assert cli.main(["bench", "--what", "ops", "--backends", "numpy", "--threads", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["ops"]
+    out = capsys.readouterr().out
+    names = {"layernorm", "softmax", "attention", "gelu", "cross_entropy", "embedding", "dropout", "lstm", "gru"}
+    assert names <= {r["op"] for r in rows} and {r["backend"] for r in rows} == {"numpy"}
+    assert all(r["ms"] > 0 for r in rows) and all(name in out for name in names)
+
+
+def test_converge_runs_the_pytorch_peer_on_the_same_recipe(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import dataclasses
+    from minilm.bench import converge
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40,
+                      encoding="utf-8")
+    short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=4, eval_interval=2, eval_iters=2,
+                                block_size=16, batch_size=4, warmup_iters=1, lr_decay_iters=0, n_layer=1,
+                                n_embd=16, n_head=2)
+    monkeypatch.setattr(converge.config, "preset", lambda name: short)
+    results = converge.run("shakespeare-char-cpu", str(corpus), backends=["numpy"], threads=1, target=0.0,
+                           torch_peer=True, out=lambda line: None)
+    assert [r["impl"] for r in results] == ["numpy", "pytorch"]
+    for r in results:
+        assert [p["iter"] for p in r["curve"]] == [0, 2, 4] and np.isfinite(r["curve"][-1]["val_loss"])
+        assert r["curve"][-1]["val_loss"] < r["curve"][0]["val_loss"]         # both learn

@@ -337,6 +337,18 @@ def test_param_count_is_what_the_model_holds(kind, config):
     """The count a memory estimate reads without building the model (``param_count``)."""
     assert param_count(kind, config) == build_model(kind, config).params.size
 
+def test_an_rnnlms_count_its_gradients_zeroed_and_its_repr():
+    model = RNNLM(RNNConfig(vocab_size=5, cell="lstm", n_layer=1, hidden_size=4, n_embd=4, dropout=0.0),
+                  dtype=np.float32, seed=0)
+    P = model.params
+    # embedding 5x4, the LSTM's W_x 4x16, W_h 4x16 and b 16, the head 4x5 and 5
+    assert model.n_params() == P.size == 20 + 64 + 64 + 16 + 20 + 5
+    P.grad[...] = 1.0
+    P.zero_grad()
+    assert not P.grad.any()
+    assert repr(P) == f"Params({len(list(P))} tensors, 189 values, float32)"
+
+
 def test_gpt_parameters_and_init():
     cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=32)
     model = GPT(cfg, dtype=np.float64, seed=0)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -362,6 +363,18 @@ def test_a_cut_off_last_metrics_line_does_not_block_resume(corpus, trained, caps
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "12", "--backend", "numpy",
                           "--no-progress"])
     assert f"--resume: line 1 of {metrics} is not a JSON object ('not json'); remove or repair that line" in err
+
+
+def test_resume_drops_blank_metrics_lines_and_starts_a_deleted_file_afresh(corpus, trained):
+    metrics = trained / "metrics.jsonl"
+    metrics.write_text(metrics.read_text(encoding="utf-8").replace("\n", "\n\n", 1), encoding="utf-8")
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8",
+                     "--backend", "numpy", "--no-progress"]) == 0
+    assert "\n\n" not in metrics.read_text(encoding="utf-8") and [r["iter"] for r in _metrics(trained)] == [0, 4, 8]
+    metrics.unlink()                                # deleted by hand: the resumed run's rows alone
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "12",
+                     "--backend", "numpy", "--no-progress"]) == 0
+    assert [r["iter"] for r in _metrics(trained)] == [12]
 
 
 @pytest.mark.parametrize("first, then, option", [
@@ -1630,6 +1643,8 @@ def test_version_names_the_installed_minilm(capsys):
         cli.main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"minilm {importlib.metadata.version('minilm')}"
+    run = subprocess.run([sys.executable, "-m", "minilm", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == f"minilm {importlib.metadata.version('minilm')}"  # = `minilm`
 
 
 def test_bench_does_not_start_the_environments_backend(monkeypatch):
