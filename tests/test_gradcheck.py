@@ -1,4 +1,5 @@
 """minilm.gradcheck on layers of one's own, and `minilm gradcheck` catching a planted bug."""
+import hashlib
 import re
 from typing import NamedTuple
 
@@ -934,3 +935,66 @@ def test_a_backward_that_changes_a_keyword_array_in_place_is_named():
     with pytest.raises(ValueError, match=r"the backward \(through the cache\) modified the forward's keyword "
                                          r"argument\(s\) b in place"):
         gradcheck(forward, backward, (np.array([0.3, -0.2]),), {"b": np.zeros(2)})
+
+
+# The loss's round-off, measured: sigma from NOISE_POINTS = 24 losses at each of two spacings, the
+# larger of the two, so ~1.09 sigma in the median. Its 20 fourth differences overlap (a quadratic
+# form of 7.9 effective degrees of freedom, not 20), so one measurement is spread too widely to pin
+# (1e-4 and 1 - 1e-4 quantiles 0.49 and 2.12 sigma for Gaussian errors). The geometric mean of 16
+# independent ones is not: mean 1.087 sigma, sd 0.054; 0.90 and 1.30 at 1e-4 and 1 - 1e-4 (2e6
+# simulated measurements; log sd 0.049). [0.8, 1.5] holds it with ~6 sd each side (the note's two
+# digits move a ratio near 30 by 3% at most); sigma read 1.9 times too large (a divisor of 20 for the
+# 70 = C(8, 4)) gives 2.03, and 1.5 is 6 sd below that.
+MEASURED_SIGMA_RANGE = (0.8, 1.5)
+U = np.finfo(np.float64).eps / 2
+
+
+def hashed_normal(*arrays):
+    """A standard normal drawn from a hash of the arrays' bytes: deterministic, as gradcheck requires,
+    and independent from one point of the stencil to the next."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return np.random.default_rng(int.from_bytes(h.digest(), "little")).standard_normal()
+
+
+def noisy_forward(*xs, w, k):
+    """1 + sum_m w_m . x_m, plus k u times hashed_normal(xs): a loss whose round-off is known, about k
+    times what its output (of size 1) predicts, u |out R|."""
+    return np.array([1.0 + sum(w_m @ x_m for w_m, x_m in zip(w, xs)) + k * U * hashed_normal(*xs)]), w
+
+
+def noisy_backward(dy, w, wrong=1.0):
+    return tuple(wrong * dy[0] * w_m for w_m in w)
+
+
+def measured_ratio(row):
+    """What the row's note says the measured round-off is, in times the predicted one."""
+    found = re.search(r"the loss's round-off, measured, is (\S+) times what the output's size predicts", row.note)
+    assert found, row.note
+    return float(found.group(1))
+
+
+def test_the_measured_round_off_is_the_losss_sigma_and_replaces_a_smaller_prediction():
+    """gradcheck measures sigma, the error of one loss, and judges with it where it is above the
+    prediction u |out R|. Gradients ~1e-4 sit under the floor, so an element passes iff its stencil
+    error, 0.95 sigma / h (sqrt(8^2 + 8^2 + 1 + 1) / 12), is below the floor's 6 sigma / h."""
+    rng = np.random.default_rng(0)
+    # 16 arguments with a round-off 30 times the prediction: each measured once; their geometric mean
+    # against the truth, k / |out| (R cancels), pins the measurement (MEASURED_SIGMA_RANGE)
+    xs = tuple(rng.standard_normal(12) for _ in range(16))
+    w = tuple(1e-4 * rng.standard_normal(12) for _ in range(16))
+    report = gradcheck(noisy_forward, noisy_backward, xs, {"w": w, "k": 30.0})
+    assert report.passed, report
+    truth = 30.0 / abs(noisy_forward(*xs, w=w, k=30.0)[0][0])
+    ratios = np.array([measured_ratio(row) for row in report.arguments]) / truth
+    assert MEASURED_SIGMA_RANGE[0] < np.exp(np.mean(np.log(ratios))) < MEASURED_SIGMA_RANGE[1], ratios
+    # a round-off 4 times the prediction: the predicted floor (6 u |out R| / h) fails a right backward
+    # at one of 256 elements or more (all but once in 3e13); the measured one passes it (all but once in
+    # 2000: sigma read low, NOISE_POINTS) and still fails one 1% off
+    x, w = rng.standard_normal(256), (1e-4 * rng.standard_normal(256),)
+    (row,) = gradcheck(noisy_forward, noisy_backward, (x,), {"w": w, "k": 4.0}).arguments
+    assert row.passed and 1 < measured_ratio(row) < 10, row.note   # its note: it changed the verdict
+    (row,) = gradcheck(noisy_forward, lambda dy, w: noisy_backward(dy, w, wrong=1.01), (x,),
+                       {"w": w, "k": 4.0}).arguments
+    assert not row.passed and "worst at index" in row.note
