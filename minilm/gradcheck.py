@@ -48,7 +48,7 @@ forward subtracts terms much larger than its output: a confident cross-entropy's
 :math:`\log \sum_j e^{x_j} - x_t \approx 10^{-4}`, comes from terms near 10, whose round-off is
 10^5 times larger. So where an argument fails, the round-off is also measured: :math:`\sigma`, the error of one
 loss, from the fourth differences of L at ``NOISE_POINTS`` exactly equally spaced points a hundredth
-of h apart and h apart (and 100 h apart where L moved at neither; Moré and Wild's ECnoise), and the
+of h apart and h apart (and 100 h apart where neither showed any; Moré and Wild's ECnoise), and the
 argument is judged again with :math:`\sigma` in place of :math:`u \sum_i |\text{out}_i R_i|` where
 it is larger; the note says how much larger. The numerical side does not depend on the backward, so
 no error of the backward's can widen the floor. But a forward that rounds through float32 or float16
@@ -58,7 +58,9 @@ inside widens it as far as its own rounding, which could hide any error. So one 
 its largest directional derivative; at a stationary point, where that is 0 but the loss moved, of
 the loss's slope over the steps), so that an error of 0.1% there is still caught; otherwise a
 wrong backward would pass as well, and the row fails as not checkable at these inputs, saying why (a
-row that fails anyway says that its failure may be that round-off). The round-off is measured too
+row that fails anyway, by differences within ``ROUNDOFF_REACH`` times what is resolved, says that
+its failure may be that round-off). That gradient is the numerical one, so that no answer of the
+backward's moves the limit either. The round-off is measured too
 where the numerical gradient is exactly 0 throughout (a loss that never moved at the stencil's
 steps), so that a backward of zeros does not pass a loss rounded to a coarse grid.
 
@@ -113,6 +115,9 @@ RESOLUTION_LIMIT = 1e4
 # where it changed a verdict: a factor of 1.2 says nothing about the forward (and blaming it for a
 # wrong backward's failure would mislead)
 NOTABLE_ROUNDOFF = 10
+# A failing row's largest difference within this many resolutions may be the round-off itself (sigma
+# reads low by half about once in 75: NOISE_POINTS); one beyond it is the backward's
+ROUNDOFF_REACH = 10
 
 
 class GradcheckError(AssertionError):
@@ -356,7 +361,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         """The stencil's round-off on argument i, from the loss's own round-off measured near x rather
         than predicted from the output's size: sigma, the error of one loss, from the fourth differences
         of L at x + k s, k = 0 .. NOISE_POINTS - 1, with s a random step of length h / 100 and of h (and
-        of 100 h where L moved at neither), so short that L's smooth part there is a cubic in k to far
+        of 100 h where neither showed any), so short that L's smooth part there is a cubic in k to far
         below round-off (at 100 h its fourth difference may add to sigma, which only widens the floor).
         Errors of size sigma, independent from point to point, give a fourth difference the variance
         C(8, 4) sigma^2 = 70 sigma^2. sigma then stands where u sum|out_i R_i| stands in the prediction. The points are exact
@@ -423,10 +428,13 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                 a[k] = float(xp.sum(g * D))
             scale = float(np.max(np.abs(a) + np.abs(n)))
             mode, checked = "directions", len(directions)
-        largest = max(float(abs(a).max()), float(abs(n).max()))   # the largest gradient (directional derivative)
-        # what the resolution is held against: the largest gradient; at a stationary point (x^2 at 0), where
-        # the gradient is 0 but the loss moved, the loss's slope over the steps
+        # what the resolution is held against: the largest gradient (directional derivative), the numerical
+        # one, so that no answer of the backward's moves it; at a stationary point (x^2 at 0), where it is 0
+        # but the loss moved, the loss's slope over the steps
+        largest = float(abs(n).max())
         gauge = largest if largest > 0 else max(moved)
+        size = (f"up to {largest:.1e}" if largest > 0 else
+                f"0, at a stationary point where the loss's slope over the steps is {gauge:.1e}")
         # element by element, or direction by direction (a wrong small element must not hide under the
         # argument's largest); the floor keeps the stencil's round-off from failing a difference that
         # finite differences cannot resolve
@@ -455,18 +463,21 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                     f"{measured / roundoff:.2g} times what the output's size predicts") + (
                     " (the forward subtracts terms much larger than its output, as a confident cross-entropy "
                     "does, or rounds through float32 or float16 inside)" if notable else ""))
-                resolved = tol * floor_i <= RESOLUTION_LIMIT * tol * gauge
+                resolution = tol * floor_i                  # the difference an element may show and pass
+                resolved = resolution <= RESOLUTION_LIMIT * tol * gauge
                 if err <= tol and not resolved:                 # a wrong backward would pass as well
-                    not_checkable(i, checked, notes, f"{why}, so only differences above {roundoff_i:.1e} show, against "
-                                  f"gradients up to {largest:.1e}; compute the forward in float64 throughout, or check "
-                                  f"it at inputs where the loss is not a small difference of large terms (a "
+                    not_checkable(i, checked, notes, f"{why}, so only differences above {resolution:.1e} show, "
+                                  f"against this gradient ({size}); compute the forward in float64 throughout, or "
+                                  f"check it at inputs where the loss is not a small difference of large terms (a "
                                   f"cross-entropy: smaller logits)")
                     continue
-                if notable or not resolved or predicted_err > tol >= err:      # else it explains no verdict
-                    measured_note = f"{why}, so differences below {roundoff_i:.1e} were not judged" + (
-                        "" if resolved else f"; that is {roundoff_i / gauge:.1e} of the largest gradient, so this "
-                                            f"failure may be that round-off: compute the forward in float64, or check "
-                                            f"it at other inputs")
+                # a failure whose differences are far above the round-off is the backward's, whatever the floor
+                near = float(abs(a - n).max()) <= ROUNDOFF_REACH * resolution
+                if notable or (not resolved and near) or predicted_err > tol >= err:   # else it explains no verdict
+                    measured_note = f"{why}, so differences below {resolution:.1e} were not judged" + (
+                        "" if resolved or not near else f"; that is {resolution / gauge:.1e} of the largest gradient, "
+                                                        f"so this failure may be that round-off: compute the forward "
+                                                        f"in float64, or check it at other inputs")
         worst = None
         if not err <= tol and mode == "elements" and bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(n))):
             worst = np.unravel_index(int(xp.argmax(errors)), x.shape)
@@ -475,14 +486,15 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         rough_i = bool(rough(excess[worst], roundoff_i)) if worst is not None else bool(rough(excess, roundoff_i).any())
         resolution = tol * floor_i                      # the difference an element may show and pass
         if err <= tol and flat and low_precision:       # n is 0 on the float32 output's grid, not the loss's
-            not_checkable(i, checked, notes, f"the forward returns {out.dtype} for float64 inputs, which rounds the "
-                          f"stencil's steps along this argument away: the loss did not move, so nothing here tells "
-                          f"the right gradient from zeros; compute in the input's dtype")
+            not_checkable(i, checked, notes, f"the numerical gradient is 0 along this argument, and the forward "
+                          f"returns {out.dtype} for float64 inputs: either the loss does not depend on it here, or "
+                          f"that rounding hides the stencil's steps, and nothing here tells which, nor the right "
+                          f"gradient from zeros; compute in the input's dtype")
             continue
         if err <= tol and gauge > 0 and resolution > RESOLUTION_LIMIT * tol * gauge:
             why = ("the check's absolute floor, 1e-8 of the relative error's scale" if floor_i == 1e-8 else
                    "the output's other terms are far larger")
-            not_checkable(i, checked, notes, f"this gradient (up to {largest:.1e}) is below what differences of this loss "
+            not_checkable(i, checked, notes, f"this gradient ({size}) is below what differences of this loss "
                           f"resolve ({resolution:.1e}; {why}), so a wrong value would pass too: choose inputs that "
                           f"make it larger next to the output (inputs of size about 1 usually do), or shrink the "
                           f"arguments that dominate the output")
@@ -506,7 +518,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
                          f"through float16 inside, hides it)")
         elif err <= tol and (floor_i > max(1e-8, scale) or 0 < scale < 1e-8):
             what = f", {resolution / largest:.1e} of it," if largest > 0 else ""
-            notes.append(f"unresolved: finite differences of this loss resolve this gradient (up to {largest:.1e}) only "
+            notes.append(f"unresolved: finite differences of this loss resolve this gradient ({size}) only "
                          f"to {resolution:.1e}{what} short of the tolerance: only larger errors were "
                          f"caught" + ("" if measured_note else "; to check it closely, choose inputs that make it "
                                       "larger next to the output, or shrink the arguments that dominate the output"))

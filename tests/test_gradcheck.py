@@ -998,3 +998,33 @@ def test_the_measured_round_off_is_the_losss_sigma_and_replaces_a_smaller_predic
     (row,) = gradcheck(noisy_forward, lambda dy, w: noisy_backward(dy, w, wrong=1.01), (x,),
                        {"w": w, "k": 4.0}).arguments
     assert not row.passed and "worst at index" in row.note
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_a_backward_that_drops_a_tiny_term_gets_the_right_ones_verdict(offset):
+    """(1e6 + 1e4 x^2 + 1e-6 x) [- 1e6] at x = 0: the loss's round-off hides the 1e-6 term, so n is 0.
+    The limit a row is judged against comes from n alone: judged against the backward's own values, the
+    one dropping the term (exactly 0 there) had passed and the right one had failed as not checkable."""
+    def forward(x):
+        y = 1e6 + 1e4 * x * x + 1e-6 * x
+        return (y - 1e6 if offset else y), x
+    verdicts = [gradcheck(forward, lambda dy, x, t=t: ((2e4 * x + t) * dy,), (np.zeros(3),)).passed
+                for t in (1e-6, 0.0)]
+    assert verdicts[0] == verdicts[1], verdicts
+
+
+def test_a_float32_output_on_a_flat_side_names_both_causes():
+    """A float32 ReLU on its negative side: the loss does not depend on x there, so the note must not
+    claim that rounding hid the steps; it cannot tell, and says so."""
+    def relu32_forward(x):
+        return np.maximum(x, 0).astype(np.float32), x
+    x = -1 - np.random.default_rng(0).random((3, 4))
+    (row,) = gradcheck(relu32_forward, lambda d, x: ((x > 0) * d,), (x,)).arguments
+    assert not row.passed and "either the loss does not depend on it here, or that rounding hides" in row.note
+
+
+def test_a_failure_far_above_the_round_off_is_not_blamed_on_it():
+    """x^2 + 1e-13 x at 0 with a backward that drops the 1e-13 x: a difference 6e4 times the measured
+    round-off is the backward's; the note names the element and does not say 'may be that round-off'."""
+    (row,) = gradcheck(lambda x: (x * x + 1e-13 * x, x), lambda dy, x: (2 * x * dy,), (np.zeros(3),)).arguments
+    assert not row.passed and row.note.startswith("worst at index") and "round-off" not in row.note, row.note
