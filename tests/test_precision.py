@@ -243,3 +243,16 @@ def test_bfloat16_is_refused_on_the_cpu_backends_naming_the_argument(backend_nam
             ops.layernorm_forward(np.ones((2, 3), bf), np.ones(3, bf), np.zeros(3, bf))
     finally:
         minilm.use(before)
+
+
+def test_apply_gradients_updates_with_the_unscaled_gradient():
+    """The 16-bit gradient holds scale * g: SGD (which, unlike Adam, is not blind to a gradient's
+    size) must step by lr * g, not lr * scale * g."""
+    model = gpt(np.float16)
+    opt = optim.SGD(model.params, 0.5)
+    scaler = LossScaler(enabled=True, init_scale=1024.0)
+    before = model.params.data.copy()
+    model.params.compute_grad[...] = 1024.0 * 0.25                  # g = 0.25, scaled by 1024
+    assert apply_gradients(model, opt, 0.5, grad_clip=0.0, scaler=scaler)
+    # 1e-6: the float32 master weights round w - 0.125 by ~6e-8; a step left scaled is off by 64
+    assert np.allclose(model.params.data, before - 0.5 * 0.25, rtol=0, atol=1e-6)
