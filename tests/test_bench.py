@@ -291,6 +291,14 @@ def test_converge_with_a_negative_seed_is_a_clear_error(capsys):
 
 # --- the GPU tables: options, table layout and MFU arithmetic (CPU-runnable; no timing asserted) -----
 
+def _corpus(tmp_path):
+    """A small text for the training runs (converge, replay) to read."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40,
+                      encoding="utf-8")
+    return corpus
+
+
 def _bench_args(argv):
     import argparse
     p = argparse.ArgumentParser()
@@ -506,9 +514,7 @@ def test_replay_trains_minilm_from_the_peers_weights_to_the_peers_curve(preset_n
     pytest.importorskip("torch")
     import dataclasses
     from minilm.bench import converge
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40,
-                      encoding="utf-8")
+    corpus = _corpus(tmp_path)
     short = dataclasses.replace(preset(preset_name), max_iters=20, eval_interval=10, eval_iters=3, block_size=16,
                                 batch_size=4, warmup_iters=5, lr_decay_iters=20)
     monkeypatch.setattr(converge.config, "preset", lambda name: short)
@@ -534,9 +540,7 @@ def test_converge_past_the_presets_iterations_keeps_its_schedule(tmp_path, monke
     cfg = converge._config("shakespeare-char-cpu", None, 3000)
     assert (cfg.max_iters, cfg.lr_decay_iters) == (3000, 2000)
     assert make_schedule(cfg)(2500) == cfg.min_lr
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40,
-                      encoding="utf-8")
+    corpus = _corpus(tmp_path)
     short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=20, eval_interval=10, eval_iters=2,
                                 block_size=16, batch_size=4, warmup_iters=5, lr_decay_iters=0)
     monkeypatch.setattr(converge.config, "preset", lambda name: short)
@@ -974,9 +978,7 @@ def test_converge_runs_the_pytorch_peer_on_the_same_recipe(tmp_path, monkeypatch
     pytest.importorskip("torch")
     import dataclasses
     from minilm.bench import converge
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40,
-                      encoding="utf-8")
+    corpus = _corpus(tmp_path)
     short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=4, eval_interval=2, eval_iters=2,
                                 block_size=16, batch_size=4, warmup_iters=1, lr_decay_iters=0, n_layer=1,
                                 n_embd=16, n_head=2)
