@@ -60,9 +60,12 @@ the loss's slope over the steps), so that an error of 0.1% there is still caught
 wrong backward would pass as well, and the row fails as not checkable at these inputs, saying why (a
 row that fails anyway, by differences within ``ROUNDOFF_REACH`` times what is resolved, says that
 its failure may be that round-off). That gradient is the numerical one, so that no answer of the
-backward's moves the limit either. The round-off is measured too
-where the numerical gradient is exactly 0 throughout (a loss that never moved at the stencil's
-steps), so that a backward of zeros does not pass a loss rounded to a coarse grid.
+backward's moves the limit either; near a stationary point it is the loss's slope over the steps
+where that is larger. The round-off is measured too where the numerical gradient is exactly 0
+throughout, so that a backward of zeros does not pass a loss rounded to a grid that the
+measurement's steps (up to 2300 h) cross. A loss that moved at none of them, constant there or on a
+coarser grid still, cannot be told apart from a constant one: such a row passes a backward below
+the resolution, and its note says that nothing was checked.
 
 R and the random directions come from a stream of their own, seeded by ``(STREAM, seed)``, so
 that R never equals an input drawn with ``np.random.default_rng(seed)``: for a scale-invariant
@@ -429,12 +432,13 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             scale = float(np.max(np.abs(a) + np.abs(n)))
             mode, checked = "directions", len(directions)
         # what the resolution is held against: the largest gradient (directional derivative), the numerical
-        # one, so that no answer of the backward's moves it; at a stationary point (x^2 at 0), where it is 0
-        # but the loss moved, the loss's slope over the steps
+        # one, so that no answer of the backward's moves it; near a stationary point (x^2 at 0 or at 1e-13),
+        # where it is 0 or tiny but the loss moved, the loss's slope over the steps
         largest = float(abs(n).max())
-        gauge = largest if largest > 0 else max(moved)
+        gauge = max(largest, max(moved))
         size = (f"up to {largest:.1e}" if largest > 0 else
-                f"0, at a stationary point where the loss's slope over the steps is {gauge:.1e}")
+                f"0, at a stationary point where the loss's slope over the steps is {gauge:.1e}" if gauge > 0 else
+                "0: the loss did not move over the steps")
         # element by element, or direction by direction (a wrong small element must not hide under the
         # argument's largest); the floor keeps the stencil's round-off from failing a difference that
         # finite differences cannot resolve
@@ -509,11 +513,12 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         elif not err <= tol and low_precision:
             notes.append(f"the forward returns {out.dtype} for float64 inputs, so the differences carry its "
                          f"round-off; compute in the input's dtype (or try eps=1e-3, tol=1e-3)")
-        elif err <= tol and scale == 0 and not any(moved):
+        elif err <= tol and largest == 0 and not any(moved):
             # a loss constant here (a ReLU's negative side, a softmax of one class, every target ignored)
             # or one that rounds so small a change away: finite differences cannot tell the two apart
-            notes.append(f"the loss did not move at all at the stencil's steps along this argument: a gradient of "
-                         f"zeros agrees with that, as would any other below {resolution:.1e}; if the output should "
+            notes.append(f"the loss did not move at all at the stencil's steps along this argument, so nothing was "
+                         f"checked: a gradient of zeros agrees with that, as would any other below {resolution:.1e}; "
+                         f"if the output should "
                          f"depend on it here, choose inputs where it moves (a forward saturated there, or rounding "
                          f"through float16 inside, hides it)")
         elif err <= tol and (floor_i > max(1e-8, scale) or 0 < scale < 1e-8):

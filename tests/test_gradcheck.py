@@ -1028,3 +1028,30 @@ def test_a_failure_far_above_the_round_off_is_not_blamed_on_it():
     round-off is the backward's; the note names the element and does not say 'may be that round-off'."""
     (row,) = gradcheck(lambda x: (x * x + 1e-13 * x, x), lambda dy, x: (2 * x * dy,), (np.zeros(3),)).arguments
     assert not row.passed and row.note.startswith("worst at index") and "round-off" not in row.note, row.note
+
+
+def test_a_loss_that_never_moved_says_that_nothing_was_checked():
+    """A loss accumulated in float16 (839, on a grid of 0.5) does not move at the stencil's steps nor at
+    the measurement's. A backward below the resolution then passes as a backward of zeros does, and the
+    note says that nothing was checked; it had called the row a stationary point of slope 0."""
+    def forward(x):
+        return np.float64(np.sum(x * x).astype(np.float16)), x
+    x = 3 * np.random.default_rng(0).standard_normal(100)
+    for backward in (lambda d, x: (1e-9 * x * d,), lambda d, x: (0 * x,)):
+        (row,) = gradcheck(forward, backward, (x,)).arguments
+        assert "did not move at all at the stencil's steps along this argument, so nothing was checked" in row.note
+        assert "stationary" not in row.note
+
+
+@pytest.mark.parametrize("x0", [1e-13, 0.1])
+def test_near_a_stationary_point_the_right_backward_passes_and_a_wrong_one_fails(x0):
+    """x^2 at 1e-13 and (x - 0.1)^2 expanded at 0.1: the gradient, ~1e-13, is below what differences
+    of the loss resolve, but the loss's slope over the steps is not; held against the gradient alone,
+    the right backward had failed as not checkable."""
+    def forward(x):
+        return x * x - 2 * x0 * x + x0 * x0 if x0 == 0.1 else x * x, x
+    centre = x0 if x0 == 0.1 else 0.0
+    (row,) = gradcheck(forward, lambda d, x: ((2 * x - 2 * centre) * d,), (np.full(3, x0),)).arguments
+    assert row.passed, row.note
+    (row,) = gradcheck(forward, lambda d, x: ((2 * x - 2 * centre) * d + 1e-7,), (np.full(3, x0),)).arguments
+    assert not row.passed and row.note.startswith("worst at index"), row.note
