@@ -251,4 +251,4 @@ class BatchParallel:
         grad = self.model.params.compute_grad                  # replica 0's, the model's own buffer
         for r in replicas[1:]:
             grad += r.params.compute_grad
-        return self.model.params.grad
+        return grad                     # as the model's backward: the buffer the gradient landed in

@@ -68,7 +68,7 @@ def _state(model, B, seed=1):
 def _step(runner, model, idx, targets, **kwargs):
     out = runner.forward(idx, targets, **kwargs)
     grad = runner.backward(0.5).copy()                  # a loss scale, as float16 training passes
-    assert grad is model.params.grad or np.array_equal(grad, model.params.grad)
+    assert grad is model.params.compute_grad or np.array_equal(grad, model.params.compute_grad)
     return out, grad
 
 
@@ -366,3 +366,41 @@ def test_numba_run_resumed_computes_the_same_losses(tmp_path, model_options):
     for it in (0, 4, 8, 12):
         assert a[it] == b[it], f"iteration {it}: {a[it]} vs {b[it]}"   # bit for bit
     assert backend.current() == "numba"
+
+
+def test_backward_returns_the_buffer_the_gradient_landed_in():
+    """As the model's own backward: ``params.compute_grad``, which with mixed precision is not
+    ``params.grad`` until ``unscale_grads``; the runner had returned the float32 master buffer,
+    zeros or the last step's gradient."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8), dtype=np.float16, seed=0)
+    idx, targets = _batch()
+    model.forward(idx, targets)
+    own = model.backward().copy()
+    runner = BatchParallel(model, 2)
+    runner.forward(idx, targets)
+    grad = runner.backward()
+    assert grad is model.params.compute_grad and grad.dtype == np.float16
+    # 1e-3: float16 gradients of ~0.1, whose slices' sums round apart by a few units of 6e-5
+    assert np.allclose(grad, own, rtol=0, atol=1e-3)
+
+
+def test_a_float32_models_loss_stays_float32():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8), dtype=np.float32, seed=0)
+    idx, targets = _batch()
+    logits, loss = BatchParallel(model, 2).forward(idx, targets)
+    assert logits.dtype == loss.dtype == model.forward(idx, targets)[1].dtype == np.float32
+
+
+def test_each_draw_is_let_go_once_every_slice_has_its_rows(monkeypatch):
+    """A forward in slices holds one whole-batch draw at a time, not all of them: each is dropped
+    when the last slice has taken its rows (an attention mask's draw is (B, NH, T, T) float64)."""
+    from minilm import parallel
+    made = []
+    real_init = parallel._Draws.__init__
+    monkeypatch.setattr(parallel._Draws, "__init__", lambda self, *a: made.append(self) or real_init(self, *a))
+    model = MODELS["gpt"](dropout=0.1)
+    idx, targets = _batch()
+    BatchParallel(model, 2).forward(idx, targets, train=True)
+    draws, = made
+    assert len(draws.made) == 1 + 3 * model.config.n_layer          # embeddings, then attn, resid, mlp per block
+    assert all(draw is None and left == 0 for draw, left in draws.made)
