@@ -84,3 +84,29 @@ def test_numba_sampling_with_and_without_the_cache_gives_the_same_tokens(options
     cached = list(generate(m, [1, 2, 3], 25, seed=5, **options))      # well past block_size: context shifts
     uncached = list(generate(m, [1, 2, 3], 25, seed=5, use_cache=False, **options))
     assert cached == uncached and len(cached) == 25
+
+
+def test_the_token_that_fills_the_cache_is_one_kernel_step(monkeypatch):
+    """Only a token past block_size crops and recomputes the window; the one that fills the
+    cache to block_size is an ordinary step (the kernel, at position block_size - 1)."""
+    from minilm.cpu import gpt_decode
+    at = []
+    real = gpt_decode.gpt_decode_step
+    monkeypatch.setattr(minilm.cpu, "gpt_decode_step", lambda *a: at.append(a[3]) or real(*a))
+    minilm.use("numba")
+    m = model(np.float32, False)
+    bs = CONFIG["block_size"]
+    _, cache = m.forward_step(np.arange(bs - 1)[None] % CONFIG["vocab_size"])   # a prompt of block_size - 1
+    m.forward_step(np.array([[4]]), cache)
+    assert at == [bs - 1] and cache.length == bs
+
+
+def test_two_live_models_decode_each_with_its_own_layout():
+    """The kernel reads each model's parameters at that model's offsets: a GPT without biases
+    decoded while one with biases is alive (its offsets cached) must equal its reference."""
+    with_bias, without = model(np.float64, True), model(np.float64, False, seed=4)
+    tokens = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], (2, 6))
+    for m in (with_bias, without):
+        ref, _ = decode_all("numpy", m, tokens)
+        cpu, _ = decode_all("numba", m, tokens)
+        assert relative_error(cpu, ref) <= TOL[np.float64]

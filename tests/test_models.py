@@ -550,3 +550,13 @@ def test_build_model_rejects_bad_input():
         param_count("gpt", dict(GPT_TINY, n_heads=2))
     with pytest.raises(TypeError, match="build_model: argument 'config_dict' must be a dict, got GPTConfig"):
         build_model("gpt", GPTConfig(**GPT_TINY))
+
+
+@pytest.mark.usefixtures("numpy_backend")
+def test_a_sixteen_bit_gpt_without_biases_computes_in_sixteen_bits():
+    """bias=False gives the LayerNorms a zero beta made in the compute dtype, not the master's."""
+    model = GPT(GPTConfig(**GPT_TINY, bias=False), dtype=np.float16, seed=0)
+    idx, targets = batch()
+    logits, loss = model.forward(idx, targets)
+    assert logits.dtype == loss.dtype == model.backward().dtype == np.float16
+    assert model.forward_step(idx)[0].dtype == np.float16
