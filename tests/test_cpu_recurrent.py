@@ -11,7 +11,7 @@ around the ops, and the backend switch routing ``minilm.ops`` to these functions
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import minilm
@@ -29,13 +29,14 @@ from minilm.reference import gru as ref_gru, lstm as ref_lstm, rnn as ref_rnn
 # 7 steps of gates that stays below ~1e-13 relative.
 EXACT_TOL = 1e-12
 # float32: both tiers compute in float32 (ulp 1.2e-7), the same few-ulp differences, so the
-# arrays agree to ~1e-6 of the O(1) gates and states they are computed from. An array that
-# cancels down below that scale (a gradient summed from terms of both signs, 1 - h^2 of a
-# saturated unit) keeps their absolute round-off, so its error is taken relative to
-# max(max|expected|, 1), the scale of those terms.
+# arrays agree to ~1e-6 of the O(1) gates and states they are computed from.
 FLOAT32_TOL = 1e-5
 TOL = {np.float64: EXACT_TOL, np.float32: FLOAT32_TOL}
-SCALE_FLOOR = {np.float64: 0.0, np.float32: 1.0}
+# In either dtype an array that cancels down below that O(1) scale keeps its terms' absolute
+# round-off (a gradient summed from terms of both signs, 1 - h^2 of a saturated unit, a GRU's
+# h = (1 - z) n + z h0 of -0.0958 + 0.0958), so its error is taken relative to
+# max(max|expected|, 1), the scale of those terms.
+SCALE_FLOOR = 1.0
 # exp_nonpositive: Cody-Waite reduction and a Taylor polynomial accurate to ~0.1 ulp, plus the
 # rounding of the handful of operations after it.
 EXP_ULPS = 2
@@ -73,7 +74,7 @@ def assert_same(actual, expected, tol, what="", floor=None):
     """Same shape and dtype, finite, and within ``tol`` in ``relative_error`` (floor: the dtype's)."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
     assert np.all(np.isfinite(actual)), what
-    rel = relative_error(actual, expected, SCALE_FLOOR[actual.dtype.type] if floor is None else floor)
+    rel = relative_error(actual, expected, SCALE_FLOOR if floor is None else floor)
     assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.0e}"
 
 
@@ -88,6 +89,7 @@ def assert_same_all(actual, expected, tol, names, floor=None):
 @pytest.mark.parametrize("op", OPS)
 @SOME
 @given(shape=dims, seed=seeds, gain=gains, dtype=dtypes, finals=st.booleans())
+@example(shape=(1, 1, 1, 1), seed=1, gain=1.033203125, dtype=np.float64, finals=False)   # h cancels to 4e-5
 def test_equals_reference(op, shape, seed, gain, dtype, finals):
     B, T, D, H = shape
     args = make_args(op, B, T, D, H, seed, gain, dtype)
