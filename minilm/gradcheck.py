@@ -55,17 +55,16 @@ no error of the backward's can widen the floor. But a forward that rounds throug
 inside widens it as far as its own rounding, which could hide any error. So one rule holds for
 :math:`\delta`, predicted or measured: a row passes only where :math:`\delta` is at most
 ``RESOLUTION_LIMIT`` tolerances (1e-3) of the argument's largest gradient (along random directions,
-its largest directional derivative; at a stationary point, where that is 0 but the loss moved, of
-the loss's slope over the steps), so that an error of 0.1% there is still caught; otherwise a
-wrong backward would pass as well, and the row fails as not checkable at these inputs, saying why (a
-row that fails anyway, by differences within ``ROUNDOFF_REACH`` times what is resolved, says that
-its failure may be that round-off). That gradient is the numerical one, so that no answer of the
-backward's moves the limit either; near a stationary point it is the loss's slope over the steps
-where that is larger. The round-off is measured too where the numerical gradient is exactly 0
+its largest directional derivative; near a stationary point, the loss's slope over the steps where
+that is larger), so that an error of 0.1% there is still caught; otherwise a wrong backward would
+pass as well, and the row fails as not checkable at these inputs, saying why (a row that fails
+anyway, by differences within ``ROUNDOFF_REACH`` times what is resolved, says that its failure may
+be that round-off). That gradient is the numerical one, so that no answer of the backward's moves
+the limit either. The round-off is measured too where the numerical gradient is exactly 0
 throughout, so that a backward of zeros does not pass a loss rounded to a grid that the
 measurement's steps (up to 2300 h) cross. A loss that moved at none of them, constant there or on a
-coarser grid still, cannot be told apart from a constant one: such a row passes a backward below
-the resolution, and its note says that nothing was checked.
+coarser grid still, cannot be told apart from a constant one: such a row passes a backward below the
+resolution, and its note says that nothing was checked.
 
 R and the random directions come from a stream of their own, seeded by ``(STREAM, seed)``, so
 that R never equals an input drawn with ``np.random.default_rng(seed)``: for a scale-invariant
@@ -367,9 +366,10 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         of 100 h where neither showed any), so short that L's smooth part there is a cubic in k to far
         below round-off (at 100 h its fourth difference may add to sigma, which only widens the floor).
         Errors of size sigma, independent from point to point, give a fourth difference the variance
-        C(8, 4) sigma^2 = 70 sigma^2. sigma then stands where u sum|out_i R_i| stands in the prediction. The points are exact
-        (an element whose x + k s would round is left where it is), so that the differences hold the
-        loss's round-off alone, not the rounding of the points, which the stencil allows for in D."""
+        C(8, 4) sigma^2 = 70 sigma^2. sigma then stands where u sum|out_i R_i| stands in the prediction.
+        The points are exact (an element whose x + k s would round is left where it is), so that the
+        differences hold the loss's round-off alone, not the rounding of the points, which the stencil
+        allows for in D."""
         x = args[i]
         d = xp.asarray(noise_rng.standard_normal(x.shape))
         d = d / float(xp.linalg.norm(d))
@@ -405,7 +405,7 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         if x.size == 0:
             report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol, "it has no elements"))
             continue
-        moved = []                                      # how far the loss moved over the stencil's steps (0: not at all)
+        moved = []                      # how far the loss moved over the stencil's steps, as a slope (0: not at all)
         narrow = _is_float(g) and g.dtype.itemsize < 8
         notes = [f"the backward returned {g.dtype} for this float64 argument"] if narrow else []
         g = xp.asarray(g, dtype=xp.float64)
@@ -518,9 +518,8 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             # or one that rounds so small a change away: finite differences cannot tell the two apart
             notes.append(f"the loss did not move at all at the stencil's steps along this argument, so nothing was "
                          f"checked: a gradient of zeros agrees with that, as would any other below {resolution:.1e}; "
-                         f"if the output should "
-                         f"depend on it here, choose inputs where it moves (a forward saturated there, or rounding "
-                         f"through float16 inside, hides it)")
+                         f"if the output should depend on it here, choose inputs where it moves (a forward saturated "
+                         f"there, or rounding through float16 inside, hides it)")
         elif err <= tol and (floor_i > max(1e-8, scale) or 0 < scale < 1e-8):
             what = f", {resolution / largest:.1e} of it," if largest > 0 else ""
             notes.append(f"unresolved: finite differences of this loss resolve this gradient ({size}) only "
