@@ -46,8 +46,8 @@ of the tolerance, and the row's note says "unresolved" and how closely.
 That prediction takes the loss's round-off from the output's size, and it falls short where the
 forward subtracts terms much larger than its output: a confident cross-entropy's loss,
 :math:`\log \sum_j e^{x_j} - x_t \approx 10^{-4}`, comes from terms near 10, whose round-off is
-10^5 times larger. So where an argument fails, the round-off is also measured: :math:`\sigma`, the error of one
-loss, from the fourth differences of L at ``NOISE_POINTS`` exactly equally spaced points a hundredth
+10^5 times larger. So where an argument fails, the round-off is also measured: :math:`\sigma`, the
+error of one loss, from the fourth differences of L at ``NOISE_POINTS`` exactly equally spaced points a hundredth
 of h apart and h apart (and 100 h apart where neither showed any; Moré and Wild's ECnoise), and the
 argument is judged again with :math:`\sigma` in place of :math:`u \sum_i |\text{out}_i R_i|` where
 it is larger; the note says how much larger. The numerical side does not depend on the backward, so
