@@ -45,26 +45,26 @@ of the tolerance, and the row's note says "unresolved" and how closely.
 
 That prediction takes the loss's round-off from the output's size, and it falls short where the
 forward subtracts terms much larger than its output: a confident cross-entropy's loss,
-:math:`\log \sum_j e^{x_j} - x_t \approx 10^{-4}`, comes from terms near 10, whose round-off is
-10^5 times larger. So where an argument fails, the round-off is also measured: :math:`\sigma`, the
-error of one loss, from the fourth differences of L at ``NOISE_POINTS`` exactly equally spaced points a hundredth
-of h apart and h apart (and 100 h apart where neither showed any; Moré and Wild's ECnoise), and the
-argument is judged again with :math:`\sigma` in place of :math:`u \sum_i |\text{out}_i R_i|` where
-it is larger; the note says how much larger. The numerical side does not depend on the backward, so
-no error of the backward's can widen the floor. But a forward that rounds through float32 or float16
-inside widens it as far as its own rounding, which could hide any error. So one rule holds for
-:math:`\delta`, predicted or measured: a row passes only where :math:`\delta` is at most
-``RESOLUTION_LIMIT`` tolerances (1e-3) of the argument's largest gradient (along random directions,
-its largest directional derivative; near a stationary point, the loss's slope over the steps where
-that is larger), so that an error of 0.1% there is still caught; otherwise a wrong backward would
-pass as well, and the row fails as not checkable at these inputs, saying why (a row that fails
-anyway, by differences within ``ROUNDOFF_REACH`` times what is resolved, says that its failure may
-be that round-off). That gradient is the numerical one, so that no answer of the backward's moves
-the limit either. The round-off is measured too where the numerical gradient is exactly 0
-throughout, so that a backward of zeros does not pass a loss rounded to a grid that the
-measurement's steps (up to 2300 h) cross. A loss that moved at none of them, constant there or on a
-coarser grid still, cannot be told apart from a constant one: such a row passes a backward below the
-resolution, and its note says that nothing was checked.
+:math:`\log \sum_j e^{x_j} - x_t \approx 10^{-4}`, comes from terms near 10, whose round-off is 10^5
+times larger. So where an argument fails, the round-off is also measured: :math:`\sigma`, the error
+of one loss, from the fourth differences of L at ``NOISE_POINTS`` exactly equally spaced points a
+hundredth of h apart and h apart (and 100 h apart where neither showed any; Moré and Wild's
+ECnoise), and the argument is judged again with :math:`\sigma` in place of
+:math:`u \sum_i |\text{out}_i R_i|` where it is larger; the note says how much larger. The numerical
+side does not depend on the backward, so no error of the backward's can widen the floor. But a
+forward that rounds through float32 or float16 inside widens it as far as its own rounding, which
+could hide any error. So one rule holds for :math:`\delta`, predicted or measured: a row passes only
+where :math:`\delta` is at most ``RESOLUTION_LIMIT`` tolerances (1e-3) of the argument's largest
+gradient (along random directions, its largest directional derivative; near a stationary point, the
+loss's slope over the steps where that is larger), so that an error of 0.1% there is still caught;
+otherwise a wrong backward would pass as well, and the row fails as not checkable at these inputs,
+saying why (a row that fails anyway, by differences within ``ROUNDOFF_REACH`` times what is
+resolved, says that its failure may be that round-off). That gradient is the numerical one, so that
+no answer of the backward's moves the limit either. The round-off is measured too where the
+numerical gradient is exactly 0 throughout, so that a backward of zeros does not pass a loss rounded
+to a grid that the measurement's steps (up to 2300 h) cross. A loss that moved at none of them,
+constant there or on a coarser grid still, cannot be told apart from a constant one: such a row
+passes a backward below the resolution, and its note says that nothing was checked.
 
 R and the random directions come from a stream of their own, seeded by ``(STREAM, seed)``, so
 that R never equals an input drawn with ``np.random.default_rng(seed)``: for a scale-invariant
