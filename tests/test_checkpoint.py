@@ -274,12 +274,13 @@ def test_file_is_plain_numpy_and_json(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # archives with a checkpoint's four entries whose content is wrong (written by hand, not by save)
 
-def _archive(path, header=None, meta="{}", optim_json="{}", write=np.savez):
-    """An npz with the four entries a checkpoint has; ``header`` a dict (default: a valid one) or a string."""
+def _archive(path, header=None, meta="{}", optim_json="{}", write=np.savez, **extra):
+    """An npz with the four entries a checkpoint has (and ``extra`` ones); ``header`` a dict (default:
+    a valid one) or a string."""
     if header is None:
         header = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "minilm_version": "0"}
     write(path, header=np.array(header if isinstance(header, str) else json.dumps(header)), meta=np.array(meta),
-          optim_json=np.array(optim_json), params=np.linspace(0.0, 1.0, 4096))
+          optim_json=np.array(optim_json), params=np.linspace(0.0, 1.0, 4096), **extra)
     return path
 
 
@@ -350,10 +351,7 @@ def test_the_content_reaches_the_file_before_it_is_fsynced(tmp_path, monkeypatch
 
 def test_a_checkpoint_holding_a_pickled_object_is_refused_unread(tmp_path):
     """Loading never unpickles (np.load's allow_pickle=False): a crafted object array could run code."""
-    header = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "minilm_version": "0"}
-    path = tmp_path / "evil.npz"
-    np.savez(path, header=np.array(json.dumps(header)), meta=np.array("{}"), optim_json=np.array("{}"),
-             params=np.zeros(3), **{"optim/m": np.array([{"a": 1}], dtype=object)})     # savez pickles it
+    path = _archive(tmp_path / "evil.npz", **{"optim/m": np.array([{"a": 1}], dtype=object)})   # savez pickles it
     with pytest.raises(ValueError, match="is truncated or is not a minilm checkpoint"):
         load(path)
 
