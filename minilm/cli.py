@@ -96,7 +96,14 @@ def build_parser():
 
 def _train(args):
     from minilm import config, train
-    # a resumed run starts from its own saved settings; options given now override them
+    # a resumed run starts from its own saved settings, backend included; options given now override them
+    if args.resume and args.backend is None and not os.environ.get("MINILM_BACKEND"):
+        saved_backend = train.saved_backend(args.out)
+        if saved_backend is not None:
+            try:
+                backend.use(saved_backend)
+            except (ImportError, RuntimeError, ValueError):     # cupy saved, no GPU here: the default, noted
+                pass
     base = train.saved_config(args.out) if args.resume else config.preset(args.preset or config.DEFAULT_PRESET)
     cfg = config.from_args(args, base, check=not args.resume)    # a resumed run is checked by train()
     ignored = config.ignored_options(args, cfg)

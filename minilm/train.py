@@ -187,7 +187,12 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     # 2. the model, its optimiser and schedule, the training batches and the evaluation loss
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
     model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
-    runner = batch_runner(model)        # forward and backward over the cores (minilm.parallel)
+    # forward and backward over the cores (minilm.parallel); a resumed run cuts its batches into as many
+    # slices as the saved run did, whatever this machine's thread count, since the slices set the rounding
+    # (never more slices than rows: a batch of B rows is cut into at most B)
+    same_backend = saved is not None and saved.meta.get("backend") == backend.current()
+    slices = saved.meta.get("slices") if same_backend else None
+    runner = batch_runner(model, threads=min(slices, cfg.batch_size) if slices else None)
     optimizer = make_optimizer(cfg, model.params)
     schedule = make_schedule(cfg)
     dropout_rng = np.random.default_rng(cfg.seed + 1)
@@ -242,6 +247,19 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                      for layer in saved.meta["rnn_state"]]
         _keep_metrics_up_to(metrics_path, last_eval_iter)
         log(f"resuming {last_path} at iteration {it}")
+        if saved.meta.get("backend", backend.current()) != backend.current():
+            log(f"note: the run was saved on the {saved.meta['backend']} backend and goes on on {backend.current()}: "
+                f"its losses agree with a run straight through to rounding only (--backend "
+                f"{saved.meta['backend']} keeps them exact)")
+        elif slices and slices > 1 and slices != _numba_threads():
+            n = _numba_threads()
+            log(f"note: each batch is cut into {getattr(runner, 'threads', 1)} slices, as the saved run's were "
+                f"(Numba has {n} thread{'s' * (n != 1)} here): the losses stay exact")
+        elif runner is model and saved.meta.get("threads", _numba_threads()) != _numba_threads():
+            n = saved.meta["threads"]
+            log(f"note: the run was saved with {n} Numba thread{'s' * (n != 1)} and goes on with "
+                f"{_numba_threads()}: its losses agree with a run straight through to rounding only "
+                f"(NUMBA_NUM_THREADS={saved.meta['threads']} keeps them exact)")
         if stopper is not None and stopper.stopped:                 # the saved run had stopped here
             log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
                 f"evaluations; give a larger --patience (or 0) to train on")
@@ -277,6 +295,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.to_dict(), "iter": it,
             "best_val_loss": best_val, "batches": batches.state_dict(), "dropout_rng": dropout_rng.bit_generator.state,
             "early_stopping": stopper.state_dict() if stopper else None, "backend": backend.current(),
+            "slices": min(getattr(runner, "threads", 1), cfg.batch_size), "threads": _numba_threads(),
             "loss_scaler": scaler.state_dict(),
             "dtype": cfg.dtype, "last_eval_iter": last_eval_iter,
             "data": data if data == "shakespeare" else os.path.abspath(data), "data_sha256": digest,
@@ -303,7 +322,10 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                 improved = val_loss < best_val
                 best_val = min(best_val, val_loss)
                 last_eval_iter = it
-                stop_early = stopper is not None and stopper.update(val_loss)   # counted before it is saved
+                # counted before it is saved; an evaluation at --max-iters off the eval_interval grid is one a
+                # run straight through never makes, so it does not count (a resumed run stops where that one does)
+                on_grid = it % cfg.eval_interval == 0
+                stop_early = stopper is not None and on_grid and stopper.update(val_loss)
                 if improved:
                     _save(best_path, model, optimizer, meta())
                 _save(last_path, model, optimizer, meta())
@@ -422,6 +444,8 @@ def _train_config_of(saved, path):
     c = checkpoint
     c.check_meta(saved.meta, path, {"train_config": c.DICT, "iter": c.COUNT, "last_eval_iter": (c.COUNT, None),
                                     "best_val_loss": c.NUMBER, "batches": c.DICT, "dropout_rng": c.DICT})
+    later = {"slices": c.POSITIVE_COUNT, "threads": (c.POSITIVE_COUNT, None)}    # older runs lack them
+    c.check_meta(saved.meta, path, {name: kind for name, kind in later.items() if name in saved.meta})
     # every TrainConfig field dates from the first checkpoints: a field added later must be given its
     # old behaviour's value here for the checkpoints saved without it, rather than be called missing
     settings, names = saved.meta["train_config"], [f.name for f in dataclasses.fields(config.TrainConfig)]
@@ -506,6 +530,24 @@ def saved_config(out_dir):
     """The TrainConfig of the run saved in ``out_dir/last.npz`` (what ``--resume`` starts from)."""
     check_out_dir(out_dir)
     return _train_config_of(_load_last(out_dir), os.path.join(out_dir, "last.npz"))
+
+
+def _numba_threads():
+    """Numba's thread count on the numba backend (which sets BLAS's too, and so the rounding), else None."""
+    if backend.current() != "numba":
+        return None
+    import numba
+    return numba.get_num_threads()
+
+
+def saved_backend(out_dir):
+    """The backend the run saved in ``out_dir/last.npz`` trained on (None: not said, or unreadable:
+    ``--resume`` then says what is wrong with the file)."""
+    try:
+        name = checkpoint.load(os.path.join(out_dir, "last.npz")).meta.get("backend")
+    except (OSError, ValueError):
+        return None
+    return name if name in backend.BACKENDS else None
 
 
 def _split_checked(ids, cfg, data):

@@ -126,6 +126,61 @@ def test_resumed_run_computes_the_same_losses(corpus, tmp_path, backend, model_o
     assert elapsed == sorted(elapsed) and elapsed[3] > elapsed[2]     # the run's time, over both sessions
 
 
+def test_resume_without_backend_continues_on_the_saved_runs_backend(corpus, tmp_path, monkeypatch, capsys):
+    """`minilm train --out X --resume`, as the README shows it, goes on on the backend the run was
+    saved on, which keeps its losses those of the run straight through."""
+    monkeypatch.delenv("MINILM_BACKEND", raising=False)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(corpus, straight, "--max-iters", "12") == 0                 # TINY: --backend numpy
+    assert _train(corpus, split, "--max-iters", "6") == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(split), "--resume", "--max-iters", "12", "--no-progress"]) == 0
+    assert "backend numpy" in capsys.readouterr().out
+    assert [row for row in _evaluations(_metrics(split)) if row[0] != 6] == _evaluations(_metrics(straight))
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(split), "--resume", "--max-iters", "14", "--backend", "numba",
+                     "--no-progress"]) == 0                                  # asked for: allowed, and said
+    assert "saved on the numpy backend and goes on on numba" in capsys.readouterr().out
+
+
+def test_a_run_resumed_with_another_thread_count_keeps_its_slices(corpus, tmp_path, monkeypatch, capsys):
+    """The batch's slices set the rounding (minilm.parallel): a run resumed where Numba has fewer
+    threads cuts its batches as the saved run did, and computes its losses bit for bit."""
+    import numba
+    if numba.get_num_threads() < 2:
+        pytest.skip("a saved run of 2 slices needs 2 Numba threads")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    options = ["--dropout", "0.1", "--backend", "numba"]
+    assert _train(corpus, straight, "--max-iters", "12", *options) == 0
+    assert _train(corpus, split, "--max-iters", "6", *options) == 0
+    assert checkpoint.load(split / "last.npz").meta["slices"] == numba.get_num_threads()
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)                  # a one-core machine now
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(split), "--resume", "--max-iters", "12", "--backend", "numba",
+                     "--no-progress"]) == 0
+    slices = checkpoint.load(straight / "last.npz").meta["slices"]
+    assert f"each batch is cut into {slices} slices, as the saved run's were (Numba has 1 thread here)" \
+        in capsys.readouterr().out
+    assert [row for row in _evaluations(_metrics(split)) if row[0] != 6] == _evaluations(_metrics(straight))
+
+
+def test_a_run_of_one_thread_resumed_with_more_says_its_rounding_changes(corpus, tmp_path, monkeypatch, capsys):
+    """A run of one slice rounds as its BLAS and Numba thread counts do; resumed with another count it
+    cannot be exact, and says so."""
+    import numba
+    if numba.get_num_threads() < 2:
+        pytest.skip("needs 2 Numba threads to resume with")
+    out = tmp_path / "run"
+    threads = numba.get_num_threads()
+    with monkeypatch.context() as m:
+        m.setattr(numba, "get_num_threads", lambda: 1)
+        assert _train(corpus, out, "--max-iters", "4", "--backend", "numba") == 0
+    assert checkpoint.load(out / "last.npz").meta["slices"] == 1
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "6", "--no-progress"]) == 0
+    assert (f"saved with 1 Numba thread and goes on with {threads}: its losses agree with a run straight "
+            f"through to rounding only") in capsys.readouterr().out
+
 def test_resume_keeps_the_schedule_length_that_lr_decay_iters_0_gave(corpus, tmp_path, capsys):
     """With --lr-decay-iters 0 the schedule is as long as --max-iters; a resumed run that raises
     --max-iters keeps the first run's length, so no learning rate it planned with changes."""
@@ -498,6 +553,24 @@ def test_early_stopping_resumes_with_its_count(corpus, tmp_path, capsys):
     assert captured.out.index(" parameters, vocabulary ") < captured.out.index("nothing to train")   # summary first
     assert "warning: option '--preset' is ignored with --resume" in captured.err
 
+
+
+def test_a_run_trained_in_two_sessions_stops_early_where_the_straight_run_does(corpus, tmp_path):
+    """The evaluation a run makes at its --max-iters, off the --eval-interval grid, is one the
+    straight run never makes: it must not count towards --patience, or a run trained in two
+    sessions stops at another iteration."""
+    straight = tmp_path / "straight"
+    options = ["--lr", "3e-2", "--patience", "1", "--lr-decay-iters", "60", "--max-iters", "60"]
+    assert _train(corpus, straight, *options) == 0
+    stop = checkpoint.load(straight / "last.npz").meta["iter"]
+    assert stop < 60                                            # it did stop early
+    for first in (stop - 1, stop - 3):                          # off the grid of 4
+        split = tmp_path / f"split{first}"
+        assert _train(corpus, split, *options[:-1], str(first)) == 0
+        assert cli.main(["train", "--out", str(split), "--resume", "--max-iters", "60", "--backend", "numpy",
+                         "--no-progress"]) == 0
+        assert checkpoint.load(split / "last.npz").meta["iter"] == stop, first
+        assert [row for row in _evaluations(_metrics(split)) if row[0] != first] == _evaluations(_metrics(straight))
 
 def test_eval_and_sample(corpus, tmp_path, capsys):
     out = tmp_path / "run"
@@ -1494,6 +1567,8 @@ def test_eval_of_an_edited_checkpoint_names_the_file_and_the_entry(trained, caps
     (lambda m: m.update(iter="4"), r"meta entry 'iter' must be an integer >= 0, got '4'"),
     (lambda m: m.update(best_val_loss=None), r"meta entry 'best_val_loss' must be a number, got None"),
     (lambda m: m.update(dropout_rng="x"), r"meta entry 'dropout_rng' must be a dictionary, got 'x'"),
+    (lambda m: m.update(slices=0), r"meta entry 'slices' must be a positive integer, got 0"),
+    (lambda m: m.update(threads="2"), r"meta entry 'threads' must be a positive integer or null, got '2'"),
 ])
 def test_resume_of_an_edited_checkpoint_names_the_file_and_the_entry(trained, capsys, edit, match):
     saved = checkpoint.load(trained / "last.npz")
