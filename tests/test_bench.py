@@ -989,3 +989,316 @@ def test_converge_runs_the_pytorch_peer_on_the_same_recipe(tmp_path, monkeypatch
     for r in results:
         assert [p["iter"] for p in r["curve"]] == [0, 2, 4] and np.isfinite(r["curve"][-1]["val_loss"])
         assert r["curve"][-1]["val_loss"] < r["curve"][0]["val_loss"]         # both learn
+
+
+def test_both_sides_of_a_training_measurement_step_as_their_trainers_do(monkeypatch, numpy_backend):
+    """minilm's step runs as minilm train runs it (the batch through ``batch_runner``: on numba, in
+    slices over the cores) with the preset's gradient clipping; the peer's in float32 with the same
+    clipping. A side that skipped its clipping, or a peer in float64, is timed on other work. Both
+    count a step's B x T tokens in tokens/s."""
+    import dataclasses
+    import minilm.parallel
+    import minilm.train
+    from minilm.bench import worker
+    seen = {}
+    batch_runner, TrainStep = minilm.parallel.batch_runner, minilm.train.TrainStep
+
+    def runner_recording(model):
+        seen["runner"] = batch_runner(model)
+        return seen["runner"]
+
+    def step_recording(model, runner, *args, **kwargs):
+        seen["step"] = (runner, kwargs["grad_clip"])
+        return TrainStep(model, runner, *args, **kwargs)
+    monkeypatch.setattr(minilm.parallel, "batch_runner", runner_recording)
+    monkeypatch.setattr(minilm.train, "TrainStep", step_recording)
+    cfg = dataclasses.replace(preset("shakespeare-gru"), n_layer=1, n_embd=4, hidden_size=4, batch_size=2,
+                              block_size=3, grad_clip=0.5)
+    ours = worker.minilm_train({"backend": "numpy", "steps": 1, "warmup": 0}, cfg, 7)
+    assert seen["step"] == (seen["runner"], 0.5)
+    torch = pytest.importorskip("torch")
+    from minilm.bench import peers
+
+    def peer_step(model, optimizer, x, y, lr, grad_clip, **kwargs):
+        seen["peer"] = (grad_clip, {p.dtype for p in model.parameters()})
+        return 1.0
+    monkeypatch.setattr(peers, "train_step", peer_step)
+    peer = worker.torch_train({"steps": 1, "warmup": 0}, cfg, 7)
+    assert seen["peer"] == (0.5, {torch.float32})
+    for result in (ours, peer):               # one timed step: tokens/s x s/step, to a division's rounding
+        assert result["tokens_per_s"] * result["ms_per_step"] / 1000 == pytest.approx(2 * 3, rel=1e-9)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_sampling_measurement_uses_the_cache_as_its_job_says(cache, monkeypatch, numpy_backend):
+    """The 'no cache' row re-runs the whole context every token; a worker that sampled with the
+    cache anyway would print two kv-cache speeds under two labels."""
+    import dataclasses
+    import minilm.sample
+    from minilm.bench import worker
+    used, generate = [], minilm.sample.generate
+
+    def recording(*args, use_cache, **kwargs):
+        used.append(use_cache)
+        return generate(*args, use_cache=use_cache, **kwargs)
+    monkeypatch.setattr(minilm.sample, "generate", recording)
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    worker.minilm_sample({"backend": "numpy", "cache": cache, "tokens": 3}, cfg, 11)
+    assert used == [cache, cache]                             # the warm-up and the timed run
+
+
+def test_a_worker_gives_pytorch_its_threads_and_the_job_its_batch_size(monkeypatch, capsys):
+    """The peer computes with --threads threads (PyTorch's own default is the machine's cores), and
+    --batch-size reaches the model the worker builds, not only the job's description."""
+    torch = pytest.importorskip("torch")
+    from minilm.bench import worker
+    seen = {}
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.update(threads=n))
+    monkeypatch.setattr(worker, "torch_train", lambda job, cfg, V: seen.update(batch_size=cfg.batch_size) or {})
+    worker.main([json.dumps({"impl": "torch", "what": "train", "preset": "shakespeare-gru", "threads": 3,
+                             "batch_size": 7})])
+    assert seen == {"threads": 3, "batch_size": 7}
+    assert json.loads(capsys.readouterr().out)["threads"] == 3
+
+
+def test_a_worker_process_gets_the_thread_count_for_numba_and_every_blas(monkeypatch):
+    """Each pool a worker may start (Numba's, OpenMP's, OpenBLAS's, MKL's) gets --threads through
+    the environment, over a shell's own setting (stand-in subprocess: nothing runs)."""
+    import subprocess
+    import types
+    seen = {}
+
+    def fake_run(cmd, *, env, **kwargs):
+        seen.update(env)
+        return types.SimpleNamespace(returncode=0, stdout='{"tokens_per_s": 1.0}\n', stderr="")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert bench_run.run_job({"threads": 3}) == {"tokens_per_s": 1.0}
+    names = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    assert {name: seen[name] for name in names} == dict.fromkeys(names, "3")
+
+
+def test_every_job_carries_the_counts_and_threads_asked_for():
+    """--steps, --warmup, --threads and --tokens reach each training and sampling job, minilm's and
+    the peer's alike (a job's warm-up of 0 would time Numba's compilation in the first step)."""
+    args = _bench_args(["--presets", "shakespeare-gru", "--backends", "numpy", "numba", "--steps", "7",
+                        "--warmup", "3", "--threads", "5", "--tokens", "9"])
+    ((_, train),) = bench_run.train_tables(args, args.backends, torch=True)
+    ((_, sample),) = bench_run.sample_tables(args, args.backends, torch=True)
+    assert [(j["impl"], j["steps"], j["warmup"], j["threads"]) for j in train] == \
+        [("minilm", 7, 3, 5), ("minilm", 7, 3, 5), ("torch", 7, 3, 5)]
+    assert [(j["impl"], j["tokens"], j["threads"]) for j in sample] == [("minilm", 9, 5)] * 4 + [("torch", 9, 5)]
+
+
+def test_a_tables_columns_are_its_rows_own_numbers(monkeypatch):
+    """Each printed number is the row's own, in its own column: the median round's ms/step and
+    tokens/s, the largest peak and +MB over the rounds, the ratio to PyTorch and to numpy."""
+    tokens = 12 * 64
+    ms = {"numpy": [40.0, 10.0, 20.0], "numba": [8.0, 2.0, 4.0], "torch": [4.0, 4.0, 4.0]}
+    peak, baseline = [100.0, 120.0, 110.0], [50.0, 90.0, 60.0]      # +MB: 50, 30, 50
+    seen = {name: 0 for name in ms}
+
+    def fake_run_job(job):
+        name = job.get("backend", "torch")
+        r = seen[name]
+        seen[name] += 1
+        return {"job": job, "ms_per_step": ms[name][r], "tokens_per_s": tokens * 1000 / ms[name][r],
+                "peak_rss_mb": peak[r], "baseline_rss_mb": baseline[r]}
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    jobs = [{"impl": "minilm", "what": "train", "backend": name} for name in ("numpy", "numba")] + \
+        [{"impl": "torch", "what": "train"}]
+    lines = []
+    bench_run._print_rows(lines.append, "training step", bench_run._rounds(jobs, 3), "ms_per_step")
+    assert [line.split() for line in lines[2:]] == [
+        ["numpy", "20.00", "38400", "120", "50", "0.20x", "(0.10-0.40)", "1.00x", "(1.00-1.00)"],
+        ["numba", "4.00", "192000", "120", "50", "1.00x", "(0.50-2.00)", "5.00x", "(5.00-5.00)"],
+        ["pytorch", "4.00", "192000", "120", "50", "1.00x", "(1.00-1.00)"]]
+
+
+def test_what_all_measures_training_sampling_and_ops_into_one_json(monkeypatch, tmp_path, capsys):
+    """--what all (the default) gives the training table with its ms/step column, the sampling
+    table and the per-op table, and the JSON records the thread count they ran with."""
+    from minilm.bench import ops as op_bench
+
+    def fake_run_job(job):
+        return {"job": job, "tokens_per_s": 1000.0, "peak_rss_mb": 1.0,
+                **({"ms_per_step": 1024.0} if job["what"] == "train" else {})}
+    monkeypatch.setattr(bench_run, "run_job", fake_run_job)
+    monkeypatch.setattr(op_bench, "run",
+                        lambda backends, *, threads, out: [{"backend": "numpy", "op": "gelu", "ms": 1.0}])
+    path = tmp_path / "all.json"
+    assert cli.main(["bench", "--presets", "shakespeare-gru", "--backends", "numpy", "--no-torch", "--rounds", "1",
+                     "--threads", "3", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())
+    assert results["threads"] == 3
+    assert [(r["job"]["what"], r["job"]["threads"]) for r in results["train"] + results["sample"]] == \
+        [("train", 3), ("sample", 3), ("sample", 3)]
+    assert results["ops"] == [{"backend": "numpy", "op": "gelu", "ms": 1.0}]
+    training = capsys.readouterr().out.split("\nsampling")[0]
+    assert "training step, shakespeare-gru" in training and "ms/step" in training and "1024.00" in training
+
+
+def test_an_ops_time_is_the_median_in_ms_of_the_calls_after_an_untimed_one(monkeypatch):
+    """The first call compiles (Numba) and is not timed; the others' median is reported in ms
+    (stand-in clock: calls of 5 s, then 4, 1 and 2 ms)."""
+    import types
+    from minilm.bench import ops as op_bench
+    now, costs = [0.0], iter([5.0, 0.004, 0.001, 0.002])
+    monkeypatch.setattr(op_bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def fn():
+        now[0] += next(costs)
+    assert op_bench._time(fn, repeats=3) == pytest.approx(2.0, rel=1e-9)     # the median of 4, 1, 2 ms
+
+
+def test_the_per_op_shapes_are_the_cpu_presets_shapes():
+    """The per-op table says it times the ops at the CPU presets' shapes (and Shakespeare's 65
+    characters)."""
+    from minilm.bench import ops as op_bench
+    gpt, lstm, gru = (preset(name) for name in ("shakespeare-char-cpu", "shakespeare-lstm", "shakespeare-gru"))
+    assert (op_bench.B, op_bench.T, op_bench.C, op_bench.NH, op_bench.V) == \
+        (gpt.batch_size, gpt.block_size, gpt.n_embd, gpt.n_head, 65)
+    for rnn in (lstm, gru):
+        assert (op_bench.RB, op_bench.RT, op_bench.RD, op_bench.RH) == \
+            (rnn.batch_size, rnn.block_size, rnn.n_embd, rnn.hidden_size)
+
+
+def test_the_benchmarks_in_the_bench_process_compute_with_the_threads_asked_for(tmp_path, monkeypatch):
+    """The per-op table and converge run minilm in the bench process itself: there --threads holds
+    Numba's pool and BLAS (``limited``), and the peer gets as many PyTorch threads (stand-ins for
+    the ops and for minilm's training; the peer trains two steps)."""
+    import dataclasses
+    import numba
+    from threadpoolctl import threadpool_info
+    from minilm import backend
+    from minilm.bench import converge
+    from minilm.bench import ops as op_bench
+    torch = pytest.importorskip("torch")
+    from minilm.bench import peers
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: one thread is every pool's default, so no limit would show")
+
+    def pools():
+        return numba.get_num_threads(), {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    seen = {}
+
+    def op(name):
+        def call(*args, **kwargs):
+            seen["ops"] = pools()
+            return np.zeros(1), None
+        return call
+    monkeypatch.setattr(backend, "op", op)
+    op_bench.run(["numpy"], threads=1, repeats=1, out=lambda line: None)
+    curve = [{"iter": 0, "train_seconds": 0.0, "val_loss": 4.0}]
+    monkeypatch.setattr(converge, "minilm_curve", lambda cfg, data, b, say: seen.update(minilm=pools()) or curve)
+    train_step = peers.train_step
+    monkeypatch.setattr(peers, "train_step",
+                        lambda *a, **k: seen.update(peer=torch.get_num_threads()) or train_step(*a, **k))
+    short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=2, eval_interval=2, eval_iters=1,
+                                block_size=8, batch_size=2, warmup_iters=1, lr_decay_iters=0, n_layer=1, n_embd=8,
+                                n_head=2)
+    monkeypatch.setattr(converge.config, "preset", lambda name: short)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)                                 # not the 1 asked for below
+    try:
+        converge.run("shakespeare-char-cpu", str(_corpus(tmp_path)), backends=["numpy"], threads=1, target=0.0,
+                     out=lambda line: None)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"ops": (1, {1}), "minilm": (1, {1}), "peer": 1}
+
+
+def test_converge_reports_each_sides_first_evaluation_at_or_below_the_target(monkeypatch):
+    """A side that starts below the target reached it at 0 s (stand-in curves)."""
+    import contextlib
+    from minilm.bench import converge
+    curves = {"numpy": [{"iter": 0, "train_seconds": 0.0, "val_loss": 1.8},
+                        {"iter": 10, "train_seconds": 3.0, "val_loss": 1.5}],
+              "pytorch": [{"iter": 0, "train_seconds": 0.0, "val_loss": 1.5},
+                          {"iter": 10, "train_seconds": 2.0, "val_loss": 1.2}]}
+    monkeypatch.setattr(converge, "minilm_curve", lambda cfg, data, b, say: curves[b])
+    monkeypatch.setattr(converge, "torch_curve", lambda cfg, data, threads, say: curves["pytorch"])
+    monkeypatch.setattr(converge, "limited", lambda threads: contextlib.nullcontext())
+    lines = []
+    results = converge.run("shakespeare-char-cpu", "unused", backends=["numpy"], threads=1, target=1.5,
+                           out=lines.append)
+    assert [(r["impl"], r["seconds_to_target"]) for r in results] == [("numpy", 3.0), ("pytorch", 0.0)]
+    assert lines[-1].split() == ["pytorch", "1.2000", "0.0", "2.0"]
+
+
+def test_converge_gives_the_peer_the_evaluation_batches_minilm_train_draws(tmp_path, monkeypatch):
+    """'the same evaluation batches' on both sides: the peer's (``_corpus``) are those minilm train
+    draws for the validation split from the same preset and seed."""
+    import dataclasses
+    from minilm import train
+    from minilm.bench import converge
+    corpus = str(_corpus(tmp_path))
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=2, eval_interval=2, eval_iters=2,
+                              block_size=8, batch_size=2, warmup_iters=1, lr_decay_iters=0, n_layer=1, n_embd=8,
+                              n_head=2, seed=7)
+    drawn, evaluation_batches = [], train.evaluation_batches
+    monkeypatch.setattr(train, "evaluation_batches",
+                        lambda *a, **k: drawn.append(evaluation_batches(*a, **k)) or drawn[-1])
+    train.train(cfg, data=corpus, out_dir=str(tmp_path / "run"), progress=False, log=lambda line: None)
+    (_, minilm_val) = drawn                                  # the training split's, then the validation split's
+    _, _, peer_val = converge._corpus(cfg, corpus)
+    assert len(peer_val) == len(minilm_val) == 2
+    for (x, y), (x_ours, y_ours) in zip(peer_val, minilm_val):
+        assert np.array_equal(x, x_ours) and np.array_equal(y, y_ours)
+
+
+def test_the_peer_of_a_preset_has_its_dropout_and_pytorchs_fused_adamw():
+    """make_model gives the peer the preset's dropout (shakespeare-char's 0.2: a peer without it is
+    timed on less work than minilm's GPT); make_optimizer gives PyTorch's fused AdamW, its fastest,
+    and PyTorch's default where asked (nanoGPT's loop on a CPU)."""
+    pytest.importorskip("torch")
+    import dataclasses
+    from minilm.bench import peers
+    cfg = dataclasses.replace(preset("shakespeare-char"), n_layer=1, n_head=2, n_embd=8, block_size=4)
+    assert cfg.dropout == 0.2
+    model = peers.make_model(cfg, 11)
+    assert model.p == 0.2 and [block.p for block in model.h] == [0.2]
+    assert peers.make_optimizer(model, cfg).defaults["fused"] is True
+    assert not peers.make_optimizer(model, cfg, fused=False).defaults["fused"]
+
+
+def test_nanogpts_loop_is_nanogpts_recipe_on_a_cpu(tmp_path, monkeypatch):
+    """nanoGPT's CPU run: AdamW without ``fused`` (nanoGPT asks for it on CUDA only), the gradients
+    clipped at the preset's grad_clip every step, and each estimate over EVAL_ITERS = 20 batches of
+    each split (its README's --eval_iters=20, the table's "(20 batches)")."""
+    torch = pytest.importorskip("torch")
+    import dataclasses
+    from minilm.bench import nanogpt, peers
+    short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=2, eval_interval=2, block_size=8,
+                                batch_size=2, n_layer=1, n_head=2, n_embd=8, warmup_iters=1, lr_decay_iters=2)
+    monkeypatch.setattr(nanogpt, "preset", lambda name: short)
+    monkeypatch.setattr(nanogpt, "evaluate", lambda *a, **k: {"loss": 0.0})     # the whole split: not counted
+    seen = {"clip": [], "evaluated": 0}
+    make_optimizer, forward, clip = peers.make_optimizer, peers.TorchGPT.forward, torch.nn.utils.clip_grad_norm_
+
+    def optimizer(model, cfg, fused=True):
+        seen["fused"] = fused
+        return make_optimizer(model, cfg, fused=fused)
+
+    def counting(self, *args, **kwargs):
+        seen["evaluated"] += not self.training
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(peers, "make_optimizer", optimizer)
+    monkeypatch.setattr(peers.TorchGPT, "forward", counting)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: seen["clip"].append(max_norm) or clip(params, max_norm))
+    nanogpt.run(seed=1, data=str(_corpus(tmp_path)), threads=1, out=lambda line: None)
+    assert seen == {"fused": False, "clip": [1.0, 1.0], "evaluated": 2 * 2 * 20}   # at iterations 0 and 2
+
+
+def test_both_sides_of_a_gpt_measurement_count_its_parameters_alike(monkeypatch, numpy_backend):
+    """The JSON's n_params: the same count (without the position embedding) on both sides."""
+    pytest.importorskip("torch")
+    import dataclasses
+    from minilm.bench import peers, worker
+    cfg = dataclasses.replace(preset("shakespeare-char-cpu"), n_layer=1, n_head=2, n_embd=8, block_size=4,
+                              batch_size=2)
+    monkeypatch.setattr(peers, "train_step", lambda *a, **k: 1.0)
+    ours = worker.minilm_train({"backend": "numpy", "steps": 1, "warmup": 0}, cfg, 11)
+    peer = worker.torch_train({"steps": 1, "warmup": 0}, cfg, 11)
+    assert ours["n_params"] == peer["n_params"] == 11 * 8 + 12 * 8 * 8 + 3 * 8     # wte, one block, 3 gammas
