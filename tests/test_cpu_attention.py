@@ -194,6 +194,47 @@ def test_parallel_forward_kernel_equals_reference(dtype):
         check_parity("attention", ref_attention, cpu_attention, (q, k, v), kwargs, dtype)
 
 
+def test_attention_float32_weights_are_normalised_in_float64():
+    """Both paths add up a float32 row's Z = sum_j e^{S_ij - m_i} in float64; the reference sums
+    in float32, pairwise. A float32 Z would give all of a row's weights one common relative
+    error, which shows in sum_j (att_ij - truth_ij) / sum_j truth_ij, truth from the same inputs
+    in float64. On rows of 16384 keys the kernels' must be no larger than the reference's
+    (measured: BLAS path 4.4e-8, fused 1.1e-9, reference 8.4e-8; a float32 Z gives 1.4e-7 and
+    4.7e-6). The draws above have at most 9 keys, where a float32 sum is exact enough to agree."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 8, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 16384, 8)).astype(np.float32) for _ in range(2))
+    _, truth = ref_attention.attention_forward(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+
+    def common_error(att):
+        return float(np.max(np.abs(np.sum(att - truth.att, axis=-1) / np.sum(truth.att, axis=-1))))
+
+    _, cache = cpu_attention.attention_forward(q, k, v)             # the path and twin the fixtures force
+    _, cache_ref = ref_attention.attention_forward(q, k, v)
+    assert common_error(cache.att) <= common_error(cache_ref.att)
+
+
+CANCELLING_DQ_TOL = 1e-4   # dq below is a 1% residual of O(1) terms: float32 round-off x ~100, measured <= 1.4e-5
+
+
+def test_fused_backward_sums_in_float64(attention_path):
+    """The fused backward adds up sum_l dA_il A_il in float64. With v_j = 1 + 0.01 noise every
+    dA_ij = dy_i . v_j is nearly one value, so dS_ij = A_ij (dA_ij - sum_l dA_il A_il) keeps 1% of
+    it and the sum's error shows in dq a hundredfold (measured over seeds 0-5: 4.8e-6 to 1.4e-5,
+    the reference 5.9e-6 to 6.2e-5; a float32 sum gives 8.0e-4). One query over 1024 keys, hs 8:
+    the size of work the fused path serves."""
+    if attention_path != "fused":
+        pytest.skip("the BLAS path's sum is test_attention_float32_weights_are_normalised_in_float64's kernel")
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((1, 1, 1, 8)).astype(np.float32), rng.standard_normal((1, 1, 1024, 8)).astype(np.float32)
+    v = (1 + 0.01 * rng.standard_normal((1, 1, 1024, 8))).astype(np.float32)
+    dy = rng.standard_normal(q.shape).astype(np.float32)
+    _, truth = ref_attention.attention_forward(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+    dq_truth = ref_attention.attention_backward(dy.astype(np.float64), truth)[0]
+    dq = cpu_attention.attention_backward(dy, cpu_attention.attention_forward(q, k, v)[1])[0]
+    assert relative_error(dq, dq_truth) <= CANCELLING_DQ_TOL
+
+
 @pytest.mark.parametrize("dtypes", [(np.float64, np.float32), (np.float32, np.float64)])
 def test_attention_backward_of_another_dtype_promotes_as_the_reference(dtypes):
     """A gradient dy of another dtype than the forward's q, k, v: dq, dk, dv have the reference's
@@ -414,6 +455,25 @@ def test_softmax_of_logits_far_apart_does_not_overflow(dtype):
                   [-1000.0, 0.0, 5.0, 10.0, 1000.0],          # last,
                   [998.0, 999.0, 1000.0, 997.0, 1000.0]], dtype=dtype)     # and twice
     check_parity("softmax", ref_activations, cpu_activations, (x,), {}, dtype)
+
+
+def test_softmax_float32_sums_in_float64():
+    """The kernels add up a float32 row's sums in float64 (the forward's Z = sum_j e^{x_j - m},
+    the backward's s = sum_j dy_j y_j); the reference sums in float32, pairwise. On rows of 4096
+    the kernels must be at least as close to the float64 result as the reference is (measured:
+    forward 1.9e-8 against 5.7e-8; backward 4.2e-8 against 7.4e-8, with dy around 1 so that
+    dy_i - s cancels and s's error shows; float32 sums in the kernels give 8.3e-7 and 9.2e-7).
+    The draws above have at most 9 entries a row, where a float32 sum is exact enough to agree."""
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal((16, 4096))).astype(np.float32)
+    dy = (1 + rng.standard_normal(x.shape)).astype(np.float32)
+    y64, cache64 = ref_activations.softmax_forward(x.astype(np.float64))
+    (dx64,) = ref_activations.softmax_backward(dy.astype(np.float64), cache64)
+    y, cache = cpu_activations.softmax_forward(x)                  # the twin the module's fixture forces
+    y_ref, cache_ref = ref_activations.softmax_forward(x)
+    assert relative_error(y, y64) <= relative_error(y_ref, y64)
+    (dx,), (dx_ref,) = cpu_activations.softmax_backward(dy, cache), ref_activations.softmax_backward(dy, cache_ref)
+    assert relative_error(dx, dx64) <= relative_error(dx_ref, dx64)
 
 
 @pytest.mark.parametrize("dtypes", [(np.float64, np.float32), (np.float32, np.float64)])
