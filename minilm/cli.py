@@ -17,10 +17,11 @@ from minilm import backend
 from minilm.sample import DEFAULT_PROMPT, DEFAULT_TEMPERATURE, _sample_text
 
 
-def _add_backend(p):
+def _add_backend(p, resumes=False):
+    saved = "with --resume: the saved run's (where it can start), else " if resumes else ""
     p.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="numpy (reference), numba (JIT CPU kernels) or cupy (GPU); "
-                        "default: $MINILM_BACKEND, else numba when it imports, else numpy")
+                        f"default: $MINILM_BACKEND, else {saved}numba when it imports, else numpy")
 
 
 def build_parser():
@@ -57,7 +58,7 @@ def build_parser():
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="cupy backend: run every step op by op instead of replaying a GPT's step as a CUDA graph")
     config.add_options(p)
-    _add_backend(p)
+    _add_backend(p, resumes=True)
 
     p = add_parser("eval", "validation loss, perplexity and bits per character of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a .npz written by minilm train")
@@ -102,8 +103,8 @@ def _train(args):
         if saved_backend is not None:
             try:
                 backend.use(saved_backend)
-            except (ImportError, RuntimeError, ValueError):     # cupy saved, no GPU here: the default, noted
-                pass
+            except (ImportError, RuntimeError, ValueError) as e:     # cupy saved, no GPU here: the default, noted
+                print(f"note: the run was saved on the {saved_backend} backend, which cannot start here ({e})")
     base = train.saved_config(args.out) if args.resume else config.preset(args.preset or config.DEFAULT_PRESET)
     cfg = config.from_args(args, base, check=not args.resume)    # a resumed run is checked by train()
     ignored = config.ignored_options(args, cfg)

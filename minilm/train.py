@@ -191,7 +191,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     # slices as the saved run did, whatever this machine's thread count, since the slices set the rounding
     # (never more slices than rows: a batch of B rows is cut into at most B)
     same_backend = saved is not None and saved.meta.get("backend") == backend.current()
-    slices = saved.meta.get("slices") if same_backend else None
+    slices = saved.meta.get("slices") if same_backend and backend.current() == "numba" else None
     runner = batch_runner(model, threads=min(slices, cfg.batch_size) if slices else None)
     optimizer = make_optimizer(cfg, model.params)
     schedule = make_schedule(cfg)
@@ -249,12 +249,17 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
         log(f"resuming {last_path} at iteration {it}")
         if saved.meta.get("backend", backend.current()) != backend.current():
             log(f"note: the run was saved on the {saved.meta['backend']} backend and goes on on {backend.current()}: "
-                f"its losses agree with a run straight through to rounding only (--backend "
-                f"{saved.meta['backend']} keeps them exact)")
-        elif slices and slices > 1 and slices != _numba_threads():
+                f"its losses agree with a run straight through to rounding only (on {saved.meta['backend']} "
+                f"they stay exact)")
+        elif slices and slices > 1 and slices != min(_numba_threads(), cfg.batch_size):    # else as a new run's
             n = _numba_threads()
             log(f"note: each batch is cut into {getattr(runner, 'threads', 1)} slices, as the saved run's were "
                 f"(Numba has {n} thread{'s' * (n != 1)} here): the losses stay exact")
+        elif backend.current() == "numba" and "slices" not in saved.meta:        # saved before they were kept
+            n = min(getattr(runner, "threads", 1), cfg.batch_size)
+            log(f"note: the checkpoint does not record how its batches were cut (saved by an older minilm): they "
+                f"are cut into {n} slice{'s' * (n != 1)} here, and the losses agree with a run straight through "
+                f"to rounding only, unless the saved run had as many")
         elif runner is model and saved.meta.get("threads", _numba_threads()) != _numba_threads():
             n = saved.meta["threads"]
             log(f"note: the run was saved with {n} Numba thread{'s' * (n != 1)} and goes on with "
@@ -544,9 +549,10 @@ def saved_backend(out_dir):
     """The backend the run saved in ``out_dir/last.npz`` trained on (None: not said, or unreadable:
     ``--resume`` then says what is wrong with the file)."""
     try:
-        name = checkpoint.load(os.path.join(out_dir, "last.npz")).meta.get("backend")
+        meta = checkpoint.load(os.path.join(out_dir, "last.npz")).meta
     except (OSError, ValueError):
         return None
+    name = meta.get("backend") if isinstance(meta, dict) else None     # not a dictionary: --resume says so
     return name if name in backend.BACKENDS else None
 
 

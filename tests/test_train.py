@@ -181,6 +181,76 @@ def test_a_run_of_one_thread_resumed_with_more_says_its_rounding_changes(corpus,
     assert (f"saved with 1 Numba thread and goes on with {threads}: its losses agree with a run straight "
             f"through to rounding only") in capsys.readouterr().out
 
+def test_resume_without_backend_of_a_checkpoint_whose_meta_is_not_a_dictionary(trained, capsys, monkeypatch):
+    """`minilm train --resume` reads the saved run's backend before its settings: a last.npz whose
+    meta is not a dictionary is still one line naming the file, not a traceback."""
+    monkeypatch.delenv("MINILM_BACKEND", raising=False)
+    path = trained / "last.npz"
+    with np.load(path) as archive:
+        entries = {name: archive[name] for name in archive.files}
+    entries["meta"] = np.array("[1, 2]")
+    checkpoint.atomic_write(path, lambda f: np.savez(f, **entries))
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
+    assert f"'{path}' is truncated or is not a minilm checkpoint (its meta is a list, not a dictionary)" in err
+
+
+def test_a_numba_run_saved_without_its_slice_count_says_its_rounding_may_change(trained, capsys, monkeypatch):
+    """A checkpoint from before minilm recorded the slices does not say how its batches were cut;
+    resumed on numba, the run says so instead of promising nothing silently."""
+    import numba
+    saved = checkpoint.load(trained / "last.npz")
+    saved.meta.update(backend="numba")
+    del saved.meta["slices"], saved.meta["threads"]
+    checkpoint.save(trained / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numba",
+                     "--no-progress"]) == 0
+    n = numba.get_num_threads()
+    assert (f"does not record how its batches were cut (saved by an older minilm): they are cut into "
+            f"{n} slice{'s' * (n != 1)} here") in capsys.readouterr().out
+
+
+def test_a_resumed_run_of_a_batch_smaller_than_the_thread_count_notes_nothing(corpus, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A batch of 2 rows is cut into 2 slices wherever Numba has 2 threads or more: resumed where
+    nothing changed, the run has nothing to note."""
+    import numba
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 4)                  # a 4-core machine
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4", "--backend", "numba", "--batch-size", "2") == 0
+    assert checkpoint.load(out / "last.npz").meta["slices"] == 2
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "8", "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_a_run_resumed_where_its_backend_cannot_start_says_why(trained, capsys, monkeypatch):
+    """A run saved on cupy, resumed on a machine where cupy cannot start, goes on on the default
+    backend; the note says why, rather than advising the --backend that cannot run here."""
+    monkeypatch.delenv("MINILM_BACKEND", raising=False)
+    saved = checkpoint.load(trained / "last.npz")
+    saved.meta.update(backend="cupy", threads=None)
+    checkpoint.save(trained / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    from minilm import backend
+    real_load = backend._load
+
+    def load(name):
+        if name == "cupy":
+            raise RuntimeError("backend 'cupy' needs an NVIDIA GPU, but none was found")
+        return real_load(name)
+    monkeypatch.setattr(backend, "_load", load)
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "saved on the cupy backend, which cannot start here (backend 'cupy' needs an NVIDIA GPU" in out
+    assert "--backend cupy keeps them exact" not in out
+
+
+def test_train_backend_help_says_resume_takes_the_saved_runs_backend():
+    import argparse
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    backend_option = next(a for a in sub.choices["train"]._actions if a.dest == "backend")
+    assert "with --resume: the saved run's" in backend_option.help
+
+
 def test_resume_keeps_the_schedule_length_that_lr_decay_iters_0_gave(corpus, tmp_path, capsys):
     """With --lr-decay-iters 0 the schedule is as long as --max-iters; a resumed run that raises
     --max-iters keeps the first run's length, so no learning rate it planned with changes."""
