@@ -374,3 +374,100 @@ def test_numba_backend_passes_on_an_import_error_that_is_not_about_its_cache(mon
     monkeypatch.setattr(backend.importlib, "import_module", import_module)
     with pytest.raises(RuntimeError, match=r"^numba: some other failure$"):
         backend.use("numba")
+
+
+# --- each was a surviving mutant of minilm/backend.py --------------------------------------------
+
+@pytest.mark.parametrize("name", ["numpy", "numba", "cupy"])
+def test_environment_variable_names_the_default_whichever_backend_it_names(monkeypatch, name):
+    """default_backend only reads the name (use() then says what is missing): MINILM_BACKEND=cupy
+    on a GPU machine must not fall back to a CPU backend, nor be refused as unknown."""
+    monkeypatch.setenv("MINILM_BACKEND", name)
+    assert backend.default_backend() == name
+    monkeypatch.setenv("MINILM_BACKEND", "")                # set but empty (`export MINILM_BACKEND=`): as unset
+    assert backend.default_backend() == "numba"
+    monkeypatch.setenv("MINILM_BACKEND", "Numba")
+    with pytest.raises(ValueError, match=r"^environment variable MINILM_BACKEND must be one of numpy, numba, cupy, "
+                                         r"got 'Numba'$"):
+        backend.default_backend()
+
+
+def test_kernel_is_the_tiers_own_function_on_its_backend_and_the_reference_elsewhere():
+    """The optimizers ask ``backend.kernel`` for their update: the numba backend runs minilm.cpu's,
+    the numpy backend the reference passed in."""
+    from minilm import cpu, optim
+    minilm.use("numba")
+    assert backend.kernel("adamw_update", optim.adamw_update) is cpu.adamw_update
+    assert backend.kernel("no_such_kernel", optim.adamw_update) is optim.adamw_update
+    minilm.use("numpy")
+    assert backend.kernel("adamw_update", optim.adamw_update) is optim.adamw_update
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_one_core_per_thread_gives_blas_its_threads_back():
+    """Inside, BLAS has one thread; after, the count the numba backend gave it. (The backend is
+    switched away and back first: a count left at 1 by an earlier call is not taken as the start.)"""
+    backend.use("numpy")
+    backend.use("numba")
+    given = _blas_threads()
+    if not given:
+        pytest.skip("threadpoolctl finds no BLAS library")
+    with backend.one_core_per_thread():
+        assert _blas_threads() == {1}
+    assert _blas_threads() == given
+    with pytest.raises(RuntimeError, match="a failing slice"):
+        with backend.one_core_per_thread():
+            raise RuntimeError("a failing slice")
+    assert _blas_threads() == given
+
+
+def test_the_compile_notice_is_called_off_when_the_call_ends(monkeypatch):
+    """A warm cache: the notice's timer is cancelled when the first call ends, normally or by an
+    error, so it never speaks later in the middle of what follows (a stand-in timer: nothing waits,
+    so a slow machine cannot make it speak)."""
+    import io
+    timers = []
+
+    class Timer:
+        def __init__(self, seconds, say):
+            self.seconds, self.started, self.cancelled = seconds, False, False
+            timers.append(self)
+
+        def start(self):
+            self.started = True
+
+        def cancel(self):
+            self.cancelled = True
+    monkeypatch.setattr(backend.threading, "Timer", Timer)
+    minilm.use("numba")
+    with backend.compile_notice(seconds=2.0, stream=io.StringIO()):
+        assert timers[0].started and not timers[0].cancelled
+    assert timers[0].cancelled
+    with pytest.raises(RuntimeError, match="a failing first call"):
+        with backend.compile_notice(seconds=2.0, stream=io.StringIO()):
+            raise RuntimeError("a failing first call")
+    assert len(timers) == 2 and timers[1].cancelled
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_numba_backend_with_one_numba_thread_keeps_blas_to_one_and_gives_its_count_back():
+    """NUMBA_NUM_THREADS=1 (here numba.set_num_threads(1)): BLAS gets one thread, the kernels no pool;
+    choosing numba twice and then numpy gives BLAS the count it had before, not the 1 it was held to."""
+    import numba
+    from minilm.cpu import _parallel
+    numba_threads = numba.get_num_threads()
+    try:
+        backend.use("numpy")
+        started = _blas_threads()
+        if not started or max(started) < 2:
+            pytest.skip("needs a BLAS library with 2 threads or more")
+        numba.set_num_threads(1)
+        backend.use("numba")
+        assert _blas_threads() == {1}
+        assert not _parallel.pool_in_use() and not _parallel.pool_in_use(beside_blas=False)
+        backend.use("numba")                            # chosen again: the limit is not taken twice
+        backend.use("numpy")
+        assert _blas_threads() == started
+    finally:
+        numba.set_num_threads(numba_threads)
+        backend.use("numpy")

@@ -1055,3 +1055,81 @@ def test_near_a_stationary_point_the_right_backward_passes_and_a_wrong_one_fails
     assert row.passed, row.note
     (row,) = gradcheck(forward, lambda d, x: ((2 * x - 2 * centre) * d + 1e-7,), (np.full(3, x0),)).arguments
     assert not row.passed and row.note.startswith("worst at index"), row.note
+
+
+# --- `minilm gradcheck`'s own wiring (each was a surviving mutant of minilm/gradcheck_cli.py) ----
+
+def _plant_in_layernorms_beta(monkeypatch, factor):
+    from minilm.reference import layernorm as module
+    right = module.layernorm_backward
+
+    def planted(dy, cache):
+        dx, dgamma, dbeta = right(dy, cache)
+        return dx, dgamma, factor * dbeta
+
+    monkeypatch.setattr(module, "layernorm_backward", planted)
+
+
+def test_cli_fails_a_backward_wrong_by_a_few_times_its_tolerance(monkeypatch, capsys):
+    """The table checks at DEFAULT_TOL, the tolerance its header prints: dbeta wrong by 5e-7 of
+    itself (a relative error of ~2.5e-7 on the argument's scale, 2.5 times DEFAULT_TOL) fails,
+    and the FAIL row says where and by how much."""
+    _plant_in_layernorms_beta(monkeypatch, 1 + 5 * DEFAULT_TOL)
+    assert cli.main(["gradcheck", "--op", "layernorm", "--backend", "numpy"]) == 1
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "FAIL" in line and line.startswith("layernorm")]
+    assert re.search(r"^layernorm\s+beta\s+\S+\s+FAIL  \(elements: worst at index \(\d+,\): backward .* "
+                     r"numerical .* \(difference .*\)\)$", row), row
+
+
+def test_cli_checks_every_variant_of_an_op_and_counts_every_argument(capsys):
+    """attention has three cases (causal, mask, dropout): each is checked, each of its arguments
+    counted; with layernorm's x, gamma and beta that is 3 + 3 * 3 = 12 checks."""
+    assert cli.main(["gradcheck", "--op", "layernorm", "--op", "attention", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    for label in ("causal", "mask", "dropout"):
+        for arg in ("q", "k", "v"):
+            assert re.search(rf"^attention\[{label}\]\s+{arg}\s.*\bpass$", out, re.M), (label, arg)
+    assert out.endswith("all 12 checks passed\n")
+
+
+def test_cli_seed_draws_the_cases_from_that_seed(capsys):
+    """--seed S checks the ops at the inputs CASES draws from seed S: the errors printed are those
+    of check_ops(seed=S), and differ from seed 0's."""
+    from minilm.gradcheck_cli import check_ops
+    errors = {}
+    for seed in (0, 3):
+        assert cli.main(["gradcheck", "--op", "layernorm", "--seed", str(seed), "--backend", "numpy"]) == 0
+        errors[seed] = [float(line.split()[2]) for line in capsys.readouterr().out.splitlines()[2:5]]
+        expected = [err for report in check_ops(["layernorm"], seed=seed) for _, _, _, err, _ in report.rows()]
+        assert errors[seed] == pytest.approx(expected, rel=1e-3)      # the table prints 4 significant digits
+    assert errors[0] != errors[3]
+
+
+def test_the_cases_checked_exercise_what_their_labels_name():
+    """`minilm gradcheck` and the float32 test check the inputs minilm.opcases draws: a case that
+    lost its option (the ignored target, label smoothing, the causal mask, dropout > 0, the exact
+    GELU, the padding) would leave that branch of the backward unchecked while its row still
+    passes under the same label. At every seed, as `--seed S` draws them."""
+    from minilm.opcases import CASES, T
+
+    def case(op, label="", seed=0):
+        return dict(CASES[op])[label](np.random.default_rng(seed), np.float64)
+
+    for seed in range(5):
+        (ids, _), _ = case("embedding", seed=seed)
+        assert len(np.unique(ids)) < ids.size, seed                 # a repeated id: dE accumulates
+        (_, targets), kwargs = case("cross_entropy", seed=seed)
+        assert (targets == -100).any() and kwargs["label_smoothing"] > 0, seed
+        (x,), _ = case("relu", seed=seed)
+        assert np.abs(x).min() >= 0.1, seed                         # clear of the kink at 0
+        for op, label in (("attention", "mask"), ("cross_attention", "")):
+            mask = case(op, label, seed=seed)[1]["mask"]
+            assert not mask.all() and mask[..., 0].all(), (op, seed)   # some keys hidden, none hidden from all
+    assert case("attention", "causal")[1]["causal"] is True
+    assert case("attention", "dropout")[1]["dropout"] > 0
+    assert case("self_attention")[1]["causal"] is True and case("self_attention")[1]["n_head"] > 1
+    mask = case("self_attention", "mask")[1]["mask"]
+    assert not mask.all() and mask[:, :, 0].all() and mask.shape[-1] == T
+    assert case("gelu", "exact")[1]["approximate"] == "none"
+    assert case("dropout")[1]["p"] > 0
+    assert case("ffn")[1]["activation"] == "gelu"                   # the GPT's MLP

@@ -253,6 +253,8 @@ BAD_INPUTS = [
      r"cross_entropy: option 'label_smoothing' must be a number in \[0, 1\], got 1.5"),
     ("label_smoothing negative", lambda z, t: ((z, t), {"label_smoothing": -0.1}), ValueError,
      r"cross_entropy: option 'label_smoothing' must be a number in \[0, 1\], got -0.1"),
+    ("label_smoothing a bool", lambda z, t: ((z, t), {"label_smoothing": True}), ValueError,   # not 1.0
+     r"cross_entropy: option 'label_smoothing' must be a number in \[0, 1\], got True"),
     ("ignore_index not int", lambda z, t: ((z, t), {"ignore_index": -100.0}), TypeError,
      r"cross_entropy: option 'ignore_index' must be an integer, got -100.0"),
 ]

@@ -480,7 +480,7 @@ def test_backward_rejects_a_loss_scale_that_is_not_a_positive_number(make):
                                   lambda seed: RNNLM(RNNConfig(cell="gru", **RNN_TINY), seed=seed)],
                          ids=["GPT", "RNNLM"])
 def test_models_reject_a_bad_seed(make):
-    for seed in (-1, "a", 1.5, True):
+    for seed in (-1, "a", 1.5, True, None):          # None: weights from fresh entropy, no run reproducible
         with pytest.raises(ValueError, match=r"(GPT|RNNLM): option 'seed' must be an integer >= 0, got"):
             make(seed)
     make(np.int64(3))

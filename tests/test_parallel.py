@@ -257,6 +257,8 @@ def test_an_error_in_a_slice_reaches_the_caller_after_every_slice_ends():
 
 
 def test_the_cores_go_back_to_blas_and_the_pool_after_each_call():
+    minilm.use("numpy")                 # reset BLAS to the numba backend's rule: a count an earlier
+    minilm.use("numba")                 # test left at 1 would otherwise be taken as "before"
     from threadpoolctl import threadpool_info
     blas_before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     pool_before = _parallel.pool_in_use()
