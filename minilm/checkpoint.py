@@ -339,7 +339,7 @@ def check_compatible(meta, expected, *, path=None):
     ----------
     meta : dict
         Settings recorded in the checkpoint (e.g. ``ckpt.meta["model"]``); nested dicts are
-        compared key by key, and named with dots (``model.n_layer``).
+        compared key by key, and named by their keys joined with dots (``config.n_layer``).
     expected : dict
         The settings this run asks for.
     path : str, optional
@@ -348,8 +348,8 @@ def check_compatible(meta, expected, *, path=None):
     Raises
     ------
     ValueError
-        Naming every setting that differs, e.g. "checkpoint was saved from a model with
-        n_layer=4, but this run asks for n_layer=6".
+        Naming every setting that differs, e.g. "checkpoint 'out/ckpt.npz' was saved from a model
+        with config.n_layer=4, but this run asks for config.n_layer=6".
     """
     if not isinstance(meta, dict):
         raise TypeError(f"check_compatible: argument 'meta' must be a dict, got {type(meta).__name__}")

@@ -309,7 +309,7 @@ def _read_text_file(path, where=None, nul_warning=True):
 
 def _decode(raw, path, where=None, nul_warning=True):
     """The text of a UTF-8 file; a byte-order mark that an editor put first is not part of it.
-    ``nul_warning``: warn when the text is mostly NUL characters (UTF-16 read as UTF-8)."""
+    ``nul_warning``: warn when a tenth or more of the text is NUL characters (UTF-16 read as UTF-8)."""
     where = where or f"load_text: argument 'data' (--data) is '{path}'"
     mark = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     if len(raw) == mark:
@@ -345,7 +345,8 @@ def split(ids, train_fraction=0.9, *, what="the corpus"):
     Returns
     -------
     train, val : numpy.ndarray
-        Views of ``ids``, of lengths ``int(train_fraction * len(ids))`` and the remainder.
+        int64 arrays (views of ``ids`` when it is an int64 array), of lengths
+        ``int(train_fraction * len(ids))`` and the remainder.
     """
     if not (isinstance(train_fraction, (int, float)) and 0.0 < train_fraction < 1.0):
         raise ValueError(f"split: argument 'train_fraction' must be a number in (0, 1), got {train_fraction!r}")

@@ -36,7 +36,6 @@ from minilm.validate import as_numpy_dtype
 from minilm.data import (CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_saved_text,
                          load_text, split, text_digest)
 from minilm.models import build_model, model_meta, param_count
-from minilm.models.rnnlm import GATES
 from minilm.evaluate import stream_loss
 from minilm.parallel import batch_runner
 
@@ -588,20 +587,27 @@ def _check_memory(cfg, vocab_size):
                          f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}")
 
 
+# (B, T, H) arrays a recurrent layer's cache holds: the tanh RNN h; the LSTM its 4 gates, c, tanh(c)
+# and h; the GRU its 3 gates, h W_hn + b_hn and h
+CACHED_PER_LAYER = {"rnn": 1, "lstm": 7, "gru": 5}
+
+
 def memory_estimate(cfg, vocab_size):
-    """Roughly the bytes a training run of ``cfg`` on a CPU holds (float32 or float64): the parameters four times over (weights,
-    gradients, two optimiser moments, as Adam's; SGD and RMSprop keep fewer) and one step's activations
-    (a GPT keeps about 20 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its
-    gates and states a step). It errs low (0.5-0.8 of a step's peak), so that a run it refuses could
-    not have fit."""
+    """Roughly the bytes a training run of ``cfg`` on a CPU holds (float32 or float64): the parameters
+    and gradients, the optimiser's buffers (Adam's two moments; SGD's and RMSprop's momentum buffer
+    only with --momentum, RMSprop's mean square always) and one step's activations (a GPT keeps about
+    20 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its cache,
+    ``CACHED_PER_LAYER``). It errs low (0.35-0.8 of the arrays a step allocates), so that a run it
+    refuses could not have fit."""
     V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
     if cfg.model == "gpt":
         activations = B * T * (L * (20 * C + cfg.n_head * T) + 2 * V)
     else:
-        G = GATES[cfg.model]
-        activations = B * T * (C + L * (G + 3) * H + 2 * V)
+        activations = B * T * (C + L * CACHED_PER_LAYER[cfg.model] * H + 2 * V)
+    buffers = {"adamw": 2, "adam": 2, "sgd": 0, "rmsprop": 1}[cfg.optimizer] + (
+        cfg.optimizer in ("sgd", "rmsprop") and cfg.momentum > 0)
     n_params = param_count(*model_settings(cfg, vocab_size))
-    return (4 * n_params + activations) * as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
+    return ((2 + buffers) * n_params + activations) * as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
 
 
 def _physical_memory():

@@ -1212,7 +1212,10 @@ def test_running_out_of_memory_names_the_size_options(corpus, tmp_path, capsys, 
 
 @pytest.mark.parametrize("settings", [dict(model="gpt", n_embd=64, block_size=32, batch_size=4),
                                       dict(model="lstm", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
-                                      dict(model="gru", n_embd=32, hidden_size=64, block_size=32, batch_size=8)])
+                                      dict(model="gru", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
+                                      dict(model="rnn", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
+                                      dict(model="rnn", n_embd=32, hidden_size=64, block_size=32, batch_size=8,
+                                           optimizer="sgd")])
 def test_the_memory_estimate_is_below_a_measured_step_but_not_far(settings):
     import dataclasses
     import tracemalloc
