@@ -288,7 +288,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     first_step, png_failed, skipped_before = True, False, scaler.skipped
 
     def elapsed():
-        """Seconds since the run started, over all its sessions."""
+        """Seconds spent in the training loop (training and evaluating), summed over the run's sessions."""
         return elapsed_before + time.perf_counter() - start
 
     # what a checkpoint holds beside the weights and the optimiser's moments: all that --resume
