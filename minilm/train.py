@@ -596,12 +596,12 @@ def memory_estimate(cfg, vocab_size):
     """Roughly the bytes a training run of ``cfg`` on a CPU holds (float32 or float64): the parameters
     and gradients, the optimiser's buffers (Adam's two moments; SGD's and RMSprop's momentum buffer
     only with --momentum, RMSprop's mean square always) and one step's activations (a GPT keeps about
-    20 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its cache,
-    ``CACHED_PER_LAYER``). It errs low (0.35-0.8 of the arrays a step allocates), so that a run it
-    refuses could not have fit."""
+    16 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its cache,
+    ``CACHED_PER_LAYER``). It errs low (0.35-0.9 of the arrays a step allocates, measured), so that
+    a run it refuses could not have fit."""
     V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
     if cfg.model == "gpt":
-        activations = B * T * (L * (20 * C + cfg.n_head * T) + 2 * V)
+        activations = B * T * (L * (16 * C + cfg.n_head * T) + 2 * V)
     else:
         activations = B * T * (C + L * CACHED_PER_LAYER[cfg.model] * H + 2 * V)
     buffers = {"adamw": 2, "adam": 2, "sgd": 0, "rmsprop": 1}[cfg.optimizer] + (

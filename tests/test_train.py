@@ -153,12 +153,12 @@ def test_a_run_resumed_with_another_thread_count_keeps_its_slices(corpus, tmp_pa
     options = ["--dropout", "0.1", "--backend", "numba"]
     assert _train(corpus, straight, "--max-iters", "12", *options) == 0
     assert _train(corpus, split, "--max-iters", "6", *options) == 0
-    assert checkpoint.load(split / "last.npz").meta["slices"] == numba.get_num_threads()
+    slices = min(numba.get_num_threads(), 4)                   # TINY's batch of 4 rows: at most 4 slices
+    assert checkpoint.load(split / "last.npz").meta["slices"] == slices
     monkeypatch.setattr(numba, "get_num_threads", lambda: 1)                  # a one-core machine now
     capsys.readouterr()
     assert cli.main(["train", "--out", str(split), "--resume", "--max-iters", "12", "--backend", "numba",
                      "--no-progress"]) == 0
-    slices = checkpoint.load(straight / "last.npz").meta["slices"]
     assert f"each batch is cut into {slices} slices, as the saved run's were (Numba has 1 thread here)" \
         in capsys.readouterr().out
     assert [row for row in _evaluations(_metrics(split)) if row[0] != 6] == _evaluations(_metrics(straight))
@@ -204,7 +204,7 @@ def test_a_numba_run_saved_without_its_slice_count_says_its_rounding_may_change(
     checkpoint.save(trained / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
     assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numba",
                      "--no-progress"]) == 0
-    n = numba.get_num_threads()
+    n = min(numba.get_num_threads(), 4)                        # TINY's batch of 4 rows: at most 4 slices
     assert (f"does not record how its batches were cut (saved by an older minilm): they are cut into "
             f"{n} slice{'s' * (n != 1)} here") in capsys.readouterr().out
 
@@ -1211,6 +1211,9 @@ def test_running_out_of_memory_names_the_size_options(corpus, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("settings", [dict(model="gpt", n_embd=64, block_size=32, batch_size=4),
+                                      # deep: the per-layer count dominates (nanoGPT's 12 layers, narrow)
+                                      dict(model="gpt", n_layer=12, n_embd=64, n_head=4, block_size=64,
+                                           batch_size=4, optimizer="sgd"),
                                       dict(model="lstm", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
                                       dict(model="gru", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
                                       dict(model="rnn", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
