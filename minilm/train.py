@@ -246,24 +246,9 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                      for layer in saved.meta["rnn_state"]]
         _keep_metrics_up_to(metrics_path, last_eval_iter)
         log(f"resuming {last_path} at iteration {it}")
-        if saved.meta.get("backend", backend.current()) != backend.current():
-            log(f"note: the run was saved on the {saved.meta['backend']} backend and goes on on {backend.current()}: "
-                f"its losses agree with a run straight through to rounding only (on {saved.meta['backend']} "
-                f"they stay exact)")
-        elif slices and slices > 1 and slices != min(_numba_threads(), cfg.batch_size):    # else as a new run's
-            n = _numba_threads()
-            log(f"note: each batch is cut into {getattr(runner, 'threads', 1)} slices, as the saved run's were "
-                f"(Numba has {n} thread{'s' * (n != 1)} here): the losses stay exact")
-        elif backend.current() == "numba" and "slices" not in saved.meta:        # saved before they were kept
-            n = min(getattr(runner, "threads", 1), cfg.batch_size)
-            log(f"note: the checkpoint does not record how its batches were cut (saved by an older minilm): they "
-                f"are cut into {n} slice{'s' * (n != 1)} here, and the losses agree with a run straight through "
-                f"to rounding only, unless the saved run had as many")
-        elif runner is model and saved.meta.get("threads", _numba_threads()) != _numba_threads():
-            n = saved.meta["threads"]
-            log(f"note: the run was saved with {n} Numba thread{'s' * (n != 1)} and goes on with "
-                f"{_numba_threads()}: its losses agree with a run straight through to rounding only "
-                f"(NUMBA_NUM_THREADS={saved.meta['threads']} keeps them exact)")
+        note = _rounding_note(saved.meta, runner, model, cfg.batch_size, slices)
+        if note:
+            log(f"note: {note}")
         if stopper is not None and stopper.stopped:                 # the saved run had stopped here
             log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
                 f"evaluations; give a larger --patience (or 0) to train on")
@@ -542,6 +527,30 @@ def _numba_threads():
         return None
     import numba
     return numba.get_num_threads()
+
+
+def _rounding_note(meta, runner, model, batch_size, slices):
+    """What a resumed run says where its rounding is not, or only by its slices is, that of the
+    saved run's machine (``meta``: the saved run's; ``slices``: its slice count on this backend), else
+    None. The backend and the slices set the rounding (README, "Backends")."""
+    here, threads = backend.current(), _numba_threads()
+    if meta.get("backend", here) != here:
+        return (f"the run was saved on the {meta['backend']} backend and goes on on {here}: its losses agree "
+                f"with a run straight through to rounding only (on {meta['backend']} they stay exact)")
+    if slices and slices > 1 and slices != min(threads, batch_size):        # else as a new run's here
+        return (f"each batch is cut into {getattr(runner, 'threads', 1)} slices, as the saved run's were (Numba "
+                f"has {threads} thread{'s' * (threads != 1)} here): the losses stay exact")
+    if here == "numba" and "slices" not in meta:                             # saved before they were kept
+        n = min(getattr(runner, "threads", 1), batch_size)
+        return (f"the checkpoint does not record how its batches were cut (saved by an older minilm): they are "
+                f"cut into {n} slice{'s' * (n != 1)} here, and the losses agree with a run straight through "
+                f"to rounding only, unless the saved run had as many")
+    if runner is model and meta.get("threads", threads) != threads:          # one slice: BLAS's threads round
+        n = meta["threads"]
+        return (f"the run was saved with {n} Numba thread{'s' * (n != 1)} and goes on with {threads}: its "
+                f"losses agree with a run straight through to rounding only (NUMBA_NUM_THREADS={n} keeps "
+                f"them exact)")
+    return None
 
 
 def saved_backend(out_dir):
