@@ -530,9 +530,10 @@ def _numba_threads():
 
 
 def _rounding_note(meta, runner, model, batch_size, slices):
-    """What a resumed run says where its rounding is not, or only by its slices is, that of the
-    saved run's machine (``meta``: the saved run's; ``slices``: its slice count on this backend), else
-    None. The backend and the slices set the rounding (README, "Backends")."""
+    """The note a resumed run prints about its rounding, else None. The backend and the batch's
+    slices set the rounding: the note says where it changes (another backend, a checkpoint that
+    does not record its slices, one slice on another thread count) and where it stays the same only
+    because the batches are cut into the saved run's ``slices``, not this machine's thread count."""
     here, threads = backend.current(), _numba_threads()
     if meta.get("backend", here) != here:
         return (f"the run was saved on the {meta['backend']} backend and goes on on {here}: its losses agree "
