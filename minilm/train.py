@@ -249,9 +249,13 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
         note = _rounding_note(saved.meta, runner, model, cfg.batch_size, slices)
         if note:
             log(f"note: {note}")
-        if stopper is not None and stopper.stopped:                 # the saved run had stopped here
-            log(f"the saved run stopped early at iteration {it}: no improvement in {stopper.bad_evals} "
-                f"evaluations; give a larger --patience (or 0) to train on")
+        if stopper is not None and stopper.stopped:                 # the saved run had stopped here, or stops now
+            before = saved.meta["train_config"]["patience"]
+            why = (f"the saved run stopped early at iteration {it}" if before and stopper.bad_evals >= before else
+                   f"--patience {cfg.patience} ends the run at iteration {it}, where it was saved (its --patience "
+                   f"was {before})")
+            log(f"{why}: no improvement in {stopper.bad_evals} evaluations; give a larger --patience (or 0) "
+                f"to train on")
             result.update(stopped_early=True, iter=it)
             return result
     elif os.path.exists(metrics_path):
@@ -294,8 +298,9 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
 
     with _StopRequest() as stop:
         while True:
-            # evaluate at every eval_interval and at the end (not again right after resuming there)
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter:
+            # evaluate at every eval_interval and at the end (not again right after resuming there, nor
+            # past the end: a run saved beyond a --max-iters given now has nothing to train or evaluate)
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != last_eval_iter and it <= cfg.max_iters:
                 train_loss, val_loss = split_loss("train"), split_loss("val")
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):   # before anything is written
                     raise FloatingPointError(_diverged(f"the evaluation loss became {val_loss} (train "

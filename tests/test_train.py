@@ -624,6 +624,38 @@ def test_early_stopping_resumes_with_its_count(corpus, tmp_path, capsys):
     assert "warning: option '--preset' is ignored with --resume" in captured.err
 
 
+def test_a_resume_with_a_smaller_patience_does_not_say_the_saved_run_stopped_early(tmp_path, corpus, capsys):
+    """A run saved with --patience 3 after two evaluations without improvement had not stopped;
+    resumed with --patience 1 it ends at once, and says that the new --patience ends it."""
+    out = tmp_path / "run"
+    diverging = ["--lr", "1.0", "--schedule", "constant", "--eval-interval", "2"]
+    assert _train(corpus, out, *diverging, "--patience", "3", "--max-iters", "4") == 0
+    assert checkpoint.load(out / "last.npz").meta["early_stopping"]["bad_evals"] == 2     # not stopped
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--no-progress", "--patience", "1"]) == 0
+    said = capsys.readouterr().out
+    assert "saved run stopped early" not in said
+    assert "--patience 1 ends the run at iteration 4, where it was saved (its --patience was 3)" in said
+
+
+def test_a_run_saved_past_the_max_iters_given_at_resume_neither_trains_nor_evaluates(corpus, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Saved by Ctrl-C at iteration 6, off the grid of 4, and resumed with --max-iters 5 and an
+    --eval-interval of 3, on whose grid 6 lies: nothing to train, and nothing evaluated either."""
+    out = tmp_path / "run"
+    real_clip = train.optim.clip_grad_norm
+    _signal_in_step(monkeypatch, signal.SIGINT, 6)
+    assert _train(corpus, out, "--max-iters", "12") == 130
+    monkeypatch.setattr(train.optim, "clip_grad_norm", real_clip)
+    saved = (out / "last.npz").read_bytes()
+    assert checkpoint.load(out / "last.npz").meta["iter"] == 6
+    rows = _metrics(out)
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "5", "--eval-interval", "3",
+                     "--backend", "numpy", "--no-progress"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert _metrics(out) == rows and (out / "last.npz").read_bytes() == saved
+
 
 def test_a_run_trained_in_two_sessions_stops_early_where_the_straight_run_does(corpus, tmp_path):
     """The evaluation a run makes at its --max-iters, off the --eval-interval grid, is one the
