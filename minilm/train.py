@@ -186,12 +186,13 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     # 2. the model, its optimiser and schedule, the training batches and the evaluation loss
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
     model = build_model(kind, model_cfg, dtype=dtype, seed=cfg.seed)
-    # forward and backward over the cores (minilm.parallel); a resumed run cuts its batches into as many
-    # slices as the saved run did, whatever this machine's thread count, since the slices set the rounding
-    # (never more slices than rows: a batch of B rows is cut into at most B)
+    # forward and backward over the cores (minilm.parallel), one slice a Numba thread; a resumed run cuts
+    # its batches into as many slices as the saved run did, whatever this machine's thread count, since the
+    # slices set the rounding (never more slices than rows: a batch of B rows is cut into at most B)
     same_backend = saved is not None and saved.meta.get("backend") == backend.current()
     slices = saved.meta.get("slices") if same_backend and backend.current() == "numba" else None
-    runner = batch_runner(model, threads=min(slices, cfg.batch_size) if slices else None)
+    threads = slices or _numba_threads()                    # None: not numba, the model runs itself
+    runner = batch_runner(model, threads=min(threads, cfg.batch_size) if threads else None)
     optimizer = make_optimizer(cfg, model.params)
     schedule = make_schedule(cfg)
     dropout_rng = np.random.default_rng(cfg.seed + 1)
@@ -288,7 +289,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer.to_dict(), "iter": it,
             "best_val_loss": best_val, "batches": batches.state_dict(), "dropout_rng": dropout_rng.bit_generator.state,
             "early_stopping": stopper.state_dict() if stopper else None, "backend": backend.current(),
-            "slices": min(getattr(runner, "threads", 1), cfg.batch_size), "threads": _numba_threads(),
+            "slices": getattr(runner, "threads", 1), "threads": _numba_threads(),
             "loss_scaler": scaler.state_dict(),
             "dtype": cfg.dtype, "last_eval_iter": last_eval_iter,
             "data": data if data == "shakespeare" else os.path.abspath(data), "data_sha256": digest,
@@ -547,7 +548,7 @@ def _rounding_note(meta, runner, model, batch_size, slices):
         return (f"each batch is cut into {getattr(runner, 'threads', 1)} slices, as the saved run's were (Numba "
                 f"has {threads} thread{'s' * (threads != 1)} here): the losses stay exact")
     if here == "numba" and "slices" not in meta:                             # saved before they were kept
-        n = min(getattr(runner, "threads", 1), batch_size)
+        n = getattr(runner, "threads", 1)
         return (f"the checkpoint does not record how its batches were cut (saved by an older minilm): they are "
                 f"cut into {n} slice{'s' * (n != 1)} here, and the losses agree with a run straight through "
                 f"to rounding only, unless the saved run had as many")
