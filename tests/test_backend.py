@@ -329,6 +329,31 @@ def test_an_installed_copy_caches_its_kernels_outside_its_package(monkeypatch, t
     assert locator.from_function(np.sum, np.__file__) is None    # not minilm's: not ours to place
 
 
+def test_the_installed_copys_cache_hook_finds_numba_0_59_to_0_61s_names(monkeypatch):
+    """Numba before 0.62 names its cache locators with a leading underscore (_InTreeCacheLocator,
+    _UserWideCacheLocator; 0.59.1 as here), and pyproject allows numba>=0.59: the hook is found there
+    too, not silently left out (an installed copy then cached beside its sources again)."""
+    import types
+    import numba.core
+    from minilm.cpu import _jit
+
+    class _InTreeCacheLocator:
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            return cls
+
+    class _UserWideCacheLocator(_InTreeCacheLocator):
+        pass
+
+    classes = [object, _InTreeCacheLocator, _UserWideCacheLocator]     # NUMBA_CACHE_DIR's first, as Numba has it
+    old_numba = types.SimpleNamespace(CacheImpl=types.SimpleNamespace(_locator_classes=classes),
+                                      _InTreeCacheLocator=_InTreeCacheLocator,
+                                      _UserWideCacheLocator=_UserWideCacheLocator)
+    monkeypatch.setattr(numba.core, "caching", old_numba)
+    locator = _jit._installed_copy_locator()
+    assert locator is not None and classes[1] is locator        # after NUMBA_CACHE_DIR's, before the in-tree one
+    assert _InTreeCacheLocator not in classes                   # replaced by the one that skips an installed copy
+
 def test_no_writable_cache_folder_for_numba_says_what_to_set(tmp_path):
     """A read-only install and a read-only home (a container run as another user): Numba refuses
     every cached kernel; the backend says how to give it a folder. (Numba's own message names

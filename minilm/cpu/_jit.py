@@ -38,11 +38,15 @@ def _installed_copy_locator():
     empty package). So an installed copy caches its kernels in Numba's user-wide folder instead
     (``~/.cache/numba`` on Linux, ``$XDG_CACHE_HOME/numba`` where that is set), as Numba itself
     does for a read-only install; ``NUMBA_CACHE_DIR`` still comes first, and where neither can be
-    written the kernels are not cached beside the installed sources either (``minilm.backend`` then says to set ``NUMBA_CACHE_DIR``). The hook is Numba's
-    list of cache locators; a Numba without it keeps its default."""
+    written the kernels are not cached beside the installed sources either (``minilm.backend`` then
+    says to set ``NUMBA_CACHE_DIR``). The hook is Numba's list of cache locators; a Numba without
+    it keeps its default."""
     from numba.core import caching
-    impl, user_wide = getattr(caching, "CacheImpl", None), getattr(caching, "UserWideCacheLocator", None)
-    in_tree = getattr(caching, "InTreeCacheLocator", None)
+
+    def named(name):                        # Numba before 0.62 names the locators with a leading underscore
+        return getattr(caching, name, None) or getattr(caching, "_" + name, None)
+
+    impl, user_wide, in_tree = named("CacheImpl"), named("UserWideCacheLocator"), named("InTreeCacheLocator")
     classes = getattr(impl, "_locator_classes", None)
     if user_wide is None or in_tree is None or not isinstance(classes, list) or in_tree not in classes:
         return None
