@@ -327,7 +327,8 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                 png_error = _plot(metrics_path, os.path.join(out_dir, "loss.png"))
                 if png_error is not None and not png_failed:            # said once
                     warn(f"minilm train: warning: could not write {os.path.join(out_dir, 'loss.png')}: "
-                         f"{png_error.strerror or png_error}; training goes on without the loss curve")
+                         f"{getattr(png_error, 'strerror', None) or png_error}; training goes on without the loss "
+                         f"curve")
                 png_failed = png_error is not None
                 skipped = scaler.skipped - skipped_before
                 say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"     # once saved
@@ -779,15 +780,27 @@ def _save(path, model, optimizer, meta):
                       f"before, if any, is intact") from None
 
 
+_matplotlib_error = None        # why an installed matplotlib did not import: it is tried once a process
+
+
 def _plot(metrics_path, png_path):
     """A loss-curve PNG from metrics.jsonl, when matplotlib is installed, written atomically. A PNG
-    that cannot be written is no reason to stop a run: that error is returned, not raised."""
+    that cannot be written is no reason to stop a run: that error is returned, not raised. So is
+    a matplotlib that is installed but does not import (one built for another NumPy prints a
+    screenful each time it is tried, so it is tried once)."""
+    global _matplotlib_error
+    if _matplotlib_error is not None:
+        return _matplotlib_error
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "matplotlib":
+            return None                                 # not installed: no curve, and nothing to say
+        _matplotlib_error = RuntimeError(f"matplotlib did not import ({type(e).__name__}: {e}); "
+                                         f"pip install -U matplotlib")
+        return _matplotlib_error
     with open(metrics_path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     fig, ax = plt.subplots(figsize=(6, 4))

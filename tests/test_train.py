@@ -99,6 +99,30 @@ def test_train_without_matplotlib_draws_nothing_and_still_trains(corpus, tmp_pat
     assert [r["iter"] for r in _metrics(out)] == [0, 4]
 
 
+
+@pytest.mark.parametrize("error", ["AttributeError('_ARRAY_API not found')",        # a matplotlib for another NumPy
+                                   "ImportError('numpy.core.multiarray failed to import')",
+                                   "ModuleNotFoundError('no pyparsing', name='pyparsing')"])   # a dependency missing
+def test_a_matplotlib_that_does_not_import_stops_nothing_and_is_said_once(corpus, tmp_path, monkeypatch, capsys,
+                                                                           error):
+    """An installed matplotlib that fails to import (matplotlib 3.6 under NumPy 2 prints a screenful
+    each try) is tried once and said once; one that raised something other than ImportError had
+    stopped the run at its first evaluation."""
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    tries = tmp_path / "tries"
+    (fake / "__init__.py").write_text(f"open({str(tries)!r}, 'a').write('x')\nraise {error}\n")
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    monkeypatch.setattr(train, "_matplotlib_error", None)          # this process's earlier tries forgotten
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "12") == 0
+    assert [r["iter"] for r in _metrics(out)] == [0, 4, 8, 12] and not (out / "loss.png").exists()
+    err = capsys.readouterr().err
+    assert err.count(f"warning: could not write {out / 'loss.png'}: matplotlib did not import (") == 1, err
+    assert tries.read_text() == "x"
+
 @pytest.mark.parametrize("backend, model_options", [
     ("numpy", ["--model", "gpt", "--dropout", "0.1"]),            # dropout exercises the saved RNG state
     ("numpy", ["--model", "lstm", "--batching", "contiguous", "--n-layer", "2"]),   # carried hidden state
