@@ -1,13 +1,15 @@
 """The op contract's bad input that every op shares, on the numpy and numba tiers: the upstream
 gradient a backward is given must be a float array (an int, bool or complex one had flowed through
 NumPy's promotions into gradients of its dtype), its cache must be the one its forward returned,
-and the checks that composite ops make of their own options name the composite op."""
+the checks that composite ops make of their own options name the composite op, and every op takes
+arguments in the other byte order."""
 import numpy as np
 import pytest
 
 import minilm
 from minilm import ops
 from minilm.opcases import CASES
+from minilm.testing import relative_error
 
 BACKENDS = ["numpy", "numba"]
 UPSTREAM = {op: "dh" if op in ("rnn", "lstm", "gru") else "dout" if op == "embedding" else "dy"
@@ -99,6 +101,40 @@ def test_composite_ops_take_big_endian_arguments(tier):
     y, _ = ops.linear_forward(x, W.astype(">f8"), None)
     np.testing.assert_array_equal(y, x @ W)
 
+
+
+# A first argument in the other byte order runs the reference's code on the numba tier, where the
+# native one runs the kernels: the two agree to the tiers' float64 parity bound (test_cpu_kernels.py)
+SWAPPED_TOL = 1e-12
+
+
+@pytest.mark.parametrize("op, label, case", [(op, label, case) for op, cases in CASES.items() for label, case in cases],
+                         ids=[f"{op}-{label}" if label else op for op, cases in CASES.items() for label, _ in cases])
+def test_every_op_takes_each_argument_in_the_other_byte_order(tier, op, label, case):
+    """One float argument at a time, and the upstream gradient, in the other byte order (np.load of
+    a file written on a big-endian machine): the same float64, so the same results. The numba tier
+    had passed such an argument, other than the first, to a kernel that Numba does not compile
+    for it (a TypingError)."""
+    forward, backward = getattr(ops, f"{op}_forward"), getattr(ops, f"{op}_backward")
+
+    def run(swap=None, swap_upstream=False):
+        args, kwargs = case(np.random.default_rng(0), np.float64)      # afresh: a case's rng is drawn from
+        args = [a.astype(a.dtype.newbyteorder()) if i == swap else a for i, a in enumerate(args)]
+        out, cache = forward(*args, **kwargs)
+        upstream = 1.0 if op == "cross_entropy" else np.random.default_rng(1).standard_normal(out.shape)
+        if swap_upstream and op != "cross_entropy":
+            upstream = upstream.astype(">f8")
+        return out, backward(upstream, cache)
+
+    out, grads = run()
+    floats = [i for i, a in enumerate(case(np.random.default_rng(0), np.float64)[0])
+              if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+    for swap, swap_upstream in [(i, False) for i in floats] + [(None, True)]:
+        out_swapped, grads_swapped = run(swap, swap_upstream)
+        assert relative_error(out_swapped, out) <= SWAPPED_TOL, (swap, swap_upstream)
+        for g_swapped, g in zip(grads_swapped, grads, strict=True):
+            assert (g_swapped is None) == (g is None)
+            assert g is None or relative_error(g_swapped, g) <= SWAPPED_TOL, (swap, swap_upstream)
 
 @pytest.mark.parametrize("D, C", [(0, 5), (4, 0)])
 def test_linear_with_an_empty_width(tier, D, C):

@@ -343,7 +343,7 @@ def attention_forward(q, k, v, *, causal=False, mask=None, dropout=0.0, rng=None
             else np.empty((0, 0, 0, 0), dtype=np.bool_))        # never read
     scale = q.dtype.type(1.0 / math.sqrt(hs))                   # in q's dtype, as the reference's product
     if q.size * Tk <= FUSED_MAX_WORK and not dropout:
-        q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+        q, k, v = (np.ascontiguousarray(a, dtype=q.dtype) for a in (q, k, v))    # k, v: perhaps the other byte order
         y, att = _attention_forward_kernel(q, k, v, mask, masked, causal, scale)
         return y, AttentionCache(q, k, v, att, None, bool(causal))
     att = np.empty((B, NH, Tq, Tk), dtype=q.dtype)              # C order whatever q's and k's (the kernel needs it)

@@ -92,8 +92,8 @@ def gru_forward(x, h0, W_x, W_h, b_x, b_h):
         return reference.gru_forward(x, h0, W_x, W_h, b_x, b_h)
 
     xW_x = input_products(x, W_x)                              # (B, T, 3H) x_t W_x, all t at once
-    W_h_c, h0_c = np.ascontiguousarray(W_h), np.ascontiguousarray(h0)  # (H, 3H), (B, H)
-    b_x_c, b_h_c = np.ascontiguousarray(b_x), np.ascontiguousarray(b_h)  # (3H,) each
+    # (H, 3H), (B, H), (3H,) each, in x's dtype: the same, checked, but perhaps in the other byte order
+    W_h_c, h0_c, b_x_c, b_h_c = (np.ascontiguousarray(a, dtype=x.dtype) for a in (W_h, h0, b_x, b_h))
     gates = np.empty((B, T, 3 * H), dtype=x.dtype)             # (B, T, 3H)
     a_hn = np.empty((B, T, H), dtype=x.dtype)                  # (B, T, H)
     h = np.empty_like(a_hn)                                    # (B, T, H)
@@ -114,7 +114,7 @@ def gru_backward(dh, cache, *, dh_T=None):
     if dtype is None:
         return reference.gru_backward(dh, cache, dh_T=dh_T)
 
-    dh, gates, a_hn, h_c, h0_c = (np.ascontiguousarray(a) for a in (dh, gates, a_hn, h, h0))
+    dh, gates, a_hn, h_c, h0_c = (np.ascontiguousarray(a, dtype=dtype) for a in (dh, gates, a_hn, h, h0))
     W_h_T = np.ascontiguousarray(W_h).T                        # (3H, H)
     da_x = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^x_t
     da_h = np.empty((B, T, 3 * H), dtype=dtype)                # (B, T, 3H) gradient of every a^h_t

@@ -101,7 +101,9 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
     y = np.empty_like(x2)
     x_hat = np.empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)                # (N,)
-    pick(_forward_rows, x2.size)(x2, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), float(eps), y, x_hat, rstd)
+    # gamma and beta in x's dtype: the same, checked, but perhaps in the other byte order, which Numba does not take
+    gamma_c, beta_c = np.ascontiguousarray(gamma, dtype=x.dtype), np.ascontiguousarray(beta, dtype=x.dtype)
+    pick(_forward_rows, x2.size)(x2, gamma_c, beta_c, float(eps), y, x_hat, rstd)
     return y.reshape(x.shape), LayernormCache(x_hat.reshape(x.shape), rstd.reshape(lead + (1,)), gamma)
 
 
@@ -118,5 +120,5 @@ def layernorm_backward(dy, cache):
     dgamma = np.empty(C, dtype=dy.dtype)                       # (C,)
     dbeta = np.empty(C, dtype=dy.dtype)                        # (C,)
     pick(_backward_rows, dy2.size)(dy2, np.ascontiguousarray(x_hat).reshape(N, C), np.ascontiguousarray(rstd).reshape(N),
-                   np.ascontiguousarray(gamma), dx, dgamma, dbeta)
+                   np.ascontiguousarray(gamma, dtype=dy.dtype), dx, dgamma, dbeta)
     return dx.reshape(x_hat.shape), dgamma, dbeta

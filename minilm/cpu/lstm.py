@@ -90,13 +90,14 @@ def lstm_forward(x, h0, c0, W_x, W_h, b):
         return reference.lstm_forward(x, h0, c0, W_x, W_h, b)
 
     xW_x = input_products(x, W_x)                              # (B, T, 4H) x_t W_x, all t at once
-    W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, 4H), (4H,) read by every step
+    # (H, 4H), (4H,) read by every step, in x's dtype: the same, checked, but perhaps in the other byte order
+    W_h_c, b_c = np.ascontiguousarray(W_h, dtype=x.dtype), np.ascontiguousarray(b, dtype=x.dtype)
     gates = np.empty((B, T, 4 * H), dtype=x.dtype)             # (B, T, 4H)
     c = np.empty((B, T, H), dtype=x.dtype)                     # (B, T, H)
     tanh_c = np.empty_like(c)                                  # (B, T, H)
     h = np.empty_like(c)                                       # (B, T, H)
     h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
-    c0_c = np.ascontiguousarray(c0)                            # (B, H)
+    c0_c = np.ascontiguousarray(c0, dtype=x.dtype)             # (B, H)
     a_h = np.empty((B, 4 * H), dtype=x.dtype)                  # (B, 4H) h_{t-1} W_h
     for t in range(T):
         np.matmul(h_state, W_h_c, out=a_h)
@@ -113,7 +114,7 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     if dtype is None:
         return reference.lstm_backward(dh, cache, dh_T=dh_T, dc_T=dc_T)
 
-    dh, gates, c, c0_c, tanh_c = (np.ascontiguousarray(a) for a in (dh, gates, c, c0, tanh_c))
+    dh, gates, c, c0_c, tanh_c = (np.ascontiguousarray(a, dtype=dtype) for a in (dh, gates, c, c0, tanh_c))
     W_h_T = np.ascontiguousarray(W_h).T                        # (4H, H)
     da = np.empty((B, T, 4 * H), dtype=dtype)                  # (B, T, 4H) gradient of every a_t
     dh_next = state_buffer(dh_T, B, H, dtype)                  # (B, H) what step t+1 sends to h_t

@@ -156,7 +156,8 @@ def rnn_forward(x, h0, W_x, W_h, b):
         return reference.rnn_forward(x, h0, W_x, W_h, b)
 
     xW_x = input_products(x, W_x)                              # (B, T, H) x_t W_x, all t at once
-    W_h_c, b_c = np.ascontiguousarray(W_h), np.ascontiguousarray(b)  # (H, H), (H,) read by every step
+    # (H, H), (H,) read by every step, in x's dtype: the same, checked, but perhaps in the other byte order
+    W_h_c, b_c = np.ascontiguousarray(W_h, dtype=x.dtype), np.ascontiguousarray(b, dtype=x.dtype)
     h = np.empty((B, T, H), dtype=x.dtype)                     # (B, T, H)
     h_state = state_buffer(h0, B, H, x.dtype)                  # (B, H) h_{t-1}, then h_t
     a_h = np.empty((B, H), dtype=x.dtype)                      # (B, H) h_{t-1} W_h
