@@ -93,6 +93,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minilm.backend import get_array_module
+from minilm.validate import require_positive, require_seed
 
 DEFAULT_TOL = 1e-7   # DESIGN's bound for float64; the stencil's own error is ~1e-10 or less
 DEFAULT_EPS = 1e-5   # step h: O(h^4) truncation ~1e-20, round-off ~1e-16 |L| / h ~ 1e-11 |L|
@@ -209,11 +210,11 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     kwargs : dict of keyword options for the forward. The forward must be deterministic
         for these (give dropout an integer seed, not a Generator).
     backward_kwargs : dict of keyword arguments for the backward (e.g. ``dh_T`` of a recurrent op).
-    eps : float, step of the finite differences.
-    tol : float, largest relative error that passes.
-    max_elements : int, arguments up to this size are checked element by element.
-    n_directions : int, random directions for larger arguments.
-    seed : int, seeds the contraction array and the directions.
+    eps : float > 0, step of the finite differences.
+    tol : float in (0, 1), largest relative error that passes.
+    max_elements : int >= 0, arguments up to this size are checked element by element.
+    n_directions : int >= 1, random directions for larger arguments.
+    seed : int >= 0, seeds the contraction array and the directions.
     name : str, what the report calls the op (default: the forward's name less ``_forward``).
     raise_on_fail : bool, raise ``GradcheckError`` naming the failing arguments.
 
@@ -233,6 +234,15 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"gradcheck: argument '{option}' must be a dict of keyword arguments (or None), "
                             f"got {type(value).__name__}")
+    require_positive("gradcheck", "eps", eps)
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 < tol < 1):
+        # tol = 0 made every relative error 0 (the floor round-off / tol is infinite): a wrong backward passed;
+        # and a relative error is at most 1, so a tol of 1 or more passes any backward too
+        raise ValueError(f"gradcheck: option 'tol' must be a number in (0, 1), got {tol!r}")
+    if not isinstance(max_elements, numbers.Integral) or isinstance(max_elements, bool) or max_elements < 0:
+        raise ValueError(f"gradcheck: option 'max_elements' must be an integer >= 0, got {max_elements!r}")
+    require_positive("gradcheck", "n_directions", n_directions, int)
+    require_seed("gradcheck", "seed", seed)
     kwargs = dict(kwargs or {})
     backward_kwargs = dict(backward_kwargs or {})
     op = name or getattr(forward, "__name__", "op").removesuffix("_forward")
@@ -397,16 +407,21 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             continue
         if not _is_float(x):
             continue
-        if g is None or not hasattr(g, "shape") or tuple(g.shape) != tuple(x.shape):
-            got = "None" if g is None else f"shape {tuple(g.shape)}" if hasattr(g, "shape") else type(g).__name__
+        # a gradient of another kind would be cast to float64 below: a complex one's imaginary part dropped
+        # (and a wrong backward passed), a bool one (np.zeros_like of a mask) failed without saying why
+        floating = hasattr(g, "dtype") and (_is_float(g) or g.dtype.name == "bfloat16")
+        if g is None or not hasattr(g, "shape") or tuple(g.shape) != tuple(x.shape) or not floating:
+            got = ("None" if g is None else type(g).__name__ if not hasattr(g, "shape") else
+                   f"shape {tuple(g.shape)}" if tuple(g.shape) != tuple(x.shape) else f"dtype {g.dtype}")
             report.arguments.append(ArgumentCheck(i, names[i], "error", 0, float("inf"), tol,
-                                                  f"gradient must be an array of shape {tuple(x.shape)}, got {got}"))
+                                                  f"gradient must be a float array of shape {tuple(x.shape)}, "
+                                                  f"got {got}"))
             continue
         if x.size == 0:
             report.arguments.append(ArgumentCheck(i, names[i], "skipped", 0, 0.0, tol, "it has no elements"))
             continue
         moved = []                      # how far the loss moved over the stencil's steps, as a slope (0: not at all)
-        narrow = _is_float(g) and g.dtype.itemsize < 8
+        narrow = g.dtype.itemsize < 8
         notes = [f"the backward returned {g.dtype} for this float64 argument"] if narrow else []
         g = xp.asarray(g, dtype=xp.float64)
         if x.size <= max_elements:

@@ -131,6 +131,46 @@ def test_integer_arguments_are_skipped():
     assert [a.name for a in report.arguments] == ["E"] and report.passed
 
 
+
+@pytest.mark.parametrize("option, value", [("tol", 0), ("tol", 0.0), ("tol", 1.0), ("tol", 2), ("tol", -1e-7),
+                                           ("tol", float("nan")), ("tol", None), ("eps", 0), ("eps", float("nan")),
+                                           ("eps", "1e-5"), ("seed", None), ("seed", -1), ("seed", 1.5),
+                                           ("max_elements", None), ("max_elements", -1), ("n_directions", 0),
+                                           ("n_directions", 2.5)])
+def test_gradcheck_refuses_an_option_out_of_range_by_name(option, value):
+    """tol = 0 (meant as "exact") made every relative error 0, so a wrong backward passed, as any
+    tol >= 1 does; the other options failed deep inside (a ZeroDivisionError for eps = 0)."""
+    args = (np.random.default_rng(0).standard_normal((3, 4)), np.ones(4))
+    with pytest.raises(ValueError, match=rf"^gradcheck: option '{option}' must be .*, got {re.escape(repr(value))}$"):
+        gradcheck(scale_forward, scale_backward_wrong, args, **{option: value})
+
+
+@pytest.mark.parametrize("wrong", ["bool", "int", "complex"])
+def test_a_gradient_that_is_not_a_float_array_fails_naming_its_dtype(wrong):
+    """A complex gradient was cast to float64, its imaginary part dropped, and passed; a bool one
+    (dx = np.zeros_like(mask)) failed with nothing said of its dtype."""
+    def relu_forward(x):
+        return np.maximum(x, 0), x
+
+    def relu_backward(dy, x):
+        mask = x > 0
+        if wrong == "bool":
+            dx = np.zeros_like(mask)
+            dx[mask] = dy[mask]
+        elif wrong == "int":
+            dx = np.zeros(mask.shape, dtype=np.int64)
+            dx[mask] = dy[mask]
+        else:
+            dx = mask * dy + 1j * dy                        # right real part, an imaginary part besides
+        return (dx,)
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.1, 1, (3, 4)) * rng.choice([-1, 1], (3, 4))      # away from the kink
+    report = gradcheck(relu_forward, relu_backward, (x,))
+    assert not report.passed and report.arguments[0].mode == "error"
+    dtype = {"bool": "bool", "int": "int64", "complex": "complex128"}[wrong]
+    assert report.arguments[0].note == f"gradient must be a float array of shape (3, 4), got dtype {dtype}"
+
 def test_wrong_number_of_gradients_is_reported():
     report = gradcheck(scale_forward, lambda dy, c: scale_backward(dy, c)[:1], (np.ones((2, 2)), np.ones(2)))
     assert not report.passed
@@ -141,9 +181,9 @@ def test_wrong_gradient_shape_is_reported():
     report = gradcheck(scale_forward, lambda dy, c: (scale_backward(dy, c)[0], np.ones(3)),
                        (np.ones((2, 2)), np.ones(2)))
     assert [a.name for a in report.failures] == ["w"]
-    assert "must be an array of shape (2,), got shape (3,)" in report.failures[0].note
+    assert "must be a float array of shape (2,), got shape (3,)" in report.failures[0].note
     as_float = gradcheck(scale_forward, lambda dy, c: (scale_backward(dy, c)[0], 0.5), (np.ones((2, 2)), np.ones(2)))
-    assert "must be an array of shape (2,), got float" in as_float.failures[0].note      # no AttributeError
+    assert "must be a float array of shape (2,), got float" in as_float.failures[0].note      # no AttributeError
     as_list = gradcheck(scale_forward, lambda dy, c: list(scale_backward(dy, c)), (np.ones((2, 2)), np.ones(2)))
     assert as_list.passed                                   # a list of the right gradients is as good as a tuple
     too_few = gradcheck(scale_forward, lambda dy, c: list(scale_backward(dy, c))[:1], (np.ones((2, 2)), np.ones(2)))
