@@ -240,7 +240,10 @@ class Optimizer:
         for key in self.buffers:
             if getattr(self, key) is not None:
                 setattr(self, key, self._restore_buffer(op, key, state.get(key)))
-        self.steps = int(state.get("steps", 0))
+        steps = state.get("steps", 0)
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"{op}: argument 'state' entry 'steps' must be an integer >= 0, got {steps!r}")
+        self.steps = int(steps)
 
     def _restore_buffer(self, op, key, saved):
         data = self.params.data
@@ -291,7 +294,7 @@ class AdamW(Optimizer):
         super().__init__(params, lr)
         op = type(self).__name__
         self.beta1, self.beta2 = _require_betas(op, betas)
-        _require_nonnegative(op, "eps", eps)
+        require_positive(op, "eps", eps)            # 0: a parameter whose moments are 0 steps by 0 / 0 = nan
         _require_nonnegative(op, "weight_decay", weight_decay)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.m, self.v = self._zeros(), self._zeros()
@@ -338,7 +341,7 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr, alpha=0.99, eps=1e-8, momentum=0.0):
         super().__init__(params, lr)
         require_probability("RMSprop", "alpha", alpha)
-        _require_nonnegative("RMSprop", "eps", eps)
+        require_positive("RMSprop", "eps", eps)     # 0: as Adam's
         require_probability("RMSprop", "momentum", momentum)
         self.alpha, self.eps, self.momentum = float(alpha), float(eps), float(momentum)
         self.square_avg = self._zeros()

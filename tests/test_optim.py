@@ -1,6 +1,7 @@
 """Optimizers, clipping, schedules and early stopping: hand computations, torch.optim, bad input."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -320,7 +321,12 @@ def test_load_state_dict_rejects_a_missing_buffer():
     (lambda p: Adam(p, lr=0.1, betas=(0.9,)), r"Adam: option 'betas' must be a pair"),
     (lambda p: Adam(p, lr=0.1, betas=(1.0, 0.999)), r"Adam: option 'betas\[0\]' must be a number in \[0, 1\)"),
     (lambda p: Adam(p, lr=0.1, betas=(0.9, -0.1)), r"Adam: option 'betas\[1\]' must be a number in \[0, 1\)"),
-    (lambda p: Adam(p, lr=0.1, eps=-1e-8), r"Adam: option 'eps' must be a finite number >= 0"),
+    (lambda p: Adam(p, lr=0.1, eps=-1e-8), r"Adam: option 'eps' must be a positive finite number, got -1e-08"),
+    # eps = 0: a parameter whose gradient is exactly 0 (the embedding row of a token not in the batch) has
+    # moments 0 and steps by 0 / 0 = nan at the first step, without a word on the numba backend
+    (lambda p: Adam(p, lr=0.1, eps=0), r"Adam: option 'eps' must be a positive finite number, got 0"),
+    (lambda p: AdamW(p, lr=0.1, eps=0.0), r"AdamW: option 'eps' must be a positive finite number, got 0.0"),
+    (lambda p: RMSprop(p, lr=0.1, eps=0), r"RMSprop: option 'eps' must be a positive finite number, got 0"),
     (lambda p: AdamW(p, lr=0.1, weight_decay=float("nan")), r"AdamW: option 'weight_decay' must be a finite"),
     (lambda p: RMSprop(p, lr=0.1, alpha=1.5), r"RMSprop: option 'alpha' must be a number in \[0, 1\)"),
     (lambda p: RMSprop(p, lr=0.1, momentum=-0.5), r"RMSprop: option 'momentum' must be a number in \[0, 1\)"),
@@ -332,6 +338,17 @@ def test_load_state_dict_rejects_a_missing_buffer():
 def test_bad_options_are_named(make, message):
     with pytest.raises(ValueError, match=message):
         make(make_params())
+
+
+@pytest.mark.parametrize("steps", [-1, -5, 2.7, "3", True])
+def test_load_state_dict_refuses_a_step_count_that_is_not_a_count(steps):
+    """A step count of -1 gave a ZeroDivisionError at the next step (`minilm train --resume` of an
+    edited checkpoint said only "float division by zero"), and 2.7 was cut to 2."""
+    opt = Adam(make_params(), lr=0.1)
+    state = {**opt.state_dict(), "steps": steps}
+    with pytest.raises(ValueError, match=rf"^Adam.load_state_dict: argument 'state' entry 'steps' must be an integer "
+                                         rf">= 0, got {re.escape(repr(steps))}$"):
+        opt.load_state_dict(state)
 
 
 def test_params_must_be_params():
