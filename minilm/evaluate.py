@@ -61,6 +61,20 @@ def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="arg
     require_positive("evaluate", "block_size", block_size, int)
     require_positive("evaluate", "batch_size", batch_size, int)
     require_bool("evaluate", "carry_state", carry_state)
+    # checked here, by the name the caller knows, rather than as the model's 'idx' or 'targets'
+    ids = np.asarray(backend.to_numpy(ids) if hasattr(ids, "shape") else ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        got = f"shape {ids.shape}" if ids.ndim != 1 else f"dtype {ids.dtype}"
+        raise ValueError(f"evaluate: {what} must be a 1-D sequence of integer token ids, got {got}")
+    config = getattr(model, "config", None)                     # (evaluate also scores models of other kinds)
+    V = getattr(config, "vocab_size", None)
+    if V is not None and ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ValueError(f"evaluate: {what} must hold ids in [0, {V}) (the model's vocabulary), got {bad}")
+    window = getattr(config, "block_size", None)
+    if window is not None and block_size > window:
+        raise ValueError(f"evaluate: option 'block_size' must be at most the model's block_size = {window}, "
+                         f"got {block_size}")
     if len(ids) < 2:
         raise ValueError(f"evaluate: {what} must hold at least 2 characters (one to predict from, one to "
                          f"predict), got {len(ids)}")

@@ -852,6 +852,22 @@ def test_evaluate_scores_every_character_once(corpus):
             evaluate(model, ids, block_size=block_size, batch_size=3)
 
 
+@pytest.mark.parametrize("ids, kwargs, message", [
+    (np.arange(8), {}, r"argument 'ids' must hold ids in \[0, 5\) \(the model's vocabulary\), got 7"),
+    (np.arange(8) - 1, {}, r"argument 'ids' must hold ids in \[0, 5\) \(the model's vocabulary\), got -1"),
+    (np.array([[0, 1], [2, 3]]), {}, r"argument 'ids' must be a 1-D sequence of integer token ids, got shape \(2, 2\)"),
+    (np.array([0.0, 1.0, 2.0]), {}, r"argument 'ids' must be a 1-D sequence of integer token ids, got dtype float64"),
+    (np.arange(5), {"block_size": 8}, r"option 'block_size' must be at most the model's block_size = 4, got 8"),
+])
+def test_evaluate_names_its_own_argument(ids, kwargs, message):
+    """Ids out of the model's vocabulary, of another shape or dtype, and windows longer than a GPT
+    takes were refused inside the model, as GPT.forward's 'idx' or 'targets'."""
+    from minilm.evaluate import evaluate
+    from minilm.models import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=2, n_embd=4))
+    with pytest.raises(ValueError, match="^evaluate: " + message + "$"):
+        evaluate(model, ids, **{"block_size": 4, "batch_size": 2, **kwargs})
+
 @pytest.mark.parametrize("n, block_size, batch_size", [(103, 16, 3), (96, 16, 3), (96, 16, 1), (33, 8, 4), (17, 16, 2)])
 def test_evaluate_is_the_mean_loss_over_every_predicted_character(n, block_size, batch_size):
     """Each character after the first is predicted once, from the one before it in the same window:
