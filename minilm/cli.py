@@ -226,7 +226,8 @@ def main(argv=None):
         return 141                                           # as a shell reports a process ended by SIGPIPE
     except MemoryError as e:
         hint = _MEMORY_HINTS.get(args.command, "")
-        print(f"minilm {args.command}: error: not enough memory ({e}){hint}", file=sys.stderr)
+        why = f" ({e})" if str(e) else ""                   # NumPy says what it could not allocate; Python may not
+        print(f"minilm {args.command}: error: not enough memory{why}{hint}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, RuntimeError, ArithmeticError) as e:    # a loss that diverged, too
         command = f"minilm {args.command}"

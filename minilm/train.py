@@ -600,6 +600,8 @@ def _check_memory(cfg, vocab_size):
     if have is not None and need > have:
         sizes = ("--n-layer, --n-embd, --n-head, --block-size or --batch-size" if cfg.model == "gpt" else
                  "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
+        if _evaluation_bytes(cfg) > need / 2:                    # mostly the evaluation's batches
+            sizes = f"--eval-iters (now {cfg.eval_iters}), or {sizes}"
         raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
                          f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}")
 
@@ -614,8 +616,9 @@ def memory_estimate(cfg, vocab_size):
     and gradients, the optimiser's buffers (Adam's two moments; SGD's and RMSprop's momentum buffer
     only with --momentum, RMSprop's mean square always) and one step's activations (a GPT keeps about
     16 arrays of (B, T, C) a layer and its attention weights; a recurrent layer its cache,
-    ``CACHED_PER_LAYER``). It errs low (0.35-0.9 of the arrays a step allocates, measured), so that
-    a run it refuses could not have fit."""
+    ``CACHED_PER_LAYER``), and the evaluation's fixed batches (``--eval-iters`` pairs of int64 ids
+    a split; a run on contiguous batches scores the text itself). It errs low (0.35-0.9 of the
+    arrays a step allocates, measured), so that a run it refuses could not have fit."""
     V, B, T, L, C, H = vocab_size, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.hidden_size
     if cfg.model == "gpt":
         activations = B * T * (L * (16 * C + cfg.n_head * T) + 2 * V)
@@ -624,7 +627,16 @@ def memory_estimate(cfg, vocab_size):
     buffers = {"adamw": 2, "adam": 2, "sgd": 0, "rmsprop": 1}[cfg.optimizer] + (
         cfg.optimizer in ("sgd", "rmsprop") and cfg.momentum > 0)
     n_params = param_count(*model_settings(cfg, vocab_size))
-    return ((2 + buffers) * n_params + activations) * as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
+    itemsize = as_numpy_dtype("memory_estimate", "dtype", cfg.dtype).itemsize
+    return ((2 + buffers) * n_params + activations) * itemsize + _evaluation_bytes(cfg)
+
+
+def _evaluation_bytes(cfg):
+    """The evaluation's fixed batches: --eval-iters pairs (x, y) of int64 ids for each split (a run on
+    contiguous batches scores slices of the text instead)."""
+    if cfg.model != "gpt" and cfg.batching == "contiguous":
+        return 0
+    return 2 * cfg.eval_iters * 2 * cfg.batch_size * cfg.block_size * np.dtype(np.int64).itemsize
 
 
 def _physical_memory():

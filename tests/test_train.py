@@ -1264,12 +1264,16 @@ def test_output_into_a_closed_pipe_ends_quietly(trained, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("sizes", [["--n-embd", "100000000", "--n-head", "1"], ["--batch-size", "100000000"],
-                                   ["--model", "lstm", "--hidden-size", "10000000"]])
+                                   ["--model", "lstm", "--hidden-size", "10000000"],
+                                   # the evaluation's batches, built before the first step (a typo: a run that had
+                                   # grown until the machine ran out of memory)
+                                   ["--eval-iters", "1000000000"]])
 def test_a_run_larger_than_the_memory_is_refused_before_it_starts(corpus, tmp_path, sizes, capsys):
     out = tmp_path / "huge"
     err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, *sizes])
     assert "minilm train: error: this run needs about" in err and "GiB of memory and this machine has" in err
     assert sizes[-2] in err or "--hidden-size" in err
+    assert ("--eval-iters (now 1000000000)" in err) == (sizes[0] == "--eval-iters")
     assert not out.exists()                                     # nothing written
 
 
@@ -1280,6 +1284,9 @@ def test_running_out_of_memory_names_the_size_options(corpus, tmp_path, capsys, 
     err = _error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "o"), *TINY])
     assert "minilm train: error: not enough memory (Unable to allocate 9.00 GiB" in err
     assert "--n-embd" in err and "--batch-size" in err
+    monkeypatch.setattr(train, "build_model", lambda *args, **kwargs: (_ for _ in ()).throw(MemoryError()))
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(tmp_path / "o"), *TINY])
+    assert "minilm train: error: not enough memory; give smaller sizes: --n-layer" in err       # no empty "()"
 
 
 @pytest.mark.parametrize("settings", [dict(model="gpt", n_embd=64, block_size=32, batch_size=4),
@@ -1290,14 +1297,24 @@ def test_running_out_of_memory_names_the_size_options(corpus, tmp_path, capsys, 
                                       dict(model="gru", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
                                       dict(model="rnn", n_embd=32, hidden_size=64, block_size=32, batch_size=8),
                                       dict(model="rnn", n_embd=32, hidden_size=64, block_size=32, batch_size=8,
-                                           optimizer="sgd")])
+                                           optimizer="sgd"),
+                                      # evaluation batches that outweigh the model: the run holds them all along
+                                      dict(model="gpt", n_layer=1, n_embd=16, n_head=2, block_size=32, batch_size=4,
+                                           eval_iters=5000),
+                                      dict(model="lstm", n_embd=32, hidden_size=64, block_size=32, batch_size=8,
+                                           batching="contiguous", eval_iters=5000)])
 def test_the_memory_estimate_is_below_a_measured_step_but_not_far(settings):
     import dataclasses
     import tracemalloc
+    from minilm.data import evaluation_batches
     from minilm.models import build_model
     cfg = dataclasses.replace(config.preset("shakespeare-char-cpu"), **settings)
+    ids = np.random.default_rng(0).integers(0, 65, 10_000)
     tracemalloc.start()                                         # NumPy reports its arrays to it
     try:
+        held = []                                               # as a run holds them, from start to end
+        if cfg.batching != "contiguous":                        # (a contiguous run scores slices of the text)
+            held += [evaluation_batches(ids, cfg.block_size, cfg.batch_size, cfg.eval_iters, seed=s) for s in (2, 3)]
         kind, model_cfg = train.model_settings(cfg, 65)
         model = build_model(kind, model_cfg, dtype=np.float32, seed=0)
         optimizer = train.make_optimizer(cfg, model.params)
