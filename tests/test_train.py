@@ -1123,6 +1123,9 @@ def test_unknown_preset_and_option(capsys):
     ("--batching", "contiguous", "'--batching' contiguous is for the recurrent models"),
     ("--beta2", "1.5", "'--beta2' must be in [0, 1)"),
     ("--bias", "maybe", "expected true or false"),
+    # past a float's range: "int too large to convert to float", naming no option
+    ("--max-iters", "1" + "0" * 400, "'--max-iters' must be an integer below 2**63, got 1000"),
+    ("--seed", str(2**63), "'--seed' must be an integer below 2**63, got 9223372036854775808"),
 ])
 def test_bad_option_values(option, value, message, tmp_path, capsys):
     # a --data that does not exist: were a check to let the value through, the run fails at once on
