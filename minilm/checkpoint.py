@@ -266,6 +266,8 @@ def load(path, *, required_meta=()):
         optimizer_state = json.loads(str(entries["optim_json"]))
     except ValueError as e:
         raise _not_a_checkpoint(path, f"unreadable JSON: {e}") from None
+    if not isinstance(optimizer_state, dict):                   # its buffers are added to it below
+        raise _not_a_checkpoint(path, f"its optimizer state is a {type(optimizer_state).__name__}, not a dictionary")
     if required_meta:
         if not isinstance(meta, dict):
             raise _not_a_checkpoint(path, f"its meta is a {type(meta).__name__}, not a dictionary")

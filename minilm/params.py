@@ -212,6 +212,8 @@ class Params:
             raise TypeError(f"Params.load: argument 'flat' must be an array, got {type(flat).__name__}")
         if tuple(flat.shape) != (self.size,):
             raise ValueError(f"Params.load: argument 'flat' must have shape ({self.size},), got {tuple(flat.shape)}")
+        if flat.dtype.kind != "f" and flat.dtype.name != "bfloat16":     # an int one would load truncated, silently
+            raise TypeError(f"Params.load: argument 'flat' must hold floating-point numbers, got dtype {flat.dtype}")
         xp = get_array_module(self.data)
         self.data[...] = xp.asarray(flat.get() if hasattr(flat, "get") and xp is np else flat, dtype=self.data.dtype)
         self.sync()

@@ -314,6 +314,13 @@ def test_unreadable_json_in_meta_or_optimizer_state_is_not_a_checkpoint(tmp_path
         load(path)
 
 
+def test_an_optimizer_state_that_is_not_a_dictionary_is_not_a_checkpoint(tmp_path):
+    """It had failed as "list indices must be integers or slices, not str", naming no file."""
+    path = _archive(tmp_path / "c.npz", optim_json="[1, 2]", **{"optim/m": np.zeros(3)})
+    with pytest.raises(ValueError, match=NOT_A_CHECKPOINT + r" \(its optimizer state is a list, not a dictionary\)"):
+        load(path)
+
+
 def test_a_meta_that_is_not_a_dictionary_is_refused_when_entries_are_required(tmp_path):
     path = _archive(tmp_path / "c.npz", meta="[1, 2]")
     assert load(path).meta == [1, 2]                                       # nothing asked of it

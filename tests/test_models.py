@@ -544,6 +544,9 @@ def test_build_model_rejects_bad_input():
         build_model("rnn", RNN_TINY)
     with pytest.raises(ValueError, match="'meta'"):
         model_from_meta({"config": GPT_TINY})
+    with pytest.raises(ValueError, match=r"^model_from_meta: argument 'meta' must be a dict with keys 'kind' and "
+                                         r"'config' \(a dict; and optionally 'dtype'\), got a config of type list$"):
+        model_from_meta({"kind": "gpt", "config": [1, 2]})
     with pytest.raises(ValueError, match="param_count: argument 'kind' must be one of"):
         param_count("transformer", GPT_TINY)
     with pytest.raises(ValueError, match="param_count: argument 'config_dict' has unknown field"):

@@ -481,6 +481,10 @@ def test_params_bad_input_names_what_is_wrong():
         params.load(np.zeros(8))
     with pytest.raises(TypeError, match=r"Params.load: argument 'flat' must be an array, got list"):
         params.load([0.0] * 9)
+    for dtype in (np.int64, np.bool_, np.complex64):                # `minilm eval` of such weights had printed a loss
+        with pytest.raises(TypeError, match=rf"Params.load: argument 'flat' must hold floating-point numbers, "
+                                            rf"got dtype {np.dtype(dtype)}"):
+            params.load(np.zeros(9, dtype=dtype))
     with pytest.raises(ValueError, match=r"Params: parameter 'W' must have a shape of sizes >= 0, got \(-2, 3\)"):
         Params([("W", (-2, 3))])
     params.values["b"] = [1.0, 2.0, 3.0]                           # a view: writes land in the flat buffer
