@@ -232,19 +232,23 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
         model.params.load(saved.params)
         optimizer.load_state_dict(saved.optimizer_state)
         batches.load_state_dict(saved.meta["batches"])
-        dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
+        try:                        # states that their own readers check only as far as they need
+            dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
+            if saved.meta.get("loss_scaler"):
+                scaler.load_state_dict(saved.meta["loss_scaler"])
+            if carry_state and saved.meta.get("rnn_state") is not None:     # (older random-batched runs saved one too)
+                state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
+                         for layer in saved.meta["rnn_state"]]
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"checkpoint.load: '{last_path}' holds a run state that minilm train cannot restore "
+                             f"({type(e).__name__}: {e}); was it edited?") from None
         it, best_val = saved.meta["iter"], saved.meta["best_val_loss"]
         elapsed_before = saved.meta.get("elapsed_s", 0.0)      # the run's earlier sessions (0: saved before it was kept)
         last_eval_iter = saved.meta["last_eval_iter"]
-        if saved.meta.get("loss_scaler"):
-            scaler.load_state_dict(saved.meta["loss_scaler"])
         if stopper is not None and saved.meta.get("early_stopping"):
             stopper.load_state_dict(saved.meta["early_stopping"])
         elif stopper is not None and math.isfinite(best_val):     # --patience given only now: from the run's best
             stopper.best = best_val
-        if carry_state and saved.meta.get("rnn_state") is not None:     # (older random-batched runs saved one too)
-            state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
-                     for layer in saved.meta["rnn_state"]]
         _keep_metrics_up_to(metrics_path, last_eval_iter)
         log(f"resuming {last_path} at iteration {it}")
         note = _rounding_note(saved.meta, runner, model, cfg.batch_size, slices)
@@ -438,9 +442,12 @@ def _resume_from_best(out_dir):
 def _train_config_of(saved, path):
     """The TrainConfig a saved run was trained with (every setting: a run resumes on all of them)."""
     c = checkpoint
+    loss = (lambda v: c.NUMBER[0](v) and not math.isnan(v), "a number (not NaN)")    # inf: nothing evaluated yet
     c.check_meta(saved.meta, path, {"train_config": c.DICT, "iter": c.COUNT, "last_eval_iter": (c.COUNT, None),
-                                    "best_val_loss": c.NUMBER, "batches": c.DICT, "dropout_rng": c.DICT})
-    later = {"slices": c.POSITIVE_COUNT, "threads": (c.POSITIVE_COUNT, None)}    # older runs lack them
+                                    "best_val_loss": loss, "batches": c.DICT, "dropout_rng": c.DICT,
+                                    "data": c.TEXT})
+    later = {"slices": c.POSITIVE_COUNT, "threads": (c.POSITIVE_COUNT, None),      # older runs lack them
+             "elapsed_s": c.NUMBER}
     c.check_meta(saved.meta, path, {name: kind for name, kind in later.items() if name in saved.meta})
     # every TrainConfig field dates from the first checkpoints: a field added later must be given its
     # old behaviour's value here for the checkpoints saved without it, rather than be called missing
@@ -735,12 +742,23 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
                 continue
             raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not a JSON object "
                              f"({line.strip()[:40]!r}); remove or repair that line") from None
+        if not _is_evaluation_row(row):             # another file's lines, or one edited: the plot reads them too
+            raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not an evaluation's row "
+                             f"(an object with an integer 'iter' and the numbers 'train_loss' and 'val_loss'; got "
+                             f"{line.strip()[:40]!r}); remove or repair that line")
         if row["iter"] <= last_eval_iter:
             kept.append(line)
     if len(kept) != len(lines):
         with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
+
+
+def _is_evaluation_row(row):
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return (isinstance(row, dict) and isinstance(row.get("iter"), int) and not isinstance(row["iter"], bool)
+            and number(row.get("train_loss")) and number(row.get("val_loss")))
 
 
 class _StopRequest:

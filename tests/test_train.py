@@ -514,6 +514,39 @@ def test_a_cut_off_last_metrics_line_does_not_block_resume(corpus, trained, caps
     assert f"--resume: line 1 of {metrics} is not a JSON object ('not json'); remove or repair that line" in err
 
 
+
+@pytest.mark.parametrize("line", ['{}', '[1, 2]', '{"iter": "x"}', '5', '{"iter": 0}', '{"iter": true, '
+                                  '"train_loss": 1.0, "val_loss": 1.0}'])
+def test_resume_names_a_metrics_line_that_is_not_an_evaluation(trained, capsys, line):
+    """JSON that is not an evaluation's row (another file's lines, or one edited) had given a
+    KeyError traceback, an error naming nothing, or ({"iter": 0}) a traceback from the plot after
+    the checkpoints were saved."""
+    metrics = trained / "metrics.jsonl"
+    metrics.write_text(line + "\n" + metrics.read_text(encoding="utf-8"), encoding="utf-8")
+    saved = {name: (trained / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy",
+                          "--no-progress"])
+    assert f"--resume: line 1 of {metrics} is not an evaluation's row" in err and "remove or repair that line" in err
+    assert {name: (trained / name).read_bytes() for name in saved} == saved
+
+
+@pytest.mark.parametrize("entry, value", [("loss_scaler", {"scale": 1.0}), ("dropout_rng", {"bit_generator": "PCG64"}),
+                                          ("dropout_rng", {"state": []}), ("data", None), ("elapsed_s", "x"),
+                                          ("best_val_loss", float("nan"))])
+def test_resume_names_the_file_of_a_hand_edited_run_state(trained, capsys, entry, value):
+    """Entries that the meta's checks left to the objects reading them had given KeyError tracebacks
+    or errors naming neither the file nor the entry; a NaN best loss was taken, and best.npz then
+    never written again."""
+    path = trained / "last.npz"
+    ckpt = checkpoint.load(path)
+    checkpoint.save(path, params=ckpt.params, optimizer_state=ckpt.optimizer_state, meta={**ckpt.meta, entry: value})
+    saved = {name: (trained / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy",
+                          "--no-progress"])
+    assert f"'{path}'" in err and "Traceback" not in err
+    assert {name: (trained / name).read_bytes() for name in saved} == saved
+
+
 def test_resume_drops_blank_metrics_lines_and_starts_a_deleted_file_afresh(corpus, trained):
     metrics = trained / "metrics.jsonl"
     metrics.write_text(metrics.read_text(encoding="utf-8").replace("\n", "\n\n", 1), encoding="utf-8")
@@ -1733,7 +1766,7 @@ def test_eval_of_an_edited_checkpoint_names_the_file_and_the_entry(trained, caps
     (lambda m: m["train_config"].update(lr=-1.0), r"meta entry 'train_config' holds a setting minilm train refuses "
                                                   r"\(minilm train: option '--lr' must be a finite number > 0"),
     (lambda m: m.update(iter="4"), r"meta entry 'iter' must be an integer >= 0, got '4'"),
-    (lambda m: m.update(best_val_loss=None), r"meta entry 'best_val_loss' must be a number, got None"),
+    (lambda m: m.update(best_val_loss=None), r"meta entry 'best_val_loss' must be a number \(not NaN\), got None"),
     (lambda m: m.update(dropout_rng="x"), r"meta entry 'dropout_rng' must be a dictionary, got 'x'"),
     (lambda m: m.update(slices=0), r"meta entry 'slices' must be a positive integer, got 0"),
     (lambda m: m.update(threads="2"), r"meta entry 'threads' must be a positive integer or null, got '2'"),
