@@ -12,6 +12,7 @@ import itertools
 import os
 import signal
 import sys
+import warnings
 
 from minilm import backend
 from minilm.sample import DEFAULT_PROMPT, DEFAULT_TEMPERATURE, _sample_text
@@ -196,9 +197,17 @@ def _parse(parser, argv):
     return args
 
 
+def _warning_of(command):
+    """A warning as the command's own are said, without Python's file, line and source."""
+    def format_warning(message, *_):
+        return f"{command}: warning: {str(message).removeprefix(f'{command}: ')}\n"
+    return format_warning
+
+
 def main(argv=None):
     parser = build_parser()
     args = _parse(parser, argv)
+    python_format, warnings.formatwarning = warnings.formatwarning, _warning_of(f"minilm {args.command}")
     try:
         # a backend that cannot start here is one line below, not under the command's usage; bench
         # starts each backend it measures itself: $MINILM_BACKEND is not one of them
@@ -234,6 +243,8 @@ def main(argv=None):
         message = str(e).removeprefix(f"{command}: ")       # the command's own checks name it already
         print(f"{command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = python_format
     parser.error(f"unknown command {args.command!r}")
 
 

@@ -1834,6 +1834,20 @@ def test_a_filesystem_that_locks_no_folder_trains_with_a_warning(corpus, tmp_pat
     assert len([w for w in caught if "cannot be held" in str(w.message)]) == 1 and [r["iter"] for r in _metrics(out)] == [0, 4]
 
 
+
+def test_a_python_warning_reads_as_the_commands_own(tmp_path):
+    """A warning from the library (here: a --data that is mostly NUL characters, as UTF-16 text
+    reads) had reached the command line with Python's file path, line number and source line."""
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(list("ab \n"), 800)).replace("a", "a\0")      # a third NUL characters
+    (tmp_path / "nul.txt").write_text(text, encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "minilm", "train", "--data", str(tmp_path / "nul.txt"), "--out",
+                          str(tmp_path / "run"), *TINY, "--max-iters", "1"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "minilm train: warning: load_text: argument 'data' (--data) is " in run.stderr
+    assert "NUL characters" in run.stderr and ".py:" not in run.stderr and "UserWarning" not in run.stderr
+
 def test_a_resume_with_a_bad_option_says_only_the_error(trained, capsys):
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "-5", "--backend", "numpy"])
     assert "'--max-iters' must be a finite number > 0, got -5" in err
