@@ -22,6 +22,7 @@ Without a ``compute_dtype`` the pairs are the same arrays and both calls cost no
 """
 import copy
 import math
+import numbers
 
 import numpy as np
 
@@ -82,6 +83,8 @@ class Params:
         for name, shape in specs:
             if name in self.layout:
                 raise ValueError(f"Params: parameter name {name!r} appears twice")
+            if any(not isinstance(s, numbers.Integral) or isinstance(s, bool) for s in shape):   # int(2.5) is 2
+                raise ValueError(f"Params: parameter {name!r} must have a shape of integer sizes, got {tuple(shape)}")
             shape = tuple(int(s) for s in shape)
             if any(s < 0 for s in shape):
                 raise ValueError(f"Params: parameter {name!r} must have a shape of sizes >= 0, got {shape}")
@@ -153,6 +156,8 @@ class Params:
 
     def slice(self, name):
         """The range of ``name`` in the flat buffer."""
+        if name not in self.layout:
+            raise KeyError(f"no parameter called {name!r}; parameters are: {', '.join(self.layout)}")
         start, shape = self.layout[name]
         return slice(start, start + math.prod(shape))
 

@@ -32,7 +32,7 @@ except ImportError:
 
 from minilm import backend, checkpoint, config, optim
 from minilm.precision import LossScaler
-from minilm.validate import as_numpy_dtype
+from minilm.validate import as_numpy_dtype, require_bool
 from minilm.data import (CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_saved_text,
                          load_text, split, text_digest)
 from minilm.models import build_model, model_meta, param_count
@@ -155,6 +155,10 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     ``stopped_early``, and ``interrupted``: False, or the name of the signal that stopped the run
     ("SIGINT" for Ctrl-C, "SIGTERM"), after it saved ``last.npz``.
     """
+    for name, value in (("resume", resume), ("overwrite", overwrite), ("progress", progress), ("cuda_graph", cuda_graph)):
+        require_bool("minilm train", name, value)            # progress="no" would draw the bar
+    if not callable(log):
+        raise TypeError(f"minilm train: argument 'log' must be a callable such as print, got {type(log).__name__}")
     check_out_dir(out_dir)
     with _RunFolder(out_dir) as folder:                 # held by this run until it ends
         return _train(cfg, data, folder, resume=resume, overwrite=overwrite, progress=progress,
@@ -522,7 +526,9 @@ def _refuse_change(name, before, now, path):
 
 
 def check_out_dir(out_dir):
-    """Refuse an ``--out`` that cannot be a folder: empty, or an existing file."""
+    """Refuse an ``--out`` that cannot be a folder: not a path, empty, or an existing file."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"minilm train: option '--out' must be a path, got {type(out_dir).__name__}")
     if not os.fspath(out_dir):
         raise ValueError("minilm train: option '--out' must name a folder, got ''")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -487,6 +487,10 @@ def test_params_bad_input_names_what_is_wrong():
             params.load(np.zeros(9, dtype=dtype))
     with pytest.raises(ValueError, match=r"Params: parameter 'W' must have a shape of sizes >= 0, got \(-2, 3\)"):
         Params([("W", (-2, 3))])
+    with pytest.raises(ValueError, match=r"Params: parameter 'W' must have a shape of integer sizes, got \(2.5, 3\)"):
+        Params([("W", (2.5, 3))])                                   # had become (2, 3)
+    with pytest.raises(KeyError, match="no parameter called 'w'; parameters are: W, b"):
+        params.slice("w")
     params.values["b"] = [1.0, 2.0, 3.0]                           # a view: writes land in the flat buffer
     assert params.data[6:].tolist() == [1.0, 2.0, 3.0]
     params.grads["W"] = 0.0                                        # one number fills the view

@@ -1012,6 +1012,20 @@ def test_train_from_python_checks_its_config_before_writing(corpus, tmp_path, ch
     assert not (tmp_path / "run").exists()
 
 
+
+@pytest.mark.parametrize("keyword, value, error, match", [
+    ("progress", "no", ValueError, r"option 'progress' must be True or False, got 'no'"),    # had drawn the bar
+    ("resume", "yes", ValueError, r"option 'resume' must be True or False, got 'yes'"),
+    ("overwrite", 1, ValueError, r"option 'overwrite' must be True or False, got 1"),
+    ("log", None, TypeError, r"argument 'log' must be a callable such as print, got NoneType"),   # once it had begun
+    ("out_dir", None, TypeError, r"option '--out' must be a path, got NoneType"),
+])
+def test_train_from_python_checks_its_arguments_before_writing(corpus, tmp_path, keyword, value, error, match):
+    arguments = {"data": corpus, "out_dir": tmp_path / "run", "progress": False, keyword: value}
+    with pytest.raises(error, match="^minilm train: " + match + "$"):
+        train.train(TrainConfig(**PY_TINY), **arguments)
+    assert not (tmp_path / "run").exists()
+
 def test_train_from_python_takes_numpy_numbers_and_logs_through_log(corpus, tmp_path, capsys):
     lines = []
     cfg = TrainConfig(**dict(PY_TINY, lr=np.float32(2e-3), batch_size=np.int64(4), bias=np.False_))
