@@ -19,6 +19,7 @@ uninterrupted run would have seen.
 import codecs
 import collections
 import hashlib
+import numbers
 import http.client
 import os
 import unicodedata
@@ -348,7 +349,8 @@ def split(ids, train_fraction=0.9, *, what="the corpus"):
         int64 arrays (views of ``ids`` when it is an int64 array), of lengths
         ``int(train_fraction * len(ids))`` and the remainder.
     """
-    if not (isinstance(train_fraction, (int, float)) and 0.0 < train_fraction < 1.0):
+    if not (isinstance(train_fraction, numbers.Real) and not isinstance(train_fraction, bool)
+            and 0.0 < train_fraction < 1.0):                  # a NumPy float32 too
         raise ValueError(f"split: argument 'train_fraction' must be a number in (0, 1), got {train_fraction!r}")
     ids = _as_corpus("split", "ids", ids)
     n = int(train_fraction * len(ids))

@@ -464,9 +464,11 @@ class WarmupCosine:
         _require_nonnegative("WarmupCosine", "min_lr", self.min_lr)
         if self.min_lr > self.lr:
             raise ValueError(f"WarmupCosine: option 'min_lr' must be at most lr = {self.lr}, got {self.min_lr!r}")
-        if not (isinstance(self.warmup_iters, numbers.Integral) and self.warmup_iters >= 0):
+        if not (isinstance(self.warmup_iters, numbers.Integral) and not isinstance(self.warmup_iters, bool)
+                and self.warmup_iters >= 0):
             raise ValueError(f"WarmupCosine: option 'warmup_iters' must be an integer >= 0, got {self.warmup_iters!r}")
-        if not (isinstance(self.decay_iters, numbers.Integral) and self.decay_iters > self.warmup_iters):
+        if not (isinstance(self.decay_iters, numbers.Integral) and not isinstance(self.decay_iters, bool)
+                and self.decay_iters > self.warmup_iters):
             raise ValueError(f"WarmupCosine: option 'decay_iters' must be an integer > warmup_iters = "
                              f"{self.warmup_iters}, got {self.decay_iters!r}")
 

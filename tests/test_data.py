@@ -343,6 +343,14 @@ def test_split_bad_input(ids, fraction, message):
         split(ids, fraction)
 
 
+def test_split_takes_a_numpy_fraction():
+    """np.float32(0.9) had been refused as "not a number in (0, 1)"."""
+    train, val = split(np.arange(100), np.float32(0.9))
+    assert (len(train), len(val)) == (90, 10)
+    with pytest.raises(ValueError, match=r"'train_fraction' must be a number in \(0, 1\), got True"):
+        split(np.arange(100), True)
+
+
 # ---------------------------------------------------------------------------------------------
 # RandomBatches
 

@@ -415,6 +415,8 @@ def test_schedules_are_frozen():
     (lambda: WarmupCosine(0.1, min_lr=0.2, warmup_iters=1, decay_iters=9), r"'min_lr' must be at most lr"),
     (lambda: WarmupCosine(0.1, min_lr=-1, warmup_iters=1, decay_iters=9), r"'min_lr' must be a finite number >= 0"),
     (lambda: WarmupCosine(0.1, 0.01, warmup_iters=-1, decay_iters=9), r"'warmup_iters' must be an integer >= 0"),
+    (lambda: WarmupCosine(0.1, 0.01, warmup_iters=True, decay_iters=9), r"'warmup_iters' must be an integer >= 0, "
+                                                                        r"got True"),
     (lambda: WarmupCosine(0.1, 0.01, warmup_iters=9, decay_iters=9), r"'decay_iters' must be an integer > "
                                                                       r"warmup_iters = 9, got 9"),
     (lambda: Constant(0.1)(-1), r"Constant: argument 'it' must be an iteration number >= 0, got -1"),
