@@ -75,6 +75,10 @@ def next_token_probs(logits, *, temperature=1.0, top_k=None, top_p=None):
     of ``generate``, checked here too.
     """
     _check_options(0, temperature, top_k, top_p, None, op="next_token_probs")
+    logits = np.asarray(to_numpy(logits))
+    if logits.ndim != 1 or logits.dtype.kind not in "fiu":       # (1, V) had given (1, V) "probabilities"
+        raise ValueError(f"next_token_probs: argument 'logits' must be a 1-D array of V real numbers, got shape "
+                         f"{logits.shape} and dtype {logits.dtype}")
     return _probs(logits, temperature, top_k, top_p, op="next_token_probs", what="argument 'logits'")
 
 
@@ -105,7 +109,23 @@ def _probs(logits, temperature, top_k, top_p, *, op="generate", what="the model'
 
 
 def sample_token(probs, rng):
-    """Draw one token from ``probs`` with exactly one uniform number from ``rng`` (inverse CDF)."""
+    """Draw one token from ``probs`` (V numbers >= 0 with a positive sum) with exactly one uniform
+    number from ``rng``, a NumPy Generator (inverse CDF)."""
+    probs = np.asarray(to_numpy(probs))
+    if probs.ndim != 1 or probs.size == 0 or probs.dtype.kind not in "fiu":
+        raise ValueError(f"sample_token: argument 'probs' must be a 1-D array of V >= 1 numbers, got shape "
+                         f"{probs.shape} and dtype {probs.dtype}")
+    if not (np.isfinite(probs).all() and (probs >= 0).all() and probs.sum() > 0):    # else the last token, silently
+        raise ValueError(f"sample_token: argument 'probs' must hold finite numbers >= 0 with a positive sum, got "
+                         f"min {probs.min()}, sum {probs.sum()}")
+    if not callable(getattr(rng, "random", None)):
+        raise TypeError(f"sample_token: argument 'rng' must be a NumPy Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    return _draw(probs, rng)
+
+
+def _draw(probs, rng):
+    """``sample_token`` without its checks: ``generate``'s probabilities are ``_probs``'s."""
     cdf = np.cumsum(probs)                                               # (V,) non-decreasing
     u = rng.random() * cdf[-1]
     return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
@@ -167,7 +187,7 @@ def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
             logits, state = model.forward_step(np.asarray([new]), state)  # (1, V)
         else:
             logits = model.forward(np.asarray([tokens[start:]]))[0][:, -1]  # (1, V)
-        token = sample_token(_probs(logits[0], **options), rng)
+        token = _draw(_probs(logits[0], **options), rng)
         tokens.append(token)
         new = [token]
         yield token

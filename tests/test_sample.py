@@ -87,6 +87,28 @@ def test_sample_token_is_the_inverse_cdf_with_one_draw():
     assert abs(counts[1] / 4000 - 0.25) < DRAWS_TOL
 
 
+
+@pytest.mark.parametrize("probs, rng, error, match", [
+    (np.array([]), np.random.default_rng(0), ValueError, r"'probs' must be a 1-D array of V >= 1 numbers, got shape \(0,\)"),
+    (np.ones((1, 3)), np.random.default_rng(0), ValueError, r"'probs' must be a 1-D array of V >= 1 numbers, got shape \(1, 3\)"),
+    # these had drawn the last token, silently
+    (np.zeros(3), np.random.default_rng(0), ValueError, r"'probs' must hold finite numbers >= 0 with a positive sum"),
+    (np.array([0.5, np.nan]), np.random.default_rng(0), ValueError, r"'probs' must hold finite numbers >= 0"),
+    (np.array([0.5, -0.1, 0.6]), np.random.default_rng(0), ValueError, r"'probs' must hold finite numbers >= 0"),
+    (np.array([0.5, 0.5]), 0, TypeError, r"'rng' must be a NumPy Generator \(np.random.default_rng\(seed\)\), got int"),
+])
+def test_sample_token_refuses_what_it_cannot_draw_from(probs, rng, error, match):
+    with pytest.raises(error, match="^sample_token: argument " + match):
+        sample_token(probs, rng)
+
+
+def test_next_token_probs_takes_one_row_of_logits():
+    """(1, V) logits had given (1, V) "probabilities" back."""
+    with pytest.raises(ValueError, match=r"^next_token_probs: argument 'logits' must be a 1-D array of V real numbers, "
+                                         r"got shape \(1, 4\) and dtype float64$"):
+        next_token_probs(LOGITS[None, :])
+    assert np.array_equal(next_token_probs(list(LOGITS)), next_token_probs(LOGITS))      # a list is an array too
+
 def test_top_p_of_one_keeps_every_token():
     # exp(-40) ~ 4e-18: the mass ahead of that token rounds to 1, yet top_p = 1 must keep it
     z = np.array([0.0, -40.0])
