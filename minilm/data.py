@@ -478,7 +478,7 @@ class ContiguousBatches:
 
     def load_state_dict(self, state):
         chunk = state.get("chunk") if isinstance(state, dict) else None
-        if not isinstance(chunk, int) or not 0 <= chunk < self.n_chunks:
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk < self.n_chunks:
             raise ValueError(f"ContiguousBatches.load_state_dict: argument 'state' must be {{'chunk': int in "
                              f"[0, {self.n_chunks})}}, got {state!r:.80}")
         self.chunk = chunk

@@ -510,6 +510,8 @@ class EarlyStopping:
 
     def update(self, val_loss):
         """Record one validation loss; return True when training should stop (a nan never improves)."""
+        if val_loss is None or isinstance(val_loss, (str, bytes, bool)):      # a 0-d array is a number here
+            raise TypeError(f"EarlyStopping.update: argument 'val_loss' must be a number, got {type(val_loss).__name__}")
         val_loss = float(val_loss)
         if val_loss < self.best - self.min_delta:
             self.best, self.bad_evals = val_loss, 0
@@ -528,9 +530,11 @@ class EarlyStopping:
 
     def load_state_dict(self, state):
         try:
-            best, bad_evals = state["best"], int(state["bad_evals"])
+            best, bad_evals = state["best"], state["bad_evals"]
+            best = math.inf if best is None else float(best)
+            if not isinstance(bad_evals, int) or isinstance(bad_evals, bool) or bad_evals < 0:
+                raise ValueError(f"'bad_evals' must be an integer >= 0, got {bad_evals!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"EarlyStopping.load_state_dict: argument 'state' is not a state_dict of "
                              f"EarlyStopping ({type(e).__name__}: {e})") from None
-        self.best = math.inf if best is None else float(best)
-        self.bad_evals = bad_evals
+        self.best, self.bad_evals = best, bad_evals

@@ -493,6 +493,8 @@ def test_contiguous_batches_resume_exactly():
     (lambda: ContiguousBatches(np.arange(16), block_size=4, batch_size=0), r"option 'batch_size' must be a positive"),
     (lambda: ContiguousBatches(np.arange(17), 4, 4).load_state_dict({"chunk": 1}),
      r"ContiguousBatches.load_state_dict: argument 'state' must be \{'chunk': int in \[0, 1\)\}"),
+    (lambda: ContiguousBatches(np.arange(17), 4, 4).load_state_dict({"chunk": False}),          # had been taken as 0
+     r"ContiguousBatches.load_state_dict: argument 'state' must be \{'chunk': int in \[0, 1\)\}, got \{'chunk': False\}"),
 ])
 def test_contiguous_batches_bad_input(make, message):
     with pytest.raises(ValueError, match=message):

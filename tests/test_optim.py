@@ -467,11 +467,21 @@ def test_early_stopping_state_round_trip():
     (lambda: EarlyStopping(patience=0), r"EarlyStopping: option 'patience' must be a positive integer, got 0"),
     (lambda: EarlyStopping(patience=2, min_delta=-0.1), r"EarlyStopping: option 'min_delta' must be a finite"),
     (lambda: EarlyStopping(2).load_state_dict({}), r"EarlyStopping.load_state_dict: argument 'state' is not"),
+    (lambda: EarlyStopping(2).load_state_dict({"best": 1.0, "bad_evals": -3}),     # had been taken
+     r"EarlyStopping.load_state_dict: argument 'state' is not a state_dict of EarlyStopping \(ValueError: "
+     r"'bad_evals' must be an integer >= 0, got -3\)"),
 ])
 def test_bad_early_stopping_is_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
 
+
+
+def test_early_stopping_takes_a_number_or_a_0d_array():
+    stopper = EarlyStopping(2)
+    with pytest.raises(TypeError, match=r"^EarlyStopping.update: argument 'val_loss' must be a number, got str$"):
+        stopper.update("1.5")                                      # had been NumPy's "could not convert"
+    assert not stopper.update(np.array(1.5)) and stopper.best == 1.5
 
 def test_params_bad_input_names_what_is_wrong():
     with pytest.raises(ValueError, match="Params: parameter name 'W' appears twice"):
