@@ -111,7 +111,7 @@ def validate(cfg):
                   "bool": ((bool, np.bool_), "True or False"), "str": (str, "a string")}[kind]
         if not isinstance(value, wanted[0]) or (kind in ("int", "float") and isinstance(value, (bool, np.bool_))):
             raise ValueError(f"minilm train: option '{option}' must be {wanted[1]}, got {value!r}")
-        if kind == "int" and abs(value) >= 2**63:           # sizes, counts and seeds become int64 (and floats)
+        if kind == "int" and value >= 2**63:           # sizes, counts and seeds become int64 (and floats)
             raise ValueError(f"minilm train: option '{option}' must be an integer below 2**63, got {value!r}")
         if kind != "str":                                   # numpy scalars save as JSON too
             plain[f.name] = {"int": int, "float": float, "bool": bool}[kind](value)

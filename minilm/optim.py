@@ -511,7 +511,8 @@ class EarlyStopping:
     def update(self, val_loss):
         """Record one validation loss; return True when training should stop (a nan never improves)."""
         if val_loss is None or isinstance(val_loss, (str, bytes, bool)):      # a 0-d array is a number here
-            raise TypeError(f"EarlyStopping.update: argument 'val_loss' must be a number, got {type(val_loss).__name__}")
+            raise TypeError(f"EarlyStopping.update: argument 'val_loss' must be a number, got "
+                            f"{type(val_loss).__name__}")
         val_loss = float(val_loss)
         if val_loss < self.best - self.min_delta:
             self.best, self.bad_evals = val_loss, 0

@@ -155,7 +155,8 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     ``stopped_early``, and ``interrupted``: False, or the name of the signal that stopped the run
     ("SIGINT" for Ctrl-C, "SIGTERM"), after it saved ``last.npz``.
     """
-    for name, value in (("resume", resume), ("overwrite", overwrite), ("progress", progress), ("cuda_graph", cuda_graph)):
+    flags = {"resume": resume, "overwrite": overwrite, "progress": progress, "cuda_graph": cuda_graph}
+    for name, value in flags.items():
         require_bool("minilm train", name, value)            # progress="no" would draw the bar
     if not callable(log):
         raise TypeError(f"minilm train: argument 'log' must be a callable such as print, got {type(log).__name__}")
@@ -233,10 +234,10 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
 
     if saved is not None:
         checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
-        model.params.load(saved.params)
-        optimizer.load_state_dict(saved.optimizer_state)
-        batches.load_state_dict(saved.meta["batches"])
-        try:                        # states that their own readers check only as far as they need
+        try:                        # states that their readers check, but know no file of
+            model.params.load(saved.params)
+            optimizer.load_state_dict(saved.optimizer_state)
+            batches.load_state_dict(saved.meta["batches"])
             dropout_rng.bit_generator.state = saved.meta["dropout_rng"]
             if saved.meta.get("loss_scaler"):
                 scaler.load_state_dict(saved.meta["loss_scaler"])
@@ -835,7 +836,7 @@ def _plot(metrics_path, png_path):
         if isinstance(e, ModuleNotFoundError) and e.name == "matplotlib":
             return None                                 # not installed: no curve, and nothing to say
         _matplotlib_error = RuntimeError(f"matplotlib did not import ({type(e).__name__}: {e}); "
-                                         f"pip install -U matplotlib")
+                                         f"pip install -U matplotlib, then start Python again")
         return _matplotlib_error
     with open(metrics_path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

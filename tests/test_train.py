@@ -121,6 +121,7 @@ def test_a_matplotlib_that_does_not_import_stops_nothing_and_is_said_once(corpus
     assert [r["iter"] for r in _metrics(out)] == [0, 4, 8, 12] and not (out / "loss.png").exists()
     err = capsys.readouterr().err
     assert err.count(f"warning: could not write {out / 'loss.png'}: matplotlib did not import (") == 1, err
+    assert "pip install -U matplotlib, then start Python again" in err          # the failure is kept a process
     assert tries.read_text() == "x"
 
 @pytest.mark.parametrize("backend, model_options", [
@@ -540,6 +541,27 @@ def test_resume_names_the_file_of_a_hand_edited_run_state(trained, capsys, entry
     path = trained / "last.npz"
     ckpt = checkpoint.load(path)
     checkpoint.save(path, params=ckpt.params, optimizer_state=ckpt.optimizer_state, meta={**ckpt.meta, entry: value})
+    saved = {name: (trained / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy",
+                          "--no-progress"])
+    assert f"'{path}'" in err and "Traceback" not in err
+    assert {name: (trained / name).read_bytes() for name in saved} == saved
+
+
+@pytest.mark.parametrize("edit", ["steps", "int_params", "batches"])
+def test_resume_names_the_file_of_edited_weights_optimizer_or_batches(trained, capsys, edit):
+    """The weights, the optimizer's state and the batches' state are refused by their own readers,
+    which know no file: --resume names it, as for the other run-state entries."""
+    path = trained / "last.npz"
+    ckpt = checkpoint.load(path)
+    params, state, meta = ckpt.params, dict(ckpt.optimizer_state), dict(ckpt.meta)
+    if edit == "steps":
+        state["steps"] = -1
+    elif edit == "int_params":
+        params = params.astype(np.int64)
+    else:
+        meta["batches"] = {"bit_generator": {"bit_generator": "PCG64", "state": {"state": 1}}}
+    checkpoint.save(path, params=params, optimizer_state=state, meta=meta)
     saved = {name: (trained / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy",
                           "--no-progress"])
@@ -1173,6 +1195,7 @@ def test_unknown_preset_and_option(capsys):
     # past a float's range: "int too large to convert to float", naming no option
     ("--max-iters", "1" + "0" * 400, "'--max-iters' must be an integer below 2**63, got 1000"),
     ("--seed", str(2**63), "'--seed' must be an integer below 2**63, got 9223372036854775808"),
+    ("--seed", "-1" + "0" * 400, "'--seed' must be a finite number >= 0, got -1000"),     # below, but not >= 0
 ])
 def test_bad_option_values(option, value, message, tmp_path, capsys):
     # a --data that does not exist: were a check to let the value through, the run fails at once on
