@@ -353,7 +353,7 @@ def split(ids, train_fraction=0.9, *, what="the corpus"):
             and 0.0 < train_fraction < 1.0):                  # a NumPy float32 too
         raise ValueError(f"split: argument 'train_fraction' must be a number in (0, 1), got {train_fraction!r}")
     ids = _as_corpus("split", "ids", ids)
-    n = int(train_fraction * len(ids))
+    n = int(float(train_fraction) * len(ids))               # in float64 whatever the fraction's type and NumPy's
     if n == 0 or n == len(ids):
         raise ValueError(f"split: {what} has {len(ids)} tokens, too few to split into two non-empty parts, "
                          f"{train_fraction:g} for training and the rest for validation")
