@@ -19,8 +19,8 @@ uninterrupted run would have seen.
 import codecs
 import collections
 import hashlib
-import numbers
 import http.client
+import numbers
 import os
 import unicodedata
 import urllib.error
@@ -347,7 +347,7 @@ def split(ids, train_fraction=0.9, *, what="the corpus"):
     -------
     train, val : numpy.ndarray
         int64 arrays (views of ``ids`` when it is an int64 array), of lengths
-        ``int(train_fraction * len(ids))`` and the remainder.
+        ``int(float(train_fraction) * len(ids))`` and the remainder.
     """
     if not (isinstance(train_fraction, numbers.Real) and not isinstance(train_fraction, bool)
             and 0.0 < train_fraction < 1.0):                  # a NumPy float32 too
