@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minilm.backend import to_numpy
+from minilm.validate import is_count
 
 FORMAT = "minilm checkpoint"
 FORMAT_VERSION = 1
@@ -286,13 +287,9 @@ def load(path, *, required_meta=()):
 _MISSING = object()
 
 
-def _is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 # what a meta entry must be, for check_meta: (test, what it is called)
-COUNT = (_is_count, "an integer >= 0")
-POSITIVE_COUNT = (lambda v: _is_count(v) and v > 0, "a positive integer")
+COUNT = (is_count, "an integer >= 0")
+POSITIVE_COUNT = (lambda v: is_count(v) and v > 0, "a positive integer")
 NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
 TEXT = (lambda v: isinstance(v, str), "a string")
 DICT = (lambda v: isinstance(v, dict), "a dictionary")

@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 
 from minilm.checkpoint import atomic_write
-from minilm.validate import require_ids, require_positive
+from minilm.validate import is_count, require_ids, require_positive
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -478,7 +478,7 @@ class ContiguousBatches:
 
     def load_state_dict(self, state):
         chunk = state.get("chunk") if isinstance(state, dict) else None
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk < self.n_chunks:
+        if not (is_count(chunk) and chunk < self.n_chunks):
             raise ValueError(f"ContiguousBatches.load_state_dict: argument 'state' must be {{'chunk': int in "
                              f"[0, {self.n_chunks})}}, got {state!r:.80}")
         self.chunk = chunk

@@ -44,7 +44,7 @@ import numpy as np
 
 from minilm import backend
 from minilm.backend import get_array_module, to_numpy
-from minilm.validate import require_bool, require_positive, require_probability
+from minilm.validate import is_count, require_bool, require_count, require_positive, require_probability
 
 # ---------------------------------------------------------------------------------------------
 # the updates: plain functions over flat arrays, in place
@@ -241,7 +241,7 @@ class Optimizer:
             if getattr(self, key) is not None:
                 setattr(self, key, self._restore_buffer(op, key, state.get(key)))
         steps = state.get("steps", 0)
-        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+        if not is_count(steps):
             raise ValueError(f"{op}: argument 'state' entry 'steps' must be an integer >= 0, got {steps!r}")
         self.steps = int(steps)
 
@@ -400,7 +400,7 @@ def clip_grad_norm(params, max_norm):
 
 
 def _require_iter(op, it):
-    if not (isinstance(it, numbers.Integral) and not isinstance(it, bool) and it >= 0):
+    if not is_count(it):
         raise ValueError(f"{op}: argument 'it' must be an iteration number >= 0, got {it!r}")
 
 
@@ -464,11 +464,8 @@ class WarmupCosine:
         _require_nonnegative("WarmupCosine", "min_lr", self.min_lr)
         if self.min_lr > self.lr:
             raise ValueError(f"WarmupCosine: option 'min_lr' must be at most lr = {self.lr}, got {self.min_lr!r}")
-        if not (isinstance(self.warmup_iters, numbers.Integral) and not isinstance(self.warmup_iters, bool)
-                and self.warmup_iters >= 0):
-            raise ValueError(f"WarmupCosine: option 'warmup_iters' must be an integer >= 0, got {self.warmup_iters!r}")
-        if not (isinstance(self.decay_iters, numbers.Integral) and not isinstance(self.decay_iters, bool)
-                and self.decay_iters > self.warmup_iters):
+        require_count("WarmupCosine", "warmup_iters", self.warmup_iters)
+        if not (is_count(self.decay_iters) and self.decay_iters > self.warmup_iters):
             raise ValueError(f"WarmupCosine: option 'decay_iters' must be an integer > warmup_iters = "
                              f"{self.warmup_iters}, got {self.decay_iters!r}")
 
@@ -533,7 +530,7 @@ class EarlyStopping:
         try:
             best, bad_evals = state["best"], state["bad_evals"]
             best = math.inf if best is None else float(best)
-            if not isinstance(bad_evals, int) or isinstance(bad_evals, bool) or bad_evals < 0:
+            if not is_count(bad_evals):
                 raise ValueError(f"'bad_evals' must be an integer >= 0, got {bad_evals!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"EarlyStopping.load_state_dict: argument 'state' is not a state_dict of "

@@ -762,10 +762,9 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
 
 
 def _is_evaluation_row(row):
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    return (isinstance(row, dict) and isinstance(row.get("iter"), int) and not isinstance(row["iter"], bool)
-            and number(row.get("train_loss")) and number(row.get("val_loss")))
+    count, number = checkpoint.COUNT[0], checkpoint.NUMBER[0]      # the checks of a checkpoint's meta entries
+    return (isinstance(row, dict) and count(row.get("iter")) and number(row.get("train_loss"))
+            and number(row.get("val_loss")))
 
 
 class _StopRequest:

@@ -201,11 +201,22 @@ def as_scalar_gradient(op, name, value, xp, dtype):
     return value
 
 
+def is_count(value):
+    """An integer >= 0 (a NumPy one too), and not a bool, which Python counts as an integer."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def require_count(op, name, value):
+    """value is an integer >= 0."""
+    if not is_count(value):
+        raise ValueError(f"{op}: option '{name}' must be an integer >= 0, got {value!r}")
+
+
 def require_seed(op, name, seed, *, allow_none=False):
     """An integer seed >= 0 (numpy's generators take no negative seed), or None where ``allow_none``."""
     if seed is None and allow_none:
         return
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+    if not is_count(seed):
         what = "None or an integer >= 0" if allow_none else "an integer >= 0"
         raise ValueError(f"{op}: option '{name}' must be {what}, got {seed!r}")
 

@@ -70,9 +70,13 @@ def model_meta(model):
 
 def model_from_meta(meta):
     """A model with the architecture described by ``meta`` (from ``model_meta``); weights are fresh."""
-    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta or not isinstance(meta["config"], dict):
-        got = (type(meta).__name__ if not isinstance(meta, dict) else sorted(meta) if "config" not in meta or
-               "kind" not in meta else f"a config of type {type(meta['config']).__name__}")
-        raise ValueError(f"model_from_meta: argument 'meta' must be a dict with keys 'kind' and 'config' (a dict; "
-                         f"and optionally 'dtype'), got {got}")
-    return build_model(meta["kind"], dict(meta["config"]), meta.get("dtype", "float32"))
+    if not isinstance(meta, dict):
+        got = type(meta).__name__
+    elif "kind" not in meta or "config" not in meta:
+        got = sorted(meta)
+    elif not isinstance(meta["config"], dict):
+        got = f"a config of type {type(meta['config']).__name__}"
+    else:
+        return build_model(meta["kind"], dict(meta["config"]), meta.get("dtype", "float32"))
+    raise ValueError(f"model_from_meta: argument 'meta' must be a dict with keys 'kind' and 'config' (a dict; "
+                     f"and optionally 'dtype'), got {got}")
