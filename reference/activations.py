@@ -98,7 +98,8 @@ def sigmoid(xp, a, out=None):
     r"""σ(a) = 1/(1 + e^{-a}), into ``out`` when given, computed from e = e^{-|a|} <= 1, which never
     overflows: σ(a) = 1/(1 + e) for a >= 0 and, multiplying above and below by e^{a}, e/(1 + e) for
     a < 0. Both keep σ's relative accuracy where it is tiny (½(1 + tanh(a/2)), the same function,
-    cancels there: 13× off at a = -20 in float32)."""
+    cancels there: in float32 it is 2× too large at a = -18, 13× at a = -19.9, and 0 from a = -20
+    on)."""
     e = xp.exp(-xp.abs(a))                                     # e^{-|a|}, in (0, 1]
     s = 1 / (1 + e)                                            # σ(|a|)
     y = xp.where(a >= 0, s, e * s)
@@ -169,22 +170,22 @@ def gelu_backward(dy, cache):
 # --- softmax ----------------------------------------------------------------------------------
 
 class SoftmaxCache(NamedTuple):
-    y: object       # (..., N) the probabilities
+    y: object       # (..., K) the probabilities; K the last axis (V for logits, Tk for scores)
 
 
 def check_softmax_args(x):
     """The argument checks of ``softmax_forward``, shared with the kernels of the other tiers."""
     require_float("softmax", "x", x)
-    require_min_ndim("softmax", "x", x, 1, "(..., N)")
-    require_nonempty("softmax", "x", x, -1, "N", "(..., N)")
+    require_min_ndim("softmax", "x", x, 1, "(..., K)")
+    require_nonempty("softmax", "x", x, -1, "K", "(..., K)")
 
 
 def softmax_forward(x):
     """y = exp(x - max) / sum(exp(x - max)) over the last axis."""
     check_softmax_args(x)
     xp = get_array_module(x)
-    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))         # (..., N) every exponent <= 0
-    y = e / xp.sum(e, axis=-1, keepdims=True)                  # (..., N)
+    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))         # (..., K) every exponent <= 0
+    y = e / xp.sum(e, axis=-1, keepdims=True)                  # (..., K)
     return y, SoftmaxCache(y)
 
 

@@ -53,7 +53,7 @@ Write :math:`\bar y = \partial L / \partial y` (``dy`` in code), and likewise
    dropout's own backward :math:`\bar A = m \odot \bar{\tilde A} / (1 - p)` (``datt``).
 
 2. :math:`A = \operatorname{softmax}(S)` row by row. Within row i (over the allowed keys),
-   :math:`A_{ij} = e^{S_{ij}} / Z` with :math:`Z = \sum_n e^{S_{in}}` (the shift :math:`m_i`
+   :math:`A_{ij} = e^{S_{ij}} / Z` with :math:`Z = \sum_{j'} e^{S_{ij'}}` (the shift :math:`m_i`
    cancels, so it is left out here) and :math:`\partial Z / \partial S_{il} = e^{S_{il}}`, so by
    the quotient rule the Jacobian is
 
@@ -313,7 +313,7 @@ def merge_heads_side_by_side(parts):
     gradient of qkv or kv, undoing ``split_heads(qkv[..., i*C:(i+1)*C])``. Read it as that
     concatenation; the body only saves a copy: it writes the blocks in one pass, and parts that
     are already those heads of one NumPy array (the numba tier's attention backward writes them
-    so) give that array itself."""
+    so on its BLAS path, above FUSED_MAX_WORK or with dropout) give that array itself."""
     B, NH, T, hs = parts[0].shape
     C = NH * hs
     xp = get_array_module(parts[0])

@@ -116,8 +116,9 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
     check_layernorm_args(x, gamma, beta, eps)
     xp = get_array_module(x)
     eps = float(eps)                                           # a numpy float64 would promote float32 x
-    # summed in float64, as the kernels do: a float32 sum can leave the mean of a constant row an ulp
-    # off, and x - mu = ±ulp divided by sqrt(eps) gives x_hat ~ 0.3 at x ~ 1e4 instead of 0
+    # the mean summed in float64 (the kernels also sum the variance in float64): a float32 sum can
+    # leave the mean of a constant row an ulp off, and x - mu = ±ulp divided by sqrt(eps) gives
+    # x_hat ~ 0.3 at x ~ 1e4 instead of 0. The variance of the centred row is safe in x's dtype.
     mu = xp.mean(x, axis=-1, keepdims=True, dtype=xp.float64).astype(x.dtype)   # (..., 1)
     xc = x - mu                                                # (..., C) centred
     var = xp.mean(xc * xc, axis=-1, keepdims=True)             # (..., 1) biased variance

@@ -48,7 +48,8 @@ all t (and the batch), exactly as a linear layer's sum over positions; once ever
     \bar W_h = \sum_t h_{t-1}^\top \bar a_t, \qquad
     \bar b = \sum_{t} \sum_{\text{batch}} \bar a_t .
 
-Cutting a sequence in two chunks changes nothing: the second chunk starts from the first's
+Cutting a sequence in two chunks changes nothing (the weight gradients up to the rounding of
+adding the two chunks' shares): the second chunk starts from the first's
 :math:`h_T`, and its :math:`\bar h_0` is exactly the :math:`\bar h_T^{\,\text{next}}` the first
 chunk's backward needs, passed as ``dh_T``.
 
@@ -139,8 +140,8 @@ def input_and_weight_gradients(x, h0, h, W_x, da_x, da_h):
     """dx, dW_x, dW_h from the pre-activation gradients: the products after the loop of every
     recurrent backward (the kernel tiers call this; the reference's backwards write them inline).
 
-    da_x (B, T, G·H) is the gradient of x_t W_x + b, da_h that of h_{t-1} W_h (the same array for
-    rnn and lstm). Returns dx (B, T, D), dW_x (D, G·H), dW_h (H, G·H).
+    da_x (B, T, G·H), G the number of gate blocks (1 rnn, 4 lstm, 3 gru), is the gradient of
+    x_t W_x + b, da_h that of h_{t-1} W_h (the same array for rnn and lstm). Returns dx (B, T, D), dW_x (D, G·H), dW_h (H, G·H).
     """
     B, T, D = x.shape
     H, GH = h.shape[2], da_x.shape[2]

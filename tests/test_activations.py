@@ -149,8 +149,8 @@ SIGMOID_RTOL = {np.float32: 6e-7, np.float64: 1e-15}
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sigmoid_keeps_its_relative_accuracy_where_it_is_tiny(dtype):
-    """½(1 + tanh(x/2)), an equal formula, cancels for x << 0: it was 13× off at x = -20 in float32
-    and 0 from there. The two-branch form is within a few ulps down to σ ~ 1e-35, as PyTorch is."""
+    """½(1 + tanh(x/2)), an equal formula, cancels for x << 0: in float32 it was 2× off at x = -18, 13× at
+    -19.9 and 0 from -20 on. The two-branch form is within a few ulps down to σ ~ 1e-35, as PyTorch is."""
     x = np.linspace(-80, 30, 2201).astype(dtype)
     expected = np.array([1 / (1 + math.exp(-float(v))) for v in x])
     y, _ = sigmoid_forward(x)
@@ -269,7 +269,7 @@ def test_softmax_rejects_a_0d_x():
 
 def test_softmax_rejects_an_empty_last_axis():
     """A softmax over no entries has no probabilities to give (a max and a sum of nothing)."""
-    with pytest.raises(ValueError, match=r"softmax: argument 'x' must have N >= 1 in \(\.\.\., N\), got shape \(2, 3, 0\)"):
+    with pytest.raises(ValueError, match=r"softmax: argument 'x' must have K >= 1 in \(\.\.\., K\), got shape \(2, 3, 0\)"):
         softmax_forward(example()[..., :0])
 
 

@@ -502,7 +502,7 @@ def test_softmax_non_contiguous_gradcheck_and_checks():
         cpu_activations.softmax_forward(np.arange(3))
     with pytest.raises(ValueError, match=r"softmax: argument 'x' must have at least 1 dimension"):
         cpu_activations.softmax_forward(np.ones(()))
-    with pytest.raises(ValueError, match=r"softmax: argument 'x' must have N >= 1 in \(\.\.\., N\), got shape \(3, 0\)"):
+    with pytest.raises(ValueError, match=r"softmax: argument 'x' must have K >= 1 in \(\.\.\., K\), got shape \(3, 0\)"):
         cpu_activations.softmax_forward(np.ones((3, 0)))
     _, cache = cpu_activations.softmax_forward(x)
     with pytest.raises(ValueError, match=r"softmax_backward: argument 'dy' must have shape"):
