@@ -78,7 +78,8 @@ def _share_cores(name):
     was started with (so ``OPENBLAS_NUM_THREADS=1`` still holds). Numba's kernels, which sit
     between the products, then run in the calling thread: OpenBLAS's workers spin for a while
     after each product, and a parallel Numba loop started beside them loses its cores to them
-    (a GPT step on 2 cores took 93 ms with both pools at work, 65 ms this way). Only when BLAS
+    (a GPT step on 2 cores took 93 ms with both pools at work, 55-60 ms this way on an idle
+    machine; bench/RESULTS.md, "Against the targets of the Numba issue"). Only when BLAS
     has a single thread do those kernels use Numba's pool; the optimizer update, after the
     step's products, uses it whenever it has more than one thread (``minilm.cpu._parallel``).
     Other backends get the BLAS thread count back. (``minilm.parallel``, which training and

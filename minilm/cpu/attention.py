@@ -13,7 +13,7 @@ holds them to it. There are two paths, chosen by the size of the work (``FUSED_M
   in place on :math:`\bar A = \bar y v^T`, so that the products that follow are
   :math:`\bar q = (\bar S / \sqrt{hs})\, k` and :math:`\bar k = (\bar S / \sqrt{hs})^\top q`.
   (At the GPT preset's shapes this took 0.9-1.2 ms per forward where the fused kernel below,
-  products included, took 1.4-2.5 ms.)
+  products included, took 1.4-2.5 ms, in a one-off measurement.)
 * **Small work** (``q.size * Tk <= FUSED_MAX_WORK``: a prompt of a few tokens given to
   ``GPT.forward_step``, a tiny model's batch; a GPT's one-token decode step does not come here on
   this backend, ``minilm.cpu.gpt_decode`` runs it whole): one fused kernel per direction does all
