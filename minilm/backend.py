@@ -68,6 +68,7 @@ def _load(name):
 
 _blas_limit = None  # while the numba backend is active: the BLAS thread limit it set
 _blas_libs = ()     # ... and threadpoolctl's controllers of the BLAS libraries loaded
+_shared_for = None  # ... and the Numba thread count it shared the cores out for
 
 
 def _share_cores(name):
@@ -86,20 +87,22 @@ def _share_cores(name):
     evaluation use, shares the cores differently: a slice of the batch per core, see
     ``one_core_per_thread``.)
     """
-    global _blas_limit, _blas_libs
+    global _blas_limit, _blas_libs, _shared_for
+    numba = sys.modules.get("numba") if name == "numba" else None
+    if _blas_limit is not None and (numba is None or numba.get_num_threads() != _shared_for):
+        _blas_limit.restore_original_limits()                  # another backend, or Numba's count changed
+        _blas_limit, _blas_libs, _shared_for = None, (), None
     if name == "numba" and _blas_limit is None:
         import numba
         from threadpoolctl import ThreadpoolController
         from minilm.cpu import _parallel
         blas = ThreadpoolController().select(user_api="blas")
         started = max((lib.num_threads for lib in blas.lib_controllers), default=1)
-        threads = max(1, min(numba.get_num_threads(), started))
+        _shared_for = numba.get_num_threads()
+        threads = max(1, min(_shared_for, started))
         _blas_limit = blas.limit(limits=threads)
         _blas_libs = tuple(blas.lib_controllers)
-        _parallel.use_pool(numba.get_num_threads() > 1, beside_blas=threads == 1)
-    elif name != "numba" and _blas_limit is not None:
-        _blas_limit.restore_original_limits()
-        _blas_limit, _blas_libs = None, ()
+        _parallel.use_pool(_shared_for > 1, beside_blas=threads == 1)
 
 
 @contextlib.contextmanager

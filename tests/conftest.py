@@ -1,5 +1,6 @@
 """Fixtures shared by the tests, and hypothesis's settings for CI."""
 import os
+import sys
 
 import pytest
 from hypothesis import settings
@@ -19,12 +20,32 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+def _thread_counts():
+    """What a test could leave changed for the tests after it: each loaded BLAS library's thread
+    count, Numba's, which kernels get Numba's pool, and PyTorch's (None where not yet imported)."""
+    from threadpoolctl import threadpool_info
+    numba, torch = sys.modules.get("numba"), sys.modules.get("torch")
+    pool = sys.modules.get("minilm.cpu._parallel")
+    return {"BLAS": {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"},
+            "Numba": numba.get_num_threads() if numba else None,
+            "the kernels' pool": (pool.pool_in_use(), pool.pool_in_use(beside_blas=False)) if pool else None,
+            "PyTorch": torch.get_num_threads() if torch else None}
+
+
 @pytest.fixture(autouse=True)
 def restore_backend():
-    """Every test leaves the backend as it found it, whatever it switched to."""
+    """Every test leaves the backend as it found it, whatever it switched to, and the cores shared
+    out as before: a test that left BLAS at one thread (a share made for a faked Numba count of 1)
+    had made a later test fail only in its company. A library first loaded during the test is not
+    compared."""
     before = backend.current()
+    counts = _thread_counts()
     yield
     backend.use(before)
+    after = _thread_counts()
+    after["BLAS"] = {path: n for path, n in after["BLAS"].items() if path in counts["BLAS"]}
+    changed = [what for what, n in counts.items() if n is not None and after[what] != n]
+    assert not changed, f"the test left the thread counts changed: {', '.join(changed)}"
 
 
 @pytest.fixture

@@ -446,6 +446,27 @@ def test_one_core_per_thread_gives_blas_its_threads_back():
     assert _blas_threads() == given
 
 
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_choosing_numba_again_after_its_thread_count_changed_shares_the_cores_out_again(monkeypatch):
+    """A share made for one Numba thread (BLAS held to 1, no pool) is not kept once Numba has its
+    threads back: a test that faked a count of 1 had left the tests after it on one BLAS thread."""
+    import numba
+    from minilm.cpu import _parallel
+    threads = numba.get_num_threads()
+    backend.use("numpy")
+    started = _blas_threads()
+    if threads < 2 or not started or max(started) < 2:
+        pytest.skip("needs 2 Numba threads and a BLAS library with 2")
+    with monkeypatch.context() as m:
+        m.setattr(numba, "get_num_threads", lambda: 1)
+        backend.use("numba")
+        assert _blas_threads() == {1} and not _parallel.pool_in_use(beside_blas=False)
+    backend.use("numba")                                # the count is back: shared out for it
+    assert _blas_threads() == {min(threads, max(started))} and _parallel.pool_in_use(beside_blas=False)
+    backend.use("numpy")
+    assert _blas_threads() == started
+
+
 def test_the_compile_notice_is_called_off_when_the_call_ends(monkeypatch):
     """A warm cache: the notice's timer is cancelled when the first call ends, normally or by an
     error, so it never speaks later in the middle of what follows (a stand-in timer: nothing waits,
