@@ -14,7 +14,7 @@ import time
 
 from minilm import config
 from minilm.data import CharTokenizer, RandomBatches, evaluation_batches, load_text, split
-from minilm.bench.threads import limited
+from minilm.bench.threads import limited, torch_limited
 
 
 def _silent(line):
@@ -84,20 +84,20 @@ def torch_curve(cfg, data, threads, initial_weights=None, say=_silent):
     import torch
     from minilm.bench import peers
     from minilm.train import make_schedule
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    vocab_size, batches, val = _corpus(cfg, data)
-    val = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in val]
-    model = peers.make_model(cfg, vocab_size)
-    if initial_weights is not None:
-        peers.one_recurrent_bias(model)
-        initial_weights.update(peers.minilm_arrays(model))
-    optimizer, schedule = peers.make_optimizer(model, cfg), make_schedule(cfg)
+    with torch_limited(threads):
+        torch.manual_seed(cfg.seed)
+        vocab_size, batches, val = _corpus(cfg, data)
+        val = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in val]
+        model = peers.make_model(cfg, vocab_size)
+        if initial_weights is not None:
+            peers.one_recurrent_bias(model)
+            initial_weights.update(peers.minilm_arrays(model))
+        optimizer, schedule = peers.make_optimizer(model, cfg), make_schedule(cfg)
 
-    def step(it, x, y):
-        peers.train_step(model, optimizer, torch.from_numpy(x), torch.from_numpy(y), schedule(it), cfg.grad_clip)
-    return _loop(cfg, batches, val, step, lambda batches: peers.estimate_loss(model, batches),
-                 say=lambda line: say(f"  pytorch: {line}"))
+        def step(it, x, y):
+            peers.train_step(model, optimizer, torch.from_numpy(x), torch.from_numpy(y), schedule(it), cfg.grad_clip)
+        return _loop(cfg, batches, val, step, lambda batches: peers.estimate_loss(model, batches),
+                     say=lambda line: say(f"  pytorch: {line}"))
 
 
 def minilm_curve_from(cfg, data, backend_name, weights, say=_silent):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from minilm.bench import peers
+from minilm.bench.threads import torch_limited
 from minilm.config import preset
 from minilm.data import CharTokenizer, load_text, split
 from minilm.evaluate import evaluate
@@ -47,7 +48,12 @@ def run(seed=1337, data="shakespeare", gelu="none", threads=2, preset_name="shak
     cfg = preset(preset_name)
     if max_iters is not None:
         cfg = dataclasses.replace(cfg, max_iters=max_iters)
-    torch.set_num_threads(threads)
+    with torch_limited(threads):
+        return _train(cfg, seed, data, gelu, preset_name, out)
+
+
+def _train(cfg, seed, data, gelu, preset_name, out):
+    """``run``'s loop, on the threads ``run`` gives PyTorch."""
     torch.manual_seed(seed)
     text, _ = load_text(data)
     tokenizer = CharTokenizer.from_text(text)

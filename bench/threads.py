@@ -26,3 +26,16 @@ def limited(threads):
     finally:
         numba.set_num_threads(before)
         minilm.use(active)
+
+
+@contextlib.contextmanager
+def torch_limited(threads):
+    """Within: PyTorch computes with ``threads`` threads; afterwards, with as many as before (its
+    count is the process's: a peer run from Python left every later PyTorch call on its count)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
