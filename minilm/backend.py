@@ -165,7 +165,8 @@ def tier_functions(package):
 
 
 def default_backend():
-    """$MINILM_BACKEND when set, else numba when it imports, else numpy."""
+    """$MINILM_BACKEND when set, else numba when it imports, else numpy (with a warning where numba
+    is installed but does not import)."""
     env = os.environ.get("MINILM_BACKEND")
     if env:
         if env not in BACKENDS:
@@ -174,7 +175,14 @@ def default_backend():
     try:
         import numba  # noqa: F401
         return "numba"
-    except ImportError:
+    except ImportError as e:
+        if not (isinstance(e, ModuleNotFoundError) and e.name == "numba"):
+            # installed but it does not start, e.g. beside a NumPy newer than it supports
+            import warnings
+            warnings.warn(f"numba is installed but does not import ({e}); running the numpy backend, "
+                          "the slower reference tier: repair numba (pip install -U numba), or choose "
+                          "the numpy backend (--backend numpy, MINILM_BACKEND=numpy) to say so",
+                          RuntimeWarning, stacklevel=2)
         return "numpy"
 
 

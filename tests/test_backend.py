@@ -3,9 +3,11 @@ import importlib.util
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -82,11 +84,55 @@ def test_without_numba_the_default_is_numpy_and_asking_for_numba_is_a_clear_erro
     minilm.use("numpy")
     monkeypatch.delenv("MINILM_BACKEND", raising=False)
     monkeypatch.setitem(sys.modules, "numba", None)          # `import numba` raises ImportError
-    assert backend.default_backend() == "numpy"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # absent, as the user chose: not a word
+        assert backend.default_backend() == "numpy"
     with pytest.raises(RuntimeError, match=r"backend 'numba' needs the numba package, which did not import .*"
                                            r"pip install numba` or choose --backend numpy"):
         minilm.use("numba")
     assert minilm.current() == "numpy"
+
+
+def _numba_that_does_not_import(monkeypatch):
+    """``import numba`` fails as an installed Numba does beside a NumPy newer than it supports."""
+    import builtins
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4.")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.delitem(sys.modules, "numba", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+
+
+def test_a_numba_that_is_installed_but_does_not_import_is_named_when_numpy_is_chosen(monkeypatch):
+    """The default falls back to numpy without a word only where numba is absent; a broken one
+    had left every command on the slower tier, its one trace the word "numpy" in the first line."""
+    monkeypatch.delenv("MINILM_BACKEND", raising=False)
+    _numba_that_does_not_import(monkeypatch)
+    with pytest.warns(RuntimeWarning, match=r"numba is installed but does not import \(Numba needs NumPy 2.3 or "
+                                            r"less. Got NumPy 2.4.\); running the numpy backend, .*pip install -U "
+                                            r"numba.*--backend numpy"):
+        assert backend.default_backend() == "numpy"
+
+
+def test_the_command_line_says_its_numba_does_not_import(tmp_path):
+    """One line in the command's own voice (pytest would catch the warning in process)."""
+    code = ("import builtins, sys\n"
+            "real_import = builtins.__import__\n"
+            "def broken(name, *args, **kwargs):\n"
+            "    if name == 'numba':\n"
+            "        raise ImportError('Numba needs NumPy 2.3 or less. Got NumPy 2.4.')\n"
+            "    return real_import(name, *args, **kwargs)\n"
+            "builtins.__import__ = broken\n"
+            "from minilm.cli import main\n"
+            "sys.exit(main(['gradcheck', '--op', 'relu']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "MINILM_BACKEND"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("minilm gradcheck: warning: numba is installed but does not import (Numba needs NumPy")
+    assert run.stderr.count("\n") == 1 and "backend numpy" in run.stdout
 
 
 def test_environment_variable_picks_the_default(monkeypatch):
