@@ -19,7 +19,9 @@ def test_cis_floors_are_pyprojects_lower_bounds():
     bounds = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", r).groups() for r in required)
     lines = [line for line in floors_file.read_text(encoding="utf-8").splitlines()
              if line.strip() and not line.startswith("#")]
-    pins = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9.]+)\.\*", line).groups() for line in lines if "==" in line)
+    # a series (numpy==1.24.*) for a bound of its first release (>=1.24), or one release (tqdm==4.66.2)
+    pins = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9]+(?:\.[0-9]+)*)(?:\.\*)?", line).groups()
+                for line in lines if "==" in line)
     others = [re.fullmatch(r"([A-Za-z0-9_.-]+)<[0-9.]+", line).group(1) for line in lines if "==" not in line]
     assert pins == bounds
     assert not set(others) & set(bounds)            # a cap on another package's own dependency, not on a floor
