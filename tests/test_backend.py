@@ -194,6 +194,19 @@ def _blas_threads():
     return {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
 
 
+def test_threadpoolctl_sees_numpys_openblas():
+    """The numba backend shares the cores through threadpoolctl. threadpoolctl before 3.5 does not
+    know NumPy 2's OpenBLAS (scipy-openblas): it then finds no BLAS, and training ran at half speed
+    without a word. pyproject asks for 3.5; this holds the installed pair to it."""
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except TypeError:                                   # NumPy before 1.26: one attribute per library found
+        blas = " ".join(name for name in dir(np.__config__) if "blas" in name)
+    if "openblas" not in blas.lower():
+        pytest.skip(f"NumPy's BLAS is {blas!r}, not OpenBLAS")
+    assert _blas_threads(), "threadpoolctl finds no BLAS library in this process: pip install -U threadpoolctl"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
 def test_numba_backend_gives_the_cores_to_blas_and_runs_its_kernels_serially():
     """One pool computes at a time: BLAS gets Numba's thread count (never more than it started
