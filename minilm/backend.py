@@ -39,7 +39,7 @@ def _load(name):
     if name == "numba":
         try:
             import numba  # noqa: F401
-        except ImportError as e:
+        except (ImportError, OSError) as e:     # OSError: llvmlite's library did not load
             raise RuntimeError(f"backend 'numba' needs the numba package, which did not import ({e}); "
                                "install it with `pip install numba` or choose --backend numpy") from None
         try:
@@ -68,7 +68,8 @@ def _load(name):
 
 _blas_limit = None  # while the numba backend is active: the BLAS thread limit it set
 _blas_libs = ()     # ... and threadpoolctl's controllers of the BLAS libraries loaded
-_shared_for = None  # ... and the Numba thread count it shared the cores out for
+_shared_for = None  # ... and the Numba thread count it shared the cores out for, as read in
+_shared_in = None   # ... this thread (Numba's count is per thread; another thread reads the default)
 
 
 def _share_cores(name):
@@ -87,18 +88,20 @@ def _share_cores(name):
     evaluation use, shares the cores differently: a slice of the batch per core, see
     ``one_core_per_thread``.)
     """
-    global _blas_limit, _blas_libs, _shared_for
+    global _blas_limit, _blas_libs, _shared_for, _shared_in
     numba = sys.modules.get("numba") if name == "numba" else None
-    if _blas_limit is not None and (numba is None or numba.get_num_threads() != _shared_for):
+    recount = (numba is not None and threading.get_ident() == _shared_in
+               and numba.get_num_threads() != _shared_for)     # the count changed where it was read
+    if _blas_limit is not None and (numba is None or recount):
         _blas_limit.restore_original_limits()                  # another backend, or Numba's count changed
-        _blas_limit, _blas_libs, _shared_for = None, (), None
+        _blas_limit, _blas_libs, _shared_for, _shared_in = None, (), None, None
     if name == "numba" and _blas_limit is None:
         import numba
         from threadpoolctl import ThreadpoolController
         from minilm.cpu import _parallel
         blas = ThreadpoolController().select(user_api="blas")
         started = max((lib.num_threads for lib in blas.lib_controllers), default=1)
-        _shared_for = numba.get_num_threads()
+        _shared_for, _shared_in = numba.get_num_threads(), threading.get_ident()
         threads = max(1, min(_shared_for, started))
         _blas_limit = blas.limit(limits=threads)
         _blas_libs = tuple(blas.lib_controllers)
@@ -175,7 +178,7 @@ def default_backend():
     try:
         import numba  # noqa: F401
         return "numba"
-    except ImportError as e:
+    except (ImportError, OSError) as e:         # OSError: llvmlite's library did not load
         if not (isinstance(e, ModuleNotFoundError) and e.name == "numba"):
             # installed but it does not start, e.g. beside a NumPy newer than it supports
             import warnings

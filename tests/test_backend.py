@@ -93,28 +93,33 @@ def test_without_numba_the_default_is_numpy_and_asking_for_numba_is_a_clear_erro
     assert minilm.current() == "numpy"
 
 
-def _numba_that_does_not_import(monkeypatch):
-    """``import numba`` fails as an installed Numba does beside a NumPy newer than it supports."""
+def _numba_that_does_not_import(monkeypatch, error):
+    """``import numba`` fails as an installed Numba does beside a NumPy newer than it supports
+    (ImportError), or where llvmlite's library does not load (OSError)."""
     import builtins
     real_import = builtins.__import__
 
     def broken(name, *args, **kwargs):
         if name == "numba":
-            raise ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4.")
+            raise error
         return real_import(name, *args, **kwargs)
     monkeypatch.delitem(sys.modules, "numba", raising=False)
     monkeypatch.setattr(builtins, "__import__", broken)
 
 
-def test_a_numba_that_is_installed_but_does_not_import_is_named_when_numpy_is_chosen(monkeypatch):
+@pytest.mark.parametrize("error", [ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4."),
+                                   OSError("Could not find/load shared object file: libllvmlite.so")])
+def test_a_numba_that_is_installed_but_does_not_import_is_named_when_numpy_is_chosen(monkeypatch, error):
     """The default falls back to numpy without a word only where numba is absent; a broken one
-    had left every command on the slower tier, its one trace the word "numpy" in the first line."""
+    had left every command on the slower tier, its one trace the word "numpy" in the first line
+    (or, for llvmlite's OSError, ended every command in an error naming neither)."""
     monkeypatch.delenv("MINILM_BACKEND", raising=False)
-    _numba_that_does_not_import(monkeypatch)
-    with pytest.warns(RuntimeWarning, match=r"numba is installed but does not import \(Numba needs NumPy 2.3 or "
-                                            r"less. Got NumPy 2.4.\); running the numpy backend, .*pip install -U "
-                                            r"numba.*--backend numpy"):
+    _numba_that_does_not_import(monkeypatch, error)
+    with pytest.warns(RuntimeWarning, match=rf"numba is installed but does not import \({re.escape(str(error))}\); "
+                                            r"running the numpy backend, .*pip install -U numba.*--backend numpy"):
         assert backend.default_backend() == "numpy"
+    with pytest.raises(RuntimeError, match=r"backend 'numba' needs the numba package, which did not import"):
+        minilm.use("numba")
 
 
 def test_the_command_line_says_its_numba_does_not_import(tmp_path):
@@ -503,6 +508,31 @@ def test_one_core_per_thread_gives_blas_its_threads_back():
         with backend.one_core_per_thread():
             raise RuntimeError("a failing slice")
     assert _blas_threads() == given
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+def test_choosing_numba_from_another_thread_keeps_the_share_made_for_this_threads_count():
+    """Numba's thread count is per thread: another thread reads the default, which is no reason to
+    share the cores out again (and OpenBLAS ignores a count set from that thread, so BLAS had
+    stayed at one thread for the rest of the process)."""
+    import numba
+    from minilm.cpu import _parallel
+    threads = numba.get_num_threads()
+    backend.use("numpy")
+    started = _blas_threads()
+    if threads < 2 or not started or max(started) < 2:
+        pytest.skip("needs 2 Numba threads and a BLAS library with 2")
+    try:
+        numba.set_num_threads(1)
+        backend.use("numba")
+        worker = threading.Thread(target=backend.use, args=("numba",))
+        worker.start()
+        worker.join()
+        assert _blas_threads() == {1} and not _parallel.pool_in_use(beside_blas=False)
+    finally:
+        numba.set_num_threads(threads)
+        backend.use("numpy")
+    assert _blas_threads() == started
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
