@@ -74,10 +74,11 @@ get their gradients summed over all t as big products,
     \bar W_h = \sum_t h_{t-1}^\top \bar a^h_t, \quad
     \bar b_h = \sum_t \sum_{\text{batch}} \bar a^h_t .
 
-A sequence cut in two chunks gives the gradients of the whole: the second chunk starts from the
-first's :math:`h_T`, and its :math:`\bar h_0` is what the first chunk's backward takes as ``dh_T``.
-The states, :math:`\bar x` and :math:`\bar h_0` come out bit for bit; the weight gradients are the
-sum of the two chunks' shares, equal up to the rounding of that sum.
+A sequence cut in two chunks gives the states and gradients of the whole, up to rounding: the
+second chunk starts from the first's :math:`h_T`, and its :math:`\bar h_0` is what the first chunk's
+backward takes as ``dh_T``. A chunk's input products have fewer rows, which BLAS may round
+differently, and its weight gradients are the sum of the two chunks' shares; so the results agree
+to a few ulps, not bit for bit.
 
 Shapes
 ------

@@ -76,11 +76,11 @@ every :math:`\bar a_t` is known they are big products after the loop,
     \bar W_h = \sum_t h_{t-1}^\top \bar a_t, \qquad
     \bar b = \sum_{t} \sum_{\text{batch}} \bar a_t .
 
-A sequence cut in two chunks gives the gradients of the whole: the second chunk starts from the
-first's :math:`h_T, c_T`, and its :math:`\bar h_0, \bar c_0` are what the first chunk's backward
-takes as ``dh_T, dc_T``. The states, :math:`\bar x` and :math:`\bar h_0, \bar c_0` come out bit for
-bit; the weight gradients are the sum of the two chunks' shares, equal up to the rounding of that
-sum.
+A sequence cut in two chunks gives the states and gradients of the whole, up to rounding: the
+second chunk starts from the first's :math:`h_T, c_T`, and its :math:`\bar h_0, \bar c_0` are what
+the first chunk's backward takes as ``dh_T, dc_T``. A chunk's input products have fewer rows, which
+BLAS may round differently, and its weight gradients are the sum of the two chunks' shares; so the
+results agree to a few ulps, not bit for bit.
 
 Shapes
 ------

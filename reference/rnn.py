@@ -48,10 +48,10 @@ all t (and the batch), exactly as a linear layer's sum over positions; once ever
     \bar W_h = \sum_t h_{t-1}^\top \bar a_t, \qquad
     \bar b = \sum_{t} \sum_{\text{batch}} \bar a_t .
 
-Cutting a sequence in two chunks changes nothing (the weight gradients up to the rounding of
-adding the two chunks' shares): the second chunk starts from the first's
-:math:`h_T`, and its :math:`\bar h_0` is exactly the :math:`\bar h_T^{\,\text{next}}` the first
-chunk's backward needs, passed as ``dh_T``.
+Cutting a sequence in two chunks changes nothing but rounding (a chunk's products have fewer
+rows, and its weight gradients are the sum of the two chunks' shares): the second chunk starts from
+the first's :math:`h_T`, and its :math:`\bar h_0` is exactly the :math:`\bar h_T^{\,\text{next}}`
+the first chunk's backward needs, passed as ``dh_T``.
 
 Shapes
 ------
