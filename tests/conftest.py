@@ -20,13 +20,19 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+_blas, _modules_seen = (), -1       # threadpoolctl's BLAS controllers, found again after an import
+
+
 def _thread_counts():
     """What a test could leave changed for the tests after it: each loaded BLAS library's thread
     count, Numba's, which kernels get Numba's pool, and PyTorch's (None where not yet imported)."""
-    from threadpoolctl import threadpool_info
+    global _blas, _modules_seen
+    if len(sys.modules) != _modules_seen:            # a module imported since: a library may have loaded
+        from threadpoolctl import ThreadpoolController
+        _blas, _modules_seen = ThreadpoolController().select(user_api="blas").lib_controllers, len(sys.modules)
     numba, torch = sys.modules.get("numba"), sys.modules.get("torch")
     pool = sys.modules.get("minilm.cpu._parallel")
-    return {"BLAS": {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"},
+    return {"BLAS": {lib.filepath: lib.get_num_threads() for lib in _blas},
             "Numba": numba.get_num_threads() if numba else None,
             "the kernels' pool": (pool.pool_in_use(), pool.pool_in_use(beside_blas=False)) if pool else None,
             "PyTorch": torch.get_num_threads() if torch else None}
