@@ -100,7 +100,15 @@ def run_job(job):
 
 
 def _available_backends():
-    names = ["numpy", "numba"]
+    """The backends measured where --backends is not given: numpy, numba where it imports, and cupy
+    where CuPy finds a GPU."""
+    names = ["numpy"]
+    try:
+        import numba  # noqa: F401
+        names.append("numba")
+    except (ImportError, OSError) as e:         # installed but broken (a NumPy it does not support)
+        import warnings
+        warnings.warn(f"the numba backend is left out: numba does not import ({e})", RuntimeWarning, stacklevel=2)
     if importlib.util.find_spec("cupy") is not None:
         try:
             import cupy
