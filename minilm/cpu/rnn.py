@@ -30,8 +30,9 @@ and gives up).
 Threads: a kernel sits between two BLAS calls, 64 times per sequence of the presets, and does
 ~0.1 ms of work. Splitting its rows over Numba's pool would cost more than it saves: with the
 "workqueue" threading layer that ``minilm.backend`` chooses, each parallel loop takes ~75 µs to
-launch (a one-off measurement). So the kernels run in the calling thread, and the cores go to BLAS for the products,
-which are most of the time (the numba backend's rule for every op, ``minilm.backend``).
+launch (a one-off measurement). So the kernels run in the calling thread, and the cores go to BLAS
+for the products, which are most of the time (the numba backend's rule for every op,
+``minilm.backend``).
 
 The kernels add and multiply in the order the reference does, a product and the sum it feeds
 possibly fused into one instruction (``FUSED_MULTIPLY_ADD`` in ``minilm.cpu._parallel``), so they
