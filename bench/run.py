@@ -102,11 +102,12 @@ def run_job(job):
 def _available_backends():
     """The backends measured where --backends is not given: numpy, numba where it imports, and cupy
     where CuPy finds a GPU."""
+    from minilm.backend import numba_import_error
     names = ["numpy"]
-    try:
-        import numba  # noqa: F401
+    e = numba_import_error()
+    if e is None:
         names.append("numba")
-    except (ImportError, OSError) as e:         # installed but broken (a NumPy it does not support)
+    else:
         import warnings
         warnings.warn(f"the numba backend is left out: numba does not import ({e})", RuntimeWarning, stacklevel=2)
     if importlib.util.find_spec("cupy") is not None:

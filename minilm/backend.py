@@ -37,11 +37,10 @@ def _load(name):
     if name == "numpy":
         return (reference,)
     if name == "numba":
-        try:
-            import numba  # noqa: F401
-        except (ImportError, OSError) as e:     # OSError: llvmlite's library did not load
+        e = numba_import_error()
+        if e is not None:
             raise RuntimeError(f"backend 'numba' needs the numba package, which did not import ({e}); "
-                               "install it with `pip install numba` or choose --backend numpy") from None
+                               "install it with `pip install numba` or choose --backend numpy")
         try:
             return (importlib.import_module("minilm.cpu"), reference)
         except RuntimeError as e:               # Numba's, when no folder it may cache in is writable
@@ -167,6 +166,17 @@ def tier_functions(package):
     return names
 
 
+def numba_import_error():
+    """None where numba imports, else the error it raised: ModuleNotFoundError naming numba where
+    it is absent, another where it is installed but does not start (beside a NumPy newer than it
+    supports; llvmlite's OSError where its library does not load)."""
+    try:
+        import numba  # noqa: F401
+    except (ImportError, OSError) as e:
+        return e
+    return None
+
+
 def default_backend():
     """$MINILM_BACKEND when set, else numba when it imports, else numpy (with a warning where numba
     is installed but does not import)."""
@@ -175,18 +185,16 @@ def default_backend():
         if env not in BACKENDS:
             raise ValueError(f"environment variable MINILM_BACKEND must be one of {', '.join(BACKENDS)}, got {env!r}")
         return env
-    try:
-        import numba  # noqa: F401
+    e = numba_import_error()
+    if e is None:
         return "numba"
-    except (ImportError, OSError) as e:         # OSError: llvmlite's library did not load
-        if not (isinstance(e, ModuleNotFoundError) and e.name == "numba"):
-            # installed but it does not start, e.g. beside a NumPy newer than it supports
-            import warnings
-            warnings.warn(f"numba is installed but does not import ({e}); running the numpy backend, "
-                          "the slower reference tier: repair numba (pip install -U numba), or choose "
-                          "the numpy backend (--backend numpy, MINILM_BACKEND=numpy) to say so",
-                          RuntimeWarning, stacklevel=2)
-        return "numpy"
+    if not (isinstance(e, ModuleNotFoundError) and e.name == "numba"):       # installed, but broken
+        import warnings
+        warnings.warn(f"numba is installed but does not import ({e}); running the numpy backend, "
+                      "the slower reference tier: repair numba (pip install -U numba), or choose "
+                      "the numpy backend (--backend numpy, MINILM_BACKEND=numpy) to say so",
+                      RuntimeWarning, stacklevel=2)
+    return "numpy"
 
 
 def current():

@@ -55,6 +55,24 @@ def restore_backend():
 
 
 @pytest.fixture
+def broken_numba(monkeypatch):
+    """``broken_numba(error)``: from then on in the test, ``import numba`` raises ``error``, as an
+    installed Numba does beside a NumPy newer than it supports (ImportError) or where llvmlite's
+    library does not load (OSError)."""
+    import builtins
+    real_import = builtins.__import__
+
+    def break_it(error):
+        def broken(name, *args, **kwargs):
+            if name == "numba":
+                raise error
+            return real_import(name, *args, **kwargs)
+        monkeypatch.delitem(sys.modules, "numba", raising=False)
+        monkeypatch.setattr(builtins, "__import__", broken)
+    return break_it
+
+
+@pytest.fixture
 def numpy_backend(restore_backend):
     """The test runs the reference ops: for the models, training and sampling, whose backend
     parity is tested op by op (and step by step in ``test_torch_parity.py``). Used through

@@ -93,28 +93,14 @@ def test_without_numba_the_default_is_numpy_and_asking_for_numba_is_a_clear_erro
     assert minilm.current() == "numpy"
 
 
-def _numba_that_does_not_import(monkeypatch, error):
-    """``import numba`` fails as an installed Numba does beside a NumPy newer than it supports
-    (ImportError), or where llvmlite's library does not load (OSError)."""
-    import builtins
-    real_import = builtins.__import__
-
-    def broken(name, *args, **kwargs):
-        if name == "numba":
-            raise error
-        return real_import(name, *args, **kwargs)
-    monkeypatch.delitem(sys.modules, "numba", raising=False)
-    monkeypatch.setattr(builtins, "__import__", broken)
-
-
 @pytest.mark.parametrize("error", [ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4."),
                                    OSError("Could not find/load shared object file: libllvmlite.so")])
-def test_a_numba_that_is_installed_but_does_not_import_is_named_when_numpy_is_chosen(monkeypatch, error):
+def test_a_numba_that_is_installed_but_does_not_import_is_named_when_numpy_is_chosen(monkeypatch, broken_numba, error):
     """The default falls back to numpy without a word only where numba is absent; a broken one
     had left every command on the slower tier, its one trace the word "numpy" in the first line
     (or, for llvmlite's OSError, ended every command in an error naming neither)."""
     monkeypatch.delenv("MINILM_BACKEND", raising=False)
-    _numba_that_does_not_import(monkeypatch, error)
+    broken_numba(error)
     with pytest.warns(RuntimeWarning, match=rf"numba is installed but does not import \({re.escape(str(error))}\); "
                                             r"running the numpy backend, .*pip install -U numba.*--backend numpy"):
         assert backend.default_backend() == "numpy"
@@ -510,6 +496,17 @@ def test_one_core_per_thread_gives_blas_its_threads_back():
     assert _blas_threads() == given
 
 
+def _two_numba_and_blas_threads():
+    """Numba's thread count, and BLAS's counts on the numpy backend; skips where either is below 2."""
+    import numba
+    threads = numba.get_num_threads()
+    backend.use("numpy")
+    started = _blas_threads()
+    if threads < 2 or not started or max(started) < 2:
+        pytest.skip("needs 2 Numba threads and a BLAS library with 2")
+    return threads, started
+
+
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
 def test_choosing_numba_from_another_thread_keeps_the_share_made_for_this_threads_count():
     """Numba's thread count is per thread: another thread reads the default, which is no reason to
@@ -517,11 +514,7 @@ def test_choosing_numba_from_another_thread_keeps_the_share_made_for_this_thread
     stayed at one thread for the rest of the process)."""
     import numba
     from minilm.cpu import _parallel
-    threads = numba.get_num_threads()
-    backend.use("numpy")
-    started = _blas_threads()
-    if threads < 2 or not started or max(started) < 2:
-        pytest.skip("needs 2 Numba threads and a BLAS library with 2")
+    threads, started = _two_numba_and_blas_threads()
     try:
         numba.set_num_threads(1)
         backend.use("numba")
@@ -541,11 +534,7 @@ def test_choosing_numba_again_after_its_thread_count_changed_shares_the_cores_ou
     threads back: a test that faked a count of 1 had left the tests after it on one BLAS thread."""
     import numba
     from minilm.cpu import _parallel
-    threads = numba.get_num_threads()
-    backend.use("numpy")
-    started = _blas_threads()
-    if threads < 2 or not started or max(started) < 2:
-        pytest.skip("needs 2 Numba threads and a BLAS library with 2")
+    threads, started = _two_numba_and_blas_threads()
     with monkeypatch.context() as m:
         m.setattr(numba, "get_num_threads", lambda: 1)
         backend.use("numba")

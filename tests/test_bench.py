@@ -2,7 +2,6 @@
 the GPU tables' options, layout and MFU arithmetic (from stand-in measurements: no GPU needed)."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -246,18 +245,10 @@ def test_unknown_presets_and_backends_are_refused_by_the_parser(argv, words, cap
     assert e.value.code == 2 and "invalid choice" in err and all(w in err for w in words)
 
 
-def test_without_backends_a_numba_that_does_not_import_is_left_out_with_a_word(monkeypatch):
+def test_without_backends_a_numba_that_does_not_import_is_left_out_with_a_word(monkeypatch, broken_numba):
     """The default list had always held numba: on a machine whose numba does not import (beside a
     NumPy it does not support), every bench without --backends stopped with an error."""
-    import builtins
-    real_import = builtins.__import__
-
-    def broken(name, *args, **kwargs):
-        if name == "numba":
-            raise ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4.")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.delitem(sys.modules, "numba", raising=False)
-    monkeypatch.setattr(builtins, "__import__", broken)
+    broken_numba(ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4."))
     with pytest.warns(RuntimeWarning, match=r"the numba backend is left out: numba does not import \(Numba needs"):
         backends = bench_run._available_backends()
     assert backends[0] == "numpy" and "numba" not in backends
