@@ -102,14 +102,15 @@ def run_job(job):
 def _available_backends():
     """The backends measured where --backends is not given: numpy, numba where it imports, and cupy
     where CuPy finds a GPU."""
-    from minilm.backend import numba_import_error
+    from minilm.backend import numba_import_error, numba_repair
     names = ["numpy"]
     e = numba_import_error()
     if e is None:
         names.append("numba")
     else:
         import warnings
-        warnings.warn(f"the numba backend is left out: numba does not import ({e})", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"the numba backend is left out: numba does not import ({e}); {numba_repair(e)}",
+                      RuntimeWarning, stacklevel=2)
     if importlib.util.find_spec("cupy") is not None:
         try:
             import cupy
@@ -222,7 +223,7 @@ def _check_backends(backends):
     from minilm import backend
     for b in backends:
         try:
-            backend._load(b)                    # what minilm.use(b) imports, without switching to it
+            backend._load(b, instead=f"leave {b} out of --backends")     # what minilm.use(b) imports, without switching to it
         except RuntimeError as e:
             raise ValueError(f"minilm bench: option '--backends': {e}") from None
 

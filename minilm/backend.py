@@ -13,6 +13,7 @@ Asking for a backend that cannot run here is an error naming what is missing.
 import contextlib
 import importlib
 import os
+import re
 import sys
 import threading
 
@@ -31,8 +32,9 @@ _tiers = ()         # modules searched in order for an op, most specialised firs
 _ops_found = {}     # op name -> the function ``op`` found for it on the active backend
 
 
-def _load(name):
-    """Import what backend ``name`` needs and return its tiers, or raise naming what is missing."""
+def _load(name, instead="choose --backend numpy"):
+    """Import what backend ``name`` needs and return its tiers, or raise naming what is missing and,
+    for numba, the way round it: ``instead`` (the command line's option by default)."""
     reference = importlib.import_module("minilm.reference")
     if name == "numpy":
         return (reference,)
@@ -40,7 +42,7 @@ def _load(name):
         e = numba_import_error()
         if e is not None:
             raise RuntimeError(f"backend 'numba' needs the numba package, which did not import ({e}); "
-                               "install it with `pip install numba` or choose --backend numpy")
+                               f"{numba_repair(e)}, or {instead}")
         try:
             return (importlib.import_module("minilm.cpu"), reference)
         except RuntimeError as e:               # Numba's, when no folder it may cache in is writable
@@ -48,7 +50,7 @@ def _load(name):
                 raise
             raise RuntimeError(f"backend 'numba' cannot cache its compiled kernels: Numba's user cache folder "
                                f"({_numba_user_cache()}) is not writable, nor, for a checkout, the checkout ({e}); "
-                               f"set NUMBA_CACHE_DIR to a writable folder, or choose --backend numpy") from None
+                               f"set NUMBA_CACHE_DIR to a writable folder, or {instead}") from None
     if name == "cupy":
         try:
             import cupy
@@ -177,6 +179,20 @@ def numba_import_error():
     return None
 
 
+def numba_repair(e):
+    """What a user runs where numba did not import with error ``e`` (from ``numba_import_error``):
+    install it where it is absent; where it refuses the installed NumPy, a NumPy it takes."""
+    if isinstance(e, ModuleNotFoundError) and e.name == "numba":
+        return "install it with `pip install numba`"
+    too_new = re.search(r"Numba needs NumPy (\d+)\.(\d+) or less", str(e))     # numba's own check, at its import
+    if too_new:
+        major, minor = too_new.groups()
+        return f"install a NumPy it supports with `pip install 'numpy<{major}.{int(minor) + 1}'`"
+    if re.search(r"Numba needs NumPy [\d.]+ or greater", str(e)):
+        return "upgrade NumPy with `pip install -U numpy`"
+    return "repair it with `pip install --force-reinstall numba llvmlite`"
+
+
 def default_backend():
     """$MINILM_BACKEND when set, else numba when it imports, else numpy (with a warning where numba
     is installed but does not import)."""
@@ -191,7 +207,7 @@ def default_backend():
     if not (isinstance(e, ModuleNotFoundError) and e.name == "numba"):       # installed, but broken
         import warnings
         warnings.warn(f"numba is installed but does not import ({e}); running the numpy backend, "
-                      "the slower reference tier: repair numba (pip install -U numba), or choose "
+                      f"the slower reference tier: {numba_repair(e)}, or choose "
                       "the numpy backend (--backend numpy, MINILM_BACKEND=numpy) to say so",
                       RuntimeWarning, stacklevel=2)
     return "numpy"

@@ -88,23 +88,35 @@ def test_without_numba_the_default_is_numpy_and_asking_for_numba_is_a_clear_erro
         warnings.simplefilter("error")                       # absent, as the user chose: not a word
         assert backend.default_backend() == "numpy"
     with pytest.raises(RuntimeError, match=r"backend 'numba' needs the numba package, which did not import .*"
-                                           r"pip install numba` or choose --backend numpy"):
+                                           r"install it with `pip install numba`, or choose --backend numpy"):
         minilm.use("numba")
     assert minilm.current() == "numpy"
 
 
-@pytest.mark.parametrize("error", [ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4."),
-                                   OSError("Could not find/load shared object file: libllvmlite.so")])
-def test_a_numba_that_is_installed_but_does_not_import_is_named_when_numpy_is_chosen(monkeypatch, broken_numba, error):
+# Numba's own words at its import where it refuses the NumPy installed (numba/__init__.py), and
+# llvmlite's where its library does not load; each with the command that repairs it.
+BROKEN_NUMBAS = [(ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4."), "`pip install 'numpy<2.4'`"),
+                 (ImportError("Numba needs NumPy 2.5 or less. Got NumPy 2.10."), "`pip install 'numpy<2.6'`"),
+                 (ImportError("Numba needs NumPy 1.22 or greater. Got NumPy 1.21."), "`pip install -U numpy`"),
+                 (OSError("Could not find/load shared object file: libllvmlite.so"),
+                  "`pip install --force-reinstall numba llvmlite`")]
+
+
+@pytest.mark.parametrize("error, repair", BROKEN_NUMBAS)
+def test_a_numba_that_is_installed_but_does_not_import_is_named_when_numpy_is_chosen(monkeypatch, broken_numba,
+                                                                                      error, repair):
     """The default falls back to numpy without a word only where numba is absent; a broken one
     had left every command on the slower tier, its one trace the word "numpy" in the first line
-    (or, for llvmlite's OSError, ended every command in an error naming neither)."""
+    (or, for llvmlite's OSError, ended every command in an error naming neither). The way out is
+    the one for its error: `pip install -U numba` had been the advice for every one, and does
+    nothing where the newest numba does not take the NumPy installed."""
     monkeypatch.delenv("MINILM_BACKEND", raising=False)
     broken_numba(error)
     with pytest.warns(RuntimeWarning, match=rf"numba is installed but does not import \({re.escape(str(error))}\); "
-                                            r"running the numpy backend, .*pip install -U numba.*--backend numpy"):
+                                            rf"running the numpy backend, .*{re.escape(repair)}.*--backend numpy"):
         assert backend.default_backend() == "numpy"
-    with pytest.raises(RuntimeError, match=r"backend 'numba' needs the numba package, which did not import"):
+    with pytest.raises(RuntimeError, match=r"backend 'numba' needs the numba package, which did not import .*"
+                                           rf"{re.escape(repair)}.*, or choose --backend numpy"):
         minilm.use("numba")
 
 

@@ -249,11 +249,22 @@ def test_without_backends_a_numba_that_does_not_import_is_left_out_with_a_word(m
     """The default list had always held numba: on a machine whose numba does not import (beside a
     NumPy it does not support), every bench without --backends stopped with an error."""
     broken_numba(ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4."))
-    with pytest.warns(RuntimeWarning, match=r"the numba backend is left out: numba does not import \(Numba needs"):
+    with pytest.warns(RuntimeWarning, match=r"the numba backend is left out: numba does not import \(Numba needs.*\); "
+                                            r"install a NumPy it supports with `pip install 'numpy<2.4'`"):
         backends = bench_run._available_backends()
     assert backends[0] == "numpy" and "numba" not in backends
     monkeypatch.undo()
     assert bench_run._available_backends()[:2] == ["numpy", "numba"]
+
+
+def test_asking_for_a_numba_that_does_not_import_names_the_option_given(broken_numba, capsys, monkeypatch):
+    """The way round a numba that does not import had been `--backend numpy`, train's option."""
+    monkeypatch.setattr(bench_run, "run_job", lambda job: pytest.fail("a job ran"))
+    broken_numba(ImportError("Numba needs NumPy 2.3 or less. Got NumPy 2.4."))
+    assert cli.main(["bench", "--what", "train", "--no-torch", "--backends", "numpy", "numba"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minilm bench: error: option '--backends': backend 'numba' needs the numba package")
+    assert "`pip install 'numpy<2.4'`, or leave numba out of --backends" in err and "--backend " not in err
 
 
 def test_a_training_step_measurement_end_to_end(tmp_path, capsys):
