@@ -218,10 +218,16 @@ def load_text(data, *, cache_dir=None):
 def load_saved_text(meta, data, *, command, path, other_text_ok=False):
     """The text and source of a saved run (``meta`` of its checkpoint at ``path``): ``data`` when given,
     else the text the run was trained on. That must still be the text it was trained on (its SHA-256
-    is saved; runs saved before it was are not checked), and so must ``data`` unless ``other_text_ok``
-    (``minilm eval`` may score any text; ``--resume`` may not train on another)."""
+    is saved), and so must ``data`` unless ``other_text_ok`` (``minilm eval`` may score any text;
+    ``--resume`` may not train on another). A run saved before the SHA-256 was kept has only its
+    vocabulary to check a text by, and may name it by a relative path, which from another folder
+    is another file: such a path is not followed."""
     saved, digest = meta.get("data"), meta.get("data_sha256")
     if data is None:
+        if digest is None and saved != "shakespeare" and not os.path.isabs(os.fspath(saved)):
+            raise ValueError(f"{command}: {path} was saved by an older minilm, with the relative path {saved!r} "
+                             f"and no checksum of its text, so that name may be another file from here; pass the "
+                             f"file it was trained on with --data PATH")
         if saved != "shakespeare" and not os.path.isfile(os.fspath(saved)):
             raise FileNotFoundError(f"{command}: the text this run was trained on, {saved!r} (named in {path}), "
                                     f"is no longer there; pass a copy of it with --data PATH")
@@ -230,13 +236,27 @@ def load_saved_text(meta, data, *, command, path, other_text_ok=False):
             raise ValueError(f"{command}: the text this run was trained on, {saved!r}, has changed since (its "
                              f"SHA-256 is not the one saved in {path}); pass an unchanged copy with --data PATH"
                              + (", or another text to score with --data" if other_text_ok else ""))
+        if digest is None:
+            _require_the_runs_characters(meta, text, f"the text this run was trained on, {saved!r},", command, path)
         return text, source
     text, source = load_text(data)
     if not other_text_ok and digest is not None and text_digest(text) != digest:
         raise ValueError(f"{command}: option '--data' {os.fspath(data)!r} holds other text than the run saved in "
                          f"{path} was trained on ({saved!r}); pass that text to resume it, or train a new run "
                          f"in another --out")
+    if not other_text_ok and digest is None:
+        _require_the_runs_characters(meta, text, f"option '--data' {os.fspath(data)!r}", command, path)
     return text, source
+
+
+def _require_the_runs_characters(meta, text, what, command, path):
+    """A run saved before minilm kept its text's SHA-256 can only be checked by its vocabulary, which
+    is the sorted distinct characters of the text it was trained on (``CharTokenizer.from_text``)."""
+    chars = meta.get("tokenizer", {}).get("chars") if isinstance(meta.get("tokenizer"), dict) else None
+    if isinstance(chars, str) and "".join(sorted(set(text))) != chars:
+        raise ValueError(f"{command}: {what} is not the text the run saved in {path} was trained on: its characters "
+                         f"are not the run's vocabulary (the run was saved by an older minilm, without a checksum "
+                         f"of its text); pass the file it was trained on with --data PATH")
 
 
 def text_digest(text):

@@ -248,16 +248,21 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             raise ValueError(f"checkpoint.load: '{last_path}' holds a run state that minilm train cannot restore "
                              f"({type(e).__name__}: {e}); was it edited?") from None
         it, best_val = saved.meta["iter"], saved.meta["best_val_loss"]
-        elapsed_before = saved.meta.get("elapsed_s", 0.0)      # the run's earlier sessions (0: saved before it was kept)
         last_eval_iter = saved.meta["last_eval_iter"]
         if stopper is not None and saved.meta.get("early_stopping"):
             stopper.load_state_dict(saved.meta["early_stopping"])
         elif stopper is not None and math.isfinite(best_val):     # --patience given only now: from the run's best
             stopper.best = best_val
-        _keep_metrics_up_to(metrics_path, last_eval_iter)
+        kept_rows = _keep_metrics_up_to(metrics_path, last_eval_iter)
+        elapsed_before = _elapsed_before(saved.meta, kept_rows)  # the run's earlier sessions
         log(f"resuming {last_path} at iteration {it}")
-        note = _rounding_note(saved.meta, runner, model, cfg.batch_size, slices)
-        if note:
+        notes = [_rounding_note(saved.meta, runner, model, cfg.batch_size, slices), _dropout_note(saved.meta, cfg)]
+        if carry_state and "slices" not in saved.meta and math.isfinite(best_val):    # scored in windows, maybe
+            best_val, note = _best_scored_now(best_path, saved, model, lambda: split_loss("val"))
+            notes.append(note)
+            if stopper is not None:
+                stopper.best = best_val
+        for note in filter(None, notes):
             log(f"note: {note}")
         if stopper is not None and stopper.stopped:                 # the saved run had stopped here, or stops now
             before = saved.meta["train_config"]["patience"]
@@ -303,7 +308,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             "dtype": cfg.dtype, "last_eval_iter": last_eval_iter,
             "data": data if data == "shakespeare" else os.path.abspath(data), "data_sha256": digest,
             "rnn_state": None if state is None else [[backend.to_numpy(s).tolist() for s in layer] for layer in state],
-            "elapsed_s": elapsed(),
+            "elapsed_s": elapsed(), "meta_version": META_VERSION,
         }
 
     with _StopRequest() as stop:
@@ -415,6 +420,11 @@ def _run_settings(cfg, out_dir, *, resume, overwrite, log):
     return cfg, saved
 
 
+# What a run's meta means, numbered from 2. Checkpoints saved before the number was kept have none;
+# their age shows in the entries they lack ('slices', 'data_sha256', 'elapsed_s'), which is how --resume
+# tells them apart. Raise it whenever an entry changes meaning, and give --resume a branch for the old one.
+META_VERSION = 2
+
 # what a checkpoint's meta must hold for --resume (the other entries are optional: older runs lack them)
 RUN_META = ("model", "tokenizer", "train_config", "data", "iter", "best_val_loss", "batches", "dropout_rng",
             "last_eval_iter")
@@ -452,8 +462,12 @@ def _train_config_of(saved, path):
                                     "best_val_loss": loss, "batches": c.DICT, "dropout_rng": c.DICT,
                                     "data": c.TEXT})
     later = {"slices": c.POSITIVE_COUNT, "threads": (c.POSITIVE_COUNT, None),      # older runs lack them
-             "elapsed_s": c.NUMBER}
+             "elapsed_s": c.NUMBER, "meta_version": c.POSITIVE_COUNT}
     c.check_meta(saved.meta, path, {name: kind for name, kind in later.items() if name in saved.meta})
+    if saved.meta.get("meta_version", META_VERSION) > META_VERSION:
+        raise ValueError(f"checkpoint.load: '{path}' was saved by a newer minilm (its meta version is "
+                         f"{saved.meta['meta_version']}; this one reads up to {META_VERSION}), whose entries may "
+                         f"mean what this one cannot know; upgrade minilm to resume it")
     # every TrainConfig field dates from the first checkpoints: a field added later must be given its
     # old behaviour's value here for the checkpoints saved without it, rather than be called missing
     settings, names = saved.meta["train_config"], [f.name for f in dataclasses.fields(config.TrainConfig)]
@@ -573,6 +587,54 @@ def _rounding_note(meta, runner, model, batch_size, slices):
                 f"losses agree with a run straight through to rounding only (NUMBA_NUM_THREADS={n} keeps "
                 f"them exact)")
     return None
+
+
+def _elapsed_before(meta, kept_rows):
+    """The seconds a resumed run spent in its earlier sessions. A run saved before the meta kept them
+    has its last session's in its last metrics row (the rows did not sum the sessions then)."""
+    if "elapsed_s" in meta:
+        return meta["elapsed_s"]
+    last = kept_rows[-1].get("elapsed_s") if kept_rows else None
+    ok = isinstance(last, (int, float)) and not isinstance(last, bool) and math.isfinite(last) and last >= 0
+    return float(last) if ok else 0.0
+
+
+def _dropout_note(meta, cfg):
+    """The note for a GPT with dropout saved before its text's checksum was kept: minilm may not have
+    dropped its attention weights then (it began to in between), and does from here on."""
+    if cfg.model == "gpt" and cfg.dropout > 0 and "data_sha256" not in meta:
+        return (f"the run was saved by an older minilm, which may not have applied --dropout to the attention "
+                f"weights; from here on it does (dropout {cfg.dropout:g}), so the run goes on as a newer run "
+                f"would, not exactly as it would have gone on there")
+    return None
+
+
+# the two ways of scoring a contiguous recurrent run differ by a few percent; the same scoring on another
+# backend or slice count by float32 rounding, about 1e-6 of the mean loss
+SCORING_CHANGED = 1e-4
+
+
+def _best_scored_now(best_path, saved, model, val_loss):
+    """The best validation loss of a contiguous recurrent run that may have been saved before minilm
+    carried the state through its evaluations, and a note (or None). Such a run scored its
+    validation in windows from a zero state, higher than ``val_loss()`` scores the same weights, so
+    the resumed run's first evaluation would always count as an improvement and replace best.npz,
+    even with a worse model: best.npz is scored again the way the evaluations from here on are."""
+    old = saved.meta["best_val_loss"]
+    if not os.path.exists(best_path):               # nothing to lose, and nothing to score
+        return old, None
+    best = checkpoint.load(best_path)
+    checkpoint.check_compatible(best.meta, {"model": saved.meta["model"]}, path=best_path)
+    model.params.load(best.params)
+    try:
+        new = val_loss()
+    finally:
+        model.params.load(saved.params)
+    if abs(new - old) <= SCORING_CHANGED * abs(old):
+        return new, None
+    return new, (f"the run was saved by an older minilm, which scored a contiguous run's validation in windows "
+                 f"from a zero state; {best_path} is scored again with the state carried, as the evaluations "
+                 f"from here on are: {old:.4f} -> {new:.4f} (metrics.jsonl's earlier rows keep the old scoring)")
 
 
 def saved_backend(out_dir):
@@ -733,9 +795,9 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
 
     Each evaluation appends its line before it saves the checkpoints; a run that stopped between
     the two (killed, or its output closed) left a line that the saved run does not know of, and
-    that the resumed run is about to write again."""
+    that the resumed run is about to write again. Returns the rows kept, in order."""
     if not os.path.exists(metrics_path):
-        return
+        return []
     with open(metrics_path, encoding="utf-8") as f:
         lines = f.readlines()
     kept = []
@@ -754,11 +816,12 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
                              f"(an object with an integer 'iter' and the numbers 'train_loss' and 'val_loss'; got "
                              f"{line.strip()[:40]!r}); remove or repair that line")
         if row["iter"] <= last_eval_iter:
-            kept.append(line)
+            kept.append((line, row))
     if len(kept) != len(lines):
         with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
+            f.writelines(line for line, _ in kept)
         os.replace(metrics_path + ".tmp", metrics_path)
+    return [row for _, row in kept]
 
 
 def _is_evaluation_row(row):

@@ -234,6 +234,131 @@ def test_a_numba_run_saved_without_its_slice_count_says_its_rounding_may_change(
             f"{n} slice{'s' * (n != 1)} here") in capsys.readouterr().out
 
 
+def _as_saved_by_an_older_minilm(path, *missing, **changed):
+    """Rewrite the checkpoint at ``path`` as an older minilm saved it: without the meta entries it did
+    not keep yet (``missing``), and with ``changed`` ones. Returns the meta as it was."""
+    saved = checkpoint.load(path)
+    before = dict(saved.meta)
+    del saved.meta["meta_version"]
+    for name in missing:
+        del saved.meta[name]
+    saved.meta.update(changed)
+    checkpoint.save(path, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    return before
+
+
+def test_a_checkpoint_records_what_its_meta_means():
+    """The meta version names what each entry of a run's meta means: an entry added or removed
+    without raising it fails here (and an entry whose meaning changes must raise it too)."""
+    assert train.META_VERSION == 2
+    entries = {"model", "train_config", "tokenizer", "iter", "best_val_loss", "batches", "dropout_rng",
+               "early_stopping", "backend", "slices", "threads", "loss_scaler", "dtype", "last_eval_iter", "data",
+               "data_sha256", "rnn_state", "elapsed_s", "meta_version"}
+    source = open(train.__file__, encoding="utf-8").read()
+    written = source[source.index("    def meta():"):source.index("    with _StopRequest() as stop:")]
+    assert set(re.findall(r'"(\w+)":', written)) == entries
+
+
+def test_a_run_saved_by_a_newer_minilm_is_not_resumed(trained, capsys):
+    """A meta version above this minilm's may hold entries that mean what it cannot know."""
+    path = trained / "last.npz"
+    saved = checkpoint.load(path)
+    assert saved.meta["meta_version"] == train.META_VERSION
+    saved.meta["meta_version"] = train.META_VERSION + 1
+    checkpoint.save(path, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
+    assert (f"'{path}' was saved by a newer minilm (its meta version is {train.META_VERSION + 1}; this one reads "
+            f"up to {train.META_VERSION})") in err and "upgrade minilm" in err
+
+
+@pytest.mark.parametrize("scored_in_windows", [True, False])
+def test_a_contiguous_run_saved_before_its_state_was_carried_through_evaluations_keeps_its_best(
+        corpus, tmp_path, capsys, scored_in_windows):
+    """An older minilm scored a contiguous recurrent run in windows from a zero state, higher than
+    the same weights score now, and its checkpoints do not say so (they lack 'slices'). Resumed,
+    the run scores best.npz again, so that a worse model does not replace it; a run whose saved
+    best is already scored as now has nothing to note."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4", "--model", "lstm", "--batching", "contiguous") == 0
+    best = checkpoint.load(out / "best.npz").meta["best_val_loss"]
+    windowed = 1e4 if scored_in_windows else best        # above any loss the diverging steps below reach
+    _as_saved_by_an_older_minilm(out / "last.npz", "slices", "threads", best_val_loss=windowed)
+    capsys.readouterr()
+    # a learning rate that makes every later model worse than the saved best
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "8", "--lr", "100", "--no-progress"]) == 0
+    out_text = capsys.readouterr().out
+    later = [row["val_loss"] for row in _metrics(out) if row["iter"] > 4]
+    assert later and min(later) > best
+    assert checkpoint.load(out / "best.npz").meta["iter"] == 4                      # not replaced
+    assert checkpoint.load(out / "last.npz").meta["best_val_loss"] == best
+    note = f"is scored again with the state carried, as the evaluations from here on are: {windowed:.4f} -> {best:.4f}"
+    assert (note in out_text) == scored_in_windows and ("scored again" in out_text) == scored_in_windows
+
+
+def test_a_run_saved_with_a_relative_path_and_no_checksum_asks_for_its_text(trained, corpus, tmp_path, capsys,
+                                                                         monkeypatch):
+    """An older minilm saved --data as typed and no SHA-256 of the text: from another folder the name
+    is another file, so eval and --resume ask for the file rather than follow it; given, it is
+    checked by the run's vocabulary."""
+    path = trained / "last.npz"
+    _as_saved_by_an_older_minilm(path, "data_sha256", data="corpus.txt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "corpus.txt").write_text("other words in another file\n", encoding="utf-8")
+    monkeypatch.chdir(elsewhere)
+    for argv in (["eval", "--checkpoint", str(path)],
+                 ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"]):
+        err = _error(capsys, argv)
+        assert (f"{path} was saved by an older minilm, with the relative path 'corpus.txt' and no checksum of its "
+                f"text, so that name may be another file from here; pass the file it was trained on with --data "
+                f"PATH") in err
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress",
+                          "--data", "corpus.txt"])
+    assert ("option '--data' 'corpus.txt' is not the text the run saved in" in err
+            and "its characters are not the run's vocabulary" in err)
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress",
+                     "--data", corpus]) == 0
+
+
+def test_a_run_saved_with_no_checksum_is_checked_by_its_vocabulary(trained, tmp_path, capsys):
+    """The file an older run names (absolute, no SHA-256) now holds another text: its characters
+    give it away."""
+    other = tmp_path / "other.txt"
+    other.write_text("quite another text, with its own characters\n", encoding="utf-8")
+    path = trained / "last.npz"
+    _as_saved_by_an_older_minilm(path, "data_sha256", data=str(other))
+    for argv in (["eval", "--checkpoint", str(path)],
+                 ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"]):
+        err = _error(capsys, argv)
+        assert (f"the text this run was trained on, {str(other)!r}, is not the text the run saved in {path} was "
+                f"trained on: its characters are not the run's vocabulary") in err
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_a_gpt_with_dropout_saved_by_an_older_minilm_says_its_attention_weights_are_dropped_now(
+        corpus, tmp_path, capsys, dropout):
+    """An older minilm applied --dropout to the embeddings and residual branches only; resumed, the
+    run drops the attention weights too, and says so."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4", "--dropout", str(dropout)) == 0
+    _as_saved_by_an_older_minilm(out / "last.npz", "data_sha256")
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "8", "--no-progress",
+                     "--data", corpus]) == 0
+    said = "may not have applied --dropout to the attention weights; from here on it does (dropout 0.1)"
+    assert (said in capsys.readouterr().out) == (dropout > 0)
+
+
+def test_a_run_saved_before_its_elapsed_time_was_kept_goes_on_from_its_last_metrics_row(trained, capsys):
+    """metrics.jsonl's elapsed_s goes on from the saved run's last row, not from 0."""
+    _as_saved_by_an_older_minilm(trained / "last.npz", "elapsed_s")
+    rows = _metrics(trained)
+    rows[-1]["elapsed_s"] = 1000.0                  # a run that trained for longer than this test does
+    (trained / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    assert cli.main(["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"]) == 0
+    assert _metrics(trained)[-1]["elapsed_s"] > 1000.0
+
+
 def test_a_resumed_run_of_a_batch_smaller_than_the_thread_count_notes_nothing(corpus, tmp_path, monkeypatch,
                                                                                capsys):
     """A batch of 2 rows is cut into 2 slices wherever Numba has 2 threads or more: resumed where
