@@ -891,9 +891,8 @@ def _plot(metrics_path, png_path):
     if _matplotlib_error is not None:
         return _matplotlib_error
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # a Figure of its own, not pyplot's: the process's backend and open figures stay the user's
+        import matplotlib.figure
     except Exception as e:
         if isinstance(e, ModuleNotFoundError) and e.name == "matplotlib":
             return None                                 # not installed: no curve, and nothing to say
@@ -902,7 +901,8 @@ def _plot(metrics_path, png_path):
         return _matplotlib_error
     with open(metrics_path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = matplotlib.figure.Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     marker = "o" if len(rows) == 1 else None           # one evaluation so far: a line of one point draws nothing
     ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train", marker=marker)
     ax.plot([r["iter"] for r in rows], [r["val_loss"] for r in rows], label="validation", marker=marker)
@@ -914,8 +914,6 @@ def _plot(metrics_path, png_path):
         checkpoint.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     except OSError as e:
         return e
-    finally:
-        plt.close(fig)
     return None
 
 

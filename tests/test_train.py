@@ -1791,15 +1791,33 @@ def test_tokens_per_s_leaves_out_the_step_that_compiles(corpus, tmp_path, monkey
 def test_the_loss_curve_of_one_evaluation_is_drawn(tmp_path, monkeypatch):
     """A run stopped before its second evaluation has curves of one point each, which a line alone
     does not draw (the PNG showed only the legend): they get markers."""
-    plt = pytest.importorskip("matplotlib.pyplot", reason="loss.png is drawn only where matplotlib is installed")
+    pytest.importorskip("matplotlib", reason="loss.png is drawn only where matplotlib is installed")
+    from matplotlib.figure import Figure
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps({"iter": 0, "train_loss": 3.3, "val_loss": 3.31}) + "\n", encoding="utf-8")
-    made, real = [], plt.subplots
-    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    saved, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self) or real(self, *a, **k))
     assert train._plot(str(metrics), str(tmp_path / "loss.png")) is None
-    ((fig, ax),) = made
-    assert [line.get_marker() for line in ax.lines] == ["o", "o"]
+    ((fig,),) = [saved]
+    assert [line.get_marker() for line in fig.axes[0].lines] == ["o", "o"]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_leaves_the_users_matplotlib_backend_and_figures_alone(corpus, tmp_path):
+    """In a notebook, train() had switched the process to the Agg backend: the user's later plots
+    stopped showing. The loss curve is drawn on a figure of its own."""
+    plt = pytest.importorskip("matplotlib.pyplot", reason="loss.png is drawn only where matplotlib is installed")
+    import matplotlib
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")                        # the user's choice, and a figure of theirs open
+    fig = plt.figure()
+    try:
+        assert _train(corpus, tmp_path / "run", "--max-iters", "4") == 0
+        assert (tmp_path / "run" / "loss.png").exists()
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [fig.number]
+    finally:
+        plt.close(fig)
+        plt.switch_backend(before)
 
 
 def test_eval_gives_an_infinite_perplexity_for_a_huge_finite_loss(trained, capsys):
