@@ -176,19 +176,24 @@ def context_start(n_tokens, start, window):
 
 def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
     window = getattr(model.config, "block_size", None)                   # None: a recurrent model
-    tokens = list(tokens)
-    start = 0 if window is None else max(0, len(tokens) - window)        # a long prompt: its newest window
-    state, new = None, tokens[start:]                                    # the first step feeds the prompt
+    context = list(tokens)                                               # the tokens the model sees
+    if window is not None:
+        context = context[max(0, len(context) - window):]                # a long prompt: its newest window
+    # a recurrent model's cached state holds its whole context: the tokens need not be kept
+    keep = window is not None or not use_cache
+    state, new = None, context                                           # the first step feeds the prompt
     for _ in range(max_new_tokens):
-        shifted = context_start(len(tokens), start, window)
-        if shifted != start:                                             # the context is full: shift it
-            start, state, new = shifted, None, tokens[shifted:]
+        shift = context_start(len(context), 0, window)
+        if shift:                                                        # the context is full: shift it
+            context = context[shift:]
+            state, new = None, context
         if use_cache:
             logits, state = model.forward_step(np.asarray([new]), state)  # (1, V)
         else:
-            logits = model.forward(np.asarray([tokens[start:]]))[0][:, -1]  # (1, V)
+            logits = model.forward(np.asarray([context]))[0][:, -1]     # (1, V)
         token = _draw(_probs(logits[0], **options), rng)
-        tokens.append(token)
+        if keep:
+            context.append(token)
         new = [token]
         yield token
 

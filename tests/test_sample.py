@@ -199,6 +199,17 @@ def test_a_block_size_of_one_keeps_the_newest_token(use_cache):
     assert tokens == [int(np.argmax(model.forward(np.array([[before]]))[0][0, -1])) for before in [2] + tokens[:-1]]
 
 
+@pytest.mark.parametrize("make", [gpt, rnn])
+def test_sampling_for_long_keeps_no_more_than_its_context(make):
+    """A sampler left running holds the context the model sees (a GPT's block; nothing for a
+    recurrent model, whose state holds it), not every token it has made."""
+    model = make()
+    tokens = generate(model, [1, 2, 3], 1000, seed=0)
+    for _ in tokens:
+        kept = len(tokens.gi_frame.f_locals["context"])
+        assert kept <= (model.config.block_size + 1 if make is gpt else 3), kept     # + the token just made
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("options", OPTIONS[::2])
 def test_rnn_cached_and_uncached_sampling_give_the_same_tokens(cell, options):
