@@ -26,7 +26,10 @@ the serial twins (``in_calling_thread``), and BLAS has one thread
 floating-point sum is otherwise a chain of additions, each waiting for the one before, that no
 compiler may vectorise; with the additions reordered it runs eight lanes at a time. The result
 changes by rounding only (no other fast-math assumption is made: infinities and NaNs keep
-their meaning), and it is the same in both twins, since each row is summed by one thread.
+their meaning), and within a twin it is the same for any number of threads, since each row is
+summed by one thread. The two twins are compiled apart, and the compiler may vectorise the same
+sum in each its own way, so they agree to rounding, not always to the bit (Numba 0.59 on an
+AVX-512 machine sums the float64 layernorm backward's rows differently in the two).
 Only kernels whose every floating-point expression may be regrouped take it: not those that
 call ``exp_nonpositive``, whose argument reduction relies on the order of its subtractions.
 

@@ -13,8 +13,8 @@ Backward: ``dx`` is row-local, but ``dgamma`` and ``dbeta`` sum over every row. 
 into blocks of ``ROWS_PER_BLOCK``; ``prange`` runs over the blocks, each block adds its rows into
 its own row of a (blocks, C) float64 array of partial sums, and the kernel adds the partials up,
 block after block, after the parallel loop. No two threads ever write the same element, and
-since the blocks do not depend on the number of threads, the result is the same for any thread
-count.
+since the blocks do not depend on the number of threads, ``dgamma`` and ``dbeta`` are the same
+for any thread count, on either twin.
 """
 import math
 
