@@ -270,18 +270,24 @@ def load(path, *, required_meta=()):
     if not isinstance(optimizer_state, dict):                   # its buffers are added to it below
         raise _not_a_checkpoint(path, f"its optimizer state is a {type(optimizer_state).__name__}, not a dictionary")
     if required_meta:
-        if not isinstance(meta, dict):
-            raise _not_a_checkpoint(path, f"its meta is a {type(meta).__name__}, not a dictionary")
-        missing = [key for key in required_meta if key not in meta]
-        if missing:
-            raise ValueError(f"checkpoint.load: '{path}' has no meta entries {', '.join(missing)}, which this reads; "
-                             f"the checkpoints minilm train writes have them (was this one saved another way, "
-                             f"or edited?)")
+        require_meta(meta, path, required_meta)
     for name, value in entries.items():
         if name.startswith("optim/"):
             optimizer_state[name[len("optim/"):]] = value
     return Checkpoint(params=entries["params"], optimizer_state=optimizer_state, meta=meta,
                       format_version=header["format_version"], minilm_version=header.get("minilm_version", ""))
+
+
+def require_meta(meta, path, required):
+    """Refuse a checkpoint's ``meta`` that is not a dictionary, or lacks a key of ``required``, naming
+    the file at ``path``."""
+    if not isinstance(meta, dict):
+        raise _not_a_checkpoint(path, f"its meta is a {type(meta).__name__}, not a dictionary")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise ValueError(f"checkpoint.load: '{path}' has no meta entries {', '.join(missing)}, which this reads; "
+                         f"the checkpoints minilm train writes have them (was this one saved another way, "
+                         f"or edited?)")
 
 
 _MISSING = object()

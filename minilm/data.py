@@ -232,31 +232,59 @@ def load_saved_text(meta, data, *, command, path, other_text_ok=False):
             raise FileNotFoundError(f"{command}: the text this run was trained on, {saved!r} (named in {path}), "
                                     f"is no longer there; pass a copy of it with --data PATH")
         text, source = load_text(saved)
+        text = _as_the_run_read_it(text, saved, meta)
         if digest is not None and text_digest(text) != digest:
             raise ValueError(f"{command}: the text this run was trained on, {saved!r}, has changed since (its "
                              f"SHA-256 is not the one saved in {path}); pass an unchanged copy with --data PATH"
                              + (", or another text to score with --data" if other_text_ok else ""))
         if digest is None:
-            _require_the_runs_characters(meta, text, f"the text this run was trained on, {saved!r},", command, path)
+            _require_the_runs_characters(meta, text, f"the text this run was trained on, {saved!r}, has changed "
+                                                     f"since it was saved in {path}", command)
         return text, source
     text, source = load_text(data)
+    text = _as_the_run_read_it(text, data, meta)
     if not other_text_ok and digest is not None and text_digest(text) != digest:
         raise ValueError(f"{command}: option '--data' {os.fspath(data)!r} holds other text than the run saved in "
                          f"{path} was trained on ({saved!r}); pass that text to resume it, or train a new run "
                          f"in another --out")
     if not other_text_ok and digest is None:
-        _require_the_runs_characters(meta, text, f"option '--data' {os.fspath(data)!r}", command, path)
+        _require_the_runs_characters(meta, text, f"option '--data' {os.fspath(data)!r} is not the text the run "
+                                                 f"saved in {path} was trained on", command)
     return text, source
 
 
-def _require_the_runs_characters(meta, text, what, command, path):
+def _runs_characters(meta):
+    """The vocabulary of a saved run (its tokenizer's characters), or None where its meta has none."""
+    tokenizer = meta.get("tokenizer")
+    chars = tokenizer.get("chars") if isinstance(tokenizer, dict) else None
+    return chars if isinstance(chars, str) else None
+
+
+def _as_the_run_read_it(text, data, meta):
+    """The text of the file ``data`` as the run saved with ``meta`` read it. Before minilm dropped a
+    UTF-8 byte-order mark (``_decode``) it read the mark as the text's first character, U+FEFF of
+    the run's vocabulary: where such a run saved no checksum of its text (every run that old), or
+    the checksum of the text with the mark, the mark is put back."""
+    if data == "shakespeare" or "\ufeff" not in (_runs_characters(meta) or ""):
+        return text
+    with open(os.fspath(data), "rb") as f:
+        if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            return text
+    digest = meta.get("data_sha256")
+    if digest is None or text_digest("\ufeff" + text) == digest:
+        return "\ufeff" + text
+    return text
+
+
+def _require_the_runs_characters(meta, text, what, command):
     """A run saved before minilm kept its text's SHA-256 can only be checked by its vocabulary, which
-    is the sorted distinct characters of the text it was trained on (``CharTokenizer.from_text``)."""
-    chars = meta.get("tokenizer", {}).get("chars") if isinstance(meta.get("tokenizer"), dict) else None
-    if isinstance(chars, str) and "".join(sorted(set(text))) != chars:
-        raise ValueError(f"{command}: {what} is not the text the run saved in {path} was trained on: its characters "
-                         f"are not the run's vocabulary (the run was saved by an older minilm, without a checksum "
-                         f"of its text); pass the file it was trained on with --data PATH")
+    is the sorted distinct characters of the text it was trained on (``CharTokenizer.from_text``):
+    refuse ``text`` where they differ, saying ``what`` it is."""
+    chars = _runs_characters(meta)
+    if chars is not None and "".join(sorted(set(text))) != chars:
+        raise ValueError(f"{command}: {what}: its characters are not the run's vocabulary (the run was saved by an "
+                         f"older minilm, without a checksum of its text); pass the file it was trained on with "
+                         f"--data PATH")
 
 
 def text_digest(text):

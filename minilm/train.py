@@ -434,12 +434,33 @@ def _load_last(out_dir):
     """The saved run ``--resume`` continues: ``out_dir/last.npz``, or an error that says what else there is."""
     path = os.path.join(out_dir, "last.npz")
     try:
-        return checkpoint.load(path, required_meta=RUN_META)
+        saved = checkpoint.load(path)
     except (OSError, ValueError) as e:
-        hint = _resume_from_best(out_dir)
-        if not hint:
-            raise
-        raise type(e)(f"{e}; {hint}") from None
+        raise _with_best_hint(e, out_dir) from None
+    _refuse_a_newer_run(saved.meta, path)       # first: the version says what the other entries mean
+    try:
+        checkpoint.require_meta(saved.meta, path, RUN_META)
+    except ValueError as e:
+        raise _with_best_hint(e, out_dir) from None
+    return saved
+
+
+def _with_best_hint(e, out_dir):
+    """Error ``e`` about last.npz, with the hint of ``_resume_from_best`` where there is one."""
+    hint = _resume_from_best(out_dir)
+    return type(e)(f"{e}; {hint}") if hint else e
+
+
+def _refuse_a_newer_run(meta, path):
+    """Refuse a run saved by a newer minilm (a higher meta version), before any entry is read: a newer
+    minilm may have renamed an entry or changed its kind, which would read as an edited file."""
+    if not isinstance(meta, dict) or "meta_version" not in meta:
+        return
+    checkpoint.check_meta(meta, path, {"meta_version": checkpoint.POSITIVE_COUNT})
+    if meta["meta_version"] > META_VERSION:
+        raise ValueError(f"checkpoint.load: '{path}' was saved by a newer minilm (its meta version is "
+                         f"{meta['meta_version']}; this one reads up to {META_VERSION}), whose entries may "
+                         f"mean what this one cannot know; upgrade minilm to resume it")
 
 
 def _resume_from_best(out_dir):
@@ -462,12 +483,8 @@ def _train_config_of(saved, path):
                                     "best_val_loss": loss, "batches": c.DICT, "dropout_rng": c.DICT,
                                     "data": c.TEXT})
     later = {"slices": c.POSITIVE_COUNT, "threads": (c.POSITIVE_COUNT, None),      # older runs lack them
-             "elapsed_s": c.NUMBER, "meta_version": c.POSITIVE_COUNT}
+             "elapsed_s": c.NUMBER}
     c.check_meta(saved.meta, path, {name: kind for name, kind in later.items() if name in saved.meta})
-    if saved.meta.get("meta_version", META_VERSION) > META_VERSION:
-        raise ValueError(f"checkpoint.load: '{path}' was saved by a newer minilm (its meta version is "
-                         f"{saved.meta['meta_version']}; this one reads up to {META_VERSION}), whose entries may "
-                         f"mean what this one cannot know; upgrade minilm to resume it")
     # every TrainConfig field dates from the first checkpoints: a field added later must be given its
     # old behaviour's value here for the checkpoints saved without it, rather than be called missing
     settings, names = saved.meta["train_config"], [f.name for f in dataclasses.fields(config.TrainConfig)]
@@ -617,9 +634,10 @@ SCORING_CHANGED = 1e-4
 def _best_scored_now(best_path, saved, model, val_loss):
     """The best validation loss of a contiguous recurrent run that may have been saved before minilm
     carried the state through its evaluations, and a note (or None). Such a run scored its
-    validation in windows from a zero state, higher than ``val_loss()`` scores the same weights, so
-    the resumed run's first evaluation would always count as an improvement and replace best.npz,
-    even with a worse model: best.npz is scored again the way the evaluations from here on are."""
+    validation in windows from a zero state, which for a trained model comes out higher than
+    ``val_loss()`` scores the same weights (an untrained one may come out lower), so the resumed
+    run's first evaluation would count as an improvement and replace best.npz even with a worse
+    model: best.npz is scored again the way the evaluations from here on are."""
     old = saved.meta["best_val_loss"]
     if not os.path.exists(best_path):               # nothing to lose, and nothing to score
         return old, None

@@ -1,4 +1,5 @@
 """End to end: `minilm train`, resume, Ctrl-C, `minilm eval`, `minilm sample`, and their bad input."""
+import codecs
 import dataclasses
 import io
 import json
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from minilm import checkpoint, cli, config, optim, train
+from minilm import checkpoint, cli, config, data, optim, train
 from minilm.config import TrainConfig
 
 # a tiny model and run, so each training takes a fraction of a second on the numpy backend
@@ -248,8 +249,8 @@ def _as_saved_by_an_older_minilm(path, *missing, **changed):
 
 
 def test_a_checkpoint_records_what_its_meta_means(trained):
-    """The meta version names what each entry of a run's meta means: an entry added or removed
-    without raising it fails here (and an entry whose meaning changes must raise it too)."""
+    """The entries of a run's meta at this meta version: an entry added or removed fails here, so that
+    whoever changes them meets the version, and raises it where an entry's meaning changes."""
     meta = checkpoint.load(trained / "last.npz").meta
     assert meta["meta_version"] == train.META_VERSION == 2
     assert set(meta) == {"model", "train_config", "tokenizer", "iter", "best_val_loss", "batches", "dropout_rng",
@@ -267,6 +268,21 @@ def test_a_run_saved_by_a_newer_minilm_is_not_resumed(trained, capsys):
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
     assert (f"'{path}' was saved by a newer minilm (its meta version is {train.META_VERSION + 1}; this one reads "
             f"up to {train.META_VERSION})") in err and "upgrade minilm" in err
+
+
+@pytest.mark.parametrize("edit", [lambda meta: meta.pop("batches"),                              # renamed there
+                                  lambda meta: meta.update(elapsed_s={"train": 1.0, "eval": 0.5})],  # another kind
+                         ids=["an entry renamed", "an entry of another kind"])
+def test_a_newer_run_whose_entries_changed_is_named_newer_before_its_entries_are_read(trained, capsys, edit):
+    """The meta version says what the other entries mean, so it is read first: a run of a newer
+    minilm that renamed an entry or changed its kind is not called edited, but newer."""
+    for name in ("last.npz", "best.npz"):
+        saved = checkpoint.load(trained / name)
+        saved.meta["meta_version"] = train.META_VERSION + 1
+        edit(saved.meta)
+        checkpoint.save(trained / name, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
+    assert f"'{trained / 'last.npz'}' was saved by a newer minilm" in err and "upgrade minilm" in err, err
 
 
 @pytest.mark.parametrize("scored_in_windows", [True, False])
@@ -328,8 +344,31 @@ def test_a_run_saved_with_no_checksum_is_checked_by_its_vocabulary(trained, tmp_
     for argv in (["eval", "--checkpoint", str(path)],
                  ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"]):
         err = _error(capsys, argv)
-        assert (f"the text this run was trained on, {str(other)!r}, is not the text the run saved in {path} was "
-                f"trained on: its characters are not the run's vocabulary") in err
+        assert (f"the text this run was trained on, {str(other)!r}, has changed since it was saved in {path}: its "
+                f"characters are not the run's vocabulary") in err
+
+
+@pytest.mark.parametrize("checksum", ["none", "of the text with the mark"])
+def test_a_run_that_read_a_byte_order_mark_as_a_character_resumes_on_its_own_file(corpus, tmp_path, capsys, checksum):
+    """An older minilm read a UTF-8 file's byte-order mark as the text's first character (its
+    vocabulary holds U+FEFF), and saved no checksum of its text or, for a while, the checksum of the
+    text with the mark: the very file it was trained on is its text, read as it read it, and the run
+    resumed from it computes the losses of the run straight through."""
+    text = open(corpus, encoding="utf-8").read()
+    as_read_then = tmp_path / "as_read_then.txt"          # read now, it gives the text an older minilm read
+    as_read_then.write_bytes(codecs.BOM_UTF8 + ("\ufeff" + text).encode("utf-8"))
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(codecs.BOM_UTF8 + text.encode("utf-8"))
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert _train(str(as_read_then), straight, "--max-iters", "8") == 0
+    assert _train(str(as_read_then), out, "--max-iters", "4") == 0
+    meta = checkpoint.load(out / "last.npz").meta
+    assert "\ufeff" in meta["tokenizer"]["chars"] and meta["data_sha256"] == data.text_digest("\ufeff" + text)
+    _as_saved_by_an_older_minilm(out / "last.npz", *(["data_sha256"] if checksum == "none" else []), data=str(bom))
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out / "last.npz")]) == 0
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "8", "--no-progress"]) == 0
+    assert _losses(_metrics(out)) == _losses(_metrics(straight))
 
 
 @pytest.mark.parametrize("dropout", [0.1, 0.0])
