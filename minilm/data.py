@@ -36,6 +36,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 DOWNLOAD_TIMEOUT_S = 30
+ENCODE_CHUNK = 1 << 20      # characters CharTokenizer.encode converts at a time (its temporaries: ~29 bytes each)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,12 +85,15 @@ class CharTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"{what} must be a string, got {type(text).__name__}")
-        codes = _code_points(text)                                              # (N,)
-        pos = np.searchsorted(self._sorted_codes, codes).clip(0, self.vocab_size - 1)
-        known = self._sorted_codes[pos] == codes
-        if not known.all():
-            raise ValueError(f"{what} has {_describe_unknown(text, known, self.chars)}")
-        return self._order[pos].astype(np.int64)
+        ids = np.empty(len(text), dtype=np.int64)                              # (N,) the only full-size array
+        for start in range(0, len(text), ENCODE_CHUNK):                        # a corpus: piece by piece
+            codes = _code_points(text[start:start + ENCODE_CHUNK])              # (n,)
+            pos = np.searchsorted(self._sorted_codes, codes).clip(0, self.vocab_size - 1)
+            if not (self._sorted_codes[pos] == codes).all():
+                known = np.isin(_code_points(text), self._sorted_codes)       # the whole text's, for the message
+                raise ValueError(f"{what} has {_describe_unknown(text, known, self.chars)}")
+            np.take(self._order, pos, out=ids[start:start + len(codes)])
+        return ids
 
     def decode(self, ids):
         """The string whose characters are the tokens ``ids`` (any integer array-like)."""
