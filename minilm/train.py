@@ -193,7 +193,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     slices = saved.meta.get("slices") if same_backend and backend.current() == "numba" else None
     threads = slices or _numba_threads()                    # None: not numba, the model runs itself
     threads = min(threads, cfg.batch_size) if threads else None
-    _check_memory(cfg, tokenizer.vocab_size, slices=threads or 1)
+    _check_memory(cfg, tokenizer.vocab_size, slices=threads or 1, saved_slices=slices is not None)
 
     # 2. the model, its optimiser and schedule, the training batches and the evaluation loss
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
@@ -326,7 +326,15 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             "elapsed_s": elapsed(), "meta_version": META_VERSION,
         }
 
-    with _StopRequest() as stop:
+    def draw_the_rest(kind, error, trace):
+        """loss.png's rows not drawn yet, when the session ends: at its last evaluation, interrupted,
+        stopped early or by an error (a loss that is not finite); not on a second Ctrl-C, which quits at
+        once. Returns None: an error goes on."""
+        if drawn_rows < rows and (kind is None or issubclass(kind, Exception)):
+            draw()
+
+    with _StopRequest() as stop, contextlib.ExitStack() as session_end:
+        session_end.push(draw_the_rest)
         while True:
             # evaluate at every eval_interval and at the end (not again right after resuming there, nor
             # past the end: a run saved beyond a --max-iters given now has nothing to train or evaluate)
@@ -354,8 +362,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                 if improved:
                     _save(best_path, model, optimizer, meta())
                 _save(last_path, model, optimizer, meta())
-                if (it >= cfg.max_iters or stop_early or (rows - drawn_rows) * PLOT_GROWTH >= drawn_rows
-                        or time.perf_counter() - drawn_at >= PLOT_EVERY_S):
+                if (rows - drawn_rows) * PLOT_GROWTH >= drawn_rows or time.perf_counter() - drawn_at >= PLOT_EVERY_S:
                     draw()
                 skipped = scaler.skipped - skipped_before
                 say(f"iter {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"     # once saved
@@ -370,8 +377,6 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                 break
             if stop.requested:
                 _save(last_path, model, optimizer, meta())
-                if drawn_rows < rows:
-                    draw()
                 say(f"interrupted: saved iteration {it} to {last_path}; continue with --resume")
                 result["interrupted"] = signal.Signals(stop.requested).name
                 break
@@ -483,6 +488,7 @@ def _resume_from_best(out_dir):
     best = os.path.join(out_dir, "best.npz")
     try:
         meta = checkpoint.load(best, required_meta=RUN_META).meta
+        _refuse_a_newer_run(meta, best)             # a newer minilm's: --resume would refuse it as well
     except (OSError, ValueError):
         return ""
     return (f"{best} holds iteration {meta['iter']} of the run (validation loss {meta['best_val_loss']:.4f}): "
@@ -700,9 +706,10 @@ def _split_checked(ids, cfg, data):
     return train_ids, val_ids
 
 
-def _check_memory(cfg, vocab_size, slices=1):
+def _check_memory(cfg, vocab_size, slices=1, saved_slices=False):
     """Refuse, before any file is written, a run this machine's memory cannot hold (on a CPU: a GPU's
-    memory is its own, and CuPy says when it is full). ``slices``: the batch's slices run side by side."""
+    memory is its own, and CuPy says when it is full). ``slices``: the batch's slices run side by side,
+    set by Numba's thread count unless ``saved_slices`` (a resumed run keeps its saved run's)."""
     if backend.current() == "cupy":
         return
     need, have = memory_estimate(cfg, vocab_size, slices=slices), _physical_memory()
@@ -711,8 +718,12 @@ def _check_memory(cfg, vocab_size, slices=1):
                  "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
         if _evaluation_bytes(cfg) > need / 2:                    # mostly the evaluation's batches
             sizes = f"--eval-iters (now {cfg.eval_iters}), or {sizes}"
+        fewer = [] if saved_slices else [k for k in range(slices - 1, 0, -1)       # a new run's: set by the threads
+                                         if memory_estimate(cfg, vocab_size, slices=k) <= have]
+        threads = (f"; or fewer Numba threads, each of which holds a gradient buffer of its own (minilm.parallel): "
+                   f"NUMBA_NUM_THREADS={fewer[0]} (the batch is cut into {slices} slices now)" if fewer else "")
         raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
-                         f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}")
+                         f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}{threads}")
 
 
 # (B, T, H) arrays a recurrent layer's cache holds: the tanh RNN h; the LSTM its 4 gates, c, tanh(c)
@@ -919,8 +930,8 @@ _matplotlib_error = None        # why an installed matplotlib did not import: it
 
 # A drawing of loss.png reads and draws every row of metrics.jsonl (55 ms, plus 3.5 us a row): drawn at
 # every evaluation, a run's drawing time grew with the square of its evaluations. It is drawn when the
-# rows have grown by 1/PLOT_GROWTH since the last drawing, or PLOT_EVERY_S seconds have passed, and at
-# a session's last evaluation (or its interruption).
+# rows have grown by 1/PLOT_GROWTH since the last drawing, or PLOT_EVERY_S seconds have passed, and when
+# a session ends (at its last evaluation, interrupted, stopped early or by an error).
 PLOT_GROWTH = 8
 PLOT_EVERY_S = 60.0
 

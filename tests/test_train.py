@@ -2410,3 +2410,55 @@ def test_a_run_of_many_evaluations_draws_its_loss_curve_a_bounded_number_of_time
     assert len(_metrics(tmp_path / "run")) == 201
     assert drawn[-1] == 201 and drawn == sorted(set(drawn))    # the last evaluation drawn, each drawing newer
     assert len(drawn) <= 40, len(drawn)
+
+
+@pytest.mark.parametrize("ending", ["a loss that is not finite", "Ctrl-C"])
+def test_a_session_that_ends_between_two_drawings_draws_its_last_evaluations(corpus, tmp_path, monkeypatch, ending):
+    """loss.png is drawn when the curve has grown by an eighth; a session that ends between two such
+    drawings (here after its 29th evaluation, the last drawing having been at the 26th) still draws
+    the evaluations up to its end: a diverged run's are the ones its user looks at."""
+    drawn = []
+    monkeypatch.setattr(train, "_plot", lambda metrics, png: drawn.append(len(_metrics(os.path.dirname(metrics)))))
+    monkeypatch.setattr(train, "PLOT_EVERY_S", float("inf"))
+    if ending == "Ctrl-C":
+        _signal_in_step(monkeypatch, signal.SIGINT, 28)         # saved and drawn after the evaluation at 28
+    else:
+        calls, estimate = [], train.estimate_loss
+
+        def diverging(runner, batches):                         # the 30th evaluation's loss is NaN
+            calls.append(None)
+            return float("nan") if len(calls) > 2 * 29 else estimate(runner, batches)
+        monkeypatch.setattr(train, "estimate_loss", diverging)
+    code = _train(corpus, tmp_path / "run", "--max-iters", "200", "--eval-interval", "1", "--lr-decay-iters", "300")
+    assert code == (130 if ending == "Ctrl-C" else 2)
+    assert len(_metrics(tmp_path / "run")) == 29 and drawn[-1] == 29, drawn
+
+
+def test_a_run_refused_for_the_gradient_buffers_of_its_slices_is_told_of_the_thread_count(corpus, tmp_path,
+                                                                                          monkeypatch):
+    """On the numba backend every slice of the batch holds a gradient buffer of its own, one slice a
+    Numba thread: where a run fits with fewer threads, the refusal names NUMBA_NUM_THREADS, not
+    only the model's sizes."""
+    import minilm
+    minilm.use("numba")
+    tiny = config.validate(dataclasses.replace(config.preset("shakespeare-char-cpu"), n_layer=1, n_head=2,
+                                               n_embd=16, block_size=16, batch_size=4, eval_iters=2))
+    monkeypatch.setattr(train, "_numba_threads", lambda: 8)    # min(8, batch 4) = 4 slices
+    monkeypatch.setattr(train, "_physical_memory", lambda: train.memory_estimate(tiny, 16, slices=2))
+    with pytest.raises(ValueError, match=r"or fewer Numba threads, each of which holds a gradient buffer of its own "
+                                         r"\(minilm\.parallel\): NUMBA_NUM_THREADS=2 \(the batch is cut into 4 "
+                                         r"slices now\)$"):
+        train.train(tiny, data=corpus, out_dir=tmp_path / "run", progress=False, log=lambda line: None)
+
+
+def test_a_newer_runs_best_npz_is_not_offered_as_a_resume_point(trained, capsys):
+    """A run of a newer minilm whose last.npz is cut short: its best.npz is newer too, and --resume
+    refuses it once copied to last.npz, so the error about last.npz does not offer it."""
+    for name in ("last.npz", "best.npz"):
+        saved = checkpoint.load(trained / name)
+        saved.meta["meta_version"] = train.META_VERSION + 1
+        checkpoint.save(trained / name, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    with open(trained / "last.npz", "r+b") as f:
+        f.truncate(1000)
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
+    assert "is truncated or is not a minilm checkpoint" in err and "copy it to last.npz" not in err, err
