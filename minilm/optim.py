@@ -206,6 +206,10 @@ class Optimizer:
         self.steps += 1
         self._update(float(lr))
 
+    def __repr__(self):
+        options = ", ".join(f"{key}={value!r}" for key, value in self.options().items())
+        return f"{type(self).__name__}({options}) after {self.steps} step{'s' * (self.steps != 1)}"
+
     def _arrays(self):
         """The optimizer's own arrays, which must match ``params.data`` in dtype and array module."""
         return {key: getattr(self, key) for key in self.buffers if getattr(self, key) is not None}

@@ -333,7 +333,9 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
         if drawn_rows < rows and (kind is None or issubclass(kind, Exception)):
             draw()
 
-    with _StopRequest() as stop, contextlib.ExitStack() as session_end:
+    # the bar is closed however the session ends: one left open by an error stays in tqdm's list of bars
+    # (a notebook keeps the traceback that holds it), and every later bar is drawn below it, with it
+    with bar, _StopRequest() as stop, contextlib.ExitStack() as session_end:
         session_end.push(draw_the_rest)
         while True:
             # evaluate at every eval_interval and at the end (not again right after resuming there, nor
@@ -403,7 +405,6 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             first_step = False
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
             bar.update(1)
-    bar.close()
     result["iter"] = it
     return result
 

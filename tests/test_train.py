@@ -2462,3 +2462,17 @@ def test_a_newer_runs_best_npz_is_not_offered_as_a_resume_point(trained, capsys)
         f.truncate(1000)
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
     assert "is truncated or is not a minilm checkpoint" in err and "copy it to last.npz" not in err, err
+
+
+def test_a_run_that_raises_closes_its_progress_bar(corpus, tmp_path, monkeypatch):
+    """A bar left open by an error stays in tqdm's list while the traceback holds it (a notebook keeps the
+    last one), and every later run's bar is drawn one line below it, with the dead bar drawn again."""
+    from tqdm import tqdm
+
+    monkeypatch.setattr(train, "estimate_loss", lambda model, batches: float("nan"))
+    bars = set(tqdm._instances)
+    with pytest.raises(FloatingPointError) as raised:            # held, as IPython holds sys.last_traceback
+        train.train(TrainConfig(**PY_TINY), data=corpus, out_dir=tmp_path / "run", progress=True,
+                    log=lambda line: None)
+    assert raised.value.__traceback__ is not None
+    assert set(tqdm._instances) == bars

@@ -247,6 +247,10 @@ class GPT:
     def config_dict(self):
         return dataclasses.asdict(self.config)
 
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.config!r}, dtype={self.params.compute.dtype.name!r}) with "
+                f"{self.params.size:,} parameters")
+
     def n_params(self, non_embedding=False):
         """Number of parameters; ``non_embedding`` leaves out wpe as nanoGPT's count does (wte is the head)."""
         return self.params.size - (self.params["wpe"].size if non_embedding else 0)

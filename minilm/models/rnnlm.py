@@ -138,6 +138,10 @@ class RNNLM:
     def config_dict(self):
         return dataclasses.asdict(self.config)
 
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.config!r}, dtype={self.params.compute.dtype.name!r}) with "
+                f"{self.params.size:,} parameters")
+
     def n_params(self):
         return self.params.size
 
