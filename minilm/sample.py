@@ -148,7 +148,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     use_cache : bool. True feeds only the new token each step through ``model.forward_step``
         (a GPT's key/value cache, an RNN's state); False runs the whole context through
         ``model.forward`` every step. For a GPT both see the same context: at most ``block_size``
-        tokens, shifted to its newest half when full (``context_start``); a prompt longer than
+        tokens, shifted to its newest half when full (``context_shift``); a prompt longer than
         ``block_size`` starts from its newest ``block_size`` tokens.
 
     The options are checked when ``generate`` is called, before the first token is asked for.
@@ -161,16 +161,16 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     return _tokens(model, prompt, max_new_tokens, options, np.random.default_rng(seed), use_cache)
 
 
-def context_start(n_tokens, start, window):
-    """Where the model's context begins once there are ``n_tokens``: it slides only when full.
+def context_shift(n_tokens, window):
+    """How many of the oldest of the model's ``n_tokens`` context tokens to drop: none until it is full.
 
     A GPT sees at most ``window`` (block_size) tokens. When one more would not fit, the context
     restarts from the newest ``window // 2`` tokens (a "context shift"), so that with a key/value
     cache the cache is rebuilt about once every ``window // 2`` tokens rather than at every step, and
     the cached and the cache-less paths see exactly the same context. ``window`` None: no limit.
     """
-    if window is None or n_tokens - start <= window:
-        return start
+    if window is None or n_tokens <= window:
+        return 0
     return n_tokens - max(1, window // 2)
 
 
@@ -183,7 +183,7 @@ def _tokens(model, tokens, max_new_tokens, options, rng, use_cache):
     keep = window is not None or not use_cache
     state, new = None, context                                           # the first step feeds the prompt
     for _ in range(max_new_tokens):
-        shift = context_start(len(context), 0, window)
+        shift = context_shift(len(context), window)
         if shift:                                                        # the context is full: shift it
             context = context[shift:]
             state, new = None, context

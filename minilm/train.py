@@ -719,10 +719,11 @@ def _check_memory(cfg, vocab_size, slices=1, saved_slices=False):
                  "--n-layer, --n-embd, --hidden-size, --block-size or --batch-size")
         if _evaluation_bytes(cfg) > need / 2:                    # mostly the evaluation's batches
             sizes = f"--eval-iters (now {cfg.eval_iters}), or {sizes}"
-        fewer = [] if saved_slices else [k for k in range(slices - 1, 0, -1)       # a new run's: set by the threads
-                                         if memory_estimate(cfg, vocab_size, slices=k) <= have]
+        # a new run's slices are set by the thread count (a resumed run keeps its saved run's): the most that fit
+        fits = None if saved_slices else next((k for k in range(slices - 1, 0, -1)
+                                               if memory_estimate(cfg, vocab_size, slices=k) <= have), None)
         threads = (f"; or fewer Numba threads, each of which holds a gradient buffer of its own (minilm.parallel): "
-                   f"NUMBA_NUM_THREADS={fewer[0]} (the batch is cut into {slices} slices now)" if fewer else "")
+                   f"NUMBA_NUM_THREADS={fits} (the batch is cut into {slices} slices now)" if fits else "")
         raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
                          f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}{threads}")
 

@@ -570,10 +570,12 @@ def test_models_and_optimizers_say_what_they_are_in_their_repr():
     from minilm.optim import SGD, AdamW
 
     gpt = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
-    assert repr(gpt) == (f"GPT({gpt.config!r}, dtype='float32') with {gpt.params.size:,} parameters")
+    assert repr(gpt) == (f"GPT({gpt.config!r}, Params({len(gpt.params.layout)} tensors, {gpt.params.size:,} values, "
+                         f"float32))")
     rnn = RNNLM(RNNConfig(vocab_size=11, cell="gru", n_layer=1, hidden_size=8, n_embd=8), dtype=np.float64)
-    assert repr(rnn).startswith(f"RNNLM({rnn.config!r}, dtype='float64') with ")
-    assert repr(AdamW(gpt.params, 1e-3)) == "AdamW(lr=0.001, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.01) after 0 steps"
+    assert repr(rnn).startswith(f"RNNLM({rnn.config!r}, Params(") and repr(rnn).endswith(" values, float64))")
+    assert repr(AdamW(gpt.params, 1e-3)) == ("AdamW(lr=0.001, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.01) "
+                                            "after 0 steps")
     sgd = SGD(gpt.params, 0.1)
     gpt.params.zero_grad()
     sgd.step()

@@ -315,6 +315,6 @@ def test_generate_streams_its_tokens():
 
 
 def test_an_odd_block_size_shifts_to_its_newest_half_rounded_down():
-    from minilm.sample import context_start
-    assert [context_start(n, 0, 5) for n in (5, 6)] == [0, 6 - 5 // 2]
-    assert context_start(2, 0, 1) == 1                   # block_size 1: the newest token alone
+    from minilm.sample import context_shift
+    assert [context_shift(n, 5) for n in (5, 6)] == [0, 6 - 5 // 2]
+    assert context_shift(2, 1) == 1                   # block_size 1: the newest token alone

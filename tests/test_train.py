@@ -248,6 +248,16 @@ def _as_saved_by_an_older_minilm(path, *missing, **changed):
     return before
 
 
+def _as_saved_by_a_newer_minilm(out, *names, edit=lambda meta: None):
+    """Rewrite the checkpoints ``names`` (default: last.npz and best.npz) in ``out`` as a minilm of the
+    next meta version saved them, with ``edit`` applied to each meta."""
+    for name in names or ("last.npz", "best.npz"):
+        saved = checkpoint.load(out / name)
+        saved.meta["meta_version"] = train.META_VERSION + 1
+        edit(saved.meta)
+        checkpoint.save(out / name, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+
+
 def test_a_checkpoint_records_what_its_meta_means(trained):
     """The entries of a run's meta at this meta version: an entry added or removed fails here, so that
     whoever changes them meets the version, and raises it where an entry's meaning changes."""
@@ -261,10 +271,8 @@ def test_a_checkpoint_records_what_its_meta_means(trained):
 def test_a_run_saved_by_a_newer_minilm_is_not_resumed(trained, capsys):
     """A meta version above this minilm's may hold entries that mean what it cannot know."""
     path = trained / "last.npz"
-    saved = checkpoint.load(path)
-    assert saved.meta["meta_version"] == train.META_VERSION
-    saved.meta["meta_version"] = train.META_VERSION + 1
-    checkpoint.save(path, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    assert checkpoint.load(path).meta["meta_version"] == train.META_VERSION
+    _as_saved_by_a_newer_minilm(trained, "last.npz")
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
     assert (f"'{path}' was saved by a newer minilm (its meta version is {train.META_VERSION + 1}; this one reads "
             f"up to {train.META_VERSION})") in err and "upgrade minilm" in err
@@ -276,11 +284,7 @@ def test_a_run_saved_by_a_newer_minilm_is_not_resumed(trained, capsys):
 def test_a_newer_run_whose_entries_changed_is_named_newer_before_its_entries_are_read(trained, capsys, edit):
     """The meta version says what the other entries mean, so it is read first: a run of a newer
     minilm that renamed an entry or changed its kind is not called edited, but newer."""
-    for name in ("last.npz", "best.npz"):
-        saved = checkpoint.load(trained / name)
-        saved.meta["meta_version"] = train.META_VERSION + 1
-        edit(saved.meta)
-        checkpoint.save(trained / name, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    _as_saved_by_a_newer_minilm(trained, edit=edit)
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
     assert f"'{trained / 'last.npz'}' was saved by a newer minilm" in err and "upgrade minilm" in err, err
 
@@ -2372,6 +2376,16 @@ def test_a_resumed_run_holds_no_arrays_of_the_checkpoint_it_resumed_from(trained
     assert loaded and alive == [0], alive
 
 
+def _tiny_run_in_four_slices(monkeypatch):
+    """A tiny GPT's settings, on the numba backend with 8 Numba threads (faked): its batch of 4 rows
+    runs in min(8, 4) = 4 slices. The corpus fixture has 16 distinct characters."""
+    import minilm
+    minilm.use("numba")
+    monkeypatch.setattr(train, "_numba_threads", lambda: 8)
+    return config.validate(dataclasses.replace(config.preset("shakespeare-char-cpu"), n_layer=1, n_head=2,
+                                               n_embd=16, block_size=16, batch_size=4, eval_iters=2))
+
+
 def test_the_memory_estimate_counts_the_gradient_buffer_of_every_slice(corpus, tmp_path, capsys, monkeypatch):
     """On the numba backend a batch runs in one slice per thread, each slice's backward into a
     gradient buffer of its own (minilm.parallel): (slices - 1) more copies of the parameters, which
@@ -2386,16 +2400,19 @@ def test_the_memory_estimate_counts_the_gradient_buffer_of_every_slice(corpus, t
     assert extra == 3 * n * 4
     assert train.memory_estimate(cfg, 65, slices=4) - train.memory_estimate(cfg, 65) == extra
     # and minilm train counts its slices: a machine that holds one slice's run but not four's refuses it
-    import minilm
-    minilm.use("numba")
-    tiny = config.validate(dataclasses.replace(config.preset("shakespeare-char-cpu"), n_layer=1, n_head=2,
-                                               n_embd=16, block_size=16, batch_size=4, eval_iters=2))
-    one = train.memory_estimate(tiny, 16)                      # the corpus's 16 distinct characters
-    monkeypatch.setattr(train, "_numba_threads", lambda: 8)    # min(8, batch 4) = 4 slices
-    monkeypatch.setattr(train, "_physical_memory", lambda: one + 1)
+    tiny = _tiny_run_in_four_slices(monkeypatch)
+    monkeypatch.setattr(train, "_physical_memory", lambda: train.memory_estimate(tiny, 16) + 1)
     with pytest.raises(ValueError, match="this run needs about"):
         train.train(tiny, data=corpus, out_dir=tmp_path / "run", progress=False, log=lambda line: None)
     assert not (tmp_path / "run" / "last.npz").exists()
+
+
+def _count_drawings(monkeypatch):
+    """The rows of metrics.jsonl at each drawing of loss.png, drawn by growth only (no minute's redraw)."""
+    drawn = []
+    monkeypatch.setattr(train, "_plot", lambda metrics, png: drawn.append(len(_metrics(os.path.dirname(metrics)))))
+    monkeypatch.setattr(train, "PLOT_EVERY_S", float("inf"))
+    return drawn
 
 
 def test_a_run_of_many_evaluations_draws_its_loss_curve_a_bounded_number_of_times(corpus, tmp_path, monkeypatch):
@@ -2403,10 +2420,9 @@ def test_a_run_of_many_evaluations_draws_its_loss_curve_a_bounded_number_of_time
     Drawn at every evaluation, 2000 evaluations of a tiny GPT took 146 s where its training took 11 s,
     and the cost grew with the square of the evaluations (100 000 of them: hours). It is drawn when
     the curve has grown by an eighth (or a minute has passed), and always at the last evaluation."""
-    drawn = []
-    monkeypatch.setattr(train, "_plot", lambda metrics, png: drawn.append(len(_metrics(os.path.dirname(metrics)))))
-    monkeypatch.setattr(train, "PLOT_EVERY_S", float("inf"))
-    assert _train(corpus, tmp_path / "run", "--max-iters", "200", "--eval-interval", "1", "--lr-decay-iters", "300") == 0
+    drawn = _count_drawings(monkeypatch)
+    assert _train(corpus, tmp_path / "run", "--max-iters", "200", "--eval-interval", "1",
+                  "--lr-decay-iters", "300") == 0
     assert len(_metrics(tmp_path / "run")) == 201
     assert drawn[-1] == 201 and drawn == sorted(set(drawn))    # the last evaluation drawn, each drawing newer
     assert len(drawn) <= 40, len(drawn)
@@ -2417,9 +2433,7 @@ def test_a_session_that_ends_between_two_drawings_draws_its_last_evaluations(cor
     """loss.png is drawn when the curve has grown by an eighth; a session that ends between two such
     drawings (here after its 29th evaluation, the last drawing having been at the 26th) still draws
     the evaluations up to its end: a diverged run's are the ones its user looks at."""
-    drawn = []
-    monkeypatch.setattr(train, "_plot", lambda metrics, png: drawn.append(len(_metrics(os.path.dirname(metrics)))))
-    monkeypatch.setattr(train, "PLOT_EVERY_S", float("inf"))
+    drawn = _count_drawings(monkeypatch)
     if ending == "Ctrl-C":
         _signal_in_step(monkeypatch, signal.SIGINT, 28)         # saved and drawn after the evaluation at 28
     else:
@@ -2439,11 +2453,7 @@ def test_a_run_refused_for_the_gradient_buffers_of_its_slices_is_told_of_the_thr
     """On the numba backend every slice of the batch holds a gradient buffer of its own, one slice a
     Numba thread: where a run fits with fewer threads, the refusal names NUMBA_NUM_THREADS, not
     only the model's sizes."""
-    import minilm
-    minilm.use("numba")
-    tiny = config.validate(dataclasses.replace(config.preset("shakespeare-char-cpu"), n_layer=1, n_head=2,
-                                               n_embd=16, block_size=16, batch_size=4, eval_iters=2))
-    monkeypatch.setattr(train, "_numba_threads", lambda: 8)    # min(8, batch 4) = 4 slices
+    tiny = _tiny_run_in_four_slices(monkeypatch)
     monkeypatch.setattr(train, "_physical_memory", lambda: train.memory_estimate(tiny, 16, slices=2))
     with pytest.raises(ValueError, match=r"or fewer Numba threads, each of which holds a gradient buffer of its own "
                                          r"\(minilm\.parallel\): NUMBA_NUM_THREADS=2 \(the batch is cut into 4 "
@@ -2454,10 +2464,7 @@ def test_a_run_refused_for_the_gradient_buffers_of_its_slices_is_told_of_the_thr
 def test_a_newer_runs_best_npz_is_not_offered_as_a_resume_point(trained, capsys):
     """A run of a newer minilm whose last.npz is cut short: its best.npz is newer too, and --resume
     refuses it once copied to last.npz, so the error about last.npz does not offer it."""
-    for name in ("last.npz", "best.npz"):
-        saved = checkpoint.load(trained / name)
-        saved.meta["meta_version"] = train.META_VERSION + 1
-        checkpoint.save(trained / name, params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    _as_saved_by_a_newer_minilm(trained)
     with open(trained / "last.npz", "r+b") as f:
         f.truncate(1000)
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])

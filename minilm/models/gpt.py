@@ -49,7 +49,7 @@ does exactly what the uncached path does: it keeps the cropped window ``(cached 
 idx_new)[-block_size:]``, empties the cache and recomputes it from that window. Past
 ``block_size`` every step thus costs one full forward of the window, as without the cache.
 ``minilm.sample.generate`` avoids that by shifting its context to the newest ``block_size // 2``
-tokens when it is full (``context_start``), so the cache is rebuilt, from those tokens only,
+tokens when it is full (``context_shift``), so the cache is rebuilt, from those tokens only,
 about once every ``block_size / 2`` tokens.
 
 Parameters (names of the views in ``GPT.params``)
@@ -248,8 +248,7 @@ class GPT:
         return dataclasses.asdict(self.config)
 
     def __repr__(self):
-        return (f"{type(self).__name__}({self.config!r}, dtype={self.params.compute.dtype.name!r}) with "
-                f"{self.params.size:,} parameters")
+        return f"{type(self).__name__}({self.config!r}, {self.params!r})"
 
     def n_params(self, non_embedding=False):
         """Number of parameters; ``non_embedding`` leaves out wpe as nanoGPT's count does (wte is the head)."""

@@ -139,8 +139,7 @@ class RNNLM:
         return dataclasses.asdict(self.config)
 
     def __repr__(self):
-        return (f"{type(self).__name__}({self.config!r}, dtype={self.params.compute.dtype.name!r}) with "
-                f"{self.params.size:,} parameters")
+        return f"{type(self).__name__}({self.config!r}, {self.params!r})"
 
     def n_params(self):
         return self.params.size
