@@ -193,7 +193,8 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     slices = saved.meta.get("slices") if same_backend and backend.current() == "numba" else None
     threads = slices or _numba_threads()                    # None: not numba, the model runs itself
     threads = min(threads, cfg.batch_size) if threads else None
-    _check_memory(cfg, tokenizer.vocab_size, slices=threads or 1, saved_slices=slices is not None)
+    _check_memory(cfg, tokenizer.vocab_size, slices=threads or 1, saved_slices=slices is not None,
+                  resumed_from=last_path if saved is not None else None)
 
     # 2. the model, its optimiser and schedule, the training batches and the evaluation loss
     kind, model_cfg = model_settings(cfg, tokenizer.vocab_size)
@@ -707,10 +708,11 @@ def _split_checked(ids, cfg, data):
     return train_ids, val_ids
 
 
-def _check_memory(cfg, vocab_size, slices=1, saved_slices=False):
+def _check_memory(cfg, vocab_size, slices=1, saved_slices=False, resumed_from=None):
     """Refuse, before any file is written, a run this machine's memory cannot hold (on a CPU: a GPU's
     memory is its own, and CuPy says when it is full). ``slices``: the batch's slices run side by side,
-    set by Numba's thread count unless ``saved_slices`` (a resumed run keeps its saved run's)."""
+    set by Numba's thread count unless ``saved_slices`` (a resumed run keeps its saved run's).
+    ``resumed_from``: the last.npz of a resumed run, whose sizes --resume cannot change."""
     if backend.current() == "cupy":
         return
     need, have = memory_estimate(cfg, vocab_size, slices=slices), _physical_memory()
@@ -724,8 +726,12 @@ def _check_memory(cfg, vocab_size, slices=1, saved_slices=False):
                                                if memory_estimate(cfg, vocab_size, slices=k) <= have), None)
         threads = (f"; or fewer Numba threads, each of which holds a gradient buffer of its own (minilm.parallel): "
                    f"NUMBA_NUM_THREADS={fits} (the batch is cut into {slices} slices now)" if fits else "")
-        raise ValueError(f"minilm train: this run needs about {need / 2**30:,.1f} GiB of memory and this machine "
-                         f"has {have / 2**30:,.1f} GiB; give smaller sizes: {sizes}{threads}")
+        needs = f"this run needs about {need / 2**30:,.1f} GiB of memory and this machine has {have / 2**30:,.1f} GiB"
+        if resumed_from is None:
+            raise ValueError(f"minilm train: {needs}; give smaller sizes: {sizes}{threads}")
+        raise ValueError(f"minilm train: --resume: {needs}; its sizes are those saved in {resumed_from}, which "
+                         f"--resume cannot change: resume it on a machine with more memory{threads}, or train a "
+                         f"new run in another --out with smaller sizes: {sizes}")
 
 
 # (B, T, H) arrays a recurrent layer's cache holds: the tanh RNN h; the LSTM its 4 gates, c, tanh(c)

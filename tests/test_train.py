@@ -2461,6 +2461,18 @@ def test_a_run_refused_for_the_gradient_buffers_of_its_slices_is_told_of_the_thr
         train.train(tiny, data=corpus, out_dir=tmp_path / "run", progress=False, log=lambda line: None)
 
 
+def test_a_resumed_run_refused_for_memory_is_not_told_to_give_smaller_sizes(trained, capsys, monkeypatch):
+    """--resume refuses another size, so a resumed run that this machine cannot hold is told to resume
+    on a machine with more memory or to train a new run with smaller sizes, and nothing is written."""
+    before = {name: (trained / name).read_bytes() for name in ("last.npz", "best.npz", "metrics.jsonl")}
+    monkeypatch.setattr(train, "_physical_memory", lambda: 1024)
+    err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "8", "--no-progress"])
+    assert "--resume: this run needs about" in err and "GiB of memory and this machine has 0.0 GiB" in err, err
+    assert (f"its sizes are those saved in {trained / 'last.npz'}, which --resume cannot change: resume it on a "
+            "machine with more memory, or train a new run in another --out with smaller sizes: --n-layer") in err, err
+    assert {name: (trained / name).read_bytes() for name in before} == before
+
+
 def test_a_newer_runs_best_npz_is_not_offered_as_a_resume_point(trained, capsys):
     """A run of a newer minilm whose last.npz is cut short: its best.npz is newer too, and --resume
     refuses it once copied to last.npz, so the error about last.npz does not offer it."""
