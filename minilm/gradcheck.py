@@ -170,6 +170,11 @@ class GradcheckReport:
             lines.append(f"{op:<16} {name:<10} {err:>13.3e}  {result:<6}  {how}")
         return "\n".join(lines)
 
+    def __repr__(self):
+        """The table, as ``print`` gives it: a report left as a notebook cell's value shows it, not one
+        long line of every argument's fields."""
+        return str(self)
+
     def raise_if_failed(self):
         if not self.passed:
             names = ", ".join(f"'{a.name}' (rel error {a.max_rel_error:.3e}{'; ' + a.note if a.note else ''})"

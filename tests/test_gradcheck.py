@@ -45,6 +45,16 @@ def test_own_layer_passes_elementwise():
     assert max(a.max_rel_error for a in report.arguments) < DEFAULT_TOL
 
 
+def test_a_report_shows_as_its_table_in_a_notebook_or_the_interpreter():
+    """A report left as a cell's (or the interpreter's) value is shown by repr: the table print gives,
+    a line per argument, not one long line of the dataclass's fields."""
+    rng = np.random.default_rng(0)
+    report = gradcheck(scale_forward, scale_backward, (rng.standard_normal((3, 4)), rng.standard_normal(4)))
+    assert repr(report) == str(report)
+    header, *rows = repr(report).splitlines()
+    assert header.split()[:3] == ["op", "argument", "max"] and [row.split()[1] for row in rows] == ["x", "w"]
+
+
 def test_own_layer_passes_along_directions_when_large():
     rng = np.random.default_rng(1)
     report = gradcheck(scale_forward, scale_backward, (rng.standard_normal((40, 30)), rng.standard_normal(30)),
