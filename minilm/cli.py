@@ -171,6 +171,45 @@ def _version():
         return "(not installed)"
 
 
+class _OutputError(OSError):
+    """The command's output (stdout) could not be written: said so, where a bare '[Errno 28] No space
+    left on device' read like the disk that holds the checkpoints."""
+
+
+class _Output:
+    """sys.stdout while a command runs. A write or flush that fails (a full disk, an I/O error) raises
+    _OutputError; a closed pipe stays BrokenPipeError (exit 141). With ``escape`` (every command but
+    sample, whose output is a log, not the model's text), a character the output's encoding lacks,
+    such as a file name's in an ASCII locale, is written as a backslash escape, as Python writes stderr."""
+
+    def __init__(self, stream, escape):
+        self._stream, self._escape = stream, escape
+
+    def __getattr__(self, name):                            # encoding, isatty, fileno: the stream's own
+        return getattr(self._stream, name)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except UnicodeEncodeError as e:
+            if not self._escape:
+                raise
+            encoding = getattr(self._stream, "encoding", None) or e.encoding
+            return self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _OutputError(f"could not write the output (stdout): {e.strerror or e}") from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _OutputError(f"could not write the output (stdout): {e.strerror or e}") from None
+
+
 def _silence_stdout():
     """Point stdout at the null device, so that Python's flush at exit finds no closed pipe."""
     try:
@@ -197,35 +236,59 @@ def _parse(parser, argv):
     return args
 
 
+def _one_line(message):
+    """``message`` with its control characters (a file name's newline or terminal escape, a right-to-left
+    override) written as escapes, so that an error or a warning stays one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _warning_of(command):
     """A warning as the command's own are said, without Python's file, line and source."""
     def format_warning(message, *_):
-        return f"{command}: warning: {str(message).removeprefix(f'{command}: ')}\n"
+        return f"{command}: warning: {_one_line(str(message).removeprefix(f'{command}: '))}\n"
     return format_warning
+
+
+def _run(args):
+    # a backend that cannot start here is one line below, not under the command's usage; bench
+    # starts each backend it measures itself: $MINILM_BACKEND is not one of them
+    backend.use("numpy" if args.command == "bench" else getattr(args, "backend", None) or backend.default_backend())
+    if args.command == "gradcheck":
+        from minilm import gradcheck_cli
+        return gradcheck_cli.run(args)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        from minilm import evaluate
+        return evaluate.run(args)
+    if args.command == "sample":
+        return _sample(args)
+    from minilm.bench import run as bench_run
+    bench_run.benchmark(args)
+    return 0
 
 
 def main(argv=None):
     parser = build_parser()
     args = _parse(parser, argv)
     python_format, warnings.formatwarning = warnings.formatwarning, _warning_of(f"minilm {args.command}")
+    streams = sys.stdout, sys.stderr
+    # a closed stderr (2>&-) is None, and print(file=None) writes to stdout: the notes and errors would
+    # land in the output (the model's text); they go nowhere instead, the exit code still says what happened
+    sys.stderr = sys.stderr or open(os.devnull, "w")
     try:
-        # a backend that cannot start here is one line below, not under the command's usage; bench
-        # starts each backend it measures itself: $MINILM_BACKEND is not one of them
-        backend.use("numpy" if args.command == "bench" else getattr(args, "backend", None) or backend.default_backend())
-        if args.command == "gradcheck":
-            from minilm import gradcheck_cli
-            return gradcheck_cli.run(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            from minilm import evaluate
-            return evaluate.run(args)
-        if args.command == "sample":
-            return _sample(args)
-        if args.command == "bench":
-            from minilm.bench import run as bench_run
-            bench_run.benchmark(args)
-            return 0
+        if sys.stdout is None:                               # >&-: what the command prints would be lost
+            raise _OutputError("could not write the output: stdout is closed; redirect it to a file or "
+                               "/dev/null instead")
+        sys.stdout = _Output(sys.stdout, escape=args.command != "sample")
+        code = _run(args)
+        sys.stdout.flush()                                   # a full disk shows here, not in Python's exit
+        return code
+    except _OutputError as e:
+        if sys.stdout is not None:
+            _silence_stdout()                                # the text that failed is not tried again at exit
+        print(f"minilm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:                                # Ctrl-C (train saves at the first one, exit 130)
         lost = "; what it trained since its last checkpoint was not saved" if args.command == "train" else ""
         print(f"\nminilm {args.command}: interrupted{lost}", file=sys.stderr)
@@ -241,11 +304,13 @@ def main(argv=None):
     except (ValueError, TypeError, OSError, RuntimeError, ArithmeticError) as e:    # a loss that diverged, too
         command = f"minilm {args.command}"
         message = str(e).removeprefix(f"{command}: ")       # the command's own checks name it already
-        print(f"{command}: error: {message}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = python_format
-    parser.error(f"unknown command {args.command!r}")
+        if sys.stderr is not streams[1]:
+            sys.stderr.close()
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

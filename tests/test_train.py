@@ -2495,3 +2495,63 @@ def test_a_run_that_raises_closes_its_progress_bar(corpus, tmp_path, monkeypatch
                     log=lambda line: None)
     assert raised.value.__traceback__ is not None
     assert set(tqdm._instances) == bars
+
+
+# ---------------------------------------------------------------------------------------------
+# the output stream: closed, full, in an encoding short of a file name; a closed stderr
+
+
+class _FullDisk(io.StringIO):
+    """An output whose text is held until it is flushed, as a file's is, and then cannot be written."""
+    failing = True
+
+    def flush(self):
+        if self.failing:
+            raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_closed_stdout_is_a_one_line_error(trained, capsys, monkeypatch, command):
+    monkeypatch.setattr(sys, "stdout", None)                        # minilm ... >&-
+    argv = ["sample", "--checkpoint", str(trained / "last.npz"), "--max-new-tokens", "5"] if command == "sample" \
+        else ["eval", "--checkpoint", str(trained / "last.npz")]
+    assert cli.main([*argv, "--backend", "numpy"]) == 2
+    assert f"minilm {command}: error: could not write the output: stdout is closed" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_named(trained, capsys, monkeypatch):
+    full = _FullDisk()
+    monkeypatch.setattr(sys, "stdout", full)                        # minilm eval ... > /dev/full
+    assert cli.main(["eval", "--checkpoint", str(trained / "last.npz"), "--backend", "numpy"]) == 2
+    full.failing = False
+    assert ("minilm eval: error: could not write the output (stdout): No space left on device"
+            in capsys.readouterr().err)
+
+
+def test_a_log_line_naming_a_file_the_output_cannot_encode_is_escaped(corpus, tmp_path, capsys, monkeypatch):
+    accented = tmp_path / "corpus é.txt"
+    accented.write_text(open(corpus, encoding="utf-8").read(), encoding="utf-8")
+    log = io.TextIOWrapper(io.BytesIO(), encoding="ascii")          # PYTHONIOENCODING=ascii, LC_ALL=POSIX
+    monkeypatch.setattr(sys, "stdout", log)
+    assert _train(str(accented), tmp_path / "run ü", "--max-iters", "4") == 0
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run ü" / "best.npz"), "--backend", "numpy"]) == 0
+    log.flush()
+    text = log.buffer.getvalue().decode("ascii")
+    assert "from text file " + str(tmp_path / "corpus \\xe9.txt") in text and "run \\xfc/best.npz" in text
+    assert "error" not in capsys.readouterr().err
+
+
+def test_a_closed_stderr_keeps_the_errors_out_of_the_output(trained, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", None)                        # minilm sample ... > text.txt 2>&-
+    assert cli.main(["sample", "--checkpoint", str(trained / "last.npz"), "--top-k", "0",
+                     "--backend", "numpy"]) == 2
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample"])
+def test_an_error_naming_a_file_with_control_characters_stays_one_line(tmp_path, capsys, command):
+    odd = str(tmp_path / "no\nsuch\x1b[31m\u202efile")              # a newline, a terminal escape, an RLO
+    option = ["--data", odd, "--out", str(tmp_path / "o"), *TINY] if command == "train" else ["--checkpoint", odd]
+    error = _error(capsys, [command, *option]).split(f"minilm {command}: error: ")[1]
+    assert error.count("\n") == 1 and "\x1b" not in error and "\u202e" not in error
+    assert "no\\nsuch\\x1b[31m\\u202efile" in error
