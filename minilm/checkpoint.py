@@ -25,8 +25,10 @@ and ``minilm eval`` and ``--resume`` read the further entries ``minilm train`` w
 """
 import contextlib
 import json
+import math
 import os
 import secrets
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -185,11 +187,49 @@ def _not_a_checkpoint(path, reason):
     return ValueError(f"checkpoint.load: '{path}' is truncated or is not a minilm checkpoint ({reason})")
 
 
+def file_kind(path):
+    """What a path that is not a regular file is, for a message: "a FIFO", "a character device", ..."""
+    mode = os.stat(path).st_mode
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")    # a zip file's first four bytes (an empty zip: the second)
+
+
+# np.savez stores its members uncompressed; a compressed member that inflates more than this is refused
+# (a zip bomb: a few megabytes of zeros inflate to gigabytes before any entry can be checked)
+MAX_INFLATION = 100
+
+
+def _check_members(f):
+    """Refuse, before any array is allocated, a member whose .npy header declares other than the
+    bytes the member holds (a shape of 10**12 in a file of a few bytes), or a compressed member
+    that would inflate more than ``MAX_INFLATION``-fold."""
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATION * max(info.compress_size, 1024):
+                raise ValueError(f"entry {info.filename!r} inflates from {info.compress_size:,} to "
+                                 f"{info.file_size:,} bytes")
+            with archive.open(info) as member:
+                if member.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                    continue                                            # not an array: np.load reads its bytes
+                major, _ = member.read(2)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(member)
+                if dtype.hasobject:
+                    continue                                            # pickled: np.load refuses it
+                declared = member.tell() + math.prod(shape) * dtype.itemsize
+                if declared != info.file_size:
+                    raise ValueError(f"entry {info.filename!r} declares shape {shape} of {dtype} ({declared:,} "
+                                     f"bytes with its header) but holds {info.file_size:,} bytes")
+    f.seek(0)
 
 
 def _read_archive(f):
     """Every array of the npz archive in the binary file ``f``."""
+    _check_members(f)
     with np.load(f, allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
 
@@ -201,13 +241,16 @@ def _read_entries(path):
     except OSError as e:
         raise OSError(f"checkpoint.load: '{path}' cannot be read: {e.strerror or e}") from None
     with f:                                 # ours to close, even when np.load fails midway
-        if f.read(4) not in ZIP_MAGIC:
-            raise _not_a_checkpoint(path, "it is not an .npz (zip) archive")
-        f.seek(0)
         try:
+            if f.read(4) not in ZIP_MAGIC:
+                raise _not_a_checkpoint(path, "it is not an .npz (zip) archive")
+            f.seek(0)
             return _read_archive(f)
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError) as e:
-            raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from None
+            if str(e).startswith("checkpoint.load: "):
+                raise
+            first_line = (str(e).splitlines() or [""])[0]      # numpy's header errors run to three lines
+            raise _not_a_checkpoint(path, f"{type(e).__name__}: {first_line}") from None
 
 
 def _read_header(path, entries):
@@ -216,7 +259,7 @@ def _read_header(path, entries):
         raise _not_a_checkpoint(path, f"missing entries: {', '.join(missing)}")
     try:
         header = json.loads(str(entries["header"]))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:                   # RecursionError: nested too deep
         raise _not_a_checkpoint(path, f"unreadable header: {e}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _not_a_checkpoint(path, "no minilm checkpoint header")
@@ -260,12 +303,14 @@ def load(path, *, required_meta=()):
         raise FileNotFoundError(f"checkpoint.load: checkpoint file '{path}' does not exist")
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint.load: '{path}' is a directory, not a checkpoint file")
+    if not stat.S_ISREG(os.stat(path).st_mode):             # a FIFO would hang, /dev/zero never end
+        raise ValueError(f"checkpoint.load: '{path}' is {file_kind(path)}, not a checkpoint file")
     entries = _read_entries(path)
     header = _read_header(path, entries)
     try:
         meta = json.loads(str(entries["meta"]))
         optimizer_state = json.loads(str(entries["optim_json"]))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise _not_a_checkpoint(path, f"unreadable JSON: {e}") from None
     if not isinstance(optimizer_state, dict):                   # its buffers are added to it below
         raise _not_a_checkpoint(path, f"its optimizer state is a {type(optimizer_state).__name__}, not a dictionary")

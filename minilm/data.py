@@ -36,6 +36,9 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 DOWNLOAD_TIMEOUT_S = 30
+# the least memory a text file takes per byte of it: its str and its int64 ids are held at once, 1 + 2 bytes a
+# byte of the file for 4-byte characters (ASCII takes 1 + 8), so that a file it refuses could not have fit
+TEXT_MEMORY_PER_BYTE = 3
 ENCODE_CHUNK = 1 << 20      # characters CharTokenizer.encode converts at a time (its temporaries: ~29 bytes each)
 
 
@@ -346,12 +349,26 @@ def _save_to_cache(path, raw):
     return True
 
 
+def physical_memory():
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _read_text_file(path, where=None, nul_warning=True):
     where = where or f"load_text: argument 'data' (--data) is '{path}'"
     if not os.path.exists(path):
         raise FileNotFoundError(f"{where}, which does not exist; give a UTF-8 text file or 'shakespeare'")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{where}, which is a directory; give a UTF-8 text file or 'shakespeare'")
+    size = os.stat(path).st_size                # a pipe's is 0: it is read as it comes (/dev/stdin)
+    need, memory = TEXT_MEMORY_PER_BYTE * size, physical_memory()
+    if memory is not None and need > memory:
+        raise ValueError(f"{where}, which is {size / 2**30:,.1f} GiB: reading it and its token ids takes at "
+                         f"least {need / 2**30:,.1f} GiB of memory, and this machine has {memory / 2**30:,.1f} GiB; "
+                         f"give a smaller text")
     try:
         with open(path, "rb") as f:
             raw = f.read()

@@ -6,7 +6,7 @@ import numpy as np
 
 from minilm import backend, checkpoint
 from minilm.data import CharTokenizer, load_saved_text, split
-from minilm.models import model_from_meta
+from minilm.models import model_from_meta, param_count
 from minilm.parallel import batch_runner
 from minilm.validate import require_bool, require_positive
 
@@ -20,6 +20,7 @@ def load_model(path, required_meta=MODEL_META):
     checkpoint's meta, which must hold ``required_meta``."""
     saved = checkpoint.load(path, required_meta=required_meta)
     try:
+        _require_params_of(saved.meta["model"], saved.params)      # before a model of that size is built
         model = model_from_meta(saved.meta["model"])
         model.params.load(saved.params)
         tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
@@ -29,6 +30,16 @@ def load_model(path, required_meta=MODEL_META):
         raise ValueError(f"load_model: '{path}' holds a tokenizer of {tokenizer.vocab_size} characters for a model "
                          f"of vocab_size {model.config.vocab_size}; they were not saved together")
     return model, tokenizer, saved.meta
+
+
+def _require_params_of(model_meta, params):
+    """Refuse saved parameters that are not as many as the saved model holds, counted without building it."""
+    if not (isinstance(model_meta, dict) and "kind" in model_meta and isinstance(model_meta.get("config"), dict)):
+        return                                                  # model_from_meta says what it must be
+    n = param_count(model_meta["kind"], dict(model_meta["config"]))
+    if tuple(params.shape) != (n,):
+        raise ValueError(f"its entry 'params' has shape {tuple(params.shape)}, but the model its meta describes has "
+                         f"{n:,} parameters; they were not saved together")
 
 
 def _noticed(forward):

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ from minilm import backend, checkpoint, config, optim
 from minilm.precision import LossScaler
 from minilm.validate import as_numpy_dtype, require_bool
 from minilm.data import (CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_saved_text,
-                         load_text, split, text_digest)
+                         load_text, physical_memory as _physical_memory, split, text_digest)
 from minilm.models import build_model, model_meta, param_count
 from minilm.evaluate import stream_loss
 from minilm.parallel import batch_runner
@@ -178,7 +179,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     if saved is not None:
         text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
         data = saved.meta["data"] if data is None else data
-        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
+        tokenizer = _tokenizer_of(saved, last_path)
     else:
         text, source = load_text(data)
         tokenizer = CharTokenizer.from_text(text)
@@ -465,6 +466,21 @@ def _load_last(out_dir):
     except ValueError as e:
         raise _with_best_hint(e, out_dir) from None
     return saved
+
+
+def _tokenizer_of(saved, path):
+    """The saved run's tokenizer, refused (naming the file) where it is not one or not its model's."""
+    try:
+        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint.load: '{path}' meta entry 'tokenizer': {e}") from None
+    model = saved.meta["model"]
+    config = model.get("config") if isinstance(model, dict) else None
+    vocab_size = config.get("vocab_size") if isinstance(config, dict) else None     # else check_compatible says
+    if vocab_size is not None and tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"checkpoint.load: '{path}' holds a tokenizer of {tokenizer.vocab_size} characters for a model "
+                         f"of vocab_size {vocab_size!r}; they were not saved together")
+    return tokenizer
 
 
 def _with_best_hint(e, out_dir):
@@ -770,14 +786,6 @@ def _evaluation_bytes(cfg):
     return 2 * cfg.eval_iters * 2 * cfg.batch_size * cfg.block_size * np.dtype(np.int64).itemsize
 
 
-def _physical_memory():
-    """This machine's memory in bytes, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 class _RunFolder:
     """The ``--out`` folder of a run, held by this process from ``hold()`` until the run ends.
 
@@ -833,7 +841,7 @@ class _RunFolder:
 
 
 # atomic_write's temporary files, left by a process killed in a save
-STALE = (".last.npz.", ".best.npz.", ".loss.png.")
+STALE = (".last.npz.", ".best.npz.", ".loss.png.", ".metrics.jsonl.")
 
 
 def _remove_stale_temporaries(out_dir):
@@ -845,6 +853,9 @@ def _remove_stale_temporaries(out_dir):
                 os.remove(os.path.join(out_dir, name))
 
 
+MAX_METRICS_LINE = 1 << 16      # bytes; an evaluation's row in metrics.jsonl is some 200
+
+
 def _keep_metrics_up_to(metrics_path, last_eval_iter):
     """Drop the lines of evaluations after ``last_eval_iter`` from metrics.jsonl (atomically).
 
@@ -853,15 +864,28 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
     that the resumed run is about to write again. Returns the rows kept, in order."""
     if not os.path.exists(metrics_path):
         return []
-    with open(metrics_path, encoding="utf-8") as f:
-        lines = f.readlines()
+    if not stat.S_ISREG(os.stat(metrics_path).st_mode):         # a FIFO would hang, /dev/zero fill the memory
+        raise ValueError(f"minilm train: --resume: {metrics_path} is {checkpoint.file_kind(metrics_path)}, not "
+                         f"a file of metrics; remove it")
+    with open(metrics_path, "rb") as f:
+        lines = []
+        while line := f.readline(MAX_METRICS_LINE + 1):       # a row is some 200 bytes
+            if len(line) > MAX_METRICS_LINE:
+                raise ValueError(f"minilm train: --resume: line {len(lines) + 1} of {metrics_path} is longer than "
+                                 f"{MAX_METRICS_LINE:,} bytes, which no evaluation's row is; remove or repair that line")
+            lines.append(line)
     kept = []
-    for number, line in enumerate(lines, 1):
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not UTF-8 text (byte "
+                             f"0x{raw[e.start]:02x} at column {e.start + 1}); remove or repair that line") from None
         if not line.strip() or last_eval_iter is None:
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):        # RecursionError: nested too deep
             if number == len(lines):                # a write cut off (killed, or the disk full): after the save
                 continue
             raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not a JSON object "
@@ -872,10 +896,8 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
                              f"{line.strip()[:40]!r}); remove or repair that line")
         if row["iter"] <= last_eval_iter:
             kept.append((line, row))
-    if len(kept) != len(lines):
-        with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(line for line, _ in kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
+    if len(kept) != len(lines):                     # a temporary of its own: never one a link points elsewhere
+        checkpoint.atomic_write(metrics_path, lambda f: f.write("".join(line for line, _ in kept).encode("utf-8")))
     return [row for _, row in kept]
 
 
