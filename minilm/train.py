@@ -517,12 +517,13 @@ def _resume_from_best(out_dir):
 def _train_config_of(saved, path):
     """The TrainConfig a saved run was trained with (every setting: a run resumes on all of them)."""
     c = checkpoint
-    loss = (lambda v: c.NUMBER[0](v) and not math.isnan(v), "a number (not NaN)")    # inf: nothing evaluated yet
+    loss = (lambda v: c.NUMBER[0](v) and v >= 0, "a number >= 0 (inf: nothing evaluated yet)")   # a cross-entropy
+    seconds = (lambda v: c.NUMBER[0](v) and 0 <= v < math.inf, "a finite number >= 0")
     c.check_meta(saved.meta, path, {"train_config": c.DICT, "iter": c.COUNT, "last_eval_iter": (c.COUNT, None),
                                     "best_val_loss": loss, "batches": c.DICT, "dropout_rng": c.DICT,
                                     "data": c.TEXT})
     later = {"slices": c.POSITIVE_COUNT, "threads": (c.POSITIVE_COUNT, None),      # older runs lack them
-             "elapsed_s": c.NUMBER}
+             "elapsed_s": seconds}
     c.check_meta(saved.meta, path, {name: kind for name, kind in later.items() if name in saved.meta})
     # every TrainConfig field dates from the first checkpoints: a field added later must be given its
     # old behaviour's value here for the checkpoints saved without it, rather than be called missing

@@ -1988,7 +1988,12 @@ def test_eval_of_an_edited_checkpoint_names_the_file_and_the_entry(trained, caps
     (lambda m: m["train_config"].update(lr=-1.0), r"meta entry 'train_config' holds a setting minilm train refuses "
                                                   r"\(minilm train: option '--lr' must be a finite number > 0"),
     (lambda m: m.update(iter="4"), r"meta entry 'iter' must be an integer >= 0, got '4'"),
-    (lambda m: m.update(best_val_loss=None), r"meta entry 'best_val_loss' must be a number \(not NaN\), got None"),
+    (lambda m: m.update(best_val_loss=None), r"meta entry 'best_val_loss' must be a number >= 0 \(inf: nothing "
+                                             r"evaluated yet\), got None"),
+    # no evaluation can beat a best loss of -inf: best.npz would never be written again
+    (lambda m: m.update(best_val_loss=float("-inf")), r"meta entry 'best_val_loss' must be a number >= 0"),
+    (lambda m: m.update(elapsed_s=float("nan")), r"meta entry 'elapsed_s' must be a finite number >= 0, got nan"),
+    (lambda m: m.update(elapsed_s=-5.0), r"meta entry 'elapsed_s' must be a finite number >= 0, got -5.0"),
     (lambda m: m.update(dropout_rng="x"), r"meta entry 'dropout_rng' must be a dictionary, got 'x'"),
     (lambda m: m.update(slices=0), r"meta entry 'slices' must be a positive integer, got 0"),
     (lambda m: m.update(threads="2"), r"meta entry 'threads' must be a positive integer or null, got '2'"),
