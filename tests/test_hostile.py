@@ -37,42 +37,41 @@ def _npy(header, payload=b""):
     return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + payload
 
 
-def test_a_member_declaring_a_huge_shape_is_refused_before_it_is_allocated(tmp_path):
+def _with_member(tmp_path, name, raw, compress=False):
+    """A small checkpoint whose member ``name`` holds ``raw`` (deflated with ``compress``)."""
     path = tmp_path / "c.npz"
     members = _saved(path)
-    members["params.npy"] = _npy({"descr": "<f4", "fortran_order": False, "shape": (10**12,)}, b"\0" * 64)
-    _rewrite(path, members)
+    members[name] = raw
+    _rewrite(path, members, compress={name: compress})
+    return path
+
+
+def test_a_member_declaring_a_huge_shape_is_refused_before_it_is_allocated(tmp_path):
+    path = _with_member(tmp_path, "params.npy", _npy({"descr": "<f4", "fortran_order": False, "shape": (10**12,)},
+                                                     b"\0" * 64))
     with pytest.raises(ValueError, match=r"c\.npz.*'params\.npy' declares shape \(1000000000000,\)"):
         checkpoint.load(path)
 
 
 def test_a_member_that_inflates_a_thousandfold_is_refused(tmp_path):
-    path = tmp_path / "c.npz"
-    members = _saved(path)
     n = 4 << 20                                                  # 16 MiB of zeros, deflated to some 16 KiB
-    members["params.npy"] = _npy({"descr": "<f4", "fortran_order": False, "shape": (n,)}, bytes(4 * n))
-    _rewrite(path, members, compress={"params.npy": True})
+    path = _with_member(tmp_path, "params.npy", _npy({"descr": "<f4", "fortran_order": False, "shape": (n,)},
+                                                     bytes(4 * n)), compress=True)
     with pytest.raises(ValueError, match=r"c\.npz.*'params\.npy' inflates from"):
         checkpoint.load(path)
 
 
 def test_a_checkpoint_nested_too_deep_is_named(tmp_path):
-    path = tmp_path / "c.npz"
-    members = _saved(path)
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.array("[" * 100_000 + "]" * 100_000))
-    members["meta.npy"] = buffer.getvalue()
-    _rewrite(path, members)
+    path = _with_member(tmp_path, "meta.npy", buffer.getvalue())
     with pytest.raises(ValueError, match=r"c\.npz.*unreadable JSON"):
         checkpoint.load(path)
 
 
 def test_numpys_header_error_is_one_line(tmp_path):
-    path = tmp_path / "c.npz"
-    members = _saved(path)
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': (8,), " + " " * 20_000 + "}"
-    members["params.npy"] = _npy(header, bytes(32))
-    _rewrite(path, members)
+    path = _with_member(tmp_path, "params.npy", _npy(header, bytes(32)))
     with pytest.raises(ValueError, match=r"c\.npz") as e:
         checkpoint.load(path)
     assert "\n" not in str(e.value) and "allow_pickle" not in str(e.value)
