@@ -206,9 +206,15 @@ MAX_INFLATION = 100
 def _check_members(f):
     """Refuse, before any array is allocated, a member whose .npy header declares other than the
     bytes the member holds (a shape of 10**12 in a file of a few bytes), or a compressed member
-    that would inflate more than ``MAX_INFLATION``-fold."""
+    that would inflate more than ``MAX_INFLATION``-fold. The sizes are the zip's central directory's, which
+    a file can state falsely: a member larger than the file, or stored but of two sizes, is refused too."""
+    archive_size = f.seek(0, os.SEEK_END)
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
+            if info.compress_size > archive_size or (info.compress_type == zipfile.ZIP_STORED
+                                                     and info.file_size != info.compress_size):
+                raise ValueError(f"entry {info.filename!r} states {info.file_size:,} bytes stored in "
+                                 f"{info.compress_size:,}, in a file of {archive_size:,} bytes")
             if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATION * max(info.compress_size, 1024):
                 raise ValueError(f"entry {info.filename!r} inflates from {info.compress_size:,} to "
                                  f"{info.file_size:,} bytes")

@@ -308,6 +308,11 @@ def main(argv=None):
         return 2
     finally:
         warnings.formatwarning = python_format
+        if isinstance(sys.stdout, _Output):                 # after an error too: not left to Python's exit
+            try:
+                sys.stdout.flush()
+            except OSError:                                  # the output failed as well: the error said is the command's
+                _silence_stdout()
         if sys.stderr is not streams[1]:
             sys.stderr.close()
         sys.stdout, sys.stderr = streams

@@ -868,36 +868,36 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
     if not stat.S_ISREG(os.stat(metrics_path).st_mode):         # a FIFO would hang, /dev/zero fill the memory
         raise ValueError(f"minilm train: --resume: {metrics_path} is {checkpoint.file_kind(metrics_path)}, not "
                          f"a file of metrics; remove it")
-    with open(metrics_path, "rb") as f:
-        lines = []
-        while line := f.readline(MAX_METRICS_LINE + 1):       # a row is some 200 bytes
-            if len(line) > MAX_METRICS_LINE:
-                raise ValueError(f"minilm train: --resume: line {len(lines) + 1} of {metrics_path} is longer than "
+    kept, number, cut_off = [], 0, None
+    with open(metrics_path, "rb") as f:         # each line checked as it is read: a bad file is not held first
+        while raw := f.readline(MAX_METRICS_LINE + 1):       # a row is some 200 bytes
+            if cut_off is not None:                 # a line after it: not a write cut off, but a damaged line
+                raise cut_off
+            number += 1
+            if len(raw) > MAX_METRICS_LINE:
+                raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is longer than "
                                  f"{MAX_METRICS_LINE:,} bytes, which no evaluation's row is; remove or repair that line")
-            lines.append(line)
-    kept = []
-    for number, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not UTF-8 text (byte "
-                             f"0x{raw[e.start]:02x} at column {e.start + 1}); remove or repair that line") from None
-        if not line.strip() or last_eval_iter is None:
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):        # RecursionError: nested too deep
-            if number == len(lines):                # a write cut off (killed, or the disk full): after the save
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not UTF-8 text (byte "
+                                 f"0x{raw[e.start]:02x} at column {e.start + 1}); remove or repair that line") from None
+            if not line.strip() or last_eval_iter is None:
                 continue
-            raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not a JSON object "
-                             f"({line.strip()[:40]!r}); remove or repair that line") from None
-        if not _is_evaluation_row(row):             # another file's lines, or one edited: the plot reads them too
-            raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not an evaluation's row "
-                             f"(an object with an integer 'iter' and the numbers 'train_loss' and 'val_loss'; got "
-                             f"{line.strip()[:40]!r}); remove or repair that line")
-        if row["iter"] <= last_eval_iter:
-            kept.append((line, row))
-    if len(kept) != len(lines):                     # a temporary of its own: never one a link points elsewhere
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):    # RecursionError: nested too deep
+                # the last line may be a write cut off (killed, or the disk full): after the save
+                cut_off = ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not a JSON object "
+                                     f"({line.strip()[:40]!r}); remove or repair that line")
+                continue
+            if not _is_evaluation_row(row):         # another file's lines, or one edited: the plot reads them too
+                raise ValueError(f"minilm train: --resume: line {number} of {metrics_path} is not an evaluation's "
+                                 f"row (an object with an integer 'iter' and the numbers 'train_loss' and 'val_loss'; "
+                                 f"got {line.strip()[:40]!r}); remove or repair that line")
+            if row["iter"] <= last_eval_iter:
+                kept.append((line, row))
+    if len(kept) != number:                         # a temporary of its own: never one a link points elsewhere
         checkpoint.atomic_write(metrics_path, lambda f: f.write("".join(line for line, _ in kept).encode("utf-8")))
     return [row for _, row in kept]
 

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import threading
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -169,3 +170,41 @@ def test_resume_names_the_checkpoint_of_a_bad_tokenizer(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "8", "--no-progress"]) == 2
     assert "last.npz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["stored", "deflated"])
+def test_a_member_whose_zip_directory_states_a_false_size_is_refused_before_it_is_allocated(tmp_path, compress):
+    """The sizes checked are the zip's central directory's, which a file states as it likes: a stored
+    member of 192 bytes said to hold the 4 TB its header declares, or a deflated one said to be
+    compressed a hundredfold less than it is."""
+    path = tmp_path / "c.npz"
+    members = _saved(path)
+    n = 4 << 20 if compress else 10**12
+    payload = bytes(4 * n) if compress else b"\0" * 64
+    members["params.npy"] = _npy({"descr": "<f4", "fortran_order": False, "shape": (n,)}, payload)
+    with zipfile.ZipFile(path, "w") as z:
+        for name, raw in members.items():
+            z.writestr(name, raw, compress_type=zipfile.ZIP_DEFLATED if compress and name == "params.npy"
+                       else zipfile.ZIP_STORED)
+        info = z.getinfo("params.npy")                          # written to the central directory at close
+        if compress:
+            info.compress_size = info.file_size // (checkpoint.MAX_INFLATION - 1)
+        else:
+            info.file_size = 128 + 4 * n
+    with pytest.raises(ValueError, match=r"c\.npz.*'params\.npy' states [0-9,]+ bytes stored in [0-9,]+, in a file of"):
+        checkpoint.load(path)
+
+
+def test_a_damaged_metrics_file_is_refused_at_its_first_bad_line_without_holding_the_rest(tmp_path):
+    """Each line is checked as it is read: the first bad line is named (not a later, longer one), and the
+    lines after it are neither read nor held (200,000 lines of '{}' took 20 times their size)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"{}\n" * 200_000 + b"x" * 100_000 + b"\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"line 1 of .*metrics\.jsonl is not an evaluation's row"):
+            train._keep_metrics_up_to(str(path), 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak:,} bytes held"

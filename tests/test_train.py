@@ -2561,3 +2561,16 @@ def test_an_error_naming_a_file_with_control_characters_stays_one_line(tmp_path,
     error = _error(capsys, [command, *option]).split(f"minilm {command}: error: ")[1]
     assert error.count("\n") == 1 and "\x1b" not in error and "\u202e" not in error
     assert "no\\nsuch\\x1b[31m\\u202efile" in error
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_an_error_after_output_to_a_full_disk_keeps_its_own_exit_code(corpus, tmp_path):
+    """A run that fails (its loss diverges) after it printed into an output that cannot be written exits 2
+    with its own error, not 120 with Python's 'Exception ignored' when the exit flushes the output."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "minilm.cli", "train", "--data", corpus, "--out",
+                               str(tmp_path / "run"), *TINY, "--max-iters", "40", "--lr", "1e6", "--grad-clip", "0"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert "the training loss became nan" in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert done.returncode == 2
