@@ -23,13 +23,25 @@ def load_model(path, required_meta=MODEL_META):
         _require_params_of(saved.meta["model"], saved.params)      # before a model of that size is built
         model = model_from_meta(saved.meta["model"])
         model.params.load(saved.params)
-        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
     except (ValueError, TypeError) as e:        # an edited file's entries: the file is named, then the entry
         raise type(e)(f"load_model: '{path}': {e}") from None
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"load_model: '{path}' holds a tokenizer of {tokenizer.vocab_size} characters for a model "
-                         f"of vocab_size {model.config.vocab_size}; they were not saved together")
-    return model, tokenizer, saved.meta
+    return model, saved_tokenizer(saved.meta, path, "load_model"), saved.meta
+
+
+def saved_tokenizer(meta, path, op):
+    """The tokenizer in a checkpoint's meta, refused (naming the file) where it is not one, or not of
+    as many characters as the saved model's vocabulary."""
+    try:
+        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{op}: '{path}' meta entry 'tokenizer': {e}") from None
+    model = meta.get("model")
+    config = model.get("config") if isinstance(model, dict) else None
+    vocab_size = config.get("vocab_size") if isinstance(config, dict) else None     # else the model's reader says
+    if vocab_size is not None and tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{op}: '{path}' holds a tokenizer of {tokenizer.vocab_size} characters for a model "
+                         f"of vocab_size {vocab_size!r}; they were not saved together")
+    return tokenizer
 
 
 def _require_params_of(model_meta, params):

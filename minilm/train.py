@@ -37,7 +37,7 @@ from minilm.validate import as_numpy_dtype, require_bool
 from minilm.data import (CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_saved_text,
                          load_text, physical_memory as _physical_memory, split, text_digest)
 from minilm.models import build_model, model_meta, param_count
-from minilm.evaluate import stream_loss
+from minilm.evaluate import saved_tokenizer, stream_loss
 from minilm.parallel import batch_runner
 
 
@@ -179,7 +179,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     if saved is not None:
         text, source = load_saved_text(saved.meta, data, command="minilm train: --resume", path=last_path)
         data = saved.meta["data"] if data is None else data
-        tokenizer = _tokenizer_of(saved, last_path)
+        tokenizer = saved_tokenizer(saved.meta, last_path, "minilm train: --resume")
     else:
         text, source = load_text(data)
         tokenizer = CharTokenizer.from_text(text)
@@ -466,21 +466,6 @@ def _load_last(out_dir):
     except ValueError as e:
         raise _with_best_hint(e, out_dir) from None
     return saved
-
-
-def _tokenizer_of(saved, path):
-    """The saved run's tokenizer, refused (naming the file) where it is not one or not its model's."""
-    try:
-        tokenizer = CharTokenizer.from_dict(saved.meta["tokenizer"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint.load: '{path}' meta entry 'tokenizer': {e}") from None
-    model = saved.meta["model"]
-    config = model.get("config") if isinstance(model, dict) else None
-    vocab_size = config.get("vocab_size") if isinstance(config, dict) else None     # else check_compatible says
-    if vocab_size is not None and tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"checkpoint.load: '{path}' holds a tokenizer of {tokenizer.vocab_size} characters for a model "
-                         f"of vocab_size {vocab_size!r}; they were not saved together")
-    return tokenizer
 
 
 def _with_best_hint(e, out_dir):

@@ -155,7 +155,12 @@ def test_a_damaged_metrics_line_is_named(tmp_path, bad):
         train._keep_metrics_up_to(str(path), 20)
 
 
-def test_resume_names_the_checkpoint_of_a_bad_tokenizer(tmp_path, capsys):
+@pytest.mark.parametrize("edit, said", [
+    (lambda chars: chars[:-1] + chars[0], "meta entry 'tokenizer': CharTokenizer: argument 'chars' must not repeat"),
+    # one character short: the text's own characters were blamed on a --data no one gave
+    (lambda chars: chars[:-1], "holds a tokenizer of 13 characters for a model of vocab_size 14"),
+], ids=["a character twice", "one character short"])
+def test_resume_names_the_checkpoint_of_a_bad_tokenizer(tmp_path, capsys, edit, said):
     text = tmp_path / "corpus.txt"
     text.write_text("to be or not to be that is the question\n" * 40)
     out = tmp_path / "run"
@@ -164,12 +169,12 @@ def test_resume_names_the_checkpoint_of_a_bad_tokenizer(tmp_path, capsys):
                "--backend", "numpy", "--no-progress"]
     assert cli.main(["train", "--data", str(text), "--out", str(out), *options, "--max-iters", "4"]) == 0
     saved = checkpoint.load(out / "last.npz")
-    chars = saved.meta["tokenizer"]["chars"]
-    saved.meta["tokenizer"]["chars"] = chars[:-1] + chars[0]             # a character twice
+    saved.meta["tokenizer"]["chars"] = edit(saved.meta["tokenizer"]["chars"])
     checkpoint.save(out / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
     capsys.readouterr()
     assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "8", "--no-progress"]) == 2
-    assert "last.npz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--resume: '{out / 'last.npz'}' {said}" in err, err
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["stored", "deflated"])
