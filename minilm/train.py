@@ -155,6 +155,11 @@ def train(cfg, *, data, out_dir, resume=False, overwrite=False, progress=True, c
     Returns a dict with the final iteration (``iter``), the last evaluation (``last_eval``),
     ``stopped_early``, and ``interrupted``: False, or the name of the signal that stopped the run
     ("SIGINT" for Ctrl-C, "SIGTERM"), after it saved ``last.npz``.
+
+    Its errors name the command line's options, as ``minilm train`` reports them: ``--out`` is
+    ``out_dir``, ``--data``, ``--resume`` and ``--overwrite`` the arguments of those names,
+    ``--backend`` is ``minilm.use``, and every other option the ``cfg`` field of its name
+    (``--block-size`` is ``cfg.block_size``).
     """
     flags = {"resume": resume, "overwrite": overwrite, "progress": progress, "cuda_graph": cuda_graph}
     for name, value in flags.items():
