@@ -10,8 +10,9 @@ batches (``estimate_loss``: 20 random batches of each split every 250 iterations
 ``--eval_iters=20``). The seed is nanoGPT's but the draws are not: nanoGPT's model also builds an
 output ``Linear`` whose weight it ties to the embedding, and draws that (V, C) weight twice more
 (PyTorch's default init, then its own), where the peer draws it once, so every later draw is
-offset. A seed's run is therefore a sample of nanoGPT's recipe, not nanoGPT's own run of that seed. The recipe is the ``shakespeare-char-cpu`` preset's, which is that README
-command's, and the GELU is nanoGPT's exact ``nn.GELU()`` unless ``gelu="tanh"`` (minilm's form).
+offset. A seed's run is therefore a sample of nanoGPT's recipe, not nanoGPT's own run of that
+seed. The recipe is the ``shakespeare-char-cpu`` preset's, which is that README command's, and the
+GELU is nanoGPT's exact ``nn.GELU()`` unless ``gelu="tanh"`` (minilm's form).
 At the end the model is also scored on the whole validation split, as ``minilm eval`` scores a
 checkpoint.
 """

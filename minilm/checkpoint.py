@@ -248,15 +248,13 @@ def _read_entries(path):
         raise OSError(f"checkpoint.load: '{path}' cannot be read: {e.strerror or e}") from None
     with f:                                 # ours to close, even when np.load fails midway
         try:
-            if f.read(4) not in ZIP_MAGIC:
-                raise _not_a_checkpoint(path, "it is not an .npz (zip) archive")
-            f.seek(0)
-            return _read_archive(f)
+            if f.read(4) in ZIP_MAGIC:
+                f.seek(0)
+                return _read_archive(f)
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError) as e:
-            if str(e).startswith("checkpoint.load: "):
-                raise
             first_line = (str(e).splitlines() or [""])[0]      # numpy's header errors run to three lines
             raise _not_a_checkpoint(path, f"{type(e).__name__}: {first_line}") from None
+    raise _not_a_checkpoint(path, "it is not an .npz (zip) archive")
 
 
 def _read_header(path, entries):
