@@ -887,7 +887,9 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
                                  f"got {line.strip()[:40]!r}); remove or repair that line")
             if row["iter"] <= last_eval_iter:
                 kept.append((line, row))
-    if len(kept) != number:                         # a temporary of its own: never one a link points elsewhere
+    # rewritten through a temporary of its own (never one a link points elsewhere) when a line is dropped,
+    # or when metrics.jsonl is itself a link: the run appends to it, and must not append to another file
+    if len(kept) != number or os.path.islink(metrics_path):
         checkpoint.atomic_write(metrics_path, lambda f: f.write("".join(line for line, _ in kept).encode("utf-8")))
     return [row for _, row in kept]
 

@@ -145,6 +145,22 @@ def test_dropping_metrics_rows_writes_through_no_link(tmp_path):
     assert not os.path.islink(run / "metrics.jsonl")
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_a_linked_metrics_file_is_replaced_by_a_copy_before_the_run_appends(tmp_path):
+    other = tmp_path / "other-run-metrics.jsonl"            # another run's metrics, every row of them kept
+    other.write_text(ROWS)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(other, run / "metrics.jsonl")
+    kept = train._keep_metrics_up_to(str(run / "metrics.jsonl"), 20)
+    assert [row["iter"] for row in kept] == [0, 10, 20]
+    assert not os.path.islink(run / "metrics.jsonl")
+    train._append_metrics(str(run / "metrics.jsonl"), {"iter": 30, "train_loss": 1.0, "val_loss": 1.0},
+                          str(run / "last.npz"), 20)
+    assert other.read_text() == ROWS
+    assert (run / "metrics.jsonl").read_text().splitlines()[-1].startswith('{"iter": 30')
+
+
 @pytest.mark.parametrize("bad", [b"\xff\xfe{}\n", ("[" * 100_000 + "]" * 100_000 + "\n").encode(),
                                  ('{"iter": 0, "train_loss": 1, "val_loss": 1, "x": "' + "a" * 100_000 + '"}\n').encode()],
                          ids=["not-utf8", "nested", "long"])
