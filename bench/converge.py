@@ -100,9 +100,10 @@ def torch_curve(cfg, data, threads, initial_weights=None, say=_silent):
                      say=lambda line: say(f"  pytorch: {line}"))
 
 
-def minilm_curve_from(cfg, data, backend_name, weights, say=_silent):
-    """minilm's curve from the given initial weights, with the peer's loop: the same batches,
-    random ones for recurrent models too, each starting from a zero state."""
+def minilm_trainer(cfg, vocab_size, backend_name, weights):
+    """minilm's model of ``cfg`` on ``backend_name`` from the given initial weights, with the step
+    ``step(it, x, y)`` minilm train takes and the mean loss ``loss_of(batches)`` of a list of
+    batches; recurrent models start each batch from a zero state. Returns (model, step, loss_of)."""
     import numpy as np
     import minilm
     from minilm.models import build_model
@@ -110,7 +111,6 @@ def minilm_curve_from(cfg, data, backend_name, weights, say=_silent):
     from minilm.precision import LossScaler
     from minilm.train import apply_gradients, make_optimizer, make_schedule, model_settings
     minilm.use(backend_name)
-    vocab_size, batches, val = _corpus(cfg, data)
     kind, model_cfg = model_settings(cfg, vocab_size)
     model = build_model(kind, model_cfg, dtype=np.float32, seed=cfg.seed)
     for name, value in weights.items():
@@ -124,9 +124,17 @@ def minilm_curve_from(cfg, data, backend_name, weights, say=_silent):
         runner.backward(scaler.scale)
         apply_gradients(model, optimizer, schedule(it), grad_clip=cfg.grad_clip, scaler=scaler)
 
-    def evaluate(batches):
+    def loss_of(batches):
         return float(np.mean([float(runner.forward(x, y, **state)[1]) for x, y in batches]))
-    return _loop(cfg, batches, val, step, evaluate, say=lambda line: say(f"  {backend_name}: {line}"))
+    return model, step, loss_of
+
+
+def minilm_curve_from(cfg, data, backend_name, weights, say=_silent):
+    """minilm's curve from the given initial weights, with the peer's loop: the same batches,
+    random ones for recurrent models too, each starting from a zero state."""
+    vocab_size, batches, val = _corpus(cfg, data)
+    _, step, loss_of = minilm_trainer(cfg, vocab_size, backend_name, weights)
+    return _loop(cfg, batches, val, step, loss_of, say=lambda line: say(f"  {backend_name}: {line}"))
 
 
 def time_to(curve, target):

@@ -45,7 +45,8 @@ def add_options(p):
                    help="'all' is train, sample and ops; 'converge' (long) times training to --target; "
                         "'replay' (long) trains minilm from the PyTorch peer's initial weights on the same "
                         "batches as the peer; 'nanogpt' (long) trains the peer with nanoGPT's own loop and "
-                        "PyTorch's random numbers (default: all)")
+                        "PyTorch's random numbers, then minilm on each of --backends, when given, from the same "
+                        "draws (default: all)")
     p.add_argument("--target", type=float, default=1.90, help="converge: the validation loss to reach (default: 1.90)")
     p.add_argument("--converge-preset", default="shakespeare-char-cpu", choices=list(PRESETS), metavar="PRESET",
                    help="converge, replay: the preset to train (default: shakespeare-char-cpu)")
@@ -59,7 +60,8 @@ def add_options(p):
     p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS), choices=list(PRESETS), metavar="PRESET",
                    help=f"train: the presets to time, among {', '.join(PRESETS)}; default: {' '.join(TRAIN_PRESETS)}")
     p.add_argument("--backends", nargs="+", default=None, choices=BACKENDS, metavar="BACKEND",
-                   help=f"among {', '.join(BACKENDS)}; default: numpy and numba (and cupy when a GPU is present)")
+                   help=f"among {', '.join(BACKENDS)}; default: numpy and numba (and cupy when a GPU is present); "
+                        "nanogpt: none unless given")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per configuration (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT compilation, caches; default: 5)")
     p.add_argument("--tokens", type=int, default=500, help="tokens to sample (default: 500)")
@@ -193,7 +195,8 @@ _USED_BY = {"target": ("converge",), "converge_preset": ("converge", "replay"), 
             "max_iters": ("converge", "replay", "nanogpt"), "presets": ("train", "all"),
             "dtypes": ("train", "all"), "batch_size": ("train", "all"), "steps": ("train", "all"),
             "warmup": ("train", "all"), "peak_tflops": ("train", "all"), "tokens": ("sample", "all"),
-            "rounds": ("train", "sample", "all"), "backends": ("train", "sample", "ops", "all", "converge", "replay"),
+            "rounds": ("train", "sample", "all"),
+            "backends": ("train", "sample", "ops", "all", "converge", "replay", "nanogpt"),
             "no_torch": ("train", "sample", "all", "converge", "replay", "nanogpt")}
 EVERY_RUN = ("what", "threads", "json")
 
@@ -368,7 +371,8 @@ def benchmark(args, out=print):
         from minilm.bench import nanogpt
         from minilm.config import preset
         seed = preset("shakespeare-char-cpu").seed if args.seed is None else args.seed
-        results["nanogpt"] = nanogpt.run(seed, args.data, args.gelu, args.threads, out=out, max_iters=args.max_iters)
+        results["nanogpt"] = nanogpt.run(seed, args.data, args.gelu, args.threads, out=out, max_iters=args.max_iters,
+                                         backends=args.backends or ())
     if args.what == "replay":
         from minilm.bench import converge
         if not torch:

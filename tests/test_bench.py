@@ -612,6 +612,48 @@ def test_nanogpts_loop_trains_and_scores_the_whole_split(tmp_path, monkeypatch):
     assert [p["iter"] for p in shorter["curve"]] == [0, 5]
 
 
+def test_bench_nanogpt_trains_minilm_only_on_the_backends_given(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from minilm.bench import nanogpt
+    seen = []
+    monkeypatch.setattr(nanogpt, "run", lambda *args, **kwargs: seen.append(kwargs["backends"]) or {})
+    assert cli.main(["bench", "--what", "nanogpt", "--backends", "numpy", "numba"]) == 0
+    assert cli.main(["bench", "--what", "nanogpt"]) == 0
+    assert [list(b) for b in seen] == [["numpy", "numba"], []]          # by default the peer alone, as before
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_minilm_on_nanogpts_draws_follows_nanogpts_curve(tmp_path, monkeypatch, backend_name):
+    """With --backends, minilm trains from nanoGPT's initial weights on the batches nanoGPT's loop
+    drew, in its order, and is estimated on the same 20 batches: with the same (tanh) GELU, its
+    curve is the peer's to float32 rounding."""
+    pytest.importorskip("torch")
+    import dataclasses
+    from minilm.bench import nanogpt
+    short = dataclasses.replace(preset("shakespeare-char-cpu"), max_iters=20, eval_interval=10, block_size=16,
+                                batch_size=4, n_layer=2, n_head=2, n_embd=16, warmup_iters=5, lr_decay_iters=20)
+    monkeypatch.setattr(nanogpt, "preset", lambda name: short)
+    lines = []
+    result = nanogpt.run(seed=5, data=str(_corpus(tmp_path)), gelu="tanh", threads=1, out=lines.append,
+                         backends=(backend_name,))
+    [ours] = result["minilm"]
+    assert ours["backend"] == backend_name
+    assert [p["iter"] for p in ours["curve"]] == [p["iter"] for p in result["curve"]] == [0, 10, 20]
+    # float32 on both sides, summed in different orders, over 20 Adam steps: measured differences
+    # of at most 1.5e-7 here on either backend; a training batch swapped with an estimate's moved
+    # the losses by 7e-4, and the learning rate a step late by 6e-3
+    FLOAT32_TRAINING_TOL = 1e-5
+    for mine, theirs in zip(ours["curve"], result["curve"]):
+        assert mine["train"] == pytest.approx(theirs["train"], abs=FLOAT32_TRAINING_TOL)
+        assert mine["val"] == pytest.approx(theirs["val"], abs=FLOAT32_TRAINING_TOL)
+    assert ours["val_loss_whole_split"] == pytest.approx(result["val_loss_whole_split"], abs=FLOAT32_TRAINING_TOL)
+    assert result["curve"][-1]["val"] < result["curve"][0]["val"] - 0.1            # it trained
+    assert any(line.startswith(f"\nminilm ({backend_name}, tanh GELU) from nanoGPT's initial weights") for line in lines)
+    plain = nanogpt.run(seed=5, data=str(_corpus(tmp_path)), gelu="tanh", threads=1, out=lines.append)
+    assert plain["minilm"] == [] and plain["curve"] == result["curve"]             # recording changes no draw
+
+
 def test_threads_limit_minilm_in_the_bench_process_as_the_peer_is_limited():
     """``--threads`` reaches the benchmarks that run minilm in the bench process (ops, converge,
     replay) as it reaches the worker processes and the PyTorch peer, and is undone afterwards."""
@@ -658,7 +700,8 @@ def test_an_option_the_chosen_run_does_not_use_is_said_to_be_ignored():
     assert bench_run.ignored_options(_bench_args(["--what", "train", "--max-iters", "20", "--target", "1.5"])) == [
         "option '--target' is ignored: it is used only by --what converge",
         "option '--max-iters' is ignored: it is used only by --what converge or replay or nanogpt"]
-    assert bench_run.ignored_options(_bench_args(["--what", "nanogpt", "--max-iters", "20", "--seed", "3"])) == []
+    assert bench_run.ignored_options(_bench_args(["--what", "nanogpt", "--max-iters", "20", "--seed", "3",
+                                                  "--backends", "numba"])) == []     # minilm on nanoGPT's draws
     assert bench_run.ignored_options(_bench_args(["--what", "converge", "--presets", "shakespeare-lstm"])) == [
         "option '--presets' is ignored: it is used only by --what train or all"]
 
@@ -1311,6 +1354,66 @@ def test_nanogpts_loop_is_nanogpts_recipe_on_a_cpu(tmp_path, monkeypatch):
                         lambda params, max_norm: seen["clip"].append(max_norm) or clip(params, max_norm))
     nanogpt.run(seed=1, data=str(_corpus(tmp_path)), threads=1, out=lambda line: None)
     assert seen == {"fused": False, "clip": [1.0, 1.0], "evaluated": 2 * 2 * 20}   # at iterations 0 and 2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nanogpts_loop_starts_from_nanogpts_own_draws(bias):
+    """The peer, drawn again by ``_init_as_nanogpt``, holds the weights nanoGPT's ``GPT`` draws from
+    the same seed and leaves the generator where nanoGPT's leaves it, so the batches that follow
+    are nanoGPT's too. The model below is nanoGPT's module tree as its constructor builds it (its
+    modules in its order, the head built after the blocks and tied to the token embedding, then
+    ``apply`` and the residual projections drawn again); forwards are not needed."""
+    torch = pytest.importorskip("torch")
+    import math
+    nn = torch.nn
+    from minilm.bench import nanogpt, peers
+    V, T, L, NH, C, seed = 11, 8, 2, 2, 16, 5
+
+    def linears(*shapes):
+        return [nn.Linear(i, o, bias=bias) for i, o in shapes]
+
+    class NanoGPTTree(nn.Module):
+        def __init__(self):
+            super().__init__()
+            blocks = nn.ModuleList()
+            for _ in range(L):
+                block = nn.Module()
+                block.attn, block.mlp = nn.Module(), nn.Module()       # LayerNorms draw nothing: left out
+                block.attn.c_attn, block.attn.c_proj = linears((C, 3 * C), (C, C))
+                block.mlp.c_fc, block.mlp.c_proj = linears((C, 4 * C), (4 * C, C))
+                blocks.append(block)
+            self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(V, C), wpe=nn.Embedding(T, C), h=blocks))
+            self.lm_head = nn.Linear(C, V, bias=False)
+            self.transformer.wte.weight = self.lm_head.weight
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * L))
+
+        @staticmethod
+        def _init_weights(module):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    torch.manual_seed(seed)
+    theirs = NanoGPTTree()
+    their_next = torch.randint(1000, (12,))
+    ours = peers.TorchGPT(V, T, L, NH, C, bias)
+    nanogpt._init_as_nanogpt(ours, seed)
+    assert torch.equal(torch.randint(1000, (12,)), their_next)
+    t = theirs.transformer
+    pairs = [(ours.wte, t.wte), (ours.wpe, t.wpe)]
+    for block, their in zip(ours.h, t.h):
+        pairs += [(block.c_attn, their.attn.c_attn), (block.c_proj, their.attn.c_proj),
+                  (block.c_fc, their.mlp.c_fc), (block.mlp_proj, their.mlp.c_proj)]
+    for mine, their in pairs:
+        assert torch.equal(mine.weight, their.weight)
+        mine_b, their_b = getattr(mine, "bias", None), getattr(their, "bias", None)
+        assert (mine_b is None and their_b is None) or torch.equal(mine_b, their_b)
+    torch.manual_seed(seed)
+    assert not torch.equal(peers.TorchGPT(V, T, L, NH, C, bias).wte.weight, t.wte.weight)   # the peer's own order
 
 
 def test_both_sides_of_a_gpt_measurement_count_its_parameters_alike(monkeypatch, numpy_backend):
