@@ -284,7 +284,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                 f"to train on")
             result.update(stopped_early=True, iter=it)
             return result
-    elif os.path.exists(metrics_path):
+    elif os.path.lexists(metrics_path):      # a link to nothing too: appends would go through it
         os.remove(metrics_path)              # a fresh run starts a fresh metrics file
 
     # 4. the loop: evaluate (and save) every eval_interval and at the end, then one step
@@ -854,6 +854,8 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
     the two (killed, or its output closed) left a line that the saved run does not know of, and
     that the resumed run is about to write again. Returns the rows kept, in order."""
     if not os.path.exists(metrics_path):
+        if os.path.islink(metrics_path):            # a link to nothing: the run's appends would go through it
+            os.remove(metrics_path)
         return []
     if not stat.S_ISREG(os.stat(metrics_path).st_mode):         # a FIFO would hang, /dev/zero fill the memory
         raise ValueError(f"minilm train: --resume: {metrics_path} is {checkpoint.file_kind(metrics_path)}, not "
@@ -888,8 +890,9 @@ def _keep_metrics_up_to(metrics_path, last_eval_iter):
             if row["iter"] <= last_eval_iter:
                 kept.append((line, row))
     # rewritten through a temporary of its own (never one a link points elsewhere) when a line is dropped,
-    # or when metrics.jsonl is itself a link: the run appends to it, and must not append to another file
-    if len(kept) != number or os.path.islink(metrics_path):
+    # or when metrics.jsonl is itself a link, symbolic or hard (another run's file under a second name, as
+    # `cp -al` makes): the run appends to it, and must not append to another file
+    if len(kept) != number or os.path.islink(metrics_path) or os.stat(metrics_path).st_nlink > 1:
         checkpoint.atomic_write(metrics_path, lambda f: f.write("".join(line for line, _ in kept).encode("utf-8")))
     return [row for _, row in kept]
 

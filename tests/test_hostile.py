@@ -161,6 +161,50 @@ def test_a_linked_metrics_file_is_replaced_by_a_copy_before_the_run_appends(tmp_
     assert (run / "metrics.jsonl").read_text().splitlines()[-1].startswith('{"iter": 30')
 
 
+@pytest.mark.skipif(not hasattr(os, "link"), reason="no hard links here")
+def test_a_hard_linked_metrics_file_is_replaced_by_a_copy_before_the_run_appends(tmp_path):
+    other = tmp_path / "other-run"                          # a run copied with `cp -al`: the same file, two names
+    other.mkdir()
+    (other / "metrics.jsonl").write_text(ROWS)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.link(other / "metrics.jsonl", run / "metrics.jsonl")
+    kept = train._keep_metrics_up_to(str(run / "metrics.jsonl"), 20)     # every row kept
+    assert [row["iter"] for row in kept] == [0, 10, 20]
+    train._append_metrics(str(run / "metrics.jsonl"), {"iter": 30, "train_loss": 1.0, "val_loss": 1.0},
+                          str(run / "last.npz"), 20)
+    assert (other / "metrics.jsonl").read_text() == ROWS
+    assert (run / "metrics.jsonl").read_text().splitlines()[-1].startswith('{"iter": 30')
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_a_metrics_link_to_nothing_is_removed_before_the_run_appends(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(tmp_path / "gone" / "metrics.jsonl", run / "metrics.jsonl")     # its target moved away
+    assert train._keep_metrics_up_to(str(run / "metrics.jsonl"), 20) == []
+    train._append_metrics(str(run / "metrics.jsonl"), {"iter": 30, "train_loss": 1.0, "val_loss": 1.0},
+                          str(run / "last.npz"), 20)        # before: 'could not append ... No such file or directory'
+    assert not os.path.islink(run / "metrics.jsonl") and not (tmp_path / "gone").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_a_fresh_run_replaces_a_metrics_link_to_nothing(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("to be or not to be that is the question\n" * 40)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(elsewhere / "metrics.jsonl", out / "metrics.jsonl")        # its target not (yet) there
+    options = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+               "--eval-interval", "2", "--eval-iters", "2", "--backend", "numpy", "--no-progress", "--max-iters", "2"]
+    assert cli.main(["train", "--data", str(text), "--out", str(out), *options]) == 0
+    capsys.readouterr()
+    assert not os.path.islink(out / "metrics.jsonl") and not (elsewhere / "metrics.jsonl").exists()
+    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2]
+
+
 @pytest.mark.parametrize("bad", [b"\xff\xfe{}\n", ("[" * 100_000 + "]" * 100_000 + "\n").encode(),
                                  ('{"iter": 0, "train_loss": 1, "val_loss": 1, "x": "' + "a" * 100_000 + '"}\n').encode()],
                          ids=["not-utf8", "nested", "long"])
