@@ -53,6 +53,9 @@ def run(seed=1337, data="shakespeare", gelu="none", threads=2, preset_name="shak
     if not (isinstance(seed, int) and seed >= 0):
         raise ValueError(f"minilm bench: option '--seed' must be an integer >= 0, got {seed!r}")
     cfg = preset(preset_name)
+    if cfg.model != "gpt":
+        raise ValueError(f"minilm bench: nanoGPT's loop trains a GPT, and preset {preset_name!r} is a model of "
+                         f"{cfg.model} layers")
     if max_iters is not None:
         cfg = dataclasses.replace(cfg, max_iters=max_iters)
     with torch_limited(threads):

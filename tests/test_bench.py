@@ -654,6 +654,14 @@ def test_minilm_on_nanogpts_draws_follows_nanogpts_curve(tmp_path, monkeypatch, 
     assert plain["minilm"] == [] and plain["curve"] == result["curve"]             # recording changes no draw
 
 
+def test_nanogpts_loop_refuses_a_recurrent_preset_before_training():
+    pytest.importorskip("torch")
+    from minilm.bench import nanogpt
+    with pytest.raises(ValueError, match="nanoGPT's loop trains a GPT, and preset 'shakespeare-lstm' is a model of "
+                                         "lstm layers"):
+        nanogpt.run(data="no-such-file.txt", preset_name="shakespeare-lstm", backends=("numpy",))
+
+
 def test_threads_limit_minilm_in_the_bench_process_as_the_peer_is_limited():
     """``--threads`` reaches the benchmarks that run minilm in the bench process (ops, converge,
     replay) as it reaches the worker processes and the PyTorch peer, and is undone afterwards."""
