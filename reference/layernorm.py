@@ -116,13 +116,14 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
     check_layernorm_args(x, gamma, beta, eps)
     xp = get_array_module(x)
     eps = float(eps)                                           # a numpy float64 would promote float32 x
-    # the mean summed in float64 (the kernels also sum the variance in float64): a float32 sum can
-    # leave the mean of a constant row an ulp off, and x - mu = ±ulp divided by sqrt(eps) gives
-    # x_hat ~ 0.3 at x ~ 1e4 instead of 0. The variance of the centred row is safe in x's dtype.
+    # the mean and the variance in float64, as the kernels take them: a float32 sum can leave the
+    # mean of a constant row an ulp off, and x - mu = ±ulp divided by sqrt(eps) gives x_hat ~ 0.3
+    # at x ~ 1e4 instead of 0; and (x - mu)^2 overflows in float16 from |x - mu| = 256 on (in
+    # float32 from 1.8e19), where var = inf would give rstd = 0 and y = beta.
     mu = xp.mean(x, axis=-1, keepdims=True, dtype=xp.float64).astype(x.dtype)   # (..., 1)
     xc = x - mu                                                # (..., C) centred
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)             # (..., 1) biased variance
-    rstd = 1.0 / xp.sqrt(var + eps)                            # (..., 1)
+    var = xp.mean(xp.square(xc, dtype=xp.float64), axis=-1, keepdims=True)      # (..., 1) biased variance
+    rstd = (1.0 / xp.sqrt(var + eps)).astype(xc.dtype)         # (..., 1) in x's dtype (native byte order)
     x_hat = xc * rstd                                          # (..., C)
     y = gamma * x_hat + beta                                   # (..., C)
     return y, LayernormCache(x_hat, rstd, gamma)
