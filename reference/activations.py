@@ -138,13 +138,23 @@ def check_gelu_args(x, approximate):
     require_choice("gelu", "approximate", approximate, GELU_APPROXIMATIONS)
 
 
+def _at_least_float32(xp, x):
+    """16-bit ``x`` as float32, the precision the GPU kernels compute in (others as they are). In
+    float16, x^3 overflows from |x| ~ 40 on and 3 c x^2 from |x| ~ 700 on: the forward's value stays
+    right there (tanh(±inf) = ±1), but the backward's 0.5 x (1 - tanh^2 u) du/dx is 0 * inf = nan
+    where the derivative is 1 (or 0). ``astype(x.dtype.type)`` takes the result back to x's type, in
+    native byte order."""
+    return x.astype(xp.float32) if x.dtype.itemsize < 4 else x
+
+
 def gelu_forward(x, *, approximate="tanh"):
     """GELU, y = x Φ(x); ``approximate="tanh"`` is GPT-2's form, ``"none"`` the exact erf form."""
     check_gelu_args(x, approximate)
     xp = get_array_module(x)
     if approximate == "tanh":
-        u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
-        y = 0.5 * x * (1 + xp.tanh(u))
+        xa = _at_least_float32(xp, x)
+        u = _SQRT_2_OVER_PI * (xa + _GELU_CUBIC * xa * xa * xa)
+        y = (0.5 * xa * (1 + xp.tanh(u))).astype(x.dtype.type, copy=False)     # back to x's type
     else:
         y = 0.5 * x * (1 + _erf(xp, x / math.sqrt(2.0)))
     return y, GeluCache(x, approximate)
@@ -157,9 +167,11 @@ def gelu_backward(dy, cache):
     require_gradient("gelu_backward", "dy", dy, x.shape, "(same as x)")
     xp = get_array_module(x)
     if approximate == "tanh":
-        tanh_u = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
-        du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
-        dphi = 0.5 * (1 + tanh_u) + 0.5 * x * (1 - tanh_u * tanh_u) * du_dx
+        xa = _at_least_float32(xp, x)
+        tanh_u = xp.tanh(_SQRT_2_OVER_PI * (xa + _GELU_CUBIC * xa * xa * xa))
+        du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * xa * xa)
+        dphi = 0.5 * (1 + tanh_u) + 0.5 * xa * (1 - tanh_u * tanh_u) * du_dx
+        dphi = dphi.astype(x.dtype.type, copy=False)           # back to x's type
     else:
         Phi = 0.5 * (1 + _erf(xp, x / math.sqrt(2.0)))
         pdf = xp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)

@@ -300,3 +300,23 @@ def test_matches_torch(name):
     yt.backward(torch.tensor(dy))
     np.testing.assert_allclose(y, yt.detach().numpy(), rtol=TORCH_TOL, atol=TORCH_TOL)
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=TORCH_TOL, atol=TORCH_TOL)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_float16_gelu_tanh_is_right_where_gelu_is_the_identity(backend_name):
+    """A float16 GELU (a mixed-precision model on a CPU backend runs the reference) had dx = nan
+    from |x| ~ 700 on: 3 c x^2 overflows float16 and meets 1 - tanh^2 u = 0; and its forward warned
+    of an overflow from |x| ~ 40 on (x^3). Both compute in float32, as the GPU kernels do. There
+    y = x for x > 0 and 0 for x < 0, and the derivative 1 and 0 (PyTorch's float16 GELU: the same)."""
+    import warnings
+    import minilm
+    from minilm import ops
+    minilm.use(backend_name)                                   # the autouse fixture restores the backend
+    x = np.array([-1000.0, -700.0, -50.0, 50.0, 700.0, 1000.0, 6e4], dtype=np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # an overflow warning fails the test
+        y, cache = ops.gelu_forward(x, approximate="tanh")
+        (dx,) = ops.gelu_backward(np.ones_like(x), cache)
+    assert y.dtype == dx.dtype == np.float16
+    np.testing.assert_array_equal(y, [0, 0, 0, 50, 700, 1000, 6e4])
+    np.testing.assert_array_equal(dx, [0, 0, 0, 1, 1, 1, 1])
