@@ -144,7 +144,20 @@ def validate(cfg):
         length = (f"'--lr-decay-iters' ({cfg.lr_decay_iters})" if cfg.lr_decay_iters else
                   f"'--max-iters' ({cfg.max_iters}), the schedule's length while '--lr-decay-iters' is 0,")
         raise ValueError(f"minilm train: option {length} must exceed '--warmup-iters' ({cfg.warmup_iters})")
+    if cfg.schedule == "step" and not math.isfinite(_last_step_lr(cfg)):
+        raise ValueError(f"minilm train: option '--lr-gamma' ({cfg.lr_gamma!r}) every '--lr-step-size' "
+                         f"({cfg.lr_step_size}) iterations takes '--lr' ({cfg.lr!r}) past the largest float "
+                         f"before '--max-iters' ({cfg.max_iters}); choose a smaller --lr-gamma or a larger "
+                         f"--lr-step-size")
     return cfg
+
+
+def _last_step_lr(cfg):
+    """The step schedule's learning rate at iteration ``max_iters`` (inf where it overflows)."""
+    try:
+        return cfg.lr * cfg.lr_gamma ** (cfg.max_iters // cfg.lr_step_size)
+    except OverflowError:
+        return math.inf
 
 
 def _parse_bool(text):

@@ -439,7 +439,13 @@ class Step:
 
     def __call__(self, it):
         _require_iter("Step", it)
-        return self.lr * self.gamma ** (it // self.step_size)
+        k = it // self.step_size
+        try:
+            return self.lr * self.gamma ** k
+        except OverflowError:                                   # gamma > 1: gamma^k past the largest float
+            raise ValueError(f"Step: the learning rate lr * gamma ** (it // step_size) = {self.lr!r} * "
+                             f"{self.gamma!r} ** {k} overflows at iteration {it}; choose a smaller 'gamma' "
+                             f"or a larger 'step_size'") from None
 
 
 @dataclass(frozen=True)

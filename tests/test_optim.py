@@ -546,3 +546,14 @@ def test_adamw_defaults_are_torchs():
     got = run(AdamW(params, lr=0.01), params, grads)
     want = hand_adamw(p, grads, 0.01, 0.9, 0.999, 1e-8, 0.01, mask)
     np.testing.assert_allclose(got, want, rtol=RTOL_F64, atol=ATOL_F64)
+
+
+def test_a_step_schedule_whose_rate_overflows_says_so():
+    """gamma > 1 raised to the iteration's power can pass the largest float: Python's OverflowError
+    reached `minilm train` as 'error: (34, 'Numerical result out of range')', naming nothing."""
+    schedule = Step(1e-3, step_size=1, gamma=1e300)
+    assert schedule(1) == 1e-3 * 1e300
+    with pytest.raises(ValueError, match=r"Step: the learning rate lr \* gamma \*\* \(it // step_size\) = "
+                                         r"0.001 \* 1e\+300 \*\* 2 overflows at iteration 2; choose a smaller "
+                                         r"'gamma'"):
+        schedule(2)

@@ -1678,6 +1678,11 @@ def test_an_error_names_the_command_once(capsys):
     (dict(lr=1e-3, min_lr=1.5e-3), r"'--min-lr' \(0.0015\) must not exceed '--lr' \(0.001\)"),
     (dict(dropout=-0.1), r"'--dropout' must be a finite number >= 0, got -0.1"),
     (dict(lr_gamma=float("nan"), schedule="step"), r"'--lr-gamma' must be a finite number > 0, got nan"),
+    # finite, but lr * gamma ** 2 passes the largest float by the last iteration: refused before training,
+    # where the schedule's overflow had stopped the run at iteration 2 naming no option
+    (dict(schedule="step", lr=1e-3, lr_gamma=1e300, lr_step_size=1, max_iters=2),
+     r"'--lr-gamma' \(1e\+300\) every '--lr-step-size' \(1\) iterations takes '--lr' \(0.001\) past the "
+     r"largest float before '--max-iters' \(2\); choose a smaller --lr-gamma or a larger --lr-step-size"),
 ])
 def test_validate_refuses_each_value_out_of_range(change, match):
     with pytest.raises(ValueError, match=match):
@@ -1692,6 +1697,8 @@ def test_validate_refuses_each_value_out_of_range(change, match):
     dict(schedule="constant", warmup_iters=100, max_iters=10),   # warm-up belongs to the cosine alone
     dict(model="lstm", n_embd=30, n_head=4),                     # n_head is the GPT's only
     dict(n_layer=np.int64(2), lr=np.float32(0.5), bias=np.True_),
+    dict(schedule="step", lr=1e-3, lr_gamma=1e300, lr_step_size=1, max_iters=1),   # 1e297 at the last iteration
+    dict(schedule="step", lr_gamma=1e-300, lr_step_size=1, max_iters=10**6),       # underflows to 0: no overflow
 ])
 def test_validate_accepts_each_value_at_its_bound(change):
     cfg = config.validate(config.TrainConfig(**dict(PY_TINY, **change)))
