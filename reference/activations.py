@@ -139,11 +139,11 @@ def check_gelu_args(x, approximate):
 
 
 def _at_least_float32(xp, x):
-    """16-bit ``x`` as float32, the precision the GPU kernels compute in (others as they are). In
-    float16, x^3 overflows from |x| ~ 40 on and 3 c x^2 from |x| ~ 700 on: the forward's value stays
-    right there (tanh(±inf) = ±1), but the backward's 0.5 x (1 - tanh^2 u) du/dx is 0 * inf = nan
-    where the derivative is 1 (or 0). ``astype(x.dtype.type)`` takes the result back to x's type, in
-    native byte order."""
+    """16-bit ``x`` as float32, the precision the GPU kernels compute in (others as they are); the
+    result goes back to x's type with ``astype(x.dtype.type)``, in native byte order. In float16 the
+    tanh form's x^3 overflows from |x| ~ 40 on and 3 c x^2 from |x| ~ 700 on, where the backward's
+    0.5 x (1 - tanh^2 u) du/dx was 0 * inf = nan; the exact form's 1 + erf(x/√2) rounds to 0 from
+    x ~ -3 on (y = 0 at x = -4, where it is -1.3e-4), and its x^2 overflows from |x| = 256 on."""
     return x.astype(xp.float32) if x.dtype.itemsize < 4 else x
 
 
@@ -151,13 +151,13 @@ def gelu_forward(x, *, approximate="tanh"):
     """GELU, y = x Φ(x); ``approximate="tanh"`` is GPT-2's form, ``"none"`` the exact erf form."""
     check_gelu_args(x, approximate)
     xp = get_array_module(x)
+    xa = _at_least_float32(xp, x)
     if approximate == "tanh":
-        xa = _at_least_float32(xp, x)
         u = _SQRT_2_OVER_PI * (xa + _GELU_CUBIC * xa * xa * xa)
-        y = (0.5 * xa * (1 + xp.tanh(u))).astype(x.dtype.type, copy=False)     # back to x's type
+        y = 0.5 * xa * (1 + xp.tanh(u))
     else:
-        y = 0.5 * x * (1 + _erf(xp, x / math.sqrt(2.0)))
-    return y, GeluCache(x, approximate)
+        y = 0.5 * xa * (1 + _erf(xp, xa / math.sqrt(2.0)))
+    return y.astype(x.dtype.type, copy=False), GeluCache(x, approximate)      # y in x's type
 
 
 def gelu_backward(dy, cache):
@@ -166,16 +166,16 @@ def gelu_backward(dy, cache):
     x, approximate = cache.x, cache.approximate                # any tier's cache (the numba tier's also keeps e)
     require_gradient("gelu_backward", "dy", dy, x.shape, "(same as x)")
     xp = get_array_module(x)
+    xa = _at_least_float32(xp, x)
     if approximate == "tanh":
-        xa = _at_least_float32(xp, x)
         tanh_u = xp.tanh(_SQRT_2_OVER_PI * (xa + _GELU_CUBIC * xa * xa * xa))
         du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * xa * xa)
         dphi = 0.5 * (1 + tanh_u) + 0.5 * xa * (1 - tanh_u * tanh_u) * du_dx
-        dphi = dphi.astype(x.dtype.type, copy=False)           # back to x's type
     else:
-        Phi = 0.5 * (1 + _erf(xp, x / math.sqrt(2.0)))
-        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        dphi = Phi + x * pdf
+        Phi = 0.5 * (1 + _erf(xp, xa / math.sqrt(2.0)))
+        pdf = xp.exp(-0.5 * xa * xa) / math.sqrt(2.0 * math.pi)
+        dphi = Phi + xa * pdf
+    dphi = dphi.astype(x.dtype.type, copy=False)               # in x's type
     return (dphi * dy,)
 
 

@@ -320,3 +320,26 @@ def test_float16_gelu_tanh_is_right_where_gelu_is_the_identity(backend_name):
     assert y.dtype == dx.dtype == np.float16
     np.testing.assert_array_equal(y, [0, 0, 0, 50, 700, 1000, 6e4])
     np.testing.assert_array_equal(dx, [0, 0, 0, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_float16_exact_gelu_keeps_its_negative_tail_and_does_not_warn(backend_name):
+    """The exact (erf) GELU in float16 rounded 1 + erf(x/√2) to 0 from x ~ -3 on, so y was 0 where
+    it is -1.3e-4 at x = -4 (PyTorch's float16 GELU: -1.265e-4), and its backward warned of an
+    overflow from |x| = 256 on (x * x). It computes in float32, as the tanh form and the GPU kernels do."""
+    import warnings
+    import minilm
+    from minilm import ops
+    minilm.use(backend_name)                                   # the autouse fixture restores the backend
+    x = np.array([-6e4, -300.0, -5.0, -4.0, -3.0, 0.5, 300.0, 6e4], dtype=np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # an overflow warning fails the test
+        y, cache = ops.gelu_forward(x, approximate="none")
+        (dx,) = ops.gelu_backward(np.ones_like(x), cache)
+    assert y.dtype == dx.dtype == np.float16
+    x64 = x.astype(np.float64)
+    Phi = 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x64]))
+    pdf = np.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
+    # float16 rounding of each value (2^-11 relative), and one of float16's smallest steps near 0
+    np.testing.assert_allclose(y, x64 * Phi, rtol=2 * 2.0 ** -11, atol=2.0 ** -24)
+    np.testing.assert_allclose(dx, Phi + x64 * pdf, rtol=2 * 2.0 ** -11, atol=2.0 ** -24)
