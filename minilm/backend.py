@@ -274,6 +274,17 @@ def get_array_module(*arrays):
     return np
 
 
+def sum_rows(a, axis=0):
+    """``sum(a, axis)`` in ``a``'s dtype; a 16-bit ``a`` (float16, bfloat16) is summed in float32 and
+    rounded once, as the GPU kernels sum it. NumPy adds float16 along an outer axis one row at a time
+    in float16, so the sum of a parameter's gradient over thousands of positions loses whatever falls
+    below the running sum's last bit (a (4096, C) array of 0.01 sums to 32 instead of 41)."""
+    xp = get_array_module(a)
+    if a.dtype.itemsize < 4:
+        return xp.sum(a, axis=axis, dtype=xp.float32).astype(a.dtype.type)
+    return xp.sum(a, axis=axis)
+
+
 def to_numpy(a):
     """A numpy copy (or view) of a numpy or cupy array."""
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)

@@ -157,6 +157,13 @@ def _require_nonnegative(op, name, value):
 def _require_params(op, params):
     if not (hasattr(params, "data") and hasattr(params, "grad") and hasattr(params, "mask")):
         raise TypeError(f"{op}: argument 'params' must be a minilm Params, got {type(params).__name__}")
+    dtype = params.data.dtype
+    if dtype.itemsize < 4:      # float16, bfloat16: the master weights themselves, not a compute copy
+        raise TypeError(f"{op}: argument 'params' holds {dtype} master weights (params.data), which are not "
+                        f"updated in 16 bits: a step below half a weight's last bit rounds away, and in float16 "
+                        f"Adam's eps = 1e-8 is 0 and a squared gradient norm past 65504 is inf; keep float32 master "
+                        f"weights with a 16-bit compute copy, Params(specs, dtype=np.float32, compute_dtype=np.float16), "
+                        f"as GPT(config, dtype=np.float16) builds them")
 
 
 def _require_betas(op, betas):

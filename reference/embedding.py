@@ -78,7 +78,10 @@ def embedding_backward(dout, cache):
     ids, V, C = cache
     require_gradient("embedding_backward", "dout", dout, ids.shape + (C,), "(..., C)")
     xp = get_array_module(dout)
-    dE = xp.zeros((V, C), dtype=dout.dtype)                    # (V, C)
+    # a 16-bit dout accumulates in float32, rounded once at the end, as the GPU kernel does: thousands
+    # of positions share an id in a character model, and a float16 running sum would lose most of them
+    acc = xp.float32 if dout.dtype.itemsize < 4 else dout.dtype
+    dE = xp.zeros((V, C), dtype=acc)                           # (V, C)
     # from y = E[ids]: scatter every row of dout back to its id; repeated ids accumulate
-    xp.add.at(dE, ids.reshape(-1), dout.reshape(-1, C))        # (N,) ids, (N, C) rows
-    return None, dE
+    xp.add.at(dE, ids.reshape(-1), dout.reshape(-1, C).astype(acc, copy=False))   # (N,) ids, (N, C) rows
+    return None, dE.astype(dout.dtype, copy=False)              # (V, C) in dout's dtype

@@ -99,7 +99,7 @@ h_T    (B, H)      dh_T (B, H)
 """
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import get_array_module, sum_rows
 from minilm.reference.activations import sigmoid
 from minilm.reference.rnn import (check_backward_args, check_sequence, check_vector, check_weights,
                                   shifted_states)
@@ -220,6 +220,6 @@ def gru_backward(dh, cache, *, dh_T=None):
     dx = (da_x2 @ W_x.T).reshape(B, T, D)                          # (B, T, D)  a_x = x_t W_x + b_x
     dW_x = x.reshape(B * T, D).T @ da_x2                           # (D, 3H)    shared by every t
     dW_h = shifted_states(h0, h).reshape(B * T, H).T @ da_h2       # (H, 3H)    shared by every t
-    db_x = xp.sum(da_x2, axis=0)                                   # (3H,)
-    db_h = xp.sum(da_h2, axis=0)                                   # (3H,)
+    db_x = sum_rows(da_x2)                                         # (3H,)
+    db_h = sum_rows(da_h2)                                         # (3H,)
     return dx, dh0, dW_x, dW_h, db_x, db_h

@@ -74,7 +74,7 @@ rstd     (..., 1)   (cache)
 """
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import get_array_module, sum_rows
 from minilm.validate import (require_cache, require_float, require_gradient, require_min_ndim, require_nonempty,
                              require_positive, require_same_dtype, require_shape)
 
@@ -142,8 +142,8 @@ def layernorm_backward(dy, cache):
     xp = get_array_module(dy)
     C = x_hat.shape[-1]
     dy2 = dy.reshape(-1, C)                                    # (N, C), N = all leading positions
-    dbeta = xp.sum(dy2, axis=0)                                # (C,)  from y = gamma x_hat + beta
-    dgamma = xp.sum(dy2 * x_hat.reshape(-1, C), axis=0)        # (C,)  from y = gamma x_hat + beta
+    dbeta = sum_rows(dy2)                                      # (C,)  from y = gamma x_hat + beta
+    dgamma = sum_rows(dy2 * x_hat.reshape(-1, C))              # (C,)  from y = gamma x_hat + beta
     dx_hat = dy * gamma                                        # (..., C)
     # from x_hat = (x - mu) * rstd: remove the row mean and the projection on x_hat, then scale
     mean_dx_hat = xp.mean(dx_hat, axis=-1, keepdims=True)      # (..., 1)

@@ -34,7 +34,7 @@ y      (..., C)   dy (..., C)
 import math
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import sum_rows
 from minilm.validate import (require_cache, require_float, require_gradient, require_min_ndim, require_ndim,
                              require_same_dtype, require_shape)
 
@@ -90,11 +90,10 @@ def linear_backward(dy, cache):
     require_cache("linear_backward", cache, "LinearCache")
     x, W, has_bias = cache
     require_gradient("linear_backward", "dy", dy, x.shape[:-1] + (W.shape[1],), "(..., C)")
-    xp = get_array_module(dy)
     N = math.prod(x.shape[:-1])                                # all leading positions
     x2 = x.reshape(N, x.shape[-1])                             # (N, D)
     dy2 = dy.reshape(N, dy.shape[-1])                          # (N, C)
     dx = (dy2 @ W.T).reshape(x.shape)                          # (..., D)  from y = x W
     dW = x2.T @ dy2                                            # (D, C)    W is shared by every n
-    db = xp.sum(dy2, axis=0) if has_bias else None             # (C,)
+    db = sum_rows(dy2) if has_bias else None                   # (C,)
     return dx, dW, db

@@ -114,7 +114,10 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     smooth = -xp.mean(logp, axis=-1)                           # (...)  mean over V of -log p_j
     # without smoothing the loss is nll alone: eps * smooth would be 0 * inf = NaN where a logit is -inf
     ell = (1.0 - eps) * nll + eps * smooth if eps else nll     # (...)
-    loss = xp.sum(xp.where(counted, ell, 0.0)) / max(M, 1)     # ()  0 when nothing is counted
+    # summed in float32 for 16-bit logits, as the GPU kernel sums them: a float16 sum passes its
+    # largest value, 65504, at 16k positions of loss ln 65 (one batch of the shakespeare-char preset)
+    acc = xp.float32 if logits.dtype.itemsize < 4 else None
+    loss = xp.sum(xp.where(counted, ell, 0.0), dtype=acc) / max(M, 1)   # ()  0 when nothing is counted
     loss = xp.asarray(loss, dtype=logits.dtype)                # () a 0-d array, not a scalar
     return loss, CrossEntropyCache(xp.exp(logp), t, counted, M, eps)
 

@@ -100,7 +100,7 @@ c_T      (B, H)      dc_T (B, H)
 """
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import get_array_module, sum_rows
 from minilm.reference.activations import sigmoid
 from minilm.reference.rnn import (check_sequence, check_backward_args, check_state, check_vector, check_weights,
                                   shifted_states)
@@ -231,5 +231,5 @@ def lstm_backward(dh, cache, *, dh_T=None, dc_T=None):
     dx = (da2 @ W_x.T).reshape(B, T, D)                            # (B, T, D)  a_t = x_t W_x + ...
     dW_x = x.reshape(B * T, D).T @ da2                             # (D, 4H)    shared by every t
     dW_h = shifted_states(h0, h).reshape(B * T, H).T @ da2         # (H, 4H)    shared by every t
-    db = xp.sum(da2, axis=0)                                       # (4H,)
+    db = sum_rows(da2)                                             # (4H,)
     return dx, dh0, dc0, dW_x, dW_h, db

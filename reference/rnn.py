@@ -71,7 +71,7 @@ This file also holds the argument checks that ``lstm`` and ``gru`` share.
 """
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import get_array_module, sum_rows
 from minilm.validate import (require_cache, require_float, require_gradient, require_ndim, require_same_dtype,
                              require_shape)
 
@@ -237,5 +237,5 @@ def rnn_backward(dh, cache, *, dh_T=None):
     dx = (da2 @ W_x.T).reshape(B, T, D)                            # (B, T, D)  a_t = x_t W_x + ...
     dW_x = x.reshape(B * T, D).T @ da2                             # (D, H)     shared by every t
     dW_h = shifted_states(h0, h).reshape(B * T, H).T @ da2         # (H, H)     shared by every t
-    db = xp.sum(da2, axis=0)                                       # (H,)
+    db = sum_rows(da2)                                             # (H,)
     return dx, dh0, dW_x, dW_h, db

@@ -256,3 +256,88 @@ def test_apply_gradients_updates_with_the_unscaled_gradient():
     assert apply_gradients(model, opt, 0.5, grad_clip=0.0, scaler=scaler)
     # 1e-6: the float32 master weights round w - 0.125 by ~6e-8; a step left scaled is off by 64
     assert np.allclose(model.params.data, before - 0.5 * 0.25, rtol=0, atol=1e-6)
+
+
+# float16 rounds each input and the one result: 2^-11 each, a few of them over a sum of positive terms
+F16_SUM_TOL = 4 * 2.0 ** -11
+
+
+def _sixteen_bit_sums(rng, N):
+    """Each op whose parameter gradient sums over N positions, as (name, forward args, which grads to
+    compare): a bias, LayerNorm's gamma and beta, an embedding row that most positions read."""
+    C, H = 8, 4
+    ids = np.where(rng.random(N) < 0.5, 0, rng.integers(0, 5, N))       # id 0 at about half the positions
+    return [
+        ("linear", (rng.standard_normal((N, C)), 0.3 * rng.standard_normal((C, C)), np.zeros(C)), (1, 2)),
+        ("layernorm", (rng.standard_normal((N, C)), np.ones(C), np.zeros(C)), (1, 2)),
+        ("embedding", (ids, rng.standard_normal((5, C))), (1,)),
+        ("rnn", (rng.standard_normal((N // 16, 16, C)), np.zeros((N // 16, H)), 0.3 * rng.standard_normal((C, H)),
+                 0.3 * rng.standard_normal((H, H)), np.zeros(H)), (4,)),
+        ("lstm", (rng.standard_normal((N // 16, 16, C)), np.zeros((N // 16, H)), np.zeros((N // 16, H)),
+                  0.3 * rng.standard_normal((C, 4 * H)), 0.3 * rng.standard_normal((H, 4 * H)), np.zeros(4 * H)), (5,)),
+        ("gru", (rng.standard_normal((N // 16, 16, C)), np.zeros((N // 16, H)), 0.3 * rng.standard_normal((C, 3 * H)),
+                 0.3 * rng.standard_normal((H, 3 * H)), np.zeros(3 * H), np.zeros(3 * H)), (4, 5)),
+    ]
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_a_sixteen_bit_gradient_summed_over_positions_keeps_float16_rounding(backend_name):
+    """A 16-bit model on a CPU backend runs the reference, whose parameter gradients sum over every
+    position (B T of them: 4096 in a batch of 64 x 64). NumPy adds float16 along that axis one row at
+    a time in float16, so terms below the running sum's last bit were lost: a bias gradient came out
+    10% small, and a GPT's LayerNorm and bias gradients 10% off at that batch. They are summed in float32
+    and rounded once, as the GPU kernels sum them."""
+    import minilm
+    from minilm import ops
+    minilm.use(backend_name)                                   # the autouse fixture restores the backend
+    rng = np.random.default_rng(0)
+    for name, args, compared in _sixteen_bit_sums(rng, 4096):
+        half = tuple(a.astype(np.float16) if a.dtype.kind == "f" else a for a in args)
+        single = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a for a in half)
+        out, cache = getattr(ops, f"{name}_forward")(*half)
+        dout = rng.uniform(0.0, 0.02, out.shape).astype(np.float16)    # one sign: the sums grow
+        grads = getattr(ops, f"{name}_backward")(dout, cache)
+        out32, cache32 = getattr(ops, f"{name}_forward")(*single)
+        grads32 = getattr(ops, f"{name}_backward")(dout.astype(np.float32), cache32)
+        for i in compared:
+            assert grads[i].dtype == np.float16, (name, i)
+            assert relative_error(grads[i], grads32[i]) <= F16_SUM_TOL, (name, i, relative_error(grads[i], grads32[i]))
+
+
+@pytest.mark.filterwarnings("error")       # an overflow in the sum is a failure here
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_a_float16_loss_over_a_large_batch_is_finite(backend_name, label_smoothing):
+    """The cross-entropy's mean summed its (B, T) terms in float16, whose largest value is 65504:
+    a batch of the shakespeare-char preset (64 x 256 positions, loss ln 65 = 4.17 at the start) gave
+    loss inf. The terms are summed in float32, as the GPU kernel sums them."""
+    import minilm
+    from minilm import ops
+    minilm.use(backend_name)                                   # the autouse fixture restores the backend
+    rng = np.random.default_rng(0)
+    logits = (0.1 * rng.standard_normal((64, 256, 65))).astype(np.float16)
+    targets = rng.integers(0, 65, (64, 256))
+    loss, _ = ops.cross_entropy_forward(logits, targets, label_smoothing=label_smoothing)
+    loss32, _ = ops.cross_entropy_forward(logits.astype(np.float32), targets, label_smoothing=label_smoothing)
+    assert loss.dtype == np.float16
+    assert abs(float(loss) - float(loss32)) <= F16_SUM_TOL * float(loss32)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sixteen_bit_master_weights_are_refused_by_the_optimizers_and_clipping(dtype):
+    """Params(..., dtype=np.float16) holds 16-bit master weights: AdamW's first step made them -inf
+    and nan (eps = 1e-8 is 0 in float16, and v = (1 - beta2) g^2 underflows), and clip_grad_norm
+    read a gradient of norm 395 as inf and zeroed it. Both are refused, naming the mixed-precision
+    Params that a 16-bit model uses."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    P = Params([("W", (40, 40))], dtype=dtype)
+    message = r"holds (float16|bfloat16) master weights \(params.data\).*compute_dtype=np.float16"
+    for make in (lambda: optim.AdamW(P, 1e-3), lambda: optim.SGD(P, 0.1), lambda: optim.clip_grad_norm(P, 1.0)):
+        with pytest.raises(TypeError, match=message):
+            make()
+    mixed = Params([("W", (40, 40))], **precision_of(np.float16))         # float32 master weights: updated
+    mixed.grad[...] = 10.0
+    assert optim.clip_grad_norm(mixed, 1.0) == pytest.approx(400.0)
+    optim.AdamW(mixed, 1e-3).step()
+    assert np.isfinite(mixed.data).all()

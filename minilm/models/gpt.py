@@ -75,7 +75,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minilm import backend, ops
-from minilm.backend import get_array_module
+from minilm.backend import get_array_module, sum_rows
 from minilm.params import Params, precision_of
 from minilm.reference.attention import merge_heads, split_heads
 from minilm.validate import (as_float_dtype, require_backend_dtype, require_bool, require_divisible, require_ids,
@@ -382,7 +382,7 @@ class GPT:
             acc(h + "ln_1.beta", dbeta)
             dx = dx + dx_ln1
         demb, = dropout_backward(dx, c.drop_emb)                                       # x = dropout(tok + pos)
-        dpos_emb = xp.sum(demb, axis=0)               # (T, C) tok_emb + pos_emb broadcast pos_emb over B
+        dpos_emb = sum_rows(demb)                     # (T, C) tok_emb + pos_emb broadcast pos_emb over B
         _, dwpe = ops.embedding_backward(dpos_emb, c.wpe)                              # pos_emb = wpe[pos]
         acc("wpe", dwpe)
         _, dwte = ops.embedding_backward(demb, c.wte)                                  # tok_emb = wte[idx]
