@@ -162,8 +162,8 @@ def _require_params(op, params):
         raise TypeError(f"{op}: argument 'params' holds {dtype} master weights (params.data), which are not "
                         f"updated in 16 bits: a step below half a weight's last bit rounds away, and in float16 "
                         f"Adam's eps = 1e-8 is 0 and a squared gradient norm past 65504 is inf; keep float32 master "
-                        f"weights with a 16-bit compute copy, Params(specs, dtype=np.float32, compute_dtype=np.float16), "
-                        f"as GPT(config, dtype=np.float16) builds them")
+                        f"weights with a {dtype} compute copy, Params(specs, dtype=np.float32, compute_dtype={dtype}), "
+                        f"as GPT(config, dtype={dtype}) builds them")
 
 
 def _require_betas(op, betas):
@@ -448,11 +448,14 @@ class Step:
         _require_iter("Step", it)
         k = it // self.step_size
         try:
-            return self.lr * self.gamma ** k
+            lr = self.lr * self.gamma ** k
         except OverflowError:                                   # gamma > 1: gamma^k past the largest float
+            lr = math.inf
+        if not math.isfinite(lr):                               # or gamma^k finite and lr * gamma^k past it
             raise ValueError(f"Step: the learning rate lr * gamma ** (it // step_size) = {self.lr!r} * "
                              f"{self.gamma!r} ** {k} overflows at iteration {it}; choose a smaller 'gamma' "
-                             f"or a larger 'step_size'") from None
+                             f"or a larger 'step_size'")
+        return lr
 
 
 @dataclass(frozen=True)

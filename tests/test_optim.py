@@ -557,3 +557,12 @@ def test_a_step_schedule_whose_rate_overflows_says_so():
                                          r"0.001 \* 1e\+300 \*\* 2 overflows at iteration 2; choose a smaller "
                                          r"'gamma'"):
         schedule(2)
+
+
+def test_a_step_schedule_whose_product_with_lr_overflows_says_so():
+    """gamma ** k can be finite while lr * gamma ** k is not: Python's float product gives inf
+    without an OverflowError, and Step returned lr = inf instead of naming the overflow."""
+    schedule = Step(10.0, step_size=1, gamma=1e308)
+    assert schedule(0) == 10.0
+    with pytest.raises(ValueError, match=r"Step: the learning rate .* overflows at iteration 1"):
+        schedule(1)
