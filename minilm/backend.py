@@ -274,15 +274,16 @@ def get_array_module(*arrays):
     return np
 
 
-def sum_rows(a, axis=0):
-    """``sum(a, axis)`` in ``a``'s dtype; a 16-bit ``a`` (float16, bfloat16) is summed in float32 and
-    rounded once, as the GPU kernels sum it. NumPy adds float16 along an outer axis one row at a time
-    in float16, so the sum of a parameter's gradient over thousands of positions loses whatever falls
-    below the running sum's last bit (a (4096, C) array of 0.01 sums to 32 instead of 41)."""
+def sum_rows(a):
+    """The sum of ``a``'s rows (over axis 0), in ``a``'s dtype. A 16-bit ``a`` (float16, bfloat16) is
+    summed in float32 and rounded once, as the GPU kernels sum it: NumPy adds float16 along an outer
+    axis one row at a time in float16, so the sum of a parameter's gradient over thousands of
+    positions loses whatever falls below the running sum's last bit (a (4096, C) array of 0.01 sums
+    to 32 instead of 41)."""
     xp = get_array_module(a)
     if a.dtype.itemsize < 4:
-        return xp.sum(a, axis=axis, dtype=xp.float32).astype(a.dtype.type)
-    return xp.sum(a, axis=axis)
+        return xp.sum(a, axis=0, dtype=xp.float32).astype(a.dtype.type)
+    return xp.sum(a, axis=0)
 
 
 def to_numpy(a):

@@ -175,8 +175,8 @@ def gelu_backward(dy, cache):
         Phi = 0.5 * (1 + _erf(xp, xa / math.sqrt(2.0)))
         pdf = xp.exp(-0.5 * xa * xa) / math.sqrt(2.0 * math.pi)
         dphi = Phi + xa * pdf
-    dphi = dphi.astype(x.dtype.type, copy=False)               # in x's type
-    return (dphi * dy,)
+    dx = dphi * dy                                             # rounded once to 16 bits, below
+    return (dx.astype(xp.result_type(x.dtype, dy.dtype).type, copy=False),)
 
 
 # --- softmax ----------------------------------------------------------------------------------

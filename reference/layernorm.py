@@ -115,7 +115,6 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-5):
     """
     check_layernorm_args(x, gamma, beta, eps)
     xp = get_array_module(x)
-    eps = float(eps)                                           # a numpy float64 would promote float32 x
     # the mean and the variance in float64, as the kernels take them: a float32 sum can leave the
     # mean of a constant row an ulp off, and x - mu = ±ulp divided by sqrt(eps) gives x_hat ~ 0.3
     # at x ~ 1e4 instead of 0; and (x - mu)^2 overflows in float16 from |x - mu| = 256 on (in
