@@ -298,6 +298,11 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not progress, unit="it", dynamic_ncols=True)
     say = bar.write if progress and log is print else log      # printed above the bar, or to the caller's log
     warn = (lambda line: bar.write(line, file=sys.stderr)) if log is print else log
+    if carry_state and batches.n_chunks == 1:       # every batch then starts the streams over, from zeros
+        warn(f"minilm train: warning: --batching contiguous carries no state here: the training text "
+             f"({len(train_ids):,} characters) cut into --batch-size {cfg.batch_size} streams holds one "
+             f"--block-size {cfg.block_size} chunk per stream, so every batch starts from a zero state; a "
+             f"smaller --batch-size or --block-size carries it")
     train_time, train_tokens, start = 0.0, 0, time.perf_counter()
     tokens_per_step = cfg.batch_size * cfg.block_size
     first_step, png_failed, skipped_before = True, False, scaler.skipped

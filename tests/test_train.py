@@ -1279,6 +1279,24 @@ def test_the_recurrent_state_is_carried_only_by_contiguous_batches(corpus, tmp_p
         assert all(state is None for state in given)
 
 
+@pytest.mark.parametrize("characters, warned", [(200, True), (400, False)])
+def test_a_contiguous_run_whose_streams_hold_one_chunk_says_it_carries_no_state(tmp_path, characters, warned):
+    """180 training characters in 8 streams are 22 a stream: one chunk of 16, so every batch starts
+    the streams over from zeros, and --batching contiguous silently carried nothing. 360 hold two."""
+    path = tmp_path / "short.txt"
+    path.write_text("".join(np.random.default_rng(0).choice(list("abcdefgh "), characters)), encoding="utf-8")
+    said = []
+    cfg = TrainConfig(**dict(PY_TINY, model="lstm", hidden_size=8, batching="contiguous", batch_size=8))
+    train.train(cfg, data=str(path), out_dir=tmp_path / "run", progress=False, log=said.append)
+    warning = [line for line in said if "carries no state" in line]
+    assert len(warning) == int(warned), said
+    if warned:
+        assert warning[0] == ("minilm train: warning: --batching contiguous carries no state here: the training "
+                              "text (180 characters) cut into --batch-size 8 streams holds one --block-size 16 "
+                              "chunk per stream, so every batch starts from a zero state; a smaller --batch-size "
+                              "or --block-size carries it")
+
+
 @pytest.mark.parametrize("options, expected", [
     (dict(optimizer="adamw", lr=3e-3, beta1=0.8, beta2=0.95, weight_decay=0.05),
      {"name": "adamw", "lr": 3e-3, "betas": [0.8, 0.95], "weight_decay": 0.05}),
