@@ -495,7 +495,10 @@ class ContiguousBatches:
 
     The corpus is cut into ``batch_size`` parallel streams of equal length; row b of every batch
     continues row b of the previous one, so a recurrent model carries its hidden state across
-    batches. After the last full chunk the streams wrap around to their start.
+    batches. After the last full chunk the streams wrap around to their start (``reset``), so the
+    same few characters are never trained on: the last ``L mod block_size`` inputs of each stream of
+    L, and the ``N - 1 - batch_size L`` left after the last stream, at most
+    ``batch_size * block_size - 1`` in all (char-rnn leaves out about as many).
 
     Parameters
     ----------
