@@ -8,6 +8,7 @@ import pytest
 
 from minilm.gradcheck import DEFAULT_TOL, gradcheck
 from minilm.models import GPT, RNNLM, GPTConfig, RNNConfig, build_model, model_from_meta, model_meta, param_count
+from minilm.parallel import BatchParallel
 
 # DESIGN's bound for a float64 gradient check (the five-point stencil's own error is ~1e-10 or less)
 GRAD_TOL = DEFAULT_TOL
@@ -580,3 +581,18 @@ def test_models_and_optimizers_say_what_they_are_in_their_repr():
     gpt.params.zero_grad()
     sgd.step()
     assert repr(sgd).startswith("SGD(lr=0.1, momentum=0.0, ") and repr(sgd).endswith(") after 1 step")
+
+
+@pytest.mark.parametrize("rng", [-1, np.int64(-3)])
+@pytest.mark.parametrize("make", [lambda: GPT(GPTConfig(**GPT_TINY, dropout=0.1)),
+                                  lambda: RNNLM(RNNConfig(cell="gru", **RNN_TINY, dropout=0.1))], ids=["GPT", "RNNLM"])
+def test_forward_names_a_negative_dropout_seed(make, rng):
+    """A negative int seed is refused by the model, naming it and its argument, as ops.dropout_forward
+    refuses one; it had reached numpy.random.default_rng, whose error names neither."""
+    model = make()
+    idx, targets = batch()
+    said = rf"{type(model).__name__}.forward: argument 'rng' must be .*an int seed >= 0.*, got .*-\d"
+    with pytest.raises(TypeError, match=said):
+        model.forward(idx, targets, train=True, rng=rng)
+    with pytest.raises(TypeError, match=said):                  # the numba backend's runner: the same words
+        BatchParallel(model, 2).forward(idx, targets, train=True, rng=rng)

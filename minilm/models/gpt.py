@@ -171,6 +171,8 @@ def dropout_rng(op, rng, fallback):
     if isinstance(rng, np.random.Generator):
         return rng
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        if rng < 0:                                 # numpy's own error would name neither op nor argument
+            raise TypeError(f"{op}: argument 'rng' must be a numpy Generator, an int seed >= 0 or None, got {rng!r}")
         return np.random.default_rng(int(rng))
     raise TypeError(f"{op}: argument 'rng' must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
 
