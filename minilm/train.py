@@ -266,7 +266,8 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
         rows = len(kept_rows)
         elapsed_before = _elapsed_before(saved.meta, kept_rows)  # the run's earlier sessions
         log(f"resuming {last_path} at iteration {it}")
-        notes = [_rounding_note(saved.meta, runner, model, cfg.batch_size, slices), _dropout_note(saved.meta, cfg)]
+        notes = [_rounding_note(saved.meta, runner, model, cfg.batch_size, slices, cfg.dropout),
+                 _dropout_note(saved.meta, cfg)]
         if carry_state and "slices" not in saved.meta and math.isfinite(best_val):    # scored in windows, maybe
             best_val, note = _best_scored_now(best_path, saved, model, lambda: split_loss("val"))
             notes.append(note)
@@ -616,12 +617,17 @@ def _numba_threads():
     return numba.get_num_threads()
 
 
-def _rounding_note(meta, runner, model, batch_size, slices):
+def _rounding_note(meta, runner, model, batch_size, slices, dropout=0.0):
     """The note a resumed run prints about its rounding, else None. The backend and the batch's
     slices set the rounding: the note says where it changes (another backend, a checkpoint that
     does not record its slices, one slice on another thread count) and where it stays the same only
-    because the batches are cut into the saved run's ``slices``, not this machine's thread count."""
+    because the batches are cut into the saved run's ``slices``, not this machine's thread count.
+    With ``dropout``, the GPU draws other masks than the CPU backends (``minilm.gpu.dropout``)."""
     here, threads = backend.current(), _numba_threads()
+    if meta.get("backend", here) != here and dropout > 0 and "cupy" in (meta["backend"], here):
+        return (f"the run was saved on the {meta['backend']} backend and goes on on {here}, which draws other "
+                f"dropout masks from the same seeds: from here on it trains as a run on {here} would, not as "
+                f"the run straight through on {meta['backend']}")
     if meta.get("backend", here) != here:
         return (f"the run was saved on the {meta['backend']} backend and goes on on {here}: its losses agree "
                 f"with a run straight through to rounding only (on {meta['backend']} they stay exact)")

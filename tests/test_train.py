@@ -435,6 +435,26 @@ def test_a_run_resumed_where_its_backend_cannot_start_says_why(trained, capsys, 
     assert "--backend cupy keeps them exact" not in out
 
 
+@pytest.mark.parametrize("dropout", ["0", "0.1"])
+def test_a_run_with_dropout_resumed_off_the_gpu_says_its_masks_change(corpus, tmp_path, capsys, dropout):
+    """The GPU draws its dropout masks with another generator than the CPU backends, from the same
+    seeds: a run with dropout saved on cupy goes on on a CPU backend as a run there would, not to
+    rounding as the run straight through; without dropout only the rounding changes."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4", "--dropout", dropout) == 0
+    saved = checkpoint.load(out / "last.npz")
+    saved.meta.update(backend="cupy", threads=None)                     # as a GPU run saves it
+    checkpoint.save(out / "last.npz", params=saved.params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-iters", "6", "--backend", "numpy",
+                     "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    masks = ("saved on the cupy backend and goes on on numpy, which draws other dropout masks from the same "
+             "seeds: from here on it trains as a run on numpy would, not as the run straight through on cupy")
+    assert (masks in said) == (dropout != "0"), said
+    assert ("its losses agree with a run straight through to rounding only" in said) == (dropout == "0"), said
+
+
 def test_train_backend_help_says_resume_takes_the_saved_runs_backend():
     import argparse
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
