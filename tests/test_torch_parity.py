@@ -180,3 +180,78 @@ def test_a_contiguous_run_carries_its_state_as_a_pytorch_loop_does(case, backend
     for layer, ours in enumerate(saved.meta["rnn_state"]):
         for s, t in zip(ours, theirs):
             assert relative_error(np.array(s), t[layer].numpy()) <= TOL, f"the carried state of layer {layer}"
+
+
+# Dropout against PyTorch: the masks minilm draws (minilm.reference.dropout._uniform, which both
+# CPU backends call) are recorded and handed, in the order drawn, to the peer's dropout calls, so
+# that the two models drop the same elements. One step of each case, in float64, to TOL: what is
+# compared is where dropout sits and its math (the 1/(1 - p) scale, the backward's mask).
+DROPOUT = 0.2
+
+
+class _RecurrentPeerWithDropout(torch.nn.Module):
+    """The recurrent peer with dropout after every layer, the last too, where minilm's RNNLM has it
+    (char-rnn's placement; nn.LSTM's own ``dropout`` skips the last layer). Layer by layer, each a
+    one-layer module holding the peer's own tensors, so that the gradients land in the peer."""
+
+    def __init__(self, peer):
+        super().__init__()
+        self.peer = peer
+
+    def forward(self, idx, targets):
+        import torch.nn.functional as F
+        rnn, x = self.peer.rnn, self.peer.embed(idx)
+        for layer in range(rnn.num_layers):
+            one = type(rnn)(x.shape[-1], rnn.hidden_size, 1, batch_first=True).double()
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                setattr(one, f"{name}_l0", getattr(rnn, f"{name}_l{layer}"))
+            x = F.dropout(one(x)[0], DROPOUT, True)
+        logits = self.peer.head(x)
+        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_dropout_with_pytorchs_masks_gives_pytorchs_step(case, backend_name, monkeypatch):
+    import math
+    import torch.nn.functional as F
+    from minilm.reference import dropout as reference_dropout
+    minilm.use(backend_name)
+    cfg = dataclasses.replace(recipe(**CASES[case]), dropout=DROPOUT)
+    peer, model, kind = twins(cfg)
+    masks, draw = [], reference_dropout._uniform
+
+    def recording(xp, rng, shape):                               # minilm's draw, its mask kept
+        u = draw(xp, rng, shape)
+        masks.append(u < 1.0 - DROPOUT)
+        return u
+
+    def replayed(shape):
+        mask = masks.pop(0)
+        assert mask.shape == tuple(shape), "the peer drops out elsewhere than minilm"
+        return torch.from_numpy(mask.astype(np.float64))
+
+    def peer_dropout(x, p=0.5, training=True, inplace=False):
+        return x * replayed(x.shape) / (1 - p) if training and p else x
+
+    def peer_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **unused):
+        att = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (B, NH, T, T)
+        T_ = att.shape[-1]
+        att = att.masked_fill(~torch.ones(T_, T_, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        return (att * replayed(att.shape) / (1 - dropout_p) if dropout_p else att) @ v
+    monkeypatch.setattr(reference_dropout, "_uniform", recording)
+    monkeypatch.setattr(F, "dropout", peer_dropout)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", peer_attention)
+    rng = np.random.default_rng(7)
+    x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    loss = float(model.forward(x, y, train=True, rng=np.random.default_rng(3))[1])
+    model.backward(1.0)
+    drawn = len(masks)
+    assert drawn == (1 + 3 * cfg.n_layer if kind == "gpt" else cfg.n_layer)    # every place dropout sits
+    peer.train()
+    _, peer_loss = (peer if kind == "gpt" else _RecurrentPeerWithDropout(peer))(torch.from_numpy(x), torch.from_numpy(y))
+    peer_loss.backward()
+    assert not masks, "minilm drops out where the peer does not"
+    assert abs(loss - peer_loss.item()) <= TOL * abs(peer_loss.item())
+    for name, g in peers.minilm_arrays(peer, grads=True).items():
+        assert relative_error(model.params.grads[name], g) <= TOL, f"gradient of {name}"
