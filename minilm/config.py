@@ -203,7 +203,7 @@ MEANING = {
     "eval_interval": "iterations between evaluations (and checkpoints)",
     "eval_iters": "batches per loss estimate at each evaluation",
     "patience": "early stopping: evaluations without a better validation loss (0: no early stopping)",
-    "seed": "seeds the initial weights, the batches and dropout",
+    "seed": "seeds the initial weights, the training and evaluation batches, and dropout",
     "dtype": "float32 to train; float64 for checks; float16 and bfloat16 on a GPU, with float32 master weights",
 }
 

@@ -73,8 +73,9 @@ def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="arg
     predicted exactly once.
 
     By default ``ids`` is cut into non-overlapping windows (starting at 0, T, 2T, ...; a shorter
-    last window is scored too), each scored from an empty context, as a model trained on random
-    windows saw them. With ``carry_state`` (a recurrent model trained with contiguous batches,
+    last window is scored too), each scored on its own (a GPT predicts its first character from
+    that character alone, a recurrent model starts it from a zero state), as a model trained on
+    random windows saw them. With ``carry_state`` (a recurrent model trained with contiguous batches,
     which carries its state from one chunk to the next) ``ids`` is cut into ``batch_size`` streams
     instead, as ``ContiguousBatches`` cuts a corpus, and each stream is scored chunk by chunk with
     the state carried, so that every character is predicted from all of its stream's history
@@ -180,7 +181,8 @@ def run(args, out=print):
                       what=f"the {args.split} split of --data {data!r}")
     streams = min(batch_size, len(ids) - 1)
     how = (f"{streams} stream{'s' if streams > 1 else ''}, the state carried (trained with --batching contiguous)"
-           if carry else f"windows of {cfg['block_size']}, each from an empty context")
+           if carry else f"windows of {cfg['block_size']}, each scored on its own"
+           + ("" if model.kind == "gpt" else " from a zero state"))
     out(f"{args.checkpoint} (iteration {meta['iter']}) on the {args.split} split of {source}, "
         f"{result['characters']:,} characters in {how}:")
     out(f"  loss {result['loss']:.4f} nats/char, perplexity {result['perplexity']:.3f}, "

@@ -1183,6 +1183,18 @@ def test_a_contiguous_run_is_evaluated_with_its_state_carried(corpus, tmp_path, 
     assert f"loss {whole:.4f} nats/char" in said
 
 
+@pytest.mark.parametrize("model, how", [("gpt", "windows of 16, each scored on its own:"),
+                                        ("lstm", "windows of 16, each scored on its own from a zero state:")])
+def test_eval_says_how_a_model_trained_on_random_windows_is_scored(corpus, tmp_path, capsys, model, how):
+    """Not "from an empty context": a GPT predicts each window's first character from that character."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--model", model, "--max-iters", "2") == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out / "last.npz"), "--backend", "numpy"]) == 0
+    said = capsys.readouterr().out
+    assert f"characters in {how}" in said and "empty context" not in said, said
+
+
 def test_eval_uses_the_given_batch_size(trained, monkeypatch, capsys):
     from minilm import evaluate as evaluate_module
     seen = []
