@@ -274,16 +274,21 @@ def get_array_module(*arrays):
     return np
 
 
+def accumulation_dtype(dtype):
+    """The dtype that data of ``dtype`` is summed or computed in: float32 for 16-bit data (float16,
+    bfloat16), as the GPU kernels take it, since float16 overflows past 65504 and a 16-bit running
+    sum drops what falls below its last bit; ``dtype`` itself otherwise, in native byte order."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype.newbyteorder("=")
+
+
 def sum_rows(a):
-    """The sum of ``a``'s rows (over axis 0), in ``a``'s dtype. A 16-bit ``a`` (float16, bfloat16) is
-    summed in float32 and rounded once, as the GPU kernels sum it: NumPy adds float16 along an outer
-    axis one row at a time in float16, so the sum of a parameter's gradient over thousands of
-    positions loses whatever falls below the running sum's last bit (a (4096, C) array of 0.01 sums
-    to 32 instead of 41)."""
+    """The sum of ``a``'s rows (over axis 0), in ``a``'s dtype, summed in ``accumulation_dtype``: NumPy
+    adds float16 along an outer axis one row at a time in float16, so the sum of a parameter's
+    gradient over thousands of positions lost whatever fell below the running sum's last bit (a
+    (4096, C) array of 0.01 summed to 32 instead of 41)."""
     xp = get_array_module(a)
-    if a.dtype.itemsize < 4:
-        return xp.sum(a, axis=0, dtype=xp.float32).astype(a.dtype.type)
-    return xp.sum(a, axis=0)
+    return xp.sum(a, axis=0, dtype=accumulation_dtype(a.dtype)).astype(a.dtype.type, copy=False)
 
 
 def to_numpy(a):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from minilm import optim
+
 MODELS = ("gpt", "rnn", "lstm", "gru")
 OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "rmsprop")
 SCHEDULE_NAMES = ("cosine", "constant", "step")
@@ -144,20 +146,15 @@ def validate(cfg):
         length = (f"'--lr-decay-iters' ({cfg.lr_decay_iters})" if cfg.lr_decay_iters else
                   f"'--max-iters' ({cfg.max_iters}), the schedule's length while '--lr-decay-iters' is 0,")
         raise ValueError(f"minilm train: option {length} must exceed '--warmup-iters' ({cfg.warmup_iters})")
-    if cfg.schedule == "step" and not math.isfinite(_last_step_lr(cfg)):
-        raise ValueError(f"minilm train: option '--lr-gamma' ({cfg.lr_gamma!r}) every '--lr-step-size' "
-                         f"({cfg.lr_step_size}) iterations takes '--lr' ({cfg.lr!r}) past the largest float "
-                         f"before '--max-iters' ({cfg.max_iters}); choose a smaller --lr-gamma or a larger "
-                         f"--lr-step-size")
+    if cfg.schedule == "step":
+        try:
+            optim.Step(cfg.lr, cfg.lr_step_size, cfg.lr_gamma)(cfg.max_iters)   # its largest rate, for gamma > 1
+        except ValueError:                                                        # past the largest float
+            raise ValueError(f"minilm train: option '--lr-gamma' ({cfg.lr_gamma!r}) every '--lr-step-size' "
+                             f"({cfg.lr_step_size}) iterations takes '--lr' ({cfg.lr!r}) past the largest float "
+                             f"before '--max-iters' ({cfg.max_iters}); choose a smaller --lr-gamma or a larger "
+                             f"--lr-step-size") from None
     return cfg
-
-
-def _last_step_lr(cfg):
-    """The step schedule's learning rate at iteration ``max_iters`` (inf where it overflows)."""
-    try:
-        return cfg.lr * cfg.lr_gamma ** (cfg.max_iters // cfg.lr_step_size)
-    except OverflowError:
-        return math.inf
 
 
 def _parse_bool(text):

@@ -35,7 +35,7 @@ normalises over the last axis, of any size ≥ 1).
 import math
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import accumulation_dtype, get_array_module
 from minilm.validate import (require_cache, require_choice, require_float, require_gradient, require_min_ndim,
                              require_nonempty)
 
@@ -138,20 +138,20 @@ def check_gelu_args(x, approximate):
     require_choice("gelu", "approximate", approximate, GELU_APPROXIMATIONS)
 
 
-def _at_least_float32(xp, x):
-    """16-bit ``x`` as float32, the precision the GPU kernels compute in (others as they are); the
-    result goes back to x's type with ``astype(x.dtype.type)``, in native byte order. In float16 the
+def _at_least_float32(x):
+    """16-bit ``x`` as float32 (``accumulation_dtype``; others as they are); the result goes back to
+    x's type with ``astype(x.dtype.type)``, in native byte order. In float16 the
     tanh form's x^3 overflows from |x| ~ 40 on and 3 c x^2 from |x| ~ 700 on, where the backward's
     0.5 x (1 - tanh^2 u) du/dx was 0 * inf = nan; the exact form's 1 + erf(x/√2) rounds to 0 from
     x ~ -3 on (y = 0 at x = -4, where it is -1.3e-4), and its x^2 overflows from |x| = 256 on."""
-    return x.astype(xp.float32) if x.dtype.itemsize < 4 else x
+    return x.astype(accumulation_dtype(x.dtype), copy=False)
 
 
 def gelu_forward(x, *, approximate="tanh"):
     """GELU, y = x Φ(x); ``approximate="tanh"`` is GPT-2's form, ``"none"`` the exact erf form."""
     check_gelu_args(x, approximate)
     xp = get_array_module(x)
-    xa = _at_least_float32(xp, x)
+    xa = _at_least_float32(x)
     if approximate == "tanh":
         u = _SQRT_2_OVER_PI * (xa + _GELU_CUBIC * xa * xa * xa)
         y = 0.5 * xa * (1 + xp.tanh(u))
@@ -166,7 +166,7 @@ def gelu_backward(dy, cache):
     x, approximate = cache.x, cache.approximate                # any tier's cache (the numba tier's also keeps e)
     require_gradient("gelu_backward", "dy", dy, x.shape, "(same as x)")
     xp = get_array_module(x)
-    xa = _at_least_float32(xp, x)
+    xa = _at_least_float32(x)
     if approximate == "tanh":
         tanh_u = xp.tanh(_SQRT_2_OVER_PI * (xa + _GELU_CUBIC * xa * xa * xa))
         du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * xa * xa)

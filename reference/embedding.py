@@ -36,7 +36,7 @@ y      (..., C)    dout (..., C)
 """
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import accumulation_dtype, get_array_module
 from minilm.validate import require_cache, require_float, require_gradient, require_ids, require_ndim, require_nonempty
 
 
@@ -80,7 +80,7 @@ def embedding_backward(dout, cache):
     xp = get_array_module(dout)
     # a 16-bit dout accumulates in float32, rounded once at the end, as the GPU kernel does: thousands
     # of positions share an id in a character model, and a float16 running sum would lose most of them
-    acc = xp.float32 if dout.dtype.itemsize < 4 else dout.dtype
+    acc = accumulation_dtype(dout.dtype)
     dE = xp.zeros((V, C), dtype=acc)                           # (V, C)
     # from y = E[ids]: scatter every row of dout back to its id; repeated ids accumulate
     xp.add.at(dE, ids.reshape(-1), dout.reshape(-1, C).astype(acc, copy=False))   # (N,) ids, (N, C) rows

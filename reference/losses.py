@@ -58,7 +58,7 @@ loss     ()         dloss ()
 import numbers
 from typing import NamedTuple
 
-from minilm.backend import get_array_module
+from minilm.backend import accumulation_dtype, get_array_module
 from minilm.validate import (as_scalar_gradient, require_cache, require_float, require_ids, require_min_ndim,
                              require_nonempty, require_probability, require_shape)
 
@@ -116,7 +116,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, label_smoothing
     ell = (1.0 - eps) * nll + eps * smooth if eps else nll     # (...)
     # summed in float32 for 16-bit logits, as the GPU kernel sums them: a float16 sum passes its
     # largest value, 65504, at 16k positions of loss ln 65 (one batch of the shakespeare-char preset)
-    acc = xp.float32 if logits.dtype.itemsize < 4 else None
+    acc = accumulation_dtype(logits.dtype)
     loss = xp.sum(xp.where(counted, ell, 0.0), dtype=acc) / max(M, 1)   # ()  0 when nothing is counted
     loss = xp.asarray(loss, dtype=logits.dtype)                # () a 0-d array, not a scalar
     return loss, CrossEntropyCache(xp.exp(logp), t, counted, M, eps)
@@ -137,7 +137,7 @@ def cross_entropy_backward(dloss, cache):
     p, t, counted, M, eps = cache
     xp = get_array_module(p)
     # 16-bit logits take dloss and the shares in float32: a loss scale of 2^16 is inf in float16
-    acc = xp.float32 if p.dtype.itemsize < 4 else p.dtype
+    acc = accumulation_dtype(p.dtype)
     dloss = as_scalar_gradient("cross_entropy_backward", "dloss", dloss, xp, acc)         # ()
     V = p.shape[-1]
     onehot = (xp.arange(V) == t[..., None]).astype(p.dtype)   # (..., V)
