@@ -23,6 +23,7 @@ def load_model(path, required_meta=MODEL_META):
         _require_params_of(saved.meta["model"], saved.params)      # before a model of that size is built
         model = model_from_meta(saved.meta["model"])
         model.params.load(saved.params)
+        require_finite(model.params, saved.params)
     except (ValueError, TypeError) as e:        # an edited file's entries: the file is named, then the entry
         raise type(e)(f"load_model: '{path}': {e}") from None
     return model, saved_tokenizer(saved.meta, path, "load_model"), saved.meta
@@ -52,6 +53,22 @@ def _require_params_of(model_meta, params):
     if tuple(params.shape) != (n,):
         raise ValueError(f"its entry 'params' has shape {tuple(params.shape)}, but the model its meta describes has "
                          f"{n:,} parameters; they were not saved together")
+
+
+def require_finite(params, flat):
+    """Refuse saved weights that hold NaN or an infinity, which would make the losses and the logits
+    NaN (``minilm train`` stops on such a loss before it saves). ``flat`` is the saved buffer, laid out
+    as ``params``."""
+    flat = np.asarray(flat, dtype=np.float64)                   # (a bfloat16 file's, too)
+    if np.isfinite(flat).all():
+        return
+    for name in params:
+        bad = flat[params.slice(name)]
+        bad = bad[~np.isfinite(bad)]
+        if bad.size:
+            raise ValueError(f"its parameter '{name}' holds {bad.size:,} value{'s' if bad.size > 1 else ''} that "
+                             f"{'are' if bad.size > 1 else 'is'} not finite (first {bad[0]}); a model with it "
+                             f"would compute NaN losses and logits")
 
 
 def _noticed(forward):

@@ -15,6 +15,7 @@ import pytest
 
 from minilm import checkpoint, cli, config, data, optim, train
 from minilm.config import TrainConfig
+from minilm.models import model_from_meta
 
 # a tiny model and run, so each training takes a fraction of a second on the numpy backend
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--hidden-size", "16", "--block-size", "16",
@@ -669,6 +670,24 @@ def test_a_checkpoint_whose_meta_lacks_an_entry(corpus, trained, tmp_path, comma
             if command == "resume" else [command, "--checkpoint", str(out / "last.npz"), "--backend", "numpy"])
     err = _error(capsys, argv)
     assert "has no meta entries tokenizer, which this reads; the checkpoints minilm train writes have them" in err
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+@pytest.mark.parametrize("command", ["eval", "sample", "resume"])
+def test_weights_that_are_not_finite_are_refused_by_name(trained, command, value, capsys):
+    """A NaN or infinite weight would make every loss NaN: eval used to print 'loss nan' and exit 0."""
+    path = trained / "last.npz"
+    saved = checkpoint.load(path)
+    params = saved.params.copy()
+    params[-1] = value                                          # the last parameter's last entry
+    checkpoint.save(path, params=params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    argv = (["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy", "--no-progress"]
+            if command == "resume" else [command, "--checkpoint", str(path), "--backend", "numpy"])
+    kept = path.read_bytes()
+    err = _error(capsys, argv)
+    last = list(model_from_meta(saved.meta["model"]).params)[-1]
+    assert f"'{path}'" in err and f"its parameter '{last}' holds 1 value that is not finite (first {value})" in err
+    assert path.read_bytes() == kept
 
 
 def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model(trained, tmp_path, capsys):
