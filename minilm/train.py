@@ -254,6 +254,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
             if carry_state and saved.meta.get("rnn_state") is not None:     # (older random-batched runs saved one too)
                 state = [tuple(backend.to_backend(np.asarray(s, dtype=dtype)) for s in layer)
                          for layer in saved.meta["rnn_state"]]
+                model._check_state("its meta entry 'rnn_state'", state, cfg.batch_size)     # before a step uses it
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"checkpoint.load: '{last_path}' holds a run state that minilm train cannot restore "
                              f"({type(e).__name__}: {e}); was it edited?") from None

@@ -754,6 +754,23 @@ def test_resume_names_the_file_of_a_hand_edited_run_state(trained, capsys, entry
     assert {name: (trained / name).read_bytes() for name in saved} == saved
 
 
+def test_resume_names_the_file_of_a_carried_state_of_the_wrong_shape(corpus, tmp_path, capsys):
+    """A contiguous run's saved state, edited to another width, was refused by the model's forward,
+    which names neither the file nor the entry."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--model", "lstm", "--batching", "contiguous", "--max-iters", "4") == 0
+    path = out / "last.npz"
+    ckpt = checkpoint.load(path)
+    state = [[np.asarray(s)[:, :-1].tolist() for s in layer] for layer in ckpt.meta["rnn_state"]]
+    checkpoint.save(path, params=ckpt.params, optimizer_state=ckpt.optimizer_state, meta={**ckpt.meta, "rnn_state": state})
+    kept = path.read_bytes()
+    capsys.readouterr()
+    err = _error(capsys, ["train", "--out", str(out), "--resume", "--max-iters", "8", "--backend", "numpy",
+                          "--no-progress"])
+    assert f"'{path}' holds a run state" in err and "its meta entry 'rnn_state'" in err and "shape (" in err
+    assert path.read_bytes() == kept
+
+
 @pytest.mark.parametrize("edit", ["steps", "int_params", "batches"])
 def test_resume_names_the_file_of_edited_weights_optimizer_or_batches(trained, capsys, edit):
     """The weights, the optimizer's state and the batches' state are refused by their own readers,
