@@ -366,3 +366,24 @@ def test_the_numba_backend_uses_the_kernels():
         assert getattr(ops, f"{op}_backward") is backward(REFERENCE, op)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_float64_parity_holds_relative_at_small_activations(op):
+    """DESIGN's float64 parity (1e-12 relative) holds for inputs whose pre-activations are small too:
+    the kernels' tanh is accurate relative to its value, not only to 1, near 0 (1 - e^{-2|a|} cancelled
+    to ~u / |a| relative, 5e-11 for these arrays)."""
+    args = tuple(1e-6 * a for a in make_args(op, 2, 5, 4, 3, seed=1))
+    h, cache = forward(NUMBA, op)(*args)
+    h_ref, cache_ref = forward(REFERENCE, op)(*args)
+    assert_same(h, h_ref, EXACT_TOL, "h", floor=0.0)
+    dh = np.random.default_rng(2).standard_normal(h.shape)
+    assert_same_all(backward(NUMBA, op)(dh, cache), backward(REFERENCE, op)(dh, cache_ref), EXACT_TOL,
+                    ARGUMENTS[op], floor=0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tanh_is_accurate_relative_near_zero(dtype):
+    """tanh within ACTIVATION_ULPS of its own size (not only of 1) for small |a|, as NumPy's."""
+    a = np.concatenate([np.logspace(-30, 0, 2001), -np.logspace(-30, 0, 2001)]).astype(dtype)
+    y, exact = _apply(2, a), _exact(2, a)
+    ulps = np.abs(y - exact) / np.spacing(np.abs(exact).astype(dtype)).astype(np.longdouble)
+    assert float(np.max(ulps)) <= ACTIVATION_ULPS
