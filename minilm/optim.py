@@ -248,12 +248,13 @@ class Optimizer:
         if not isinstance(state, dict) or state.get("name") != self.name:
             got = state.get("name") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{op}: argument 'state' must be the state of a {self.name!r} optimizer, got {got!r}")
-        for key in self.buffers:
-            if getattr(self, key) is not None:
-                setattr(self, key, self._restore_buffer(op, key, state.get(key)))
         steps = state.get("steps", 0)
         if not is_count(steps):
             raise ValueError(f"{op}: argument 'state' entry 'steps' must be an integer >= 0, got {steps!r}")
+        restored = {key: self._restore_buffer(op, key, state.get(key))        # all checked before any is kept
+                    for key in self.buffers if getattr(self, key) is not None}
+        for key, buffer in restored.items():
+            setattr(self, key, buffer)
         self.steps = int(steps)
 
     def _restore_buffer(self, op, key, saved):

@@ -307,6 +307,23 @@ def test_load_state_dict_rejects_a_missing_buffer():
         SGD(params, lr=0.1, momentum=0.9).load_state_dict(state)
 
 
+@pytest.mark.parametrize("edit", [{"steps": -1}, {"v": np.zeros(3)}])
+def test_a_refused_state_leaves_the_optimizer_as_it_was(edit):
+    """A state refused for its step count or for its second buffer had already replaced the first
+    buffer: the optimizer went on with another run's m and its own v."""
+    params = make_params()
+    opt = Adam(params, lr=0.1)
+    run(opt, params, gradients(params.size, n=2))
+    before = {key: getattr(opt, key).copy() for key in ("m", "v")}
+    other = Adam(make_params(seed=7), lr=0.1)
+    run(other, other.params, gradients(params.size, n=3, seed=3))
+    with pytest.raises(ValueError, match="'steps'" if "steps" in edit else "buffer 'v'"):
+        opt.load_state_dict({**other.state_dict(), **edit})
+    assert opt.steps == 2
+    for key, value in before.items():
+        np.testing.assert_array_equal(getattr(opt, key), value)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad options
 
