@@ -444,7 +444,13 @@ def _run_settings(cfg, out_dir, *, resume, overwrite, log):
             # Done before the checks, which would otherwise take the new --max-iters for its length.
             cfg = dataclasses.replace(cfg, lr_decay_iters=saved_cfg.max_iters)
             schedule_kept = True
-    cfg = config.validate(cfg)
+    try:
+        cfg = config.validate(cfg)
+    except ValueError as e:
+        if not schedule_kept:
+            raise
+        raise ValueError(f"{e}; that --lr-decay-iters is the saved run's schedule length, which --lr-decay-iters "
+                         f"0 took from its --max-iters; give --lr-decay-iters to set another") from None
     if schedule_kept:
         log(f"the learning-rate schedule keeps its length of {cfg.lr_decay_iters} iterations (--lr-decay-iters 0 "
             f"took the saved run's --max-iters); give --lr-decay-iters to set another")

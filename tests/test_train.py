@@ -479,6 +479,18 @@ def test_resume_keeps_the_schedule_length_that_lr_decay_iters_0_gave(corpus, tmp
     assert checkpoint.load(resumed / "last.npz").meta["train_config"]["lr_decay_iters"] == 8
 
 
+def test_a_resume_refused_for_a_kept_schedule_length_says_where_that_length_came_from(corpus, tmp_path, capsys):
+    """The refusal named an --lr-decay-iters the user never gave (the first run's --max-iters)."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "8", "--lr-decay-iters", "0", "--warmup-iters", "2") == 0
+    capsys.readouterr()
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), "--resume", "--max-iters", "12",
+                          "--warmup-iters", "10", "--backend", "numpy", "--no-progress"])
+    assert "'--lr-decay-iters' (8) must exceed '--warmup-iters' (10)" in err
+    assert "that --lr-decay-iters is the saved run's schedule length, which --lr-decay-iters 0 took from its " \
+           "--max-iters; give --lr-decay-iters to set another" in err
+
+
 def _signal_in_step(monkeypatch, signum, step):
     """Send ``signum`` to this process in the middle of training step ``step`` (inside its clipping)."""
     real_clip, calls = train.optim.clip_grad_norm, []
