@@ -192,7 +192,8 @@ MEANING = {
     "momentum": "sgd's or rmsprop's momentum",
     "nesterov": "sgd: Nesterov momentum (needs --momentum)",
     "rmsprop_alpha": "rmsprop's decay of the squared gradients",
-    "grad_clip": "clip the gradient's global norm to this (0: no clipping)",
+    "grad_clip": "clip the gradient's global norm to this: the gradient is scaled by clip / (norm + 1e-6) "
+                 "when that is below 1, as by PyTorch's clip_grad_norm_ (0: no clipping)",
     "batch_size": "sequences per batch B",
     "batching": "random windows, or (recurrent) contiguous streams that carry the state from batch to batch, "
                 "as char-rnn",
