@@ -101,8 +101,12 @@ def _probs(logits, temperature, top_k, top_p, *, op="generate", what="the model'
         order = np.argsort(-probs, kind="stable")                        # most probable first
         sorted_probs = probs[order]
         mass_before = np.cumsum(sorted_probs) - sorted_probs             # probability of the tokens ahead
+        # a mass within the sum's rounding (V ulps of 1) of top_p has reached it: V equal tokens reach
+        # top_p = j / V after j of them, whichever way the j-th partial sum rounds
+        reached = np.flatnonzero(mass_before >= top_p - len(probs) * np.finfo(np.float64).eps)
+        n_keep = max(1, int(reached[0])) if reached.size else len(probs)   # the first token is always kept
         keep = np.zeros(probs.shape, dtype=bool)
-        keep[order[mass_before < top_p]] = True                          # the first token is always kept
+        keep[order[:n_keep]] = True
         probs = np.where(keep, probs, 0.0)
         probs = probs / np.sum(probs)
     return probs

@@ -318,3 +318,13 @@ def test_an_odd_block_size_shifts_to_its_newest_half_rounded_down():
     from minilm.sample import context_shift
     assert [context_shift(n, 5) for n in (5, 6)] == [0, 6 - 5 // 2]
     assert context_shift(2, 1) == 1                   # block_size 1: the newest token alone
+
+
+@pytest.mark.parametrize("V", [6, 10, 12, 13, 100])
+def test_top_p_over_equal_tokens_keeps_the_smallest_set_reaching_it(V):
+    """V equally likely tokens reach top_p = j / V with j of them, whichever way the partial sums
+    round: 10 tokens at top_p = 0.8 had kept 9 (0.1 + ... + 0.1 rounds to 0.7999999999999999), at
+    0.9 all 10; 100 tokens at 0.1 had kept 11."""
+    for j in range(1, V + 1):
+        assert np.count_nonzero(next_token_probs(np.zeros(V), top_p=j / V)) == j, f"top_p = {j}/{V}"
+    assert np.count_nonzero(next_token_probs(np.zeros(V), top_p=1e-300)) == 1      # always one token
