@@ -101,6 +101,16 @@ def test_train_without_matplotlib_draws_nothing_and_still_trains(corpus, tmp_pat
     assert [r["iter"] for r in _metrics(out)] == [0, 4]
 
 
+def test_an_overwritten_runs_curve_is_not_left_for_the_new_run(corpus, tmp_path, monkeypatch):
+    """--overwrite removed the old metrics but kept the old loss.png, which a run without matplotlib
+    (or one stopped before its first evaluation) never drew over: the folder showed the old curve."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "4") == 0
+    (out / "loss.png").write_bytes(b"the old run's curve")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert _train(corpus, out, "--max-iters", "4", "--overwrite") == 0
+    assert not (out / "loss.png").exists()
+
 
 @pytest.mark.parametrize("error", ["AttributeError('_ARRAY_API not found')",        # a matplotlib for another NumPy
                                    "ImportError('numpy.core.multiarray failed to import')",
