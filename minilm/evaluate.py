@@ -59,8 +59,7 @@ def require_finite(params, flat):
     """Refuse saved weights that hold NaN or an infinity, which would make the losses and the logits
     NaN (``minilm train`` stops on such a loss before it saves). ``flat`` is the saved buffer, laid out
     as ``params``."""
-    flat = np.asarray(flat, dtype=np.float64)                   # (a bfloat16 file's, too)
-    if np.isfinite(flat).all():
+    if np.isfinite(flat).all():                                 # (bfloat16's ml_dtypes has isfinite too)
         return
     for name in params:
         bad = flat[params.slice(name)]
