@@ -56,17 +56,24 @@ def _require_params_of(model_meta, params):
 
 
 def require_finite(params, flat):
-    """Refuse saved weights that hold NaN or an infinity, which would make the losses and the logits
-    NaN (``minilm train`` stops on such a loss before it saves). ``flat`` is the saved buffer, laid out
-    as ``params``."""
-    if np.isfinite(flat).all():                                 # (bfloat16's ml_dtypes has isfinite too)
+    """Refuse loaded weights that hold NaN or an infinity, which would make the losses and the logits
+    NaN (``minilm train`` stops on such a loss before it saves). ``params`` has loaded ``flat``, the
+    saved buffer laid out as it: the weights the forward reads are checked, in their own dtype (no
+    copy), so a saved value too large for that dtype, which loads as an infinity, is refused too."""
+    weights = params.compute                                    # what the forward reads (params.data unmixed)
+    xp = backend.get_array_module(weights)
+    if bool(xp.isfinite(weights).all()):
         return
     for name in params:
-        bad = flat[params.slice(name)]
-        bad = bad[~np.isfinite(bad)]
+        where = params.slice(name)
+        bad = backend.to_numpy(xp.flatnonzero(~xp.isfinite(weights[where])))
         if bad.size:
+            i = where.start + int(bad[0])
+            first, saved = float(weights[i]), float(flat[i])
+            if math.isfinite(saved):                            # finite in the file, not in the model's dtype
+                first = f"{first}, saved as {saved!r}, which {weights.dtype} cannot hold"
             raise ValueError(f"its parameter '{name}' holds {bad.size:,} value{'s' if bad.size > 1 else ''} that "
-                             f"{'are' if bad.size > 1 else 'is'} not finite (first {bad[0]}); a model with it "
+                             f"{'are' if bad.size > 1 else 'is'} not finite (first {first}); a model with it "
                              f"would compute NaN losses and logits")
 
 

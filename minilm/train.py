@@ -449,7 +449,7 @@ def _run_settings(cfg, out_dir, *, resume, overwrite, log):
     try:
         cfg = config.validate(cfg)
     except ValueError as e:
-        if not schedule_kept:
+        if not schedule_kept or "'--lr-decay-iters'" not in str(e):    # another option's refusal: not the length's
             raise
         raise ValueError(f"{e}; that --lr-decay-iters is the saved run's schedule length, which --lr-decay-iters "
                          f"0 took from its --max-iters; give --lr-decay-iters to set another") from None

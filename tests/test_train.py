@@ -501,6 +501,18 @@ def test_a_resume_refused_for_a_kept_schedule_length_says_where_that_length_came
            "--max-iters; give --lr-decay-iters to set another" in err
 
 
+def test_a_resume_refused_for_another_option_does_not_blame_the_kept_schedule_length(corpus, tmp_path, capsys):
+    """The note on a kept schedule length was added to every refusal of config.validate, such as a
+    --min-lr above --lr, on a resume of a --lr-decay-iters 0 run that changes --max-iters."""
+    out = tmp_path / "run"
+    assert _train(corpus, out, "--max-iters", "8", "--lr-decay-iters", "0", "--warmup-iters", "2") == 0
+    capsys.readouterr()
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), "--resume", "--max-iters", "12",
+                          "--warmup-iters", "2", "--min-lr", "0.5", "--backend", "numpy", "--no-progress"])
+    assert "option '--min-lr' (0.5) must not exceed '--lr'" in err
+    assert "schedule length" not in err
+
+
 def _signal_in_step(monkeypatch, signum, step):
     """Send ``signum`` to this process in the middle of training step ``step`` (inside its clipping)."""
     real_clip, calls = train.optim.clip_grad_norm, []
@@ -710,6 +722,24 @@ def test_weights_that_are_not_finite_are_refused_by_name(trained, command, value
     last = list(model_from_meta(saved.meta["model"]).params)[-1]
     assert f"'{path}'" in err and f"its parameter '{last}' holds 1 value that is not finite (first {value})" in err
     assert path.read_bytes() == kept
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")     # NumPy's, as it loads
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_saved_weight_too_large_for_the_models_dtype_is_refused(trained, command, capsys):
+    """A float64 file's 1e39 loads into a float32 model as inf: the loaded weights, not the saved
+    ones, are what the model computes with (eval printed 'loss nan' and exited 0)."""
+    path = trained / "last.npz"
+    saved = checkpoint.load(path)
+    params = saved.params.astype(np.float64)
+    params[-1] = 1e39                                           # finite in float64, past float32's largest
+    checkpoint.save(path, params=params, optimizer_state=saved.optimizer_state, meta=saved.meta)
+    argv = (["train", "--out", str(trained), "--resume", "--max-iters", "8", "--backend", "numpy", "--no-progress"]
+            if command == "resume" else [command, "--checkpoint", str(path), "--backend", "numpy"])
+    err = _error(capsys, argv)
+    last = list(model_from_meta(saved.meta["model"]).params)[-1]
+    assert f"'{path}'" in err and f"its parameter '{last}' holds 1 value that is not finite (first inf, saved as " \
+                                  f"1e+39, which float32 cannot hold)" in err
 
 
 def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model(trained, tmp_path, capsys):
