@@ -287,10 +287,12 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
                 f"to train on")
             result.update(stopped_early=True, iter=it)
             return result
-    elif os.path.lexists(metrics_path):      # a link to nothing too: appends would go through it
-        os.remove(metrics_path)              # a fresh run starts a fresh metrics file (--overwrite: else refused)
-        with contextlib.suppress(OSError):  # (one that is not a file is said when the curve is drawn)
-            os.remove(os.path.join(out_dir, "loss.png"))    # and the old run's curve, which it may never draw over
+    else:
+        if os.path.lexists(metrics_path):    # a link to nothing too: appends would go through it
+            os.remove(metrics_path)          # a fresh run starts a fresh metrics file (--overwrite: else refused)
+        if overwrite:                        # and no old curve, which this run may never draw over
+            with contextlib.suppress(OSError):      # (one that is not a file is said when the curve is drawn)
+                os.remove(os.path.join(out_dir, "loss.png"))
 
     # 4. the loop: evaluate (and save) every eval_interval and at the end, then one step
     log(f"{cfg.model} model, {model.params.size:,} parameters, vocabulary {tokenizer.vocab_size}, "

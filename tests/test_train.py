@@ -110,6 +110,10 @@ def test_an_overwritten_runs_curve_is_not_left_for_the_new_run(corpus, tmp_path,
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert _train(corpus, out, "--max-iters", "4", "--overwrite") == 0
     assert not (out / "loss.png").exists()
+    (out / "loss.png").write_bytes(b"the old run's curve")
+    (out / "metrics.jsonl").unlink()                            # its metrics deleted by hand: still a run
+    assert _train(corpus, out, "--max-iters", "4", "--overwrite") == 0
+    assert not (out / "loss.png").exists()
 
 
 @pytest.mark.parametrize("error", ["AttributeError('_ARRAY_API not found')",        # a matplotlib for another NumPy
