@@ -261,6 +261,9 @@ class Optimizer:
         data = self.params.data
         if saved is None:
             raise ValueError(f"{op}: argument 'state' has no {key!r} buffer, which this {self.name} optimizer needs")
+        if not hasattr(saved, "shape"):
+            raise TypeError(f"{op}: buffer {key!r} must be an array, as state_dict() returns it, "
+                            f"got {type(saved).__name__}")
         if tuple(saved.shape) != tuple(data.shape):
             raise ValueError(f"{op}: buffer {key!r} must have shape {tuple(data.shape)} (the parameters'), "
                              f"got {tuple(saved.shape)}")

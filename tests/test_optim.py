@@ -300,6 +300,14 @@ def test_load_state_dict_rejects_a_wrong_shape():
         Adam(small, lr=0.1).load_state_dict(state)
 
 
+def test_load_state_dict_rejects_a_buffer_that_is_not_an_array():
+    params = make_params()
+    state = {**Adam(params, lr=0.1).state_dict(), "m": [0.0] * params.size}     # an AttributeError before
+    with pytest.raises(TypeError, match=r"Adam.load_state_dict: buffer 'm' must be an array, as state_dict\(\) "
+                                        r"returns it, got list"):
+        Adam(params, lr=0.1).load_state_dict(state)
+
+
 def test_load_state_dict_rejects_a_missing_buffer():
     params = make_params()
     state = SGD(params, lr=0.1).state_dict()                    # no momentum: no buffer saved
