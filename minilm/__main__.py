@@ -1,5 +1,5 @@
 import sys
 
-from minilm.cli import main
+from minilm.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

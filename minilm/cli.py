@@ -318,5 +318,14 @@ def main(argv=None):
         sys.stdout, sys.stderr = streams
 
 
+def entry():
+    """The `minilm` command: ``main()``, then a Ctrl-C during the interpreter's exit (the command done,
+    a run's checkpoints saved) ends the process as the signal does, which the shell reports as 130,
+    rather than as a KeyboardInterrupt traceback from a finalizer (tqdm's, the thread pools')."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

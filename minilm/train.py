@@ -451,6 +451,8 @@ def _run_settings(cfg, out_dir, *, resume, overwrite, log):
     try:
         cfg = config.validate(cfg)
     except ValueError as e:
+        if saved is not None:       # a change --resume refuses anyway is the error, not what it makes of the
+            _check_unchanged_on_resume(saved_cfg, cfg, last_path)       # saved settings (--model gpt: --n-head)
         if not schedule_kept or "'--lr-decay-iters'" not in str(e):    # another option's refusal: not the length's
             raise
         raise ValueError(f"{e}; that --lr-decay-iters is the saved run's schedule length, which --lr-decay-iters "

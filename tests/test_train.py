@@ -879,6 +879,10 @@ def test_resume_drops_blank_metrics_lines_and_starts_a_deleted_file_afresh(corpu
     (["--model", "lstm"], ["--model", "gru"], "model"),
     (["--model", "lstm"], ["--hidden-size", "8"], "hidden-size"),
     ([], ["--dtype", "float64"], "dtype"),
+    # a change --resume refuses is said before what the changed setting makes of the saved ones
+    (["--model", "lstm", "--batching", "contiguous"], ["--model", "gpt"], "model"),
+    (["--model", "lstm", "--n-embd", "15"], ["--model", "gpt"], "model"),
+    (["--optimizer", "adam", "--nesterov", "true"], ["--optimizer", "sgd"], "optimizer"),
 ])
 def test_resume_names_an_option_that_cannot_change(corpus, tmp_path, capsys, first, then, option):
     out = tmp_path / "run"
@@ -2723,3 +2727,17 @@ def test_an_error_after_output_to_a_full_disk_keeps_its_own_exit_code(corpus, tm
                               stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     assert "the training loss became nan" in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     assert done.returncode == 2
+
+
+def test_a_ctrl_c_while_the_command_exits_prints_no_traceback(corpus, tmp_path):
+    """Ctrl-C just after a run has ended (its checkpoints saved) lands in the interpreter's exit, in
+    tqdm's or the thread pools' finalizers: it ends the process as the signal does (the shell says
+    130), where Python printed a KeyboardInterrupt traceback from the finalizer."""
+    code = ("import atexit, os, runpy, signal, time\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(2)))   # Ctrl-C at exit\n"
+            "runpy.run_module('minilm', run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", code, "train", "--data", corpus, "--out", str(tmp_path / "run"),
+                          *TINY, "--max-iters", "2"], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr
+    assert run.returncode == -signal.SIGINT
+    assert checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 2
