@@ -58,7 +58,7 @@ def expm1_nonpositive(x):
 
 
 def tanh(a):
-    """tanh(a) in a's dtype, with the one exp of ``exp_nonpositive`` (see the module docstring)."""
+    """tanh(a) in a's dtype, with the one exp of ``expm1_nonpositive`` (see the module docstring)."""
     return np.tanh(a)
 
 
@@ -87,30 +87,31 @@ def _pow2(typingctx, k, like):
     return like(k, like), codegen
 
 
-def _exp_nonpositive_32(x):
-    lo = np.float32(-87.33654)                                     # ln of the smallest normal float32
-    xc = lo if x < lo else x                                       # a NaN stays NaN
+LN_SMALLEST_NORMAL_32, LN_SMALLEST_NORMAL_64 = np.float32(-87.33654), -708.3964185322641   # below: e^x is 0
+
+
+def _exp_reduced_32(x):
+    """(e^r - 1, 2^n) with e^x = 2^n e^r, for x <= 0 down to ln of the smallest normal float32."""
+    xc = LN_SMALLEST_NORMAL_32 if x < LN_SMALLEST_NORMAL_32 else x   # a NaN stays NaN
     n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))  # n = round(x / ln 2), in [-126, 0]
     r = (xc - n * np.float32(0.693145751953125)) - n * np.float32(1.4286068e-06)  # r = x - n ln 2
-    p = np.float32(1 / 5040)                                       # e^r by its Taylor series to r^7/7!,
+    p = np.float32(1 / 5040)                                       # e^r - 1 by its Taylor series to r^7/7!,
     p = p * r + np.float32(1 / 720)                                # the remainder below 1e-8 relative
     p = p * r + np.float32(1 / 120)
     p = p * r + np.float32(1 / 24)
     p = p * r + np.float32(1 / 6)
     p = p * r + np.float32(1 / 2)
     p = p * r + np.float32(1)
-    p = p * r + np.float32(1)
     k = np.int32(n) if n == n else np.int32(0)                     # (never a NaN into an integer)
-    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
-    return np.float32(0) if x < lo else y
+    return p * r, _pow2(k, xc)
 
 
-def _exp_nonpositive_64(x):
-    lo = -708.3964185322641                                        # ln of the smallest normal float64
-    xc = lo if x < lo else x                                       # a NaN stays NaN
+def _exp_reduced_64(x):
+    """(e^r - 1, 2^n) with e^x = 2^n e^r, for x <= 0 down to ln of the smallest normal float64."""
+    xc = LN_SMALLEST_NORMAL_64 if x < LN_SMALLEST_NORMAL_64 else x   # a NaN stays NaN
     n = np.floor(xc * 1.4426950408889634 + 0.5)                    # n = round(x / ln 2), in [-1022, 0]
     r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10   # r = x - n ln 2 (fdlibm's split)
-    p = 1 / 6227020800                                             # e^r by its Taylor series to r^13/13!,
+    p = 1 / 6227020800                                             # e^r - 1 by its Taylor series to r^13/13!,
     p = p * r + 1 / 479001600                                      # the remainder below 1e-17 relative
     p = p * r + 1 / 39916800
     p = p * r + 1 / 3628800
@@ -123,64 +124,43 @@ def _exp_nonpositive_64(x):
     p = p * r + 1 / 6
     p = p * r + 1 / 2
     p = p * r + 1.0
-    p = p * r + 1.0
     k = np.int64(n) if n == n else np.int64(0)                     # (never a NaN into an integer)
-    y = p * _pow2(k, xc)                                           # e^x = e^r 2^n
-    return 0.0 if x < lo else y
+    return p * r, _pow2(k, xc)
 
 
-def _expm1_nonpositive_32(x):
-    lo = np.float32(-87.33654)                                     # as in _exp_nonpositive_32
-    xc = lo if x < lo else x
-    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = (xc - n * np.float32(0.693145751953125)) - n * np.float32(1.4286068e-06)
-    p = np.float32(1 / 5040)
-    p = p * r + np.float32(1 / 720)
-    p = p * r + np.float32(1 / 120)
-    p = p * r + np.float32(1 / 24)
-    p = p * r + np.float32(1 / 6)
-    p = p * r + np.float32(1 / 2)
-    p = p * r + np.float32(1)
-    q = p * r                                                      # e^r - 1
-    k = np.int32(n) if n == n else np.int32(0)
-    s = _pow2(k, xc)                                               # 2^n, exact
-    y = q * s + (s - np.float32(1))                                # 2^n (e^r - 1) + (2^n - 1)
-    return np.float32(-1) if x < lo else y
+def _exp_reduced(x):
+    """(e^r - 1, 2^n) of ``exp_nonpositive``'s reduction (a kernel's helper: compiled, never called)."""
+    raise NotImplementedError("_exp_reduced runs only inside a Numba kernel")
 
 
-def _expm1_nonpositive_64(x):
-    lo = -708.3964185322641                                        # as in _exp_nonpositive_64
-    xc = lo if x < lo else x
-    n = np.floor(xc * 1.4426950408889634 + 0.5)
-    r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10
-    p = 1 / 6227020800
-    p = p * r + 1 / 479001600
-    p = p * r + 1 / 39916800
-    p = p * r + 1 / 3628800
-    p = p * r + 1 / 362880
-    p = p * r + 1 / 40320
-    p = p * r + 1 / 5040
-    p = p * r + 1 / 720
-    p = p * r + 1 / 120
-    p = p * r + 1 / 24
-    p = p * r + 1 / 6
-    p = p * r + 1 / 2
-    p = p * r + 1.0
-    q = p * r                                                      # e^r - 1
-    k = np.int64(n) if n == n else np.int64(0)
-    s = _pow2(k, xc)                                               # 2^n, exact
-    y = q * s + (s - 1.0)                                          # 2^n (e^r - 1) + (2^n - 1)
-    return -1.0 if x < lo else y
+@overload(_exp_reduced)
+def _exp_reduced_overload(x):
+    return {types.float32: _exp_reduced_32, types.float64: _exp_reduced_64}.get(x)
 
 
 @overload(exp_nonpositive)
 def _exp_nonpositive(x):
-    return {types.float32: _exp_nonpositive_32, types.float64: _exp_nonpositive_64}.get(x)
+    if x not in SCALAR_TYPES:
+        return None
+    lo = LN_SMALLEST_NORMAL_32 if x == types.float32 else LN_SMALLEST_NORMAL_64
+    zero, one = SCALAR_TYPES[x](0), SCALAR_TYPES[x](1)
+
+    def exp_scalar(x):
+        q, s = _exp_reduced(x)
+        return zero if x < lo else (q + one) * s                   # e^x = (1 + (e^r - 1)) 2^n
+    return exp_scalar
 
 
 @overload(expm1_nonpositive)
 def _expm1_nonpositive(x):
-    return {types.float32: _expm1_nonpositive_32, types.float64: _expm1_nonpositive_64}.get(x)
+    if x not in SCALAR_TYPES:
+        return None
+    lo, one = LN_SMALLEST_NORMAL_32 if x == types.float32 else LN_SMALLEST_NORMAL_64, SCALAR_TYPES[x](1)
+
+    def expm1_scalar(x):
+        q, s = _exp_reduced(x)
+        return -one if x < lo else q * s + (s - one)               # e^x - 1 = 2^n (e^r - 1) + (2^n - 1)
+    return expm1_scalar
 
 
 @overload(sigmoid)
