@@ -65,7 +65,7 @@ def _loop(cfg, batches, val, step, evaluate, say=_silent):
             seconds += steps * timed_seconds / timed if timed else 0.0
             steps, timed, timed_seconds = 0, 0, 0.0
             curve.append({"iter": it, "train_seconds": seconds, "val_loss": evaluate(val)})
-            say(f"iter {it}: val loss {curve[-1]['val_loss']:.4f}")
+            say(f"iter {it}: val loss {curve[-1]['val_loss']:.4f}, {seconds:.1f} s of training")
         if it == cfg.max_iters:
             break
         t0 = time.perf_counter()

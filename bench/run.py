@@ -247,9 +247,10 @@ def _check_writable(path):
 
 def _git_commit():
     """The commit of the checkout minilm runs from ('-dirty' added when tracked files changed), or
-    None where it is not a git checkout (an installed package) or git cannot say."""
+    None where it is not a git checkout (an installed package) or git cannot say. The links that
+    gpu/run.sh runs minilm through are followed to the checkout."""
     import minilm
-    root = os.path.dirname(os.path.dirname(os.path.abspath(minilm.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.realpath(minilm.__file__)))
     if not os.path.exists(os.path.join(root, ".git")):
         return None
     try:

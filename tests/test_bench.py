@@ -549,8 +549,10 @@ def test_replay_trains_minilm_from_the_peers_weights_to_the_peers_curve(preset_n
         assert abs(a["val_loss"] - b["val_loss"]) <= REPLAY_TOL, (a, b)
     assert any("from the PyTorch peer's initial weights" in line for line in lines)
     # each evaluation is said as it is made, the peer's first: minutes of silence otherwise
-    assert lines.index("  pytorch: iter 20: val loss %.4f" % peer[-1]["val_loss"]) < lines.index(
-        "  numpy: iter 0: val loss %.4f" % ours[0]["val_loss"])
+    # with the training seconds so far, which the table at the end gives only at the target and the end
+    said = "  %s: iter %d: val loss %.4f, %.1f s of training"
+    assert lines.index(said % ("pytorch", 20, peer[-1]["val_loss"], peer[-1]["train_seconds"])) < lines.index(
+        said % ("numpy", 0, ours[0]["val_loss"], 0.0))
 
 
 def test_converge_past_the_presets_iterations_keeps_its_schedule(tmp_path, monkeypatch):
@@ -1435,3 +1437,30 @@ def test_both_sides_of_a_gpt_measurement_count_its_parameters_alike(monkeypatch,
     ours = worker.minilm_train({"backend": "numpy", "steps": 1, "warmup": 0}, cfg, 11)
     peer = worker.torch_train({"steps": 1, "warmup": 0}, cfg, 11)
     assert ours["n_params"] == peer["n_params"] == 11 * 8 + 12 * 8 * 8 + 3 * 8     # wte, one block, 3 gammas
+
+
+def test_the_json_names_the_checkouts_commit_also_through_gpu_run_shs_links(monkeypatch, tmp_path):
+    """gpu/run.sh runs minilm from a folder of links to the checkout's files (so that pyproject's
+    mapping of bench/, gpu/ and reference/ holds without an install): the JSON names the
+    checkout's commit there too, not none."""
+    import shutil
+    import subprocess
+    import minilm
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "checkout"
+    (repo / "minilm").mkdir(parents=True)
+    (repo / "minilm" / "__init__.py").write_text("")
+    git = ["git", "-C", str(repo), "-c", "user.name=minilm", "-c", "user.email=minilm@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    links = tmp_path / "links" / "minilm"                   # as gpu/run.sh builds it: ln -s "$repo"/minilm/* ...
+    links.mkdir(parents=True)
+    try:
+        (links / "__init__.py").symlink_to(repo / "minilm" / "__init__.py")
+    except OSError as e:                                    # Windows without the right to make links
+        pytest.skip(f"cannot make a symbolic link here: {e}")
+    monkeypatch.setattr(minilm, "__file__", str(links / "__init__.py"))
+    assert bench_run._git_commit() == head
