@@ -301,8 +301,6 @@ class GPT:
         require_bool(op, "train", train)
         p = cfg.dropout if train else 0.0
         rng = dropout_rng(op, rng, self.rng)
-        self._cache = None          # the previous batch's caches go before this batch's are made,
-                                    # not after: both at once would double the activations' memory
         B, T = idx.shape
         pos = xp.arange(T)                                                             # (T,)
 

@@ -240,8 +240,6 @@ class RNNLM:
         require_bool(op, "train", train)
         p = cfg.dropout if train else 0.0
         rng = dropout_rng(op, rng, self.rng)
-        self._cache = None          # the previous batch's caches go before this batch's are made,
-                                    # not after: both at once would double the activations' memory
 
         x, c_wte = ops.embedding_forward(idx, P["wte"])                                # (B, T, n_embd)
         layers, new_state = [], []
