@@ -21,6 +21,10 @@ Used by the recurrent cells, GELU and the attention softmax.
 ``sum_in_any_order`` adds up the start of a row in float64 with its additions in any order, so
 that the compiler can vectorise them (see ``minilm.cpu._parallel.SUMS_IN_ANY_ORDER``); the flag
 stays on its own instructions when it is inlined into a kernel that has no such flag.
+
+The kernels start their float64 sums at ``np.float64(0.0)``, not ``0.0``. Compiled, the two are the
+same; run as Python (``NUMBA_DISABLE_JIT=1``), NumPy 2 adds a float32 element to the Python float
+0.0 in float32, and the sum would lose the precision the compiled kernel has.
 """
 import numpy as np
 from llvmlite import ir
@@ -65,7 +69,7 @@ def tanh(a):
 @jit(error_model="numpy", fastmath={"reassoc"})
 def sum_in_any_order(a, n):
     """sum(a[:n]) accumulated in float64, the additions in any order (rounding differs only)."""
-    s = 0.0
+    s = np.float64(0.0)
     for j in range(n):
         s += a[j]
     return s

@@ -37,7 +37,7 @@ def _softmax_forward_kernel(x):
         for n in range(1, N):
             if x[r, n] > m:
                 m = x[r, n]
-        Z = 0.0
+        Z = np.float64(0.0)
         for n in range(N):
             y[r, n] = np.exp(x[r, n] - m)                       # every exponent <= 0
             Z += y[r, n]
@@ -54,7 +54,7 @@ def _softmax_backward_kernel(dy, y):
     N4 = N - N % 4
     for r in prange(R):
         # s = sum_j dy_j y_j, in four interleaved partial sums so that the additions need not wait on each other
-        s0 = s1 = s2 = s3 = 0.0
+        s0 = s1 = s2 = s3 = np.float64(0.0)
         for n in range(0, N4, 4):
             s0 += dy[r, n] * y[r, n]
             s1 += dy[r, n + 1] * y[r, n + 1]

@@ -151,7 +151,7 @@ def _attention_forward_kernel(q, k, v, mask, masked, causal, scale):
                         A[j] = 0
                     continue
                 # A_ij = e^{S_ij - m_i} / Z_i
-                Z = 0.0
+                Z = np.float64(0.0)
                 for j in range(n):
                     A[j] = np.exp(A[j] - m)
                     Z += A[j]
@@ -219,7 +219,7 @@ def _attention_backward_kernel(dy, q, k, v, att, scale):
                     dv[b, h, j, d] += a3 * dy4[3, d]
             # forward: A_i = softmax(S_i), so dS_ij = A_ij (datt_ij - sum_l datt_il A_il)
             for r in range(4):
-                s = 0.0
+                s = np.float64(0.0)
                 for j in range(n4):
                     s += dA4[r, j] * A4[r, j]
                 for j in range(n4):
@@ -316,7 +316,7 @@ def _weights_backward_kernel(datt, att, scale):
         b, h = bh // NH, bh % NH
         for i in range(Tq):
             g, A = datt[b, h, i], att[b, h, i]                  # (Tk,) each
-            s = 0.0                                             # accumulated in float64
+            s = np.float64(0.0)                                 # accumulated in float64
             for j in range(Tk):
                 s += g[j] * A[j]
             s = g.dtype.type(s)

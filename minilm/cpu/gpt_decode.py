@@ -115,7 +115,7 @@ def _decode(data, block_offsets, top_offsets, tokens, t, K, V, n_head, block_siz
                         s += qkv[h * hs + d] * K[l, b, h, j, d]
                     scores[j] = s * scale
                     m = max(m, scores[j])
-                Z = 0.0
+                Z = np.float64(0.0)
                 for j in range(t + 1):
                     scores[j] = exp_nonpositive(scores[j] - m)
                     Z += scores[j]

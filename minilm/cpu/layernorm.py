@@ -40,11 +40,11 @@ def _forward_rows(x, gamma, beta, eps, y, x_hat, rstd):
     f = x.dtype.type
     for n in prange(N):
         row = x[n]
-        s = 0.0
+        s = np.float64(0.0)
         for i in range(C):
             s += row[i]
         mu = s / C                                             # mean
-        s = 0.0
+        s = np.float64(0.0)
         for i in range(C):
             d = row[i] - mu
             s += d * d
@@ -68,8 +68,8 @@ def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma, dbeta):
     dbeta_parts = np.zeros((n_blocks, C))
     for blk in prange(n_blocks):
         for n in range(blk * ROWS_PER_BLOCK, min(N, (blk + 1) * ROWS_PER_BLOCK)):
-            sum_dx_hat = 0.0
-            sum_dx_hat_x_hat = 0.0
+            sum_dx_hat = np.float64(0.0)
+            sum_dx_hat_x_hat = np.float64(0.0)
             for i in range(C):
                 dbeta_parts[blk, i] += dy[n, i]                     # from y = gamma x_hat + beta
                 dgamma_parts[blk, i] += dy[n, i] * x_hat[n, i]      # from y = gamma x_hat + beta
@@ -82,8 +82,8 @@ def _backward_rows(dy, x_hat, rstd, gamma, dx, dgamma, dbeta):
             for i in range(C):
                 dx[n, i] = rstd[n] * (dy[n, i] * gamma[i] - mean_dx_hat - x_hat[n, i] * mean_dx_hat_x_hat)
     for i in range(C):
-        sg = 0.0
-        sb = 0.0
+        sg = np.float64(0.0)
+        sb = np.float64(0.0)
         for blk in range(n_blocks):
             sg += dgamma_parts[blk, i]
             sb += dbeta_parts[blk, i]

@@ -44,8 +44,8 @@ def _forward_rows(logits, t, counted, eps, p, ell):
         m = logits[n, 0]
         for j in range(1, V):
             m = max(m, logits[n, j])                           # row maximum
-        s = 0.0
-        sum_zc = 0.0
+        s = np.float64(0.0)
+        sum_zc = np.float64(0.0)
         for j in range(V):
             zc = logits[n, j] - m                              # every entry <= 0
             e = np.exp(zc)
