@@ -1451,7 +1451,8 @@ def test_the_json_names_the_checkouts_commit_also_through_gpu_run_shs_links(monk
     repo = tmp_path / "checkout"
     (repo / "minilm").mkdir(parents=True)
     (repo / "minilm" / "__init__.py").write_text("")
-    git = ["git", "-C", str(repo), "-c", "user.name=minilm", "-c", "user.email=minilm@example.org"]
+    git = ["git", "-C", str(repo), "-c", "user.name=minilm", "-c", "user.email=minilm@example.org",
+           "-c", "commit.gpgsign=false"]                   # (a user's config may sign commits)
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
