@@ -383,6 +383,26 @@ def test_float64_parity_holds_relative_at_small_activations(op):
                     ARGUMENTS[op], floor=0.0)
 
 
+@jit
+def _reduced(a):
+    q, s = np.empty_like(a), np.empty_like(a)
+    for j in range(a.shape[0]):
+        q[j], s[j] = cpu_math._exp_reduced(a[j])
+    return q, s
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_exp_reduction_splits_e_to_the_x_into_a_power_of_2_and_e_to_the_r(dtype):
+    """(e^r - 1, 2^n) of the kernels' reduction, and of its NumPy twin: 2^n exact, |r| <= ln 2 / 2."""
+    x = -np.concatenate([np.linspace(0, 80, 10001), np.logspace(-30, 1, 301)]).astype(dtype)
+    for q, s in (_reduced(x), cpu_math._exp_reduced(x)):
+        assert q.dtype == s.dtype == dtype
+        n = np.log2(s)
+        assert np.all(n == np.round(n)) and np.all(np.abs(np.log1p(q.astype(np.float64))) <= np.log(2) / 2 + 1e-6)
+        np.testing.assert_allclose((q.astype(np.float64) + 1) * s, np.exp(x.astype(np.float64)),
+                                   rtol=8 * np.finfo(dtype).eps, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_tanh_is_accurate_relative_near_zero(dtype):
     """tanh within ACTIVATION_ULPS of its own size (not only of 1) for small |a|, as NumPy's."""

@@ -133,8 +133,12 @@ def _exp_reduced_64(x):
 
 
 def _exp_reduced(x):
-    """(e^r - 1, 2^n) of ``exp_nonpositive``'s reduction (a kernel's helper: compiled, never called)."""
-    raise NotImplementedError("_exp_reduced runs only inside a Numba kernel")
+    """(e^r - 1, 2^n) of ``exp_nonpositive``'s reduction, e^x = 2^n e^r with n = round(x / ln 2),
+    in x's dtype (NumPy's, outside the kernels; the kernels compile the overload below)."""
+    x = np.asarray(x)
+    n = np.floor(x.astype(np.float64) / np.log(2) + 0.5)
+    r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10   # ln 2 in two parts, as below
+    return np.expm1(r).astype(x.dtype), np.exp2(n).astype(x.dtype)
 
 
 @overload(_exp_reduced)
