@@ -92,6 +92,7 @@ def _pow2(typingctx, k, like):
 
 
 LN_SMALLEST_NORMAL_32, LN_SMALLEST_NORMAL_64 = np.float32(-87.33654), -708.3964185322641   # below: e^x is 0
+LN2_HI_64, LN2_LO_64 = 6.93147180369123816490e-01, 1.90821492927058770002e-10   # ln 2 in two parts (fdlibm's)
 
 
 def _exp_reduced_32(x):
@@ -114,7 +115,7 @@ def _exp_reduced_64(x):
     """(e^r - 1, 2^n) with e^x = 2^n e^r, for x <= 0 down to ln of the smallest normal float64."""
     xc = LN_SMALLEST_NORMAL_64 if x < LN_SMALLEST_NORMAL_64 else x   # a NaN stays NaN
     n = np.floor(xc * 1.4426950408889634 + 0.5)                    # n = round(x / ln 2), in [-1022, 0]
-    r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10   # r = x - n ln 2 (fdlibm's split)
+    r = (xc - n * LN2_HI_64) - n * LN2_LO_64                      # r = x - n ln 2, n LN2_HI_64 exact
     p = 1 / 6227020800                                             # e^r - 1 by its Taylor series to r^13/13!,
     p = p * r + 1 / 479001600                                      # the remainder below 1e-17 relative
     p = p * r + 1 / 39916800
@@ -137,7 +138,7 @@ def _exp_reduced(x):
     in x's dtype (NumPy's, outside the kernels; the kernels compile the overload below)."""
     x = np.asarray(x)
     n = np.floor(x.astype(np.float64) / np.log(2) + 0.5)
-    r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10   # ln 2 in two parts, as below
+    r = (x - n * LN2_HI_64) - n * LN2_LO_64
     return np.expm1(r).astype(x.dtype), np.exp2(n).astype(x.dtype)
 
 
