@@ -10,6 +10,7 @@ the process, CuPy's and cuBLAS's included), and for minilm the Python functions 
 host longest (cProfile). Wall time above device time is time the GPU waited for the host.
 Needs CuPy, a CUDA build of PyTorch and a GPU; ``gpu/run.sh OUTDIR profile`` runs it.
 """
+import argparse
 import cProfile
 import importlib.util
 import io
@@ -115,11 +116,24 @@ def main(dtypes):
         print(f"  {label:18s} {wall:9.2f} {device_ms:11.2f}")
 
 
-if __name__ == "__main__":
-    dtypes = sys.argv[1:] or ["float32", "bfloat16"]
+def _parse(argv=None):
+    """The command line: the dtypes to profile, each once, in the order given."""
+    parser = argparse.ArgumentParser(
+        prog="python -m minilm.bench.gpu_profile",
+        description="Where a GPU training step of the baby GPT goes, minilm (cupy) beside PyTorch eager. "
+                    "Needs CuPy, a CUDA build of PyTorch and a GPU.")
+    parser.add_argument("dtypes", nargs="*", metavar="DTYPE",
+                        help="float32, bfloat16 or float16 (default: float32 bfloat16)")
+    dtypes = parser.parse_args(argv).dtypes
+    # (argparse's choices= would refuse the empty list of no DTYPE before Python 3.12)
     unknown = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
     if unknown:
-        sys.exit(f"usage: python -m minilm.bench.gpu_profile [float32] [bfloat16] [float16]; got {' '.join(unknown)}")
+        parser.error(f"DTYPE must be float32, bfloat16 or float16; got {', '.join(map(repr, unknown))}")
+    return list(dict.fromkeys(dtypes)) or ["float32", "bfloat16"]
+
+
+if __name__ == "__main__":
+    dtypes = _parse()
     missing = [m for m in ("cupy", "torch") if importlib.util.find_spec(m) is None]
     if missing:
         sys.exit(f"minilm.bench.gpu_profile: needs CuPy and a CUDA PyTorch on a GPU machine; "

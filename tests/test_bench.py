@@ -1465,3 +1465,21 @@ def test_the_json_names_the_checkouts_commit_also_through_gpu_run_shs_links(monk
         pytest.skip(f"cannot make a symbolic link here: {e}")
     monkeypatch.setattr(minilm, "__file__", str(links / "__init__.py"))
     assert bench_run._git_commit() == head
+
+
+def test_gpu_profile_answers_help_and_refuses_an_unknown_dtype_by_name():
+    """The GPU profiler's command line: --help exits 0 with the usage on any machine, and a dtype it
+    does not profile is a usage error naming it, before CuPy or PyTorch is looked for."""
+    import subprocess
+    import sys
+
+    help_run = subprocess.run([sys.executable, "-m", "minilm.bench.gpu_profile", "--help"],
+                              capture_output=True, text=True)
+    assert help_run.returncode == 0 and "DTYPE" in help_run.stdout and "bfloat16" in help_run.stdout
+    bad = subprocess.run([sys.executable, "-m", "minilm.bench.gpu_profile", "float32", "float64"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "DTYPE" in bad.stderr and "'float64'" in bad.stderr and "'float32'" not in bad.stderr
+    from minilm.bench.gpu_profile import _parse
+    assert _parse([]) == ["float32", "bfloat16"]
+    assert _parse(["float16", "float32", "float16"]) == ["float16", "float32"]
