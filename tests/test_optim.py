@@ -308,6 +308,19 @@ def test_load_state_dict_rejects_a_buffer_that_is_not_an_array():
         Adam(params, lr=0.1).load_state_dict(state)
 
 
+@pytest.mark.parametrize("values", [[None], ["0.5"], [0.5 + 1j]], ids=["None", "text", "complex"])
+def test_load_state_dict_rejects_a_buffer_that_is_not_of_real_numbers(values):
+    """An array of None or of text became NaN or numbers by a silent cast; complex lost its imaginary
+    part with only a warning."""
+    params = make_params()
+    state = {**Adam(params, lr=0.1).state_dict(), "v": np.array(values * params.size)}
+    opt = Adam(params, lr=0.1)
+    with pytest.raises(TypeError, match=r"Adam.load_state_dict: buffer 'v' must be an array of real numbers, "
+                                        r"as state_dict\(\) returns it, got one of dtype (object|<U3|complex128)"):
+        opt.load_state_dict(state)
+    assert not opt.v.any()
+
+
 def test_load_state_dict_rejects_a_missing_buffer():
     params = make_params()
     state = SGD(params, lr=0.1).state_dict()                    # no momentum: no buffer saved
