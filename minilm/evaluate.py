@@ -22,8 +22,7 @@ def load_model(path, required_meta=MODEL_META):
     try:
         _require_params_of(saved.meta["model"], saved.params)      # before a model of that size is built
         model = model_from_meta(saved.meta["model"])
-        model.params.load(saved.params)
-        require_finite(model.params, saved.params)
+        load_finite(model.params, saved.params)
     except (ValueError, TypeError) as e:        # an edited file's entries: the file is named, then the entry
         raise type(e)(f"load_model: '{path}': {e}") from None
     return model, saved_tokenizer(saved.meta, path, "load_model"), saved.meta
@@ -53,6 +52,14 @@ def _require_params_of(model_meta, params):
     if tuple(params.shape) != (n,):
         raise ValueError(f"its entry 'params' has shape {tuple(params.shape)}, but the model its meta describes has "
                          f"{n:,} parameters; they were not saved together")
+
+
+def load_finite(params, flat):
+    """``params.load(flat)``, then ``require_finite``: a saved value too large for the model's dtype
+    is refused by name there, without NumPy's warning of an overflow in the cast before it."""
+    with np.errstate(over="ignore"):
+        params.load(flat)
+    require_finite(params, flat)
 
 
 def require_finite(params, flat):

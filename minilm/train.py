@@ -37,7 +37,7 @@ from minilm.validate import as_numpy_dtype, require_bool
 from minilm.data import (CharTokenizer, ContiguousBatches, RandomBatches, evaluation_batches, load_saved_text,
                          load_text, physical_memory as _physical_memory, split, text_digest)
 from minilm.models import build_model, model_meta, param_count
-from minilm.evaluate import require_finite, saved_tokenizer, stream_loss
+from minilm.evaluate import load_finite, saved_tokenizer, stream_loss
 from minilm.parallel import batch_runner
 
 
@@ -244,8 +244,7 @@ def _train(cfg, data, folder, *, resume, overwrite, progress, cuda_graph, log):
     if saved is not None:
         checkpoint.check_compatible(saved.meta, {"model": model_meta(model)}, path=last_path)
         try:                        # states that their readers check, but know no file of
-            model.params.load(saved.params)
-            require_finite(model.params, saved.params)
+            load_finite(model.params, saved.params)
             optimizer.load_state_dict(saved.optimizer_state)
             batches.load_state_dict(saved.meta["batches"])
             dropout_rng.bit_generator.state = saved.meta["dropout_rng"]

@@ -728,7 +728,7 @@ def test_weights_that_are_not_finite_are_refused_by_name(trained, command, value
     assert path.read_bytes() == kept
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")     # NumPy's, as it loads
+@pytest.mark.filterwarnings("error::RuntimeWarning")      # NumPy's overflow in the cast came before the refusal
 @pytest.mark.parametrize("command", ["eval", "resume"])
 def test_a_saved_weight_too_large_for_the_models_dtype_is_refused(trained, command, capsys):
     """A float64 file's 1e39 loads into a float32 model as inf: the loaded weights, not the saved
