@@ -553,6 +553,10 @@ def _refuse_a_held_run(out_dir):
     """A new run never replaces another run's files unasked."""
     held = [name for name in ("last.npz", "best.npz", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
     if not held:
+        if os.path.lexists(os.path.join(out_dir, "loss.png")):         # a run draws it only beside its metrics
+            raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} holds a loss.png but no run, "
+                             f"and a run draws its loss curve there; move that file, train into another --out, "
+                             f"or pass --overwrite to replace it")
         return
     if "last.npz" in held:
         raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} already holds a run "

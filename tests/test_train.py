@@ -658,6 +658,19 @@ def test_a_metrics_file_alone_is_a_run_too(corpus, trained, tmp_path, capsys):
     assert (out / "metrics.jsonl").read_bytes() == (trained / "metrics.jsonl").read_bytes()   # kept
 
 
+def test_a_loss_png_alone_is_not_drawn_over_unasked(corpus, tmp_path, capsys):
+    """A folder with a loss.png and no run holds a file the user made or kept: a fresh run drew its own
+    curve over it at the first evaluation."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"the user's own picture")
+    err = _error(capsys, ["train", "--data", corpus, "--out", str(out), *TINY, "--max-iters", "4"])
+    assert f"option '--out' {str(out)!r} holds a loss.png but no run" in err and "--overwrite" in err
+    assert sorted(os.listdir(out)) == ["loss.png"] and (out / "loss.png").read_bytes() == b"the user's own picture"
+    assert _train(corpus, out, "--max-iters", "4", "--overwrite") == 0              # asked for: replaced
+    assert not (out / "loss.png").exists() or (out / "loss.png").read_bytes() != b"the user's own picture"
+
+
 def test_out_that_is_a_file(corpus, tmp_path, capsys):
     err = _error(capsys, ["train", "--data", corpus, "--out", corpus, *TINY])
     assert f"option '--out' {corpus!r} is a file, not a folder" in err
