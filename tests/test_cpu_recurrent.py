@@ -273,6 +273,8 @@ def test_exp_sigmoid_tanh_are_accurate(dtype):
         assert float(np.max(np.abs(y - _exact(fn_id, a)))) <= ACTIVATION_ULPS * eps
     assert _apply(1, a)[-2:].tolist() == [1.0, 0.0] and _apply(2, a)[-2:].tolist() == [1.0, -1.0]
     assert np.all(_apply(2, -a) == -_apply(2, a))                # tanh is exactly odd
+    zeros = np.array([0.0, -0.0], dtype=dtype)
+    assert np.signbit(_apply(2, zeros)).tolist() == [False, True]   # ±0 keeps its sign, as np.tanh (+0 gave -0)
 
 
 @pytest.mark.parametrize("fn_id", [0, 1, 2])

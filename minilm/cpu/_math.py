@@ -26,6 +26,8 @@ The kernels start their float64 sums at ``np.float64(0.0)``, not ``0.0``. Compil
 same; run as Python (``NUMBA_DISABLE_JIT=1``), NumPy 2 adds a float32 element to the Python float
 0.0 in float32, and the sum would lose the precision the compiled kernel has.
 """
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -194,5 +196,5 @@ def _tanh(a):
     def tanh_scalar(a):
         m = expm1_nonpositive(-two * abs(a))                       # e^{-2|a|} - 1, in [-1, 0]
         t = -m / (two + m)                                         # (1 - e^{-2|a|}) / (1 + e^{-2|a|})
-        return t if a >= 0 else -t
+        return math.copysign(t, a)                                 # tanh(±0) = ±0, as NumPy's
     return tanh_scalar
