@@ -116,7 +116,11 @@ def evaluate(model, ids, *, block_size, batch_size, carry_state=False, what="arg
     require_positive("evaluate", "batch_size", batch_size, int)
     require_bool("evaluate", "carry_state", carry_state)
     # checked here, by the name the caller knows, rather than as the model's 'idx' or 'targets'
-    ids = np.asarray(backend.to_numpy(ids) if hasattr(ids, "shape") else ids)
+    try:
+        ids = np.asarray(backend.to_numpy(ids) if hasattr(ids, "shape") else ids)
+    except (TypeError, ValueError):                             # nested lists of unequal rows
+        raise ValueError(f"evaluate: {what} must be a 1-D sequence of integer token ids, got a "
+                         f"{type(ids).__name__} that is not one array") from None
     if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         got = f"shape {ids.shape}" if ids.ndim != 1 else f"dtype {ids.dtype}"
         raise ValueError(f"evaluate: {what} must be a 1-D sequence of integer token ids, got {got}")

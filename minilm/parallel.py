@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from minilm import backend
-from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_rng
+from minilm.models.gpt import IGNORE_INDEX, as_ids, check_idx, check_targets, dropout_rng
 from minilm.params import Params
 from minilm.validate import require_bool, require_positive
 
@@ -188,7 +188,7 @@ class BatchParallel:
         self._split = None          # until this forward has run in slices
         op = f"{type(model).__name__}.forward"
         V = model.config.vocab_size
-        idx = check_idx(op, "idx", np.asarray(idx), V, model.config.block_size if model.kind == "gpt" else None)
+        idx = check_idx(op, "idx", as_ids(op, "idx", idx), V, model.config.block_size if model.kind == "gpt" else None)
         if targets is not None:
             targets = check_targets(op, targets, idx, V)
         require_bool(op, "train", train)

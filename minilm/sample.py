@@ -76,7 +76,8 @@ def next_token_probs(logits, *, temperature=1.0, top_k=None, top_p=None):
     """
     _check_options(0, temperature, top_k, top_p, None, op="next_token_probs")
     logits = np.asarray(to_numpy(logits))
-    if logits.ndim != 1 or logits.dtype.kind not in "fiu":       # (1, V) had given (1, V) "probabilities"
+    # (1, V) had given (1, V) "probabilities", and (0,) the message "got all -inf"
+    if logits.ndim != 1 or logits.size == 0 or logits.dtype.kind not in "fiu":
         raise ValueError(f"next_token_probs: argument 'logits' must be a 1-D array of V real numbers, got shape "
                          f"{logits.shape} and dtype {logits.dtype}")
     return _probs(logits, temperature, top_k, top_p, op="next_token_probs", what="argument 'logits'")

@@ -328,3 +328,10 @@ def test_top_p_over_equal_tokens_keeps_the_smallest_set_reaching_it(V):
     for j in range(1, V + 1):
         assert np.count_nonzero(next_token_probs(np.zeros(V), top_p=j / V)) == j, f"top_p = {j}/{V}"
     assert np.count_nonzero(next_token_probs(np.zeros(V), top_p=1e-300)) == 1      # always one token
+
+
+def test_next_token_probs_refuses_empty_logits():
+    """No logits at all had been reported as "got all -inf"."""
+    with pytest.raises(ValueError, match=r"^next_token_probs: argument 'logits' must be a 1-D array of V real numbers, "
+                                         r"got shape \(0,\) and dtype float64$"):
+        next_token_probs(np.zeros(0))

@@ -140,6 +140,16 @@ class KVCache:
         return self.tokens.shape[0]
 
 
+def as_ids(op, name, ids, xp=np):
+    """``ids`` (an array, or nested lists of token ids) as an array of ``xp``; nested lists of unequal
+    rows, which NumPy cannot make one array of, are refused by the op's and the argument's name."""
+    try:
+        return xp.asarray(ids)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: argument '{name}' must be an array of token ids (nested lists: rows of one "
+                        f"length), got a {type(ids).__name__} that is not one array") from None
+
+
 def check_idx(op, name, idx, V, max_T=None):
     """idx as a (B, T) integer array with T >= 1 (and T <= max_T) and ids in [0, V)."""
     require_ndim(op, name, idx, 2, "(B, T)")
@@ -156,7 +166,7 @@ def check_idx(op, name, idx, V, max_T=None):
 def check_targets(op, targets, idx, V):
     """(B, T) integer targets in [0, V), or IGNORE_INDEX for a position that is not counted."""
     xp = get_array_module(idx)
-    targets = xp.asarray(targets)
+    targets = as_ids(op, "targets", targets, xp)
     if tuple(targets.shape) != tuple(idx.shape):
         raise ValueError(f"{op}: argument 'targets' must have the shape of idx (B, T) = {tuple(idx.shape)}, "
                          f"got {tuple(targets.shape)}")
@@ -274,7 +284,7 @@ class GPT:
             self.params.add_grad(name, grad)        # in place, into the flat params.grad
 
     def _ids(self, op, name, idx, max_T):
-        return check_idx(op, name, self._xp().asarray(idx), self.config.vocab_size, max_T)
+        return check_idx(op, name, as_ids(op, name, idx, self._xp()), self.config.vocab_size, max_T)
 
     # --- training: forward and backward -------------------------------------------------------
 

@@ -54,7 +54,8 @@ import numpy as np
 
 from minilm import backend, ops
 from minilm.backend import get_array_module
-from minilm.models.gpt import IGNORE_INDEX, check_idx, check_targets, dropout_backward, dropout_forward, dropout_rng
+from minilm.models.gpt import (IGNORE_INDEX, as_ids, check_idx, check_targets, dropout_backward, dropout_forward,
+                               dropout_rng)
 from minilm.params import Params, precision_of
 from minilm.validate import (as_float_dtype, require_backend_dtype, require_bool, require_choice, require_positive,
                              require_probability, require_seed)
@@ -233,7 +234,7 @@ class RNNLM:
         """
         op = "RNNLM.forward"
         cfg, P = self.config, self.params
-        idx = check_idx(op, "idx", self._xp().asarray(idx), cfg.vocab_size)
+        idx = check_idx(op, "idx", as_ids(op, "idx", idx, self._xp()), cfg.vocab_size)
         if targets is not None:
             targets = check_targets(op, targets, idx, cfg.vocab_size)
         state = self._check_state(op, state, idx.shape[0])
@@ -295,7 +296,8 @@ class RNNLM:
         Returns (logits (B, V), new_state). Inference only: no dropout. It runs ``forward``, so it
         replaces the caches kept for ``backward``.
         """
-        idx_new = check_idx("RNNLM.forward_step", "idx_new", self._xp().asarray(idx_new), self.config.vocab_size)
-        state = self._check_state("RNNLM.forward_step", state, idx_new.shape[0])
+        op = "RNNLM.forward_step"
+        idx_new = check_idx(op, "idx_new", as_ids(op, "idx_new", idx_new, self._xp()), self.config.vocab_size)
+        state = self._check_state(op, state, idx_new.shape[0])
         logits, _, state = self.forward(idx_new, state=state)
         return logits[:, -1], state
