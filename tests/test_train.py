@@ -2754,3 +2754,32 @@ def test_a_ctrl_c_while_the_command_exits_prints_no_traceback(corpus, tmp_path):
     assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr
     assert run.returncode == -signal.SIGINT
     assert checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file-size limits (RLIMIT_FSIZE)")
+def test_a_metrics_line_cut_short_by_a_full_disk_is_taken_back_and_the_error_stays_clear(trained):
+    """A full disk can cut metrics.jsonl's new line in two (here a file-size limit does, which fails the
+    write with EFBIG as a full disk does with ENOSPC, after writing what fits). The half line is taken
+    back and the error names the file; loss.png's last drawing read the half line, and its JSON error
+    ('Expecting ...') replaced the one that said what happened."""
+    import resource
+    metrics = trained / "metrics.jsonl"
+    rows = metrics.read_text().splitlines(keepends=True)         # iterations 0 and 4
+    limit = 256 * 1024                                           # above a checkpoint's and loss.png's sizes
+    text = "".join(rows * ((limit - 1000) // len("".join(rows))))
+    text += rows[0].rstrip("\n") + " " * (limit - 50 - len(text) - len(rows[0])) + "\n"    # JSON allows the spaces
+    metrics.write_text(text)
+    assert metrics.stat().st_size == limit - 50                  # the next row, some 180 bytes, does not fit
+    before = metrics.read_bytes()
+    assert (trained / "last.npz").stat().st_size < limit
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    run = subprocess.run([sys.executable, "-m", "minilm.cli", "train", "--out", str(trained), "--resume",
+                          "--max-iters", "8", "--backend", "numpy", "--no-progress"],
+                         capture_output=True, text=True, preexec_fn=limited)
+    assert run.returncode == 2
+    assert (f"minilm train: error: could not append to {metrics}: File too large; {trained / 'last.npz'} keeps "
+            f"iteration 4") in run.stderr
+    assert metrics.read_bytes() == before                        # whole lines only
+    assert checkpoint.load(trained / "last.npz").meta["iter"] == 4
