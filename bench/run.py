@@ -245,6 +245,22 @@ def _check_writable(path):
         os.remove(path)
 
 
+def _write_json(path, results):
+    """``--json``'s file, written atomically where it is a file (or new): a full disk leaves the results
+    an earlier run wrote there whole; a device or a pipe (/dev/stdout) is written in place."""
+    from minilm.checkpoint import atomic_write
+    text = json.dumps(results, indent=1).encode("utf-8")
+    try:
+        if os.path.isfile(path) and not os.path.islink(path) or not os.path.lexists(path):
+            atomic_write(path, lambda f: f.write(text))
+        else:
+            with open(path, "wb") as f:
+                f.write(text)
+    except OSError as e:
+        raise OSError(f"minilm bench: could not write option '--json' {path!r}: {e.strerror or e}; the tables "
+                      f"above hold the results") from None
+
+
 def _git_commit():
     """The commit of the checkout minilm runs from ('-dirty' added when tracked files changed), or
     None where it is not a git checkout (an installed package) or git cannot say. The links that
@@ -384,8 +400,7 @@ def benchmark(args, out=print):
     if failed:
         results["failed"] = failed
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        _write_json(args.json, results)
     if failed:
         raise RuntimeError(f"{len(failed)} table(s) failed: {'; '.join(f['table'] for f in failed)}")
     return results

@@ -1483,3 +1483,27 @@ def test_gpu_profile_answers_help_and_refuses_an_unknown_dtype_by_name():
     from minilm.bench.gpu_profile import _parse
     assert _parse([]) == ["float32", "bfloat16"]
     assert _parse(["float16", "float32", "float16"]) == ["float16", "float32"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file-size limits (RLIMIT_FSIZE)")
+def test_a_json_file_that_a_full_disk_cuts_short_is_named_and_the_old_one_kept(monkeypatch, tmp_path, capsys):
+    """The results cannot be written at the end (a full disk; here a file-size limit, which fails the write
+    with EFBIG as a full disk does with ENOSPC): the error names the file, where it said only '[Errno 27]
+    File too large', as if the output were full; and the results an earlier run wrote there stay whole,
+    where they were replaced by the first kilobyte of the new ones."""
+    import resource
+    _captured_jobs(monkeypatch)
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: False)
+    monkeypatch.setattr(bench_run, "_git_commit", lambda: None)     # git would inherit the limit, and die in a write
+    path = tmp_path / "bench.json"
+    path.write_text('{"earlier": "results"}\n')
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))       # the results are some 3 kB
+    try:
+        code = cli.main(["bench", "--what", "sample", "--backends", "numpy", "--rounds", "1", "--json", str(path)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2
+    assert f"could not write option '--json' {str(path)!r}: File too large" in capsys.readouterr().err
+    assert path.read_text() == '{"earlier": "results"}\n'
+    assert os.listdir(tmp_path) == ["bench.json"]
