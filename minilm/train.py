@@ -617,7 +617,8 @@ def check_out_dir(out_dir):
     if not os.fspath(out_dir):
         raise ValueError("minilm train: option '--out' must name a folder, got ''")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is a file, not a folder")
+        kind = "a file" if os.path.isfile(out_dir) else checkpoint.file_kind(out_dir)     # /dev/full: a device
+        raise ValueError(f"minilm train: option '--out' {os.fspath(out_dir)!r} is {kind}, not a folder")
 
 
 def saved_config(out_dir):

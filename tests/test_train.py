@@ -676,6 +676,9 @@ def test_out_that_is_a_file(corpus, tmp_path, capsys):
     assert f"option '--out' {corpus!r} is a file, not a folder" in err
     err = _error(capsys, ["train", "--data", corpus, "--out", corpus, "--resume", *TINY])
     assert f"option '--out' {corpus!r} is a file, not a folder" in err        # not "no last.npz in it"
+    if os.path.exists("/dev/null") and not os.path.isfile("/dev/null"):
+        err = _error(capsys, ["train", "--data", corpus, "--out", "/dev/null", *TINY])
+        assert "option '--out' '/dev/null' is a character device, not a folder" in err     # not "a file"
     inside = os.path.join(corpus, "run")
     err = _error(capsys, ["train", "--data", corpus, "--out", inside, *TINY])
     assert f"option '--out' {inside!r} cannot be made a folder: Not a directory" in err
