@@ -251,11 +251,15 @@ def _write_json(path, results):
     from minilm.checkpoint import atomic_write
     text = json.dumps(results, indent=1).encode("utf-8")
     try:
-        if os.path.isfile(path) and not os.path.islink(path) or not os.path.lexists(path):
-            atomic_write(path, lambda f: f.write(text))
-        else:
-            with open(path, "wb") as f:
-                f.write(text)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path) or not os.path.lexists(path):
+                atomic_write(path, lambda f: f.write(text))
+                return
+        except PermissionError:         # a file the user may write, in a folder where no file can be made or
+            if not os.path.isfile(path):    # replaced (_check_writable passed it): written in place, as before
+                raise
+        with open(path, "wb") as f:
+            f.write(text)
     except OSError as e:
         raise OSError(f"minilm bench: could not write option '--json' {path!r}: {e.strerror or e}; the tables "
                       f"above hold the results") from None

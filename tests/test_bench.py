@@ -1507,3 +1507,22 @@ def test_a_json_file_that_a_full_disk_cuts_short_is_named_and_the_old_one_kept(m
     assert f"could not write option '--json' {str(path)!r}: File too large" in capsys.readouterr().err
     assert path.read_text() == '{"earlier": "results"}\n'
     assert os.listdir(tmp_path) == ["bench.json"]
+
+
+def test_a_json_file_in_a_folder_that_cannot_be_written_is_written_in_place(monkeypatch, tmp_path, capsys):
+    """--json names a file the user may write, in a folder where no new file can be made (or, in a
+    sticky folder such as /tmp, another user's file that cannot be replaced): the check before the
+    measurements passes, so the results are written in place, as before, not refused at the end."""
+    from minilm import checkpoint
+
+    def no_new_file(folder, name):
+        raise PermissionError(13, "Permission denied")     # what a folder without write permission answers
+    _captured_jobs(monkeypatch)
+    monkeypatch.setattr(bench_run, "_torch_has_cuda", lambda: False)
+    monkeypatch.setattr(bench_run, "_git_commit", lambda: None)
+    monkeypatch.setattr(checkpoint, "_new_temporary", no_new_file)
+    path = tmp_path / "bench.json"
+    path.write_text('{"earlier": "results"}\n')
+    code = cli.main(["bench", "--what", "sample", "--backends", "numpy", "--rounds", "1", "--json", str(path)])
+    assert code == 0, capsys.readouterr().err
+    assert "sample" in json.loads(path.read_text())
