@@ -964,13 +964,16 @@ class _StopRequest:
 def _append_metrics(metrics_path, row, last_path, last_eval_iter):
     """Append one evaluation's ``row`` to metrics.jsonl, or say what is saved when it cannot. A line
     that a full disk cut short is taken back: the file stays whole lines, which loss.png reads."""
-    size = os.path.getsize(metrics_path) if os.path.exists(metrics_path) else 0
+    existed = os.path.exists(metrics_path)
+    size = os.path.getsize(metrics_path) if existed else 0
     try:
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
     except OSError as e:
         with contextlib.suppress(OSError):              # closed by now: nothing of the line is written later
-            if os.path.getsize(metrics_path) > size:
+            if not existed:                             # made by this append: a retry finds no run's file here
+                os.remove(metrics_path)
+            elif os.path.getsize(metrics_path) > size:
                 os.truncate(metrics_path, size)
         kept = ("nothing was saved yet" if last_eval_iter is None else
                 f"{last_path} keeps iteration {last_eval_iter}")

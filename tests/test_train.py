@@ -2759,13 +2759,22 @@ def test_a_ctrl_c_while_the_command_exits_prints_no_traceback(corpus, tmp_path):
     assert checkpoint.load(tmp_path / "run" / "last.npz").meta["iter"] == 2
 
 
+def _limited_minilm(limit):
+    """Python code for ``python -c`` that runs the minilm command (its arguments after the code) with
+    files limited to ``limit`` bytes, as a full disk limits them (the write that crosses the limit
+    fails with EFBIG, after writing what fits). Set in the child itself: preexec_fn is not safe in a
+    process with threads, as pytest's may be."""
+    return ("import resource, runpy, sys; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+            "sys.argv = ['minilm', *sys.argv[1:]]; runpy.run_module('minilm.cli', run_name='__main__')")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file-size limits (RLIMIT_FSIZE)")
 def test_a_metrics_line_cut_short_by_a_full_disk_is_taken_back_and_the_error_stays_clear(trained):
     """A full disk can cut metrics.jsonl's new line in two (here a file-size limit does, which fails the
     write with EFBIG as a full disk does with ENOSPC, after writing what fits). The half line is taken
     back and the error names the file; loss.png's last drawing read the half line, and its JSON error
     ('Expecting ...') replaced the one that said what happened."""
-    import resource
     metrics = trained / "metrics.jsonl"
     rows = metrics.read_text().splitlines(keepends=True)         # iterations 0 and 4
     limit = 256 * 1024                                           # above a checkpoint's and loss.png's sizes
@@ -2776,13 +2785,24 @@ def test_a_metrics_line_cut_short_by_a_full_disk_is_taken_back_and_the_error_sta
     before = metrics.read_bytes()
     assert (trained / "last.npz").stat().st_size < limit
 
-    def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    run = subprocess.run([sys.executable, "-m", "minilm.cli", "train", "--out", str(trained), "--resume",
-                          "--max-iters", "8", "--backend", "numpy", "--no-progress"],
-                         capture_output=True, text=True, preexec_fn=limited)
+    run = subprocess.run([sys.executable, "-c", _limited_minilm(limit), "train", "--out", str(trained), "--resume",
+                          "--max-iters", "8", "--backend", "numpy", "--no-progress"], capture_output=True, text=True)
     assert run.returncode == 2
     assert (f"minilm train: error: could not append to {metrics}: File too large; {trained / 'last.npz'} keeps "
             f"iteration 4") in run.stderr
     assert metrics.read_bytes() == before                        # whole lines only
     assert checkpoint.load(trained / "last.npz").meta["iter"] == 4
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file-size limits (RLIMIT_FSIZE)")
+def test_a_first_metrics_line_that_cannot_be_written_leaves_no_run_behind(corpus, tmp_path):
+    """A fresh run whose first metrics line does not fit (a full disk; here a file-size limit, set in
+    the child before minilm starts) says that nothing was saved yet, and leaves nothing: the empty
+    metrics.jsonl its append had made was refused as "a run" by the retry once the disk had room."""
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-c", _limited_minilm(100), "train", "--data", corpus, "--out", str(out), *TINY,
+                          "--max-iters", "4"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert f"could not append to {out / 'metrics.jsonl'}: File too large; nothing was saved yet" in run.stderr
+    assert os.listdir(out) == []
+    assert _train(corpus, out, "--max-iters", "4") == 0                 # the retry, with room
