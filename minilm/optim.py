@@ -267,11 +267,12 @@ class Optimizer:
         if tuple(saved.shape) != tuple(data.shape):
             raise ValueError(f"{op}: buffer {key!r} must have shape {tuple(data.shape)} (the parameters'), "
                              f"got {tuple(saved.shape)}")
-        if getattr(saved, "dtype", None) is None or saved.dtype.kind not in "fiu":   # None, text: NaN or an error later
+        saved = to_numpy(saved)                 # its dtype as NumPy's (a torch tensor's dtype has no .kind)
+        if saved.dtype.kind not in "fiu":       # None, text: NaN or an error later
             raise TypeError(f"{op}: buffer {key!r} must be an array of real numbers, as state_dict() returns it, "
-                            f"got one of dtype {getattr(saved, 'dtype', None)}")
+                            f"got one of dtype {saved.dtype}")
         xp = get_array_module(data)
-        return xp.asarray(to_numpy(saved), dtype=data.dtype).copy()
+        return xp.asarray(saved, dtype=data.dtype).copy()
 
 
 class SGD(Optimizer):

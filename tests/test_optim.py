@@ -604,3 +604,20 @@ def test_a_step_schedule_whose_product_with_lr_overflows_says_so():
     assert schedule(0) == 10.0
     with pytest.raises(ValueError, match=r"Step: the learning rate .* overflows at iteration 1"):
         schedule(1)
+
+
+def test_load_state_dict_takes_buffers_that_numpy_converts():
+    """A buffer that NumPy converts (a PyTorch CPU tensor, as a state converted from PyTorch holds)
+    is read by its NumPy dtype: torch.dtype has no .kind, and an AttributeError came instead."""
+    torch = pytest.importorskip("torch")
+    params = make_params()
+    state = Adam(params, lr=0.1).state_dict()
+    state["m"] = torch.from_numpy(np.full(params.size, 0.5))
+    state["v"] = torch.from_numpy(np.full(params.size, 0.25, dtype=np.float32))
+    opt = Adam(params, lr=0.1)
+    opt.load_state_dict(state)
+    assert isinstance(opt.m, np.ndarray) and opt.m.dtype == params.data.dtype
+    assert (opt.m == 0.5).all() and (opt.v == 0.25).all()
+    state["v"] = torch.zeros(params.size, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"buffer 'v' must be an array of real numbers, .* got one of dtype complex64"):
+        Adam(params, lr=0.1).load_state_dict(state)
