@@ -40,3 +40,24 @@ def test_evaluate_refuses_ragged_ids_by_name():
     with pytest.raises(ValueError, match=r"^evaluate: argument 'ids' must be a 1-D sequence of integer token ids, "
                                          r"got a list that is not one array$"):
         evaluate(GPT(GPTConfig(**GPT_TINY)), [[1, 2], [3]], block_size=2, batch_size=1)
+
+
+class _DeviceIds:
+    """As a cupy array on a CPU backend: one array, with a shape, that NumPy may not convert implicitly."""
+    shape, ndim, dtype = (1, 2), 2, np.dtype(np.int64)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
+                        "a NumPy array explicitly.")
+
+
+@pytest.mark.parametrize("argument", ["idx", "targets"])
+def test_an_array_of_another_module_is_not_called_ragged(argument):
+    """A cupy array given to a model on a CPU backend is one array, not nested lists of unequal rows:
+    the error says what NumPy could not take, and keeps cupy's own words on what to do."""
+    gpt = GPT(GPTConfig(**GPT_TINY))
+    args = (_DeviceIds(),) if argument == "idx" else ([[1, 2]],)
+    kwargs = {} if argument == "idx" else {"targets": _DeviceIds()}
+    with pytest.raises(TypeError, match=rf"^GPT.forward: argument '{argument}' must be a numpy array of token ids on "
+                                        rf"this backend, got a .*_DeviceIds \(Implicit conversion .*\.get\(\)"):
+        gpt.forward(*args, **kwargs)

@@ -145,7 +145,10 @@ def as_ids(op, name, ids, xp=np):
     rows, which NumPy cannot make one array of, are refused by the op's and the argument's name."""
     try:
         return xp.asarray(ids)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as e:
+        if hasattr(ids, "shape"):       # one array already, of a module xp does not take (a cupy array into NumPy)
+            raise TypeError(f"{op}: argument '{name}' must be a {xp.__name__} array of token ids on this backend, "
+                            f"got a {type(ids).__module__}.{type(ids).__name__} ({e})") from None
         raise TypeError(f"{op}: argument '{name}' must be an array of token ids (nested lists: rows of one "
                         f"length), got a {type(ids).__name__} that is not one array") from None
 
