@@ -40,3 +40,16 @@ def test_the_reference_readme_checks_the_reference_files():
     text = (README.parent / "reference" / "README.md").read_text(encoding="utf-8")
     commands = re.findall(r"minilm gradcheck[^`\n]*", text)
     assert commands and all("--backend numpy" in c for c in commands), commands
+
+
+def test_the_model_examples_losses_are_those_its_comments_give(tmp_path, monkeypatch, capsys):
+    """The model example prints its loss before training and after; each printed number is the one
+    its comment gives (the start) or below it (the end), so that the comments stay true."""
+    code = next(c for c in EXAMPLES if "AdamW" in c)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+    printed = [float(m) for m in re.findall(r"^loss (\S+)", capsys.readouterr().out, flags=re.M)]
+    claimed = [float(m) for m in re.findall(r'print\(f"loss .*?# (?:from |to )?([0-9.]+)', code)]
+    assert len(printed) == 2 and len(claimed) == 2, (printed, claimed)
+    assert printed[0] == pytest.approx(claimed[0], abs=1e-4)          # the start, as the comment says
+    assert printed[1] <= claimed[1] + 1e-3                            # "about 0"
