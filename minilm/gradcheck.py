@@ -214,7 +214,10 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
     args : tuple of the forward's positional arguments (arrays, or None).
     kwargs : dict of keyword options for the forward. The forward must be deterministic
         for these (give dropout an integer seed, not a Generator).
-    backward_kwargs : dict of keyword arguments for the backward (e.g. ``dh_T`` of a recurrent op).
+    backward_kwargs : dict of keyword arguments for the backward that are not gradients: the numerical
+        side differentiates the output alone, so a recurrent op's ``dh_T`` given here fails every row.
+        To check ``dh_T`` (and ``dc_T``), wrap the pair with ``minilm.testing.with_final_states``,
+        which appends the final states to the output and hands their part of ``dout`` to the backward.
     eps : float > 0, step of the finite differences.
     tol : float in (0, 1), largest relative error that passes.
     max_elements : int >= 0, arguments up to this size are checked element by element.

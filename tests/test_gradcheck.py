@@ -1183,3 +1183,16 @@ def test_the_cases_checked_exercise_what_their_labels_name():
     assert case("gelu", "exact")[1]["approximate"] == "none"
     assert case("dropout")[1]["p"] > 0
     assert case("ffn")[1]["activation"] == "gelu"                   # the GPT's MLP
+
+
+def test_the_final_state_gradients_are_checked_as_the_help_says():
+    """gradcheck's help had offered backward_kwargs for a recurrent op's dh_T, which fails every row of
+    a correct backward (the numerical side differentiates the output alone); it now points at
+    minilm.testing.with_final_states, which checks them."""
+    from minilm.testing import recurrent_args, with_final_states
+    assert "with_final_states" in minilm.gradcheck.__doc__
+    args = recurrent_args("lstm", 2, 3, 3, 4)
+    forward, backward = with_final_states("lstm", ops.lstm_forward, ops.lstm_backward)
+    assert minilm.gradcheck(forward, backward, args).passed
+    report = minilm.gradcheck(ops.lstm_forward, ops.lstm_backward, args, backward_kwargs={"dh_T": np.ones((2, 4))})
+    assert not any(a.passed for a in report.arguments)       # why the help warns against it
