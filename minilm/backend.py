@@ -56,7 +56,8 @@ def _load(name, instead="choose --backend numpy"):
             import cupy
         except ImportError as e:
             raise RuntimeError(f"backend 'cupy' needs the cupy package, which did not import ({e}); "
-                               "install it with `pip install -e '.[gpu]'` in a checkout (or `pip install 'minilm[gpu]'`) on a machine with an NVIDIA GPU") from None
+                               "install it with `pip install -e '.[gpu]'` in minilm's checkout, on a machine with an "
+                               "NVIDIA GPU") from None
         try:
             n = cupy.cuda.runtime.getDeviceCount()
         except Exception as e:  # the CUDA driver is missing or broken

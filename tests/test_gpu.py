@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy", reason="the cupy backend needs CuPy (pip install minilm[gpu])")
+cupy = pytest.importorskip("cupy", reason="the cupy backend needs CuPy (pip install -e '.[gpu]' in minilm's checkout)")
 try:
     _GPUS = cupy.cuda.runtime.getDeviceCount()
 except Exception:  # no driver

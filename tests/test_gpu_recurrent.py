@@ -12,7 +12,7 @@ Skipped, with the reason, where CuPy or a GPU is missing (CI has neither).
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy", reason="the CuPy tier's tests need CuPy (pip install minilm[gpu])")
+cupy = pytest.importorskip("cupy", reason="the CuPy tier's tests need CuPy (pip install -e '.[gpu]' in minilm's checkout)")
 try:
     _no_gpu = None if cupy.cuda.runtime.getDeviceCount() > 0 else "none was found"
 except Exception as e:  # the CUDA driver or runtime is missing or broken
