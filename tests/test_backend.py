@@ -56,7 +56,7 @@ def test_cupy_without_cupy_is_a_clear_error_not_a_fallback(capsys):
     assert cli.main(["gradcheck", "--backend", "cupy"]) == 2
     err = capsys.readouterr().err                # one line: a fact about the machine, not the options' usage
     assert err.startswith("minilm gradcheck: error: backend 'cupy' needs the cupy package") and err.count("\n") == 1
-    assert "pip install -e '.[gpu]' in minilm's checkout" in err and "minilm[gpu]" not in err   # not on PyPI
+    assert "`pip install -e '.[gpu]'` in minilm's checkout" in err and "minilm[gpu]" not in err   # not on PyPI
 
 
 def _fake_cupy(get_device_count):
