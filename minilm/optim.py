@@ -36,7 +36,6 @@ on NumPy and CuPy arrays alike; the classes hold the buffers and the options.
         opt.step(lr=schedule(it))
 """
 import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,7 +43,8 @@ import numpy as np
 
 from minilm import backend
 from minilm.backend import get_array_module, to_numpy
-from minilm.validate import is_count, require_bool, require_count, require_positive, require_probability
+from minilm.validate import (is_count, is_real, option_error, require_bool, require_count, require_positive,
+                             require_probability)
 
 # ---------------------------------------------------------------------------------------------
 # the updates: plain functions over flat arrays, in place
@@ -150,8 +150,8 @@ def rmsprop_update(p, g, square_avg, buf, *, lr, alpha, eps, momentum):
 
 
 def _require_nonnegative(op, name, value):
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{op}: option '{name}' must be a finite number >= 0, got {value!r}")
+    if not (is_real(value) and math.isfinite(value) and value >= 0):
+        raise option_error(op, name, "a finite number >= 0", value, is_real(value))
 
 
 def _require_params(op, params):
@@ -168,7 +168,7 @@ def _require_params(op, params):
 
 def _require_betas(op, betas):
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{op}: option 'betas' must be a pair (beta1, beta2), got {betas!r}")
+        raise option_error(op, "betas", "a pair (beta1, beta2)", betas, isinstance(betas, (tuple, list)))
     require_probability(op, "betas[0]", betas[0])
     require_probability(op, "betas[1]", betas[1])
     return float(betas[0]), float(betas[1])

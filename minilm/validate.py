@@ -5,15 +5,47 @@ what was expected and what was received, e.g.
 
     layernorm: argument 'gamma' must have shape (C,) = (16,), got (8,)
 
-Shape errors are ``ValueError``; a wrong kind of object or dtype is ``TypeError``.
+Shape errors are ``ValueError``; a wrong kind of object or dtype is ``TypeError``. An option of the
+wrong kind (``p="0.5"``, ``n_head=2.0``, ``causal=None``) raises ``OptionTypeError``: a ``TypeError``
+that is also the ``ValueError`` these checks raised for it before.
 """
 import contextlib
 import math
 import numbers
+import reprlib
 
 import numpy as np
 
 FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong kind: a TypeError, and (as minilm raised before) a ValueError."""
+
+
+_abridged = reprlib.Repr()
+_abridged.maxstring = _abridged.maxother = 60
+_abridged.maxlist = _abridged.maxtuple = _abridged.maxset = _abridged.maxdict = 6
+
+
+def shown(value):
+    """``repr(value)``, abridged to about a line: a list of a million token ids passed as a count,
+    or a whole text passed as a choice, is not printed whole into the message."""
+    return _abridged.repr(value)
+
+
+def is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def option_error(op, name, what, value, right_kind):
+    """The error for an option that is not ``what``: a ValueError where it is of the right kind but
+    out of range, an OptionTypeError where it is of another kind."""
+    return (ValueError if right_kind else OptionTypeError)(f"{op}: option '{name}' must be {what}, got {shown(value)}")
 
 
 def _is_array(x):
@@ -166,27 +198,23 @@ def require_ids(op, name, ids, V, *, ignore_index=None):
 
 def require_choice(op, name, value, choices):
     if value not in choices:
-        raise ValueError(f"{op}: option '{name}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ValueError(f"{op}: option '{name}' must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
 
 
 def require_probability(op, name, p, *, upper_open=True):
     """0 <= p < 1 (or <= 1 when ``upper_open`` is False)."""
-    ok = isinstance(p, numbers.Real) and not isinstance(p, bool) and 0.0 <= p and (p < 1.0 if upper_open else p <= 1.0)
-    if not ok:
+    if not (is_real(p) and 0.0 <= p and (p < 1.0 if upper_open else p <= 1.0)):
         interval = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"{op}: option '{name}' must be a number in {interval}, got {p!r}")
+        raise option_error(op, name, f"a number in {interval}", p, is_real(p))
 
 
 def require_positive(op, name, value, kind=float, *, finite=True):
     """value > 0, an integer where ``kind`` is int, and finite unless ``finite`` is False."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
-    if kind is int:
-        ok = ok and isinstance(value, numbers.Integral)
-    elif finite:
-        ok = ok and math.isfinite(value)
+    right_kind = is_integer(value) if kind is int else is_real(value)
+    ok = right_kind and value > 0 and (kind is int or not finite or math.isfinite(value))
     if not ok:
         what = "a positive integer" if kind is int else "a positive finite number" if finite else "a positive number"
-        raise ValueError(f"{op}: option '{name}' must be {what}, got {value!r}")
+        raise option_error(op, name, what, value, right_kind)
 
 
 def as_scalar_gradient(op, name, value, xp, dtype):
@@ -209,7 +237,7 @@ def is_count(value):
 def require_count(op, name, value):
     """value is an integer >= 0."""
     if not is_count(value):
-        raise ValueError(f"{op}: option '{name}' must be an integer >= 0, got {value!r}")
+        raise option_error(op, name, "an integer >= 0", value, is_integer(value))
 
 
 def require_seed(op, name, seed, *, allow_none=False):
@@ -218,13 +246,13 @@ def require_seed(op, name, seed, *, allow_none=False):
         return
     if not is_count(seed):
         what = "None or an integer >= 0" if allow_none else "an integer >= 0"
-        raise ValueError(f"{op}: option '{name}' must be {what}, got {seed!r}")
+        raise option_error(op, name, what, seed, is_integer(seed))
 
 
 def require_bool(op, name, value):
     """value is True or False (NumPy's bool too), not a truthy string or number."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{op}: option '{name}' must be True or False, got {value!r}")
+        raise option_error(op, name, "True or False", value, False)
 
 
 def require_divisible(op, name, value, by_name, by):

@@ -57,8 +57,11 @@ class DropoutCache(NamedTuple):
 def _require_rng(op, rng):
     if isinstance(rng, np.random.Generator):
         return
-    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool) and rng >= 0:
-        return
+    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+        if rng >= 0:
+            return
+        raise ValueError(f"{op}: option 'rng' must be a numpy.random.Generator or a non-negative integer seed, "
+                         f"got {rng!r}")
     raise TypeError(f"{op}: option 'rng' must be a numpy.random.Generator or a non-negative integer seed, "
                     f"got {rng!r}")
 

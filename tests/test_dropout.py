@@ -137,7 +137,7 @@ BAD_OPTIONS = [
     ("p negative", {"p": -0.1}, ValueError, r"dropout: option 'p' must be a number in \[0, 1\), got -0.1"),
     ("p a string", {"p": "0.5"}, ValueError, r"dropout: option 'p' must be a number"),
     ("rng a string", {"rng": "seed"}, TypeError, r"dropout: option 'rng' must be a numpy.random.Generator"),
-    ("rng negative", {"rng": -1}, TypeError, r"dropout: option 'rng' must be .* non-negative integer seed"),
+    ("rng negative", {"rng": -1}, ValueError, r"dropout: option 'rng' must be .* non-negative integer seed"),
     ("rng legacy", {"rng": np.random.RandomState(0)}, TypeError, r"dropout: option 'rng' must be"),
     ("rng bool", {"rng": True}, TypeError, r"dropout: option 'rng' must be"),
 ]

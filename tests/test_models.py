@@ -592,7 +592,7 @@ def test_forward_names_a_negative_dropout_seed(make, rng):
     model = make()
     idx, targets = batch()
     said = rf"{type(model).__name__}.forward: argument 'rng' must be .*an int seed >= 0.*, got .*-\d"
-    with pytest.raises(TypeError, match=said):
+    with pytest.raises(ValueError, match=said):
         model.forward(idx, targets, train=True, rng=rng)
-    with pytest.raises(TypeError, match=said):                  # the numba backend's runner: the same words
+    with pytest.raises(ValueError, match=said):                 # the numba backend's runner: the same words
         BatchParallel(model, 2).forward(idx, targets, train=True, rng=rng)

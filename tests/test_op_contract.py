@@ -3,6 +3,8 @@ gradient a backward is given must be a float array (an int, bool or complex one 
 NumPy's promotions into gradients of its dtype), its cache must be the one its forward returned,
 the checks that composite ops make of their own options name the composite op, and every op takes
 arguments in the other byte order."""
+import re
+
 import numpy as np
 import pytest
 
@@ -183,3 +185,43 @@ def test_float32_is_float64_to_float32s_precision(tier, op, label, case):
         assert (g32 is None) == (g64 is None), i
         if g64 is not None:
             assert relative_error(g32, g64, floor=1.0) <= F32_VS_F64_TOL, f"gradient {i}"
+
+
+# --- the kind of error: TypeError for an option of the wrong kind, ValueError for one out of range ----------
+
+_X = np.ones((2, 3, 4))
+WRONG_KIND = [      # (call, option): each value below is of the wrong kind for the option
+    (lambda v: ops.dropout_forward(_X, p=v, rng=0), "p"),
+    (lambda v: ops.layernorm_forward(_X, np.ones(4), np.zeros(4), eps=v), "eps"),
+    (lambda v: ops.self_attention_forward(_X, np.ones((4, 12)), None, np.ones((4, 4)), None, n_head=v), "n_head"),
+    (lambda v: ops.attention_forward(_X[None], _X[None], _X[None], causal=v), "causal"),
+    (lambda v: ops.cross_entropy_forward(_X, np.zeros((2, 3), int), label_smoothing=v), "label_smoothing"),
+]
+
+
+@pytest.mark.parametrize("value", ["0.5", None, [1], 2.0 + 0j])
+@pytest.mark.parametrize("call, option", WRONG_KIND, ids=[w[1] for w in WRONG_KIND])
+def test_an_option_of_the_wrong_kind_is_a_type_error(call, option, value):
+    """As the validators' docstring says, and as PyTorch and NumPy do; still a ValueError too, as before."""
+    with pytest.raises(TypeError, match=rf"option '{option}' must be .*, got {re.escape(repr(value))}$"):
+        call(value)
+    with pytest.raises(ValueError):
+        call(value)
+
+
+@pytest.mark.parametrize("call, value", [
+    (lambda v: ops.dropout_forward(_X, p=0.5, rng=v), -1),
+    (lambda v: ops.dropout_forward(_X, p=v, rng=0), 1.5),
+    (lambda v: ops.self_attention_forward(_X, np.ones((4, 12)), None, np.ones((4, 4)), None, n_head=v), 0),
+], ids=["negative seed", "p past 1", "no heads"])
+def test_an_option_out_of_range_is_a_value_error_only(call, value):
+    with pytest.raises(ValueError) as info:
+        call(value)
+    assert not isinstance(info.value, TypeError)
+
+
+def test_an_option_is_shown_abridged():
+    """A million-character string given for a choice is not printed whole into the message."""
+    with pytest.raises(ValueError) as info:
+        ops.gelu_forward(_X, approximate="x" * 10**6)
+    assert len(str(info.value)) < 200
