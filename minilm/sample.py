@@ -15,12 +15,13 @@ Exactly one random number is drawn per token, whatever the options, with a numpy
 from ``seed``; the cached and the uncached paths therefore produce the same tokens for the same
 seed whenever their logits agree (they agree to rounding; see ``minilm.models``).
 """
-import numbers
+import math
+import os
 
 import numpy as np
 
 from minilm.backend import to_numpy
-from minilm.validate import require_bool, require_seed
+from minilm.validate import is_integer, is_real, option_error, require_bool, require_seed
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="generate", names=None):
@@ -30,17 +31,17 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="gener
         return (names or {}).get(keyword, keyword)
     # a command line cannot say None: there an option is left out instead
     none, all_tokens = ("", " (leave it out for every token)") if names else ("None or ", "")
-    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"{op}: option '{name('max_new_tokens')}' must be an integer >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) \
-            or not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"{op}: option '{name('temperature')}' must be a finite number >= 0 (0 = greedy), "
-                         f"got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"{op}: option '{name('top_k')}' must be {none}an integer >= 1{all_tokens}, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
-                              or not 0 < top_p <= 1):
-        raise ValueError(f"{op}: option '{name('top_p')}' must be {none}a number in (0, 1]{all_tokens}, got {top_p!r}")
+    def check(keyword, value, what, right_kind, ok):
+        if not (right_kind and ok()):
+            raise option_error(op, name(keyword), what, value, right_kind)
+    check("max_new_tokens", max_new_tokens, "an integer >= 0", is_integer(max_new_tokens), lambda: max_new_tokens >= 0)
+    # (an int is finite however large: np.isfinite(10**30) raised NumPy's TypeError)
+    check("temperature", temperature, "a finite number >= 0 (0 = greedy)", is_real(temperature),
+          lambda: temperature >= 0 and (is_integer(temperature) or math.isfinite(temperature)))
+    if top_k is not None:
+        check("top_k", top_k, f"{none}an integer >= 1{all_tokens}", is_integer(top_k), lambda: top_k >= 1)
+    if top_p is not None:
+        check("top_p", top_p, f"{none}a number in (0, 1]{all_tokens}", is_real(top_p), lambda: 0 < top_p <= 1)
     if seed is not None or not names:                # a command line leaves it out rather than say None
         require_seed(op, name("seed"), seed, allow_none=not names)
 
@@ -158,6 +159,12 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
 
     The options are checked when ``generate`` is called, before the first token is asked for.
     """
+    if not (hasattr(model, "forward") and hasattr(model, "forward_step")
+            and hasattr(getattr(model, "config", None), "vocab_size")):
+        hint = ("; to sample from a checkpoint file, use minilm.sample.sample_text(path, text)"
+                if isinstance(model, (str, os.PathLike)) else "")
+        raise TypeError(f"generate: argument 'model' must be a GPT or an RNNLM (with forward, forward_step and "
+                        f"config.vocab_size), got {type(model).__name__}{hint}")
     V = model.config.vocab_size
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     prompt = _check_prompt(prompt_ids, V)
@@ -232,6 +239,11 @@ def _sample_text(checkpoint_path, prompt, max_new_tokens, *, op, what, names=Non
     _check_options(max_new_tokens, options["temperature"], options["top_k"], options["top_p"], options["seed"],
                    op=op, names=names)
     require_bool(op, (names or {}).get("use_cache", "use_cache"), options["use_cache"])
+    if not isinstance(checkpoint_path, (str, bytes, os.PathLike)):
+        hint = ("; to sample from a model in memory, use minilm.sample.generate(model, prompt_ids, max_new_tokens)"
+                if hasattr(checkpoint_path, "forward_step") else "")
+        raise TypeError(f"{op}: argument 'checkpoint_path' must be the path of a checkpoint file (str or "
+                        f"os.PathLike), got {type(checkpoint_path).__name__}{hint}")
     model, tokenizer, _ = load_model(checkpoint_path)
     if prompt is None:
         if DEFAULT_PROMPT not in tokenizer.chars:

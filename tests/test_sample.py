@@ -335,3 +335,28 @@ def test_next_token_probs_refuses_empty_logits():
     with pytest.raises(ValueError, match=r"^next_token_probs: argument 'logits' must be a 1-D array of V real numbers, "
                                          r"got shape \(0,\) and dtype float64$"):
         next_token_probs(np.zeros(0))
+
+
+def test_generate_refuses_what_is_not_a_model_by_its_argument():
+    with pytest.raises(TypeError, match=r"^generate: argument 'model' must be a GPT or an RNNLM .*got str; to sample "
+                                        r"from a checkpoint file, use minilm.sample.sample_text\(path, text\)$"):
+        generate("out/best.npz", [1], 3)
+    with pytest.raises(TypeError, match=r"^generate: argument 'model' must be a GPT or an RNNLM .*got NoneType$"):
+        generate(None, [1], 3)
+
+
+def test_sample_text_refuses_a_model_for_its_path():
+    from minilm.sample import sample_text
+    model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    with pytest.raises(TypeError, match=r"^sample_text: argument 'checkpoint_path' must be the path of a checkpoint "
+                                        r"file .*got GPT; to sample from a model in memory, use minilm.sample.generate"):
+        sample_text(model, "a", 3)
+
+
+def test_generate_takes_a_large_int_temperature_and_abridges_a_list_given_as_a_count():
+    model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    assert len(list(generate(model, [1], 2, temperature=10**30, seed=0))) == 2    # np.isfinite raised TypeError
+    prompt = [1, 2, 3, 4] * 25_000
+    with pytest.raises(TypeError, match=r"^generate: option 'max_new_tokens' must be an integer >= 0, got \[1, 2, 3, 4, 1, 2, \.\.\.\]$") as info:
+        generate(model, 5, prompt)                                                  # prompt and count swapped
+    assert len(str(info.value)) < 200
