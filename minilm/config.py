@@ -127,7 +127,8 @@ def validate(cfg):
             low_ok = value >= 0 if f.name in _NON_NEGATIVE else value > 0
             if not (low_ok and math.isfinite(value)):       # nan fails the bound, inf would pass it
                 bound = ">= 0" if f.name in _NON_NEGATIVE else "> 0"
-                raise ValueError(f"minilm train: option '{option}' must be a finite number {bound}, got {value!r}")
+                what = "an integer" if f.type in (int, "int") else "a finite number"
+                raise ValueError(f"minilm train: option '{option}' must be {what} {bound}, got {value!r}")
     if not cfg.dropout < 1:
         raise ValueError(f"minilm train: option '--dropout' must be in [0, 1), got {cfg.dropout!r}")
     for name in ("beta1", "beta2", "rmsprop_alpha", "momentum"):

@@ -1331,9 +1331,9 @@ PY_TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_
     (dict(optimizer="bogus"), r"option '--optimizer' must be one of adamw, adam, sgd, rmsprop, got 'bogus'"),
     (dict(schedule="bogus"), r"option '--schedule' must be one of cosine, constant, step, got 'bogus'"),
     (dict(model="bogus"), r"option '--model' must be one of gpt, rnn, lstm, gru, got 'bogus'"),
-    (dict(eval_interval=0), r"option '--eval-interval' must be a finite number > 0, got 0"),
+    (dict(eval_interval=0), r"option '--eval-interval' must be an integer > 0, got 0"),
     (dict(grad_clip=-1.0), r"option '--grad-clip' must be a finite number >= 0, got -1.0"),
-    (dict(seed=-1), r"option '--seed' must be a finite number >= 0, got -1"),
+    (dict(seed=-1), r"option '--seed' must be an integer >= 0, got -1"),
     (dict(n_layer=2.0), r"option '--n-layer' must be an integer, got 2.0"),
     (dict(lr="0.1"), r"option '--lr' must be a number, got '0.1'"),
     (dict(nesterov="no"), r"option '--nesterov' must be True or False, got 'no'"),
@@ -1524,7 +1524,7 @@ def test_unknown_preset_and_option(capsys):
     # past a float's range: "int too large to convert to float", naming no option
     ("--max-iters", "1" + "0" * 400, "'--max-iters' must be an integer below 2**63, got 1000"),
     ("--seed", str(2**63), "'--seed' must be an integer below 2**63, got 9223372036854775808"),
-    ("--seed", "-1" + "0" * 400, "'--seed' must be a finite number >= 0, got -1000"),     # below, but not >= 0
+    ("--seed", "-1" + "0" * 400, "'--seed' must be an integer >= 0, got -1000"),     # below, but not >= 0
 ])
 def test_bad_option_values(option, value, message, tmp_path, capsys):
     # a --data that does not exist: were a check to let the value through, the run fails at once on
@@ -2246,7 +2246,7 @@ def test_a_python_warning_reads_as_the_commands_own(tmp_path):
 
 def test_a_resume_with_a_bad_option_says_only_the_error(trained, capsys):
     err = _error(capsys, ["train", "--out", str(trained), "--resume", "--max-iters", "-5", "--backend", "numpy"])
-    assert "'--max-iters' must be a finite number > 0, got -5" in err
+    assert "'--max-iters' must be an integer > 0, got -5" in err
     assert "keeps its length" not in capsys.readouterr().out
     with pytest.raises(TypeError, match=r"argument 'cfg' must be a TrainConfig, got dict"):
         train.train(dict(PY_TINY), data=None, out_dir=trained, resume=True, log=lambda line: None)
