@@ -37,7 +37,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="gener
     check("max_new_tokens", max_new_tokens, "an integer >= 0", is_integer(max_new_tokens), lambda: max_new_tokens >= 0)
     # (an int is finite however large: np.isfinite(10**30) raised NumPy's TypeError)
     check("temperature", temperature, "a finite number >= 0 (0 = greedy)", is_real(temperature),
-          lambda: temperature >= 0 and (is_integer(temperature) or math.isfinite(temperature)))
+          lambda: temperature >= 0 and _as_float(temperature) < math.inf)
     if top_k is not None:
         check("top_k", top_k, f"{none}an integer >= 1{all_tokens}", is_integer(top_k), lambda: top_k >= 1)
     if top_p is not None:
@@ -69,6 +69,15 @@ def _check_prompt(prompt_ids, V):
     return [int(t) for t in prompt]
 
 
+def _as_float(value):
+    """A real number as a Python float; an integer past float's range is inf (``float`` raises, and
+    ``np.isfinite`` of an integer past 2**64 raised NumPy's TypeError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def next_token_probs(logits, *, temperature=1.0, top_k=None, top_p=None):
     """The distribution (float64, sums to 1) that the next token is drawn from, given (V,) logits.
 
@@ -97,7 +106,8 @@ def _probs(logits, temperature, top_k, top_p, *, op="generate", what="the model'
         probs = np.zeros_like(z)
         probs[np.argmax(z)] = 1.0                                        # greedy: the first maximum
         return probs
-    e = np.exp((z - np.max(z)) / temperature)                            # every exponent <= 0
+    e = np.exp((z - np.max(z)) / float(temperature))                     # every exponent <= 0 (an int past
+                                                                         # 2**64 made an object array)
     probs = e / np.sum(e)
     if top_p is not None and top_p < 1:
         order = np.argsort(-probs, kind="stable")                        # most probable first

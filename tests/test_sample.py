@@ -356,6 +356,8 @@ def test_sample_text_refuses_a_model_for_its_path():
 def test_generate_takes_a_large_int_temperature_and_abridges_a_list_given_as_a_count():
     model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4))
     assert len(list(generate(model, [1], 2, temperature=10**30, seed=0))) == 2    # np.isfinite raised TypeError
+    with pytest.raises(ValueError, match=r"option 'temperature' must be a finite number >= 0 \(0 = greedy\), got 1000"):
+        generate(model, [1], 2, temperature=10**400)                                # past float's range: inf
     prompt = [1, 2, 3, 4] * 25_000
     with pytest.raises(TypeError, match=r"^generate: option 'max_new_tokens' must be an integer >= 0, got \[1, 2, 3, 4, 1, 2, \.\.\.\]$") as info:
         generate(model, 5, prompt)                                                  # prompt and count swapped
