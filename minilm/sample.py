@@ -35,7 +35,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="gener
         if not (right_kind and ok()):
             raise option_error(op, name(keyword), what, value, right_kind)
     check("max_new_tokens", max_new_tokens, "an integer >= 0", is_integer(max_new_tokens), lambda: max_new_tokens >= 0)
-    # (an int is finite however large: np.isfinite(10**30) raised NumPy's TypeError)
+    # (an int past float's range counts as inf; np.isfinite of one past 2**64 had raised NumPy's TypeError)
     check("temperature", temperature, "a finite number >= 0 (0 = greedy)", is_real(temperature),
           lambda: temperature >= 0 and _as_float(temperature) < math.inf)
     if top_k is not None:
@@ -100,7 +100,8 @@ def _probs(logits, temperature, top_k, top_p, *, op="generate", what="the model'
         raise ValueError(f"{op}: {what} must be finite or -inf (a banned token), with at least one finite, "
                          f"got {'nan' if np.isnan(z).any() else '+inf' if (z == np.inf).any() else 'all -inf'}")
     if top_k is not None and top_k < len(z):                           # k >= V keeps every token
-        kth = np.partition(z, -top_k)[-top_k]                            # the k-th largest logit
+        k = int(top_k)                                                   # -k of a NumPy uint wraps around
+        kth = np.partition(z, -k)[-k]                                    # the k-th largest logit
         z = np.where(z < kth, -np.inf, z)
     if temperature == 0:
         probs = np.zeros_like(z)

@@ -362,3 +362,9 @@ def test_generate_takes_a_large_int_temperature_and_abridges_a_list_given_as_a_c
     with pytest.raises(TypeError, match=r"^generate: option 'max_new_tokens' must be an integer >= 0, got \[1, 2, 3, 4, 1, 2, \.\.\.\]$") as info:
         generate(model, 5, prompt)                                                  # prompt and count swapped
     assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("k", [np.uint8(3), np.uint32(3), np.uint64(3)])
+def test_top_k_of_a_numpy_unsigned_integer_keeps_k_tokens(k):
+    """-k of a NumPy unsigned integer wraps around: np.uint8(3) kept 47 of 300 tokens."""
+    assert np.count_nonzero(next_token_probs(np.arange(300.0), top_k=k)) == 3
