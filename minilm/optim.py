@@ -43,8 +43,8 @@ import numpy as np
 
 from minilm import backend
 from minilm.backend import get_array_module, to_numpy
-from minilm.validate import (is_count, is_real, option_error, require_bool, require_count, require_positive,
-                             require_probability)
+from minilm.validate import (is_count, is_finite, is_real, option_error, require_bool, require_count,
+                             require_positive, require_probability)
 
 # ---------------------------------------------------------------------------------------------
 # the updates: plain functions over flat arrays, in place
@@ -150,7 +150,7 @@ def rmsprop_update(p, g, square_avg, buf, *, lr, alpha, eps, momentum):
 
 
 def _require_nonnegative(op, name, value):
-    if not (is_real(value) and math.isfinite(value) and value >= 0):
+    if not (is_real(value) and is_finite(value) and value >= 0):
         raise option_error(op, name, "a finite number >= 0", value, is_real(value))
 
 

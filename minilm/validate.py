@@ -42,6 +42,15 @@ def is_integer(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_finite(value):
+    """math.isfinite for a real number, False for an integer past float's range (where math.isfinite
+    raises OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def option_error(op, name, what, value, right_kind):
     """The error for an option that is not ``what``: a ValueError where it is of the right kind but
     out of range, an OptionTypeError where it is of another kind."""
@@ -211,7 +220,7 @@ def require_probability(op, name, p, *, upper_open=True):
 def require_positive(op, name, value, kind=float, *, finite=True):
     """value > 0, an integer where ``kind`` is int, and finite unless ``finite`` is False."""
     right_kind = is_integer(value) if kind is int else is_real(value)
-    ok = right_kind and value > 0 and (kind is int or not finite or math.isfinite(value))
+    ok = right_kind and value > 0 and (kind is int or not finite or is_finite(value))
     if not ok:
         what = "a positive integer" if kind is int else "a positive finite number" if finite else "a positive number"
         raise option_error(op, name, what, value, right_kind)

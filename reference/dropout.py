@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minilm.backend import get_array_module
-from minilm.validate import require_cache, require_float, require_gradient, require_probability
+from minilm.validate import require_cache, require_float, require_gradient, require_probability, shown
 
 
 class DropoutCache(NamedTuple):
@@ -61,9 +61,9 @@ def _require_rng(op, rng):
         if rng >= 0:
             return
         raise ValueError(f"{op}: option 'rng' must be a numpy.random.Generator or a non-negative integer seed, "
-                         f"got {rng!r}")
+                         f"got {shown(rng)}")
     raise TypeError(f"{op}: option 'rng' must be a numpy.random.Generator or a non-negative integer seed, "
-                    f"got {rng!r}")
+                    f"got {shown(rng)}")
 
 
 def draw_seed(rng):

@@ -11,6 +11,8 @@ import pytest
 import minilm
 from minilm import ops
 from minilm.opcases import CASES
+from minilm.optim import AdamW
+from minilm.params import Params
 from minilm.testing import relative_error
 
 BACKENDS = ["numpy", "numba"]
@@ -225,3 +227,18 @@ def test_an_option_is_shown_abridged():
     with pytest.raises(ValueError) as info:
         ops.gelu_forward(_X, approximate="x" * 10**6)
     assert len(str(info.value)) < 200
+    with pytest.raises(TypeError, match=r"^dropout: option 'rng' must be a numpy.random.Generator") as info:
+        ops.dropout_forward(_X, p=0.5, rng="x" * 10**6)
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ops.layernorm_forward(_X, np.ones(_X.shape[-1]), np.zeros(_X.shape[-1]), eps=10**400),
+    lambda: AdamW(Params([("w", (2, 2))], dtype=np.float64), lr=10**400),
+    lambda: AdamW(Params([("w", (2, 2))], dtype=np.float64), lr=0.1, weight_decay=10**400),
+], ids=["layernorm eps", "AdamW lr", "AdamW weight_decay"])
+def test_an_integer_past_floats_range_is_an_option_out_of_range(call):
+    """An int too large for a float is a number that is not finite: math.isfinite raised a bare
+    OverflowError ('int too large to convert to float') that named neither op nor option."""
+    with pytest.raises(ValueError, match=r"option '(eps|lr|weight_decay)' must be a (positive )?finite number"):
+        call()

@@ -185,7 +185,7 @@ def dropout_rng(op, rng, fallback):
         return rng
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         if rng < 0:                                 # numpy's own error would name neither op nor argument
-            raise ValueError(f"{op}: argument 'rng' must be a numpy Generator, an int seed >= 0 or None, got {rng!r}")
+            raise ValueError(f"{op}: argument 'rng' must be a numpy Generator, an int seed >= 0 or None, got {rng}")
         return np.random.default_rng(int(rng))
     raise TypeError(f"{op}: argument 'rng' must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
 
