@@ -206,8 +206,10 @@ def require_ids(op, name, ids, V, *, ignore_index=None):
 
 
 def require_choice(op, name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{op}: option '{name}' must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
+    """value is one of the strings ``choices``: another string is a ValueError, another kind of
+    object an OptionTypeError (an array is not compared element by element with the choices)."""
+    if not (isinstance(value, str) and value in choices):
+        raise option_error(op, name, f"one of {', '.join(map(repr, choices))}", value, isinstance(value, str))
 
 
 def require_probability(op, name, p, *, upper_open=True):

@@ -242,3 +242,18 @@ def test_an_integer_past_floats_range_is_an_option_out_of_range(call):
     OverflowError ('int too large to convert to float') that named neither op nor option."""
     with pytest.raises(ValueError, match=r"option '(eps|lr|weight_decay)' must be a (positive )?finite number"):
         call()
+
+
+@pytest.mark.parametrize("value", [None, 3, np.array(["tanh", "none"])], ids=["None", "int", "array"])
+def test_a_choice_of_the_wrong_kind_is_a_type_error(value):
+    """A choice option given another kind of object than a string is refused by name as one (an array
+    of strings was compared element by element with the choices: NumPy's 'truth value ... ambiguous')."""
+    with pytest.raises(TypeError, match=r"^gelu: option 'approximate' must be one of 'tanh', 'none', got ") as info:
+        ops.gelu_forward(_X, approximate=value)
+    assert isinstance(info.value, ValueError)                    # what it raised before, still caught as it was
+
+
+def test_a_choice_of_the_right_kind_out_of_range_is_a_value_error_only():
+    with pytest.raises(ValueError, match=r"^gelu: option 'approximate' must be one of 'tanh', 'none', got 'nope'$") as info:
+        ops.gelu_forward(_X, approximate="nope")
+    assert not isinstance(info.value, TypeError)
