@@ -93,7 +93,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minilm.backend import get_array_module
-from minilm.validate import require_count, require_positive, require_seed
+from minilm.validate import is_real, option_error, require_count, require_positive, require_seed
 
 DEFAULT_TOL = 1e-7   # DESIGN's bound for float64; the stencil's own error is ~1e-10 or less
 DEFAULT_EPS = 1e-5   # step h: O(h^4) truncation ~1e-20, round-off ~1e-16 |L| / h ~ 1e-11 |L|
@@ -243,10 +243,10 @@ def gradcheck(forward, backward, args, kwargs=None, *, backward_kwargs=None, eps
             raise TypeError(f"gradcheck: argument '{option}' must be a dict of keyword arguments (or None), "
                             f"got {type(value).__name__}")
     require_positive("gradcheck", "eps", eps)
-    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 < tol < 1):
+    if not (is_real(tol) and 0 < tol < 1):
         # tol = 0 made every relative error 0 (the floor round-off / tol is infinite): a wrong backward passed;
         # and a relative error is at most 1, so a tol of 1 or more passes any backward too
-        raise ValueError(f"gradcheck: option 'tol' must be a number in (0, 1), got {tol!r}")
+        raise option_error("gradcheck", "tol", "a number in (0, 1)", tol, is_real(tol))
     require_count("gradcheck", "max_elements", max_elements)
     require_positive("gradcheck", "n_directions", n_directions, int)
     require_seed("gradcheck", "seed", seed)

@@ -52,7 +52,7 @@ import numpy as np
 from minilm import backend
 from minilm.models.gpt import IGNORE_INDEX, as_ids, check_idx, check_targets, dropout_rng
 from minilm.params import Params
-from minilm.validate import require_bool, require_positive
+from minilm.validate import OptionTypeError, is_integer, require_bool, require_positive, shown
 
 __all__ = ["BatchParallel", "batch_runner"]
 
@@ -150,8 +150,9 @@ class BatchParallel:
     """
 
     def __init__(self, model, threads):
-        if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 2:
-            raise ValueError(f"BatchParallel: argument 'threads' must be an int >= 2, got {threads!r}")
+        if not (is_integer(threads) and threads >= 2):
+            error = ValueError if is_integer(threads) else OptionTypeError      # a wrong kind is a TypeError too
+            raise error(f"BatchParallel: argument 'threads' must be an int >= 2, got {shown(threads)}")
         self.model = model
         self.threads = int(threads)
         self._replicas = [self._replica(own_grad=i > 0) for i in range(self.threads)]

@@ -151,8 +151,11 @@ def test_gradcheck_refuses_an_option_out_of_range_by_name(option, value):
     """tol = 0 (meant as "exact") made every relative error 0, so a wrong backward passed, as any
     tol >= 1 does; the other options failed deep inside (a ZeroDivisionError for eps = 0)."""
     args = (np.random.default_rng(0).standard_normal((3, 4)), np.ones(4))
-    with pytest.raises(ValueError, match=rf"^gradcheck: option '{option}' must be .*, got {re.escape(repr(value))}$"):
+    with pytest.raises(ValueError, match=rf"^gradcheck: option '{option}' must be .*, got {re.escape(repr(value))}$") as info:
         gradcheck(scale_forward, scale_backward_wrong, args, **{option: value})
+    integer_option = option in ("seed", "max_elements", "n_directions")
+    wrong_kind = value is None or isinstance(value, str) or (integer_option and isinstance(value, float))
+    assert isinstance(info.value, TypeError) == wrong_kind              # a wrong kind is a TypeError too
 
 
 @pytest.mark.parametrize("wrong", ["bool", "int", "complex"])

@@ -210,8 +210,9 @@ def test_bad_input_is_checked_on_the_whole_batch():
     with pytest.raises(ValueError, match=r"RNNLM\.forward: argument 'state' of layer 0 must hold \(B, H\) = \(4, 10\)"):
         rnn.forward(idx, targets, state=((np.zeros((2, 10)),),))
     for threads in (1, 2.0, True, "2"):
-        with pytest.raises(ValueError, match=r"BatchParallel: argument 'threads' must be an int >= 2, got"):
+        with pytest.raises(ValueError, match=r"BatchParallel: argument 'threads' must be an int >= 2, got") as info:
             BatchParallel(MODELS["gpt"](), threads)
+        assert isinstance(info.value, TypeError) == (type(threads) is not int)      # a wrong kind is a TypeError too
     for threads in (0, -3, "x", 2.0):
         with pytest.raises(ValueError, match=r"batch_runner: option 'threads' must be a positive integer, got"):
             batch_runner(MODELS["gpt"](), threads)
