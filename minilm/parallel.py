@@ -52,7 +52,7 @@ import numpy as np
 from minilm import backend
 from minilm.models.gpt import IGNORE_INDEX, as_ids, check_idx, check_targets, dropout_rng
 from minilm.params import Params
-from minilm.validate import OptionTypeError, is_integer, require_bool, require_positive, shown
+from minilm.validate import is_integer, option_error, require_bool, require_positive
 
 __all__ = ["BatchParallel", "batch_runner"]
 
@@ -151,8 +151,7 @@ class BatchParallel:
 
     def __init__(self, model, threads):
         if not (is_integer(threads) and threads >= 2):
-            error = ValueError if is_integer(threads) else OptionTypeError      # a wrong kind is a TypeError too
-            raise error(f"BatchParallel: argument 'threads' must be an int >= 2, got {shown(threads)}")
+            raise option_error("BatchParallel", "threads", "an int >= 2", threads, is_integer(threads), "argument")
         self.model = model
         self.threads = int(threads)
         self._replicas = [self._replica(own_grad=i > 0) for i in range(self.threads)]

@@ -15,13 +15,12 @@ Exactly one random number is drawn per token, whatever the options, with a numpy
 from ``seed``; the cached and the uncached paths therefore produce the same tokens for the same
 seed whenever their logits agree (they agree to rounding; see ``minilm.models``).
 """
-import math
 import os
 
 import numpy as np
 
 from minilm.backend import to_numpy
-from minilm.validate import is_integer, is_real, option_error, require_bool, require_seed
+from minilm.validate import is_finite, is_integer, is_real, option_error, require_bool, require_seed
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="generate", names=None):
@@ -37,7 +36,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, seed, *, op="gener
     check("max_new_tokens", max_new_tokens, "an integer >= 0", is_integer(max_new_tokens), lambda: max_new_tokens >= 0)
     # (an int past float's range counts as inf; np.isfinite of one past 2**64 had raised NumPy's TypeError)
     check("temperature", temperature, "a finite number >= 0 (0 = greedy)", is_real(temperature),
-          lambda: temperature >= 0 and _as_float(temperature) < math.inf)
+          lambda: temperature >= 0 and is_finite(temperature))
     if top_k is not None:
         check("top_k", top_k, f"{none}an integer >= 1{all_tokens}", is_integer(top_k), lambda: top_k >= 1)
     if top_p is not None:
@@ -67,15 +66,6 @@ def _check_prompt(prompt_ids, V):
         bad = int(prompt.min()) if int(prompt.min()) < 0 else int(prompt.max())
         raise ValueError(f"generate: argument 'prompt_ids' must hold ids in [0, {V}) (V = {V}), got {bad}")
     return [int(t) for t in prompt]
-
-
-def _as_float(value):
-    """A real number as a Python float; an integer past float's range is inf (``float`` raises, and
-    ``np.isfinite`` of an integer past 2**64 raised NumPy's TypeError)."""
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
 
 
 def next_token_probs(logits, *, temperature=1.0, top_k=None, top_p=None):

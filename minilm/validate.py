@@ -51,10 +51,11 @@ def is_finite(value):
         return False
 
 
-def option_error(op, name, what, value, right_kind):
-    """The error for an option that is not ``what``: a ValueError where it is of the right kind but
-    out of range, an OptionTypeError where it is of another kind."""
-    return (ValueError if right_kind else OptionTypeError)(f"{op}: option '{name}' must be {what}, got {shown(value)}")
+def option_error(op, name, what, value, right_kind, role="option"):
+    """The error for an option (or another ``role``: "argument") that is not ``what``: a ValueError
+    where it is of the right kind but out of range, an OptionTypeError where it is of another kind."""
+    error = ValueError if right_kind else OptionTypeError
+    return error(f"{op}: {role} '{name}' must be {what}, got {shown(value)}")
 
 
 def _is_array(x):
@@ -242,7 +243,7 @@ def as_scalar_gradient(op, name, value, xp, dtype):
 
 def is_count(value):
     """An integer >= 0 (a NumPy one too), and not a bool, which Python counts as an integer."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+    return is_integer(value) and value >= 0
 
 
 def require_count(op, name, value):
